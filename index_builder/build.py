@@ -1,0 +1,257 @@
+"""`tailor build`: read, clean, tune, evaluate, gate, train on everything, index and publish."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from index_builder import ann, snapshot
+from index_builder.clean import CleanReport, assemble, clean_interactions, clean_items
+from index_builder.dataset import Interactions, temporal_split
+from index_builder.evaluate import Metrics, evaluate
+from index_builder.model import ModelParams
+from index_builder.readers import Format, InputError, interaction_rows, item_rows
+from index_builder.schema import DEFAULT_EVENT_WEIGHTS, Item
+from index_builder.train import (
+    TuneResult,
+    content_vectors,
+    dot_scorer,
+    fit_item_vectors,
+    popularity_scorer,
+    popularity_scores,
+    tune,
+    user_vectors,
+)
+
+POPULAR_LIST_LENGTH = 200
+ANN_QUERIES = 300
+MAX_TEST_USERS = 5000  # a seeded sample beyond this; the manifest records how many were scored
+
+
+class BuildConfig(msgspec.Struct, frozen=True):
+    events: list[Path]
+    items: Path | None = None
+    format: Format = "auto"
+    out: Path = Path("var/snapshots")
+    weights: dict[str, float] = msgspec.field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
+    max_trials: int = 20
+    iterations: int = 15
+    target_recall: float = 0.95
+    seed: int = 0
+    force: bool = False
+    max_rejected_fraction: float = 0.5
+
+
+class QualityGateError(Exception):
+    """The trained model ranks worse than popularity on the hold-out, so it is not published."""
+
+
+class BuildResult(msgspec.Struct, frozen=True):
+    manifest: snapshot.Manifest
+    reports: list[CleanReport]
+    model: Metrics
+    popularity: Metrics
+    tuning: TuneResult
+
+
+class Stopwatch:
+    """Progress lines on stderr, each with the time since the build started."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.started = time.perf_counter()
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.started:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _file_input(path: Path) -> snapshot.InputFile:
+    return snapshot.InputFile(str(path), snapshot.sha256_file(path), path.stat().st_size)
+
+
+def read_inputs(
+    config: BuildConfig, say: Callable[[str], None]
+) -> tuple[Interactions, list[Item], list[str], list[CleanReport], int]:
+    reports: list[CleanReport] = []
+    items: list[Item] = []
+    if config.items is not None:
+        say(f"reading items from {config.items}")
+        items, report = clean_items(item_rows(config.items, config.format), str(config.items))
+        reports.append(report)
+    events = []
+    for path in config.events:
+        say(f"reading interactions from {path}")
+        kept, report = clean_interactions(interaction_rows(path, config.format), str(path), config.weights, say)
+        events.extend(kept)
+        reports.append(report)
+    for report in reports:
+        say(
+            f"{report.file}: {report.accepted:,} accepted, {report.rejected:,} rejected, "
+            f"{report.duplicates:,} duplicates removed"
+        )
+        if report.read and report.rejected / report.read > config.max_rejected_fraction:
+            raise InputError(
+                f"{report.file}: {report.rejected:,} of {report.read:,} rows rejected; first: "
+                + "; ".join(f"line {r.line}: {r.reason}" for r in report.examples[:3])
+            )
+    data, catalog, missing = assemble(events, items, config.weights)
+    if len(data) == 0:
+        raise InputError("no usable interactions: nothing to train on")
+    say(f"{len(data):,} interactions, {data.n_users:,} users, {data.n_items:,} items ({missing:,} not in the catalog)")
+    return data, catalog.items, catalog.user_ids, reports, missing
+
+
+def _popular_lists(scores: npt.NDArray[np.float32], items: list[Item]) -> dict[str, list[int]]:
+    """Row indices of the most popular items overall ("") and per category (and parent category)."""
+    order = np.argsort(-scores, kind="stable")
+    lists: dict[str, list[int]] = {"": order[:POPULAR_LIST_LENGTH].tolist()}
+    for row in order.tolist():
+        for category in _categories_with_parents(items[row]):
+            members = lists.setdefault(category, [])
+            if len(members) < POPULAR_LIST_LENGTH:
+                members.append(row)
+    return lists
+
+
+def _categories_with_parents(item: Item) -> set[str]:
+    found = set(item.categories)
+    for category in item.categories:
+        parts = category.split("/")
+        found.update("/".join(parts[:depth]) for depth in range(1, len(parts)))
+    return found
+
+
+def _seen_csr(data: Interactions) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]:
+    matrix = data.seen_matrix()
+    matrix.sort_indices()
+    return matrix.indptr.astype(np.int64), matrix.indices.astype(np.int32)
+
+
+def evaluate_shipped(
+    train: Interactions,
+    test: Interactions,
+    items: list[Item],
+    params: ModelParams,
+    *,
+    seed: int,
+    max_users: int | None = None,
+) -> Metrics:
+    """The model exactly as it will ship (content vectors for cold items included), on the hold-out."""
+    item_vectors = fit_item_vectors(train, params, seed)
+    warm = np.bincount(train.item, minlength=train.n_items) > 0
+    item_vectors = content_vectors(items, item_vectors, warm)
+    scorer = dot_scorer(user_vectors(train, item_vectors, params), item_vectors)
+    return evaluate(scorer, train, test, max_users=max_users, seed=seed)
+
+
+def quality_gate(model: Metrics, popularity: Metrics, force: bool) -> bool:
+    """Whether the model beats popularity; raises unless `force` when it does not."""
+    passed = model.ndcg_at_10 >= popularity.ndcg_at_10
+    if not passed and not force:
+        raise QualityGateError(
+            f"model nDCG@10 {model.ndcg_at_10:.4f} < popularity {popularity.ndcg_at_10:.4f}; "
+            "not published (use --force to publish anyway)"
+        )
+    return passed
+
+
+def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
+    started = time.perf_counter()
+    inputs = [_file_input(p) for p in [*config.events, *([config.items] if config.items else [])] if p.exists()]
+    data, items, user_ids, reports, missing = read_inputs(config, say)
+
+    say("splitting: each user's last 20% of interactions by time are held out for evaluation")
+    train, test = temporal_split(data)
+    say(f"tuning on a validation split of the training part ({config.max_trials} ALS fits at most)")
+    tuning = tune(train, max_trials=config.max_trials, iterations=config.iterations, seed=config.seed, progress=say)
+    say(
+        f"chosen: {msgspec.json.encode(tuning.best).decode()}, "
+        f"popularity half-life {tuning.popularity_half_life_days} days"
+    )
+
+    say("evaluating on the hold-out: model vs popularity")
+    model_metrics = evaluate_shipped(train, test, items, tuning.best, seed=config.seed, max_users=MAX_TEST_USERS)
+    popularity_metrics = evaluate(
+        popularity_scorer(train, tuning.popularity_half_life_days),
+        train,
+        test,
+        max_users=MAX_TEST_USERS,
+        seed=config.seed,
+    )
+    say(f"nDCG@10 model {model_metrics.ndcg_at_10:.4f} vs popularity {popularity_metrics.ndcg_at_10:.4f}")
+    passed = quality_gate(model_metrics, popularity_metrics, config.force)
+
+    say("training the final model on all interactions")
+    item_vectors = fit_item_vectors(data, tuning.best, config.seed)
+    warm = np.bincount(data.item, minlength=data.n_items) > 0
+    item_vectors = content_vectors(items, item_vectors, warm)
+    users = user_vectors(data, item_vectors, tuning.best)
+    popularity = popularity_scores(data, tuning.popularity_half_life_days)
+    say(f"{int((~warm).sum()):,} cold items got vectors from their categories and tags")
+
+    say("tuning the nearest-neighbour index")
+    rng = np.random.default_rng(config.seed)
+    sample = rng.choice(data.n_users, size=min(ANN_QUERIES, data.n_users), replace=False)
+    choice, index = ann.tune_index(item_vectors, users[sample], config.target_recall, config.seed, say)
+    say(f"index: {choice.method}, recall@10 {choice.recall_at_10:.3f}, median {choice.median_query_us:.0f}µs")
+
+    version = snapshot.new_version()
+    staging = snapshot.staging_dir(config.out, version)
+    say(f"writing snapshot {version}")
+    (staging / "items.json").write_bytes(msgspec.json.encode(items))
+    (staging / "users.json").write_bytes(msgspec.json.encode(user_ids))
+    np.save(staging / "item_vectors.npy", item_vectors)
+    np.save(staging / "user_vectors.npy", users)
+    np.save(staging / "popularity.npy", popularity)
+    seen_indptr, seen_indices = _seen_csr(data)
+    np.save(staging / "seen_indptr.npy", seen_indptr)
+    np.save(staging / "seen_indices.npy", seen_indices)
+    (staging / "popular.json").write_bytes(msgspec.json.encode(_popular_lists(popularity, items)))
+    ann.save_annoy(index, staging / "items.ann")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    fields: dict[str, Any] = {
+        "version": version,
+        "created": datetime.now(UTC),
+        "inputs": inputs,
+        "parameters": {
+            "model": msgspec.to_builtins(tuning.best),
+            "event_weights": dict(config.weights),
+            "popularity_half_life_days": tuning.popularity_half_life_days,
+            "seed": config.seed,
+            "tuning_trials": len(tuning.trials),
+        },
+        "metrics": {
+            "protocol": "temporal hold-out: each user's last 20% by time; seen items removed; k=10",
+            "model": msgspec.to_builtins(model_metrics),
+            "popularity": msgspec.to_builtins(popularity_metrics),
+            "validation": msgspec.to_builtins(tuning.best_metrics),
+        },
+        "counts": {
+            "interactions": len(data),
+            "users": data.n_users,
+            "items": data.n_items,
+            "cold_items": int((~warm).sum()),
+            "items_missing_from_catalog": missing,
+            "rejected": sum(r.rejected for r in reports),
+            "duplicates": sum(r.duplicates for r in reports),
+        },
+        "index": msgspec.to_builtins(choice),
+        "quality_gate": {"passed": passed, "forced": config.force and not passed},
+    }
+    fields["parameters"]["build"] = {
+        "seconds": round(time.perf_counter() - started, 2),
+        "peak_rss_mb": round(peak_mb, 1),
+    }
+    manifest = snapshot.publish(config.out, staging, fields)
+    say(f"published {config.out / version} and pointed {config.out / snapshot.POINTER} at it")
+    return BuildResult(manifest, reports, model_metrics, popularity_metrics, tuning)

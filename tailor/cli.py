@@ -1,0 +1,239 @@
+"""The `tailor` command: one entry point, a subcommand per role."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+
+from index_builder import snapshot
+from index_builder.build import BuildConfig, BuildResult, QualityGateError, Stopwatch, build
+from index_builder.readers import FORMATS, InputError
+from index_builder.schema import DEFAULT_EVENT_WEIGHTS
+from index_builder.synth import generate
+
+DEFAULT_SNAPSHOTS = Path("var/snapshots")
+
+
+def _weight(text: str) -> tuple[str, float]:
+    event, sep, value = text.partition("=")
+    try:
+        if not sep or not event:
+            raise ValueError
+        return event, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected EVENT=WEIGHT (e.g. purchase=8), got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _add_synth(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="generate a synthetic shop (items, users, behaviour events)",
+        description="Generate a deterministic synthetic shop: items.jsonl, events.csv and users.csv in --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, default=Path("var/shop"), help="directory to write into")
+    p.add_argument("--users", type=_positive, default=2000, help="number of visitors")
+    p.add_argument("--items", type=_positive, default=5000, help="number of catalog items")
+    p.add_argument("--events", type=_positive, default=100_000, help="number of events")
+    p.add_argument("--days", type=_positive, default=90, help="time span of the events")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files")
+
+
+def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "build",
+        help="build, evaluate and publish a snapshot from interaction logs",
+        description=(
+            "Read interactions (and items), clean them, tune and train the model, evaluate it on a "
+            "temporal hold-out against popularity, build the nearest-neighbour index and publish a "
+            "versioned snapshot. Exits 1 on unusable input, 2 when the quality gate refuses."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--events",
+        type=Path,
+        action="append",
+        required=True,
+        help="interactions file (CSV or JSONL: user_id,item_id,event,timestamp[,value,event_id]); "
+        "repeat for several; with --format movielens, ratings.csv",
+    )
+    p.add_argument(
+        "--items",
+        type=Path,
+        help="items file (CSV or JSONL: item_id,title,categories,tags,price,...); "
+        "with --format movielens, movies.csv (tags.csv beside it is used too)",
+    )
+    p.add_argument("--format", choices=FORMATS, default="auto", help="input format; auto goes by file extension")
+    p.add_argument("--out", type=Path, default=DEFAULT_SNAPSHOTS, help="snapshot root directory")
+    p.add_argument(
+        "--weight",
+        type=_weight,
+        action="append",
+        default=[],
+        metavar="EVENT=W",
+        help="weight of an event type (repeatable; adds custom types). Defaults: "
+        + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_EVENT_WEIGHTS.items()),
+    )
+    p.add_argument("--max-trials", type=_positive, default=20, help="ALS fits the hyperparameter search may spend")
+    p.add_argument("--iterations", type=_positive, default=15, help="ALS iterations")
+    p.add_argument("--target-recall", type=float, default=0.95, help="Annoy recall@10 the index tuner must reach")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--force", action="store_true", help="publish even if the model does worse than popularity")
+    p.add_argument("--report-json", type=Path, help="also write the full build report as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _add_snapshots(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("snapshots", help="list or verify published snapshots")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (("list", "list snapshot versions, newest last"), ("verify", "check files against the manifest")):
+        q = actions.add_parser(name, help=text, description=text)
+        q.add_argument("--root", type=Path, default=DEFAULT_SNAPSHOTS, help="snapshot root directory")
+        if name == "verify":
+            q.add_argument("version", nargs="?", help="version to verify (default: current); 'all' for every one")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tailor",
+        description="Tailor: a self-hosted personalization gateway. Run `tailor COMMAND --help` for details.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_synth(sub)
+    _add_build(sub)
+    _add_snapshots(sub)
+    return p
+
+
+def print_report(result: BuildResult) -> None:
+    m = result.manifest
+    print(f"snapshot {m.version}")
+    for report in result.reports:
+        print(
+            f"  {report.file}: read {report.read:,}, accepted {report.accepted:,}, "
+            f"rejected {report.rejected:,}, duplicates {report.duplicates:,}"
+            + (f", without an item (searches) {report.without_item:,}" if report.without_item else "")
+        )
+        for reason, count in sorted(report.reasons.items(), key=lambda kv: -kv[1]):
+            print(f"    {count:>8,}  {reason}")
+        for rejection in report.examples[:5]:
+            print(f"    e.g. {rejection.file}:{rejection.line}: {rejection.reason}")
+    print(f"  {m.counts['interactions']:,} interactions, {m.counts['users']:,} users, {m.counts['items']:,} items")
+    print("  quality on the temporal hold-out (each user's last 20%, seen items removed):")
+    print(f"    {'':12} {'nDCG@10':>8} {'Recall@10':>9} {'Prec@10':>8} {'MAP@10':>8} {'coverage':>8}")
+    for name, metrics in (("tailor", result.model), ("popularity", result.popularity)):
+        print(
+            f"    {name:12} {metrics.ndcg_at_10:8.4f} {metrics.recall_at_10:9.4f} {metrics.precision_at_10:8.4f} "
+            f"{metrics.map_at_10:8.4f} {metrics.coverage:8.4f}"
+        )
+    lift = result.model.ndcg_at_10 / result.popularity.ndcg_at_10 if result.popularity.ndcg_at_10 else float("inf")
+    print(
+        f"    nDCG@10 lift over popularity: {lift:.2f}x; "
+        f"quality gate {'passed' if m.quality_gate['passed'] else 'FAILED'}"
+    )
+    print(f"  model: {msgspec.json.encode(result.tuning.best).decode()}")
+    index = m.index
+    print(
+        f"  index: {index['method']} (annoy n_trees={index['n_trees']} search_k={index['search_k']}), "
+        f"recall@10 {index['recall_at_10']:.3f}, median query {index['median_query_us']:.0f}µs "
+        f"(exact {index['exact_median_query_us']:.0f}µs)"
+    )
+    build_stats = m.parameters["build"]
+    print(f"  built in {build_stats['seconds']}s, peak memory {build_stats['peak_rss_mb']} MB")
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    config = BuildConfig(
+        events=args.events,
+        items=args.items,
+        format=args.format,
+        out=args.out,
+        weights={**DEFAULT_EVENT_WEIGHTS, **dict(args.weight)},
+        max_trials=args.max_trials,
+        iterations=args.iterations,
+        target_recall=args.target_recall,
+        seed=args.seed,
+        force=args.force,
+    )
+    try:
+        result = build(config, Stopwatch(args.quiet))
+    except InputError as exc:
+        print(f"tailor build: error: {exc}", file=sys.stderr)
+        return 1
+    except QualityGateError as exc:
+        print(f"tailor build: quality gate: {exc}", file=sys.stderr)
+        return 2
+    print_report(result)
+    if args.report_json:
+        args.report_json.write_bytes(msgspec.json.format(msgspec.json.encode(result), indent=2))
+    return 0
+
+
+def _run_snapshots(args: argparse.Namespace) -> int:
+    root: Path = args.root
+    current = snapshot.current_version(root)
+    if args.action == "list":
+        versions = snapshot.list_versions(root)
+        if not versions:
+            print(f"no snapshots under {root}")
+        for directory in versions:
+            try:
+                m = snapshot.load_manifest(directory)
+                summary = (
+                    f"created {m.created:%Y-%m-%d %H:%M:%S}Z  {m.counts['items']:,} items  "
+                    f"nDCG@10 {m.metrics['model']['ndcg_at_10']:.4f}"
+                )
+            except snapshot.SnapshotError as exc:
+                summary = f"UNREADABLE: {exc}"
+            print(f"{'*' if directory.name == current else ' '} {directory.name}  {summary}")
+        return 0
+    if args.version == "all":
+        targets = snapshot.list_versions(root)
+    else:
+        version = args.version or current
+        if version is None:
+            print(f"tailor snapshots verify: no current snapshot under {root}", file=sys.stderr)
+            return 1
+        targets = [root / version]
+    failed = 0
+    for directory in targets:
+        problems = snapshot.verify(directory)
+        print(f"{directory.name}: {'OK' if not problems else 'CORRUPT'}")
+        for problem in problems:
+            print(f"  {problem}")
+        failed += bool(problems)
+    return 1 if failed or not targets else 0
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    say = Stopwatch()
+    summary = generate(
+        args.out, users=args.users, items=args.items, events=args.events, seed=args.seed, days=args.days, progress=say
+    )
+    print(msgspec.json.format(msgspec.json.encode(summary), indent=2).decode())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "synth":
+        return _run_synth(args)
+    if args.command == "build":
+        return _run_build(args)
+    return _run_snapshots(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

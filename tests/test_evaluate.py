@@ -1,0 +1,83 @@
+"""Temporal split and ranking metrics, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from index_builder.dataset import Interactions, temporal_split
+from index_builder.evaluate import evaluate, top_k_unseen
+
+
+def interactions(user: list[int], item: list[int], ts: list[int], n_items: int) -> Interactions:
+    return Interactions(
+        np.array(user, np.int32),
+        np.array(item, np.int32),
+        np.ones(len(user), np.float32),
+        np.array(ts, np.int64),
+        n_users=max(user) + 1,
+        n_items=n_items,
+    )
+
+
+def test_temporal_split_holds_out_each_users_latest_fifth() -> None:
+    data = interactions([0] * 10 + [1] * 3, [*range(10), 0, 1, 2], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 5, 6, 7], 10)
+    train, test = temporal_split(data)
+    assert sorted(test.item[test.user == 0].tolist()) == [0, 1]  # the two newest of ten
+    assert test.item[test.user == 1].tolist() == [2]  # 20% of 3 rounds down, but at least one
+    assert len(train) == 10
+
+
+def test_temporal_split_uses_time_not_file_order() -> None:
+    data = interactions([0] * 5, [0, 1, 2, 3, 4], [50, 40, 30, 20, 10], 5)
+    train, test = temporal_split(data)
+    assert test.item.tolist() == [0]
+    assert sorted(train.item.tolist()) == [1, 2, 3, 4]
+
+
+def test_single_interaction_users_stay_in_training() -> None:
+    data = interactions([0, 1, 1], [0, 1, 2], [1, 1, 2], 3)
+    train, test = temporal_split(data)
+    assert train.user.tolist().count(0) == 1
+    assert test.user.tolist() == [1]
+
+
+def test_top_k_never_returns_seen_items() -> None:
+    data = interactions([0, 0], [0, 1], [1, 2], 4)
+    scores = np.array([[9.0, 8.0, 1.0, 2.0]], np.float32)
+    top = top_k_unseen(scores, data.seen_matrix(), k=2)
+    assert top.tolist() == [[3, 2]]
+
+
+def constant(scores: list[float]) -> object:
+    row = np.array(scores, np.float32)
+
+    def score(batch: npt.NDArray[np.int32]) -> npt.NDArray[np.float32]:
+        return np.tile(row, (len(batch), 1))
+
+    return score
+
+
+def test_metrics_match_hand_computation() -> None:
+    # User 0 saw item 0; held out: items 2 and 5. Ranking (unseen) puts 2 first, 5 at rank 3.
+    train = interactions([0], [0], [1], 12)
+    test = interactions([0, 0], [2, 5], [2, 3], 12)
+    scores = [100.0, 0, 50, 40, 30, 20] + [-float(i) for i in range(1, 7)]
+    m = evaluate(constant(scores), train, test)  # type: ignore[arg-type]
+    dcg = 1 / np.log2(2) + 1 / np.log2(5)
+    idcg = 1 / np.log2(2) + 1 / np.log2(3)
+    assert m.ndcg_at_10 == pytest.approx(dcg / idcg)
+    assert m.recall_at_10 == pytest.approx(1.0)
+    assert m.precision_at_10 == pytest.approx(0.2)
+    assert m.map_at_10 == pytest.approx((1 / 1 + 2 / 4) / 2)
+    assert m.coverage == pytest.approx(10 / 12)
+    assert m.users == 1
+
+
+def test_items_already_seen_in_training_are_not_relevant() -> None:
+    train = interactions([0, 1], [0, 3], [1, 1], 4)
+    test = interactions([0, 1], [0, 2], [2, 2], 4)
+    m = evaluate(constant([0, 0, 1, 0]), train, test)  # type: ignore[arg-type]
+    assert m.users == 1  # user 0's only held-out item was seen in training
+    assert m.ndcg_at_10 == pytest.approx(1.0)

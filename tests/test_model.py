@@ -1,0 +1,104 @@
+"""The shared recommender math: the gateway's fold-in must rank exactly like the builder's users."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from index_builder.dataset import Interactions
+from index_builder.model import ModelParams, fold_in, profile_confidence, recency_decay, regularized_gram
+from index_builder.schema import Item
+from index_builder.train import content_vectors, fit_item_vectors, popularity_scores, user_vectors
+
+
+def clustered(n_users: int = 60, n_items: int = 40, seed: int = 3) -> Interactions:
+    """Users each browse one of four item clusters, in time order."""
+    rng = np.random.default_rng(seed)
+    user, item, ts = [], [], []
+    for u in range(n_users):
+        cluster = u % 4
+        picks = rng.choice(np.arange(cluster * 10, cluster * 10 + 10), size=6, replace=False)
+        user += [u] * 6
+        item += picks.tolist()
+        ts += list(range(1000 * u, 1000 * u + 6))
+    return Interactions(
+        np.array(user, np.int32),
+        np.array(item, np.int32),
+        np.ones(len(user), np.float32),
+        np.array(ts, np.int64),
+        n_users,
+        n_items,
+    )
+
+
+def test_recency_decay_halves_every_half_life() -> None:
+    assert recency_decay(np.array([0, 3, 6]), 3.0).tolist() == [1.0, 0.5, 0.25]
+    assert recency_decay(np.array([0, 50]), 0.0).tolist() == [1.0, 1.0]
+
+
+def test_fold_in_matches_the_builders_user_vectors() -> None:
+    data = clustered()
+    params = ModelParams(factors=8, regularization=1.0, alpha=5.0, iterations=10, half_life_events=2.0)
+    items = fit_item_vectors(data, params)
+    stored = user_vectors(data, items, params)
+    gram = regularized_gram(items, params.regularization)
+    for u in (0, 1, 17):
+        mask = data.user == u
+        order = np.argsort(data.ts[mask], kind="stable")
+        distinct, confidence = profile_confidence(
+            data.item[mask][order].astype(np.intp), data.weight[mask][order], params
+        )
+        np.testing.assert_allclose(fold_in(items, gram, distinct, confidence), stored[u], rtol=1e-3, atol=1e-4)
+
+
+def test_recent_interactions_weigh_more_in_the_profile() -> None:
+    params = ModelParams(alpha=1.0, half_life_events=1.0)
+    items, confidence = profile_confidence(np.array([5, 7, 9]), np.ones(3, np.float32), params)
+    assert items.tolist() == [5, 7, 9]
+    assert confidence.tolist() == [0.25, 0.5, 1.0]
+
+
+def test_folded_user_prefers_the_cluster_they_browsed() -> None:
+    data = clustered()
+    params = ModelParams(factors=8, regularization=1.0, alpha=5.0, iterations=10)
+    items = fit_item_vectors(data, params)
+    gram = regularized_gram(items, params.regularization)
+    distinct, confidence = profile_confidence(np.array([21, 22]), np.ones(2, np.float32), params)
+    scores = items @ fold_in(items, gram, distinct, confidence)
+    scores[[21, 22]] = -np.inf
+    assert set(np.argsort(-scores)[:5].tolist()) <= set(range(20, 30))
+
+
+def test_empty_history_folds_to_the_zero_vector() -> None:
+    items = np.ones((3, 4), np.float32)
+    vector = fold_in(items, regularized_gram(items, 1.0), np.array([], np.intp), np.array([], np.float32))
+    assert vector.tolist() == [0.0] * 4
+
+
+def test_cold_items_get_vectors_near_items_with_the_same_content() -> None:
+    data = clustered()
+    catalog = [Item(item_id=f"i{i}", categories=[f"c{i // 10}"]) for i in range(40)] + [
+        Item(item_id="new", categories=["c2"])
+    ]
+    params = ModelParams(factors=8, regularization=1.0, iterations=10)
+    warm_vectors = fit_item_vectors(data, params)
+    vectors = np.vstack([warm_vectors, np.zeros((1, 8), np.float32)])
+    warm = np.r_[np.ones(40, bool), False]
+    mixed = content_vectors(catalog, vectors, warm)
+    np.testing.assert_array_equal(mixed[:40], warm_vectors)
+    cosine = mixed[:40] @ mixed[40] / (np.linalg.norm(mixed[:40], axis=1) * np.linalg.norm(mixed[40]))
+    assert int(np.argmax(cosine)) // 10 == 2
+
+
+def test_popularity_decays_with_age() -> None:
+    day = 86400
+    data = Interactions(
+        np.array([0, 1, 2], np.int32),
+        np.array([0, 0, 1], np.int32),
+        np.ones(3, np.float32),
+        np.array([0, 0, 10 * day], np.int64),
+        3,
+        2,
+    )
+    assert popularity_scores(data, 0.0).tolist() == [2.0, 1.0]
+    decayed = popularity_scores(data, 5.0)
+    assert decayed[0] == np.float32(0.5) and decayed[1] == 1.0
