@@ -19,7 +19,7 @@ Vectors = npt.NDArray[np.float32]
 METRIC: Literal["dot"] = "dot"  # scores are dot products (ALS), so the index ranks by the same number
 K = 10
 N_TREES = (10, 25, 50, 100)
-SEARCH_K_PER_TREE = (10, 40, 160, 640)  # × K × n_trees; Annoy's default is n_trees × K
+SEARCH_K_PER_TREE = (10, 20, 40, 80, 160, 320, 640)  # × K × n_trees; Annoy's default is n_trees × K
 
 
 class AnnTrial(msgspec.Struct, frozen=True):
