@@ -44,19 +44,27 @@ class Interactions:
         return matrix
 
 
+def history_positions(data: Interactions) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Chronological order, and for each row in that order its position in the user's history
+    and how many of the user's events come after it."""
+    order = data.chronological_order()
+    users = data.user[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    counts = np.diff(np.r_[starts, len(users)])
+    position = np.arange(len(users)) - np.repeat(starts, counts)
+    events_after = np.repeat(counts, counts) - 1 - position
+    return order, position.astype(np.int64), events_after.astype(np.int64)
+
+
 def temporal_split(data: Interactions, test_fraction: float = 0.2) -> tuple[Interactions, Interactions]:
     """Each user's last `test_fraction` of interactions by time form the test set.
 
     Users with fewer than two interactions stay entirely in training: one event cannot be split.
     """
-    order = data.chronological_order()
-    users = data.user[order]
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    counts = np.diff(np.r_[starts, len(users)])
+    order, position, events_after = history_positions(data)
+    counts = position + events_after + 1
     n_test = np.floor(counts * test_fraction).astype(np.int64)
     n_test[(n_test == 0) & (counts >= 2)] = 1
-    position = np.arange(len(users)) - np.repeat(starts, counts)
-    is_test_sorted = position >= np.repeat(counts - n_test, counts)
-    is_test = np.zeros(len(users), dtype=bool)
-    is_test[order] = is_test_sorted
+    is_test = np.zeros(len(data), dtype=bool)
+    is_test[order] = events_after < n_test
     return data.take(~is_test), data.take(is_test)

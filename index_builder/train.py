@@ -15,7 +15,7 @@ from implicit.cpu import _als
 from implicit.cpu.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
-from index_builder.dataset import Interactions, temporal_split
+from index_builder.dataset import Interactions, history_positions, temporal_split
 from index_builder.evaluate import Metrics, Scorer, evaluate
 from index_builder.model import ModelParams, recency_decay
 from index_builder.schema import Item
@@ -41,14 +41,9 @@ def confidence_matrix(data: Interactions) -> sp.csr_matrix:
 
 def profile_matrix(data: Interactions, half_life: float) -> sp.csr_matrix:
     """Users x items, event weights decayed by how many events ago each happened in the user's history."""
-    order = data.chronological_order()
-    users = data.user[order]
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    counts = np.diff(np.r_[starts, len(users)])
-    position = np.arange(len(users)) - np.repeat(starts, counts)
-    events_ago = (np.repeat(counts, counts) - 1 - position).astype(np.int64)
+    order, _, events_ago = history_positions(data)
     decayed = data.weight[order] * recency_decay(events_ago, half_life)
-    matrix = sp.csr_matrix((decayed, (users, data.item[order])), shape=(data.n_users, data.n_items))
+    matrix = sp.csr_matrix((decayed, (data.user[order], data.item[order])), shape=(data.n_users, data.n_items))
     matrix.sum_duplicates()
     return matrix
 
