@@ -9,6 +9,8 @@ from pathlib import Path
 
 import msgspec
 
+from gateway.serve import serve
+from gateway.settings import FIELDS, Settings, SettingsError, resolve
 from index_builder import snapshot
 from index_builder.build import BuildConfig, BuildResult, QualityGateError, Stopwatch, build
 from index_builder.readers import FORMATS, InputError
@@ -105,6 +107,44 @@ def _add_snapshots(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
             q.add_argument("version", nargs="?", help="version to verify (default: current); 'all' for every one")
 
 
+SERVE_EPILOG = """\
+configuration (lowest to highest precedence): built-in defaults, the config file (--config, or
+TAILOR_CONFIG), environment variables TAILOR_<NAME> (e.g. TAILOR_STORE=redis://127.0.0.1:6379/0),
+then these flags. tailor.toml in the repository lists every setting with its default:
+
+{settings}
+
+endpoints: GET /v1/recommend, /v1/items/{{id}}/similar, /v1/popular, POST /v1/events,
+/healthz, /readyz, /metrics, POST /admin/reload, /openapi.json, /docs (the API as a page).
+"""
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    defaults = Settings()
+    listing = "\n".join(f"  {name:22} {getattr(defaults, name)!r}" for name in FIELDS)
+    p = sub.add_parser(
+        "serve",
+        help="serve recommendations over HTTP from the current snapshot",
+        description=(
+            "Start the gateway (uvicorn with uvloop and httptools). It serves the snapshot that "
+            "SNAPSHOTS/CURRENT names, swaps in a new one when the pointer changes (or on POST "
+            "/admin/reload), and keeps per-visitor state in the store."
+        ),
+        epilog=SERVE_EPILOG.format(settings=listing),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, help="TOML config file (see tailor.toml)")
+    p.add_argument("--snapshots", help=f"snapshot root directory (default {defaults.snapshots})")
+    p.add_argument("--store", help=f"memory:// (one process) or redis://host:port/db (default {defaults.store})")
+    p.add_argument("--host", help=f"address to bind (default {defaults.host})")
+    p.add_argument("--port", type=int, help=f"port to bind, 0 for any free one (default {defaults.port})")
+    p.add_argument(
+        "--workers", type=int, help=f"processes; more than 1 needs a redis:// store (default {defaults.workers})"
+    )
+    p.add_argument("--log-level", dest="log_level", help=f"debug, info, warning, error (default {defaults.log_level})")
+    p.add_argument("--access-log", dest="access_log", action="store_true", default=None, help="log every request")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tailor",
@@ -114,6 +154,7 @@ def parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_build(sub)
     _add_snapshots(sub)
+    _add_serve(sub)
     return p
 
 
@@ -226,8 +267,25 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    overrides = {name: getattr(args, name, None) for name in FIELDS}
+    try:
+        settings = resolve(config=args.config, overrides=overrides)
+        if settings.workers > 1 and settings.store.startswith("memory"):
+            raise SettingsError(
+                "memory:// keeps visitor state inside one process; with --workers > 1 use a redis:// store"
+            )
+        serve(settings)
+    except (SettingsError, ValueError) as exc:
+        print(f"tailor serve: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "serve":
+        return _run_serve(args)
     if args.command == "synth":
         return _run_synth(args)
     if args.command == "build":

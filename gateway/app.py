@@ -1,0 +1,455 @@
+"""The ASGI application: routes, lifespan (store, snapshot, watcher) and the HTTP edge.
+
+Everything here is translation between HTTP and the domain: parse and validate the query or body
+into a declared type (`gateway.wire`), call the pipeline (`gateway.recommend`), encode the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from gateway import openapi, wire
+from gateway import settings as config
+from gateway.guard import GuardedStore
+from gateway.metrics import Metrics
+from gateway.recommend import Answer, Recommender
+from gateway.snapshot import Snapshot, SnapshotRefusedError, load, load_current
+from gateway.store import Interaction, Store, StoreError, open_store
+from index_builder import snapshot as published
+from index_builder.schema import ITEMLESS_EVENTS
+
+log = logging.getLogger("tailor.gateway")
+
+T = TypeVar("T")
+S = TypeVar("S", bound=msgspec.Struct)
+JSON = "application/json"
+LIST_PARAMETERS = frozenset({"category", "exclude"})
+MAX_BODY_BYTES = 4 << 20
+FUTURE_SLACK_S = 300.0
+COUNTER_WINDOW_S = 3600.0
+
+_encoder = msgspec.json.Encoder()
+
+
+class ApiError(Exception):
+    """An answer other than 2xx, with a machine-readable body."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        problems: list[str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = wire.ErrorBody(wire.ErrorDetail(code, message, field, problems))
+        self.headers = headers
+
+
+def json_response(value: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_encoder.encode(value), status, headers, JSON)
+
+
+def _field_of(message: str) -> str | None:
+    # msgspec ends validation messages with "- at `$.events[3].item`".
+    _, sep, path = message.rpartition(" - at `$.")
+    return path.rstrip("`") if sep else None
+
+
+def parse_query(request: Request, kind: type[S]) -> S:
+    data: dict[str, Any] = {}
+    params = request.query_params
+    for name in params:
+        values = params.getlist(name)
+        if name in LIST_PARAMETERS:
+            data[name] = [part for value in values for part in value.split(",") if part]
+        elif len(values) > 1:
+            raise ApiError(400, "invalid-parameter", f"`{name}` may be given once", field=name)
+        else:
+            data[name] = values[0]
+    try:
+        return msgspec.convert(data, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        if message.startswith("Object contains unknown field"):
+            name = message.split("`")[1]
+            allowed = ", ".join(kind.__struct_fields__)
+            raise ApiError(
+                400, "unknown-parameter", f"unknown parameter `{name}`; allowed: {allowed}", field=name
+            ) from None
+        raise ApiError(400, "invalid-parameter", message, field=_field_of(message)) from None
+
+
+class Gateway:
+    """The long-lived state of one gateway process."""
+
+    def __init__(self, settings: config.Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.root = Path(settings.snapshots)
+        self.metrics = Metrics()
+        self.store = store if store is not None else open_store(settings.store)
+        self.guard = GuardedStore(
+            self.store,
+            timeout_s=settings.store_timeout_ms / 1000,
+            retry_after_s=settings.store_retry_after_s,
+            on_error=lambda kind: self.metrics.store_errors.labels(kind).inc(),
+        )
+        self.executor = ThreadPoolExecutor(settings.compute_threads, thread_name_prefix="tailor-compute")
+        self.recommender: Recommender | None = None
+        self.refused: dict[str, list[str]] = {}
+        self._reload_lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(4).hex() + "-"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            snap, refusals = await asyncio.to_thread(load_current, self.root, verify=self.settings.verify_snapshots)
+        except SnapshotRefusedError as refused:
+            refusals = [refused]
+            log.error("no snapshot to serve yet: %s", refused)
+        else:
+            self._install(snap)
+        for refusal in refusals:
+            self.metrics.reloads.labels("refused").inc()
+            if refusal.version is not None:
+                self.refused[refusal.version] = refusal.problems
+        if not await self.guard.ping():
+            log.warning("store %s is not reachable yet; serving popular items until it is", self.settings.store)
+        if self.settings.watch_interval_s > 0:
+            self._watcher = asyncio.create_task(self._watch(), name="snapshot-watcher")
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        await self.store.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _install(self, snap: Snapshot) -> str | None:
+        previous = self.recommender.snap.version if self.recommender is not None else None
+        s = self.settings
+        self.recommender = Recommender(
+            snap,
+            self.guard,
+            offload=self.offload,
+            pool_size=s.candidate_pool,
+            cache_entries=s.cache_entries,
+            recent_limit=s.recent_limit,
+            max_age_s=s.max_snapshot_age_s,
+        )
+        self.metrics.serving(snap.version, snap.created, previous)
+        self.metrics.reloads.labels("ok").inc()
+        log.info("serving snapshot %s (%d items, index %s)", snap.version, len(snap.item_ids), snap.method)
+        return previous
+
+    async def reload(self) -> wire.ReloadResult:
+        """Load what CURRENT names and swap it in; raise SnapshotRefusedError and keep serving if it fails."""
+        async with self._reload_lock:
+            version = await asyncio.to_thread(published.current_version, self.root)
+            if version is None:
+                raise SnapshotRefusedError(None, [f"no {published.POINTER} pointer under {self.root}"])
+            serving = self.recommender.snap.version if self.recommender is not None else None
+            if version == serving:
+                return wire.ReloadResult(changed=False, version=version, previous=serving)
+            try:
+                snap = await asyncio.to_thread(load, self.root / version, verify=self.settings.verify_snapshots)
+            except SnapshotRefusedError as refused:
+                self.metrics.reloads.labels("refused").inc()
+                self.refused[version] = refused.problems
+                log.error("%s; still serving %s", refused, serving)
+                raise
+            self.refused.pop(version, None)
+            previous = self._install(snap)
+            return wire.ReloadResult(changed=True, version=version, previous=previous)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.watch_interval_s)
+            try:
+                version = await asyncio.to_thread(published.current_version, self.root)
+                serving = self.recommender.snap.version if self.recommender is not None else None
+                if version is not None and version != serving and version not in self.refused:
+                    await self.reload()
+            except SnapshotRefusedError:
+                pass  # logged by reload(); retried when the pointer names another version
+            except Exception:
+                log.exception("snapshot watcher")
+
+    def offload(self, compute: Callable[[], T]) -> Awaitable[T]:
+        return asyncio.get_running_loop().run_in_executor(self.executor, compute)
+
+    def request_id(self, request: Request) -> str:
+        given = request.headers.get("x-request-id")
+        if given and len(given) <= 128 and given.isprintable():
+            return given
+        return f"{self._id_prefix}{next(self._ids):x}"
+
+    def serving(self) -> Recommender:
+        if self.recommender is None:
+            raise ApiError(503, "no-snapshot", "no snapshot loaded yet", headers={"retry-after": "5"})
+        return self.recommender
+
+    # -- routes ------------------------------------------------------------------------------
+    def serving_for(self, categories: list[str]) -> Recommender:
+        rec = self.serving()
+        unknown = rec.unknown_categories(categories)
+        if unknown:
+            message = f"no category {unknown[0]!r} in snapshot {rec.snap.version}"
+            raise ApiError(400, "unknown-category", message, field="category")
+        return rec
+
+    def _n(self, n: int | None) -> int:
+        value = self.settings.default_n if n is None else n
+        if value > self.settings.max_n:
+            raise ApiError(400, "invalid-parameter", f"n must be at most {self.settings.max_n}", field="n")
+        return value
+
+    def _answer(self, request: Request, rec: Recommender, answer: Answer) -> Response:
+        snap = rec.snap
+        items = [
+            wire.ScoredItem(
+                id=snap.item_ids[p.row],
+                score=round(p.score, 6),
+                reasons=[p.reason],
+                title=snap.titles[p.row],
+                categories=snap.categories[p.row],
+            )
+            for p in answer.picks
+        ]
+        if answer.fallback is not None:
+            self.metrics.fallbacks.labels(answer.fallback).inc()
+        rid = self.request_id(request)
+        body = wire.Recommendations(rid, snap.version, items, answer.fallback, answer.profile)
+        return json_response(body, headers={"x-request-id": rid})
+
+    async def recommend(self, request: Request) -> Response:
+        q = parse_query(request, wire.RecommendQuery)
+        rec = self.serving_for(q.category)
+        answer = await rec.recommend(
+            user=q.user, visitor=q.visitor, n=self._n(q.n), categories=q.category, exclude=q.exclude
+        )
+        return self._answer(request, rec, answer)
+
+    async def similar(self, request: Request) -> Response:
+        q = parse_query(request, wire.SimilarQuery)
+        rec = self.serving_for(q.category)
+        item = request.path_params["item_id"]
+        row = rec.snap.row_of.get(item)
+        if row is None:
+            raise ApiError(404, "unknown-item", f"no item {item!r} in snapshot {rec.snap.version}", field="item_id")
+        if rec.stale(time.time()):
+            picks = rec.popular(n=self._n(q.n), categories=q.category, excluded=rec.rows_of(q.exclude) | {row})
+            return self._answer(request, rec, Answer(picks, "stale-snapshot", "none"))
+        picks = await rec.similar(row, n=self._n(q.n), categories=q.category, excluded=rec.rows_of(q.exclude))
+        return self._answer(request, rec, Answer(picks, None, "none"))
+
+    async def popular(self, request: Request) -> Response:
+        q = parse_query(request, wire.PopularQuery)
+        rec = self.serving_for(q.category)
+        picks = rec.popular(n=self._n(q.n), categories=q.category, excluded=rec.rows_of(q.exclude))
+        return self._answer(request, rec, Answer(picks, None, "none"))
+
+    async def events(self, request: Request) -> Response:
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, "body-too-large", f"at most {MAX_BODY_BYTES} bytes per batch")
+        try:
+            batch = msgspec.json.decode(body, type=wire.EventBatch)
+        except msgspec.ValidationError as exc:
+            raise ApiError(400, "invalid-body", str(exc), field=_field_of(str(exc))) from None
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, "invalid-body", f"not JSON: {exc}") from None
+        if len(batch.events) > self.settings.max_events_per_batch:
+            raise ApiError(
+                413, "batch-too-large", f"at most {self.settings.max_events_per_batch} events per batch", field="events"
+            )
+        now = time.time()
+        known = self.recommender.snap.event_weights if self.recommender is not None else None
+        grouped: dict[str, list[Interaction]] = {}
+        counts: dict[str, dict[str, int]] = {}
+        # Validate the whole batch before writing any of it: a bad event stores nothing.
+        for i, event in enumerate(batch.events):
+            where = f"events[{i}]"
+            key = event.user if event.user is not None else event.visitor
+            if key is None:
+                raise ApiError(400, "invalid-body", "each event needs `user` or `visitor`", field=where)
+            if known is not None and event.event not in known:
+                allowed = ", ".join(sorted(known))
+                raise ApiError(
+                    422,
+                    "unknown-event",
+                    f"unknown event type {event.event!r}; known: {allowed}",
+                    field=f"{where}.event",
+                )
+            if event.item is None and event.event not in ITEMLESS_EVENTS:
+                raise ApiError(400, "invalid-body", f"a {event.event} event needs an `item`", field=f"{where}.item")
+            ts = now if event.ts is None else event.ts
+            if ts > now + FUTURE_SLACK_S:
+                raise ApiError(400, "invalid-body", "`ts` is in the future", field=f"{where}.ts")
+            if event.item is not None:
+                grouped.setdefault(key, []).append(Interaction(event.item, event.event, ts))
+            visitor_counts = counts.setdefault(key, {})
+            visitor_counts[event.event] = visitor_counts.get(event.event, 0) + 1
+        s = self.settings
+        try:
+            async with asyncio.timeout(max(s.store_timeout_ms / 1000 * 10, 1.0)):
+                await asyncio.gather(
+                    *(
+                        self.store.record(
+                            key,
+                            sorted(grouped.get(key, []), key=lambda x: x.ts),
+                            keep=s.recent_keep,
+                            ttl=s.profile_ttl_s,
+                            counters=counts[key],
+                            window=COUNTER_WINDOW_S,
+                            now=now,
+                        )
+                        for key in counts
+                    )
+                )
+        except (StoreError, TimeoutError) as exc:
+            self.metrics.store_errors.labels("timeout" if isinstance(exc, TimeoutError) else "error").inc()
+            raise ApiError(
+                503, "store-unavailable", f"events not stored: {exc or 'timeout'}", headers={"retry-after": "1"}
+            ) from None
+        for event in batch.events:
+            self.metrics.events.labels(event.event).inc()
+        return json_response(wire.EventsAccepted(len(batch.events)), 202)
+
+    async def healthz(self, request: Request) -> Response:
+        return json_response(wire.Health())
+
+    async def readyz(self, request: Request) -> Response:
+        problems: list[str] = []
+        rec = self.recommender
+        store_ok = await self.guard.ping()
+        if rec is None:
+            problems.append("no snapshot loaded")
+        if not store_ok:
+            problems.append(f"store {self.settings.store} unreachable")
+        problems.extend(f"snapshot {v} refused: {'; '.join(p)}" for v, p in self.refused.items())
+        age = rec.snap.age() if rec is not None else None
+        body = wire.Readiness(
+            ready=rec is not None and store_ok,
+            snapshot=rec.snap.version if rec is not None else None,
+            snapshot_age_s=round(age, 1) if age is not None else None,
+            stale=rec is not None and rec.stale(time.time()),
+            store="ok" if store_ok else "unreachable",
+            problems=problems,
+        )
+        return json_response(body, 200 if body.ready else 503)
+
+    async def metrics_page(self, request: Request) -> Response:
+        rec = self.recommender
+        text = self.metrics.exposition(lambda: rec.snap.age() if rec is not None else None)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def admin_reload(self, request: Request) -> Response:
+        try:
+            return json_response(await self.reload())
+        except SnapshotRefusedError as refused:
+            raise ApiError(
+                409, "snapshot-refused", str(refused), problems=refused.problems, field=refused.version
+            ) from None
+
+    async def openapi_json(self, request: Request) -> Response:
+        return Response(openapi.document_bytes(), media_type=JSON)
+
+    async def docs(self, request: Request) -> Response:
+        return HTMLResponse(openapi.html_page())
+
+    def routes(self) -> list[Route]:
+        table: list[tuple[str, str, Callable[[Request], Awaitable[Response]], str]] = [
+            ("/v1/recommend", "recommend", self.recommend, "GET"),
+            ("/v1/items/{item_id}/similar", "similar", self.similar, "GET"),
+            ("/v1/popular", "popular", self.popular, "GET"),
+            ("/v1/events", "events", self.events, "POST"),
+            ("/healthz", "healthz", self.healthz, "GET"),
+            ("/readyz", "readyz", self.readyz, "GET"),
+            ("/metrics", "metrics", self.metrics_page, "GET"),
+            ("/admin/reload", "reload", self.admin_reload, "POST"),
+            ("/openapi.json", "openapi", self.openapi_json, "GET"),
+            ("/docs", "docs", self.docs, "GET"),
+        ]
+        return [Route(path, self._observed(name, handler), methods=[method]) for path, name, handler, method in table]
+
+    def _observed(
+        self, route: str, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        latency = self.metrics.latency.labels(route)
+        responses = self.metrics.responses
+
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                response = await handler(request)
+            except ApiError as error:
+                response = json_response(error.body, error.status, error.headers)
+            latency.observe(time.perf_counter() - started)
+            responses.labels(route, str(response.status_code)).inc()
+            return response
+
+        return endpoint
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+    body = wire.ErrorBody(wire.ErrorDetail(code, f"{request.method} {request.url.path}: {exc.detail}"))
+    return json_response(body, exc.status_code, dict(exc.headers or {}))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return json_response(wire.ErrorBody(wire.ErrorDetail("internal", "internal error; see the gateway log")), 500)
+
+
+def create_app(settings: config.Settings, *, store: Store | None = None) -> Starlette:
+    gateway = Gateway(settings, store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = Starlette(
+        routes=gateway.routes(),
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _unexpected},
+    )
+    app.state.gateway = gateway
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """uvicorn's factory for `tailor serve`: settings come from the parent process or TAILOR_*."""
+    encoded = os.environ.get(config.SETTINGS_ENV)
+    settings = config.decode(encoded) if encoded else config.resolve()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(settings)

@@ -1,0 +1,77 @@
+"""The store as the hot path sees it: bounded in time, and skipped for a while after it fails.
+
+A store that is down must not cost every request its full timeout, so after a failure the guard
+answers "unavailable" at once for `retry_after_s`, then lets one request through to probe; the
+first success closes it again. The caller turns the cause into a popular-items fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Final, Literal
+
+from gateway.store import Profile, Store, StoreError
+
+log = logging.getLogger("tailor.store")
+
+Cause = Literal["store-timeout", "store-unavailable"]
+TIMEOUT: Final = "store-timeout"
+UNAVAILABLE: Final = "store-unavailable"
+
+
+class GuardedStore:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        timeout_s: float,
+        retry_after_s: float,
+        on_error: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self._on_error = on_error
+        self._clock = clock
+        self._open_until = 0.0
+        self.healthy = True
+
+    def _failed(self, cause: Cause, exc: BaseException | None) -> Cause:
+        if self.healthy:
+            log.warning("store %s (%s); answering from popular items for %.1fs", cause, exc, self.retry_after_s)
+        self.healthy = False
+        self._open_until = self._clock() + self.retry_after_s
+        if self._on_error is not None:
+            self._on_error(cause)
+        return cause
+
+    def _succeeded(self) -> None:
+        if not self.healthy:
+            log.info("store reachable again")
+        self.healthy = True
+
+    async def profile(self, visitor: str, *, limit: int, now: float) -> Profile | Cause:
+        """The visitor's profile, or the fallback cause when the store cannot give it in time."""
+        if not self.healthy and self._clock() < self._open_until:
+            return UNAVAILABLE
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                profile = await self.store.profile(visitor, limit=limit, now=now)
+        except TimeoutError as exc:
+            return self._failed(TIMEOUT, exc)
+        except StoreError as exc:
+            return self._failed(UNAVAILABLE, exc)
+        self._succeeded()
+        return profile
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(max(self.timeout_s, 1.0)):
+                await self.store.ping()
+        except (TimeoutError, StoreError):
+            return False
+        return True

@@ -1,0 +1,63 @@
+"""Prometheus metrics of one gateway process, in a registry of its own (so tests can build many apps)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+# Sub-millisecond resolution where the gateway lives, up to a second for the pathological tail.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.latency = Histogram(
+            "tailor_request_seconds", "Request latency by route", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.responses = Counter("tailor_responses", "Responses by route and status", ["route", "status"], registry=r)
+        self.fallbacks = Counter("tailor_fallbacks", "Answers from popular items, by cause", ["cause"], registry=r)
+        self.store_errors = Counter("tailor_store_errors", "Store calls that failed, by kind", ["kind"], registry=r)
+        self.cache = Counter("tailor_candidate_cache", "Candidate pool lookups by result", ["result"], registry=r)
+        self.reloads = Counter("tailor_snapshot_reloads", "Snapshot loads by result", ["result"], registry=r)
+        self.events = Counter("tailor_events_accepted", "Behaviour events stored, by type", ["event"], registry=r)
+        self.snapshot_info = Gauge(
+            "tailor_snapshot_info",
+            "The snapshot being served (value 1)",
+            ["version"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.snapshot_created = Gauge(
+            "tailor_snapshot_created_seconds",
+            "Build time of the served snapshot (Unix seconds)",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.snapshot_age = Gauge(
+            "tailor_snapshot_age_seconds", "Age of the served snapshot", registry=r, multiprocess_mode="max"
+        )
+
+    def serving(self, version: str, created: float, previous: str | None) -> None:
+        if previous is not None and previous != version:
+            # 0 rather than remove(): removal does not reach the files of multi-process mode.
+            self.snapshot_info.labels(previous).set(0)
+        self.snapshot_info.labels(version).set(1)
+        self.snapshot_created.set(created)
+
+    def exposition(self, age: Callable[[], float | None]) -> bytes:
+        current = age()
+        if current is not None:
+            self.snapshot_age.set(current)
+        directory = os.environ.get(MULTIPROC_ENV)
+        if directory:
+            # Several workers: add up what every process wrote to the shared directory.
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
+            return generate_latest(merged)
+        return generate_latest(self.registry)

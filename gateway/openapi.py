@@ -1,0 +1,221 @@
+"""The OpenAPI 3.1 document and the human-readable API page, both generated from `gateway.wire`.
+
+Query parameters come from the query Structs' own JSON Schema, so a field added to a Struct shows
+up here without another edit.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+from typing import Any
+
+import msgspec
+
+from gateway import wire
+
+REF = "#/components/schemas/{name}"
+JSON = "application/json"
+
+
+class Operation(msgspec.Struct, frozen=True):
+    method: str
+    path: str
+    summary: str
+    query: type[msgspec.Struct] | None = None
+    body: type[msgspec.Struct] | None = None
+    answer: type[msgspec.Struct] | None = None
+    status: int = 200
+    errors: tuple[int, ...] = ()
+    path_parameters: tuple[str, ...] = ()
+    media_type: str = JSON
+
+
+OPERATIONS = (
+    Operation(
+        "get",
+        "/v1/recommend",
+        "Recommendations for a known user (`user`) or an anonymous visitor (`visitor`). Items the visitor "
+        "has seen are left out; a visitor without history gets popular items with `fallback: cold-start`.",
+        query=wire.RecommendQuery,
+        answer=wire.Recommendations,
+        errors=(400, 503),
+    ),
+    Operation(
+        "get",
+        "/v1/items/{item_id}/similar",
+        "Items most similar to one item (cosine of item vectors).",
+        query=wire.SimilarQuery,
+        answer=wire.Recommendations,
+        errors=(400, 404, 503),
+        path_parameters=("item_id",),
+    ),
+    Operation(
+        "get",
+        "/v1/popular",
+        "The most popular items, overall or in categories (recency-weighted).",
+        query=wire.PopularQuery,
+        answer=wire.Recommendations,
+        errors=(400, 503),
+    ),
+    Operation(
+        "post",
+        "/v1/events",
+        "Record behaviour events (a batch); the visitor's next recommendation uses them. All or nothing: "
+        "one invalid event rejects the batch and stores nothing.",
+        body=wire.EventBatch,
+        answer=wire.EventsAccepted,
+        status=202,
+        errors=(400, 413, 422, 503),
+    ),
+    Operation("get", "/healthz", "Liveness: the process answers.", answer=wire.Health),
+    Operation(
+        "get",
+        "/readyz",
+        "Readiness: a snapshot is loaded and the store answers (503 otherwise, with the problems).",
+        answer=wire.Readiness,
+        errors=(503,),
+    ),
+    Operation("get", "/metrics", "Prometheus metrics.", media_type="text/plain"),
+    Operation(
+        "post",
+        "/admin/reload",
+        "Load the snapshot CURRENT names and swap it in; 409 if it fails verification (the old one keeps serving).",
+        answer=wire.ReloadResult,
+        errors=(409,),
+    ),
+    Operation("get", "/openapi.json", "This document.", media_type=JSON),
+    Operation("get", "/docs", "The API as a web page.", media_type="text/html"),
+)
+
+
+def _schemas() -> tuple[dict[type[msgspec.Struct], dict[str, Any]], dict[str, Any]]:
+    types: list[Any] = [wire.ErrorBody]
+    for op in OPERATIONS:
+        types.extend(t for t in (op.query, op.body, op.answer) if t is not None)
+    refs, components = msgspec.json.schema_components(types, ref_template=REF)
+    return dict(zip(types, refs, strict=True)), components
+
+
+def _parameters(op: Operation, components: dict[str, Any]) -> list[dict[str, Any]]:
+    parameters: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in op.path_parameters
+    ]
+    if op.query is None:
+        return parameters
+    schema = components[op.query.__name__]
+    required = set(schema.get("required", []))
+    for name, declared in schema["properties"].items():
+        prop = _not_null(declared)
+        parameter: dict[str, Any] = {"name": name, "in": "query", "required": name in required, "schema": prop}
+        if "description" in prop:
+            parameter["description"] = prop["description"]
+        if prop.get("type") == "array":
+            parameter["style"], parameter["explode"] = "form", True
+        parameters.append(parameter)
+    return parameters
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter is absent or a value, never JSON null: drop the null branch of `X | None`."""
+    variants = [v for v in schema.get("anyOf", []) if v != {"type": "null"}]
+    if len(variants) != 1:
+        return schema
+    return {**variants[0], **{k: v for k, v in schema.items() if k not in ("anyOf", "default")}}
+
+
+@functools.cache
+def document() -> dict[str, Any]:
+    refs, components = _schemas()
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        content: dict[str, Any] = {op.media_type: {"schema": refs[op.answer]} if op.answer else {}}
+        responses: dict[str, Any] = {str(op.status): {"description": "OK", "content": content}}
+        for status in op.errors:
+            responses[str(status)] = {"description": "Error", "content": {JSON: {"schema": refs[wire.ErrorBody]}}}
+        operation: dict[str, Any] = {
+            "summary": op.summary.split(". ")[0].rstrip("."),
+            "description": op.summary,
+            "parameters": _parameters(op, components),
+            "responses": responses,
+        }
+        if op.body is not None:
+            operation["requestBody"] = {"required": True, "content": {JSON: {"schema": refs[op.body]}}}
+        paths.setdefault(op.path, {})[op.method] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Tailor gateway",
+            "version": "1",
+            "description": "Personalised recommendations in milliseconds from your own data.",
+        },
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+
+
+@functools.cache
+def document_bytes() -> bytes:
+    return msgspec.json.encode(document())
+
+
+def _type_text(schema: dict[str, Any]) -> str:
+    if "$ref" in schema:
+        return str(schema["$ref"]).rsplit("/", 1)[-1]
+    if "anyOf" in schema:
+        return " | ".join(_type_text(s) for s in schema["anyOf"])
+    if "enum" in schema:
+        return " | ".join(repr(v) for v in schema["enum"])
+    if schema.get("type") == "array":
+        return f"list of {_type_text(schema.get('items', {}))}"
+    bounds = [f"{k} {schema[k]}" for k in ("minimum", "maximum", "minLength", "maxLength") if k in schema]
+    return str(schema.get("type", "any")) + (f" ({', '.join(bounds)})" if bounds else "")
+
+
+@functools.cache
+def html_page() -> str:
+    doc = document()
+    out = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>Tailor gateway API</title>",
+        "<style>body{font:15px/1.5 system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+        "code{background:#f3f3f3;padding:0 .2em}table{border-collapse:collapse}td,th{border:1px solid #ddd;"
+        "padding:.2em .5em;text-align:left;vertical-align:top}h2{margin-top:2em}</style></head><body>",
+        "<h1>Tailor gateway API</h1><p>Machine-readable: <a href='/openapi.json'>/openapi.json</a>. Errors are "
+        '<code>{"error": {"code", "message", "field"}}</code> with a 4xx status.</p>',
+    ]
+    for path, methods in doc["paths"].items():
+        for method, op in methods.items():
+            out.append(
+                f"<h2><code>{method.upper()} {html.escape(path)}</code></h2><p>{html.escape(op['description'])}</p>"
+            )
+            if op["parameters"]:
+                out.append("<table><tr><th>parameter</th><th>in</th><th>type</th><th>about</th></tr>")
+                for p in op["parameters"]:
+                    out.append(
+                        f"<tr><td><code>{p['name']}</code></td><td>{p['in']}</td>"
+                        f"<td>{html.escape(_type_text(p['schema']))}</td>"
+                        f"<td>{html.escape(p.get('description', ''))}</td></tr>"
+                    )
+                out.append("</table>")
+            if "requestBody" in op:
+                body = op["requestBody"]["content"][JSON]["schema"]
+                out.append(f"<p>Body: <code>{html.escape(_type_text(body))}</code></p>")
+            answers = ", ".join(
+                f"{status}: {html.escape(_type_text(r['content'][next(iter(r['content']))].get('schema', {})))}"
+                for status, r in op["responses"].items()
+            )
+            out.append(f"<p>Responses: {answers}</p>")
+    out.append("<h2>Types</h2>")
+    for name, schema in doc["components"]["schemas"].items():
+        out.append(f"<h3 id='{name}'>{name}</h3>")
+        if schema.get("description"):
+            out.append(f"<p>{html.escape(schema['description'])}</p>")
+        out.append("<table><tr><th>field</th><th>type</th><th>about</th></tr>")
+        for field, prop in schema.get("properties", {}).items():
+            out.append(
+                f"<tr><td><code>{field}</code></td><td>{html.escape(_type_text(prop))}</td>"
+                f"<td>{html.escape(prop.get('description', ''))}</td></tr>"
+            )
+        out.append("</table>")
+    out.append("</body></html>")
+    return "\n".join(out)

@@ -1,0 +1,317 @@
+"""The recommendation pipeline: profile -> candidates -> filters -> padding, with reasons.
+
+Candidate pools (the best `pool_size` rows for one taste vector, already without what the visitor
+has seen) are cached per snapshot: a known user's pool cannot change until the next snapshot, and a
+live profile's pool is keyed by the profile itself, so visitors who clicked the same things share
+it. A cache miss computes in a worker thread (numpy and Annoy release the GIL), so the event loop
+only ever does dictionary work and filtering of a few hundred rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.guard import GuardedStore
+from gateway.snapshot import Rows, Snapshot, Vectors
+from gateway.store import Interaction
+from index_builder.model import fold_in, profile_confidence
+
+T = TypeVar("T")
+Offload = Callable[[Callable[[], T]], Awaitable[T]]
+
+Fallback = Literal["cold-start", "stale-snapshot", "store-timeout", "store-unavailable"]
+ProfileKind = Literal["snapshot", "live", "none"]
+
+USER_VECTOR = "user-vector"
+POPULAR = "popular"
+
+
+class Pool(NamedTuple):
+    rows: npt.NDArray[np.int32]
+    scores: npt.NDArray[np.float32]
+
+
+class Pick(NamedTuple):
+    row: int
+    score: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    picks: list[Pick]
+    fallback: Fallback | None
+    profile: ProfileKind
+
+
+class LRU:
+    """A bounded mapping touched only from the event loop thread, so it needs no lock."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._data: OrderedDict[Hashable, Pool] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> Pool | None:
+        pool = self._data.get(key)
+        if pool is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._data.move_to_end(key)
+        return pool
+
+    def put(self, key: Hashable, pool: Pool) -> None:
+        if self.capacity <= 0:
+            return
+        self._data[key] = pool
+        self._data.move_to_end(key)
+        while len(self._data) > self.capacity:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class Candidates:
+    """Nearest items for a taste vector or an item, over one snapshot."""
+
+    def __init__(self, snap: Snapshot, *, pool_size: int, cache_entries: int, offload: Offload[Pool]) -> None:
+        self.snap = snap
+        self.pool_size = pool_size
+        self.cache = LRU(cache_entries)
+        self._offload = offload
+
+    async def cached(self, key: Hashable, compute: Callable[[], Pool]) -> Pool:
+        pool = self.cache.get(key)
+        if pool is None:
+            pool = await self._offload(compute)
+            self.cache.put(key, pool)
+        return pool
+
+    def top(self, vector: Vectors, *, exclude: npt.NDArray[np.integer] | None, within: Rows | None = None) -> Pool:
+        """The `pool_size` best rows by dot product with `vector`, without `exclude` (sorted rows)."""
+        snap, k = self.snap, self.pool_size
+        excluded = np.empty(0, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
+        if within is None and snap.annoy is not None:
+            fetch = k + len(excluded)
+            found = snap.annoy.get_nns_by_vector(vector.tolist(), fetch, search_k=max(snap.search_k, fetch))
+            rows = np.asarray(found, dtype=np.int64)
+            if len(excluded):
+                rows = rows[~np.isin(rows, excluded)]
+            scores = snap.item_vectors[rows] @ vector  # re-rank the over-fetched candidates exactly
+        else:
+            rows = np.arange(len(snap.item_ids), dtype=np.int64) if within is None else within.astype(np.int64)
+            scores = (snap.item_vectors if within is None else snap.item_vectors[rows]) @ vector
+            if len(excluded):
+                keep = ~np.isin(rows, excluded, assume_unique=True)
+                rows, scores = rows[keep], scores[keep]
+        return _best(rows, scores, k)
+
+    def similar_top(self, row: int, *, within: Rows | None = None) -> Pool:
+        snap = self.snap
+        rows = np.arange(len(snap.item_ids), dtype=np.int64) if within is None else within.astype(np.int64)
+        scores = (snap.unit_vectors if within is None else snap.unit_vectors[rows]) @ snap.unit_vectors[row]
+        keep = rows != row
+        return _best(rows[keep], scores[keep], self.pool_size)
+
+
+def _best(rows: npt.NDArray[np.int64], scores: npt.NDArray[np.floating], k: int) -> Pool:
+    k = min(k, len(rows))
+    if k == 0:
+        return Pool(np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32))
+    top = np.argpartition(-scores, k - 1)[:k] if k < len(rows) else np.arange(len(rows))
+    order = top[np.argsort(-scores[top], kind="stable")]
+    return Pool(rows[order].astype(np.int32), scores[order].astype(np.float32))
+
+
+class Recommender:
+    """One snapshot's pipeline. A hot reload builds a new Recommender; its cache starts empty."""
+
+    def __init__(
+        self,
+        snap: Snapshot,
+        store: GuardedStore,
+        *,
+        offload: Offload[Pool],
+        pool_size: int,
+        cache_entries: int,
+        recent_limit: int,
+        max_age_s: float,
+    ) -> None:
+        self.snap = snap
+        self.store = store
+        self.candidates = Candidates(snap, pool_size=pool_size, cache_entries=cache_entries, offload=offload)
+        self.recent_limit = recent_limit
+        self.max_age_s = max_age_s
+
+    def stale(self, now: float) -> bool:
+        return self.max_age_s > 0 and self.snap.age(now) > self.max_age_s
+
+    def rows_of(self, item_ids: Iterable[str]) -> set[int]:
+        row_of = self.snap.row_of
+        return {row_of[item] for item in item_ids if item in row_of}
+
+    async def recommend(
+        self,
+        *,
+        user: str | None,
+        visitor: str | None,
+        n: int,
+        categories: Collection[str],
+        exclude: Collection[str],
+        now: float | None = None,
+    ) -> Answer:
+        now = time.time() if now is None else now
+        excluded = self.rows_of(exclude)
+        if self.stale(now):
+            return Answer(self.popular(n=n, categories=categories, excluded=excluded), "stale-snapshot", "none")
+        key = user if user is not None else visitor
+        if key is None:
+            return Answer(self.popular(n=n, categories=categories, excluded=excluded), "cold-start", "none")
+        profile = await self.store.profile(key, limit=self.recent_limit, now=now)
+        if isinstance(profile, str):  # the store failed: its cause names the fallback
+            return Answer(self.popular(n=n, categories=categories, excluded=excluded), profile, "none")
+        recent = profile.recent
+        excluded |= self.rows_of(i.item for i in recent)
+        user_row = self.snap.user_row.get(user) if user is not None else None
+        if user_row is not None:
+            picks = await self._for_user(user_row, n=n, categories=categories, excluded=excluded)
+            return Answer(picks, None, "snapshot")
+        live = self.live_profile(recent)
+        if live is None:
+            return Answer(self.popular(n=n, categories=categories, excluded=excluded), "cold-start", "none")
+        picks = await self._for_live(live, n=n, categories=categories, excluded=excluded)
+        return Answer(picks, None, "live")
+
+    def live_profile(self, recent: list[Interaction]) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+        """The rows and weights of a visitor's recent events that say something about taste."""
+        row_of, weights = self.snap.row_of, self.snap.event_weights
+        rows: list[int] = []
+        values: list[float] = []
+        for interaction in recent:
+            row = row_of.get(interaction.item)
+            weight = weights.get(interaction.event, 0.0)
+            if row is not None and weight > 0:
+                rows.append(row)
+                values.append(weight)
+        return (tuple(rows), tuple(values)) if rows else None
+
+    def live_vector(self, rows: tuple[int, ...], weights: tuple[float, ...]) -> Vectors:
+        snap = self.snap
+        distinct, confidence = profile_confidence(
+            np.asarray(rows, dtype=np.intp), np.asarray(weights, dtype=np.float32), snap.params
+        )
+        return fold_in(snap.item_vectors, snap.gram, distinct, confidence)
+
+    async def _for_user(self, row: int, *, n: int, categories: Collection[str], excluded: set[int]) -> list[Pick]:
+        snap, candidates = self.snap, self.candidates
+
+        def compute(within: Rows | None = None) -> Pool:
+            return candidates.top(snap.user_vectors[row], exclude=snap.seen(row), within=within)
+
+        pool = await candidates.cached(("user", row), compute)
+        return await self._choose(
+            pool, ("user", row), compute, reason=USER_VECTOR, n=n, categories=categories, excluded=excluded
+        )
+
+    async def _for_live(
+        self,
+        live: tuple[tuple[int, ...], tuple[float, ...]],
+        *,
+        n: int,
+        categories: Collection[str],
+        excluded: set[int],
+    ) -> list[Pick]:
+        candidates = self.candidates
+        rows = np.unique(np.asarray(live[0], dtype=np.int64))
+
+        def compute(within: Rows | None = None) -> Pool:
+            return candidates.top(self.live_vector(*live), exclude=rows, within=within)
+
+        pool = await candidates.cached(("live", live), compute)
+        return await self._choose(
+            pool, ("live", live), compute, reason=USER_VECTOR, n=n, categories=categories, excluded=excluded
+        )
+
+    async def similar(self, row: int, *, n: int, categories: Collection[str], excluded: set[int]) -> list[Pick]:
+        candidates = self.candidates
+
+        def compute(within: Rows | None = None) -> Pool:
+            return candidates.similar_top(row, within=within)
+
+        pool = await candidates.cached(("similar", row), compute)
+        reason = f"similar-to:{self.snap.item_ids[row]}"
+        return await self._choose(
+            pool, ("similar", row), compute, reason=reason, n=n, categories=categories, excluded=excluded | {row}
+        )
+
+    async def _choose(
+        self,
+        pool: Pool,
+        key: tuple[object, ...],
+        compute: Callable[[Rows | None], Pool],
+        *,
+        reason: str,
+        n: int,
+        categories: Collection[str],
+        excluded: set[int],
+    ) -> list[Pick]:
+        """Filter the pool; if a category filter leaves too few, search within the categories;
+        if still short, pad with popular items."""
+        picks = self._filter(pool, reason=reason, n=n, categories=categories, excluded=excluded)
+        if len(picks) < n and categories:
+            within = self.category_rows(categories)
+            narrow = await self.candidates.cached((*key, tuple(sorted(categories))), lambda: compute(within))
+            picks = self._filter(narrow, reason=reason, n=n, categories=(), excluded=excluded)
+        if len(picks) < n:
+            taken = excluded | {p.row for p in picks}
+            picks += self.popular(n=n - len(picks), categories=categories, excluded=taken)
+        return picks
+
+    def _filter(
+        self, pool: Pool, *, reason: str, n: int, categories: Collection[str], excluded: set[int]
+    ) -> list[Pick]:
+        category_sets = self.snap.category_sets
+        wanted = frozenset(categories)
+        picks: list[Pick] = []
+        for row, score in zip(pool.rows.tolist(), pool.scores.tolist(), strict=True):
+            if row in excluded or (wanted and wanted.isdisjoint(category_sets[row])):
+                continue
+            picks.append(Pick(row, score, reason))
+            if len(picks) == n:
+                break
+        return picks
+
+    def unknown_categories(self, categories: Collection[str]) -> list[str]:
+        return [c for c in categories if c not in self.snap.category_rows]
+
+    def category_rows(self, categories: Collection[str]) -> Rows:
+        parts = [self.snap.category_rows[c] for c in categories if c in self.snap.category_rows]
+        if not parts:
+            return np.empty(0, dtype=np.intp)
+        return parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
+
+    def popular(self, *, n: int, categories: Collection[str], excluded: set[int]) -> list[Pick]:
+        snap = self.snap
+        if categories:
+            lists = [snap.popular[c] for c in categories if c in snap.popular]
+            merged = np.unique(np.concatenate(lists)) if lists else np.empty(0, dtype=np.intp)
+            rows = merged[np.argsort(-snap.popularity[merged], kind="stable")].tolist()
+        else:
+            rows = snap.popular[""].tolist()
+        picks: list[Pick] = []
+        for row in rows:
+            if row not in excluded:
+                picks.append(Pick(row, float(snap.popularity[row]), POPULAR))
+                if len(picks) == n:
+                    break
+        return picks

@@ -1,0 +1,103 @@
+"""Gateway configuration: one declared struct, read from defaults < config file < environment < flags.
+
+`tailor.toml` at the repository root lists every setting with its default and what it does; a test
+keeps that file and these defaults in step. Environment variables are `TAILOR_` + the upper-case
+name (`TAILOR_STORE=redis://127.0.0.1:6379/0`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+ENV_PREFIX = "TAILOR_"
+# How a parent process hands resolved settings to uvicorn's worker processes.
+SETTINGS_ENV = "TAILOR_SETTINGS_JSON"
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    snapshots: str = "var/snapshots"
+    store: str = "memory://"
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
+    workers: Count = 1
+    log_level: str = "info"
+    access_log: bool = False
+    store_timeout_ms: Positive = 50.0
+    store_retry_after_s: NonNegative = 1.0
+    max_snapshot_age_s: NonNegative = 7 * 24 * 3600.0
+    watch_interval_s: NonNegative = 2.0
+    verify_snapshots: bool = True
+    recent_limit: Count = 20
+    recent_keep: Count = 100
+    profile_ttl_s: Positive = 30 * 24 * 3600.0
+    default_n: Count = 10
+    max_n: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+    candidate_pool: Annotated[int, msgspec.Meta(ge=10, le=5000)] = 200
+    cache_entries: Annotated[int, msgspec.Meta(ge=0)] = 50_000
+    compute_threads: Count = 2
+    max_events_per_batch: Count = 500
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+FIELDS: tuple[str, ...] = Settings.__struct_fields__
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise SettingsError(f"config file {path} not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path}: {exc}") from exc
+    section = raw.get("gateway", raw)
+    if not isinstance(section, dict):
+        raise SettingsError(f"config file {path}: [gateway] must be a table")
+    return section
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, str]:
+    return {name: environ[ENV_PREFIX + name.upper()] for name in FIELDS if ENV_PREFIX + name.upper() in environ}
+
+
+def resolve(
+    *,
+    config: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Defaults, then the config file, then TAILOR_* variables, then explicit overrides (flags)."""
+    merged: dict[str, Any] = {}
+    if config is not None:
+        merged.update(read_file(config))
+    env = os.environ if environ is None else environ
+    if config is None and ENV_PREFIX + "CONFIG" in env:
+        merged.update(read_file(Path(env[ENV_PREFIX + "CONFIG"])))
+    # Environment values are strings; strict=False lets msgspec parse "8000" and "true".
+    merged.update(from_env(env))
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return msgspec.convert(merged, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(str(exc)) from exc
+
+
+def encode(settings: Settings) -> str:
+    return msgspec.json.encode(settings).decode()
+
+
+def decode(text: str) -> Settings:
+    return msgspec.json.decode(text, type=Settings)

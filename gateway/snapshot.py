@@ -1,0 +1,176 @@
+"""A published snapshot loaded for serving, and the holder that swaps it atomically.
+
+Vectors, the seen-items matrix and the Annoy index are memory-mapped, so `--workers N` processes
+share one copy in the page cache. Loading runs in a worker thread (it reads and checksums files);
+the swap itself is one attribute assignment on the event loop, so a request that already holds the
+old snapshot finishes on it and the next one sees the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+from annoy import AnnoyIndex
+
+from index_builder import snapshot as published
+from index_builder.model import ModelParams, regularized_gram
+from index_builder.schema import Item
+
+log = logging.getLogger("tailor.snapshot")
+
+Rows = npt.NDArray[np.intp]
+Vectors = npt.NDArray[np.float32]
+
+
+class SnapshotRefusedError(Exception):
+    """A snapshot that is missing, fails verification or cannot be read; `problems` says why."""
+
+    def __init__(self, version: str | None, problems: list[str]) -> None:
+        super().__init__(f"snapshot {version or '?'} refused: " + "; ".join(problems))
+        self.version = version
+        self.problems = problems
+
+
+@dataclass(eq=False)
+class Snapshot:
+    version: str
+    directory: Path
+    created: float  # Unix seconds
+    item_ids: list[str]
+    titles: list[str]
+    categories: list[list[str]]
+    row_of: dict[str, int]
+    # Each row's categories and their parents, for filtering candidates.
+    category_sets: list[frozenset[str]]
+    category_rows: dict[str, Rows]
+    item_vectors: Vectors
+    unit_vectors: Vectors  # row-normalised, for item-to-item cosine similarity
+    user_row: dict[str, int]
+    user_vectors: Vectors
+    seen_indptr: npt.NDArray[np.int64]
+    seen_indices: npt.NDArray[np.int32]
+    popular: dict[str, Rows]
+    popularity: npt.NDArray[np.float32]
+    params: ModelParams
+    event_weights: dict[str, float]
+    gram: npt.NDArray[np.float64]
+    method: str
+    search_k: int
+    annoy: AnnoyIndex | None = field(default=None)
+
+    def age(self, now: float | None = None) -> float:
+        return (time.time() if now is None else now) - self.created
+
+    def seen(self, user_row: int) -> npt.NDArray[np.int32]:
+        return self.seen_indices[self.seen_indptr[user_row] : self.seen_indptr[user_row + 1]]
+
+
+def _categories_with_parents(categories: list[str]) -> frozenset[str]:
+    found = set(categories)
+    for category in categories:
+        parts = category.split("/")
+        found.update("/".join(parts[:depth]) for depth in range(1, len(parts)))
+    return frozenset(found)
+
+
+def load(directory: Path, *, verify: bool = True) -> Snapshot:
+    """Read one snapshot directory; raise SnapshotRefusedError with every problem found."""
+    version = directory.name
+    if verify:
+        problems = published.verify(directory)
+        if problems:
+            raise SnapshotRefusedError(version, problems)
+    try:
+        return _read(directory)
+    except (OSError, ValueError, KeyError, IndexError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise SnapshotRefusedError(version, [f"{directory}: unreadable: {exc}"]) from exc
+    except published.SnapshotError as exc:
+        raise SnapshotRefusedError(version, [str(exc)]) from exc
+
+
+def _read(directory: Path) -> Snapshot:
+    manifest = published.load_manifest(directory)
+    items = msgspec.json.decode((directory / "items.json").read_bytes(), type=list[Item])
+    user_ids = msgspec.json.decode((directory / "users.json").read_bytes(), type=list[str])
+    item_vectors: Vectors = np.load(directory / "item_vectors.npy", mmap_mode="r")
+    user_vectors: Vectors = np.load(directory / "user_vectors.npy", mmap_mode="r")
+    if item_vectors.shape != (len(items), item_vectors.shape[1]) or user_vectors.shape[0] != len(user_ids):
+        raise ValueError("vector rows do not match the item or user table")
+    seen_indptr = np.load(directory / "seen_indptr.npy", mmap_mode="r")
+    seen_indices = np.load(directory / "seen_indices.npy", mmap_mode="r")
+    if len(seen_indptr) != len(user_ids) + 1:
+        raise ValueError("seen matrix does not match the user table")
+    popularity = np.load(directory / "popularity.npy", mmap_mode="r")
+    popular_lists = msgspec.json.decode((directory / "popular.json").read_bytes(), type=dict[str, list[int]])
+    params = msgspec.convert(manifest.parameters["model"], ModelParams)
+    weights = msgspec.convert(manifest.parameters["event_weights"], dict[str, float])
+
+    category_sets = [_categories_with_parents(item.categories) for item in items]
+    members: dict[str, list[int]] = {}
+    for row, found in enumerate(category_sets):
+        for category in found:
+            members.setdefault(category, []).append(row)
+    norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
+    unit_vectors = (item_vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    index = manifest.index
+    annoy: AnnoyIndex | None = None
+    if index["method"] == "annoy":
+        annoy = AnnoyIndex(item_vectors.shape[1], "dot")
+        annoy.load(str(directory / "items.ann"))  # memory-mapped by Annoy itself
+    return Snapshot(
+        version=manifest.version,
+        directory=directory,
+        created=manifest.created.timestamp(),
+        item_ids=[item.item_id for item in items],
+        titles=[item.title for item in items],
+        categories=[item.categories for item in items],
+        row_of={item.item_id: row for row, item in enumerate(items)},
+        category_sets=category_sets,
+        category_rows={name: np.asarray(rows, dtype=np.intp) for name, rows in members.items()},
+        item_vectors=item_vectors,
+        unit_vectors=unit_vectors,
+        user_row={user: row for row, user in enumerate(user_ids)},
+        user_vectors=user_vectors,
+        seen_indptr=seen_indptr,
+        seen_indices=seen_indices,
+        popular={name: np.asarray(rows, dtype=np.intp) for name, rows in popular_lists.items()},
+        popularity=popularity,
+        params=params,
+        event_weights=weights,
+        gram=regularized_gram(np.asarray(item_vectors), params.regularization),
+        method=str(index["method"]),
+        search_k=int(index["search_k"]),
+        annoy=annoy,
+    )
+
+
+def load_current(root: Path, *, verify: bool = True) -> tuple[Snapshot, list[SnapshotRefusedError]]:
+    """The snapshot CURRENT names; if it is refused, the newest older one that loads, so a bad
+    publish never keeps a restarted gateway down. Also returns what was refused on the way."""
+    version = published.current_version(root)
+    if version is None:
+        raise SnapshotRefusedError(None, [f"no {published.POINTER} pointer under {root}; run `tailor build` first"])
+    try:
+        return load(root / version, verify=verify), []
+    except SnapshotRefusedError as refused:
+        log.error("%s", refused)
+        refusals = [refused]
+        for directory in reversed(published.list_versions(root)):
+            if directory.name >= version:
+                continue
+            try:
+                snap = load(directory, verify=verify)
+            except SnapshotRefusedError as older:
+                log.error("%s", older)
+                refusals.append(older)
+                continue
+            log.warning("serving older snapshot %s because %s was refused", directory.name, version)
+            return snap, refusals
+        raise

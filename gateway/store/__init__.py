@@ -1,0 +1,72 @@
+"""Per-visitor state behind one protocol; `open_store(url)` picks the backend.
+
+Accepted URLs:
+
+- `memory://` (also `memory:` or the empty string): this process only. Query option
+  `max_visitors` (default 1000000) bounds it, e.g. `memory://?max_visitors=100000`.
+- `redis://[user:password@]host:port/db`, `rediss://...` (TLS), `unix:///path/to/redis.sock?db=0`:
+  shared. Query option `prefix` (default `tailor:`) namespaces the keys; redis-py's own options
+  (`socket_timeout`, `socket_connect_timeout`, `health_check_interval`, `max_connections`, ...) pass
+  through and override the store's defaults.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+
+from gateway.store.base import EMPTY_PROFILE, Interaction, Profile, Store, StoreError
+from gateway.store.memory import MemoryStore
+from gateway.store.redis import RedisStore
+
+__all__ = [
+    "EMPTY_PROFILE",
+    "Interaction",
+    "MemoryStore",
+    "Profile",
+    "RedisStore",
+    "Store",
+    "StoreError",
+    "open_store",
+]
+
+_SCHEMES = "memory://, redis://, rediss://, unix://"
+
+
+def open_store(url: str) -> Store:
+    """The store the URL names; ValueError for a URL it cannot be."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme == "memory" or not url.strip():
+        return _open_memory(url, parts.netloc, parts.path, parts.query)
+    if scheme in ("redis", "rediss", "unix"):
+        return _open_redis(parts.scheme, parts.netloc, parts.path, parts.query, parts.fragment)
+    raise ValueError(f"store URL {url!r}: unknown scheme {parts.scheme!r}; accepted: {_SCHEMES}")
+
+
+def _open_memory(url: str, netloc: str, path: str, query: str) -> MemoryStore:
+    if netloc or path:
+        raise ValueError(f"store URL {url!r}: memory:// takes no host or path, only ?max_visitors=N")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = options.keys() - {"max_visitors"}
+    if unknown:
+        raise ValueError(f"store URL {url!r}: unknown option(s) {sorted(unknown)}; memory:// accepts max_visitors")
+    if "max_visitors" not in options:
+        return MemoryStore()
+    try:
+        max_visitors = int(options["max_visitors"])
+    except ValueError:
+        raise ValueError(f"store URL {url!r}: max_visitors must be an integer") from None
+    return MemoryStore(max_visitors=max_visitors)
+
+
+def _open_redis(scheme: str, netloc: str, path: str, query: str, fragment: str) -> RedisStore:
+    # `prefix` is ours, and redis-py rejects query options it does not know, so take it out first.
+    prefix = "tailor:"
+    kept: list[str] = []
+    for pair in query.split("&") if query else []:
+        key, _, value = pair.partition("=")
+        if unquote(key) == "prefix":
+            prefix = unquote(value)
+        else:
+            kept.append(pair)
+    return RedisStore(urlunsplit((scheme, netloc, path, "&".join(kept), fragment)), prefix=prefix)

@@ -1,0 +1,146 @@
+"""The shared store: per-visitor state in Redis, so every gateway process and host sees the same visitor.
+
+Two keys per visitor, both expiring `ttl` after the visitor's latest write:
+
+- `{prefix}v:{visitor}:recent`, a list of msgpack-encoded `Interaction`, oldest first, trimmed to `keep`;
+- `{prefix}v:{visitor}:counters`, a hash from `name|window|bucket` to a count, where bucket is
+  floor(now / window). Reads keep only the fields of the bucket containing `now`; each write deletes
+  the previous bucket's field, and the key's expiry bounds whatever a visitor with gaps leaves behind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import msgspec
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisError
+
+from gateway.store.base import Interaction, Profile, StoreError
+
+# Everything a broken, restarting or misbehaving server can make redis-py or the decoding raise.
+_FAILURES = (RedisError, OSError, ValueError, msgspec.MsgspecError)
+
+
+def _failure(operation: str, exc: BaseException) -> StoreError:
+    return StoreError(f"redis {operation} failed: {type(exc).__name__}: {exc}")
+
+
+class RedisStore:
+    """Implements `Store` on Redis: `profile` and `record` are one pipelined round trip each.
+
+    Timeouts are short because a caller on the hot path would rather degrade than wait. `retries` covers
+    a connection that died since its last use (say, the server restarted): the command is retried once on
+    a fresh connection, so the same object keeps working without being recreated. After a StoreError from
+    `record` the write may or may not have happened (a hung server can still apply it when it wakes), and a
+    retried `record` whose first attempt got through counts twice: counters are approximate under faults.
+    A connection idle for `health_check_interval` seconds is PINGed before reuse, an extra round trip
+    that a busy gateway never pays.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "tailor:",
+        connect_timeout: float = 1.0,
+        timeout: float = 1.0,
+        health_check_interval: int = 30,
+        retries: int = 1,
+    ) -> None:
+        self.prefix = prefix
+        self._redis: Redis = Redis.from_url(
+            url,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=timeout,
+            health_check_interval=health_check_interval,
+            retry=Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), retries),
+        )
+        # redis-py hands URL query options to each new connection, so a misspelt one would only surface as a
+        # TypeError on the first command; building one unconnected connection surfaces it here instead.
+        pool = self._redis.connection_pool
+        try:
+            pool.connection_class(**pool.connection_kwargs)
+        except TypeError as exc:
+            raise ValueError(f"redis URL has an option redis-py does not know: {exc}") from None
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decode = msgspec.msgpack.Decoder(Interaction).decode
+
+    def _keys(self, visitor: str) -> tuple[str, str]:
+        stem = f"{self.prefix}v:{visitor}:"
+        return stem + "recent", stem + "counters"
+
+    async def profile(self, visitor: str, *, limit: int, now: float) -> Profile:
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, not {limit}")
+        recent_key, counters_key = self._keys(visitor)
+        pipe = self._redis.pipeline(transaction=False)
+        if limit:
+            # LRANGE with a start of -0 would mean the whole list, hence no LRANGE at all for limit 0.
+            pipe.lrange(recent_key, -limit, -1)
+        pipe.hgetall(counters_key)
+        try:
+            replies = await pipe.execute()
+            recent = [self._decode(raw) for raw in replies[0]] if limit else []
+            counters: dict[str, int] = {}
+            for field, value in replies[-1].items():
+                name, window, bucket = field.decode().rsplit("|", 2)
+                if int(bucket) == math.floor(now / float(window)):
+                    counters[name] = counters.get(name, 0) + int(value)
+        except _FAILURES as exc:
+            raise _failure("profile", exc) from exc
+        return Profile(recent=recent, counters=counters)
+
+    async def record(
+        self,
+        visitor: str,
+        interactions: Sequence[Interaction],
+        *,
+        keep: int,
+        ttl: float,
+        counters: Mapping[str, int] | None = None,
+        window: float = 3600.0,
+        now: float,
+    ) -> None:
+        if keep < 1 or ttl <= 0 or window <= 0:
+            raise ValueError(f"keep, ttl and window must be positive, not keep={keep} ttl={ttl} window={window}")
+        if not interactions and not counters:
+            return
+        recent_key, counters_key = self._keys(visitor)
+        pipe = self._redis.pipeline(transaction=False)
+        if interactions:
+            pipe.rpush(recent_key, *[self._encode(interaction) for interaction in interactions])
+            pipe.ltrim(recent_key, -keep, -1)
+        if counters:
+            # float() so that a window given as 3600 and as 3600.0 names the same field.
+            window_text = repr(float(window))
+            bucket = math.floor(now / window)
+            for name, amount in counters.items():
+                pipe.hincrby(counters_key, f"{name}|{window_text}|{bucket}", amount)
+            pipe.hdel(counters_key, *[f"{name}|{window_text}|{bucket - 1}" for name in counters])
+        # Both keys, so the list and the counters of one visitor always expire together.
+        ttl_ms = max(1, math.ceil(ttl * 1000))
+        pipe.pexpire(recent_key, ttl_ms)
+        pipe.pexpire(counters_key, ttl_ms)
+        try:
+            await pipe.execute()
+        except _FAILURES as exc:
+            raise _failure("record", exc) from exc
+
+    async def forget(self, visitor: str) -> None:
+        try:
+            await self._redis.delete(*self._keys(visitor))
+        except _FAILURES as exc:
+            raise _failure("forget", exc) from exc
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except _FAILURES as exc:
+            raise _failure("ping", exc) from exc
+
+    async def close(self) -> None:
+        await self._redis.aclose()

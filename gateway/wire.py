@@ -1,0 +1,162 @@
+"""Every request and response the gateway speaks, declared once as msgspec Structs.
+
+These types validate input at the edge (a failed conversion becomes a 4xx with a machine-readable
+body) and are the single source of the OpenAPI document (`gateway.openapi`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from gateway.recommend import Fallback, ProfileKind
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256, description="An item, user or visitor id.")]
+UserId = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=256, description="A signed-in user's id (as in your interaction logs).")
+]
+VisitorId = Annotated[
+    str,
+    msgspec.Meta(min_length=1, max_length=256, description="An anonymous visitor's id (e.g. a first-party cookie)."),
+]
+Text = Annotated[str, msgspec.Meta(max_length=2048)]
+Count = Annotated[int, msgspec.Meta(ge=1, le=1000, description="How many items to return.")]
+Categories = Annotated[
+    list[Id],
+    msgspec.Meta(
+        max_length=50,
+        description="Only items in any of these categories (a parent such as `fashion` covers "
+        "`fashion/shoes`). Repeat the parameter or separate with commas.",
+    ),
+]
+Excluded = Annotated[
+    list[Id], msgspec.Meta(max_length=500, description="Item ids never to return. Repeat or separate with commas.")
+]
+
+
+class RecommendQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Query of `GET /v1/recommend`."""
+
+    user: UserId | None = None
+    visitor: VisitorId | None = None
+    n: Count | None = None
+    category: Categories = []
+    exclude: Excluded = []
+    page: Text | None = None
+    device: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    referrer: Text | None = None
+
+
+class SimilarQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Query of `GET /v1/items/{item_id}/similar`."""
+
+    n: Count | None = None
+    category: Categories = []
+    exclude: Excluded = []
+
+
+class PopularQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Query of `GET /v1/popular`."""
+
+    n: Count | None = None
+    category: Categories = []
+    exclude: Excluded = []
+
+
+QUERY_TYPES: dict[str, type[msgspec.Struct]] = {
+    "recommend": RecommendQuery,
+    "similar": SimilarQuery,
+    "popular": PopularQuery,
+}
+
+
+class ScoredItem(msgspec.Struct, frozen=True):
+    id: str
+    score: Annotated[float, msgspec.Meta(description="Higher is better; comparable within one response.")]
+    reasons: Annotated[
+        list[str],
+        msgspec.Meta(
+            description="What produced this pick: `user-vector` (the visitor's taste vector), "
+            "`similar-to:<item>`, `popular`, `popular-in:<category>`."
+        ),
+    ]
+    title: str
+    categories: list[str]
+
+
+class Recommendations(msgspec.Struct, frozen=True):
+    request_id: str
+    snapshot: Annotated[str, msgspec.Meta(description="Version of the snapshot that answered.")]
+    items: list[ScoredItem]
+    fallback: Annotated[
+        Fallback | None,
+        msgspec.Meta(
+            description="Why popular items stood in for personal ones: `cold-start` (nothing known of the "
+            "visitor yet), `stale-snapshot` (older than max_snapshot_age_s), `store-timeout`, "
+            "`store-unavailable`. Null when the answer is the intended one."
+        ),
+    ] = None
+    profile: Annotated[
+        ProfileKind,
+        msgspec.Meta(
+            description="Whose taste vector ranked the items: `snapshot` (a user known to the build), "
+            "`live` (folded in from the visitor's recent events), `none`."
+        ),
+    ] = "none"
+
+
+class EventIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One behaviour event. Give `user` for a signed-in user, else `visitor`."""
+
+    event: Annotated[str, msgspec.Meta(min_length=1, max_length=64, description="view, click, add_to_cart, ...")]
+    item: Id | None = None
+    user: Id | None = None
+    visitor: Id | None = None
+    ts: Annotated[float, msgspec.Meta(ge=0, description="Unix seconds; default: when received.")] | None = None
+    query: Text | None = None
+
+
+class EventBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    events: Annotated[list[EventIn], msgspec.Meta(min_length=1, max_length=10_000)]
+
+
+class EventsAccepted(msgspec.Struct, frozen=True):
+    accepted: int
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, omit_defaults=True):
+    code: Annotated[
+        str,
+        msgspec.Meta(
+            description="Machine-readable: invalid-parameter, unknown-parameter, unknown-category, invalid-body, "
+            "body-too-large, batch-too-large, unknown-item, unknown-event, not-found, method-not-allowed, "
+            "store-unavailable, no-snapshot, snapshot-refused, internal."
+        ),
+    ]
+    message: str
+    field: str | None = None
+    problems: list[str] | None = None
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    error: ErrorDetail
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(msgspec.Struct, frozen=True):
+    ready: bool
+    snapshot: str | None
+    snapshot_age_s: float | None
+    stale: bool
+    store: Literal["ok", "unreachable"]
+    problems: list[str]
+
+
+class ReloadResult(msgspec.Struct, frozen=True):
+    changed: bool
+    version: str
+    previous: str | None

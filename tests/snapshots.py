@@ -1,0 +1,53 @@
+"""Helpers for tests that need published snapshots: build a small one, republish, corrupt."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+
+from index_builder import snapshot
+from tailor.cli import main
+
+
+def build_small(shop: Path, root: Path) -> Path:
+    """A synthetic shop and one published snapshot of it under `root`."""
+    synth = ["synth", "--out", str(shop), "--users", "300", "--items", "400", "--events", "15000", "--seed", "3"]
+    assert main(synth) == 0
+    build = ["build", "--events", str(shop / "events.csv"), "--items", str(shop / "items.jsonl"), "--out", str(root)]
+    assert main([*build, "--quiet", "--max-trials", "2"]) == 0
+    return root
+
+
+def current_dir(root: Path) -> Path:
+    version = snapshot.current_version(root)
+    assert version is not None
+    return root / version
+
+
+def republish(root: Path, *, age: timedelta = timedelta(0), make_current: bool = True) -> str:
+    """Publish a copy of the current snapshot as a new version (optionally back-dated)."""
+    source = current_dir(root)
+    manifest = snapshot.load_manifest(source)
+    created = datetime.now(UTC) - age
+    version = snapshot.new_version(datetime.now(UTC))
+    staging = snapshot.staging_dir(root, version)
+    for path in source.iterdir():
+        if path.name != snapshot.MANIFEST:
+            shutil.copy(path, staging / path.name)
+    fields = msgspec.to_builtins(manifest)
+    for generated in ("format", "files"):
+        fields.pop(generated)
+    fields.update(version=version, created=created)
+    snapshot.publish(root, staging, fields, make_current=make_current)
+    return version
+
+
+def corrupt(directory: Path, name: str = "item_vectors.npy") -> None:
+    """Flip one byte near the end of a file, keeping its size."""
+    path = directory / name
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))

@@ -1,0 +1,452 @@
+"""The gateway's HTTP behaviour, in process (Starlette's TestClient runs the lifespan)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from gateway.snapshot import Snapshot, load
+from gateway.store import Interaction, MemoryStore, Profile, Store, open_store
+from index_builder import snapshot
+from index_builder.model import fold_in, profile_confidence
+from tests.conftest import RedisServer
+from tests.snapshots import build_small, corrupt, current_dir, republish
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_small(tmp_path_factory.mktemp("shop"), tmp_path_factory.mktemp("snapshots"))
+
+
+@pytest.fixture
+def root(built: Path, tmp_path: Path) -> Path:
+    """A private copy of the built snapshots, so a test may publish or corrupt freely."""
+    copy = tmp_path / "snapshots"
+    shutil.copytree(built, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def snap(built: Path) -> Snapshot:
+    return load(current_dir(built))
+
+
+def settings(root: Path, **changes: Any) -> Settings:
+    return Settings(snapshots=str(root), watch_interval_s=0, **changes)
+
+
+@pytest.fixture
+def client(root: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(settings(root))) as test_client:
+        yield test_client
+
+
+def ids(body: dict[str, Any]) -> list[str]:
+    return [item["id"] for item in body["items"]]
+
+
+def exact_top(snap: Snapshot, vector: np.ndarray[Any, Any], excluded: set[int], n: int) -> list[str]:
+    scores = np.asarray(snap.item_vectors @ vector, dtype=np.float64)
+    scores[list(excluded)] = -np.inf
+    order = np.argsort(-scores, kind="stable")[:n]
+    return [snap.item_ids[row] for row in order]
+
+
+def post_events(client: TestClient, visitor: str, events: Sequence[tuple[str, str]]) -> None:
+    batch = [
+        {"visitor": visitor, "item": item, "event": event, "ts": 1_700_000_000 + i}
+        for i, (item, event) in enumerate(events)
+    ]
+    response = client.post("/v1/events", json={"events": batch})
+    assert response.status_code == 202, response.text
+    assert response.json() == {"accepted": len(events)}
+
+
+# -- recommendations ------------------------------------------------------------------------
+
+
+def test_known_user_gets_the_exact_top_items_by_their_vector_without_seen_ones(
+    client: TestClient, snap: Snapshot
+) -> None:
+    user = next(iter(snap.user_row))
+    row = snap.user_row[user]
+    body = client.get("/v1/recommend", params={"user": user, "n": 10}).json()
+    assert body["profile"] == "snapshot"
+    assert body["fallback"] is None
+    assert body["snapshot"] == snap.version
+    assert ids(body) == exact_top(snap, snap.user_vectors[row], set(snap.seen(row).tolist()), 10)
+    assert all(item["reasons"] == ["user-vector"] for item in body["items"])
+    scores = [item["score"] for item in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_unknown_visitor_without_events_gets_popular_items_as_cold_start(client: TestClient, snap: Snapshot) -> None:
+    body = client.get("/v1/recommend", params={"visitor": "stranger", "n": 5}).json()
+    assert body["fallback"] == "cold-start"
+    assert body["profile"] == "none"
+    assert ids(body) == [snap.item_ids[row] for row in snap.popular[""][:5]]
+    assert all(item["reasons"] == ["popular"] for item in body["items"])
+
+
+def test_new_visitor_is_personalised_from_two_clicks_by_fold_in(client: TestClient, snap: Snapshot) -> None:
+    clicked = [snap.item_ids[5], snap.item_ids[17]]
+    post_events(client, "fresh", [(clicked[0], "click"), (clicked[1], "view")])
+    body = client.get("/v1/recommend", params={"visitor": "fresh", "n": 8}).json()
+    assert body["profile"] == "live"
+    assert body["fallback"] is None
+    weights = np.array([snap.event_weights["click"], snap.event_weights["view"]], dtype=np.float32)
+    distinct, confidence = profile_confidence(np.array([5, 17], dtype=np.intp), weights, snap.params)
+    vector = fold_in(snap.item_vectors, snap.gram, distinct, confidence)
+    assert ids(body) == exact_top(snap, vector, {5, 17}, 8)
+    assert not set(clicked) & set(ids(body))
+
+
+def test_known_users_recent_events_are_left_out_too(client: TestClient, snap: Snapshot) -> None:
+    user = next(iter(snap.user_row))
+    first = ids(client.get("/v1/recommend", params={"user": user, "n": 3}).json())
+    client.post("/v1/events", json={"events": [{"user": user, "item": first[0], "event": "purchase"}]})
+    after = ids(client.get("/v1/recommend", params={"user": user, "n": 3}).json())
+    assert first[0] not in after
+    assert after[:2] == first[1:]
+
+
+def test_category_filter_keeps_only_items_in_any_given_category_or_its_children(
+    client: TestClient, snap: Snapshot
+) -> None:
+    user = next(iter(snap.user_row))
+    parents = sorted({c.split("/")[0] for cats in snap.categories for c in cats})
+    wanted = parents[:2]
+    body = client.get("/v1/recommend", params={"user": user, "n": 12, "category": ",".join(wanted)}).json()
+    assert len(body["items"]) == 12
+    for item in body["items"]:
+        assert {c.split("/")[0] for c in item["categories"]} & set(wanted)
+    repeated = client.get("/v1/recommend", params=[("user", user), ("n", "12"), *[("category", c) for c in wanted]])
+    assert ids(repeated.json()) == ids(body)
+
+
+def test_explicit_exclude_is_honoured_and_the_list_stays_full(client: TestClient, snap: Snapshot) -> None:
+    user = next(iter(snap.user_row))
+    top = ids(client.get("/v1/recommend", params={"user": user, "n": 5}).json())
+    body = client.get("/v1/recommend", params={"user": user, "n": 5, "exclude": ",".join(top[:2])}).json()
+    assert ids(body)[:3] == top[2:]
+    assert len(body["items"]) == 5
+
+
+def test_a_narrow_category_is_filled_by_searching_within_it_then_by_popular(client: TestClient, snap: Snapshot) -> None:
+    user = next(iter(snap.user_row))
+    smallest = min(snap.category_rows, key=lambda c: len(snap.category_rows[c]))
+    size = len(snap.category_rows[smallest])
+    body = client.get("/v1/recommend", params={"user": user, "n": 100, "category": smallest}).json()
+    returned = ids(body)
+    assert len(returned) == len(set(returned))
+    assert all(smallest in snap.category_sets[snap.row_of[i]] for i in returned)
+    seen = {snap.item_ids[r] for r in snap.seen(snap.user_row[user]).tolist()}
+    assert len([i for i in returned if i not in seen]) == len(returned)
+    assert len(returned) <= size
+
+
+def test_similar_items_are_the_nearest_by_cosine_and_exclude_the_item(client: TestClient, snap: Snapshot) -> None:
+    item = snap.item_ids[3]
+    body = client.get(f"/v1/items/{item}/similar", params={"n": 6}).json()
+    scores = snap.unit_vectors @ snap.unit_vectors[3]
+    scores[3] = -np.inf
+    expected = [snap.item_ids[r] for r in np.argsort(-scores, kind="stable")[:6]]
+    assert ids(body) == expected
+    assert all(entry["reasons"] == [f"similar-to:{item}"] for entry in body["items"])
+
+
+def test_popular_per_category_is_ordered_by_popularity(client: TestClient, snap: Snapshot) -> None:
+    category = next(iter(sorted(snap.popular.keys() - {""})))
+    body = client.get("/v1/popular", params={"category": category, "n": 5}).json()
+    rows = [snap.row_of[i] for i in ids(body)]
+    assert rows == snap.popular[category][:5].tolist()
+    assert all(category in snap.category_sets[r] for r in rows)
+
+
+def test_request_id_is_echoed_or_generated(client: TestClient) -> None:
+    given = client.get("/v1/popular", headers={"x-request-id": "abc-123"})
+    assert given.json()["request_id"] == "abc-123" == given.headers["x-request-id"]
+    first = client.get("/v1/popular").json()["request_id"]
+    second = client.get("/v1/popular").json()["request_id"]
+    assert first != second
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "code", "field"),
+    [
+        ({"n": "0"}, 400, "invalid-parameter", "n"),
+        ({"n": "101"}, 400, "invalid-parameter", "n"),
+        ({"n": "ten"}, 400, "invalid-parameter", "n"),
+        ({"visitor": "x" * 300}, 400, "invalid-parameter", "visitor"),
+        ({"colour": "red"}, 400, "unknown-parameter", "colour"),
+        ({"category": "no-such-category"}, 400, "unknown-category", "category"),
+    ],
+)
+def test_bad_query_is_a_4xx_with_a_machine_readable_reason(
+    client: TestClient, query: dict[str, str], status: int, code: str, field: str
+) -> None:
+    response = client.get("/v1/recommend", params=query)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["field"] == field
+
+
+def test_a_parameter_given_twice_is_refused(client: TestClient) -> None:
+    response = client.get("/v1/recommend?n=2&n=3")
+    assert response.status_code == 400
+    assert response.json()["error"] == {"code": "invalid-parameter", "message": "`n` may be given once", "field": "n"}
+
+
+def test_unknown_item_is_a_404_and_unknown_route_a_json_404(client: TestClient) -> None:
+    response = client.get("/v1/items/nope/similar")
+    assert (response.status_code, response.json()["error"]["code"]) == (404, "unknown-item")
+    response = client.get("/v2/anything")
+    assert (response.status_code, response.json()["error"]["code"]) == (404, "not-found")
+    response = client.delete("/v1/recommend")
+    assert (response.status_code, response.json()["error"]["code"]) == (405, "method-not-allowed")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "field"),
+    [
+        (b"{not json", 400, "invalid-body", None),
+        (b'{"events": []}', 400, "invalid-body", "events"),
+        (b'{"events": [{"visitor": "v", "item": "i1", "event": "click", "extra": 1}]}', 400, "invalid-body", None),
+        (b'{"events": [{"item": "i1", "event": "click"}]}', 400, "invalid-body", "events[0]"),
+        (b'{"events": [{"visitor": "v", "event": "click"}]}', 400, "invalid-body", "events[0].item"),
+        (b'{"events": [{"visitor": "v", "item": "i1", "event": "teleport"}]}', 422, "unknown-event", "events[0].event"),
+        (
+            b'{"events": [{"visitor": "v", "item": "i1", "event": "view", "ts": 99999999999}]}',
+            400,
+            "invalid-body",
+            "events[0].ts",
+        ),
+    ],
+)
+def test_bad_event_batches_are_4xx_and_store_nothing(
+    client: TestClient, body: bytes, status: int, code: str, field: str | None
+) -> None:
+    good = b'{"visitor": "v", "item": "i00001", "event": "click"}'
+    response = client.post("/v1/events", content=body.replace(b'"events": [', b'"events": [' + good + b",", 1))
+    if body.startswith(b'{"events": []'):
+        response = client.post("/v1/events", content=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    if field is not None:
+        assert error["field"] in (field, field.replace("[0]", "[1]"))
+    after = client.get("/v1/recommend", params={"visitor": "v"}).json()
+    assert after["fallback"] == "cold-start"  # the valid event in the same batch was not stored either
+
+
+def test_too_large_batch_is_refused(root: Path) -> None:
+    with TestClient(create_app(settings(root, max_events_per_batch=3))) as client:
+        events = [{"visitor": "v", "item": "i00001", "event": "view"}] * 4
+        response = client.post("/v1/events", json={"events": events})
+    assert (response.status_code, response.json()["error"]["code"]) == (413, "batch-too-large")
+
+
+# -- fallbacks --------------------------------------------------------------------------------
+
+
+def test_stale_snapshot_answers_popular_with_the_cause(root: Path) -> None:
+    republish(root, age=timedelta(days=2))
+    with TestClient(create_app(settings(root, max_snapshot_age_s=3600))) as client:
+        body = client.get("/v1/recommend", params={"visitor": "x"}).json()
+        similar = client.get("/v1/items/i00001/similar").json()
+        ready = client.get("/readyz").json()
+    assert body["fallback"] == similar["fallback"] == "stale-snapshot"
+    assert all(item["reasons"] == ["popular"] for item in body["items"])
+    assert ready["stale"] is True
+
+
+class SlowStore(MemoryStore):
+    """A store that takes longer than the gateway will wait."""
+
+    async def profile(self, visitor: str, *, limit: int, now: float) -> Profile:
+        await asyncio.sleep(0.5)
+        return await super().profile(visitor, limit=limit, now=now)
+
+
+def test_slow_store_times_out_into_popular_items(root: Path, snap: Snapshot) -> None:
+    app = create_app(settings(root, store_timeout_ms=20, store_retry_after_s=0), store=SlowStore())
+    with TestClient(app) as client:
+        user = next(iter(snap.user_row))
+        response = client.get("/v1/recommend", params={"user": user})
+        metrics = client.get("/metrics").text
+    assert response.status_code == 200
+    assert response.json()["fallback"] == "store-timeout"
+    assert 'tailor_fallbacks_total{cause="store-timeout"} 1.0' in metrics
+    assert 'tailor_store_errors_total{kind="store-timeout"} 1.0' in metrics
+
+
+def test_redis_down_means_popular_items_then_recovery_by_itself(
+    root: Path, snap: Snapshot, redis_server: RedisServer
+) -> None:
+    store: Store = open_store(redis_server.url)
+    user = next(iter(snap.user_row))
+    app = create_app(settings(root, store=redis_server.url, store_retry_after_s=0.2), store=store)
+    with TestClient(app) as client:
+        assert client.get("/v1/recommend", params={"user": user}).json()["fallback"] is None
+        redis_server.stop()
+        try:
+            down = [client.get("/v1/recommend", params={"user": user}) for _ in range(5)]
+            not_ready = client.get("/readyz")
+            events = client.post("/v1/events", json={"events": [{"user": user, "item": "i00001", "event": "view"}]})
+        finally:
+            redis_server.start()
+        assert [r.status_code for r in down] == [200] * 5
+        assert {r.json()["fallback"] for r in down} <= {"store-unavailable", "store-timeout"}
+        assert not_ready.status_code == 503
+        assert not_ready.json()["store"] == "unreachable"
+        assert (events.status_code, events.json()["error"]["code"]) == (503, "store-unavailable")
+        for _ in range(50):  # the guard retries after store_retry_after_s
+            body = client.get("/v1/recommend", params={"user": user}).json()
+            if body["fallback"] is None:
+                break
+            asyncio.run(asyncio.sleep(0.05))
+        assert body["fallback"] is None
+        assert body["profile"] == "snapshot"
+        assert client.get("/readyz").status_code == 200
+
+
+def test_frozen_redis_times_out_instead_of_hanging(root: Path, snap: Snapshot, redis_server: RedisServer) -> None:
+    app = create_app(settings(root, store=redis_server.url, store_timeout_ms=30), store=open_store(redis_server.url))
+    with TestClient(app) as client:
+        user = next(iter(snap.user_row))
+        assert client.get("/v1/recommend", params={"user": user}).json()["fallback"] is None
+        redis_server.pause()
+        try:
+            body = client.get("/v1/recommend", params={"user": user}).json()
+        finally:
+            redis_server.resume()
+    assert body["fallback"] == "store-timeout"
+    assert len(body["items"]) == 10
+
+
+def test_new_visitor_profile_is_shared_through_redis(root: Path, snap: Snapshot, redis_server: RedisServer) -> None:
+    """Two gateways on one Redis: an event taken by one personalises the other's answer."""
+    shared = settings(root, store=redis_server.url)
+    with (
+        TestClient(create_app(shared, store=open_store(redis_server.url))) as first,
+        TestClient(create_app(shared, store=open_store(redis_server.url))) as second,
+    ):
+        post_events(first, "roaming-visitor", [(snap.item_ids[9], "add_to_cart")])
+        body = second.get("/v1/recommend", params={"visitor": "roaming-visitor"}).json()
+    assert body["profile"] == "live"
+    assert snap.item_ids[9] not in ids(body)
+
+
+# -- snapshots ----------------------------------------------------------------------------------
+
+
+def test_admin_reload_swaps_to_the_new_current_version(root: Path) -> None:
+    with TestClient(create_app(settings(root))) as client:
+        old = client.get("/v1/popular").json()["snapshot"]
+        assert client.post("/admin/reload").json() == {"changed": False, "version": old, "previous": old}
+        new = republish(root)
+        assert client.post("/admin/reload").json() == {"changed": True, "version": new, "previous": old}
+        assert client.get("/v1/popular").json()["snapshot"] == new
+        assert f'tailor_snapshot_info{{version="{new}"}} 1.0' in client.get("/metrics").text
+
+
+def test_a_corrupt_snapshot_is_refused_and_the_old_one_keeps_serving(root: Path) -> None:
+    with TestClient(create_app(settings(root))) as client:
+        old = client.get("/v1/popular").json()["snapshot"]
+        bad = republish(root)
+        corrupt(root / bad)
+        response = client.post("/admin/reload")
+        assert response.status_code == 409
+        error = response.json()["error"]
+        assert error["code"] == "snapshot-refused"
+        assert any("sha256 mismatch" in p for p in error["problems"])
+        assert client.get("/v1/popular").json()["snapshot"] == old
+        ready = client.get("/readyz").json()
+        assert ready["ready"] is True
+        assert any(bad in p for p in ready["problems"])
+
+
+def test_the_watcher_picks_up_a_new_pointer_by_itself(root: Path) -> None:
+    with TestClient(create_app(Settings(snapshots=str(root), watch_interval_s=0.05))) as client:
+        new = republish(root)
+        for _ in range(100):
+            if client.get("/v1/popular").json()["snapshot"] == new:
+                break
+            asyncio.run(asyncio.sleep(0.02))
+        assert client.get("/v1/popular").json()["snapshot"] == new
+
+
+def test_start_up_on_a_corrupt_current_snapshot_serves_the_newest_good_one(root: Path) -> None:
+    good = snapshot.current_version(root)
+    bad = republish(root)
+    corrupt(root / bad, "items.json")
+    with TestClient(create_app(settings(root))) as client:
+        assert client.get("/v1/popular").json()["snapshot"] == good
+        assert any(bad in p for p in client.get("/readyz").json()["problems"])
+
+
+def test_without_any_snapshot_the_gateway_runs_but_is_not_ready(tmp_path: Path) -> None:
+    with TestClient(create_app(settings(tmp_path))) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = client.get("/readyz")
+        response = client.get("/v1/recommend")
+    assert ready.status_code == 503
+    assert (response.status_code, response.json()["error"]["code"]) == (503, "no-snapshot")
+
+
+# -- operations ---------------------------------------------------------------------------------
+
+
+def test_metrics_count_latency_per_route_and_fallbacks_by_cause(client: TestClient) -> None:
+    client.get("/v1/recommend", params={"visitor": "nobody"})
+    client.get("/v1/recommend", params={"n": "0"})
+    text = client.get("/metrics").text
+    assert 'tailor_request_seconds_count{route="recommend"} 2.0' in text
+    assert 'tailor_responses_total{route="recommend",status="400"} 1.0' in text
+    assert 'tailor_fallbacks_total{cause="cold-start"} 1.0' in text
+    assert "tailor_snapshot_age_seconds " in text
+
+
+def test_openapi_documents_every_route_with_its_parameters(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    assert doc["openapi"].startswith("3.")
+    routes = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
+    app_routes = {(m, r.path) for r in client.app.routes for m in (r.methods or ()) if m != "HEAD"}  # type: ignore[attr-defined]
+    assert routes == app_routes
+    names = {p["name"] for p in doc["paths"]["/v1/recommend"]["get"]["parameters"]}
+    assert names == {"user", "visitor", "n", "category", "exclude", "page", "device", "referrer"}
+    assert "Recommendations" in doc["components"]["schemas"]
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "/v1/items/{item_id}/similar" in page.text
+
+
+def test_events_are_stored_oldest_first_with_their_own_timestamps(root: Path) -> None:
+    store = MemoryStore()
+    with TestClient(create_app(settings(root), store=store)) as client:
+        batch = [
+            {"visitor": "v1", "item": "i00003", "event": "view", "ts": 1_700_000_050},
+            {"visitor": "v1", "item": "i00002", "event": "click", "ts": 1_700_000_000},
+            {"visitor": "v1", "event": "search", "query": "shoes"},
+        ]
+        assert client.post("/v1/events", json={"events": batch}).status_code == 202
+        profile = asyncio.run(store.profile("v1", limit=5, now=time.time()))
+    assert profile.recent == [
+        Interaction("i00002", "click", 1_700_000_000),
+        Interaction("i00003", "view", 1_700_000_050),
+    ]
+    assert profile.counters == {"view": 1, "click": 1, "search": 1}

@@ -1,0 +1,165 @@
+"""The gateway as users run it: `tailor serve` in its own process, on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from index_builder import snapshot
+from tests.conftest import RedisServer, free_port
+from tests.snapshots import build_small, corrupt, republish
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_small(tmp_path_factory.mktemp("shop"), tmp_path_factory.mktemp("snapshots"))
+
+
+class Server:
+    def __init__(self, root: Path, log: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tailor", "serve", "--snapshots", str(root), "--port", str(self.port), *extra],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "TAILOR_WATCH_INTERVAL_S": "0.1"},
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"gateway did not become ready:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def root(built: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "snapshots"
+    shutil.copytree(built, copy)
+    return copy
+
+
+@pytest.fixture
+def server(root: Path, tmp_path: Path) -> Iterator[Server]:
+    running = Server(root, tmp_path / "gateway.log")
+    yield running
+    running.stop()
+
+
+async def _hammer(url: str, stop: asyncio.Event, outcomes: Counter[str], versions: list[str]) -> None:
+    paths = ["/v1/recommend?user=u0001", "/v1/recommend?visitor=nobody", "/v1/items/i00001/similar", "/v1/popular"]
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        i = 0
+        while not stop.is_set():
+            try:
+                response = await client.get(paths[i % len(paths)])
+                outcomes[str(response.status_code)] += 1
+                if response.status_code == 200:
+                    versions.append(response.json()["snapshot"])
+            except httpx.TransportError as exc:
+                outcomes[type(exc).__name__] += 1
+            i += 1
+
+
+def test_snapshot_swaps_under_continuous_load_fail_no_request(server: Server, root: Path) -> None:
+    async def scenario() -> tuple[Counter[str], list[str], list[str]]:
+        stop = asyncio.Event()
+        outcomes: Counter[str] = Counter()
+        versions: list[str] = []
+        workers = [asyncio.create_task(_hammer(server.url, stop, outcomes, versions)) for _ in range(8)]
+        published: list[str] = []
+        async with httpx.AsyncClient(base_url=server.url) as admin:
+            await asyncio.sleep(0.5)
+            published.append(await asyncio.to_thread(republish, root))  # picked up by the watcher
+            await asyncio.sleep(0.8)
+            published.append(await asyncio.to_thread(republish, root, make_current=False))
+            await asyncio.to_thread(snapshot.set_current, root, published[-1])
+            assert (await admin.post("/admin/reload")).json()["changed"] in (True, False)
+            await asyncio.sleep(0.8)
+            bad = await asyncio.to_thread(republish, root)
+            await asyncio.to_thread(corrupt, root / bad)
+            await asyncio.sleep(0.8)
+        stop.set()
+        await asyncio.gather(*workers)
+        return outcomes, versions, published
+
+    outcomes, versions, published = asyncio.run(scenario())
+    assert set(outcomes) == {"200"}, outcomes
+    assert sum(outcomes.values()) > 200
+    assert published[0] in versions
+    assert versions[-1] == published[-1]  # the corrupt one was refused; the last good one serves
+    assert "refused" in server.log.read_text()
+
+
+def test_curl_examples_from_the_readme_shape(server: Server) -> None:
+    event = {"events": [{"visitor": "v-42", "item": "i00007", "event": "click"}]}
+    assert httpx.post(f"{server.url}/v1/events", json=event).status_code == 202
+    body = httpx.get(f"{server.url}/v1/recommend", params={"visitor": "v-42", "n": 3}).json()
+    assert body["profile"] == "live"
+    assert len(body["items"]) == 3
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'tailor_request_seconds_bucket{le="0.005",route="recommend"}' in metrics
+
+
+def test_serve_refuses_memory_store_with_several_workers(root: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tailor", "serve", "--snapshots", str(root), "--workers", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "use a redis:// store" in result.stderr
+
+
+def test_two_workers_share_one_redis_store(root: Path, tmp_path: Path, redis_server: RedisServer) -> None:
+    url = redis_server.url
+    running = Server(root, tmp_path / "workers.log", "--workers", "2", "--store", url)
+    try:
+        event = {"events": [{"visitor": "shared", "item": "i00011", "event": "purchase"}]}
+        assert httpx.post(f"{running.url}/v1/events", json=event).status_code == 202
+        # New connections land on either worker; every answer must know the event.
+        kinds = {
+            httpx.get(
+                f"{running.url}/v1/recommend", params={"visitor": "shared"}, headers={"connection": "close"}
+            ).json()["profile"]
+            for _ in range(20)
+        }
+        metrics = httpx.get(f"{running.url}/metrics").text
+    finally:
+        running.stop()
+    assert kinds == {"live"}
+    assert 'tailor_request_seconds_count{route="recommend"} 20.0' in metrics

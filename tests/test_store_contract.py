@@ -1,0 +1,472 @@
+"""Both store backends keep the same contract; the Redis one also survives its server going away."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+
+from gateway.store import (
+    EMPTY_PROFILE,
+    Interaction,
+    MemoryStore,
+    Profile,
+    RedisStore,
+    Store,
+    StoreError,
+    open_store,
+)
+from tests.conftest import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+HOUR = 3600.0
+T0 = HOUR * 472_222  # the first second of a window, so T0 + a few seconds stays in it
+DAY = 24 * HOUR
+
+Elapse = Callable[[float], Awaitable[None]]
+
+
+def seen(item: str, ts: float = T0) -> Interaction:
+    return Interaction(item=item, event="view", ts=ts)
+
+
+def items(profile: Profile) -> list[str]:
+    return [interaction.item for interaction in profile.recent]
+
+
+async def remember(
+    store: Store,
+    visitor: str,
+    *names: str,
+    now: float = T0,
+    keep: int = 100,
+    ttl: float = DAY,
+    counters: dict[str, int] | None = None,
+    window: float = HOUR,
+) -> None:
+    await store.record(
+        visitor, [seen(name, now) for name in names], keep=keep, ttl=ttl, counters=counters, window=window, now=now
+    )
+
+
+def unique_prefix() -> str:
+    return f"test:{uuid.uuid4().hex}:"
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIterator[Store]:
+    backend: Store
+    if request.param == "memory":
+        backend = MemoryStore()
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        server.start()  # a fault test that failed half-way must not take the next tests down with it
+        backend = RedisStore(server.url, prefix=unique_prefix())
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+@pytest.fixture
+def elapse(store: Store) -> Elapse:
+    """Let time pass for expiry: Redis expires keys by its own clock, the memory store by the `now` it is given."""
+
+    async def wait(seconds: float) -> None:
+        if isinstance(store, RedisStore):
+            await anyio.sleep(seconds)
+
+    return wait
+
+
+@pytest.fixture
+async def redis_store(redis_server: RedisServer, anyio_backend: str) -> AsyncIterator[RedisStore]:
+    redis_server.start()
+    backend = RedisStore(redis_server.url, prefix=unique_prefix())
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer, anyio_backend: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+# The contract, for both backends.
+
+
+async def test_an_unknown_visitor_has_an_empty_profile(store: Store) -> None:
+    assert await store.profile("nobody", limit=10, now=T0) == EMPTY_PROFILE
+
+
+async def test_recorded_interactions_come_back_oldest_first(store: Store) -> None:
+    await remember(store, "v", "a", "b")
+    await remember(store, "v", "c", now=T0 + 1)
+    profile = await store.profile("v", limit=10, now=T0 + 2)
+    assert profile.recent == [seen("a"), seen("b"), seen("c", T0 + 1)]
+
+
+async def test_only_the_newest_keep_interactions_survive(store: Store) -> None:
+    await remember(store, "v", "a", "b", "c", keep=3)
+    await remember(store, "v", "d", "e", keep=3)
+    assert items(await store.profile("v", limit=10, now=T0)) == ["c", "d", "e"]
+
+
+async def test_a_batch_longer_than_keep_keeps_its_newest(store: Store) -> None:
+    await remember(store, "v", "a", "b", "c", "d", keep=2)
+    assert items(await store.profile("v", limit=10, now=T0)) == ["c", "d"]
+
+
+async def test_limit_returns_the_newest_limit_interactions(store: Store) -> None:
+    await remember(store, "v", "a", "b", "c", "d")
+    assert items(await store.profile("v", limit=2, now=T0)) == ["c", "d"]
+
+
+async def test_limit_zero_returns_counters_but_no_interactions(store: Store) -> None:
+    await remember(store, "v", "a", counters={"views": 1})
+    assert await store.profile("v", limit=0, now=T0) == Profile(recent=[], counters={"views": 1})
+
+
+async def test_counters_add_up_within_a_window(store: Store) -> None:
+    await remember(store, "v", counters={"views": 2})
+    await remember(store, "v", counters={"views": 3}, now=T0 + HOUR - 1)
+    assert (await store.profile("v", limit=10, now=T0 + HOUR - 1)).counters == {"views": 5}
+
+
+async def test_a_counter_from_an_earlier_window_reads_zero(store: Store) -> None:
+    await remember(store, "v", "a", counters={"views": 2})
+    assert await store.profile("v", limit=10, now=T0 + HOUR) == Profile(recent=[seen("a")], counters={})
+
+
+async def test_a_counter_starts_again_from_zero_in_a_new_window(store: Store) -> None:
+    await remember(store, "v", counters={"views": 2})
+    await remember(store, "v", counters={"views": 1}, now=T0 + HOUR)
+    await remember(store, "v", counters={"views": 1}, now=T0 + 3 * HOUR)
+    assert (await store.profile("v", limit=10, now=T0 + 3 * HOUR)).counters == {"views": 1}
+
+
+async def test_each_counter_keeps_to_the_window_it_was_written_with(store: Store) -> None:
+    await remember(store, "v", counters={"last_minute": 1}, window=60)
+    await remember(store, "v", counters={"last_hour": 1}, window=HOUR)
+    assert (await store.profile("v", limit=10, now=T0 + 59)).counters == {"last_minute": 1, "last_hour": 1}
+    assert (await store.profile("v", limit=10, now=T0 + 60)).counters == {"last_hour": 1}
+
+
+async def test_a_window_given_as_int_or_float_is_the_same_window(store: Store) -> None:
+    await remember(store, "v", counters={"views": 1}, window=3600)
+    await remember(store, "v", counters={"views": 1}, window=3600.0)
+    assert (await store.profile("v", limit=10, now=T0)).counters == {"views": 2}
+
+
+async def test_different_counters_and_visitors_are_independent(store: Store) -> None:
+    await remember(store, "v", "a", counters={"views": 1, "carts": 2})
+    await remember(store, "w", "b", counters={"views": 10})
+    assert await store.profile("v", limit=10, now=T0) == Profile(recent=[seen("a")], counters={"views": 1, "carts": 2})
+    assert await store.profile("w", limit=10, now=T0) == Profile(recent=[seen("b")], counters={"views": 10})
+
+
+async def test_counter_names_may_contain_anything(store: Store) -> None:
+    odd = {"a|b|c": 1, "3600.0|1": 2, "": 3, "🛒 cart:x": 4}
+    await remember(store, "v", counters=odd)
+    assert (await store.profile("v", limit=10, now=T0)).counters == odd
+
+
+async def test_a_visitor_expires_ttl_after_the_last_write(store: Store, elapse: Elapse) -> None:
+    await remember(store, "v", "a", counters={"views": 1}, ttl=0.3)
+    assert items(await store.profile("v", limit=10, now=T0 + 0.1)) == ["a"]
+    await elapse(0.4)
+    assert await store.profile("v", limit=10, now=T0 + 0.4) == EMPTY_PROFILE
+
+
+async def test_every_write_renews_the_ttl(store: Store, elapse: Elapse) -> None:
+    await remember(store, "v", "a", ttl=0.6)
+    await elapse(0.4)
+    await remember(store, "v", counters={"views": 1}, ttl=0.6, now=T0 + 0.4)
+    await elapse(0.4)
+    assert await store.profile("v", limit=10, now=T0 + 0.8) == Profile(recent=[seen("a")], counters={"views": 1})
+
+
+async def test_a_write_after_expiry_starts_from_empty(store: Store, elapse: Elapse) -> None:
+    await remember(store, "v", "a", counters={"views": 1}, ttl=0.3)
+    await elapse(0.4)
+    await remember(store, "v", "b", counters={"views": 1}, now=T0 + 0.4)
+    profile = await store.profile("v", limit=10, now=T0 + 0.4)
+    assert profile == Profile(recent=[seen("b", T0 + 0.4)], counters={"views": 1})
+
+
+async def test_a_write_of_nothing_stores_nothing(store: Store) -> None:
+    await store.record("v", [], keep=10, ttl=DAY, counters={}, now=T0)
+    assert await store.profile("v", limit=10, now=T0) == EMPTY_PROFILE
+
+
+async def test_forget_deletes_that_visitor_only(store: Store) -> None:
+    await remember(store, "v", "a", counters={"views": 1})
+    await remember(store, "w", "b")
+    await store.forget("v")
+    await store.forget("never-seen")
+    assert await store.profile("v", limit=10, now=T0) == EMPTY_PROFILE
+    assert items(await store.profile("w", limit=10, now=T0)) == ["b"]
+
+
+async def test_ping_answers(store: Store) -> None:
+    await store.ping()
+
+
+async def test_odd_visitor_ids_neither_collide_nor_break(store: Store) -> None:
+    visitors = ["a", "a:recent", "a:counters", "v:a", "a b", "", " ", "🙂", "a|b", "a\nb", "{a}", "x" * 1000]
+    for number, visitor in enumerate(visitors):
+        await remember(store, visitor, str(number), counters={"n": number + 1})
+    for number, visitor in enumerate(visitors):
+        profile = await store.profile(visitor, limit=10, now=T0)
+        assert profile == Profile(recent=[seen(str(number))], counters={"n": number + 1}), visitor
+
+
+async def test_concurrent_writes_to_one_visitor_lose_nothing(store: Store) -> None:
+    async def one(number: int) -> None:
+        await remember(store, "v", str(number), counters={"views": 1})
+
+    async with anyio.create_task_group() as group:
+        for number in range(50):
+            group.start_soon(one, number)
+    profile = await store.profile("v", limit=100, now=T0)
+    assert sorted(items(profile), key=int) == [str(n) for n in range(50)]
+    assert profile.counters == {"views": 50}
+
+
+async def test_a_returned_profile_is_the_callers_to_change(store: Store) -> None:
+    await remember(store, "v", "a")
+    (await store.profile("v", limit=10, now=T0)).recent.clear()
+    assert items(await store.profile("v", limit=10, now=T0)) == ["a"]
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [{"keep": 0}, {"ttl": 0.0}, {"ttl": -1.0}, {"window": 0.0}],
+    ids=["keep=0", "ttl=0", "ttl<0", "window=0"],
+)
+async def test_a_write_with_a_non_positive_keep_ttl_or_window_is_refused(
+    store: Store, arguments: dict[str, Any]
+) -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        await store.record("v", [seen("a")], **{"keep": 10, "ttl": DAY, "now": T0, **arguments})
+    assert await store.profile("v", limit=10, now=T0) == EMPTY_PROFILE
+
+
+async def test_a_negative_limit_is_refused(store: Store) -> None:
+    with pytest.raises(ValueError, match="limit"):
+        await store.profile("v", limit=-1, now=T0)
+
+
+# The memory backend's bounds.
+
+
+async def test_memory_evicts_the_least_recently_used_visitor_beyond_max_visitors(anyio_backend: str) -> None:
+    store = MemoryStore(max_visitors=2)
+    await remember(store, "a", "1")
+    await remember(store, "b", "2")
+    await store.profile("a", limit=10, now=T0)  # a read counts as use
+    await remember(store, "c", "3")
+    assert len(store) == 2
+    assert await store.profile("b", limit=10, now=T0) == EMPTY_PROFILE
+    assert items(await store.profile("a", limit=10, now=T0)) == ["1"]
+    assert items(await store.profile("c", limit=10, now=T0)) == ["3"]
+
+
+async def test_memory_retires_expired_visitors_that_are_never_read_again(anyio_backend: str) -> None:
+    store = MemoryStore()
+    for visitor in "abcd":
+        await remember(store, visitor, "1", ttl=10)
+    for visitor in "efgh":
+        await remember(store, visitor, "1", ttl=10, now=T0 + 10)
+    assert len(store) == 4
+
+
+async def test_memory_prunes_counters_of_finished_windows(anyio_backend: str) -> None:
+    store = MemoryStore()
+    for number in range(100):
+        await remember(store, "v", counters={"views": 1}, window=60, now=T0 + 60 * number)
+    await remember(store, "v", counters={f"late{n}": 1 for n in range(10)}, window=60, now=T0)  # a lagging clock
+    assert (await store.profile("v", limit=10, now=T0 + 60 * 99)).counters == {"views": 1}
+    assert len(store._visitors["v"].counters) == 1  # one live bucket held, nothing per past window
+
+
+# The Redis backend: round trips, keys, faults.
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every write to a Redis socket; a pipeline is one write, and so is a health-check PING."""
+    sent: list[object] = []
+    original = AbstractConnection.send_packed_command
+
+    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        sent.append(command)
+        await original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    return sent
+
+
+async def test_redis_record_is_one_round_trip(redis_store: RedisStore, round_trips: list[object]) -> None:
+    await redis_store.ping()  # connects first: the handshake is not part of a record
+    round_trips.clear()
+    await remember(redis_store, "v", "a", "b", counters={"views": 1, "carts": 1})
+    assert len(round_trips) == 1
+
+
+async def test_redis_profile_is_one_round_trip(redis_store: RedisStore, round_trips: list[object]) -> None:
+    await remember(redis_store, "v", "a", "b", counters={"views": 1, "carts": 1})
+    round_trips.clear()
+    profile = await redis_store.profile("v", limit=10, now=T0)
+    assert len(round_trips) == 1
+    assert profile == Profile(recent=[seen("a"), seen("b")], counters={"views": 1, "carts": 1})
+
+
+async def test_redis_keys_are_namespaced_and_both_carry_the_ttl(redis_store: RedisStore, raw: Redis) -> None:
+    await remember(redis_store, "v", "a", counters={"views": 1}, ttl=60)
+    recent, counters = f"{redis_store.prefix}v:v:recent", f"{redis_store.prefix}v:v:counters"
+    assert sorted(await raw.keys(f"{redis_store.prefix}*")) == sorted([recent.encode(), counters.encode()])
+    for key in (recent, counters):
+        assert 59_000 < await raw.pttl(key) <= 60_000
+
+
+async def test_redis_a_write_drops_the_previous_windows_counter(redis_store: RedisStore, raw: Redis) -> None:
+    await remember(redis_store, "v", counters={"views": 1})
+    await remember(redis_store, "v", counters={"views": 1}, now=T0 + HOUR)
+    fields = await raw.hkeys(f"{redis_store.prefix}v:v:counters")
+    assert fields == [f"views|3600.0|{472_223}".encode()]
+
+
+async def test_redis_undecodable_data_is_a_store_error(redis_store: RedisStore, raw: Redis) -> None:
+    await raw.rpush(f"{redis_store.prefix}v:v:recent", b"\xc1not msgpack")
+    with pytest.raises(StoreError):
+        await redis_store.profile("v", limit=10, now=T0)
+
+
+async def test_redis_a_wrongly_typed_key_is_a_store_error(redis_store: RedisStore, raw: Redis) -> None:
+    await raw.set(f"{redis_store.prefix}v:v:recent", b"a string, not a list")
+    with pytest.raises(StoreError):
+        await remember(redis_store, "v", "a")
+
+
+async def test_redis_down_fails_fast_with_store_error_then_recovers(
+    redis_server: RedisServer, redis_store: RedisStore
+) -> None:
+    await remember(redis_store, "v", "a")
+    redis_server.stop()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="redis profile failed: ConnectionError"):
+            await redis_store.profile("v", limit=10, now=T0)
+        with pytest.raises(StoreError):
+            await remember(redis_store, "v", "b")
+        with pytest.raises(StoreError):
+            await redis_store.ping()
+        with pytest.raises(StoreError):
+            await redis_store.forget("v")
+        assert time.monotonic() - started < 2
+    finally:
+        redis_server.start()
+    # The server came back empty (no persistence); what matters is that the same object works again.
+    await remember(redis_store, "v", "c")
+    assert items(await redis_store.profile("v", limit=10, now=T0)) == ["c"]
+    await redis_store.ping()
+
+
+async def test_redis_a_restart_between_calls_goes_unnoticed(redis_server: RedisServer, redis_store: RedisStore) -> None:
+    await remember(redis_store, "v", "a")  # leaves a pooled connection that the restart kills
+    redis_server.stop()
+    redis_server.start()
+    await remember(redis_store, "v", "b")
+    assert items(await redis_store.profile("v", limit=10, now=T0)) == ["b"]
+
+
+async def test_redis_a_hung_server_is_a_store_error_within_the_timeout(redis_server: RedisServer) -> None:
+    redis_server.start()
+    store = RedisStore(redis_server.url, prefix=unique_prefix(), connect_timeout=0.2, timeout=0.2)
+    try:
+        await remember(store, "v", "a")
+        redis_server.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError):
+                await store.profile("v", limit=10, now=T0)
+            with pytest.raises(StoreError):
+                await store.ping()
+            # A timeout plus one retry (reconnect and handshake also time out) and the backoff between.
+            assert time.monotonic() - started < 2.5
+        finally:
+            redis_server.resume()
+        assert items(await store.profile("v", limit=10, now=T0)) == ["a"]
+    finally:
+        await store.close()
+
+
+# open_store.
+
+
+@pytest.mark.parametrize("url", ["", "memory:", "memory://", "MEMORY://", "memory://?max_visitors=5"])
+async def test_open_store_gives_a_memory_store_for_memory_urls(url: str) -> None:
+    store = open_store(url)
+    assert isinstance(store, MemoryStore)
+    await store.close()
+
+
+async def test_open_store_honours_max_visitors() -> None:
+    store = open_store("memory://?max_visitors=1")
+    await remember(store, "a", "1")
+    await remember(store, "b", "2")
+    assert await store.profile("a", limit=10, now=T0) == EMPTY_PROFILE
+    assert items(await store.profile("b", limit=10, now=T0)) == ["2"]
+
+
+async def test_open_store_gives_a_working_redis_store_with_the_prefix_asked_for(
+    redis_server: RedisServer, raw: Redis
+) -> None:
+    redis_server.start()
+    prefix = unique_prefix()
+    store = open_store(f"{redis_server.url}?prefix={prefix}&socket_timeout=0.5")
+    try:
+        assert isinstance(store, RedisStore)
+        await remember(store, "v", "a")
+        assert await raw.exists(f"{prefix}v:v:recent") == 1
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("url", ["rediss://cache.example:6380/1", "unix:///run/redis/redis.sock?db=2"])
+async def test_open_store_accepts_tls_and_unix_socket_redis_urls(url: str) -> None:
+    store = open_store(url)
+    assert isinstance(store, RedisStore)
+    assert store.prefix == "tailor:"
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgres://db/tailor", "accepted: memory://, redis://"),
+        ("localhost:6379", "unknown scheme"),
+        ("memory://somewhere", "no host or path"),
+        ("memory://?max_visitors=many", "integer"),
+        ("memory://?max_visitors=0", "at least 1"),
+        ("memory://?size=10", "unknown option"),
+        ("redis://127.0.0.1:6379/0?sockettimeout=1", "does not know"),
+    ],
+)
+async def test_open_store_refuses_what_it_cannot_open(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        open_store(url)
