@@ -218,7 +218,11 @@ class Recommender:
         def compute(within: Rows | None = None) -> Pool:
             return candidates.top(snap.user_vectors[row], exclude=snap.seen(row), within=within)
 
-        pool = await candidates.cached(("user", row), compute)
+        precomputed = snap.precomputed(row, candidates.pool_size)
+        if precomputed is not None:
+            pool = Pool(*precomputed)
+        else:
+            pool = await candidates.cached(("user", row), compute)
         return await self._choose(
             pool, ("user", row), compute, reason=USER_VECTOR, n=n, categories=categories, excluded=excluded
         )

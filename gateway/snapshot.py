@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -63,6 +64,24 @@ class Snapshot:
     method: str
     search_k: int
     annoy: AnnoyIndex | None = field(default=None)
+    # Precomputed best unseen items of the most active known users (absent in older snapshots).
+    pool_users: npt.NDArray[np.int32] | None = None
+    pool_rows: npt.NDArray[np.int32] | None = None
+    pool_scores: npt.NDArray[np.float32] | None = None
+
+    def precomputed(self, user_row: int, size: int) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]] | None:
+        """The build's `size` best unseen items for this user, best first, or None if it did not
+        compute (as many for) them."""
+        if self.pool_users is None or self.pool_rows is None or self.pool_scores is None:
+            return None
+        if self.pool_rows.shape[1] < min(size, len(self.item_ids)):
+            return None
+        at = int(np.searchsorted(self.pool_users, user_row))
+        if at == len(self.pool_users) or self.pool_users[at] != user_row:
+            return None
+        scores = self.pool_scores[at, :size]
+        keep = np.isfinite(scores)  # a user who has seen nearly everything has -inf fillers
+        return self.pool_rows[at, :size][keep], scores[keep]
 
     def age(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.created
@@ -119,6 +138,15 @@ def _read(directory: Path) -> Snapshot:
     norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
     unit_vectors = (item_vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
+    pools: dict[str, npt.NDArray[Any]] = {}
+    if {"pool_users.npy", "pool_rows.npy", "pool_scores.npy"} <= manifest.files.keys():
+        pools = {
+            name: np.load(directory / f"{name}.npy", mmap_mode="r")
+            for name in ("pool_users", "pool_rows", "pool_scores")
+        }
+        if not len(pools["pool_users"]) == len(pools["pool_rows"]) == len(pools["pool_scores"]):
+            raise ValueError("precomputed pools do not match their user list")
+
     index = manifest.index
     annoy: AnnoyIndex | None = None
     if index["method"] == "annoy":
@@ -148,6 +176,9 @@ def _read(directory: Path) -> Snapshot:
         method=str(index["method"]),
         search_k=int(index["search_k"]),
         annoy=annoy,
+        pool_users=pools.get("pool_users"),
+        pool_rows=pools.get("pool_rows"),
+        pool_scores=pools.get("pool_scores"),
     )
 
 

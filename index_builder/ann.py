@@ -131,3 +131,42 @@ def tune_index(
 
 def save_annoy(index: AnnoyIndex, path: Path) -> None:
     index.save(str(path))
+
+
+def precompute_pools(
+    items: Vectors,
+    users: Vectors,
+    seen_indptr: npt.NDArray[np.int64],
+    seen_indices: npt.NDArray[np.int32],
+    *,
+    size: int,
+    user_rows: npt.NDArray[np.int32] | None = None,
+    batch: int = 256,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    """Each user's `size` best unseen items by exact dot product, best first.
+
+    One matrix product per batch of users reads the item matrix once for the whole batch, where
+    answering users one at a time online reads it once per user; the gateway then serves known
+    users from these rows and spends its own CPU only on visitors the build did not know.
+    """
+    size = min(size, items.shape[0])
+    rows = np.empty((len(users), size), dtype=np.int32)
+    scores = np.empty((len(users), size), dtype=np.float32)
+    started = time.perf_counter()
+    for start in range(0, len(users), batch):
+        stop = min(start + batch, len(users))
+        block = users[start:stop] @ items.T
+        for offset, position in enumerate(range(start, stop)):
+            user = position if user_rows is None else int(user_rows[position])
+            block[offset, seen_indices[seen_indptr[user] : seen_indptr[user + 1]]] = -np.inf
+        top = np.argpartition(-block, size - 1, axis=1)[:, :size] if size < block.shape[1] else None
+        if top is None:
+            top = np.broadcast_to(np.arange(block.shape[1]), block.shape).copy()
+        picked = np.take_along_axis(block, top, axis=1)
+        order = np.argsort(-picked, axis=1, kind="stable")
+        rows[start:stop] = np.take_along_axis(top, order, axis=1)
+        scores[start:stop] = np.take_along_axis(picked, order, axis=1)
+        if progress is not None and (stop == len(users) or (start // batch) % 20 == 19):
+            progress(f"candidate pools: {stop:,}/{len(users):,} users ({time.perf_counter() - started:.0f}s)")
+    return rows, scores

@@ -49,6 +49,9 @@ class BuildConfig(msgspec.Struct, frozen=True):
     seed: int = 0
     force: bool = False
     max_rejected_fraction: float = 0.5
+    # Known users whose best items are precomputed (the most active first), and how many each.
+    precompute_users: int = 200_000
+    pool_size: int = 200
 
 
 class QualityGateError(Exception):
@@ -131,6 +134,15 @@ def _categories_with_parents(item: Item) -> set[str]:
     return found
 
 
+def _most_active(data: Interactions, limit: int) -> npt.NDArray[np.int32]:
+    """Rows of the `limit` users with the most interactions, in row order."""
+    counts = np.bincount(data.user, minlength=data.n_users)
+    if limit >= data.n_users:
+        return np.arange(data.n_users, dtype=np.int32)
+    chosen = np.argpartition(-counts, limit - 1)[:limit] if limit > 0 else np.empty(0, dtype=np.int64)
+    return np.sort(chosen).astype(np.int32)
+
+
 def _seen_csr(data: Interactions) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]:
     matrix = data.seen_matrix()
     matrix.sort_indices()
@@ -205,6 +217,19 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     choice, index = ann.tune_index(item_vectors, users[sample], config.target_recall, config.seed, say)
     say(f"index: {choice.method}, recall@10 {choice.recall_at_10:.3f}, median {choice.median_query_us:.0f}µs")
 
+    seen_indptr, seen_indices = _seen_csr(data)
+    pool_users = _most_active(data, config.precompute_users)
+    say(f"precomputing the best {config.pool_size} unseen items for {len(pool_users):,} known users")
+    pool_rows, pool_scores = ann.precompute_pools(
+        item_vectors,
+        users[pool_users],
+        seen_indptr,
+        seen_indices,
+        size=config.pool_size,
+        progress=say,
+        user_rows=pool_users,
+    )
+
     version = snapshot.new_version()
     staging = snapshot.staging_dir(config.out, version)
     say(f"writing snapshot {version}")
@@ -213,9 +238,11 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     np.save(staging / "item_vectors.npy", item_vectors)
     np.save(staging / "user_vectors.npy", users)
     np.save(staging / "popularity.npy", popularity)
-    seen_indptr, seen_indices = _seen_csr(data)
     np.save(staging / "seen_indptr.npy", seen_indptr)
     np.save(staging / "seen_indices.npy", seen_indices)
+    np.save(staging / "pool_users.npy", pool_users)
+    np.save(staging / "pool_rows.npy", pool_rows)
+    np.save(staging / "pool_scores.npy", pool_scores)
     (staging / "popular.json").write_bytes(msgspec.json.encode(_popular_lists(popularity, items)))
     ann.save_annoy(index, staging / "items.ann")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -229,6 +256,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
             "popularity_half_life_days": tuning.popularity_half_life_days,
             "seed": config.seed,
             "tuning_trials": len(tuning.trials),
+            "pools": {"users": len(pool_users), "size": int(pool_rows.shape[1])},
         },
         "metrics": {
             "protocol": "temporal hold-out: each user's last 20% by time; seen items removed; k=10",

@@ -91,6 +91,14 @@ def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--max-trials", type=_positive, default=20, help="ALS fits the hyperparameter search may spend")
     p.add_argument("--iterations", type=_positive, default=15, help="ALS iterations")
     p.add_argument("--target-recall", type=float, default=0.95, help="Annoy recall@10 the index tuner must reach")
+    p.add_argument(
+        "--precompute-users",
+        type=int,
+        default=200_000,
+        help="precompute the best items of this many known users (the most active), so the gateway serves "
+        "them without searching; 0 to search for every user online",
+    )
+    p.add_argument("--pool-size", type=_positive, default=200, help="items precomputed per user")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--force", action="store_true", help="publish even if the model does worse than popularity")
     p.add_argument("--report-json", type=Path, help="also write the full build report as JSON here")
@@ -207,6 +215,8 @@ def _run_build(args: argparse.Namespace) -> int:
         target_recall=args.target_recall,
         seed=args.seed,
         force=args.force,
+        precompute_users=max(0, args.precompute_users),
+        pool_size=args.pool_size,
     )
     try:
         result = build(config, Stopwatch(args.quiet))

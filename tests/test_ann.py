@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from index_builder.ann import build_annoy, exact_top_k, tune_index
+from index_builder.ann import build_annoy, exact_top_k, precompute_pools, tune_index
 
 
 def clustered_vectors(n: int, dim: int, seed: int) -> npt.NDArray[np.float32]:
@@ -54,3 +54,21 @@ def test_annoy_index_is_deterministic_for_a_seed() -> None:
     first = build_annoy(items, 5, seed=9).get_nns_by_vector(query, 10)
     second = build_annoy(items, 5, seed=9).get_nns_by_vector(query, 10)
     assert first == second
+
+
+def test_precomputed_pools_are_each_users_exact_best_unseen_items() -> None:
+    rng = np.random.default_rng(4)
+    items = rng.normal(size=(300, 8)).astype(np.float32)
+    users = rng.normal(size=(40, 8)).astype(np.float32)
+    seen = [np.sort(rng.choice(300, size=rng.integers(0, 30), replace=False)).astype(np.int32) for _ in range(60)]
+    indptr = np.concatenate([[0], np.cumsum([len(s) for s in seen])]).astype(np.int64)
+    indices = np.concatenate(seen).astype(np.int32)
+    user_rows = np.arange(10, 50, dtype=np.int32)  # pools for seen-matrix rows 10..49 only
+    rows, scores = precompute_pools(items, users, indptr, indices, size=25, batch=7, user_rows=user_rows)
+    for i, user in enumerate(user_rows):
+        all_scores = items @ users[i]
+        all_scores[seen[user]] = -np.inf
+        expected = np.argsort(-all_scores, kind="stable")[:25]
+        assert rows[i].tolist() == expected.tolist()
+        np.testing.assert_allclose(scores[i], all_scores[expected], rtol=1e-5)
+        assert not set(rows[i].tolist()) & set(seen[user].tolist())

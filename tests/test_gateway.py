@@ -91,6 +91,19 @@ def test_known_user_gets_the_exact_top_items_by_their_vector_without_seen_ones(
     assert scores == sorted(scores, reverse=True)
 
 
+def test_known_user_outside_the_precomputed_pools_is_searched_online_to_the_same_answer(
+    root: Path, snap: Snapshot
+) -> None:
+    assert snap.pool_rows is not None
+    wider = snap.pool_rows.shape[1] + 50  # wider than the build computed, so the gateway searches itself
+    user = list(snap.user_row)[7]
+    row = snap.user_row[user]
+    with TestClient(create_app(settings(root, candidate_pool=wider))) as client:
+        body = client.get("/v1/recommend", params={"user": user, "n": 20}).json()
+    assert body["profile"] == "snapshot"
+    assert ids(body) == exact_top(snap, snap.user_vectors[row], set(snap.seen(row).tolist()), 20)
+
+
 def test_unknown_visitor_without_events_gets_popular_items_as_cold_start(client: TestClient, snap: Snapshot) -> None:
     body = client.get("/v1/recommend", params={"visitor": "stranger", "n": 5}).json()
     assert body["fallback"] == "cold-start"
