@@ -4,8 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SHOP := var/demo/shop
 SNAPSHOTS := var/snapshots
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-.PHONY: install demo test lint typecheck unit bench-quality clean
+.PHONY: install demo serve rebuild test lint bench-quality bench-gateway locust clean
 
 $(BIN)/tailor: pyproject.toml
 	scripts/install
@@ -13,10 +15,23 @@ $(BIN)/tailor: pyproject.toml
 
 install: $(BIN)/tailor
 
-demo: install
+$(SHOP)/events.csv: | $(BIN)/tailor
 	$(BIN)/tailor synth --out $(SHOP) --users 2000 --items 5000 --events 200000 --seed 7
+
+$(SNAPSHOTS)/CURRENT: $(SHOP)/events.csv
 	$(BIN)/tailor build --events $(SHOP)/events.csv --items $(SHOP)/items.jsonl --out $(SNAPSHOTS)
+
+# Generate the demo shop and build its snapshot (once), then serve it on the embedded store.
+demo: install $(SNAPSHOTS)/CURRENT serve
+
+serve: install
 	$(BIN)/tailor snapshots list --root $(SNAPSHOTS)
+	@echo "Gateway on http://$(HOST):$(PORT)  (API page: http://$(HOST):$(PORT)/docs; Ctrl-C stops)"
+	$(BIN)/tailor serve --snapshots $(SNAPSHOTS) --host $(HOST) --port $(PORT)
+
+# A fresh snapshot of the demo shop; a running gateway swaps it in by itself.
+rebuild: install
+	$(BIN)/tailor build --events $(SHOP)/events.csv --items $(SHOP)/items.jsonl --out $(SNAPSHOTS)
 
 test: install
 	scripts/test
@@ -26,6 +41,9 @@ lint: install
 
 bench-quality: install
 	$(BIN)/python loadtests/bench_quality.py
+
+bench-gateway: install
+	$(BIN)/python loadtests/bench_gateway.py
 
 clean:
 	rm -rf var .mypy_cache .ruff_cache .pytest_cache

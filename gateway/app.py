@@ -364,6 +364,11 @@ class Gateway:
 
     async def metrics_page(self, request: Request) -> Response:
         rec = self.recommender
+        if rec is not None:
+            cache = rec.candidates.cache
+            self.metrics.cache_lookups.labels("hit").set(cache.hits)
+            self.metrics.cache_lookups.labels("miss").set(cache.misses)
+            self.metrics.cache_entries.set(len(cache))
         text = self.metrics.exposition(lambda: rec.snap.age() if rec is not None else None)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 

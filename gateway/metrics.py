@@ -23,7 +23,17 @@ class Metrics:
         self.responses = Counter("tailor_responses", "Responses by route and status", ["route", "status"], registry=r)
         self.fallbacks = Counter("tailor_fallbacks", "Answers from popular items, by cause", ["cause"], registry=r)
         self.store_errors = Counter("tailor_store_errors", "Store calls that failed, by kind", ["kind"], registry=r)
-        self.cache = Counter("tailor_candidate_cache", "Candidate pool lookups by result", ["result"], registry=r)
+        # Read from the cache's own counters at scrape time, so the hot path pays nothing for them.
+        self.cache_lookups = Gauge(
+            "tailor_candidate_cache_lookups",
+            "Candidate pool lookups since the snapshot was loaded, by result",
+            ["result"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.cache_entries = Gauge(
+            "tailor_candidate_cache_entries", "Candidate pools cached", registry=r, multiprocess_mode="livesum"
+        )
         self.reloads = Counter("tailor_snapshot_reloads", "Snapshot loads by result", ["result"], registry=r)
         self.events = Counter("tailor_events_accepted", "Behaviour events stored, by type", ["event"], registry=r)
         self.snapshot_info = Gauge(

@@ -113,19 +113,26 @@ def load(directory: Path, *, verify: bool = True) -> Snapshot:
         raise SnapshotRefusedError(version, [str(exc)]) from exc
 
 
+def _mapped(path: Path) -> npt.NDArray[Any]:
+    """A read-only memory map of a .npy file, as a plain ndarray: indexing a np.memmap goes through
+    a Python-level __getitem__ on every call, which the hot path cannot afford."""
+    mapped: npt.NDArray[Any] = np.load(path, mmap_mode="r").view(np.ndarray)
+    return mapped
+
+
 def _read(directory: Path) -> Snapshot:
     manifest = published.load_manifest(directory)
     items = msgspec.json.decode((directory / "items.json").read_bytes(), type=list[Item])
     user_ids = msgspec.json.decode((directory / "users.json").read_bytes(), type=list[str])
-    item_vectors: Vectors = np.load(directory / "item_vectors.npy", mmap_mode="r")
-    user_vectors: Vectors = np.load(directory / "user_vectors.npy", mmap_mode="r")
+    item_vectors: Vectors = _mapped(directory / "item_vectors.npy")
+    user_vectors: Vectors = _mapped(directory / "user_vectors.npy")
     if item_vectors.shape != (len(items), item_vectors.shape[1]) or user_vectors.shape[0] != len(user_ids):
         raise ValueError("vector rows do not match the item or user table")
-    seen_indptr = np.load(directory / "seen_indptr.npy", mmap_mode="r")
-    seen_indices = np.load(directory / "seen_indices.npy", mmap_mode="r")
+    seen_indptr = _mapped(directory / "seen_indptr.npy")
+    seen_indices = _mapped(directory / "seen_indices.npy")
     if len(seen_indptr) != len(user_ids) + 1:
         raise ValueError("seen matrix does not match the user table")
-    popularity = np.load(directory / "popularity.npy", mmap_mode="r")
+    popularity = _mapped(directory / "popularity.npy")
     popular_lists = msgspec.json.decode((directory / "popular.json").read_bytes(), type=dict[str, list[int]])
     params = msgspec.convert(manifest.parameters["model"], ModelParams)
     weights = msgspec.convert(manifest.parameters["event_weights"], dict[str, float])
@@ -140,10 +147,7 @@ def _read(directory: Path) -> Snapshot:
 
     pools: dict[str, npt.NDArray[Any]] = {}
     if {"pool_users.npy", "pool_rows.npy", "pool_scores.npy"} <= manifest.files.keys():
-        pools = {
-            name: np.load(directory / f"{name}.npy", mmap_mode="r")
-            for name in ("pool_users", "pool_rows", "pool_scores")
-        }
+        pools = {name: _mapped(directory / f"{name}.npy") for name in ("pool_users", "pool_rows", "pool_scores")}
         if not len(pools["pool_users"]) == len(pools["pool_rows"]) == len(pools["pool_scores"]):
             raise ValueError("precomputed pools do not match their user list")
 

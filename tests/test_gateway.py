@@ -290,6 +290,8 @@ def test_stale_snapshot_answers_popular_with_the_cause(root: Path) -> None:
 class SlowStore(MemoryStore):
     """A store that takes longer than the gateway will wait."""
 
+    in_process = False
+
     async def profile(self, visitor: str, *, limit: int, now: float) -> Profile:
         await asyncio.sleep(0.5)
         return await super().profile(visitor, limit=limit, now=now)
@@ -432,6 +434,7 @@ def test_metrics_count_latency_per_route_and_fallbacks_by_cause(client: TestClie
     assert 'tailor_responses_total{route="recommend",status="400"} 1.0' in text
     assert 'tailor_fallbacks_total{cause="cold-start"} 1.0' in text
     assert "tailor_snapshot_age_seconds " in text
+    assert 'tailor_candidate_cache_lookups{result="miss"}' in text
 
 
 def test_openapi_documents_every_route_with_its_parameters(client: TestClient) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 from gateway.store.base import EMPTY_PROFILE, Interaction, Profile
 
@@ -27,6 +28,9 @@ class MemoryStore:
     At most `max_visitors` visitors are kept; past that the least recently used (read or written) one goes.
     Expiry is judged against the `now` each call passes in, never the wall clock.
     """
+
+    # Tells the hot path it needs no timeout around this store: a call cannot wait on anything.
+    in_process: ClassVar[bool] = True
 
     def __init__(self, *, max_visitors: int = DEFAULT_MAX_VISITORS) -> None:
         if max_visitors < 1:
