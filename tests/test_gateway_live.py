@@ -122,14 +122,27 @@ def test_snapshot_swaps_under_continuous_load_fail_no_request(server: Server, ro
     assert "refused" in server.log.read_text()
 
 
-def test_curl_examples_from_the_readme_shape(server: Server) -> None:
-    event = {"events": [{"visitor": "v-42", "item": "i00007", "event": "click"}]}
-    assert httpx.post(f"{server.url}/v1/events", json=event).status_code == 202
-    body = httpx.get(f"{server.url}/v1/recommend", params={"visitor": "v-42", "n": 3}).json()
-    assert body["profile"] == "live"
-    assert len(body["items"]) == 3
-    metrics = httpx.get(f"{server.url}/metrics").text
-    assert 'tailor_request_seconds_bucket{le="0.005",route="recommend"}' in metrics
+def readme_curl_lines() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("curl ") and "localhost:8000" in line]
+    assert len(lines) >= 8
+    return lines
+
+
+def test_the_readme_curl_examples_work_as_written(server: Server) -> None:
+    answers: dict[str, tuple[int, str]] = {}
+    for line in readme_curl_lines():
+        command = line.replace("localhost:8000", f"127.0.0.1:{server.port}") + " -w '\\n%{http_code}'"
+        result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30, check=True)
+        body, _, code = result.stdout.rpartition("\n")
+        answers[line] = (int(code), body)
+    for line, (status, body) in answers.items():
+        expected = 400 if "n=0" in line else 202 if "/v1/events" in line else 200
+        assert status == expected, (line, status, body)
+        if "/metrics" not in line:
+            assert body.startswith("{"), (line, body)
+    live = next(body for line, (_, body) in answers.items() if "category=fashion,beauty" in line)
+    assert '"profile":"live"' in live
 
 
 def test_serve_refuses_memory_store_with_several_workers(root: Path) -> None:
