@@ -38,6 +38,12 @@ class Profile(msgspec.Struct, frozen=True):
 EMPTY_PROFILE = Profile(recent=[], counters={})
 
 
+def check_record(*, keep: int, ttl: float, window: float) -> None:
+    """The argument rules every backend's `record` shares."""
+    if keep < 1 or ttl <= 0 or window <= 0:
+        raise ValueError(f"keep, ttl and window must be positive, not keep={keep} ttl={ttl} window={window}")
+
+
 class Store(Protocol):
     async def profile(self, visitor: str, *, limit: int, now: float) -> Profile:
         """The visitor's newest `limit` interactions (oldest first) and their live counters."""

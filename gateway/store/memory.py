@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-from gateway.store.base import EMPTY_PROFILE, Interaction, Profile
+from gateway.store.base import EMPTY_PROFILE, Interaction, Profile, check_record
 
 DEFAULT_MAX_VISITORS = 1_000_000
 
@@ -76,8 +76,7 @@ class MemoryStore:
         window: float = 3600.0,
         now: float,
     ) -> None:
-        if keep < 1 or ttl <= 0 or window <= 0:
-            raise ValueError(f"keep, ttl and window must be positive, not keep={keep} ttl={ttl} window={window}")
+        check_record(keep=keep, ttl=ttl, window=window)
         if not interactions and not counters:
             return
         state = self._visitors.get(visitor)

@@ -19,7 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
-from gateway.store.base import Interaction, Profile, StoreError
+from gateway.store.base import Interaction, Profile, StoreError, check_record
 
 # Everything a broken, restarting or misbehaving server can make redis-py or the decoding raise.
 _FAILURES = (RedisError, OSError, ValueError, msgspec.MsgspecError)
@@ -105,8 +105,7 @@ class RedisStore:
         window: float = 3600.0,
         now: float,
     ) -> None:
-        if keep < 1 or ttl <= 0 or window <= 0:
-            raise ValueError(f"keep, ttl and window must be positive, not keep={keep} ttl={ttl} window={window}")
+        check_record(keep=keep, ttl=ttl, window=window)
         if not interactions and not counters:
             return
         recent_key, counters_key = self._keys(visitor)
