@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
+from threadpoolctl import threadpool_limits
 
 from gateway import openapi, wire
 from gateway import settings as config
@@ -456,5 +457,8 @@ def app_from_environment() -> Starlette:
     """uvicorn's factory for `tailor serve`: settings come from the parent process or TAILOR_*."""
     encoded = os.environ.get(config.SETTINGS_ENV)
     settings = config.decode(encoded) if encoded else config.resolve()
+    # Candidate searches run on several threads at once; BLAS threads of their own would only
+    # fight them (and the event loop) for the same cores.
+    threadpool_limits(1, "blas")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return create_app(settings)

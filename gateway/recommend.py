@@ -98,30 +98,45 @@ class Candidates:
         return pool
 
     def top(self, vector: Vectors, *, exclude: npt.NDArray[np.integer] | None, within: Rows | None = None) -> Pool:
-        """The `pool_size` best rows by dot product with `vector`, without `exclude` (sorted rows)."""
+        """The `pool_size` best rows by dot product with `vector`, without `exclude`."""
         snap, k = self.snap, self.pool_size
         excluded = np.empty(0, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
-        if within is None and snap.annoy is not None:
+        if within is not None:
+            rows = within.astype(np.int64)
+            scores = snap.item_vectors[rows] @ vector
+            if len(excluded):
+                keep = ~np.isin(rows, excluded)
+                rows, scores = rows[keep], scores[keep]
+            return _best(rows, scores, k)
+        if snap.annoy is not None:
             fetch = k + len(excluded)
             found = snap.annoy.get_nns_by_vector(vector.tolist(), fetch, search_k=max(snap.search_k, fetch))
             rows = np.asarray(found, dtype=np.int64)
             if len(excluded):
                 rows = rows[~np.isin(rows, excluded)]
-            scores = snap.item_vectors[rows] @ vector  # re-rank the over-fetched candidates exactly
-        else:
-            rows = np.arange(len(snap.item_ids), dtype=np.int64) if within is None else within.astype(np.int64)
-            scores = (snap.item_vectors if within is None else snap.item_vectors[rows]) @ vector
-            if len(excluded):
-                keep = ~np.isin(rows, excluded, assume_unique=True)
-                rows, scores = rows[keep], scores[keep]
-        return _best(rows, scores, k)
+            return _best(rows, snap.item_vectors[rows] @ vector, k)  # re-rank the over-fetched ones exactly
+        scores = snap.item_vectors @ vector
+        scores[excluded] = -np.inf
+        return _best_of_all(scores, k)
+
+    def around(self, vector: Vectors, *, items: npt.NDArray[np.int64], exclude: npt.NDArray[np.int64]) -> Pool:
+        """The best rows by dot product with `vector` among the precomputed neighbours of `items`
+        and the most popular items: a few hundred candidates instead of the whole catalog."""
+        snap = self.snap
+        assert snap.neighbour_rows is not None
+        candidates = np.unique(np.concatenate([snap.neighbour_rows[items].ravel(), snap.popular[""]]))
+        candidates = candidates[~np.isin(candidates, exclude)]
+        return _best(candidates, snap.item_vectors[candidates] @ vector, self.pool_size)
 
     def similar_top(self, row: int, *, within: Rows | None = None) -> Pool:
         snap = self.snap
-        rows = np.arange(len(snap.item_ids), dtype=np.int64) if within is None else within.astype(np.int64)
-        scores = (snap.unit_vectors if within is None else snap.unit_vectors[rows]) @ snap.unit_vectors[row]
-        keep = rows != row
-        return _best(rows[keep], scores[keep], self.pool_size)
+        if within is not None:
+            rows = within.astype(np.int64)
+            rows = rows[rows != row]
+            return _best(rows, snap.unit_vectors[rows] @ snap.unit_vectors[row], self.pool_size)
+        scores = snap.unit_vectors @ snap.unit_vectors[row]
+        scores[row] = -np.inf
+        return _best_of_all(scores, self.pool_size)
 
 
 def _best(rows: npt.NDArray[np.int64], scores: npt.NDArray[np.floating], k: int) -> Pool:
@@ -131,6 +146,15 @@ def _best(rows: npt.NDArray[np.int64], scores: npt.NDArray[np.floating], k: int)
     top = np.argpartition(-scores, k - 1)[:k] if k < len(rows) else np.arange(len(rows))
     order = top[np.argsort(-scores[top], kind="stable")]
     return Pool(rows[order].astype(np.int32), scores[order].astype(np.float32))
+
+
+def _best_of_all(scores: npt.NDArray[np.floating], k: int) -> Pool:
+    """The k best of a score per catalog row (excluded rows hold -inf and never come back)."""
+    k = min(k, len(scores))
+    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    order = top[np.argsort(-scores[top], kind="stable")]
+    order = order[np.isfinite(scores[order])]
+    return Pool(order.astype(np.int32), scores[order].astype(np.float32))
 
 
 class Recommender:
@@ -239,7 +263,10 @@ class Recommender:
         rows = np.unique(np.asarray(live[0], dtype=np.int64))
 
         def compute(within: Rows | None = None) -> Pool:
-            return candidates.top(self.live_vector(*live), exclude=rows, within=within)
+            vector = self.live_vector(*live)
+            if within is None and self.snap.neighbour_rows is not None:
+                return candidates.around(vector, items=rows, exclude=rows)
+            return candidates.top(vector, exclude=rows, within=within)
 
         pool = await candidates.cached(("live", live), compute)
         return await self._choose(
@@ -252,7 +279,13 @@ class Recommender:
         def compute(within: Rows | None = None) -> Pool:
             return candidates.similar_top(row, within=within)
 
-        pool = await candidates.cached(("similar", row), compute)
+        snap = self.snap
+        if snap.neighbour_rows is not None and snap.neighbour_scores is not None:
+            scores = snap.neighbour_scores[row]
+            keep = np.isfinite(scores)  # a catalog smaller than the list pads with -inf
+            pool = Pool(snap.neighbour_rows[row][keep], scores[keep])
+        else:
+            pool = await candidates.cached(("similar", row), compute)
         reason = f"similar-to:{self.snap.item_ids[row]}"
         return await self._choose(
             pool, ("similar", row), compute, reason=reason, n=n, categories=categories, excluded=excluded | {row}

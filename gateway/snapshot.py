@@ -68,6 +68,9 @@ class Snapshot:
     pool_users: npt.NDArray[np.int32] | None = None
     pool_rows: npt.NDArray[np.int32] | None = None
     pool_scores: npt.NDArray[np.float32] | None = None
+    # Each item's most similar items by cosine, best first (absent for huge catalogs).
+    neighbour_rows: npt.NDArray[np.int32] | None = None
+    neighbour_scores: npt.NDArray[np.float32] | None = None
 
     def precomputed(self, user_row: int, size: int) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]] | None:
         """The build's `size` best unseen items for this user, best first, or None if it did not
@@ -151,6 +154,12 @@ def _read(directory: Path) -> Snapshot:
         if not len(pools["pool_users"]) == len(pools["pool_rows"]) == len(pools["pool_scores"]):
             raise ValueError("precomputed pools do not match their user list")
 
+    if {"neighbour_rows.npy", "neighbour_scores.npy"} <= manifest.files.keys():
+        pools["neighbour_rows"] = _mapped(directory / "neighbour_rows.npy")
+        pools["neighbour_scores"] = _mapped(directory / "neighbour_scores.npy")
+        if pools["neighbour_rows"].shape[0] != len(items):
+            raise ValueError("precomputed neighbours do not match the item table")
+
     index = manifest.index
     annoy: AnnoyIndex | None = None
     if index["method"] == "annoy":
@@ -183,6 +192,8 @@ def _read(directory: Path) -> Snapshot:
         pool_users=pools.get("pool_users"),
         pool_rows=pools.get("pool_rows"),
         pool_scores=pools.get("pool_scores"),
+        neighbour_rows=pools.get("neighbour_rows"),
+        neighbour_scores=pools.get("neighbour_scores"),
     )
 
 

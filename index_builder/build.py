@@ -52,6 +52,10 @@ class BuildConfig(msgspec.Struct, frozen=True):
     # Known users whose best items are precomputed (the most active first), and how many each.
     precompute_users: int = 200_000
     pool_size: int = 200
+    # Each item's most similar items (cosine), for similar-item answers and for candidates of
+    # visitors the build did not know. The work grows with items squared, hence the cap.
+    neighbours: int = 100
+    neighbours_max_items: int = 300_000
 
 
 class QualityGateError(Exception):
@@ -230,6 +234,20 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         user_rows=pool_users,
     )
 
+    neighbours: tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]] | None = None
+    if config.neighbours > 0 and data.n_items <= config.neighbours_max_items:
+        say(f"precomputing the {config.neighbours} most similar items of each of {data.n_items:,} items")
+        unit = item_vectors / np.maximum(np.linalg.norm(item_vectors, axis=1, keepdims=True), 1e-12)
+        itself = np.arange(data.n_items, dtype=np.int32)
+        neighbours = ann.precompute_pools(
+            unit,
+            unit,
+            np.arange(data.n_items + 1, dtype=np.int64),
+            itself,
+            size=config.neighbours,
+            progress=say,
+        )
+
     version = snapshot.new_version()
     staging = snapshot.staging_dir(config.out, version)
     say(f"writing snapshot {version}")
@@ -240,6 +258,9 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     np.save(staging / "popularity.npy", popularity)
     np.save(staging / "seen_indptr.npy", seen_indptr)
     np.save(staging / "seen_indices.npy", seen_indices)
+    if neighbours is not None:
+        np.save(staging / "neighbour_rows.npy", neighbours[0])
+        np.save(staging / "neighbour_scores.npy", neighbours[1])
     np.save(staging / "pool_users.npy", pool_users)
     np.save(staging / "pool_rows.npy", pool_rows)
     np.save(staging / "pool_scores.npy", pool_scores)
@@ -257,6 +278,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
             "seed": config.seed,
             "tuning_trials": len(tuning.trials),
             "pools": {"users": len(pool_users), "size": int(pool_rows.shape[1])},
+            "neighbours": int(neighbours[0].shape[1]) if neighbours is not None else 0,
         },
         "metrics": {
             "protocol": "temporal hold-out: each user's last 20% by time; seen items removed; k=10",

@@ -99,6 +99,13 @@ def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "them without searching; 0 to search for every user online",
     )
     p.add_argument("--pool-size", type=_positive, default=200, help="items precomputed per user")
+    p.add_argument(
+        "--neighbours",
+        type=int,
+        default=100,
+        help="similar items precomputed per item (0: none; skipped above 300,000 items, where the "
+        "gateway searches online)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--force", action="store_true", help="publish even if the model does worse than popularity")
     p.add_argument("--report-json", type=Path, help="also write the full build report as JSON here")
@@ -217,6 +224,7 @@ def _run_build(args: argparse.Namespace) -> int:
         force=args.force,
         precompute_users=max(0, args.precompute_users),
         pool_size=args.pool_size,
+        neighbours=max(0, args.neighbours),
     )
     try:
         result = build(config, Stopwatch(args.quiet))

@@ -112,17 +112,41 @@ def test_unknown_visitor_without_events_gets_popular_items_as_cold_start(client:
     assert all(item["reasons"] == ["popular"] for item in body["items"])
 
 
-def test_new_visitor_is_personalised_from_two_clicks_by_fold_in(client: TestClient, snap: Snapshot) -> None:
+def live_vector(snap: Snapshot, rows: list[int], events: list[str]) -> np.ndarray[Any, Any]:
+    weights = np.array([snap.event_weights[e] for e in events], dtype=np.float32)
+    distinct, confidence = profile_confidence(np.array(rows, dtype=np.intp), weights, snap.params)
+    return fold_in(snap.item_vectors, snap.gram, distinct, confidence)
+
+
+def test_new_visitor_is_ranked_by_fold_in_among_neighbours_of_their_items_and_popular_ones(
+    client: TestClient, snap: Snapshot
+) -> None:
     clicked = [snap.item_ids[5], snap.item_ids[17]]
     post_events(client, "fresh", [(clicked[0], "click"), (clicked[1], "view")])
     body = client.get("/v1/recommend", params={"visitor": "fresh", "n": 8}).json()
     assert body["profile"] == "live"
     assert body["fallback"] is None
-    weights = np.array([snap.event_weights["click"], snap.event_weights["view"]], dtype=np.float32)
-    distinct, confidence = profile_confidence(np.array([5, 17], dtype=np.intp), weights, snap.params)
-    vector = fold_in(snap.item_vectors, snap.gram, distinct, confidence)
-    assert ids(body) == exact_top(snap, vector, {5, 17}, 8)
+    assert snap.neighbour_rows is not None
+    candidates = set(snap.neighbour_rows[[5, 17]].ravel().tolist()) | set(snap.popular[""].tolist())
+    outside = set(range(len(snap.item_ids))) - candidates
+    vector = live_vector(snap, [5, 17], ["click", "view"])
+    assert ids(body) == exact_top(snap, vector, {5, 17} | outside, 8)
     assert not set(clicked) & set(ids(body))
+
+
+def test_without_precomputed_neighbours_a_new_visitor_is_searched_over_the_whole_catalog(
+    root: Path, snap: Snapshot
+) -> None:
+    with TestClient(create_app(settings(root))) as client:
+        recommender = client.app.state.gateway.recommender  # type: ignore[attr-defined]
+        recommender.snap.neighbour_rows = recommender.snap.neighbour_scores = None  # as in a huge catalog
+        post_events(client, "fresh", [(snap.item_ids[8], "purchase")])
+        body = client.get("/v1/recommend", params={"visitor": "fresh", "n": 8}).json()
+        similar = client.get(f"/v1/items/{snap.item_ids[3]}/similar", params={"n": 5}).json()
+    assert ids(body) == exact_top(snap, live_vector(snap, [8], ["purchase"]), {8}, 8)
+    scores = snap.unit_vectors @ snap.unit_vectors[3]
+    scores[3] = -np.inf
+    assert ids(similar) == [snap.item_ids[r] for r in np.argsort(-scores, kind="stable")[:5]]
 
 
 def test_known_users_recent_events_are_left_out_too(client: TestClient, snap: Snapshot) -> None:
