@@ -143,6 +143,8 @@ def precompute_pools(
     user_rows: npt.NDArray[np.int32] | None = None,
     batch: int = 256,
     progress: Callable[[str], None] | None = None,
+    label: str = "candidate pools",
+    unit: str = "users",
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
     """Each user's `size` best unseen items by exact dot product, best first.
 
@@ -168,5 +170,5 @@ def precompute_pools(
         rows[start:stop] = np.take_along_axis(top, order, axis=1)
         scores[start:stop] = np.take_along_axis(picked, order, axis=1)
         if progress is not None and (stop == len(users) or (start // batch) % 20 == 19):
-            progress(f"candidate pools: {stop:,}/{len(users):,} users ({time.perf_counter() - started:.0f}s)")
+            progress(f"{label}: {stop:,}/{len(users):,} {unit} ({time.perf_counter() - started:.0f}s)")
     return rows, scores

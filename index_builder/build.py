@@ -246,6 +246,8 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
             itself,
             size=config.neighbours,
             progress=say,
+            label="similar items",
+            unit="items",
         )
 
     version = snapshot.new_version()

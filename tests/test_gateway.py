@@ -118,7 +118,7 @@ def live_vector(snap: Snapshot, rows: list[int], events: list[str]) -> np.ndarra
     return fold_in(snap.item_vectors, snap.gram, distinct, confidence)
 
 
-def test_new_visitor_is_ranked_by_fold_in_among_neighbours_of_their_items_and_popular_ones(
+def test_new_visitor_is_ranked_by_fold_in_among_neighbours_and_category_favourites_of_their_items(
     client: TestClient, snap: Snapshot
 ) -> None:
     clicked = [snap.item_ids[5], snap.item_ids[17]]
@@ -128,6 +128,8 @@ def test_new_visitor_is_ranked_by_fold_in_among_neighbours_of_their_items_and_po
     assert body["fallback"] is None
     assert snap.neighbour_rows is not None
     candidates = set(snap.neighbour_rows[[5, 17]].ravel().tolist()) | set(snap.popular[""].tolist())
+    for category in snap.category_sets[5] | snap.category_sets[17]:
+        candidates |= set(snap.popular[category].tolist())
     outside = set(range(len(snap.item_ids))) - candidates
     vector = live_vector(snap, [5, 17], ["click", "view"])
     assert ids(body) == exact_top(snap, vector, {5, 17} | outside, 8)
