@@ -233,7 +233,7 @@ class Gateway:
         items = [
             wire.ScoredItem(
                 id=snap.item_ids[p.row],
-                score=round(p.score, 6),
+                score=p.score,
                 reasons=[p.reason],
                 title=snap.titles[p.row],
                 categories=snap.categories[p.row],

@@ -325,12 +325,19 @@ class Recommender:
         category_sets = self.snap.category_sets
         wanted = frozenset(categories)
         picks: list[Pick] = []
-        for row, score in zip(pool.rows.tolist(), pool.scores.tolist(), strict=True):
-            if row in excluded or (wanted and wanted.isdisjoint(category_sets[row])):
-                continue
-            picks.append(Pick(row, score, reason))
-            if len(picks) == n:
-                break
+        # Without a category filter the answer lies within the first n + len(excluded) rows, so
+        # only those are turned into Python objects; with one, the pool is read in growing slices.
+        start, stop = 0, n + len(excluded) if not wanted else 4 * n
+        while start < len(pool.rows):
+            rows = pool.rows[start:stop].tolist()
+            scores = np.round(pool.scores[start:stop], 6).tolist()
+            for row, score in zip(rows, scores, strict=True):
+                if row in excluded or (wanted and wanted.isdisjoint(category_sets[row])):
+                    continue
+                picks.append(Pick(row, score, reason))
+                if len(picks) == n:
+                    return picks
+            start, stop = stop, stop * 4
         return picks
 
     def unknown_categories(self, categories: Collection[str]) -> list[str]:

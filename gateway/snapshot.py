@@ -71,6 +71,13 @@ class Snapshot:
     # Each item's most similar items by cosine, best first (absent for huge catalogs).
     neighbour_rows: npt.NDArray[np.int32] | None = None
     neighbour_scores: npt.NDArray[np.float32] | None = None
+    pool_of_user: list[int] = field(default_factory=list)  # user row -> row in pool_rows, or -1
+
+    def __post_init__(self) -> None:
+        if self.pool_users is not None and not self.pool_of_user:
+            index = np.full(len(self.user_row), -1, dtype=np.int64)
+            index[self.pool_users] = np.arange(len(self.pool_users))
+            self.pool_of_user = index.tolist()
 
     def precomputed(self, user_row: int, size: int) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]] | None:
         """The build's `size` best unseen items for this user, best first, or None if it did not
@@ -79,12 +86,14 @@ class Snapshot:
             return None
         if self.pool_rows.shape[1] < min(size, len(self.item_ids)):
             return None
-        at = int(np.searchsorted(self.pool_users, user_row))
-        if at == len(self.pool_users) or self.pool_users[at] != user_row:
+        at = self.pool_of_user[user_row]
+        if at < 0:
             return None
-        scores = self.pool_scores[at, :size]
-        keep = np.isfinite(scores)  # a user who has seen nearly everything has -inf fillers
-        return self.pool_rows[at, :size][keep], scores[keep]
+        rows, scores = self.pool_rows[at, :size], self.pool_scores[at, :size]
+        if len(scores) and not np.isfinite(scores[-1]):  # a user who has seen nearly everything: -inf fillers
+            keep = np.isfinite(scores)
+            return rows[keep], scores[keep]
+        return rows, scores
 
     def age(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.created
