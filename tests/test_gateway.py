@@ -15,6 +15,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
+from gateway.recommend import LIVE_CATEGORY_POPULAR, LIVE_NEIGHBOURS, LIVE_POPULAR
 from gateway.settings import Settings
 from gateway.snapshot import Snapshot, load
 from gateway.store import Interaction, MemoryStore, Profile, Store, open_store
@@ -127,9 +128,10 @@ def test_new_visitor_is_ranked_by_fold_in_among_neighbours_and_category_favourit
     assert body["profile"] == "live"
     assert body["fallback"] is None
     assert snap.neighbour_rows is not None
-    candidates = set(snap.neighbour_rows[[5, 17]].ravel().tolist()) | set(snap.popular[""].tolist())
+    candidates = set(snap.neighbour_rows[[5, 17], :LIVE_NEIGHBOURS].ravel().tolist())
+    candidates |= set(snap.popular[""][:LIVE_POPULAR].tolist())
     for category in snap.category_sets[5] | snap.category_sets[17]:
-        candidates |= set(snap.popular[category].tolist())
+        candidates |= set(snap.popular[category][:LIVE_CATEGORY_POPULAR].tolist())
     outside = set(range(len(snap.item_ids))) - candidates
     vector = live_vector(snap, [5, 17], ["click", "view"])
     assert ids(body) == exact_top(snap, vector, {5, 17} | outside, 8)
