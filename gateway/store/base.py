@@ -20,8 +20,11 @@ class StoreError(Exception):
     """The store is unreachable or answered with an error; the caller degrades, it does not crash."""
 
 
-class Interaction(msgspec.Struct, array_like=True, frozen=True):
-    """One remembered interaction, stored compactly as [item, event, ts]."""
+class Interaction(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """One remembered interaction, stored compactly as [item, event, ts].
+
+    gc=False: it holds only strings and a float, so it can never be part of a reference cycle, and
+    an in-process store holding millions of them must not make every full collection walk them."""
 
     item: str
     event: str
