@@ -148,8 +148,13 @@ class Candidates:
         distinct[:1] = True
         np.not_equal(candidates[1:], candidates[:-1], out=distinct[1:])
         candidates = candidates[distinct]
-        candidates = candidates[~np.isin(candidates, exclude)]
-        return _best(candidates, snap.item_vectors[candidates] @ vector, self.pool_size)
+        scores = snap.item_vectors[candidates] @ vector
+        # The candidates are sorted, so the few excluded rows are found by bisection.
+        at = np.minimum(np.searchsorted(candidates, exclude), len(candidates) - 1)
+        scores[at[candidates[at] == exclude]] = -np.inf
+        best = _best(candidates, scores, self.pool_size)
+        keep = np.isfinite(best.scores)
+        return best if keep.all() else Pool(best.rows[keep], best.scores[keep])
 
     def similar_top(self, row: int, *, within: Rows | None = None) -> Pool:
         snap = self.snap
