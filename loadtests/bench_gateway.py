@@ -1,0 +1,933 @@
+"""Capacity, latency and recall of the gateway on a 100k-item shop, per store backend, in one run.
+
+For each store (memory, then Redis on its own throwaway redis-server) the harness starts
+`tailor serve` with one worker on a free loopback port, seeds new visitors with 1-3 recent clicks
+through POST /v1/events, then drives it with wrk (loadtests/wrk/paths.lua) for a fixed time each:
+
+    healthz     GET /healthz, constant JSON: the framework's ceiling on this machine
+    recommend   GET /v1/recommend over a shuffled list: known users, seeded new visitors, unknown visitors
+    similar     GET /v1/items/{id}/similar for random items
+    half rate   /v1/recommend paced at half the measured maximum: latency when the server is not saturated
+
+and finally compares served results with exact search (recall@10): known users against
+item_vectors @ user_vector without their seen items; seeded visitors against the same fold-in the
+builder uses (index_builder.model), without the items they clicked.
+
+    .venv/bin/python loadtests/bench_gateway.py                  # builds var/bench/ on first use
+    .venv/bin/python loadtests/bench_gateway.py --stores memory --duration 5
+
+Results go to var/bench/gateway.json; a compact table is printed at the end. wrk shares the two
+cores with the server (one wrk thread by default), so compare endpoints within a run, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+
+from index_builder.model import ModelParams, fold_in, profile_confidence, regularized_gram
+
+ROOT = Path(__file__).resolve().parents[1]
+LUA = ROOT / "loadtests" / "wrk" / "paths.lua"
+STORES = ("memory", "redis")
+MARKER = "WRK_JSON "
+RECALL_K = 10
+
+# The bars this benchmark reports against.
+BAR_RECOMMEND_VS_HEALTHZ = 0.3
+BAR_P99_AT_HALF_MS = 10.0
+BAR_DEGRADED = 0.01  # share of answers that fell back to popular items because of the store
+
+Floats = npt.NDArray[np.float32]
+Rows = npt.NDArray[np.intp]
+
+_started = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[{time.monotonic() - _started:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def _run_measured(command: Sequence[str], log: Path) -> dict[str, Any]:
+    """Run a command to completion with output to `log`; its wall time and its own peak RSS."""
+    say(f"$ {shlex.join(command)}  (log: {log})")
+    started = time.perf_counter()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-20:]
+        raise RuntimeError(f"{command[0]} exited with {proc.returncode}:\n" + "\n".join(tail))
+    # ru_maxrss is in KiB on Linux
+    return {
+        "seconds": round(seconds, 2),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "command": shlex.join(command),
+    }
+
+
+def ensure_snapshot(args: argparse.Namespace) -> dict[str, Any]:
+    """Make the shop and the snapshot unless they exist; what it cost, now or when it was made."""
+    shop: Path = args.shop_dir
+    snapshots: Path = args.snapshots_dir
+    info_path: Path = args.bench_dir / "build_info.json"
+    info: dict[str, Any] = json.loads(info_path.read_bytes()) if info_path.is_file() else {}
+    tailor = [sys.executable, "-m", "tailor"]
+    shop_ready = all((shop / name).is_file() for name in ("items.jsonl", "events.csv", "users.csv"))
+    current = snapshots / "CURRENT"
+    snapshot_ready = current.is_file() and (snapshots / current.read_text().strip() / "manifest.json").is_file()
+    if args.rebuild:
+        shop_ready = snapshot_ready = False
+    if args.skip_build and not (shop_ready and snapshot_ready):
+        raise SystemExit(f"--skip-build, but {shop} or {snapshots} is incomplete")
+    args.bench_dir.mkdir(parents=True, exist_ok=True)
+    if not shop_ready:
+        say(f"making the synthetic shop in {shop}")
+        sizes = ["--users", str(args.users), "--items", str(args.items), "--events", str(args.events)]
+        command = [*tailor, "synth", "--out", str(shop), *sizes, "--seed", str(args.seed)]
+        info = {"synth": _run_measured(command, args.bench_dir / "synth.log")}
+        info["synth"]["sizes"] = {"users": args.users, "items": args.items, "events": args.events}
+        snapshot_ready = False  # a new shop needs a new snapshot
+    else:
+        say(f"reusing the shop in {shop}")
+    if not snapshot_ready:
+        say(f"building the snapshot into {snapshots} (this takes minutes at 100k items)")
+        command = [
+            *tailor,
+            "build",
+            "--events",
+            str(shop / "events.csv"),
+            "--items",
+            str(shop / "items.jsonl"),
+            "--out",
+            str(snapshots),
+            "--max-trials",
+            str(args.max_trials),
+            "--force",
+        ]
+        info["build"] = _run_measured(command, args.bench_dir / "build.log")
+    else:
+        say(f"reusing the snapshot in {snapshots}")
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def new_run_dir(parent: Path, keep: int = 5) -> Path:
+    """A directory of this run's own (concurrent runs must not share request lists or a pinned root);
+    only the newest `keep` runs' directories are kept."""
+    parent.mkdir(parents=True, exist_ok=True)
+    old = sorted(p for p in parent.iterdir() if p.is_dir() and p.name[:1].isdigit())
+    for stale in old[: max(0, len(old) - keep + 1)]:
+        shutil.rmtree(stale, ignore_errors=True)
+    run = parent / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    run.mkdir()
+    return run
+
+
+def code_version() -> dict[str, Any]:
+    """The commit of the code under test and whether gateway/ or index_builder/ differ from it."""
+
+    def git(*command: str) -> str:
+        try:
+            done = subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
+        except OSError:
+            return ""
+        return done.stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "gateway", "index_builder", "tailor")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_changes": dirty.splitlines()}
+
+
+def pin_snapshot(snap: Snapshot, root: Path) -> Path:
+    """A private snapshot root whose CURRENT names `snap` (a symlink to its directory), so the gateway
+    under test keeps serving the same version even if someone publishes a new one meanwhile."""
+    root.mkdir(parents=True)
+    (root / snap.version).symlink_to(snap.directory.resolve(), target_is_directory=True)
+    (root / "CURRENT").write_text(snap.version + "\n")
+    return root
+
+
+@dataclass
+class Snapshot:
+    directory: Path
+    version: str
+    manifest: dict[str, Any]
+    item_ids: list[str]
+    item_row: dict[str, int]
+    user_ids: list[str]
+    item_vectors: Floats
+    user_vectors: Floats
+    seen_indptr: npt.NDArray[np.int64]
+    seen_indices: npt.NDArray[np.int64]
+    in_stock: npt.NDArray[np.bool_]
+    popular: dict[str, list[int]]
+    params: ModelParams = field(init=False)
+    event_weights: dict[str, float] = field(init=False)
+    gram: npt.NDArray[np.float64] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        parameters = self.manifest["parameters"]
+        self.params = ModelParams(**parameters["model"])
+        self.event_weights = {str(k): float(v) for k, v in parameters["event_weights"].items()}
+        self.gram = regularized_gram(self.item_vectors, self.params.regularization)
+
+    @classmethod
+    def load(cls, root: Path) -> Snapshot:
+        version = (root / "CURRENT").read_text().strip()
+        directory = root / version
+        items = json.loads((directory / "items.json").read_bytes())
+        item_ids = [str(item["item_id"]) for item in items]
+        return cls(
+            directory=directory,
+            version=version,
+            manifest=json.loads((directory / "manifest.json").read_bytes()),
+            item_ids=item_ids,
+            item_row={item_id: row for row, item_id in enumerate(item_ids)},
+            user_ids=[str(u) for u in json.loads((directory / "users.json").read_bytes())],
+            item_vectors=np.load(directory / "item_vectors.npy"),
+            user_vectors=np.load(directory / "user_vectors.npy"),
+            seen_indptr=np.load(directory / "seen_indptr.npy").astype(np.int64),
+            seen_indices=np.load(directory / "seen_indices.npy").astype(np.int64),
+            in_stock=np.array([(item.get("stock") is None or item["stock"] > 0) for item in items], dtype=np.bool_),
+            popular={
+                str(k): [int(r) for r in v] for k, v in json.loads((directory / "popular.json").read_bytes()).items()
+            },
+        )
+
+    def seen(self, user_row: int) -> Rows:
+        return self.seen_indices[self.seen_indptr[user_row] : self.seen_indptr[user_row + 1]].astype(np.intp)
+
+    def exact_top(self, vector: Floats, exclude: Rows, *, in_stock_only: bool = False) -> set[str]:
+        scores = self.item_vectors @ vector
+        scores[exclude] = -np.inf
+        if in_stock_only:
+            scores[~self.in_stock] = -np.inf
+        top = np.argpartition(-scores, RECALL_K)[:RECALL_K]
+        return {self.item_ids[int(row)] for row in top}
+
+    def visitor_vector(self, rows: Sequence[int], event: str) -> tuple[Floats, Rows]:
+        """The fold-in the gateway should compute for a visitor whose events are `rows`, oldest first."""
+        items = np.asarray(rows, dtype=np.intp)
+        weights = np.full(len(items), self.event_weights[event], dtype=np.float32)
+        distinct, confidence = profile_confidence(items, weights, self.params)
+        return fold_in(self.item_vectors, self.gram, distinct, confidence), distinct
+
+
+# ---------------------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop(proc: subprocess.Popen[bytes], name: str) -> None:
+    """SIGTERM the process group (the server may have workers), then SIGKILL after 15 s."""
+    if proc.poll() is None:
+        say(f"stopping {name} (pid {proc.pid})")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            say(f"{name} ignored SIGTERM; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running(command: Sequence[str], log: Path, name: str) -> Iterator[subprocess.Popen[bytes]]:
+    say(f"starting {name}: {shlex.join(command)}  (log: {log})")
+    with log.open("wb") as out:
+        # own session: a Ctrl-C reaches only this harness, which then stops the children in order
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        stop(proc, name)
+
+
+def wait_redis(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            if sock.recv(64).startswith(b"+PONG"):
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"redis-server on port {port} did not answer PING in {timeout:.0f}s")
+
+
+def wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> float:
+    started = time.monotonic()
+    last = "no answer"
+    while time.monotonic() - started < timeout:
+        if proc.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            raise RuntimeError(f"the gateway exited with {proc.returncode} before it was ready:\n{tail}")
+        try:
+            response = client.get("/readyz", timeout=2)
+            if response.status_code == 200:
+                return time.monotonic() - started
+            last = f"{response.status_code} {response.text[:200]}"
+        except httpx.TransportError as exc:
+            last = repr(exc)
+        time.sleep(0.2)
+    raise RuntimeError(f"/readyz not 200 after {timeout:.0f}s; last: {last}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its reaped children, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------------------------- wrk
+
+
+def run_wrk(
+    url: str,
+    paths: Path,
+    *,
+    duration: float,
+    connections: int,
+    threads: int,
+    server_pid: int,
+    rate: float | None = None,
+) -> dict[str, Any]:
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s", "-s", str(LUA), url]
+    command += ["--", f"file={paths}", f"threads={threads}"]
+    if rate:
+        command += [f"rate={rate:.3f}", f"connections={connections}"]
+    cpu_before, load_before = cpu_seconds(server_pid), load_average()
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60, check=False)
+    server_cpu = (cpu_seconds(server_pid) - cpu_before) / duration
+    lines = [line for line in completed.stdout.splitlines() if line.startswith(MARKER)]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"wrk failed ({completed.returncode}): {completed.stderr.strip()} {completed.stdout[-500:]}")
+    result: dict[str, Any] = json.loads(lines[-1][len(MARKER) :])
+    result["errors_total"] = sum(result["errors"].values())
+    result["server_cpu"] = round(server_cpu, 2)
+    result["load_before"] = load_before
+    if rate:
+        result["requested_rate"] = round(rate, 1)
+    return result
+
+
+def describe(result: dict[str, Any]) -> str:
+    lat = result["latency_ms"]
+    text = (
+        f"{result['rate']:9,.0f} req/s  p50 {lat['p50']:7.2f} ms  p99 {lat['p99']:7.2f} ms  "
+        f"errors {result['errors_total']}  server CPU {result['server_cpu']:.0%}"
+    )
+    cache = result.get("gateway", {}).get("candidate_cache", {})
+    if sum(cache.values()):
+        text += f"  cache hits {cache.get('hit', 0) / sum(cache.values()):.0%}"
+    return text
+
+
+# ------------------------------------------------------------------------------------------ traffic
+
+
+class Population:
+    """Visitors or items handed out in one shuffled order. A run peeks at the next ones and afterwards
+    consumes only as many as it sent, so no run repeats a request an earlier run made (which the
+    gateway might answer from its cache) until the whole population has been used once."""
+
+    def __init__(self, values: Sequence[str], rng: random.Random) -> None:
+        self.values = list(values)
+        rng.shuffle(self.values)
+        self.cursor = 0
+
+    def peek(self, count: int) -> list[str]:
+        n = len(self.values)
+        return [self.values[(self.cursor + i) % n] for i in range(count)]
+
+    def consume(self, count: int) -> None:
+        self.cursor += count
+
+    @property
+    def wrapped(self) -> bool:
+        return self.cursor > len(self.values)
+
+
+class Fresh(Population):
+    """Never-seen visitor ids, as many as asked for."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__([], random.Random(0))
+        self.prefix = prefix
+
+    def peek(self, count: int) -> list[str]:
+        return [f"{self.prefix}{self.cursor + i:08d}" for i in range(count)]
+
+    @property
+    def wrapped(self) -> bool:
+        return False
+
+
+@dataclass
+class Kind:
+    name: str
+    weight: float
+    population: Population
+    template: str  # "{}" is replaced by the population's value
+
+
+@dataclass
+class Traffic:
+    """A request mix over populations; `window` writes the next paths for one wrk run."""
+
+    name: str
+    kinds: list[Kind]
+    rng: random.Random
+
+    def window(self, size: int, path: Path) -> list[str]:
+        drawn = self.rng.choices(range(len(self.kinds)), weights=[k.weight for k in self.kinds], k=size)
+        counts = Counter(drawn)
+        values = {i: iter(self.kinds[i].population.peek(counts[i])) for i in counts}
+        paths = [self.kinds[i].template.format(next(values[i])) for i in drawn]
+        path.write_text("\n".join(paths) + "\n")
+        return [self.kinds[i].name for i in drawn]
+
+    def consume(self, kinds: list[str], count: int) -> dict[str, int]:
+        used = Counter(kinds[:count])
+        for kind in self.kinds:
+            kind.population.consume(used[kind.name])
+        return dict(used)
+
+    @property
+    def reused(self) -> list[str]:
+        return [kind.name for kind in self.kinds if kind.population.wrapped]
+
+
+def make_traffic(snap: Snapshot, visitors: dict[str, list[int]], args: argparse.Namespace) -> dict[str, Traffic]:
+    rng = random.Random(args.seed)
+    known = Population(snap.user_ids, rng)
+    seeded = Population(list(visitors), rng)
+    unknown = Fresh(f"anon-{rng.getrandbits(32):08x}-")
+    items = Population(snap.item_ids, rng)
+    recommend = "/v1/recommend?{}&n=10"
+    known_kind = Kind("known", args.mix[0], known, recommend.format("user={}"))
+    new_kind = Kind("new", args.mix[1], seeded, recommend.format("visitor={}"))
+    unknown_kind = Kind("unknown", args.mix[2], unknown, recommend.format("visitor={}"))
+    traffic = {
+        "healthz": Traffic("healthz", [Kind("healthz", 1, Population(["-"], rng), "/healthz")], rng),
+        "recommend": Traffic("recommend", [known_kind, new_kind, unknown_kind], rng),
+        "similar": Traffic("similar", [Kind("similar", 1, items, "/v1/items/{}/similar?n=10")], rng),
+    }
+    # single-kind mixes share the populations, so they never repeat what the mix already asked
+    for kind in (known_kind, new_kind, unknown_kind):
+        alone = Kind(kind.name, 1.0, kind.population, kind.template)
+        traffic[f"recommend_{kind.name}"] = Traffic(f"recommend_{kind.name}", [alone], rng)
+    return traffic
+
+
+def seed_visitors(client: httpx.Client, snap: Snapshot, count: int, rng: random.Random) -> dict[str, list[int]]:
+    """`count` new visitors, each with 1-3 recent clicks (mostly popular items of one category)."""
+    categories = [c for c in snap.popular if c]
+    visitors: dict[str, list[int]] = {}
+    for number in range(count):
+        pool = snap.popular[rng.choice(categories)] or snap.popular[""]
+        clicks = [rng.choice(pool) if rng.random() < 2 / 3 else rng.randrange(len(snap.item_ids))]
+        clicks += [rng.choice(pool) for _ in range(rng.randint(0, 2))]
+        visitors[f"bench-{number:05d}-{rng.getrandbits(32):08x}"] = clicks
+    now = int(time.time())
+    events = [
+        {"visitor": visitor, "item": snap.item_ids[row], "event": "click", "ts": now - (len(rows) - 1 - k)}
+        for visitor, rows in visitors.items()
+        for k, row in enumerate(rows)
+    ]
+    for start in range(0, len(events), 100):
+        batch = events[start : start + 100]
+        response = client.post("/v1/events", json={"events": batch})
+        body = response.json() if response.headers.get("content-type", "").startswith("application/json") else None
+        if response.status_code != 202 or not isinstance(body, dict) or body.get("accepted") != len(batch):
+            raise RuntimeError(f"POST /v1/events: {response.status_code} {response.text[:300]}")
+    return visitors
+
+
+def check_shape(response: httpx.Response) -> str | None:
+    """None if the response is what the API promises, else what is wrong with it."""
+    if response.status_code != 200:
+        return f"HTTP {response.status_code}: {response.text[:300]}"
+    try:
+        body = response.json()
+    except ValueError:
+        return f"not JSON: {response.text[:300]}"
+    if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+        return f"no items list: {response.text[:300]}"
+    for key in ("request_id", "snapshot", "fallback"):
+        if key not in body:
+            return f"no {key!r}: {response.text[:300]}"
+    for item in body["items"]:
+        if not isinstance(item, dict) or not {"id", "score", "reasons", "title", "categories"} <= set(item):
+            return f"malformed item {item!r}"
+    return None
+
+
+def preflight(client: httpx.Client, traffic: dict[str, Traffic], directory: Path, per_mix: int = 30) -> list[str]:
+    """GET the first paths of every mix once and validate them, so wrk's numbers are about valid answers.
+    The paths are consumed: the measured runs do not get them again from a warm cache."""
+    problems: list[str] = []
+    for name in ("healthz", "recommend", "similar"):
+        path = directory / f"preflight-{name}.txt"
+        kinds = traffic[name].window(per_mix, path)
+        traffic[name].consume(kinds, per_mix)
+        for line in path.read_text().split():
+            response = client.get(line)
+            problem = check_shape(response) if name != "healthz" else None
+            if name == "healthz" and response.status_code != 200:
+                problem = f"HTTP {response.status_code}: {response.text[:200]}"
+            if problem:
+                problems.append(f"GET {line}: {problem}")
+    return problems
+
+
+def gateway_counters(client: httpx.Client) -> dict[str, float]:
+    """The gateway's own Prometheus counters, by sample name and labels (empty if /metrics fails)."""
+    try:
+        text = client.get("/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    counters: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("tailor_"):
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                counters[name] = float(value)
+    return counters
+
+
+def counter_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per-run increase of the interesting counters: cache hit/miss, responses by route+status, fallbacks."""
+    delta: dict[str, dict[str, float]] = {"candidate_cache": {}, "responses": {}, "fallbacks": {}}
+    # sample names: counters end in _total; the cache lookups may be a gauge since the snapshot loaded
+    sources = {
+        "tailor_candidate_cache_total": "candidate_cache",
+        "tailor_candidate_cache_lookups": "candidate_cache",
+        "tailor_responses_total": "responses",
+        "tailor_fallbacks_total": "fallbacks",
+    }
+    for name, value in after.items():
+        change = value - before.get(name, 0.0)
+        if not change:
+            continue
+        metric, _, labels = name.partition("{")
+        label = ",".join(part.split("=", 1)[1].strip('"') for part in labels.rstrip("}").split(",") if "=" in part)
+        if metric in sources:
+            delta[sources[metric]][label] = change
+    return delta
+
+
+# ----------------------------------------------------------------------------------------- recall
+
+
+def measure_recall(
+    client: httpx.Client, snap: Snapshot, visitors: dict[str, list[int]], samples: int, rng: random.Random
+) -> dict[str, Any]:
+    """recall@10 of served /v1/recommend results against exact search, for known users and new visitors;
+    for never-seen visitors (no reference), only which fallback and reasons they got."""
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    kinds = ("known", "new", "unknown")
+    cases: list[tuple[str, str, Floats | None, Rows | None]] = []
+    for user in rng.sample(range(len(snap.user_ids)), min(samples, len(snap.user_ids))):
+        cases.append(("known", f"user={snap.user_ids[user]}", snap.user_vectors[user], snap.seen(user)))
+    for visitor in rng.sample(list(visitors), min(samples, len(visitors))):
+        folded, clicked = snap.visitor_vector(visitors[visitor], "click")
+        cases.append(("new", f"visitor={visitor}", folded, clicked))
+    cases += [("unknown", f"visitor=anon-{rng.getrandbits(64):016x}", None, None) for _ in range(min(samples, 50))]
+    recalls: dict[str, list[float]] = {kind: [] for kind in kinds}
+    in_stock: dict[str, list[float]] = {kind: [] for kind in kinds}
+    reasons: dict[str, Counter[str]] = {kind: Counter() for kind in kinds}
+    fallbacks: dict[str, Counter[str]] = {kind: Counter() for kind in kinds}
+    latencies: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for kind, query, vector, exclude in cases:
+        started = time.perf_counter()
+        response = client.get(f"/v1/recommend?{query}&n={RECALL_K}")
+        latencies[kind].append((time.perf_counter() - started) * 1000)
+        problem = check_shape(response)
+        if problem:
+            problems.append(f"GET /v1/recommend?{query}: {problem}")
+            continue
+        body = response.json()
+        served = [str(item["id"]) for item in body["items"]]
+        fallbacks[kind][str(body["fallback"])] += 1
+        for item in body["items"]:
+            reasons[kind].update(str(r) for r in item["reasons"])
+        if vector is None or exclude is None:
+            continue
+        recalls[kind].append(len(set(served) & snap.exact_top(vector, exclude)) / RECALL_K)
+        in_stock[kind].append(len(set(served) & snap.exact_top(vector, exclude, in_stock_only=True)) / RECALL_K)
+    for kind in kinds:
+        out[kind] = {
+            "recall_at_10": round(float(np.mean(recalls[kind])), 4) if recalls[kind] else None,
+            "recall_at_10_vs_exact_in_stock": round(float(np.mean(in_stock[kind])), 4) if in_stock[kind] else None,
+            "queries": len(latencies[kind]),
+            "fallbacks": dict(fallbacks[kind]),
+            "reasons": dict(reasons[kind].most_common(5)),
+            "sequential_latency_ms_p50": round(float(np.median(latencies[kind])), 3) if latencies[kind] else None,
+        }
+    out["problems"] = problems[:20]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- a store
+
+
+def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[str, Any]:
+    work = args.run_dir / store
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"store": store}
+    runs: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        store_url = "memory://"
+        if store == "redis":
+            redis_port = free_port()
+            redis_cmd = [args.redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
+            redis_cmd += ["--appendonly", "no", "--daemonize", "no"]
+            redis = stack.enter_context(running(redis_cmd, work / "redis.log", "redis-server"))
+            wait_redis(redis_port, redis)
+            store_url = f"redis://127.0.0.1:{redis_port}/0"
+        port = free_port()
+        serve = [*shlex.split(args.serve_command), "--snapshots", str(args.pinned_root), "--store", store_url]
+        serve += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        if args.serve_config:
+            serve += ["--config", str(args.serve_config)]
+        log = work / "serve.log"
+        server = stack.enter_context(running(serve, log, f"tailor serve ({store})"))
+        base = f"http://127.0.0.1:{port}"
+        client = stack.enter_context(httpx.Client(base_url=base, timeout=30))
+        result["ready_seconds"] = round(wait_ready(client, server, log, args.ready_timeout), 2)
+        say(f"{store}: ready in {result['ready_seconds']:.1f}s; seeding {args.visitors} new visitors with 1-3 clicks")
+        started = time.perf_counter()
+        visitors = seed_visitors(client, snap, args.visitors, random.Random(args.seed))
+        result["seed"] = {
+            "visitors": len(visitors),
+            "events": sum(len(v) for v in visitors.values()),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        traffic = make_traffic(snap, visitors, args)
+        result["preflight_problems"] = problems = preflight(client, traffic, work)
+        for problem in problems[:5]:
+            say(f"{store}: PREFLIGHT {problem}")
+
+        def wrk(name: str, *, label: str, rate: float | None = None, duration: float = args.duration) -> dict[str, Any]:
+            if server.poll() is not None:
+                raise RuntimeError(f"the gateway exited with {server.returncode}; see {log}")
+            mix = traffic[name]
+            size = 1 if name == "healthz" else args.list_size
+            path = work / f"{label}.txt"
+            kinds = mix.window(size, path)
+            before = gateway_counters(client)
+            run = run_wrk(
+                base,
+                path,
+                duration=duration,
+                connections=args.connections,
+                threads=args.threads,
+                server_pid=server.pid,
+                rate=rate,
+            )
+            run["gateway"] = delta = counter_delta(before, gateway_counters(client))
+            # answers from popular items because the store or the snapshot let the gateway down (not the
+            # expected cold-start of an unknown visitor): throughput bought with them is not personalization
+            answered = sum(v for k, v in delta["responses"].items() if not k.startswith("metrics"))
+            degraded = sum(v for k, v in delta["fallbacks"].items() if k != "cold-start")
+            run["degraded_fallbacks"] = int(degraded)
+            run["degraded_share"] = round(degraded / answered, 4) if answered else 0.0
+            if name != "healthz":
+                # in-flight requests at the end were sent too
+                run["sent_by_kind"] = mix.consume(kinds, min(run["requests"] + args.connections, size))
+                if mix.reused:
+                    run["population_reused"] = mix.reused
+            return run
+
+        if args.warmup > 0:
+            say(f"{store}: warming up on the recommend mix for {args.warmup:g}s")
+            result["warmup"] = wrk("recommend", label="warmup", duration=args.warmup)
+        for name in ("healthz", "recommend", "similar"):
+            say(f"{store}: {name} at full speed for {args.duration:g}s ({args.connections} connections)")
+            runs[name] = wrk(name, label=name)
+            say(f"{store}: {name:9} {describe(runs[name])}")
+        target = args.half_rate or runs["recommend"]["rate"] / 2
+        # wrk's delay() leaves each connection idle for connections/rate seconds *plus* the response
+        # time, so the achieved rate falls short; a short calibration run measures by how much.
+        calibration = wrk("recommend", label="calibration", rate=target, duration=min(5.0, args.duration))
+        factor = min(2.0, target / max(calibration["rate"], 1.0))
+        say(f"{store}: recommend paced ({target:,.0f} req/s; asking {target * factor:,.0f})")
+        runs["recommend_half"] = wrk("recommend", label="recommend_half", rate=target * factor)
+        runs["recommend_half"]["target_rate"] = round(target, 1)
+        say(f"{store}: half rate {describe(runs['recommend_half'])}")
+        if args.breakdown:
+            for kind in ("known", "new", "unknown"):
+                name = f"recommend_{kind}"
+                say(f"{store}: /v1/recommend for {kind} visitors only, full speed for {args.duration:g}s")
+                runs[name] = wrk(name, label=name)
+                say(f"{store}: {kind:9} {describe(runs[name])}")
+        result["runs"] = runs
+        time.sleep(2.0)  # let a store circuit breaker opened under load close again
+        say(f"{store}: recall@10 against exact search ({args.recall_samples} known users, as many new visitors)")
+        result["recall"] = measure_recall(client, snap, visitors, args.recall_samples, random.Random(args.seed + 1))
+        with contextlib.suppress(httpx.HTTPError):
+            (work / "metrics.txt").write_text(client.get("/metrics").text)
+        result["server_alive_at_end"] = server.poll() is None
+    healthz, recommend = runs["healthz"]["rate"], runs["recommend"]["rate"]
+    ratio = recommend / healthz if healthz else 0.0
+    result["recommend_vs_healthz"] = round(ratio, 3)
+    result["bars"] = {
+        f"recommend >= {BAR_RECOMMEND_VS_HEALTHZ}x healthz": ratio >= BAR_RECOMMEND_VS_HEALTHZ,
+        f"p99 < {BAR_P99_AT_HALF_MS:g} ms at half max rate": runs["recommend_half"]["latency_ms"]["p99"]
+        < BAR_P99_AT_HALF_MS,
+        "no errors": all(run["errors_total"] == 0 for run in runs.values()) and not problems,
+        f"store fallbacks <= {BAR_DEGRADED:.0%} of answers": all(
+            run["degraded_share"] <= BAR_DEGRADED for run in runs.values()
+        ),
+    }
+    return result
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+LABELS = {
+    "healthz": "healthz",
+    "recommend": "recommend",
+    "similar": "similar",
+    "recommend_half": "rec @half",
+    "recommend_known": " known",
+    "recommend_new": " new",
+    "recommend_unknown": " unknown",
+}
+
+
+def cache_hits(run: dict[str, Any]) -> str:
+    cache = run.get("gateway", {}).get("candidate_cache", {})
+    total = sum(cache.values())
+    return f"{cache.get('hit', 0) / total:.0%}" if total else "-"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{'store':7} {'run':10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p99.9':>8} {'errors':>6} "
+        f"{'srvCPU':>6} {'cache':>5} {'degr':>5}"
+    ]
+    for result in results:
+        for name, label in LABELS.items():
+            if name not in result["runs"]:
+                continue
+            run = result["runs"][name]
+            lat = run["latency_ms"]
+            shown = label + ("*" if run.get("population_reused") else "")
+            lines.append(
+                f"{result['store']:7} {shown:10} {run['rate']:8,.0f} {lat['p50']:8.2f} {lat['p99']:8.2f} "
+                f"{lat['p99_9']:8.2f} {run['errors_total']:6} {run['server_cpu']:6.0%} {cache_hits(run):>5} "
+                f"{run['degraded_share']:5.0%}"
+            )
+        half = result["runs"]["recommend_half"]
+        recall = result["recall"]
+        lines.append(
+            f"{'':7} recommend/healthz {result['recommend_vs_healthz']:.2f} (bar >= {BAR_RECOMMEND_VS_HEALTHZ}); "
+            f"half rate: target {half['target_rate']:,.0f}, achieved {half['rate']:,.0f} req/s, "
+            f"p99 {half['latency_ms']['p99']:.2f} ms (bar < {BAR_P99_AT_HALF_MS:g})"
+        )
+        lines.append(
+            f"{'':7} recall@10 vs exact: known {recall['known']['recall_at_10']}, new {recall['new']['recall_at_10']} "
+            f"(vs exact over in-stock items only: {recall['known']['recall_at_10_vs_exact_in_stock']}, "
+            f"{recall['new']['recall_at_10_vs_exact_in_stock']})"
+        )
+        fallbacks = {kind: recall[kind]["fallbacks"] for kind in ("known", "new", "unknown")}
+        lines.append(f"{'':7} fallback field by kind: {fallbacks}")
+        verdicts = ", ".join(f"{bar}: {'PASS' if ok else 'FAIL'}" for bar, ok in result["bars"].items())
+        lines.append(f"{'':7} {verdicts}")
+    return "\n".join(lines)
+
+
+def parse_mix(text: str) -> tuple[float, float, float]:
+    try:
+        known, new, unknown = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KNOWN,NEW,UNKNOWN fractions, got {text!r}") from None
+    total = known + new + unknown
+    if total <= 0 or min(known, new, unknown) < 0:
+        raise argparse.ArgumentTypeError(f"fractions must be >= 0 and not all 0: {text!r}")
+    return known / total, new / total, unknown / total
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, prog="bench_gateway.py"
+    )
+    p.add_argument("--bench-dir", type=Path, default=Path("var/bench"), help="working directory (default var/bench)")
+    p.add_argument("--shop-dir", type=Path, help="synthetic shop directory (default BENCH_DIR/shop)")
+    p.add_argument("--snapshots-dir", type=Path, help="snapshot root (default BENCH_DIR/snapshots)")
+    p.add_argument("--out", type=Path, help="results JSON (default BENCH_DIR/gateway.json)")
+    p.add_argument("--skip-build", action="store_true", help="fail instead of making a missing shop or snapshot")
+    p.add_argument("--rebuild", action="store_true", help="make the shop and the snapshot again even if present")
+    p.add_argument("--build-only", action="store_true", help="make or reuse the shop and snapshot, then stop")
+    p.add_argument("--users", type=int, default=20_000, help="shop size when making it (default 20000)")
+    p.add_argument("--items", type=int, default=100_000, help="catalog size when making it (default 100000)")
+    p.add_argument("--events", type=int, default=1_000_000, help="events when making the shop (default 1000000)")
+    p.add_argument("--max-trials", type=int, default=2, help="tuner budget when building (default 2)")
+    p.add_argument("--stores", default="memory,redis", help="comma-separated store backends (default memory,redis)")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds per wrk run (default 15)")
+    p.add_argument(
+        "--warmup", type=float, default=3.0, help="seconds of unrecorded recommend traffic first (default 3)"
+    )
+    p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: wrk shares the 2 cores)")
+    p.add_argument("--visitors", type=int, default=40_000, help="new visitors seeded with 1-3 clicks (40000)")
+    p.add_argument(
+        "--no-breakdown",
+        dest="breakdown",
+        action="store_false",
+        help="skip the extra full-speed /v1/recommend runs for each kind of visitor alone",
+    )
+    p.add_argument(
+        "--mix",
+        type=parse_mix,
+        default=(0.5, 0.3, 0.2),
+        help="recommend list: known users, seeded visitors, unknown visitors (default 0.5,0.3,0.2)",
+    )
+    p.add_argument(
+        "--half-rate",
+        type=float,
+        help="pace the latency run at this rate instead of half the measured maximum (to compare stores "
+        "at one rate, or when the maximum was inflated by fallback answers)",
+    )
+    p.add_argument("--list-size", type=int, default=50_000, help="paths written per wrk run (default 50000)")
+    p.add_argument("--recall-samples", type=int, default=300, help="users and visitors checked for recall (300)")
+    p.add_argument("--seed", type=int, default=11, help="random seed (default 11)")
+    p.add_argument(
+        "--serve-command",
+        default=f"{shlex.quote(sys.executable)} -m tailor serve",
+        help="how to start the gateway; --snapshots/--store/--host/--port/--workers are appended",
+    )
+    p.add_argument("--serve-config", type=Path, help="passed to the gateway as --config")
+    p.add_argument("--redis-server", default="redis-server", help="redis-server binary (default from PATH)")
+    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for /readyz (default 180)")
+    return p
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    args.shop_dir = args.shop_dir or args.bench_dir / "shop"
+    args.snapshots_dir = args.snapshots_dir or args.bench_dir / "snapshots"
+    args.out = args.out or args.bench_dir / "gateway.json"
+    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    if unknown := set(stores) - set(STORES):
+        raise SystemExit(f"unknown store(s) {sorted(unknown)}; choose from {STORES}")
+    for tool in ("wrk", *(["redis-server"] if "redis" in stores else [])):
+        binary = args.redis_server if tool == "redis-server" else tool
+        if shutil.which(binary) is None:
+            raise SystemExit(f"{binary} not found on PATH")
+    signal.signal(signal.SIGTERM, _terminate)
+    os.chdir(ROOT)
+
+    report: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "load_average_at_start": load_average()},
+        "settings": {
+            "duration_s": args.duration,
+            "connections": args.connections,
+            "wrk_threads": args.threads,
+            "server_workers": 1,
+            "visitors": args.visitors,
+            "mix_known_new_unknown": list(args.mix),
+            "list_size": args.list_size,
+            "recall_samples": args.recall_samples,
+        },
+        "build": ensure_snapshot(args),
+    }
+    if args.build_only:
+        print(json.dumps(report["build"], indent=2))
+        return 0
+    say("loading the snapshot for the exact-search reference")
+    snap = Snapshot.load(args.snapshots_dir)
+    args.run_dir = new_run_dir(args.bench_dir / "run")
+    say(f"working files (request lists, server logs, /metrics) in {args.run_dir}")
+    args.pinned_root = pin_snapshot(snap, args.run_dir / "snapshots")
+    report["code"] = code_version()
+    say(
+        f"serving snapshot {snap.version} from {args.pinned_root} (pinned: a build publishing meanwhile cannot swap it)"
+    )
+    report["snapshot"] = {
+        "version": snap.version,
+        "counts": snap.manifest["counts"],
+        "index": {k: v for k, v in snap.manifest["index"].items() if k != "trials"},
+        "model": snap.manifest["parameters"]["model"],
+        "build": snap.manifest["parameters"].get("build"),
+    }
+    results: list[dict[str, Any]] = []
+    for store in stores:
+        results.append(bench_store(store, snap, args))
+    report["stores"] = results
+    report["machine"]["load_average_at_end"] = load_average()
+    report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    report["peak_rss_mb_harness"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    say(f"wrote {args.out}")
+    print(table(results))
+    if any(run.get("population_reused") for result in results for run in result["runs"].values()):
+        print("* this run ran out of fresh visitors or items and repeated some (more cache hits than real traffic)")
+    code = report["code"]
+    dirty = f", {len(code['uncommitted_changes'])} uncommitted changes" if code["uncommitted_changes"] else ""
+    print(f"code {code['commit']}{dirty}; snapshot {snap.version}")
+    print(
+        f"load average at start {report['machine']['load_average_at_start']}, "
+        f"at end {report['machine']['load_average_at_end']} ({os.cpu_count()} CPUs)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

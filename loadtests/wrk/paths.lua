@@ -1,0 +1,105 @@
+-- wrk script: GET a list of request paths, optionally paced, and print the results as one JSON line.
+--
+--   wrk -t1 -c64 -d15s -s loadtests/wrk/paths.lua http://127.0.0.1:8000 -- file=PATHS [threads=T] [rate=R connections=C]
+--
+-- file=PATHS     one request path per line ("/v1/recommend?user=u0007&n=10"). With threads=T, thread k
+--                sends lines k+1, k+1+T, k+1+2T, ... so together the threads consume a prefix of the file,
+--                each line once, wrapping around only when the whole file is used up. Requests are
+--                pre-formatted in init(), so the per-request Lua cost is one table lookup, the same for
+--                every endpoint measured.
+-- rate=R         target request rate of the whole run (all threads and connections); connections=C must
+--                repeat wrk's -c, which Lua cannot read. wrk has no rate limiter, so delay() spaces each
+--                connection's requests by C*1000/R ms, rounded up or down at random so that the mean is
+--                exact. The delay is not part of the latency wrk records (its clock starts when the request
+--                is written), and a connection waits for its response before the next delay, so the
+--                achieved rate is somewhat below R: read it from "rate" in the output.
+--
+-- done() prints one line, "WRK_JSON {...}": requests, duration_s, rate, bytes, errors (connect, read,
+-- write, timeout, status = responses with HTTP status > 399) and latency in milliseconds (mean, stdev,
+-- max, p50, p90, p99, p99_9).
+
+local counter = 0
+
+function setup(thread)
+   thread:set("id", counter)
+   counter = counter + 1
+end
+
+local requests = {}
+local position = 1
+local stride = 1
+
+function init(args)
+   local options = {}
+   for _, arg in ipairs(args) do
+      local key, value = string.match(arg, "^(%w+)=(.*)$")
+      if key == nil then
+         error("arguments are key=value: file=PATHS [threads=T] [rate=R connections=C], got " .. arg)
+      end
+      options[key] = value
+   end
+   if options.file == nil then
+      error("missing file=PATHS")
+   end
+   for line in io.lines(options.file) do
+      if line ~= "" then
+         table.insert(requests, wrk.format("GET", line))
+      end
+   end
+   if #requests == 0 then
+      error(options.file .. ": no request paths")
+   end
+   stride = tonumber(options.threads or "1") or 1
+   position = (id % #requests) + 1
+   local rate = tonumber(options.rate or "0") or 0
+   if rate > 0 then
+      local connections = tonumber(options.connections or "0") or 0
+      if connections <= 0 then
+         error("rate=R needs connections=C (wrk's -c)")
+      end
+      local interval = connections * 1000.0 / rate
+      math.randomseed(os.time() + id)
+      -- defined only when pacing: wrk looks for delay() after init(), and without it keeps its fast path
+      delay = function()
+         local whole = math.floor(interval)
+         if math.random() < interval - whole then
+            return whole + 1
+         end
+         return whole
+      end
+   end
+end
+
+function request()
+   local r = requests[position]
+   position = position + stride
+   if position > #requests then
+      position = (position - 1) % #requests + 1
+   end
+   return r
+end
+
+local function fmt(value)
+   return string.format("%.4f", value)
+end
+
+function done(summary, latency, requests_stats)
+   local e = summary.errors
+   local seconds = summary.duration / 1e6
+   local parts = {
+      '"requests":' .. summary.requests,
+      '"duration_s":' .. fmt(seconds),
+      '"rate":' .. fmt(summary.requests / seconds),
+      '"bytes":' .. summary.bytes,
+      '"errors":{"connect":' .. e.connect .. ',"read":' .. e.read .. ',"write":' .. e.write
+         .. ',"timeout":' .. e.timeout .. ',"status":' .. e.status .. '}',
+      '"latency_ms":{"mean":' .. fmt(latency.mean / 1000) .. ',"stdev":' .. fmt(latency.stdev / 1000)
+         .. ',"max":' .. fmt(latency.max / 1000)
+         .. ',"p50":' .. fmt(latency:percentile(50) / 1000)
+         .. ',"p90":' .. fmt(latency:percentile(90) / 1000)
+         .. ',"p99":' .. fmt(latency:percentile(99) / 1000)
+         .. ',"p99_9":' .. fmt(latency:percentile(99.9) / 1000) .. '}',
+      '"threads":' .. counter,
+   }
+   io.write("WRK_JSON {" .. table.concat(parts, ",") .. "}\n")
+end
