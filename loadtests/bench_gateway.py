@@ -42,7 +42,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import httpx
+import httpx2 as httpx
 import numpy as np
 import numpy.typing as npt
 
