@@ -71,7 +71,7 @@ QUERY_TYPES: dict[str, type[msgspec.Struct]] = {
 }
 
 
-class ScoredItem(msgspec.Struct, frozen=True):
+class ScoredItem(msgspec.Struct, frozen=True, gc=False):
     id: str
     score: Annotated[float, msgspec.Meta(description="Higher is better; comparable within one response.")]
     reasons: Annotated[
@@ -85,7 +85,10 @@ class ScoredItem(msgspec.Struct, frozen=True):
     categories: list[str]
 
 
-class Recommendations(msgspec.Struct, frozen=True):
+class Recommendations(msgspec.Struct, frozen=True, gc=False):
+    """An answer. (gc=False here and on ScoredItem: a thousand answers a second are short-lived
+    objects that can never form a cycle, so the cycle collector has no reason to track them.)"""
+
     request_id: str
     snapshot: Annotated[str, msgspec.Meta(description="Version of the snapshot that answered.")]
     items: list[ScoredItem]

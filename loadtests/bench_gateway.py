@@ -703,6 +703,11 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
         runs["recommend_half"] = wrk("recommend", label="recommend_half", rate=target * factor)
         runs["recommend_half"]["target_rate"] = round(target, 1)
         say(f"{store}: half rate {describe(runs['recommend_half'])}")
+        # The control: the constant endpoint paced at the same rate shows this machine's own latency
+        # floor (scheduler, wrk, loopback) under which no endpoint's p99 can go.
+        runs["healthz_half"] = wrk("healthz", label="healthz_half", rate=target * factor)
+        runs["healthz_half"]["target_rate"] = round(target, 1)
+        say(f"{store}: healthz at the same rate {describe(runs['healthz_half'])}")
         if args.breakdown:
             for kind in ("known", "new", "unknown"):
                 name = f"recommend_{kind}"
@@ -739,6 +744,7 @@ LABELS = {
     "recommend": "recommend",
     "similar": "similar",
     "recommend_half": "rec @half",
+    "healthz_half": "hz @half",
     "recommend_known": " known",
     "recommend_new": " new",
     "recommend_unknown": " unknown",
