@@ -45,5 +45,10 @@ bench-quality: install
 bench-gateway: install
 	$(BIN)/python loadtests/bench_gateway.py
 
+# A realistic mix for 60 s against a running gateway (`make demo` in another terminal).
+locust: install
+	TAILOR_SHOP=$(SHOP) TAILOR_SNAPSHOTS=$(SNAPSHOTS) $(BIN)/locust -f loadtests/locustfile.py \
+		--headless -u 50 -r 10 -t 60s --host http://$(HOST):$(PORT) --only-summary
+
 clean:
 	rm -rf var .mypy_cache .ruff_cache .pytest_cache
