@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,7 @@ from gateway.store import (
     StoreError,
     open_store,
 )
+from gateway.store.resp import Multiplexed
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -308,7 +310,8 @@ async def test_memory_prunes_counters_of_finished_windows(anyio_backend: str) ->
 
 @pytest.fixture
 def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Every write to a Redis socket; a pipeline is one write, and so is a health-check PING."""
+    """Every write to a Redis socket, by redis-py or by the multiplexed hot-path connection; a pipeline
+    is one write, and so is a health-check PING."""
     sent: list[object] = []
     original = AbstractConnection.send_packed_command
 
@@ -316,7 +319,14 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         sent.append(command)
         await original(self, command, check_health)
 
+    original_send = Multiplexed._send
+
+    def counting_send(self: Multiplexed, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
+        sent.append(commands)
+        return original_send(self, commands)
+
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    monkeypatch.setattr(Multiplexed, "_send", counting_send)
     return sent
 
 
@@ -369,7 +379,7 @@ async def test_redis_down_fails_fast_with_store_error_then_recovers(
     redis_server.stop()
     try:
         started = time.monotonic()
-        with pytest.raises(StoreError, match="redis profile failed: ConnectionError"):
+        with pytest.raises(StoreError, match=r"redis profile failed: (ConnectionError|RespError): .*connect"):
             await redis_store.profile("v", limit=10, now=T0)
         with pytest.raises(StoreError):
             await remember(redis_store, "v", "b")
@@ -470,3 +480,24 @@ async def test_open_store_accepts_tls_and_unix_socket_redis_urls(url: str) -> No
 async def test_open_store_refuses_what_it_cannot_open(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         open_store(url)
+
+
+async def test_redis_concurrent_reads_each_get_their_own_visitor(redis_store: RedisStore) -> None:
+    """Reads from many requests share one pipelined connection; replies must reach the right caller."""
+    for number in range(40):
+        await remember(redis_store, f"v{number}", f"item-{number}")
+    profiles = await asyncio.gather(*(redis_store.profile(f"v{n % 40}", limit=5, now=T0) for n in range(400)))
+    assert [items(p) for p in profiles] == [[f"item-{n % 40}"] for n in range(400)]
+
+
+async def test_redis_a_reader_that_gives_up_does_not_shift_the_replies_of_the_others(
+    redis_store: RedisStore,
+) -> None:
+    await remember(redis_store, "first", "a")
+    await remember(redis_store, "second", "b")
+    assert items(await redis_store.profile("second", limit=5, now=T0)) == ["b"]  # connected
+    abandoned = asyncio.create_task(redis_store.profile("first", limit=5, now=T0))
+    await asyncio.sleep(0)  # its commands are written; now its caller goes away before the reply
+    abandoned.cancel()
+    assert items(await redis_store.profile("second", limit=5, now=T0)) == ["b"]
+    assert items(await redis_store.profile("first", limit=5, now=T0)) == ["a"]

@@ -15,14 +15,16 @@ from collections.abc import Mapping, Sequence
 
 import msgspec
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from gateway.store.base import Interaction, Profile, StoreError, check_record
+from gateway.store.resp import Multiplexed, RespError
 
 # Everything a broken, restarting or misbehaving server can make redis-py or the decoding raise.
-_FAILURES = (RedisError, OSError, ValueError, msgspec.MsgspecError)
+_FAILURES = (RedisError, RespError, OSError, ValueError, msgspec.MsgspecError)
 
 
 def _failure(operation: str, exc: BaseException) -> StoreError:
@@ -66,6 +68,21 @@ class RedisStore:
             pool.connection_class(**pool.connection_kwargs)
         except TypeError as exc:
             raise ValueError(f"redis URL has an option redis-py does not know: {exc}") from None
+        # The hot-path read goes through one multiplexed connection of our own (see resp.py); TLS
+        # connections, which it does not speak, stay with redis-py.
+        self._fast: Multiplexed | None = None
+        options = pool.connection_kwargs
+        if pool.connection_class in (Connection, UnixDomainSocketConnection):
+            self._fast = Multiplexed(
+                host=options.get("host", "127.0.0.1"),
+                port=int(options.get("port", 6379)),
+                path=options.get("path"),
+                db=int(options.get("db", 0) or 0),
+                username=options.get("username"),
+                password=options.get("password"),
+                connect_timeout=connect_timeout,
+                timeout=timeout,
+            )
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Interaction).decode
 
@@ -77,16 +94,23 @@ class RedisStore:
         if limit < 0:
             raise ValueError(f"limit must not be negative, not {limit}")
         recent_key, counters_key = self._keys(visitor)
-        pipe = self._redis.pipeline(transaction=False)
-        if limit:
-            # LRANGE with a start of -0 would mean the whole list, hence no LRANGE at all for limit 0.
-            pipe.lrange(recent_key, -limit, -1)
-        pipe.hgetall(counters_key)
         try:
-            replies = await pipe.execute()
+            if self._fast is not None:
+                commands = [("LRANGE", recent_key, -limit, -1)] if limit else []
+                replies = await self._fast.execute(*commands, ("HGETALL", counters_key))
+                flat = replies[-1]
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            else:
+                pipe = self._redis.pipeline(transaction=False)
+                if limit:
+                    # LRANGE with a start of -0 would mean the whole list, hence no LRANGE at all for limit 0.
+                    pipe.lrange(recent_key, -limit, -1)
+                pipe.hgetall(counters_key)
+                replies = await pipe.execute()
+                fields = replies[-1]
             recent = [self._decode(raw) for raw in replies[0]] if limit else []
             counters: dict[str, int] = {}
-            for field, value in replies[-1].items():
+            for field, value in fields.items():
                 name, window, bucket = field.decode().rsplit("|", 2)
                 if int(bucket) == math.floor(now / float(window)):
                     counters[name] = counters.get(name, 0) + int(value)
@@ -142,4 +166,6 @@ class RedisStore:
             raise _failure("ping", exc) from exc
 
     async def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
         await self._redis.aclose()
