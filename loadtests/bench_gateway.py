@@ -660,7 +660,10 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
             if server.poll() is not None:
                 raise RuntimeError(f"the gateway exited with {server.returncode}; see {log}")
             mix = traffic[name]
-            size = 1 if name == "healthz" else args.list_size
+            # enough paths that wrk never wraps around within the run (a repeat could come from a cache):
+            # no endpoint outruns /healthz, so its measured rate bounds every later run
+            ceiling = rate or (runs["healthz"]["rate"] if "healthz" in runs else 20_000.0)
+            size = 1 if name == "healthz" else max(args.list_size, int(duration * ceiling * 1.25) + args.connections)
             path = work / f"{label}.txt"
             kinds = mix.window(size, path)
             before = gateway_counters(client)
@@ -711,8 +714,8 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
         if args.breakdown:
             for kind in ("known", "new", "unknown"):
                 name = f"recommend_{kind}"
-                say(f"{store}: /v1/recommend for {kind} visitors only, full speed for {args.duration:g}s")
-                runs[name] = wrk(name, label=name)
+                say(f"{store}: /v1/recommend for {kind} visitors only, full speed for {args.breakdown_duration:g}s")
+                runs[name] = wrk(name, label=name, duration=args.breakdown_duration)
                 say(f"{store}: {kind:9} {describe(runs[name])}")
         result["runs"] = runs
         time.sleep(2.0)  # let a store circuit breaker opened under load close again
@@ -827,6 +830,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: wrk shares the 2 cores)")
     p.add_argument("--visitors", type=int, default=40_000, help="new visitors seeded with 1-3 clicks (40000)")
+    p.add_argument("--breakdown-duration", type=float, default=5.0, help="seconds per breakdown run (default 5)")
     p.add_argument(
         "--no-breakdown",
         dest="breakdown",
@@ -845,7 +849,12 @@ def parser() -> argparse.ArgumentParser:
         help="pace the latency run at this rate instead of half the measured maximum (to compare stores "
         "at one rate, or when the maximum was inflated by fallback answers)",
     )
-    p.add_argument("--list-size", type=int, default=50_000, help="paths written per wrk run (default 50000)")
+    p.add_argument(
+        "--list-size",
+        type=int,
+        default=50_000,
+        help="least paths per wrk run (50000)",
+    )
     p.add_argument("--recall-samples", type=int, default=300, help="users and visitors checked for recall (300)")
     p.add_argument("--seed", type=int, default=11, help="random seed (default 11)")
     p.add_argument(
@@ -890,6 +899,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "mix_known_new_unknown": list(args.mix),
             "list_size": args.list_size,
             "recall_samples": args.recall_samples,
+            "serve_command": args.serve_command,
         },
         "build": ensure_snapshot(args),
     }
@@ -923,8 +933,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     say(f"wrote {args.out}")
     print(table(results))
-    if any(run.get("population_reused") for result in results for run in result["runs"].values()):
-        print("* this run ran out of fresh visitors or items and repeated some (more cache hits than real traffic)")
+    runs = [run for result in results for run in result["runs"].values()]
+    if reused := sorted({kind for run in runs for kind in run.get("population_reused", [])}):
+        print(f"* by this run the fresh {'/'.join(reused)} had run out; some were asked for again (a cache may answer)")
     code = report["code"]
     dirty = f", {len(code['uncommitted_changes'])} uncommitted changes" if code["uncommitted_changes"] else ""
     print(f"code {code['commit']}{dirty}; snapshot {snap.version}")
