@@ -131,9 +131,12 @@ class ShopVisitor(FastHttpUser):
 
     wait_time = between(*_wait_range())
 
-    def _recommend(self, query: str, name: str) -> None:
-        with self.client.get(f"/v1/recommend?{query}", name=name, catch_response=True) as response:
+    def _items(self, path: str, name: str) -> None:
+        with self.client.get(path, name=name, catch_response=True) as response:
             check_items(response)
+
+    def _recommend(self, query: str, name: str) -> None:
+        self._items(f"/v1/recommend?{query}", name)
 
     def _post_events(self, events: list[dict[str, Any]], name: str) -> None:
         with self.client.post("/v1/events", json={"events": events}, name=name, catch_response=True) as response:
@@ -172,24 +175,15 @@ class ShopVisitor(FastHttpUser):
 
     @task(15)
     def similar_items(self) -> None:
-        item = random.choice(SHOP.items)
-        with self.client.get(
-            f"/v1/items/{item}/similar?n=10", name="/v1/items/[id]/similar", catch_response=True
-        ) as response:
-            check_items(response)
+        self._items(f"/v1/items/{random.choice(SHOP.items)}/similar?n=10", "/v1/items/[id]/similar")
 
     @task(5)
     def popular(self) -> None:
-        with self.client.get("/v1/popular?n=10", name="/v1/popular", catch_response=True) as response:
-            check_items(response)
+        self._items("/v1/popular?n=10", "/v1/popular")
 
     @task(5)
     def popular_in_category(self) -> None:
-        category = random.choice(SHOP.categories)
-        with self.client.get(
-            f"/v1/popular?n=10&category={category}", name="/v1/popular [category]", catch_response=True
-        ) as response:
-            check_items(response)
+        self._items(f"/v1/popular?n=10&category={random.choice(SHOP.categories)}", "/v1/popular [category]")
 
     @task(10)
     def event_batch(self) -> None:
