@@ -31,12 +31,11 @@ import resource
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -47,11 +46,19 @@ import numpy as np
 import numpy.typing as npt
 
 from index_builder.model import ModelParams, fold_in, profile_confidence, regularized_gram
+from loadtests.harness import (
+    ROOT,
+    describe,
+    free_port,
+    load_average,
+    run_wrk,
+    running,
+    say,
+    wait_ready,
+    wait_redis,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-LUA = ROOT / "loadtests" / "wrk" / "paths.lua"
 STORES = ("memory", "redis")
-MARKER = "WRK_JSON "
 RECALL_K = 10
 
 # The bars this benchmark reports against.
@@ -61,16 +68,6 @@ BAR_DEGRADED = 0.01  # share of answers that fell back to popular items because 
 
 Floats = npt.NDArray[np.float32]
 Rows = npt.NDArray[np.intp]
-
-_started = time.monotonic()
-
-
-def say(message: str) -> None:
-    print(f"[{time.monotonic() - _started:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -246,127 +243,6 @@ class Snapshot:
         weights = np.full(len(items), self.event_weights[event], dtype=np.float32)
         distinct, confidence = profile_confidence(items, weights, self.params)
         return fold_in(self.item_vectors, self.gram, distinct, confidence), distinct
-
-
-# ---------------------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def stop(proc: subprocess.Popen[bytes], name: str) -> None:
-    """SIGTERM the process group (the server may have workers), then SIGKILL after 15 s."""
-    if proc.poll() is None:
-        say(f"stopping {name} (pid {proc.pid})")
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            say(f"{name} ignored SIGTERM; killing it")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
-@contextlib.contextmanager
-def running(command: Sequence[str], log: Path, name: str) -> Iterator[subprocess.Popen[bytes]]:
-    say(f"starting {name}: {shlex.join(command)}  (log: {log})")
-    with log.open("wb") as out:
-        # own session: a Ctrl-C reaches only this harness, which then stops the children in order
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        stop(proc, name)
-
-
-def wait_redis(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            if sock.recv(64).startswith(b"+PONG"):
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"redis-server on port {port} did not answer PING in {timeout:.0f}s")
-
-
-def wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> float:
-    started = time.monotonic()
-    last = "no answer"
-    while time.monotonic() - started < timeout:
-        if proc.poll() is not None:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-            raise RuntimeError(f"the gateway exited with {proc.returncode} before it was ready:\n{tail}")
-        try:
-            response = client.get("/readyz", timeout=2)
-            if response.status_code == 200:
-                return time.monotonic() - started
-            last = f"{response.status_code} {response.text[:200]}"
-        except httpx.TransportError as exc:
-            last = repr(exc)
-        time.sleep(0.2)
-    raise RuntimeError(f"/readyz not 200 after {timeout:.0f}s; last: {last}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its reaped children, from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    ticks = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-# ---------------------------------------------------------------------------------------------- wrk
-
-
-def run_wrk(
-    url: str,
-    paths: Path,
-    *,
-    duration: float,
-    connections: int,
-    threads: int,
-    server_pid: int,
-    rate: float | None = None,
-) -> dict[str, Any]:
-    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s", "-s", str(LUA), url]
-    command += ["--", f"file={paths}", f"threads={threads}"]
-    if rate:
-        command += [f"rate={rate:.3f}", f"connections={connections}"]
-    cpu_before, load_before = cpu_seconds(server_pid), load_average()
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60, check=False)
-    server_cpu = (cpu_seconds(server_pid) - cpu_before) / duration
-    lines = [line for line in completed.stdout.splitlines() if line.startswith(MARKER)]
-    if completed.returncode != 0 or not lines:
-        raise RuntimeError(f"wrk failed ({completed.returncode}): {completed.stderr.strip()} {completed.stdout[-500:]}")
-    result: dict[str, Any] = json.loads(lines[-1][len(MARKER) :])
-    result["errors_total"] = sum(result["errors"].values())
-    result["server_cpu"] = round(server_cpu, 2)
-    result["load_before"] = load_before
-    if rate:
-        result["requested_rate"] = round(rate, 1)
-    return result
-
-
-def describe(result: dict[str, Any]) -> str:
-    lat = result["latency_ms"]
-    text = (
-        f"{result['rate']:9,.0f} req/s  p50 {lat['p50']:7.2f} ms  p99 {lat['p99']:7.2f} ms  "
-        f"errors {result['errors_total']}  server CPU {result['server_cpu']:.0%}"
-    )
-    cache = result.get("gateway", {}).get("candidate_cache", {})
-    if sum(cache.values()):
-        text += f"  cache hits {cache.get('hit', 0) / sum(cache.values()):.0%}"
-    return text
 
 
 # ------------------------------------------------------------------------------------------ traffic
