@@ -353,7 +353,7 @@ class Recommender:
         start, stop = 0, n + len(excluded) if not wanted else 4 * n
         while start < len(pool.rows):
             rows = pool.rows[start:stop].tolist()
-            scores = np.round(pool.scores[start:stop], 6).tolist()
+            scores = np.round(pool.scores[start:stop].astype(np.float64), 6).tolist()
             for row, score in zip(rows, scores, strict=True):
                 if row in excluded or (wanted and wanted.isdisjoint(category_sets[row])):
                     continue
@@ -383,7 +383,7 @@ class Recommender:
         picks: list[Pick] = []
         for row in rows:
             if row not in excluded:
-                picks.append(Pick(row, float(snap.popularity[row]), POPULAR))
+                picks.append(Pick(row, round(float(snap.popularity[row]), 6), POPULAR))
                 if len(picks) == n:
                     break
         return picks

@@ -90,6 +90,7 @@ def test_known_user_gets_the_exact_top_items_by_their_vector_without_seen_ones(
     assert all(item["reasons"] == ["user-vector"] for item in body["items"])
     scores = [item["score"] for item in body["items"]]
     assert scores == sorted(scores, reverse=True)
+    assert all(len(repr(score).partition(".")[2]) <= 6 for score in scores)  # compact JSON numbers
 
 
 def test_known_user_outside_the_precomputed_pools_is_searched_online_to_the_same_answer(
@@ -111,6 +112,7 @@ def test_unknown_visitor_without_events_gets_popular_items_as_cold_start(client:
     assert body["profile"] == "none"
     assert ids(body) == [snap.item_ids[row] for row in snap.popular[""][:5]]
     assert all(item["reasons"] == ["popular"] for item in body["items"])
+    assert all(len(repr(item["score"]).partition(".")[2]) <= 6 for item in body["items"])
 
 
 def live_vector(snap: Snapshot, rows: list[int], events: list[str]) -> np.ndarray[Any, Any]:
