@@ -107,8 +107,10 @@ def test_snapshot_swaps_under_continuous_load_fail_no_request(server: Server, ro
             await asyncio.to_thread(snapshot.set_current, root, published[-1])
             assert (await admin.post("/admin/reload")).json()["changed"] in (True, False)
             await asyncio.sleep(0.8)
-            bad = await asyncio.to_thread(republish, root)
+            # Corrupted before the pointer names it, so the watcher cannot load it while still intact.
+            bad = await asyncio.to_thread(republish, root, make_current=False)
             await asyncio.to_thread(corrupt, root / bad)
+            await asyncio.to_thread(snapshot.set_current, root, bad)
             await asyncio.sleep(0.8)
         stop.set()
         await asyncio.gather(*workers)
