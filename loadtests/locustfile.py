@@ -90,16 +90,23 @@ def _wait_range() -> tuple[float, float]:
     return float(low), float(high or low)
 
 
-def check_items(response: Checked) -> None:
-    """Mark the response failed unless it is 2xx JSON with an `items` list of well-formed items."""
+def _json_body(response: Checked) -> tuple[bool, Any]:
+    """(True, the decoded body) for a 2xx JSON response; else marks it failed and gives (False, None)."""
     status = response.status_code
     if not 200 <= status < 300:
         response.failure(f"HTTP {status}: {(response.content or b'')[:200]!r}")
-        return
+        return False, None
     try:
-        body: Any = json.loads(response.content or b"")
+        return True, json.loads(response.content or b"")
     except ValueError:
         response.failure(f"not JSON: {(response.content or b'')[:200]!r}")
+        return False, None
+
+
+def check_items(response: Checked) -> None:
+    """Mark the response failed unless it is 2xx JSON with an `items` list of well-formed items."""
+    ok, body = _json_body(response)
+    if not ok:
         return
     items = body.get("items") if isinstance(body, dict) else None
     if not isinstance(items, list):
@@ -111,14 +118,8 @@ def check_items(response: Checked) -> None:
 
 
 def check_accepted(response: Checked, sent: int) -> None:
-    status = response.status_code
-    if not 200 <= status < 300:
-        response.failure(f"HTTP {status}: {(response.content or b'')[:200]!r}")
-        return
-    try:
-        body: Any = json.loads(response.content or b"")
-    except ValueError:
-        response.failure(f"not JSON: {(response.content or b'')[:200]!r}")
+    ok, body = _json_body(response)
+    if not ok:
         return
     if not isinstance(body, dict) or body.get("accepted") != sent:
         response.failure(f"expected accepted={sent}: {(response.content or b'')[:200]!r}")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.snapshots import build_small
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -101,3 +103,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def small_snapshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic shop's snapshot root, built once for the session; treat it as read-only."""
+    return build_small(tmp_path_factory.mktemp("shop"), tmp_path_factory.mktemp("snapshots"))
+
+
+@pytest.fixture
+def root(small_snapshots: Path, tmp_path: Path) -> Path:
+    """A private copy of the small snapshots, so a test may publish or corrupt freely."""
+    copy = tmp_path / "snapshots"
+    shutil.copytree(small_snapshots, copy)
+    return copy

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
@@ -22,25 +21,12 @@ from gateway.store import Interaction, MemoryStore, Profile, Store, open_store
 from index_builder import snapshot
 from index_builder.model import fold_in, profile_confidence
 from tests.conftest import RedisServer
-from tests.snapshots import build_small, corrupt, current_dir, republish
+from tests.snapshots import corrupt, current_dir, republish
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_small(tmp_path_factory.mktemp("shop"), tmp_path_factory.mktemp("snapshots"))
-
-
-@pytest.fixture
-def root(built: Path, tmp_path: Path) -> Path:
-    """A private copy of the built snapshots, so a test may publish or corrupt freely."""
-    copy = tmp_path / "snapshots"
-    shutil.copytree(built, copy)
-    return copy
-
-
-@pytest.fixture(scope="module")
-def snap(built: Path) -> Snapshot:
-    return load(current_dir(built))
+def snap(small_snapshots: Path) -> Snapshot:
+    return load(current_dir(small_snapshots))
 
 
 def settings(root: Path, **changes: Any) -> Settings:

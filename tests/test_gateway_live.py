@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,14 +16,9 @@ import pytest
 
 from index_builder import snapshot
 from tests.conftest import RedisServer, free_port
-from tests.snapshots import build_small, corrupt, republish
+from tests.snapshots import corrupt, republish
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_small(tmp_path_factory.mktemp("shop"), tmp_path_factory.mktemp("snapshots"))
 
 
 class Server:
@@ -61,13 +55,6 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-@pytest.fixture
-def root(built: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "snapshots"
-    shutil.copytree(built, copy)
-    return copy
 
 
 @pytest.fixture
