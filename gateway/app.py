@@ -267,11 +267,8 @@ class Gateway:
         row = rec.snap.row_of.get(item)
         if row is None:
             raise ApiError(404, "unknown-item", f"no item {item!r} in snapshot {rec.snap.version}", field="item_id")
-        if rec.stale(time.time()):
-            picks = rec.popular(n=self._n(q.n), categories=q.category, excluded=rec.rows_of(q.exclude) | {row})
-            return self._answer(request, rec, Answer(picks, "stale-snapshot", "none"))
-        picks = await rec.similar(row, n=self._n(q.n), categories=q.category, excluded=rec.rows_of(q.exclude))
-        return self._answer(request, rec, Answer(picks, None, "none"))
+        answer = await rec.similar(row, n=self._n(q.n), categories=q.category, exclude=q.exclude)
+        return self._answer(request, rec, answer)
 
     async def popular(self, request: Request) -> Response:
         q = parse_query(request, wire.PopularQuery)

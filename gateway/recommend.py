@@ -301,7 +301,12 @@ class Recommender:
             pool, ("live", live), compute, reason=USER_VECTOR, n=n, categories=categories, excluded=excluded
         )
 
-    async def similar(self, row: int, *, n: int, categories: Collection[str], excluded: set[int]) -> list[Pick]:
+    async def similar(
+        self, row: int, *, n: int, categories: Collection[str], exclude: Collection[str], now: float | None = None
+    ) -> Answer:
+        excluded = self.rows_of(exclude) | {row}
+        if self.stale(time.time() if now is None else now):
+            return Answer(self.popular(n=n, categories=categories, excluded=excluded), "stale-snapshot", "none")
         candidates = self.candidates
 
         def compute(within: Rows | None = None) -> Pool:
@@ -315,9 +320,10 @@ class Recommender:
         else:
             pool = await candidates.cached(("similar", row), compute)
         reason = f"similar-to:{self.snap.item_ids[row]}"
-        return await self._choose(
-            pool, ("similar", row), compute, reason=reason, n=n, categories=categories, excluded=excluded | {row}
+        picks = await self._choose(
+            pool, ("similar", row), compute, reason=reason, n=n, categories=categories, excluded=excluded
         )
+        return Answer(picks, None, "none")
 
     async def _choose(
         self,

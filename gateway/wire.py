@@ -64,13 +64,6 @@ class PopularQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     exclude: Excluded = []
 
 
-QUERY_TYPES: dict[str, type[msgspec.Struct]] = {
-    "recommend": RecommendQuery,
-    "similar": SimilarQuery,
-    "popular": PopularQuery,
-}
-
-
 class ScoredItem(msgspec.Struct, frozen=True, gc=False):
     id: str
     score: Annotated[float, msgspec.Meta(description="Higher is better; comparable within one response.")]
