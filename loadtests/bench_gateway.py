@@ -34,9 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -45,7 +43,7 @@ import httpx2 as httpx
 import numpy as np
 import numpy.typing as npt
 
-from index_builder.model import ModelParams, fold_in, profile_confidence, regularized_gram
+from loadtests.exact import Snapshot, measure_recall
 from loadtests.harness import (
     ROOT,
     describe,
@@ -56,6 +54,13 @@ from loadtests.harness import (
     say,
     wait_ready,
     wait_redis,
+)
+from loadtests.traffic import (
+    counter_delta,
+    gateway_counters,
+    make_traffic,
+    preflight,
+    seed_visitors,
 )
 
 STORES = ("memory", "redis")
@@ -177,319 +182,6 @@ def pin_snapshot(snap: Snapshot, root: Path) -> Path:
     (root / snap.version).symlink_to(snap.directory.resolve(), target_is_directory=True)
     (root / "CURRENT").write_text(snap.version + "\n")
     return root
-
-
-@dataclass
-class Snapshot:
-    directory: Path
-    version: str
-    manifest: dict[str, Any]
-    item_ids: list[str]
-    item_row: dict[str, int]
-    user_ids: list[str]
-    item_vectors: Floats
-    user_vectors: Floats
-    seen_indptr: npt.NDArray[np.int64]
-    seen_indices: npt.NDArray[np.int64]
-    in_stock: npt.NDArray[np.bool_]
-    popular: dict[str, list[int]]
-    params: ModelParams = field(init=False)
-    event_weights: dict[str, float] = field(init=False)
-    gram: npt.NDArray[np.float64] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        parameters = self.manifest["parameters"]
-        self.params = ModelParams(**parameters["model"])
-        self.event_weights = {str(k): float(v) for k, v in parameters["event_weights"].items()}
-        self.gram = regularized_gram(self.item_vectors, self.params.regularization)
-
-    @classmethod
-    def load(cls, root: Path) -> Snapshot:
-        version = (root / "CURRENT").read_text().strip()
-        directory = root / version
-        items = json.loads((directory / "items.json").read_bytes())
-        item_ids = [str(item["item_id"]) for item in items]
-        return cls(
-            directory=directory,
-            version=version,
-            manifest=json.loads((directory / "manifest.json").read_bytes()),
-            item_ids=item_ids,
-            item_row={item_id: row for row, item_id in enumerate(item_ids)},
-            user_ids=[str(u) for u in json.loads((directory / "users.json").read_bytes())],
-            item_vectors=np.load(directory / "item_vectors.npy"),
-            user_vectors=np.load(directory / "user_vectors.npy"),
-            seen_indptr=np.load(directory / "seen_indptr.npy").astype(np.int64),
-            seen_indices=np.load(directory / "seen_indices.npy").astype(np.int64),
-            in_stock=np.array([(item.get("stock") is None or item["stock"] > 0) for item in items], dtype=np.bool_),
-            popular={
-                str(k): [int(r) for r in v] for k, v in json.loads((directory / "popular.json").read_bytes()).items()
-            },
-        )
-
-    def seen(self, user_row: int) -> Rows:
-        return self.seen_indices[self.seen_indptr[user_row] : self.seen_indptr[user_row + 1]].astype(np.intp)
-
-    def exact_top(self, vector: Floats, exclude: Rows, *, in_stock_only: bool = False) -> set[str]:
-        scores = self.item_vectors @ vector
-        scores[exclude] = -np.inf
-        if in_stock_only:
-            scores[~self.in_stock] = -np.inf
-        top = np.argpartition(-scores, RECALL_K)[:RECALL_K]
-        return {self.item_ids[int(row)] for row in top}
-
-    def visitor_vector(self, rows: Sequence[int], event: str) -> tuple[Floats, Rows]:
-        """The fold-in the gateway should compute for a visitor whose events are `rows`, oldest first."""
-        items = np.asarray(rows, dtype=np.intp)
-        weights = np.full(len(items), self.event_weights[event], dtype=np.float32)
-        distinct, confidence = profile_confidence(items, weights, self.params)
-        return fold_in(self.item_vectors, self.gram, distinct, confidence), distinct
-
-
-# ------------------------------------------------------------------------------------------ traffic
-
-
-class Population:
-    """Visitors or items handed out in one shuffled order. A run peeks at the next ones and afterwards
-    consumes only as many as it sent, so no run repeats a request an earlier run made (which the
-    gateway might answer from its cache) until the whole population has been used once."""
-
-    def __init__(self, values: Sequence[str], rng: random.Random) -> None:
-        self.values = list(values)
-        rng.shuffle(self.values)
-        self.cursor = 0
-
-    def peek(self, count: int) -> list[str]:
-        n = len(self.values)
-        return [self.values[(self.cursor + i) % n] for i in range(count)]
-
-    def consume(self, count: int) -> None:
-        self.cursor += count
-
-    @property
-    def wrapped(self) -> bool:
-        return self.cursor > len(self.values)
-
-
-class Fresh(Population):
-    """Never-seen visitor ids, as many as asked for."""
-
-    def __init__(self, prefix: str) -> None:
-        super().__init__([], random.Random(0))
-        self.prefix = prefix
-
-    def peek(self, count: int) -> list[str]:
-        return [f"{self.prefix}{self.cursor + i:08d}" for i in range(count)]
-
-    @property
-    def wrapped(self) -> bool:
-        return False
-
-
-@dataclass
-class Kind:
-    name: str
-    weight: float
-    population: Population
-    template: str  # "{}" is replaced by the population's value
-
-
-@dataclass
-class Traffic:
-    """A request mix over populations; `window` writes the next paths for one wrk run."""
-
-    name: str
-    kinds: list[Kind]
-    rng: random.Random
-
-    def window(self, size: int, path: Path) -> list[str]:
-        drawn = self.rng.choices(range(len(self.kinds)), weights=[k.weight for k in self.kinds], k=size)
-        counts = Counter(drawn)
-        values = {i: iter(self.kinds[i].population.peek(counts[i])) for i in counts}
-        paths = [self.kinds[i].template.format(next(values[i])) for i in drawn]
-        path.write_text("\n".join(paths) + "\n")
-        return [self.kinds[i].name for i in drawn]
-
-    def consume(self, kinds: list[str], count: int) -> dict[str, int]:
-        used = Counter(kinds[:count])
-        for kind in self.kinds:
-            kind.population.consume(used[kind.name])
-        return dict(used)
-
-    @property
-    def reused(self) -> list[str]:
-        return [kind.name for kind in self.kinds if kind.population.wrapped]
-
-
-def make_traffic(snap: Snapshot, visitors: dict[str, list[int]], args: argparse.Namespace) -> dict[str, Traffic]:
-    rng = random.Random(args.seed)
-    known = Population(snap.user_ids, rng)
-    seeded = Population(list(visitors), rng)
-    unknown = Fresh(f"anon-{rng.getrandbits(32):08x}-")
-    items = Population(snap.item_ids, rng)
-    recommend = "/v1/recommend?{}&n=10"
-    known_kind = Kind("known", args.mix[0], known, recommend.format("user={}"))
-    new_kind = Kind("new", args.mix[1], seeded, recommend.format("visitor={}"))
-    unknown_kind = Kind("unknown", args.mix[2], unknown, recommend.format("visitor={}"))
-    traffic = {
-        "healthz": Traffic("healthz", [Kind("healthz", 1, Population(["-"], rng), "/healthz")], rng),
-        "recommend": Traffic("recommend", [known_kind, new_kind, unknown_kind], rng),
-        "similar": Traffic("similar", [Kind("similar", 1, items, "/v1/items/{}/similar?n=10")], rng),
-    }
-    # single-kind mixes share the populations, so they never repeat what the mix already asked
-    for kind in (known_kind, new_kind, unknown_kind):
-        alone = Kind(kind.name, 1.0, kind.population, kind.template)
-        traffic[f"recommend_{kind.name}"] = Traffic(f"recommend_{kind.name}", [alone], rng)
-    return traffic
-
-
-def seed_visitors(client: httpx.Client, snap: Snapshot, count: int, rng: random.Random) -> dict[str, list[int]]:
-    """`count` new visitors, each with 1-3 recent clicks (mostly popular items of one category)."""
-    categories = [c for c in snap.popular if c]
-    visitors: dict[str, list[int]] = {}
-    for number in range(count):
-        pool = snap.popular[rng.choice(categories)] or snap.popular[""]
-        clicks = [rng.choice(pool) if rng.random() < 2 / 3 else rng.randrange(len(snap.item_ids))]
-        clicks += [rng.choice(pool) for _ in range(rng.randint(0, 2))]
-        visitors[f"bench-{number:05d}-{rng.getrandbits(32):08x}"] = clicks
-    now = int(time.time())
-    events = [
-        {"visitor": visitor, "item": snap.item_ids[row], "event": "click", "ts": now - (len(rows) - 1 - k)}
-        for visitor, rows in visitors.items()
-        for k, row in enumerate(rows)
-    ]
-    for start in range(0, len(events), 100):
-        batch = events[start : start + 100]
-        response = client.post("/v1/events", json={"events": batch})
-        body = response.json() if response.headers.get("content-type", "").startswith("application/json") else None
-        if response.status_code != 202 or not isinstance(body, dict) or body.get("accepted") != len(batch):
-            raise RuntimeError(f"POST /v1/events: {response.status_code} {response.text[:300]}")
-    return visitors
-
-
-def check_shape(response: httpx.Response) -> str | None:
-    """None if the response is what the API promises, else what is wrong with it."""
-    if response.status_code != 200:
-        return f"HTTP {response.status_code}: {response.text[:300]}"
-    try:
-        body = response.json()
-    except ValueError:
-        return f"not JSON: {response.text[:300]}"
-    if not isinstance(body, dict) or not isinstance(body.get("items"), list):
-        return f"no items list: {response.text[:300]}"
-    for key in ("request_id", "snapshot", "fallback"):
-        if key not in body:
-            return f"no {key!r}: {response.text[:300]}"
-    for item in body["items"]:
-        if not isinstance(item, dict) or not {"id", "score", "reasons", "title", "categories"} <= set(item):
-            return f"malformed item {item!r}"
-    return None
-
-
-def preflight(client: httpx.Client, traffic: dict[str, Traffic], directory: Path, per_mix: int = 30) -> list[str]:
-    """GET the first paths of every mix once and validate them, so wrk's numbers are about valid answers.
-    The paths are consumed: the measured runs do not get them again from a warm cache."""
-    problems: list[str] = []
-    for name in ("healthz", "recommend", "similar"):
-        path = directory / f"preflight-{name}.txt"
-        kinds = traffic[name].window(per_mix, path)
-        traffic[name].consume(kinds, per_mix)
-        for line in path.read_text().split():
-            response = client.get(line)
-            problem = check_shape(response) if name != "healthz" else None
-            if name == "healthz" and response.status_code != 200:
-                problem = f"HTTP {response.status_code}: {response.text[:200]}"
-            if problem:
-                problems.append(f"GET {line}: {problem}")
-    return problems
-
-
-def gateway_counters(client: httpx.Client) -> dict[str, float]:
-    """The gateway's own Prometheus counters, by sample name and labels (empty if /metrics fails)."""
-    try:
-        text = client.get("/metrics", timeout=10).text
-    except httpx.HTTPError:
-        return {}
-    counters: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("tailor_"):
-            name, _, value = line.rpartition(" ")
-            with contextlib.suppress(ValueError):
-                counters[name] = float(value)
-    return counters
-
-
-def counter_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Per-run increase of the interesting counters: cache hit/miss, responses by route+status, fallbacks."""
-    delta: dict[str, dict[str, float]] = {"candidate_cache": {}, "responses": {}, "fallbacks": {}}
-    # sample names: counters end in _total; the cache lookups may be a gauge since the snapshot loaded
-    sources = {
-        "tailor_candidate_cache_total": "candidate_cache",
-        "tailor_candidate_cache_lookups": "candidate_cache",
-        "tailor_responses_total": "responses",
-        "tailor_fallbacks_total": "fallbacks",
-    }
-    for name, value in after.items():
-        change = value - before.get(name, 0.0)
-        if not change:
-            continue
-        metric, _, labels = name.partition("{")
-        label = ",".join(part.split("=", 1)[1].strip('"') for part in labels.rstrip("}").split(",") if "=" in part)
-        if metric in sources:
-            delta[sources[metric]][label] = change
-    return delta
-
-
-# ----------------------------------------------------------------------------------------- recall
-
-
-def measure_recall(
-    client: httpx.Client, snap: Snapshot, visitors: dict[str, list[int]], samples: int, rng: random.Random
-) -> dict[str, Any]:
-    """recall@10 of served /v1/recommend results against exact search, for known users and new visitors;
-    for never-seen visitors (no reference), only which fallback and reasons they got."""
-    out: dict[str, Any] = {}
-    problems: list[str] = []
-    kinds = ("known", "new", "unknown")
-    cases: list[tuple[str, str, Floats | None, Rows | None]] = []
-    for user in rng.sample(range(len(snap.user_ids)), min(samples, len(snap.user_ids))):
-        cases.append(("known", f"user={snap.user_ids[user]}", snap.user_vectors[user], snap.seen(user)))
-    for visitor in rng.sample(list(visitors), min(samples, len(visitors))):
-        folded, clicked = snap.visitor_vector(visitors[visitor], "click")
-        cases.append(("new", f"visitor={visitor}", folded, clicked))
-    cases += [("unknown", f"visitor=anon-{rng.getrandbits(64):016x}", None, None) for _ in range(min(samples, 50))]
-    recalls: dict[str, list[float]] = {kind: [] for kind in kinds}
-    in_stock: dict[str, list[float]] = {kind: [] for kind in kinds}
-    reasons: dict[str, Counter[str]] = {kind: Counter() for kind in kinds}
-    fallbacks: dict[str, Counter[str]] = {kind: Counter() for kind in kinds}
-    latencies: dict[str, list[float]] = {kind: [] for kind in kinds}
-    for kind, query, vector, exclude in cases:
-        started = time.perf_counter()
-        response = client.get(f"/v1/recommend?{query}&n={RECALL_K}")
-        latencies[kind].append((time.perf_counter() - started) * 1000)
-        problem = check_shape(response)
-        if problem:
-            problems.append(f"GET /v1/recommend?{query}: {problem}")
-            continue
-        body = response.json()
-        served = [str(item["id"]) for item in body["items"]]
-        fallbacks[kind][str(body["fallback"])] += 1
-        for item in body["items"]:
-            reasons[kind].update(str(r) for r in item["reasons"])
-        if vector is None or exclude is None:
-            continue
-        recalls[kind].append(len(set(served) & snap.exact_top(vector, exclude)) / RECALL_K)
-        in_stock[kind].append(len(set(served) & snap.exact_top(vector, exclude, in_stock_only=True)) / RECALL_K)
-    for kind in kinds:
-        out[kind] = {
-            "recall_at_10": round(float(np.mean(recalls[kind])), 4) if recalls[kind] else None,
-            "recall_at_10_vs_exact_in_stock": round(float(np.mean(in_stock[kind])), 4) if in_stock[kind] else None,
-            "queries": len(latencies[kind]),
-            "fallbacks": dict(fallbacks[kind]),
-            "reasons": dict(reasons[kind].most_common(5)),
-            "sequential_latency_ms_p50": round(float(np.median(latencies[kind])), 3) if latencies[kind] else None,
-        }
-    out["problems"] = problems[:20]
-    return out
 
 
 # ------------------------------------------------------------------------------------------- a store

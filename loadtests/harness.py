@@ -151,3 +151,22 @@ def describe(result: dict[str, Any]) -> str:
     if sum(cache.values()):
         text += f"  cache hits {cache.get('hit', 0) / sum(cache.values()):.0%}"
     return text
+
+
+def check_shape(response: httpx.Response) -> str | None:
+    """None if the response is what the API promises, else what is wrong with it."""
+    if response.status_code != 200:
+        return f"HTTP {response.status_code}: {response.text[:300]}"
+    try:
+        body = response.json()
+    except ValueError:
+        return f"not JSON: {response.text[:300]}"
+    if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+        return f"no items list: {response.text[:300]}"
+    for key in ("request_id", "snapshot", "fallback"):
+        if key not in body:
+            return f"no {key!r}: {response.text[:300]}"
+    for item in body["items"]:
+        if not isinstance(item, dict) or not {"id", "score", "reasons", "title", "categories"} <= set(item):
+            return f"malformed item {item!r}"
+    return None
