@@ -21,7 +21,7 @@ import numpy.typing as npt
 from gateway.guard import GuardedStore
 from gateway.snapshot import Rows, Snapshot, Vectors
 from gateway.store import Interaction
-from index_builder.model import fold_in, profile_confidence
+from index_builder.model import fold_in_low_rank, recent_confidence
 
 T = TypeVar("T")
 Offload = Callable[[Callable[[], T]], Awaitable[T]]
@@ -40,6 +40,10 @@ POPULAR = "popular"
 class Pool(NamedTuple):
     rows: npt.NDArray[np.int32]
     scores: npt.NDArray[np.float32]
+
+
+# A visitor's distinct recent rows (ascending) and the confidence of each.
+LiveProfile = tuple[tuple[int, ...], tuple[float, ...]]
 
 
 class Pick(NamedTuple):
@@ -171,8 +175,11 @@ def _best(rows: npt.NDArray[np.int64], scores: npt.NDArray[np.floating], k: int)
     k = min(k, len(rows))
     if k == 0:
         return Pool(np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32))
-    top = np.argpartition(-scores, k - 1)[:k] if k < len(rows) else np.arange(len(rows))
-    order = top[np.argsort(-scores[top], kind="stable")]
+    if len(rows) <= 4 * k:  # a few hundred rows: one stable sort beats partition-then-sort
+        order = np.argsort(-scores, kind="stable")[:k]
+    else:
+        top = np.argpartition(-scores, k - 1)[:k]
+        order = top[np.argsort(-scores[top], kind="stable")]
     return Pool(rows[order].astype(np.int32), scores[order].astype(np.float32))
 
 
@@ -244,8 +251,9 @@ class Recommender:
         picks = await self._for_live(live, n=n, categories=categories, excluded=excluded)
         return Answer(picks, None, "live")
 
-    def live_profile(self, recent: list[Interaction]) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
-        """The rows and weights of a visitor's recent events that say something about taste."""
+    def live_profile(self, recent: list[Interaction]) -> LiveProfile | None:
+        """The distinct rows of a visitor's recent events that say something about taste, ascending,
+        with their recency-weighted confidence: the fold-in's input, and the candidate cache's key."""
         row_of, weights = self.snap.row_of, self.snap.event_weights
         rows: list[int] = []
         values: list[float] = []
@@ -255,14 +263,16 @@ class Recommender:
             if row is not None and weight > 0:
                 rows.append(row)
                 values.append(weight)
-        return (tuple(rows), tuple(values)) if rows else None
+        if not rows:
+            return None
+        distinct, confidence = recent_confidence(rows, values, self.snap.params)
+        return tuple(distinct), tuple(confidence)
 
-    def live_vector(self, rows: tuple[int, ...], weights: tuple[float, ...]) -> Vectors:
+    def live_vector(self, live: LiveProfile) -> Vectors:
         snap = self.snap
-        distinct, confidence = profile_confidence(
-            np.asarray(rows, dtype=np.intp), np.asarray(weights, dtype=np.float32), snap.params
+        return fold_in_low_rank(
+            snap.item_vectors, snap.gram_inverse, np.asarray(live[0], dtype=np.intp), np.asarray(live[1])
         )
-        return fold_in(snap.item_vectors, snap.gram, distinct, confidence)
 
     async def _for_user(self, row: int, *, n: int, categories: Collection[str], excluded: set[int]) -> list[Pick]:
         snap, candidates = self.snap, self.candidates
@@ -281,17 +291,17 @@ class Recommender:
 
     async def _for_live(
         self,
-        live: tuple[tuple[int, ...], tuple[float, ...]],
+        live: LiveProfile,
         *,
         n: int,
         categories: Collection[str],
         excluded: set[int],
     ) -> list[Pick]:
         candidates = self.candidates
-        rows = np.unique(np.asarray(live[0], dtype=np.int64))
+        rows = np.asarray(live[0], dtype=np.int64)  # distinct and ascending already
 
         def compute(within: Rows | None = None) -> Pool:
-            vector = self.live_vector(*live)
+            vector = self.live_vector(live)
             if within is None and self.snap.neighbour_rows is not None:
                 return candidates.around(vector, items=rows, exclude=rows)
             return candidates.top(vector, exclude=rows, within=within)

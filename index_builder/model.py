@@ -8,6 +8,9 @@ same on the fly for visitors the snapshot does not know, so both paths rank alik
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import msgspec
 import numpy as np
 import numpy.typing as npt
@@ -55,6 +58,50 @@ def fold_in(
     a = gram + (y.T * (c - 1.0)) @ y
     b = y.T @ c
     return np.linalg.solve(a, b).astype(np.float32)
+
+
+def fold_in_low_rank(
+    item_vectors: npt.NDArray[np.float32],
+    gram_inverse: npt.NDArray[np.floating[Any]],
+    items: npt.NDArray[np.intp],
+    confidence: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float32]:
+    """`fold_in` for a short history, from a precomputed (YᵀY + λI)⁻¹ = A⁻¹.
+
+    The visitor's system matrix is A + U D Uᵀ with U = Yᵤᵀ (k x m) and D = diag(c - 1): a rank-m
+    update of A. By the Woodbury identity (in the form that needs no D⁻¹, as c may equal 1),
+
+        x = x₀ - P (I + D UᵀP)⁻¹ D Uᵀx₀,   where P = A⁻¹U and x₀ = A⁻¹ Uc = P c,
+
+    so instead of factorising a k x k matrix per visitor (about 60 µs at k = 64) only an m x m
+    system is solved. Worth it while m is much smaller than k: the gateway's recent-events lists.
+    """
+    if len(items) == 0:
+        return np.zeros(item_vectors.shape[1], dtype=np.float32)
+    y = item_vectors[items].astype(np.float64)  # Uᵀ, m x k
+    c = np.asarray(confidence, dtype=np.float64)
+    p = gram_inverse @ y.T  # k x m
+    x0 = p @ c
+    d = c - 1.0
+    s = y @ p
+    s *= d[:, None]
+    s[np.diag_indices_from(s)] += 1.0
+    correction = np.linalg.solve(s, d * (y @ x0))
+    return (x0 - p @ correction).astype(np.float32)
+
+
+def recent_confidence(
+    items: Sequence[int], weights: Sequence[float], params: ModelParams
+) -> tuple[list[int], list[float]]:
+    """`profile_confidence` in plain Python, for a history of a few dozen events at most, where
+    numpy's per-call overhead would cost more than the arithmetic: distinct items ascending."""
+    half_life, alpha, last = params.half_life_events, params.alpha, len(items) - 1
+    total: dict[int, float] = {}
+    for position, (item, weight) in enumerate(zip(items, weights, strict=True)):
+        decay = 0.5 ** ((last - position) / half_life) if half_life > 0 else 1.0
+        total[item] = total.get(item, 0.0) + weight * decay * alpha
+    distinct = sorted(total)
+    return distinct, [total[item] for item in distinct]
 
 
 def profile_confidence(

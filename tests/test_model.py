@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from index_builder.dataset import Interactions
-from index_builder.model import ModelParams, fold_in, profile_confidence, recency_decay, regularized_gram
+from index_builder.model import (
+    ModelParams,
+    fold_in,
+    fold_in_low_rank,
+    profile_confidence,
+    recency_decay,
+    recent_confidence,
+    regularized_gram,
+)
 from index_builder.schema import Item
 from index_builder.train import content_vectors, fit_item_vectors, popularity_scores, user_vectors
 
@@ -102,3 +110,35 @@ def test_popularity_decays_with_age() -> None:
     assert popularity_scores(data, 0.0).tolist() == [2.0, 1.0]
     decayed = popularity_scores(data, 5.0)
     assert decayed[0] == np.float32(0.5) and decayed[1] == 1.0
+
+
+def test_low_rank_fold_in_equals_the_full_solve() -> None:
+    rng = np.random.default_rng(5)
+    items = rng.normal(size=(500, 32)).astype(np.float32) * 0.3
+    gram = regularized_gram(items, 10.0)
+    inverse = np.linalg.inv(gram)
+    params = ModelParams(alpha=5.0, half_life_events=2.0)
+    for size in (1, 2, 3, 8, 20):
+        history = rng.integers(0, 500, size=size)
+        weights = rng.choice([0.2, 1.0, 3.0, 8.0], size=size).astype(np.float32)
+        distinct, confidence = profile_confidence(history.astype(np.intp), weights, params)
+        # c < 1, c = 1 and c > 1 all occur among these (old, light events decay below 1)
+        expected = fold_in(items, gram, distinct, confidence)
+        got = fold_in_low_rank(items, inverse, distinct, confidence.astype(np.float64))
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    exactly_one = fold_in_low_rank(items, inverse, np.array([7], np.intp), np.array([1.0]))
+    one = fold_in(items, gram, np.array([7], np.intp), np.ones(1, np.float32))
+    np.testing.assert_allclose(exactly_one, one, rtol=1e-5)
+
+
+def test_recent_confidence_equals_profile_confidence() -> None:
+    rng = np.random.default_rng(6)
+    for half_life in (0.0, 1.0, 2.0, 3.5):
+        params = ModelParams(alpha=5.0, half_life_events=half_life)
+        history = rng.integers(0, 6, size=12)  # repeats: confidence adds up per item
+        weights = rng.choice([0.5, 1.0, 4.0], size=12)
+        expected_items, expected = profile_confidence(history.astype(np.intp), weights.astype(np.float32), params)
+        items, confidence = recent_confidence(history.tolist(), weights.tolist(), params)
+        assert items == expected_items.tolist()
+        np.testing.assert_allclose(confidence, expected, rtol=1e-6)
+    assert recent_confidence([], [], ModelParams()) == ([], [])
