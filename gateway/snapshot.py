@@ -61,6 +61,7 @@ class Snapshot:
     params: ModelParams
     event_weights: dict[str, float]
     gram: npt.NDArray[np.float64]
+    gram_inverse: npt.NDArray[np.floating[Any]]  # for fold_in_low_rank
     method: str
     search_k: int
     annoy: AnnoyIndex | None = field(default=None)
@@ -72,6 +73,10 @@ class Snapshot:
     neighbour_rows: npt.NDArray[np.int32] | None = None
     neighbour_scores: npt.NDArray[np.float32] | None = None
     pool_of_user: list[int] = field(default_factory=list)  # user row -> row in pool_rows, or -1
+    # Filled by the HTTP layer as rows are served (gateway.wire.encode_recommendations): a row's
+    # encoded id, title and categories, and each reason list, encoded once per snapshot.
+    encoded_items: dict[int, bytes] = field(default_factory=dict)
+    encoded_reasons: dict[str, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.pool_users is not None and not self.pool_of_user:
@@ -169,6 +174,7 @@ def _read(directory: Path) -> Snapshot:
         if pools["neighbour_rows"].shape[0] != len(items):
             raise ValueError("precomputed neighbours do not match the item table")
 
+    gram = regularized_gram(np.asarray(item_vectors), params.regularization)
     index = manifest.index
     annoy: AnnoyIndex | None = None
     if index["method"] == "annoy":
@@ -194,7 +200,8 @@ def _read(directory: Path) -> Snapshot:
         popularity=popularity,
         params=params,
         event_weights=weights,
-        gram=regularized_gram(np.asarray(item_vectors), params.regularization),
+        gram=gram,
+        gram_inverse=np.linalg.inv(gram),
         method=str(index["method"]),
         search_k=int(index["search_k"]),
         annoy=annoy,

@@ -6,11 +6,13 @@ body) and are the single source of the OpenAPI document (`gateway.openapi`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Literal
 
 import msgspec
 
 from gateway.recommend import Fallback, ProfileKind
+from gateway.snapshot import Snapshot
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256, description="An item, user or visitor id.")]
 UserId = Annotated[
@@ -65,7 +67,10 @@ class PopularQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ScoredItem(msgspec.Struct, frozen=True, gc=False):
+    # Field order is the order on the wire, which `encode_recommendations` reproduces.
     id: str
+    title: str
+    categories: list[str]
     score: Annotated[float, msgspec.Meta(description="Higher is better; comparable within one response.")]
     reasons: Annotated[
         list[str],
@@ -74,8 +79,6 @@ class ScoredItem(msgspec.Struct, frozen=True, gc=False):
             "`similar-to:<item>`, `popular`, `popular-in:<category>`."
         ),
     ]
-    title: str
-    categories: list[str]
 
 
 class Recommendations(msgspec.Struct, frozen=True, gc=False):
@@ -100,6 +103,46 @@ class Recommendations(msgspec.Struct, frozen=True, gc=False):
             "`live` (folded in from the visitor's recent events), `none`."
         ),
     ] = "none"
+
+
+class _EncodedRecommendations(msgspec.Struct, frozen=True, gc=False):
+    """`Recommendations` with its items already encoded."""
+
+    request_id: str
+    snapshot: str
+    items: msgspec.Raw
+    fallback: Fallback | None = None
+    profile: ProfileKind = "none"
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode_recommendations(
+    snap: Snapshot,
+    request_id: str,
+    picks: Iterable[tuple[int, float, str]],
+    fallback: Fallback | None,
+    profile: ProfileKind,
+) -> bytes:
+    """The JSON of `Recommendations(request_id, snap.version, [ScoredItem(...) per pick], ...)`,
+    byte for byte, without building a ScoredItem per pick: what does not change between answers
+    (an item's id, title and categories; a reason list) is encoded once per snapshot and reused.
+    Ten items cost about a third of building and encoding the structs (tests compare the bytes)."""
+    fragments, reasons = snap.encoded_items, snap.encoded_reasons
+    encode = _encoder.encode
+    parts: list[bytes] = []
+    for row, score, reason in picks:
+        head = fragments.get(row)
+        if head is None:
+            item = encode(ScoredItem(snap.item_ids[row], snap.titles[row], snap.categories[row], 0.0, []))
+            head = fragments[row] = item[: item.rindex(b'"score":') + 8]
+        tail = reasons.get(reason)
+        if tail is None:
+            tail = reasons[reason] = b',"reasons":' + encode([reason]) + b"}"
+        parts.append(head + encode(score) + tail)
+    items = msgspec.Raw(b"[" + b",".join(parts) + b"]")
+    return encode(_EncodedRecommendations(request_id, snap.version, items, fallback, profile))
 
 
 class EventIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
