@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -10,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+import uvloop
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
@@ -23,7 +25,7 @@ from gateway.store import (
     StoreError,
     open_store,
 )
-from gateway.store.resp import Multiplexed
+from gateway.store.resp import _Link
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -319,14 +321,15 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         sent.append(command)
         await original(self, command, check_health)
 
-    original_send = Multiplexed._send
+    original_flush = _Link._flush
 
-    def counting_send(self: Multiplexed, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
-        sent.append(commands)
-        return original_send(self, commands)
+    def counting_flush(self: _Link) -> None:
+        if self._unsent:
+            sent.append(list(self._unsent))
+        original_flush(self)
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
-    monkeypatch.setattr(Multiplexed, "_send", counting_send)
+    monkeypatch.setattr(_Link, "_flush", counting_flush)
     return sent
 
 
@@ -343,6 +346,64 @@ async def test_redis_profile_is_one_round_trip(redis_store: RedisStore, round_tr
     profile = await redis_store.profile("v", limit=10, now=T0)
     assert len(round_trips) == 1
     assert profile == Profile(recent=[seen("a"), seen("b")], counters={"views": 1, "carts": 1})
+
+
+async def test_redis_concurrent_profiles_share_writes_and_each_gets_its_own_answer(
+    redis_store: RedisStore, round_trips: list[object]
+) -> None:
+    for number in range(20):
+        await remember(redis_store, f"v{number}", f"item{number}", counters={"views": number + 1})
+    await redis_store.profile("v0", limit=10, now=T0)  # connected
+    round_trips.clear()
+    profiles = await asyncio.gather(*(redis_store.profile(f"v{number}", limit=10, now=T0) for number in range(20)))
+    assert [items(p) for p in profiles] == [[f"item{number}"] for number in range(20)]
+    assert [p.counters for p in profiles] == [{"views": number + 1} for number in range(20)]
+    assert len(round_trips) == 1  # twenty calls made in one turn of the loop: one write
+
+
+@pytest.mark.parametrize("busy_in", ["a task", "an I/O callback"])
+def test_redis_a_reply_that_waited_while_the_loop_was_busy_is_not_a_timeout(
+    redis_server: RedisServer, busy_in: str
+) -> None:
+    """A gateway busy past a read's deadline must not take the reply that reached its socket
+    meanwhile for a slow store. Run on uvloop, the server's loop, which runs expired timers first
+    in each turn: after work in a task (a timer per call would cancel the caller whose reply is
+    already in) and after work in an I/O callback (the next socket read comes after the timers)."""
+    redis_server.start()
+
+    async def scenario() -> list[str]:
+        loop = asyncio.get_running_loop()
+        store = RedisStore(redis_server.url, prefix=unique_prefix())
+        ours, theirs = socket.socketpair()
+        try:
+            await remember(store, "v", "a")
+            await store.profile("v", limit=10, now=T0)  # connected
+            assert store.bound_reads(0.05)
+            redis_server.pause()  # so the reply comes while the loop is busy, not before
+
+            def busy() -> None:
+                redis_server.resume()
+                time.sleep(0.2)  # 4x the timeout; Redis answers meanwhile
+
+            task = asyncio.create_task(store.profile("v", limit=10, now=T0))
+            await asyncio.sleep(0)  # the task queues its command; the write is due at the end of this turn
+            if busy_in == "a task":
+                loop.call_soon(busy)  # right after that write
+            else:
+                theirs.send(b"x")
+
+                def readable() -> None:  # runs while the loop handles socket events
+                    loop.remove_reader(ours.fileno())
+                    busy()
+
+                loop.add_reader(ours.fileno(), readable)
+            return items(await task)
+        finally:
+            ours.close()
+            theirs.close()
+            await store.close()
+
+    assert uvloop.run(scenario()) == ["a"]
 
 
 async def test_redis_keys_are_namespaced_and_both_carry_the_ttl(redis_store: RedisStore, raw: Redis) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
-from gateway.store.base import EMPTY_PROFILE, Interaction, Profile, Store, StoreError
+from gateway.store.base import EMPTY_PROFILE, Interaction, Profile, Store, StoreError, StoreTimeoutError
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 
@@ -26,6 +26,7 @@ __all__ = [
     "RedisStore",
     "Store",
     "StoreError",
+    "StoreTimeoutError",
     "open_store",
 ]
 

@@ -20,6 +20,10 @@ class StoreError(Exception):
     """The store is unreachable or answered with an error; the caller degrades, it does not crash."""
 
 
+class StoreTimeoutError(StoreError, TimeoutError):
+    """The store did not answer in time."""
+
+
 class Interaction(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """One remembered interaction, stored compactly as [item, event, ts].
 

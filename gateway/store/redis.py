@@ -20,8 +20,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
-from gateway.store.base import Interaction, Profile, StoreError, check_record
-from gateway.store.resp import Multiplexed, RespError
+from gateway.store.base import Interaction, Profile, StoreError, StoreTimeoutError, check_record
+from gateway.store.resp import Multiplexed, RespError, RespTimeoutError
 
 # Everything a broken, restarting or misbehaving server can make redis-py or the decoding raise.
 _FAILURES = (RedisError, RespError, OSError, ValueError, msgspec.MsgspecError)
@@ -86,6 +86,14 @@ class RedisStore:
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Interaction).decode
 
+    def bound_reads(self, timeout: float) -> bool:
+        """Make `profile` give up after `timeout` seconds by itself (one timer per connection, see
+        resp.py), so the caller needs no timer per call; False when it cannot (TLS: redis-py)."""
+        if self._fast is None:
+            return False
+        self._fast.timeout = timeout
+        return True
+
     def _keys(self, visitor: str) -> tuple[str, str]:
         stem = f"{self.prefix}v:{visitor}:"
         return stem + "recent", stem + "counters"
@@ -114,6 +122,8 @@ class RedisStore:
                 name, window, bucket = field.decode().rsplit("|", 2)
                 if int(bucket) == math.floor(now / float(window)):
                     counters[name] = counters.get(name, 0) + int(value)
+        except RespTimeoutError as exc:
+            raise StoreTimeoutError(f"redis profile failed: {exc}") from exc
         except _FAILURES as exc:
             raise _failure("profile", exc) from exc
         return Profile(recent=recent, counters=counters)
