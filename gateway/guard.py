@@ -1,8 +1,10 @@
 """The store as the hot path sees it: bounded in time, and skipped for a while after it fails.
 
-A store that is down must not cost every request its full timeout, so after a failure the guard
-answers "unavailable" at once for `retry_after_s`, then lets one request through to probe; the
-first success closes it again. The caller turns the cause into a popular-items fallback.
+A store that is down must not cost every request its full timeout, so after `TRIP_AFTER` failures
+in a row the guard answers "unavailable" at once for `retry_after_s`, then lets requests through to
+probe; the first success closes it again. A single failure only degrades its own request: under
+overload a few calls can time out while the store is fine, and one of them must not switch every
+visitor to popular items for a second. The caller turns the cause into a popular-items fallback.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ log = logging.getLogger("tailor.store")
 
 Cause = Literal["store-timeout", "store-unavailable"]
 TIMEOUT: Final = "store-timeout"
+TRIP_AFTER: Final = 3
 UNAVAILABLE: Final = "store-unavailable"
 
 
@@ -38,15 +41,28 @@ class GuardedStore:
         self._on_error = on_error
         self._clock = clock
         self._open_until = 0.0
+        self._failures = 0  # in a row
         self.healthy = True
-        # An in-process store answers without yielding, so a timer around it would only cost time.
-        self.bounded = not getattr(store, "in_process", False)
+        # An in-process store answers without yielding, so a timer around it would only cost time;
+        # a store that can bound its reads itself does it more cheaply than a timer per call here.
+        bound_reads = getattr(store, "bound_reads", None)
+        self.bounded = not getattr(store, "in_process", False) and not (
+            bound_reads is not None and bound_reads(timeout_s)
+        )
 
     def _failed(self, cause: Cause, exc: BaseException | None) -> Cause:
-        if self.healthy:
-            log.warning("store %s (%s); answering from popular items for %.1fs", cause, exc, self.retry_after_s)
-        self.healthy = False
-        self._open_until = self._clock() + self.retry_after_s
+        self._failures += 1
+        if self._failures >= TRIP_AFTER:
+            if self.healthy:
+                log.warning(
+                    "store %s (%s), %d times in a row; answering from popular items for %.1fs",
+                    cause,
+                    exc,
+                    self._failures,
+                    self.retry_after_s,
+                )
+            self.healthy = False
+            self._open_until = self._clock() + self.retry_after_s
         if self._on_error is not None:
             self._on_error(cause)
         return cause
@@ -55,6 +71,7 @@ class GuardedStore:
         if not self.healthy:
             log.info("store reachable again")
         self.healthy = True
+        self._failures = 0
 
     async def profile(self, visitor: str, *, limit: int, now: float) -> Profile | Cause:
         """The visitor's profile, or the fallback cause when the store cannot give it in time."""
