@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, TypeVar
+from typing import Generic, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +24,7 @@ from gateway.store import Interaction
 from index_builder.model import fold_in_low_rank, recent_confidence
 
 T = TypeVar("T")
+V = TypeVar("V")
 Offload = Callable[[Callable[[], T]], Awaitable[T]]
 
 Fallback = Literal["cold-start", "stale-snapshot", "store-timeout", "store-unavailable"]
@@ -34,6 +35,8 @@ USER_VECTOR = "user-vector"
 LIVE_NEIGHBOURS = 50
 LIVE_POPULAR = 100
 LIVE_CATEGORY_POPULAR = 50
+# Candidate rows kept per clicked item (a few hundred int64 each: about 30 MB at most).
+AROUND_CACHE_ITEMS = 10_000
 POPULAR = "popular"
 
 
@@ -59,16 +62,16 @@ class Answer:
     profile: ProfileKind
 
 
-class LRU:
+class LRU(Generic[V]):
     """A bounded mapping touched only from the event loop thread, so it needs no lock."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._data: OrderedDict[Hashable, Pool] = OrderedDict()
+        self._data: OrderedDict[Hashable, V] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Hashable) -> Pool | None:
+    def get(self, key: Hashable) -> V | None:
         pool = self._data.get(key)
         if pool is None:
             self.misses += 1
@@ -77,7 +80,7 @@ class LRU:
         self._data.move_to_end(key)
         return pool
 
-    def put(self, key: Hashable, pool: Pool) -> None:
+    def put(self, key: Hashable, pool: V) -> None:
         if self.capacity <= 0:
             return
         self._data[key] = pool
@@ -95,7 +98,8 @@ class Candidates:
     def __init__(self, snap: Snapshot, *, pool_size: int, cache_entries: int, offload: Offload[Pool]) -> None:
         self.snap = snap
         self.pool_size = pool_size
-        self.cache = LRU(cache_entries)
+        self.cache: LRU[Pool] = LRU(cache_entries)
+        self._around: LRU[npt.NDArray[np.int64]] = LRU(AROUND_CACHE_ITEMS)
         self._offload = offload
 
     async def cached(self, key: Hashable, compute: Callable[[], Pool], *, bounded: bool = False) -> Pool:
@@ -140,25 +144,35 @@ class Candidates:
         popular items 0.98, at about 300 candidates and 150 µs.
         """
         snap = self.snap
-        assert snap.neighbour_rows is not None
-        categories = {c for row in items.tolist() for c in snap.category_sets[row]}
-        sources: list[npt.NDArray[np.integer]] = [
-            snap.neighbour_rows[items, :LIVE_NEIGHBOURS].ravel(),
-            snap.popular[""][:LIVE_POPULAR],
-        ]
-        sources.extend(snap.popular[c][:LIVE_CATEGORY_POPULAR] for c in categories if c in snap.popular)
-        candidates = np.sort(np.concatenate(sources))
-        distinct = np.empty(len(candidates), dtype=bool)
-        distinct[:1] = True
-        np.not_equal(candidates[1:], candidates[:-1], out=distinct[1:])
-        candidates = candidates[distinct]
+        per_item = [self._around_item(row) for row in items.tolist()]
+        candidates = per_item[0] if len(per_item) == 1 else _distinct(np.concatenate(per_item))
         scores = snap.item_vectors[candidates] @ vector
         # The candidates are sorted, so the few excluded rows are found by bisection.
         at = np.minimum(np.searchsorted(candidates, exclude), len(candidates) - 1)
         scores[at[candidates[at] == exclude]] = -np.inf
         best = _best(candidates, scores, self.pool_size)
-        keep = np.isfinite(best.scores)
-        return best if keep.all() else Pool(best.rows[keep], best.scores[keep])
+        if len(best.scores) and best.scores[-1] == -np.inf:  # best first, so excluded ones are last
+            keep = np.isfinite(best.scores)
+            return Pool(best.rows[keep], best.scores[keep])
+        return best
+
+    def _around_item(self, row: int) -> npt.NDArray[np.int64]:
+        """The sorted distinct candidates one clicked item brings: its neighbours, the popular
+        items overall and those of its categories. The same for every visitor who clicked it."""
+        found = self._around.get(row)
+        if found is None:
+            snap = self.snap
+            assert snap.neighbour_rows is not None
+            sources: list[npt.NDArray[np.integer]] = [
+                snap.neighbour_rows[row, :LIVE_NEIGHBOURS],
+                snap.popular[""][:LIVE_POPULAR],
+            ]
+            sources.extend(
+                snap.popular[c][:LIVE_CATEGORY_POPULAR] for c in snap.category_sets[row] if c in snap.popular
+            )
+            found = _distinct(np.concatenate(sources).astype(np.int64))
+            self._around.put(row, found)
+        return found
 
     def similar_top(self, row: int, *, within: Rows | None = None) -> Pool:
         snap = self.snap
@@ -169,6 +183,15 @@ class Candidates:
         scores = snap.unit_vectors @ snap.unit_vectors[row]
         scores[row] = -np.inf
         return _best_of_all(scores, self.pool_size)
+
+
+def _distinct(rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """np.unique without its overhead, for a few hundred rows."""
+    rows = np.sort(rows)
+    keep = np.empty(len(rows), dtype=bool)
+    keep[:1] = True
+    np.not_equal(rows[1:], rows[:-1], out=keep[1:])
+    return rows[keep]
 
 
 def _best(rows: npt.NDArray[np.int64], scores: npt.NDArray[np.floating], k: int) -> Pool:
@@ -211,6 +234,8 @@ class Recommender:
         self.candidates = Candidates(snap, pool_size=pool_size, cache_entries=cache_entries, offload=offload)
         self.recent_limit = recent_limit
         self.max_age_s = max_age_s
+        # Popular picks overall and per single category, made on first use.
+        self._popular: dict[tuple[str, ...], list[Pick]] = {}
 
     def stale(self, now: float) -> bool:
         return self.max_age_s > 0 and self.snap.age(now) > self.max_age_s
@@ -369,11 +394,11 @@ class Recommender:
         start, stop = 0, n + len(excluded) if not wanted else 4 * n
         while start < len(pool.rows):
             rows = pool.rows[start:stop].tolist()
-            scores = np.round(pool.scores[start:stop].astype(np.float64), 6).tolist()
+            scores = pool.scores[start:stop].tolist()
             for row, score in zip(rows, scores, strict=True):
                 if row in excluded or (wanted and wanted.isdisjoint(category_sets[row])):
                     continue
-                picks.append(Pick(row, score, reason))
+                picks.append(Pick(row, round(score, 6), reason))
                 if len(picks) == n:
                     return picks
             start, stop = stop, stop * 4
@@ -389,17 +414,28 @@ class Recommender:
         return parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
 
     def popular(self, *, n: int, categories: Collection[str], excluded: set[int]) -> list[Pick]:
+        key = tuple(sorted(categories))
+        ranked = self._popular.get(key)
+        if ranked is None:
+            ranked = self._rank_popular(key)
+            if len(key) <= 1:  # not every combination: a client could make up endless ones
+                self._popular[key] = ranked
+        picks: list[Pick] = []
+        for pick in ranked:
+            if pick.row not in excluded:
+                picks.append(pick)
+                if len(picks) == n:
+                    break
+        return picks
+
+    def _rank_popular(self, categories: tuple[str, ...]) -> list[Pick]:
+        """The snapshot's popular list for these categories (merged, by popularity) as picks."""
         snap = self.snap
         if categories:
             lists = [snap.popular[c] for c in categories if c in snap.popular]
             merged = np.unique(np.concatenate(lists)) if lists else np.empty(0, dtype=np.intp)
-            rows = merged[np.argsort(-snap.popularity[merged], kind="stable")].tolist()
+            rows = merged[np.argsort(-snap.popularity[merged], kind="stable")]
         else:
-            rows = snap.popular[""].tolist()
-        picks: list[Pick] = []
-        for row in rows:
-            if row not in excluded:
-                picks.append(Pick(row, round(float(snap.popularity[row]), 6), POPULAR))
-                if len(picks) == n:
-                    break
-        return picks
+            rows = snap.popular[""]
+        scores = snap.popularity[rows].astype(np.float64).tolist()
+        return [Pick(row, round(score, 6), POPULAR) for row, score in zip(rows.tolist(), scores, strict=True)]

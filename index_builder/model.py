@@ -83,11 +83,16 @@ def fold_in_low_rank(
     p = gram_inverse @ y.T  # k x m
     x0 = p @ c
     d = c - 1.0
-    s = y @ p
-    s *= d[:, None]
-    s[np.diag_indices_from(s)] += 1.0
-    correction = np.linalg.solve(s, d * (y @ x0))
-    return (x0 - p @ correction).astype(np.float32)
+    r = d * (y @ x0)
+    if len(c) == 1:  # one item: a scalar equation, and most new visitors have clicked one thing
+        correction = r / (1.0 + d[0] * float(y[0] @ p[:, 0]))
+    else:
+        s = y @ p
+        s *= d[:, None]
+        s.flat[:: len(c) + 1] += 1.0  # + I
+        correction = np.linalg.solve(s, r)
+    vector: npt.NDArray[np.float32] = (x0 - p @ correction).astype(np.float32)
+    return vector
 
 
 def recent_confidence(
