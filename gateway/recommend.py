@@ -100,6 +100,7 @@ class Candidates:
         self.pool_size = pool_size
         self.cache: LRU[Pool] = LRU(cache_entries)
         self._around: LRU[npt.NDArray[np.int64]] = LRU(AROUND_CACHE_ITEMS)
+        self._popular_in: dict[frozenset[str], npt.NDArray[np.int64]] = {}  # one per category set in the catalog
         self._offload = offload
 
     async def cached(self, key: Hashable, compute: Callable[[], Pool], *, bounded: bool = False) -> Pool:
@@ -163,15 +164,20 @@ class Candidates:
         if found is None:
             snap = self.snap
             assert snap.neighbour_rows is not None
-            sources: list[npt.NDArray[np.integer]] = [
-                snap.neighbour_rows[row, :LIVE_NEIGHBOURS],
-                snap.popular[""][:LIVE_POPULAR],
-            ]
-            sources.extend(
-                snap.popular[c][:LIVE_CATEGORY_POPULAR] for c in snap.category_sets[row] if c in snap.popular
-            )
-            found = _distinct(np.concatenate(sources).astype(np.int64))
+            base = self._popular_around(snap.category_sets[row])
+            found = _distinct(np.concatenate((snap.neighbour_rows[row, :LIVE_NEIGHBOURS], base)))
             self._around.put(row, found)
+        return found
+
+    def _popular_around(self, categories: frozenset[str]) -> npt.NDArray[np.int64]:
+        """The popular items overall and in these categories: shared by every item of the same
+        categories, so only a few hundred of these exist."""
+        found = self._popular_in.get(categories)
+        if found is None:
+            popular = self.snap.popular
+            sources = [popular[""][:LIVE_POPULAR]]
+            sources.extend(popular[c][:LIVE_CATEGORY_POPULAR] for c in categories if c in popular)
+            found = self._popular_in[categories] = _distinct(np.concatenate(sources).astype(np.int64))
         return found
 
     def similar_top(self, row: int, *, within: Rows | None = None) -> Pool:
