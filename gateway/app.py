@@ -13,7 +13,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,16 +24,18 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket
 from threadpoolctl import threadpool_limits
 
-from gateway import openapi, wire
+from gateway import openapi, tokens, wire
 from gateway import settings as config
 from gateway.guard import GuardedStore
 from gateway.metrics import Metrics
 from gateway.recommend import Answer, Recommender
 from gateway.snapshot import Snapshot, SnapshotRefusedError, load, load_current
 from gateway.store import Interaction, Store, StoreError, open_store
+from gateway.stream import Hub
 from index_builder import snapshot as published
 from index_builder.schema import ITEMLESS_EVENTS
 
@@ -94,7 +96,7 @@ def _field_of(message: str) -> str | None:
     return path.rstrip("`") if sep else None
 
 
-def parse_query(request: Request, kind: type[S]) -> S:
+def parse_query(request: Request | WebSocket, kind: type[S]) -> S:
     data: dict[str, Any] = {}
     # What Starlette's request.query_params does, without building its multi-dict.
     for name, value in parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True):
@@ -138,6 +140,21 @@ class Gateway:
         self._watcher: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex() + "-"
+        if not settings.secret:
+            log.warning(
+                "no secret configured: stream tokens are signed with a random key valid until this process stops"
+            )
+        self.secret = settings.secret.encode() if settings.secret else os.urandom(32)
+        self.hub = Hub(
+            self.stream_answer,
+            debounce_s=settings.push_debounce_ms / 1000,
+            queue_size=settings.stream_queue,
+            heartbeat_s=settings.heartbeat_s,
+            max_streams=settings.max_streams,
+            on_push=lambda cause: self.metrics.pushes.labels(cause).inc(),
+            on_drop=lambda reason: self.metrics.stream_drops.labels(reason).inc(),
+            on_count=self.metrics.streams.set,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -156,8 +173,10 @@ class Gateway:
             log.warning("store %s is not reachable yet; serving popular items until it is", self.settings.store)
         if self.settings.watch_interval_s > 0:
             self._watcher = asyncio.create_task(self._watch(), name="snapshot-watcher")
+        self.store.subscribe(self.hub.changed)  # events taken here or by another process on the same store
 
     async def stop(self) -> None:
+        await self.hub.close()
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -184,6 +203,8 @@ class Gateway:
         gc.freeze()
         self.metrics.serving(snap.version, snap.created, previous)
         self.metrics.reloads.labels("ok").inc()
+        if previous is not None:
+            self.hub.snapshot_swapped()
         log.info("serving snapshot %s (%d items, index %s)", snap.version, len(snap.item_ids), snap.method)
         return previous
 
@@ -350,6 +371,44 @@ class Gateway:
             self.metrics.events.labels(event.event).inc()
         return json_response(wire.EventsAccepted(len(batch.events)), 202)
 
+    # -- live stream ---------------------------------------------------------------------------
+    async def stream_answer(self, visitor: str, n: int | None, categories: list[str]) -> tuple[Hashable, bytes]:
+        rec = self.serving()
+        answer = await rec.recommend(user=visitor, visitor=None, n=self._n(n), categories=categories, exclude=())
+        if answer.fallback is not None:
+            self.metrics.fallbacks.labels(answer.fallback).inc()
+        # A new snapshot always counts as a change: its rows are other rows, and clients learn its version.
+        key = (rec.snap.version, tuple((pick.row, pick.reason) for pick in answer.picks))
+        rid = f"{self._id_prefix}{next(self._ids):x}"
+        return key, wire.encode_recommendations(rec.snap, rid, answer.picks, answer.fallback, answer.profile)
+
+    async def token(self, request: Request) -> Response:
+        visitor = tokens.new_visitor_id()
+        ttl = self.settings.token_ttl_s
+        token = tokens.mint(self.secret, visitor, ttl)
+        expires = int(tokens.verify(self.secret, token)[1])
+        return json_response(wire.StreamToken(visitor=visitor, token=token, expires_at=expires))
+
+    async def stream(self, websocket: WebSocket) -> None:
+        # Accept first, then close with a code and reason: a refusal before the handshake reaches a
+        # browser only as an anonymous failure.
+        await websocket.accept()
+        try:
+            q = parse_query(websocket, wire.StreamQuery)
+            visitor, _ = tokens.verify(self.secret, q.token)
+            rec = self.serving_for(q.category)
+            self._n(q.n)
+        except tokens.TokenError as refused:
+            self.metrics.stream_drops.labels(refused.code).inc()
+            await websocket.close(4401, refused.code)
+            return
+        except ApiError as error:
+            code = 1013 if error.status == 503 else 4400
+            await websocket.close(code, f"{error.body.error.code}: {error.body.error.message}"[:120])
+            return
+        del rec
+        await self.hub.serve(websocket, visitor, n=q.n, categories=q.category)
+
     async def healthz(self, request: Request) -> Response:
         return json_response(wire.Health())
 
@@ -397,12 +456,13 @@ class Gateway:
     async def docs(self, request: Request) -> Response:
         return HTMLResponse(openapi.html_page())
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[BaseRoute]:
         table: list[tuple[str, str, Callable[[Request], Awaitable[Response]], str]] = [
             ("/v1/recommend", "recommend", self.recommend, "GET"),
             ("/v1/items/{item_id}/similar", "similar", self.similar, "GET"),
             ("/v1/popular", "popular", self.popular, "GET"),
             ("/v1/events", "events", self.events, "POST"),
+            ("/v1/token", "token", self.token, "POST"),
             ("/healthz", "healthz", self.healthz, "GET"),
             ("/readyz", "readyz", self.readyz, "GET"),
             ("/metrics", "metrics", self.metrics_page, "GET"),
@@ -410,7 +470,11 @@ class Gateway:
             ("/openapi.json", "openapi", self.openapi_json, "GET"),
             ("/docs", "docs", self.docs, "GET"),
         ]
-        return [Route(path, self._observed(name, handler), methods=[method]) for path, name, handler, method in table]
+        routes: list[BaseRoute] = [
+            Route(path, self._observed(name, handler), methods=[method]) for path, name, handler, method in table
+        ]
+        routes.append(WebSocketRoute("/v1/stream", self.stream))
+        return routes
 
     def _observed(
         self, route: str, handler: Callable[[Request], Awaitable[Response]]

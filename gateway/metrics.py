@@ -34,6 +34,11 @@ class Metrics:
         self.cache_entries = Gauge(
             "tailor_candidate_cache_entries", "Candidate pools cached", registry=r, multiprocess_mode="livesum"
         )
+        self.pushes = Counter("tailor_stream_pushes", "Lists pushed to sockets, by cause", ["cause"], registry=r)
+        self.stream_drops = Counter(
+            "tailor_stream_refusals", "Sockets refused or dropped, by reason", ["reason"], registry=r
+        )
+        self.streams = Gauge("tailor_streams_open", "Open WebSocket streams", registry=r, multiprocess_mode="livesum")
         self.reloads = Counter("tailor_snapshot_reloads", "Snapshot loads by result", ["result"], registry=r)
         self.events = Counter("tailor_events_accepted", "Behaviour events stored, by type", ["event"], registry=r)
         self.snapshot_info = Gauge(

@@ -68,6 +68,27 @@ OPERATIONS = (
         status=202,
         errors=(400, 413, 422, 503),
     ),
+    Operation(
+        "post",
+        "/v1/token",
+        "A new anonymous visitor id and a signed, expiring token to open WS /v1/stream as that visitor. "
+        "(Tokens for your signed-in users are minted by your backend with the shared secret: `tailor token`.)",
+        answer=wire.StreamToken,
+    ),
+    Operation(
+        "get",
+        "/v1/stream",
+        "WebSocket (upgrade with `GET`): live recommendations for the token's visitor. The server sends JSON "
+        'text frames: `{"type": "recommendations", "cause": "connect"|"events"|"snapshot", "seq": N, '
+        '"recommendations": <the body of GET /v1/recommend>}` on connect, after the visitor\'s events when the '
+        'list changed (debounced), and after a snapshot swap; `{"type": "ping", "ts": <unix seconds>}` when '
+        "quiet for heartbeat_s. Refusals close the socket after the handshake: 4401 (reason `bad-token` or "
+        "`expired-token`), 4400 (invalid parameter), 1013 (no snapshot yet or too many sockets); a client too "
+        "slow to take its messages is closed with 4429 `too-slow`. Reconnect with backoff; the first message "
+        "after a reconnect is the current list.",
+        query=wire.StreamQuery,
+        status=101,
+    ),
     Operation("get", "/healthz", "Liveness: the process answers.", answer=wire.Health),
     Operation(
         "get",

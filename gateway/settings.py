@@ -46,6 +46,12 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cache_entries: Annotated[int, msgspec.Meta(ge=0)] = 50_000
     compute_threads: Count = 2
     max_events_per_batch: Count = 500
+    secret: str = ""
+    token_ttl_s: Positive = 3600.0
+    push_debounce_ms: NonNegative = 25.0
+    stream_queue: Count = 16
+    heartbeat_s: Positive = 20.0
+    max_streams: Count = 20_000
 
 
 class SettingsError(ValueError):

@@ -145,6 +145,24 @@ def encode_recommendations(
     return encode(_EncodedRecommendations(request_id, snap.version, items, fallback, profile))
 
 
+class StreamQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Query of `WS /v1/stream`."""
+
+    token: Annotated[
+        str, msgspec.Meta(min_length=1, max_length=1024, description="From POST /v1/token or your backend.")
+    ]
+    n: Count | None = None
+    category: Categories = []
+
+
+class StreamToken(msgspec.Struct, frozen=True):
+    """A new anonymous visitor id and a token to open `WS /v1/stream` as that visitor."""
+
+    visitor: Annotated[str, msgspec.Meta(description="Use this id in the visitor's events and recommendation calls.")]
+    token: str
+    expires_at: Annotated[int, msgspec.Meta(description="Unix seconds; ask for a new token before then.")]
+
+
 class EventIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One behaviour event. Give `user` for a signed-in user, else `visitor`."""
 

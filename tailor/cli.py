@@ -9,6 +9,7 @@ from pathlib import Path
 
 import msgspec
 
+from gateway import tokens
 from gateway.serve import serve
 from gateway.settings import FIELDS, Settings, SettingsError, resolve
 from index_builder import snapshot
@@ -130,7 +131,8 @@ then these flags. tailor.toml in the repository lists every setting with its def
 {settings}
 
 endpoints: GET /v1/recommend, /v1/items/{{id}}/similar, /v1/popular, POST /v1/events,
-/healthz, /readyz, /metrics, POST /admin/reload, /openapi.json, /docs (the API as a page).
+POST /v1/token, WS /v1/stream (live pushes), /healthz, /readyz, /metrics, POST /admin/reload,
+/openapi.json, /docs (the API as a page).
 """
 
 
@@ -160,6 +162,40 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--access-log", dest="access_log", action="store_true", default=None, help="log every request")
 
 
+TOKEN_EPILOG = """\
+The secret is read from TAILOR_SECRET (or the `secret` of --config), the same one the gateway
+uses; give a site's backend the secret, never a browser. Prints the token alone on stdout, so:
+
+  TOKEN=$(TAILOR_SECRET=... tailor token --visitor user-42)
+  # browser: new WebSocket(`wss://shop.example/v1/stream?token=${TOKEN}`)
+"""
+
+
+def _add_token(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "token",
+        help="mint a stream token for a visitor (for a site's backend)",
+        description="Mint a signed, expiring token that lets a browser open WS /v1/stream as one visitor.",
+        epilog=TOKEN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--visitor", required=True, help="the user or visitor id the token is for")
+    p.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)")
+    p.add_argument("--config", type=Path, help="TOML config file to read `secret` from")
+
+
+def _run_token(args: argparse.Namespace) -> int:
+    try:
+        settings = resolve(config=args.config, overrides={})
+        if not settings.secret:
+            raise SettingsError("no secret: set TAILOR_SECRET (the gateway's own) or `secret` in --config")
+        print(tokens.mint(settings.secret.encode(), args.visitor, args.ttl))
+    except (SettingsError, ValueError) as exc:
+        print(f"tailor token: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tailor",
@@ -170,6 +206,7 @@ def parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_snapshots(sub)
     _add_serve(sub)
+    _add_token(sub)
     return p
 
 
@@ -308,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_synth(args)
     if args.command == "build":
         return _run_build(args)
+    if args.command == "token":
+        return _run_token(args)
     return _run_snapshots(args)
 
 

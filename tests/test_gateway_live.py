@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
+from websockets.sync.client import connect as ws_connect
 
+from gateway import tokens
 from index_builder import snapshot
 from tests.conftest import RedisServer, free_port
 from tests.snapshots import corrupt, republish
@@ -165,3 +168,31 @@ def test_two_workers_share_one_redis_store(root: Path, tmp_path: Path, redis_ser
         running.stop()
     assert kinds == {"live"}
     assert 'tailor_request_seconds_count{route="recommend"} 20.0' in metrics
+
+
+def test_an_event_taken_by_one_gateway_is_pushed_by_another(
+    root: Path, tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `tailor serve` processes on one real Redis: the visitor's socket is on B, the event goes to A."""
+    secret = "live-test-secret"
+    monkeypatch.setenv("TAILOR_SECRET", secret)  # both nodes, as a deployment would configure them
+    node_a = Server(root, tmp_path / "a.log", "--store", redis_server.url)
+    node_b = Server(root, tmp_path / "b.log", "--store", redis_server.url)
+    try:
+        token = tokens.mint(secret.encode(), "roamer", 60)
+        with ws_connect(f"ws://127.0.0.1:{node_b.port}/v1/stream?token={token}&n=5", open_timeout=10) as ws:
+            hello = json.loads(ws.recv(timeout=10))
+            assert hello["cause"] == "connect"
+            clicked = hello["recommendations"]["items"][0]["id"]
+            event = {"events": [{"visitor": "roamer", "item": clicked, "event": "click"}]}
+            assert httpx.post(f"{node_a.url}/v1/events", json=event).status_code == 202
+            pushed = json.loads(ws.recv(timeout=10))
+            assert (pushed["cause"], pushed["seq"]) == ("events", 2)
+            assert clicked not in [item["id"] for item in pushed["recommendations"]["items"]]
+            # A token node A minted works on node B: they share the secret.
+            grant = httpx.post(f"{node_a.url}/v1/token").json()
+            with ws_connect(f"ws://127.0.0.1:{node_b.port}/v1/stream?token={grant['token']}", open_timeout=10) as other:
+                assert json.loads(other.recv(timeout=10))["cause"] == "connect"
+    finally:
+        node_a.stop()
+        node_b.stop()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
@@ -41,6 +41,8 @@ class Scripted:
     ) -> None: ...
 
     async def forget(self, visitor: str) -> None: ...
+
+    def subscribe(self, listener: Callable[[str], None]) -> None: ...
 
     async def ping(self) -> None: ...
 

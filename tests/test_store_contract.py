@@ -307,6 +307,68 @@ async def test_memory_prunes_counters_of_finished_windows(anyio_backend: str) ->
     assert len(store._visitors["v"].counters) == 1  # one live bucket held, nothing per past window
 
 
+# Change announcements (what WebSocket pushes are made from).
+
+
+async def test_a_record_is_announced_to_subscribers(store: Store) -> None:
+    heard: list[str] = []
+    store.subscribe(heard.append)
+    if isinstance(store, RedisStore):
+        await asyncio.wait_for(store.subscribed.wait(), 5)
+    await remember(store, "v1", "a")
+    await remember(store, "v2", counters={"views": 1})
+    for _ in range(200):
+        if len(heard) >= 2:
+            break
+        await anyio.sleep(0.01)
+    assert heard == ["v1", "v2"]
+
+
+async def test_redis_a_record_by_another_process_is_announced(redis_server: RedisServer) -> None:
+    """Two store objects on one Redis stand for two gateway processes: one records, the other hears."""
+    redis_server.start()
+    prefix = unique_prefix()
+    listening, recording, elsewhere = (
+        RedisStore(redis_server.url, prefix=p) for p in (prefix, prefix, unique_prefix())
+    )
+    heard: list[str] = []
+    try:
+        listening.subscribe(heard.append)
+        await asyncio.wait_for(listening.subscribed.wait(), 5)
+        await remember(elsewhere, "not-ours", "x")  # another prefix: another deployment on the same server
+        await remember(recording, "v", "a")
+        for _ in range(200):
+            if heard:
+                break
+            await anyio.sleep(0.01)
+        await anyio.sleep(0.05)
+        assert heard == ["v"]
+    finally:
+        for backend in (listening, recording, elsewhere):
+            await backend.close()
+
+
+async def test_redis_the_subscription_comes_back_after_a_restart(redis_server: RedisServer) -> None:
+    redis_server.start()
+    prefix = unique_prefix()
+    listening, recording = RedisStore(redis_server.url, prefix=prefix), RedisStore(redis_server.url, prefix=prefix)
+    heard: list[str] = []
+    try:
+        listening.subscribe(heard.append)
+        await asyncio.wait_for(listening.subscribed.wait(), 5)
+        redis_server.stop()
+        redis_server.start()
+        for _ in range(100):  # until a record is heard again (the resubscription takes a moment)
+            await remember(recording, "v", "a")
+            await anyio.sleep(0.05)
+            if heard:
+                break
+        assert heard and set(heard) == {"v"}
+    finally:
+        await listening.close()
+        await recording.close()
+
+
 # The Redis backend: round trips, keys, faults.
 
 

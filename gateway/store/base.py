@@ -10,10 +10,12 @@ reads, `record` is what an event batch writes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import msgspec
+
+Listener = Callable[[str], None]
 
 
 class StoreError(Exception):
@@ -74,6 +76,13 @@ class Store(Protocol):
 
     async def forget(self, visitor: str) -> None:
         """Delete everything stored for the visitor."""
+        ...
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call `listener(visitor)` after every `record` for that visitor, by this store object or,
+        for a shared backend, by any process using the same one. Listeners run on the event loop
+        and must not block. Announcements are best effort: a shared backend's subscriber that lost
+        its connection misses what was recorded until it is back."""
         ...
 
     async def ping(self) -> None:

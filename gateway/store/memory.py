@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-from gateway.store.base import EMPTY_PROFILE, Interaction, Profile, check_record
+from gateway.store.base import EMPTY_PROFILE, Interaction, Listener, Profile, check_record
 
 DEFAULT_MAX_VISITORS = 1_000_000
 
@@ -37,6 +37,7 @@ class MemoryStore:
             raise ValueError(f"max_visitors must be at least 1, not {max_visitors}")
         self._max_visitors = max_visitors
         self._visitors: OrderedDict[str, _Visitor] = OrderedDict()
+        self._listeners: list[Listener] = []
 
     def __len__(self) -> int:
         """Visitors held right now, including expired ones not yet retired."""
@@ -104,6 +105,11 @@ class MemoryStore:
                 # else: a lagging clock wrote into a window that has already closed; it would never be read.
 
         self._retire(now)
+        for listener in self._listeners:
+            listener(visitor)
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
 
     def _retire(self, now: float) -> None:
         visitors = self._visitors
@@ -125,3 +131,4 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._visitors.clear()
+        self._listeners.clear()

@@ -10,6 +10,9 @@ Two keys per visitor, both expiring `ttl` after the visitor's latest write:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -20,8 +23,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
-from gateway.store.base import Interaction, Profile, StoreError, StoreTimeoutError, check_record
+from gateway.store.base import Interaction, Listener, Profile, StoreError, StoreTimeoutError, check_record
 from gateway.store.resp import Multiplexed, RespError, RespTimeoutError
+
+log = logging.getLogger("tailor.store")
 
 # Everything a broken, restarting or misbehaving server can make redis-py or the decoding raise.
 _FAILURES = (RedisError, RespError, OSError, ValueError, msgspec.MsgspecError)
@@ -85,6 +90,10 @@ class RedisStore:
             )
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Interaction).decode
+        self.channel = f"{prefix}changed"
+        self._listeners: list[Listener] = []
+        self._subscriber: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()  # set while the subscription is live (tests wait on it)
 
     def bound_reads(self, timeout: float) -> bool:
         """Make `profile` give up after `timeout` seconds by itself (one timer per connection, see
@@ -158,6 +167,7 @@ class RedisStore:
         ttl_ms = max(1, math.ceil(ttl * 1000))
         pipe.pexpire(recent_key, ttl_ms)
         pipe.pexpire(counters_key, ttl_ms)
+        pipe.publish(self.channel, visitor)  # every subscribed gateway process hears of it
         try:
             await pipe.execute()
         except _FAILURES as exc:
@@ -175,7 +185,43 @@ class RedisStore:
         except _FAILURES as exc:
             raise _failure("ping", exc) from exc
 
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+        if self._subscriber is None:
+            self._subscriber = asyncio.get_running_loop().create_task(self._listen(), name="redis-changes")
+
+    async def _listen(self) -> None:
+        """Hand every announced visitor to the listeners; reconnect with back-off when Redis goes."""
+        delay = 0.05
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self.subscribed.set()
+                delay = 0.05
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message["type"] == "message":
+                        visitor = message["data"].decode()
+                        for listener in self._listeners:
+                            listener(visitor)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection trouble; a listener's bug must not end the subscription
+                self.subscribed.clear()
+                log.warning("change subscription to %s lost (%s); retrying in %.2fs", self.channel, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
     async def close(self) -> None:
+        if self._subscriber is not None:
+            self._subscriber.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._subscriber
+            self._subscriber = None
         if self._fast is not None:
             self._fast.close()
         await self._redis.aclose()
