@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
@@ -34,7 +35,7 @@ from gateway.guard import GuardedStore
 from gateway.metrics import Metrics
 from gateway.recommend import Answer, Recommender
 from gateway.snapshot import Snapshot, SnapshotRefusedError, load, load_current
-from gateway.store import Interaction, Store, StoreError, open_store
+from gateway.store import Recorded, Retention, Store, StoreError, open_store
 from gateway.stream import Hub
 from index_builder import snapshot as published
 from index_builder.schema import ITEMLESS_EVENTS
@@ -47,7 +48,11 @@ JSON = "application/json"
 LIST_PARAMETERS = frozenset({"category", "exclude"})
 MAX_BODY_BYTES = 4 << 20
 FUTURE_SLACK_S = 300.0
-COUNTER_WINDOW_S = 3600.0
+# navigator.sendBeacon sends a string body as text/plain (a CORS-safe type); no type at all is accepted too.
+EVENT_MEDIA_TYPES = frozenset({"", "application/json", "text/plain"})
+# Built-in types that are about an item (custom types may or may not be).
+ITEM_EVENTS = frozenset(wire.BUILT_IN_EVENTS) - ITEMLESS_EVENTS
+MILLISECONDS_ABOVE = 1e11  # a larger number is Unix milliseconds: seconds would be beyond the year 5000
 
 _encoder = msgspec.json.Encoder()
 
@@ -90,6 +95,58 @@ class JSONBytes(Response):
         ]
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (never read whole into memory)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body-too-large", f"at most {limit} bytes per request")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body-too-large", f"at most {limit} bytes per request")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode_events(body: bytes) -> list[object]:
+    """The events of a body that is `{"events": [...]}`, a JSON array of events, or one event."""
+    try:
+        raw = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "invalid-body", f"not JSON: {exc}") from None
+    if isinstance(raw, dict) and "event" not in raw:
+        unknown = sorted(set(raw) - {"events"})
+        if unknown:
+            raise ApiError(400, "invalid-body", f"unknown field {unknown[0]!r}; expected `events`", field=unknown[0])
+        raw = raw.get("events")
+        if not isinstance(raw, list):
+            raise ApiError(400, "invalid-body", "`events` must be an array of events", field="events")
+    elif isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise ApiError(400, "invalid-body", 'expected an event, an array of events or {"events": [...]}')
+    if not raw:
+        raise ApiError(400, "invalid-body", "no events", field="events")
+    return raw
+
+
+def _timestamp(value: float | str) -> float | None:
+    """Unix seconds (UTC) of an event's `ts`: seconds, milliseconds or ISO 8601; None if unreadable."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.timestamp()
+    if value < 0:
+        return None
+    return value / 1000.0 if value > MILLISECONDS_ABOVE else float(value)
+
+
 def _field_of(message: str) -> str | None:
     # msgspec ends validation messages with "- at `$.events[3].item`".
     _, sep, path = message.rpartition(" - at `$.")
@@ -126,7 +183,16 @@ class Gateway:
         self.settings = settings
         self.root = Path(settings.snapshots)
         self.metrics = Metrics()
-        self.store = store if store is not None else open_store(settings.store)
+        self.store = store if store is not None else open_store(settings.store, event_log=settings.event_log)
+        self.retention = Retention(
+            keep=settings.recent_keep,
+            ttl=settings.profile_ttl_s,
+            ids=settings.event_ids_keep,
+            windows=tuple(settings.counter_windows_s),
+            max_counters=settings.max_counters,
+            log=settings.event_log_max,
+        )
+        self.event_types = frozenset(wire.BUILT_IN_EVENTS) | frozenset(settings.custom_events)
         self.guard = GuardedStore(
             self.store,
             timeout_s=settings.store_timeout_ms / 1000,
@@ -201,6 +267,10 @@ class Gateway:
         # of milliseconds. Frozen, the cyclic collector skips them; reference counting still frees
         # them when a reload drops the old snapshot. (O(1): no collection runs here.)
         gc.freeze()
+        # Types the build weighs (say, `rating`) are accepted too.
+        self.event_types = (
+            frozenset(wire.BUILT_IN_EVENTS) | frozenset(self.settings.custom_events) | snap.event_weights.keys()
+        )
         self.metrics.serving(snap.version, snap.created, previous)
         self.metrics.reloads.labels("ok").inc()
         if previous is not None:
@@ -305,71 +375,91 @@ class Gateway:
         return self._answer(request, rec, Answer(picks, None, "none"))
 
     async def events(self, request: Request) -> Response:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, "body-too-large", f"at most {MAX_BODY_BYTES} bytes per batch")
-        try:
-            batch = msgspec.json.decode(body, type=wire.EventBatch)
-        except msgspec.ValidationError as exc:
-            raise ApiError(400, "invalid-body", str(exc), field=_field_of(str(exc))) from None
-        except msgspec.DecodeError as exc:
-            raise ApiError(400, "invalid-body", f"not JSON: {exc}") from None
-        if len(batch.events) > self.settings.max_events_per_batch:
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media not in EVENT_MEDIA_TYPES:
+            raise ApiError(415, "unsupported-media-type", f"send JSON as application/json or text/plain, not {media!r}")
+        raw = _decode_events(await _read_body(request, MAX_BODY_BYTES))
+        if len(raw) > self.settings.max_events_per_batch:
             raise ApiError(
                 413, "batch-too-large", f"at most {self.settings.max_events_per_batch} events per batch", field="events"
             )
         now = time.time()
-        known = self.recommender.snap.event_weights if self.recommender is not None else None
-        grouped: dict[str, list[Interaction]] = {}
-        counts: dict[str, dict[str, int]] = {}
-        # Validate the whole batch before writing any of it: a bad event stores nothing.
-        for i, event in enumerate(batch.events):
-            where = f"events[{i}]"
-            key = event.user if event.user is not None else event.visitor
-            if key is None:
-                raise ApiError(400, "invalid-body", "each event needs `user` or `visitor`", field=where)
-            if known is not None and event.event not in known:
-                allowed = ", ".join(sorted(known))
-                raise ApiError(
-                    422,
-                    "unknown-event",
-                    f"unknown event type {event.event!r}; known: {allowed}",
-                    field=f"{where}.event",
-                )
-            if event.item is None and event.event not in ITEMLESS_EVENTS:
-                raise ApiError(400, "invalid-body", f"a {event.event} event needs an `item`", field=f"{where}.item")
-            ts = now if event.ts is None else event.ts
-            if ts > now + FUTURE_SLACK_S:
-                raise ApiError(400, "invalid-body", "`ts` is in the future", field=f"{where}.ts")
-            if event.item is not None:
-                grouped.setdefault(key, []).append(Interaction(event.item, event.event, ts))
-            visitor_counts = counts.setdefault(key, {})
-            visitor_counts[event.event] = visitor_counts.get(event.event, 0) + 1
-        s = self.settings
+        rejected: list[wire.Rejected] = []
+        by_visitor: dict[str, list[Recorded]] = {}
+        for index, item in enumerate(raw):
+            checked = self._check_event(index, item, now)
+            if isinstance(checked, wire.Rejected):
+                rejected.append(checked)
+                self.metrics.events_rejected.labels(checked.code).inc()
+            else:
+                key, recorded = checked
+                by_visitor.setdefault(key, []).append(recorded)
+        if not by_visitor:
+            problems = [f"events[{r.index}]{'.' + r.field if r.field else ''}: {r.code}: {r.message}" for r in rejected]
+            raise ApiError(422, "invalid-events", "no event in the batch is valid", problems=problems)
+        for events in by_visitor.values():
+            events.sort(key=lambda recorded: recorded.ts)  # stored oldest first, whatever the batch order
+        retention = self.retention
         try:
-            async with asyncio.timeout(max(s.store_timeout_ms / 1000 * 10, 1.0)):
-                await asyncio.gather(
+            async with asyncio.timeout(max(self.settings.store_timeout_ms / 1000 * 10, 1.0)):
+                outcomes = await asyncio.gather(
                     *(
-                        self.store.record(
-                            key,
-                            sorted(grouped.get(key, []), key=lambda x: x.ts),
-                            keep=s.recent_keep,
-                            ttl=s.profile_ttl_s,
-                            counters=counts[key],
-                            window=COUNTER_WINDOW_S,
-                            now=now,
-                        )
-                        for key in counts
+                        self.store.record(key, events, retention=retention, now=now)
+                        for key, events in by_visitor.items()
                     )
                 )
         except (StoreError, TimeoutError) as exc:
             self.metrics.store_errors.labels("timeout" if isinstance(exc, TimeoutError) else "error").inc()
             raise ApiError(
-                503, "store-unavailable", f"events not stored: {exc or 'timeout'}", headers={"retry-after": "1"}
+                503,
+                "store-unavailable",
+                f"events not stored: {exc or 'timeout'}; retry with the same event ids and none is counted twice",
+                headers={"retry-after": "1"},
             ) from None
-        for event in batch.events:
-            self.metrics.events.labels(event.event).inc()
-        return json_response(wire.EventsAccepted(len(batch.events)), 202)
+        accepted = duplicates = 0
+        for events, stored in zip(by_visitor.values(), outcomes, strict=True):
+            for event, fresh in zip(events, stored, strict=True):
+                if fresh:
+                    accepted += 1
+                    self.metrics.events.labels(event.event).inc()
+                else:
+                    duplicates += 1
+        if duplicates:
+            self.metrics.events_duplicate.inc(duplicates)
+        return json_response(wire.EventsAccepted(accepted, duplicates, rejected), 202)
+
+    def _check_event(  # noqa: PLR0911 - one return per reason to reject
+        self, index: int, item: object, now: float
+    ) -> wire.Rejected | tuple[str, Recorded]:
+        """One event of a batch: converted and checked, or the reason it is rejected."""
+        try:
+            event = msgspec.convert(item, wire.EventIn)
+        except msgspec.ValidationError as exc:
+            message = str(exc)
+            field = _field_of(message)
+            if message.startswith("Object contains unknown field"):
+                field = message.split("`")[1]
+            return wire.Rejected(index, "invalid-event", message.split(" - at ", maxsplit=1)[0], field)
+        key = event.user if event.user is not None else event.visitor
+        if key is None:
+            return wire.Rejected(index, "invalid-event", "needs `user` or `visitor`", "visitor")
+        if event.event not in self.event_types:
+            known = ", ".join(sorted(self.event_types))
+            return wire.Rejected(index, "unknown-event", f"unknown event type {event.event!r}; known: {known}", "event")
+        if event.item is None and event.event in ITEM_EVENTS:
+            return wire.Rejected(index, "missing-item", f"a {event.event} event needs an `item`", "item")
+        ts = now if event.ts is None else _timestamp(event.ts)
+        if ts is None:
+            return wire.Rejected(index, "invalid-event", "`ts` is neither a number nor an ISO 8601 time", "ts")
+        if ts > now + FUTURE_SLACK_S:
+            return wire.Rejected(index, "ts-in-future", "`ts` is more than 5 minutes ahead of the gateway", "ts")
+        categories: tuple[str, ...] = ()
+        rec = self.recommender
+        if event.item is not None and rec is not None:
+            row = rec.snap.row_of.get(event.item)
+            if row is not None:
+                categories = tuple(rec.snap.categories[row])
+        return key, Recorded(event.event, ts, event.item, event.id, categories, event.query, event.value)
 
     # -- live stream ---------------------------------------------------------------------------
     async def stream_answer(self, visitor: str, n: int | None, categories: list[str]) -> tuple[Hashable, bytes]:

@@ -41,6 +41,10 @@ class Metrics:
         self.streams = Gauge("tailor_streams_open", "Open WebSocket streams", registry=r, multiprocess_mode="livesum")
         self.reloads = Counter("tailor_snapshot_reloads", "Snapshot loads by result", ["result"], registry=r)
         self.events = Counter("tailor_events_accepted", "Behaviour events stored, by type", ["event"], registry=r)
+        self.events_rejected = Counter(
+            "tailor_events_rejected", "Events refused in accepted batches, by reason", ["code"], registry=r
+        )
+        self.events_duplicate = Counter("tailor_events_duplicate", "Events whose id was stored before", registry=r)
         self.snapshot_info = Gauge(
             "tailor_snapshot_info",
             "The snapshot being served (value 1)",

@@ -46,6 +46,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cache_entries: Annotated[int, msgspec.Meta(ge=0)] = 50_000
     compute_threads: Count = 2
     max_events_per_batch: Count = 500
+    custom_events: list[Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_.:-]*$", max_length=64)]] = []
+    event_ids_keep: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    counter_windows_s: Annotated[list[Positive], msgspec.Meta(min_length=1, max_length=8)] = msgspec.field(
+        default_factory=lambda: [3600.0, 86400.0, 604800.0, 2592000.0]
+    )
+    max_counters: Count = 500
+    event_log: str = "var/events"
+    event_log_max: Annotated[int, msgspec.Meta(ge=0)] = 1_000_000
     secret: str = ""
     token_ttl_s: Positive = 3600.0
     push_debounce_ms: NonNegative = 25.0

@@ -163,23 +163,70 @@ class StreamToken(msgspec.Struct, frozen=True):
     expires_at: Annotated[int, msgspec.Meta(description="Unix seconds; ask for a new token before then.")]
 
 
+BUILT_IN_EVENTS = ("view", "click", "add_to_cart", "remove_from_cart", "purchase", "search")
+EventType = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z][a-z0-9_.:-]*$",
+        description="view, click, add_to_cart, remove_from_cart, purchase, search, or a custom type the "
+        "gateway's `custom_events` setting declares.",
+    ),
+]
+Timestamp = Annotated[
+    float | str,
+    msgspec.Meta(
+        description="When it happened: Unix seconds, Unix milliseconds (as `Date.now()` gives, any number "
+        "above 1e11), or ISO 8601 (`2026-11-22T09:30:00Z`; without an offset it is UTC). Default: when "
+        "received. More than 5 minutes ahead of the gateway's clock is refused."
+    ),
+]
+
+
 class EventIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One behaviour event. Give `user` for a signed-in user, else `visitor`."""
 
-    event: Annotated[str, msgspec.Meta(min_length=1, max_length=64, description="view, click, add_to_cart, ...")]
-    item: Id | None = None
+    event: EventType
+    item: Id | None = None  # required except for `search` and custom types
     user: Id | None = None
     visitor: Id | None = None
-    ts: Annotated[float, msgspec.Meta(ge=0, description="Unix seconds; default: when received.")] | None = None
+    id: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=128,
+                description="Your id for this event (e.g. a UUID): an id the visitor sent before is counted once, "
+                "so a retried request is harmless.",
+            ),
+        ]
+        | None
+    ) = None
+    ts: Timestamp | None = None
     query: Text | None = None
+    value: float | None = None  # price, rating or amount, if any
 
 
 class EventBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The body of `POST /v1/events`: this, a bare JSON array of events, or one event object."""
+
     events: Annotated[list[EventIn], msgspec.Meta(min_length=1, max_length=10_000)]
 
 
+class Rejected(msgspec.Struct, frozen=True, omit_defaults=True):
+    index: Annotated[int, msgspec.Meta(description="Position of the event in the batch.")]
+    code: Annotated[str, msgspec.Meta(description="invalid-event, unknown-event, missing-item, ts-in-future")]
+    message: str
+    field: str | None = None
+
+
 class EventsAccepted(msgspec.Struct, frozen=True):
-    accepted: int
+    """What happened to a batch: valid events are kept even when others are rejected."""
+
+    accepted: Annotated[int, msgspec.Meta(description="Events stored now.")]
+    duplicates: Annotated[int, msgspec.Meta(description="Events whose `id` was stored before; not counted again.")] = 0
+    rejected: list[Rejected] = []
 
 
 class ErrorDetail(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -187,8 +234,8 @@ class ErrorDetail(msgspec.Struct, frozen=True, omit_defaults=True):
         str,
         msgspec.Meta(
             description="Machine-readable: invalid-parameter, unknown-parameter, unknown-category, invalid-body, "
-            "body-too-large, batch-too-large, unknown-item, unknown-event, not-found, method-not-allowed, "
-            "store-unavailable, no-snapshot, snapshot-refused, internal."
+            "invalid-events, unsupported-media-type, body-too-large, batch-too-large, unknown-item, not-found, "
+            "method-not-allowed, store-unavailable, no-snapshot, snapshot-refused, internal."
         ),
     ]
     message: str

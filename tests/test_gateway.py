@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
@@ -57,7 +58,7 @@ def post_events(client: TestClient, visitor: str, events: Sequence[tuple[str, st
     ]
     response = client.post("/v1/events", json={"events": batch})
     assert response.status_code == 202, response.text
-    assert response.json() == {"accepted": len(events)}
+    assert response.json() == {"accepted": len(events), "duplicates": 0, "rejected": []}
 
 
 # -- recommendations ------------------------------------------------------------------------
@@ -250,43 +251,136 @@ def test_unknown_item_is_a_404_and_unknown_route_a_json_404(client: TestClient) 
 
 
 @pytest.mark.parametrize(
-    ("body", "status", "code", "field"),
+    ("body", "content_type", "status", "code"),
     [
-        (b"{not json", 400, "invalid-body", None),
-        (b'{"events": []}', 400, "invalid-body", "events"),
-        (b'{"events": [{"visitor": "v", "item": "i1", "event": "click", "extra": 1}]}', 400, "invalid-body", None),
-        (b'{"events": [{"item": "i1", "event": "click"}]}', 400, "invalid-body", "events[0]"),
-        (b'{"events": [{"visitor": "v", "event": "click"}]}', 400, "invalid-body", "events[0].item"),
-        (b'{"events": [{"visitor": "v", "item": "i1", "event": "teleport"}]}', 422, "unknown-event", "events[0].event"),
+        (b"{not json", "application/json", 400, "invalid-body"),
+        (b'{"events": []}', "application/json", 400, "invalid-body"),
+        (b"[]", "application/json", 400, "invalid-body"),
+        (b'{"events": 5}', "application/json", 400, "invalid-body"),
+        (b'{"evnets": []}', "application/json", 400, "invalid-body"),
+        (b"42", "application/json", 400, "invalid-body"),
         (
-            b'{"events": [{"visitor": "v", "item": "i1", "event": "view", "ts": 99999999999}]}',
-            400,
-            "invalid-body",
-            "events[0].ts",
+            b'{"visitor": "v", "item": "i00001", "event": "view"}',
+            "application/x-www-form-urlencoded",
+            415,
+            "unsupported-media-type",
         ),
     ],
 )
-def test_bad_event_batches_are_4xx_and_store_nothing(
-    client: TestClient, body: bytes, status: int, code: str, field: str | None
+def test_an_unusable_body_is_a_4xx_and_stores_nothing(
+    client: TestClient, body: bytes, content_type: str, status: int, code: str
 ) -> None:
-    good = b'{"visitor": "v", "item": "i00001", "event": "click"}'
-    response = client.post("/v1/events", content=body.replace(b'"events": [', b'"events": [' + good + b",", 1))
-    if body.startswith(b'{"events": []'):
-        response = client.post("/v1/events", content=body)
+    response = client.post("/v1/events", content=body, headers={"content-type": content_type})
     assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == code
-    if field is not None:
-        assert error["field"] in (field, field.replace("[0]", "[1]"))
+    assert response.json()["error"]["code"] == code
+    assert client.get("/v1/recommend", params={"visitor": "v"}).json()["fallback"] == "cold-start"
+
+
+@pytest.mark.parametrize(
+    ("bad", "code", "field"),
+    [
+        ({"visitor": "v", "item": "i00002", "event": "click", "extra": 1}, "invalid-event", "extra"),
+        ({"item": "i00002", "event": "click"}, "invalid-event", "visitor"),
+        ({"visitor": "v", "event": "click"}, "missing-item", "item"),
+        ({"visitor": "v", "item": "i00002", "event": "teleport"}, "unknown-event", "event"),
+        ({"visitor": "v", "item": "i00002", "event": "View"}, "invalid-event", "event"),
+        ({"visitor": "v", "item": "i00002", "event": "view", "ts": time.time() + 3600}, "ts-in-future", "ts"),
+        ({"visitor": "v", "item": "i00002", "event": "view", "ts": "yesterday"}, "invalid-event", "ts"),
+        ({"visitor": "v", "item": 17, "event": "view"}, "invalid-event", "item"),
+        ("not an event", "invalid-event", None),
+    ],
+)
+def test_invalid_events_are_rejected_one_by_one_and_valid_ones_kept(
+    client: TestClient, snap: Snapshot, bad: object, code: str, field: str | None
+) -> None:
+    good = {"visitor": "v", "item": snap.item_ids[1], "event": "click"}
+    response = client.post("/v1/events", json={"events": [good, bad]})
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert (body["accepted"], body["duplicates"]) == (1, 0)
+    (rejected,) = body["rejected"]
+    assert (rejected["index"], rejected["code"], rejected.get("field")) == (1, code, field)
+    assert rejected["message"]
     after = client.get("/v1/recommend", params={"visitor": "v"}).json()
-    assert after["fallback"] == "cold-start"  # the valid event in the same batch was not stored either
+    assert after["profile"] == "live"  # the valid event was stored
+    assert snap.item_ids[1] not in ids(after)
+    # and a batch with nothing valid is a 422 naming every problem, storing nothing
+    response = client.post("/v1/events", json=[bad, bad])
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid-events"
+    assert [p.split(":")[0] for p in error["problems"]] == [
+        f"events[{i}]" + (f".{field}" if field else "") for i in (0, 1)
+    ]
+
+
+def test_one_event_a_bare_array_or_a_beacon_are_all_accepted(client: TestClient, snap: Snapshot) -> None:
+    one = {"visitor": "a", "item": snap.item_ids[1], "event": "view"}
+    assert client.post("/v1/events", json=one).json()["accepted"] == 1
+    assert client.post("/v1/events", json=[one, {**one, "visitor": "b"}]).json()["accepted"] == 2
+    # navigator.sendBeacon(url, JSON.stringify(batch)) sends text/plain;charset=UTF-8
+    beacon = msgspec.json.encode({"events": [{**one, "visitor": "c"}]})
+    response = client.post("/v1/events", content=beacon, headers={"content-type": "text/plain;charset=UTF-8"})
+    assert (response.status_code, response.json()["accepted"]) == (202, 1)
+    for visitor in "abc":
+        assert client.get("/v1/recommend", params={"visitor": visitor}).json()["profile"] == "live"
+
+
+def test_a_retried_event_is_counted_once(root: Path, snap: Snapshot) -> None:
+    store = MemoryStore()
+    with TestClient(create_app(settings(root), store=store)) as client:
+        batch = [
+            {"visitor": "v", "item": snap.item_ids[1], "event": "view", "id": "e-1"},
+            {"visitor": "v", "item": snap.item_ids[2], "event": "view", "id": "e-2"},
+        ]
+        assert client.post("/v1/events", json=batch).json() == {"accepted": 2, "duplicates": 0, "rejected": []}
+        assert client.post("/v1/events", json=batch).json() == {"accepted": 0, "duplicates": 2, "rejected": []}
+        metrics = client.get("/metrics").text
+        profile = asyncio.run(store.profile("v", limit=10, now=time.time()))
+    assert len(profile.recent) == 2
+    assert profile.counters["view/1h"] == 2
+    assert "tailor_events_duplicate_total 2.0" in metrics
+
+
+def test_timestamps_are_normalised_to_utc(root: Path, snap: Snapshot) -> None:
+    store = MemoryStore()
+    item = snap.item_ids[1]
+    with TestClient(create_app(settings(root), store=store)) as client:
+        batch = [
+            {"visitor": "v", "item": item, "event": "view", "ts": "2026-11-22T10:00:00+01:00"},
+            {"visitor": "v", "item": item, "event": "view", "ts": "2026-11-22T09:00:01"},  # no offset: UTC
+            {"visitor": "v", "item": item, "event": "view", "ts": "2026-11-22T09:00:02Z"},
+            {"visitor": "v", "item": item, "event": "view", "ts": 1_795_338_003_000},  # Date.now() milliseconds
+            {"visitor": "v", "item": item, "event": "view", "ts": 1_795_338_004.5},  # seconds
+        ]
+        assert client.post("/v1/events", json=batch).json()["accepted"] == 5
+        profile = asyncio.run(store.profile("v", limit=10, now=time.time()))
+    base = 1_795_338_000.0  # 2026-11-22T09:00:00Z
+    assert [i.ts for i in profile.recent] == [base, base + 1, base + 2, base + 3, base + 4.5]
+    assert profile.last_seen == base + 4.5
+
+
+def test_custom_event_types_are_accepted_once_declared(root: Path, snap: Snapshot) -> None:
+    event = {"visitor": "v", "item": snap.item_ids[1], "event": "wishlist"}
+    with TestClient(create_app(settings(root))) as client:
+        assert client.post("/v1/events", json=event).json()["error"]["code"] == "invalid-events"
+    store = MemoryStore()
+    with TestClient(create_app(settings(root, custom_events=["wishlist", "share"]), store=store)) as client:
+        assert client.post("/v1/events", json=event).json()["accepted"] == 1
+        assert client.post("/v1/events", json={"visitor": "v", "event": "share"}).json()["accepted"] == 1  # no item
+        profile = asyncio.run(store.profile("v", limit=10, now=time.time()))
+    assert profile.counters["wishlist/1h"] == profile.counters["share/1h"] == 1
 
 
 def test_too_large_batch_is_refused(root: Path) -> None:
     with TestClient(create_app(settings(root, max_events_per_batch=3))) as client:
         events = [{"visitor": "v", "item": "i00001", "event": "view"}] * 4
         response = client.post("/v1/events", json={"events": events})
-    assert (response.status_code, response.json()["error"]["code"]) == (413, "batch-too-large")
+        assert (response.status_code, response.json()["error"]["code"]) == (413, "batch-too-large")
+        event = b'{"visitor": "v", "event": "search", "query": "' + b"x" * 2000 + b'"}'
+        huge = b'{"events": [' + b",".join([event] * 3000) + b"]}"  # 6 MB
+        response = client.post("/v1/events", content=huge)
+        assert (response.status_code, response.json()["error"]["code"]) == (413, "body-too-large")
 
 
 # -- fallbacks --------------------------------------------------------------------------------
@@ -472,15 +566,18 @@ def test_openapi_documents_every_route_with_its_parameters(client: TestClient) -
 def test_events_are_stored_oldest_first_with_their_own_timestamps(root: Path) -> None:
     store = MemoryStore()
     with TestClient(create_app(settings(root), store=store)) as client:
+        start = round(time.time()) - 100
         batch = [
-            {"visitor": "v1", "item": "i00003", "event": "view", "ts": 1_700_000_050},
-            {"visitor": "v1", "item": "i00002", "event": "click", "ts": 1_700_000_000},
+            {"visitor": "v1", "item": "i00003", "event": "view", "ts": start + 50},
+            {"visitor": "v1", "item": "i00002", "event": "click", "ts": start},
             {"visitor": "v1", "event": "search", "query": "shoes"},
         ]
         assert client.post("/v1/events", json={"events": batch}).status_code == 202
         profile = asyncio.run(store.profile("v1", limit=5, now=time.time()))
     assert profile.recent == [
-        Interaction("i00002", "click", 1_700_000_000),
-        Interaction("i00003", "view", 1_700_000_050),
+        Interaction("i00002", "click", start),
+        Interaction("i00003", "view", start + 50),
     ]
-    assert profile.counters == {"view": 1, "click": 1, "search": 1}
+    totals = {name: n for name, n in profile.counters.items() if "@" not in name and name.endswith("/1h")}
+    assert totals == {"view/1h": 1, "click/1h": 1, "search/1h": 1}
+    assert profile.counters["view@item:i00003/7d"] == 1

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
 from gateway.guard import TRIP_AFTER, GuardedStore
-from gateway.store import EMPTY_PROFILE, Interaction, Profile, StoreError
+from gateway.store import EMPTY_PROFILE, Profile, Recorded, Retention, StoreError
 
 
 class Scripted:
@@ -28,17 +28,8 @@ class Scripted:
             await asyncio.sleep(10)
         return EMPTY_PROFILE
 
-    async def record(
-        self,
-        visitor: str,
-        interactions: Sequence[Interaction],
-        *,
-        keep: int,
-        ttl: float,
-        counters: Mapping[str, int] | None = None,
-        window: float = 3600.0,
-        now: float,
-    ) -> None: ...
+    async def record(self, visitor: str, events: Sequence[Recorded], *, retention: Retention, now: float) -> list[bool]:
+        return [True] * len(events)
 
     async def forget(self, visitor: str) -> None: ...
 

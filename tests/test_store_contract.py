@@ -6,10 +6,12 @@ import asyncio
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 import uvloop
 from redis.asyncio import Redis
@@ -20,12 +22,18 @@ from gateway.store import (
     Interaction,
     MemoryStore,
     Profile,
+    Recorded,
     RedisStore,
+    Retention,
     Store,
     StoreError,
     open_store,
+    window_label,
 )
+from gateway.store.log import FileLog
 from gateway.store.resp import _Link
+from index_builder import schema
+from index_builder.readers import interaction_rows
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -52,12 +60,31 @@ async def remember(
     now: float = T0,
     keep: int = 100,
     ttl: float = DAY,
-    counters: dict[str, int] | None = None,
-    window: float = HOUR,
-) -> None:
-    await store.record(
-        visitor, [seen(name, now) for name in names], keep=keep, ttl=ttl, counters=counters, window=window, now=now
-    )
+    event: str = "view",
+    ids: Sequence[str | None] | None = None,
+    categories: tuple[str, ...] = (),
+    windows: tuple[float, ...] = (HOUR,),
+    max_counters: int = 500,
+    id_memory: int = 1000,
+) -> list[bool]:
+    """Record one `event` per item name at `now` (or, with no names, one item-less `event`)."""
+    events = [
+        Recorded(event, now, item=name or None, id=ids[number] if ids else None, categories=categories)
+        for number, name in enumerate(names or ("",))
+    ]
+    retention = Retention(keep=keep, ttl=ttl, ids=id_memory, windows=windows, max_counters=max_counters)
+    return await store.record(visitor, events, retention=retention, now=now)
+
+
+async def tally(store: Store, visitor: str, event: str, times: int, *, now: float = T0, ttl: float = DAY) -> None:
+    """`times` item-less events of one type (counted, not listed in `recent`)."""
+    retention = Retention(ttl=ttl, windows=(HOUR,))
+    await store.record(visitor, [Recorded(event, now)] * times, retention=retention, now=now)
+
+
+def totals(profile: Profile) -> dict[str, int]:
+    """The per-type counters, without the per-item and per-category ones."""
+    return {name: count for name, count in profile.counters.items() if "@" not in name}
 
 
 def unique_prefix() -> str:
@@ -121,6 +148,7 @@ async def test_recorded_interactions_come_back_oldest_first(store: Store) -> Non
     await remember(store, "v", "c", now=T0 + 1)
     profile = await store.profile("v", limit=10, now=T0 + 2)
     assert profile.recent == [seen("a"), seen("b"), seen("c", T0 + 1)]
+    assert profile.last_seen == T0 + 1
 
 
 async def test_only_the_newest_keep_interactions_survive(store: Store) -> None:
@@ -140,56 +168,118 @@ async def test_limit_returns_the_newest_limit_interactions(store: Store) -> None
 
 
 async def test_limit_zero_returns_counters_but_no_interactions(store: Store) -> None:
-    await remember(store, "v", "a", counters={"views": 1})
-    assert await store.profile("v", limit=0, now=T0) == Profile(recent=[], counters={"views": 1})
+    await remember(store, "v", "a")
+    assert await store.profile("v", limit=0, now=T0) == Profile(
+        recent=[], counters={"view/1h": 1, "view@item:a/1h": 1}, last_seen=T0
+    )
 
 
-async def test_counters_add_up_within_a_window(store: Store) -> None:
-    await remember(store, "v", counters={"views": 2})
-    await remember(store, "v", counters={"views": 3}, now=T0 + HOUR - 1)
-    assert (await store.profile("v", limit=10, now=T0 + HOUR - 1)).counters == {"views": 5}
+async def test_every_event_counts_by_type_item_and_category_in_every_window(store: Store) -> None:
+    windows = (HOUR, DAY, 7 * DAY)
+    await remember(store, "v", "a", categories=("shoes", "shoes/boots"), windows=windows)
+    await remember(store, "v", "a", "b", event="click", windows=windows)
+    await remember(store, "v", event="search", windows=windows)
+    counters = (await store.profile("v", limit=10, now=T0 + 1)).counters
+    per_window = {
+        "view": 1,
+        "view@item:a": 1,
+        "view@category:shoes": 1,
+        "view@category:shoes/boots": 1,
+        "click": 2,
+        "click@item:a": 1,
+        "click@item:b": 1,
+        "search": 1,
+    }
+    assert counters == {f"{name}/{label}": n for name, n in per_window.items() for label in ("1h", "1d", "7d")}
 
 
-async def test_a_counter_from_an_earlier_window_reads_zero(store: Store) -> None:
-    await remember(store, "v", "a", counters={"views": 2})
-    assert await store.profile("v", limit=10, now=T0 + HOUR) == Profile(recent=[seen("a")], counters={})
+async def test_item_less_events_are_counted_but_not_listed(store: Store) -> None:
+    await tally(store, "v", "search", 3)
+    profile = await store.profile("v", limit=10, now=T0)
+    assert (profile.recent, profile.counters, profile.last_seen) == ([], {"search/1h": 3}, T0)
 
 
-async def test_a_counter_starts_again_from_zero_in_a_new_window(store: Store) -> None:
-    await remember(store, "v", counters={"views": 2})
-    await remember(store, "v", counters={"views": 1}, now=T0 + HOUR)
-    await remember(store, "v", counters={"views": 1}, now=T0 + 3 * HOUR)
-    assert (await store.profile("v", limit=10, now=T0 + 3 * HOUR)).counters == {"views": 1}
+async def test_a_counter_slides_with_time(store: Store) -> None:
+    await tally(store, "v", "search", 2)
+    await tally(store, "v", "search", 3, now=T0 + HOUR - 1)
+    assert totals(await store.profile("v", limit=10, now=T0 + HOUR - 1)) == {"search/1h": 5}
+    # A quarter of an hour into the next window, three quarters of the last one still count.
+    assert totals(await store.profile("v", limit=10, now=T0 + HOUR + HOUR / 4)) == {"search/1h": 4}
+    assert totals(await store.profile("v", limit=10, now=T0 + 2 * HOUR)) == {}
 
 
-async def test_each_counter_keeps_to_the_window_it_was_written_with(store: Store) -> None:
-    await remember(store, "v", counters={"last_minute": 1}, window=60)
-    await remember(store, "v", counters={"last_hour": 1}, window=HOUR)
-    assert (await store.profile("v", limit=10, now=T0 + 59)).counters == {"last_minute": 1, "last_hour": 1}
-    assert (await store.profile("v", limit=10, now=T0 + 60)).counters == {"last_hour": 1}
+async def test_a_counter_adds_the_new_window_to_what_is_left_of_the_old(store: Store) -> None:
+    await tally(store, "v", "search", 4)
+    await tally(store, "v", "search", 1, now=T0 + HOUR)
+    assert totals(await store.profile("v", limit=10, now=T0 + HOUR + HOUR / 4)) == {"search/1h": 4}  # 1 + 4 x 3/4
+    await tally(store, "v", "search", 1, now=T0 + 5 * HOUR)  # long after: starts over
+    assert totals(await store.profile("v", limit=10, now=T0 + 5 * HOUR)) == {"search/1h": 1}
 
 
-async def test_a_window_given_as_int_or_float_is_the_same_window(store: Store) -> None:
-    await remember(store, "v", counters={"views": 1}, window=3600)
-    await remember(store, "v", counters={"views": 1}, window=3600.0)
-    assert (await store.profile("v", limit=10, now=T0)).counters == {"views": 2}
+async def test_an_event_older_than_the_last_two_windows_is_listed_but_not_counted(store: Store) -> None:
+    await remember(store, "v", "new", now=T0 + 5 * HOUR)
+    await remember(store, "v", "old", now=T0)  # a client clock hours behind
+    profile = await store.profile("v", limit=10, now=T0 + 5 * HOUR)
+    assert items(profile) == ["new", "old"]
+    assert totals(profile) == {"view/1h": 1}
+    assert profile.last_seen == T0 + 5 * HOUR
 
 
-async def test_different_counters_and_visitors_are_independent(store: Store) -> None:
-    await remember(store, "v", "a", counters={"views": 1, "carts": 2})
-    await remember(store, "w", "b", counters={"views": 10})
-    assert await store.profile("v", limit=10, now=T0) == Profile(recent=[seen("a")], counters={"views": 1, "carts": 2})
-    assert await store.profile("w", limit=10, now=T0) == Profile(recent=[seen("b")], counters={"views": 10})
+async def test_an_event_id_is_counted_once_per_visitor(store: Store) -> None:
+    assert await remember(store, "v", "a", "b", ids=["e1", "e2"]) == [True, True]
+    assert await remember(store, "v", "a", "c", ids=["e1", None]) == [False, True]  # a retry, and an id-less one
+    assert await remember(store, "v", "x", "x", ids=["e3", "e3"]) == [True, False]  # twice in one batch
+    assert await remember(store, "w", "a", ids=["e1"]) == [True]  # ids are per visitor
+    profile = await store.profile("v", limit=10, now=T0)
+    assert items(profile) == ["a", "b", "c", "x"]
+    assert totals(profile) == {"view/1h": 4}
 
 
-async def test_counter_names_may_contain_anything(store: Store) -> None:
-    odd = {"a|b|c": 1, "3600.0|1": 2, "": 3, "🛒 cart:x": 4}
-    await remember(store, "v", counters=odd)
-    assert (await store.profile("v", limit=10, now=T0)).counters == odd
+async def test_only_the_newest_ids_are_remembered(store: Store) -> None:
+    await remember(store, "v", "a", "b", "c", ids=["e1", "e2", "e3"], id_memory=2)
+    assert await remember(store, "v", "a", "c", ids=["e1", "e3"], id_memory=2) == [True, False]
+
+
+async def test_without_id_memory_nothing_is_a_duplicate(store: Store) -> None:
+    await remember(store, "v", "a", ids=["e1"], id_memory=0)
+    assert await remember(store, "v", "a", ids=["e1"], id_memory=0) == [True]
+
+
+async def test_past_max_counters_only_the_totals_keep_counting(store: Store) -> None:
+    await remember(store, "v", "a", "b", max_counters=3)
+    await remember(store, "v", "c", event="click", max_counters=3)
+    await remember(store, "v", "a", "d", max_counters=3)
+    counters = (await store.profile("v", limit=10, now=T0)).counters
+    assert totals(await store.profile("v", limit=10, now=T0)) == {"view/1h": 4, "click/1h": 1}
+    assert counters["view@item:a/1h"] == 2  # existing details still count
+    assert "view@item:d/1h" not in counters and "click@item:c/1h" not in counters
+    assert len([name for name in counters if "@" in name]) <= 3
+
+
+async def test_different_visitors_are_independent(store: Store) -> None:
+    await remember(store, "v", "a")
+    await remember(store, "w", "b", "c", event="click")
+    assert totals(await store.profile("v", limit=10, now=T0)) == {"view/1h": 1}
+    profile = await store.profile("w", limit=10, now=T0)
+    assert (items(profile), totals(profile)) == (["b", "c"], {"click/1h": 2})
+
+
+async def test_odd_item_and_category_names_stay_intact(store: Store) -> None:
+    await remember(store, "v", "a|b:c", "🛒", "3600.0|1", categories=("x|y", "@"))
+    counters = (await store.profile("v", limit=10, now=T0)).counters
+    for name in (
+        "view@item:a|b:c/1h",
+        "view@item:🛒/1h",
+        "view@item:3600.0|1/1h",
+        "view@category:x|y/1h",
+        "view@category:@/1h",
+    ):
+        assert name in counters, name
+    assert counters["view/1h"] == 3
 
 
 async def test_a_visitor_expires_ttl_after_the_last_write(store: Store, elapse: Elapse) -> None:
-    await remember(store, "v", "a", counters={"views": 1}, ttl=0.3)
+    await remember(store, "v", "a", ttl=0.3)
     assert items(await store.profile("v", limit=10, now=T0 + 0.1)) == ["a"]
     await elapse(0.4)
     assert await store.profile("v", limit=10, now=T0 + 0.4) == EMPTY_PROFILE
@@ -198,31 +288,33 @@ async def test_a_visitor_expires_ttl_after_the_last_write(store: Store, elapse: 
 async def test_every_write_renews_the_ttl(store: Store, elapse: Elapse) -> None:
     await remember(store, "v", "a", ttl=0.6)
     await elapse(0.4)
-    await remember(store, "v", counters={"views": 1}, ttl=0.6, now=T0 + 0.4)
+    await tally(store, "v", "search", 1, ttl=0.6, now=T0 + 0.4)
     await elapse(0.4)
-    assert await store.profile("v", limit=10, now=T0 + 0.8) == Profile(recent=[seen("a")], counters={"views": 1})
+    profile = await store.profile("v", limit=10, now=T0 + 0.8)
+    assert (items(profile), totals(profile)) == (["a"], {"view/1h": 1, "search/1h": 1})
 
 
 async def test_a_write_after_expiry_starts_from_empty(store: Store, elapse: Elapse) -> None:
-    await remember(store, "v", "a", counters={"views": 1}, ttl=0.3)
+    await remember(store, "v", "a", ttl=0.3, ids=["e1"])
     await elapse(0.4)
-    await remember(store, "v", "b", counters={"views": 1}, now=T0 + 0.4)
+    assert await remember(store, "v", "b", now=T0 + 0.4, ids=["e1"]) == [True]  # forgotten with the rest
     profile = await store.profile("v", limit=10, now=T0 + 0.4)
-    assert profile == Profile(recent=[seen("b", T0 + 0.4)], counters={"views": 1})
+    assert (items(profile), totals(profile)) == (["b"], {"view/1h": 1})
 
 
 async def test_a_write_of_nothing_stores_nothing(store: Store) -> None:
-    await store.record("v", [], keep=10, ttl=DAY, counters={}, now=T0)
+    assert await store.record("v", [], retention=Retention(), now=T0) == []
     assert await store.profile("v", limit=10, now=T0) == EMPTY_PROFILE
 
 
 async def test_forget_deletes_that_visitor_only(store: Store) -> None:
-    await remember(store, "v", "a", counters={"views": 1})
+    await remember(store, "v", "a", ids=["e1"])
     await remember(store, "w", "b")
     await store.forget("v")
     await store.forget("never-seen")
     assert await store.profile("v", limit=10, now=T0) == EMPTY_PROFILE
     assert items(await store.profile("w", limit=10, now=T0)) == ["b"]
+    assert await remember(store, "v", "a", ids=["e1"]) == [True]
 
 
 async def test_ping_answers(store: Store) -> None:
@@ -230,24 +322,25 @@ async def test_ping_answers(store: Store) -> None:
 
 
 async def test_odd_visitor_ids_neither_collide_nor_break(store: Store) -> None:
-    visitors = ["a", "a:recent", "a:counters", "v:a", "a b", "", " ", "🙂", "a|b", "a\nb", "{a}", "x" * 1000]
+    visitors = ["a", "a:recent", "a:counters", "a:ids", "v:a", "a b", "", " ", "🙂", "a|b", "a\nb", "{a}", "x" * 1000]
     for number, visitor in enumerate(visitors):
-        await remember(store, visitor, str(number), counters={"n": number + 1})
+        await remember(store, visitor, str(number))
     for number, visitor in enumerate(visitors):
         profile = await store.profile(visitor, limit=10, now=T0)
-        assert profile == Profile(recent=[seen(str(number))], counters={"n": number + 1}), visitor
+        assert (items(profile), totals(profile)) == ([str(number)], {"view/1h": 1}), visitor
 
 
 async def test_concurrent_writes_to_one_visitor_lose_nothing(store: Store) -> None:
     async def one(number: int) -> None:
-        await remember(store, "v", str(number), counters={"views": 1})
+        await remember(store, "v", str(number), ids=[f"e{number}"])
 
     async with anyio.create_task_group() as group:
         for number in range(50):
             group.start_soon(one, number)
+            group.start_soon(one, number)  # and each sent twice, as a retrying browser would
     profile = await store.profile("v", limit=100, now=T0)
     assert sorted(items(profile), key=int) == [str(n) for n in range(50)]
-    assert profile.counters == {"views": 50}
+    assert totals(profile) == {"view/1h": 50}
 
 
 async def test_a_returned_profile_is_the_callers_to_change(store: Store) -> None:
@@ -258,20 +351,29 @@ async def test_a_returned_profile_is_the_callers_to_change(store: Store) -> None
 
 @pytest.mark.parametrize(
     "arguments",
-    [{"keep": 0}, {"ttl": 0.0}, {"ttl": -1.0}, {"window": 0.0}],
-    ids=["keep=0", "ttl=0", "ttl<0", "window=0"],
+    [{"keep": 0}, {"ttl": 0.0}, {"ttl": -1.0}, {"windows": ()}, {"windows": (0.0,)}, {"ids": -1}, {"max_counters": 0}],
+    ids=["keep=0", "ttl=0", "ttl<0", "no windows", "window=0", "ids<0", "max_counters=0"],
 )
-async def test_a_write_with_a_non_positive_keep_ttl_or_window_is_refused(
-    store: Store, arguments: dict[str, Any]
-) -> None:
-    with pytest.raises(ValueError, match="must be positive"):
-        await store.record("v", [seen("a")], **{"keep": 10, "ttl": DAY, "now": T0, **arguments})
-    assert await store.profile("v", limit=10, now=T0) == EMPTY_PROFILE
+def test_a_retention_out_of_range_is_refused(arguments: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"retention|windows"):
+        Retention(**arguments)
 
 
 async def test_a_negative_limit_is_refused(store: Store) -> None:
     with pytest.raises(ValueError, match="limit"):
         await store.profile("v", limit=-1, now=T0)
+
+
+def test_window_labels() -> None:
+    assert [window_label(s) for s in (60, 3600, 86400, 604800, 2592000, 90, 5400)] == [
+        "1m",
+        "1h",
+        "1d",
+        "7d",
+        "30d",
+        "90s",
+        "90m",
+    ]
 
 
 # The memory backend's bounds.
@@ -298,13 +400,31 @@ async def test_memory_retires_expired_visitors_that_are_never_read_again(anyio_b
     assert len(store) == 4
 
 
-async def test_memory_prunes_counters_of_finished_windows(anyio_backend: str) -> None:
+async def test_memory_prunes_counters_that_left_their_window(anyio_backend: str) -> None:
     store = MemoryStore()
     for number in range(100):
-        await remember(store, "v", counters={"views": 1}, window=60, now=T0 + 60 * number)
-    await remember(store, "v", counters={f"late{n}": 1 for n in range(10)}, window=60, now=T0)  # a lagging clock
-    assert (await store.profile("v", limit=10, now=T0 + 60 * 99)).counters == {"views": 1}
-    assert len(store._visitors["v"].counters) == 1  # one live bucket held, nothing per past window
+        await remember(store, "v", f"i{number}", now=T0 + HOUR * number)
+    counters = (await store.profile("v", limit=10, now=T0 + HOUR * 99)).counters
+    # At the very start of hour 99 the sliding hour still covers all of hour 98.
+    assert counters == {"view/1h": 2, "view@item:i99/1h": 1, "view@item:i98/1h": 1}
+    assert len(store._visitors["v"].counters) == 3  # hours 0-97 pruned: nothing of them is in the window
+
+
+async def test_memory_event_log_is_build_input(tmp_path: Path, anyio_backend: str) -> None:
+    store = MemoryStore(log=FileLog(tmp_path / "events"))
+    await remember(store, "v", "a", "b", ids=["e1", "e2"])
+    await remember(store, "v", "a", ids=["e1"])  # a duplicate is not logged again
+    await tally(store, "v", "search", 1)
+    await store.close()
+    (log_file,) = (tmp_path / "events").glob("events-*.jsonl")
+    # read and validated the way `tailor build` reads its --events files
+    rows = [msgspec.convert(row, schema.Interaction, strict=False) for _, row in interaction_rows(log_file)]
+    assert [(r.user_id, r.item_id, r.event, r.event_id) for r in rows] == [
+        ("v", "a", "view", "e1"),
+        ("v", "b", "view", "e2"),
+        ("v", None, "search", None),
+    ]
+    assert all(r.timestamp.timestamp() == T0 for r in rows)
 
 
 # Change announcements (what WebSocket pushes are made from).
@@ -316,7 +436,7 @@ async def test_a_record_is_announced_to_subscribers(store: Store) -> None:
     if isinstance(store, RedisStore):
         await asyncio.wait_for(store.subscribed.wait(), 5)
     await remember(store, "v1", "a")
-    await remember(store, "v2", counters={"views": 1})
+    await tally(store, "v2", "search", 1)
     for _ in range(200):
         if len(heard) >= 2:
             break
@@ -396,30 +516,33 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[object]:
 
 
 async def test_redis_record_is_one_round_trip(redis_store: RedisStore, round_trips: list[object]) -> None:
-    await redis_store.ping()  # connects first: the handshake is not part of a record
+    await remember(redis_store, "w", "x")  # connects and loads the script: neither is part of a record
     round_trips.clear()
-    await remember(redis_store, "v", "a", "b", counters={"views": 1, "carts": 1})
+    await remember(redis_store, "v", "a", "b", ids=["e1", "e2"], categories=("shoes",))
     assert len(round_trips) == 1
 
 
 async def test_redis_profile_is_one_round_trip(redis_store: RedisStore, round_trips: list[object]) -> None:
-    await remember(redis_store, "v", "a", "b", counters={"views": 1, "carts": 1})
+    await remember(redis_store, "v", "a", "b")
     round_trips.clear()
     profile = await redis_store.profile("v", limit=10, now=T0)
     assert len(round_trips) == 1
-    assert profile == Profile(recent=[seen("a"), seen("b")], counters={"views": 1, "carts": 1})
+    assert profile == Profile(
+        recent=[seen("a"), seen("b")], counters={"view/1h": 2, "view@item:a/1h": 1, "view@item:b/1h": 1}, last_seen=T0
+    )
 
 
 async def test_redis_concurrent_profiles_share_writes_and_each_gets_its_own_answer(
     redis_store: RedisStore, round_trips: list[object]
 ) -> None:
     for number in range(20):
-        await remember(redis_store, f"v{number}", f"item{number}", counters={"views": number + 1})
+        await remember(redis_store, f"v{number}", f"item{number}")
+        await tally(redis_store, f"v{number}", "search", number + 1)
     await redis_store.profile("v0", limit=10, now=T0)  # connected
     round_trips.clear()
     profiles = await asyncio.gather(*(redis_store.profile(f"v{number}", limit=10, now=T0) for number in range(20)))
     assert [items(p) for p in profiles] == [[f"item{number}"] for number in range(20)]
-    assert [p.counters for p in profiles] == [{"views": number + 1} for number in range(20)]
+    assert [totals(p)["search/1h"] for p in profiles] == [number + 1 for number in range(20)]
     assert len(round_trips) == 1  # twenty calls made in one turn of the loop: one write
 
 
@@ -468,19 +591,33 @@ def test_redis_a_reply_that_waited_while_the_loop_was_busy_is_not_a_timeout(
     assert uvloop.run(scenario()) == ["a"]
 
 
-async def test_redis_keys_are_namespaced_and_both_carry_the_ttl(redis_store: RedisStore, raw: Redis) -> None:
-    await remember(redis_store, "v", "a", counters={"views": 1}, ttl=60)
-    recent, counters = f"{redis_store.prefix}v:v:recent", f"{redis_store.prefix}v:v:counters"
-    assert sorted(await raw.keys(f"{redis_store.prefix}*")) == sorted([recent.encode(), counters.encode()])
-    for key in (recent, counters):
+async def test_redis_keys_are_namespaced_and_carry_the_ttl(redis_store: RedisStore, raw: Redis) -> None:
+    await remember(redis_store, "v", "a", ttl=60, ids=["e1"])
+    stem = f"{redis_store.prefix}v:v:"
+    per_visitor = [f"{stem}recent", f"{stem}counters", f"{stem}ids"]
+    assert sorted(await raw.keys(f"{redis_store.prefix}*")) == sorted(
+        k.encode() for k in [*per_visitor, redis_store.log_key]
+    )
+    for key in per_visitor:
         assert 59_000 < await raw.pttl(key) <= 60_000
 
 
-async def test_redis_a_write_drops_the_previous_windows_counter(redis_store: RedisStore, raw: Redis) -> None:
-    await remember(redis_store, "v", counters={"views": 1})
-    await remember(redis_store, "v", counters={"views": 1}, now=T0 + HOUR)
-    fields = await raw.hkeys(f"{redis_store.prefix}v:v:counters")
-    assert fields == [f"views|3600.0|{472_223}".encode()]
+async def test_redis_a_counter_is_one_field_per_name_and_window(redis_store: RedisStore, raw: Redis) -> None:
+    for hour in range(10):
+        await tally(redis_store, "v", "search", 1, now=T0 + hour * HOUR)
+    fields = await raw.hgetall(f"{redis_store.prefix}v:v:counters")
+    assert fields == {b"search|3600.0": f"{472_231}:1:1".encode(), b"@last_seen": b"%d" % (T0 + 9 * HOUR)}
+
+
+async def test_redis_event_log_is_a_stream_of_build_input_lines(redis_store: RedisStore, raw: Redis) -> None:
+    await remember(redis_store, "v", "a", "b", ids=["e1", "e2"])
+    await remember(redis_store, "v", "a", ids=["e1"])  # a duplicate is not logged again
+    entries: Any = await raw.xrange(redis_store.log_key)
+    lines = [msgspec.json.decode(fields[b"e"]) for _, fields in entries]
+    assert lines == [
+        {"user_id": "v", "event": "view", "timestamp": T0, "item_id": "a", "event_id": "e1"},
+        {"user_id": "v", "event": "view", "timestamp": T0, "item_id": "b", "event_id": "e2"},
+    ]
 
 
 async def test_redis_undecodable_data_is_a_store_error(redis_store: RedisStore, raw: Redis) -> None:

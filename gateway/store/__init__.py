@@ -12,9 +12,21 @@ Accepted URLs:
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
-from gateway.store.base import EMPTY_PROFILE, Interaction, Profile, Store, StoreError, StoreTimeoutError
+from gateway.store.base import (
+    EMPTY_PROFILE,
+    Interaction,
+    Profile,
+    Recorded,
+    Retention,
+    Store,
+    StoreError,
+    StoreTimeoutError,
+    window_label,
+)
+from gateway.store.log import FileLog
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 
@@ -23,22 +35,29 @@ __all__ = [
     "Interaction",
     "MemoryStore",
     "Profile",
+    "Recorded",
     "RedisStore",
+    "Retention",
     "Store",
     "StoreError",
     "StoreTimeoutError",
     "open_store",
+    "window_label",
 ]
 
 _SCHEMES = "memory://, redis://, rediss://, unix://"
 
 
-def open_store(url: str) -> Store:
-    """The store the URL names; ValueError for a URL it cannot be."""
+def open_store(url: str, *, event_log: str = "") -> Store:
+    """The store the URL names; ValueError for a URL it cannot be. `event_log` is the directory of the
+    memory store's event log ("" for none); the Redis store logs to a stream in Redis instead."""
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
     if scheme == "memory" or not url.strip():
-        return _open_memory(url, parts.netloc, parts.path, parts.query)
+        store = _open_memory(url, parts.netloc, parts.path, parts.query)
+        if event_log:
+            store = MemoryStore(max_visitors=store.max_visitors, log=FileLog(Path(event_log)))
+        return store
     if scheme in ("redis", "rediss", "unix"):
         return _open_redis(parts.scheme, parts.netloc, parts.path, parts.query, parts.fragment)
     raise ValueError(f"store URL {url!r}: unknown scheme {parts.scheme!r}; accepted: {_SCHEMES}")

@@ -5,12 +5,13 @@ state in this process; `redis://host:port/db` shares it between processes and ho
 tests in `tests/test_store_contract.py` run the same behaviours against both.
 
 Every method is at most one round trip to the backend: `profile` is what a recommendation request
-reads, `record` is what an event batch writes.
+reads, `record` is what an event batch writes (for one visitor).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import msgspec
@@ -37,20 +38,119 @@ class Interaction(msgspec.Struct, array_like=True, frozen=True, gc=False):
     ts: float  # Unix seconds, UTC
 
 
+class Recorded(msgspec.Struct, frozen=True, gc=False):
+    """One accepted event, as `record` takes it."""
+
+    event: str
+    ts: float  # Unix seconds, UTC
+    item: str | None = None
+    id: str | None = None  # the client's event id: a second event with an id seen before is a duplicate
+    categories: tuple[str, ...] = ()  # of the item: counted per category too
+    query: str | None = None
+    value: float | None = None
+
+    def interaction(self) -> Interaction | None:
+        return None if self.item is None else Interaction(self.item, self.event, self.ts)
+
+    def counter_names(self) -> list[str]:
+        """`event` for every event; `event@item:ID` and `event@category:C` for the details."""
+        names = [self.event]
+        if self.item is not None:
+            names.append(f"{self.event}@item:{self.item}")
+        names.extend(f"{self.event}@category:{category}" for category in self.categories)
+        return names
+
+    def log_line(self, visitor: str) -> bytes:
+        """The event as a line of `tailor build --events` JSONL input."""
+        return _encode_log(LogLine(visitor, self.event, self.ts, self.item, self.value, self.id, self.query))
+
+
+class LogLine(msgspec.Struct, omit_defaults=True):
+    """The index builder's interaction record (index_builder.schema.Interaction), with `timestamp`
+    as Unix seconds: the gateway's event log is a `tailor build --events` input as it stands."""
+
+    user_id: str
+    event: str
+    timestamp: float
+    item_id: str | None = None
+    value: float | None = None
+    event_id: str | None = None
+    query: str | None = None
+
+
+_encode_log = msgspec.json.Encoder().encode
+
+DAY = 86_400.0
+DEFAULT_WINDOWS = (3_600.0, DAY, 7 * DAY, 30 * DAY)
+
+
+class Retention(msgspec.Struct, frozen=True):
+    """How much of each visitor a store keeps, and for how long."""
+
+    keep: int = 100  # recent interactions
+    ttl: float = 30 * DAY  # everything of a visitor expires this long after their latest event
+    ids: int = 1000  # event ids remembered for de-duplication
+    windows: tuple[float, ...] = DEFAULT_WINDOWS  # counter windows, seconds
+    max_counters: int = 500  # counter fields; past it no new per-item or per-category counters start
+    log: int = 1_000_000  # events the shared log keeps (Redis stream, approximately); 0 = no log
+
+    def __post_init__(self) -> None:
+        if self.keep < 1 or self.ttl <= 0 or self.ids < 0 or self.max_counters < 1 or self.log < 0:
+            raise ValueError(f"retention out of range: {self}")
+        if not self.windows or any(w <= 0 for w in self.windows):
+            raise ValueError(f"counter windows must be positive seconds, not {self.windows}")
+
+
+def window_label(seconds: float) -> str:
+    """3600 -> "1h", 604800 -> "7d": how a window names its counters in a profile."""
+    for unit, size in (("d", DAY), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def sliding_count(bucket: int, current: int, previous: int, window: float, now: float) -> int:
+    """Events in the `window` seconds before `now`, estimated from the counts of the fixed window
+    (bucket = floor(ts / window)) written last and the one before it, the older one weighted by how
+    much of it the sliding window still covers. Bounded state per counter, exact at bucket edges."""
+    now_bucket = math.floor(now / window)
+    into = (now - now_bucket * window) / window
+    if bucket == now_bucket:
+        estimate = current + previous * (1.0 - into)
+    elif bucket == now_bucket - 1:
+        estimate = current * (1.0 - into)
+    else:
+        return 0
+    return round(estimate)
+
+
+def bump(state: tuple[int, int, int] | None, bucket: int) -> tuple[int, int, int] | None:
+    """A counter's (bucket, current, previous) after one event in `bucket`; None when the event
+    belongs to a window older than the counter's latest (a lagging clock): it is not counted."""
+    if state is None:
+        return bucket, 1, 0
+    held, current, previous = state
+    if bucket == held:
+        return bucket, current + 1, previous
+    if bucket == held + 1:
+        return bucket, 1, current
+    if bucket > held + 1:
+        return bucket, 1, 0
+    if bucket == held - 1:
+        return held, current, previous + 1
+    return None
+
+
 class Profile(msgspec.Struct, frozen=True):
     """What the store knows of one visitor right now."""
 
     recent: list[Interaction]  # oldest first, the newest `limit` at most
-    counters: dict[str, int]  # counter name -> count within its current window; absent = 0
+    # "view/7d": views in the last 7 days; "purchase@item:i1/30d"; "add_to_cart@category:shoes/1d".
+    counters: dict[str, int]
+    last_seen: float | None = None  # Unix seconds of the newest event
 
 
 EMPTY_PROFILE = Profile(recent=[], counters={})
-
-
-def check_record(*, keep: int, ttl: float, window: float) -> None:
-    """The argument rules every backend's `record` shares."""
-    if keep < 1 or ttl <= 0 or window <= 0:
-        raise ValueError(f"keep, ttl and window must be positive, not keep={keep} ttl={ttl} window={window}")
 
 
 class Store(Protocol):
@@ -58,20 +158,12 @@ class Store(Protocol):
         """The visitor's newest `limit` interactions (oldest first) and their live counters."""
         ...
 
-    async def record(
-        self,
-        visitor: str,
-        interactions: Sequence[Interaction],
-        *,
-        keep: int,
-        ttl: float,
-        counters: Mapping[str, int] | None = None,
-        window: float = 3600.0,
-        now: float,
-    ) -> None:
-        """Append interactions (kept in the order given, the newest `keep` survive), add to the
-        named counters in the fixed window of `window` seconds containing `now`, and let the
-        visitor's state expire `ttl` seconds after this write. One round trip."""
+    async def record(self, visitor: str, events: Sequence[Recorded], *, retention: Retention, now: float) -> list[bool]:
+        """Store a visitor's events, in the order given, all or nothing, in one round trip: append
+        their interactions (the newest `retention.keep` survive), count each of `counter_names()`
+        in every window, move `last_seen`, append them to the event log, and let the visitor's
+        state expire `retention.ttl` after `now`. An event whose `id` was recorded before for this
+        visitor is a duplicate and changes nothing. Returns, per event, whether it was stored."""
         ...
 
     async def forget(self, visitor: str) -> None:

@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import ClassVar
 
-from gateway.store.base import EMPTY_PROFILE, Interaction, Listener, Profile, check_record
+from gateway.store.base import (
+    EMPTY_PROFILE,
+    Interaction,
+    Listener,
+    Profile,
+    Recorded,
+    Retention,
+    bump,
+    sliding_count,
+    window_label,
+)
+from gateway.store.log import FileLog
 
 DEFAULT_MAX_VISITORS = 1_000_000
 
 
 class _Visitor:
-    __slots__ = ("counters", "expires_at", "recent")
+    __slots__ = ("counters", "expires_at", "ids", "last_seen", "recent")
 
     def __init__(self, expires_at: float) -> None:
         self.recent: list[Interaction] = []
-        # (name, window) -> (bucket, count): only the newest bucket matters, so older ones are overwritten.
-        self.counters: dict[tuple[str, float], tuple[int, int]] = {}
+        # (name, window) -> (bucket, current, previous): see base.sliding_count
+        self.counters: dict[tuple[str, float], tuple[int, int, int]] = {}
+        self.ids: OrderedDict[str, None] = OrderedDict()
+        self.last_seen: float | None = None
         self.expires_at = expires_at
 
 
@@ -32,12 +45,13 @@ class MemoryStore:
     # Tells the hot path it needs no timeout around this store: a call cannot wait on anything.
     in_process: ClassVar[bool] = True
 
-    def __init__(self, *, max_visitors: int = DEFAULT_MAX_VISITORS) -> None:
+    def __init__(self, *, max_visitors: int = DEFAULT_MAX_VISITORS, log: FileLog | None = None) -> None:
         if max_visitors < 1:
             raise ValueError(f"max_visitors must be at least 1, not {max_visitors}")
-        self._max_visitors = max_visitors
+        self.max_visitors = max_visitors
         self._visitors: OrderedDict[str, _Visitor] = OrderedDict()
         self._listeners: list[Listener] = []
+        self._log = log  # the event log: JSONL files, for `tailor build --event-log`
 
     def __len__(self) -> int:
         """Visitors held right now, including expired ones not yet retired."""
@@ -55,65 +69,67 @@ class MemoryStore:
         self._visitors.move_to_end(visitor)
         counters: dict[str, int] = {}
         stale: list[tuple[str, float]] = []
-        for key, (bucket, count) in state.counters.items():
+        for key, (bucket, current, previous) in state.counters.items():
             name, window = key
-            current = math.floor(now / window)
-            if bucket == current:
-                counters[name] = counters.get(name, 0) + count
-            elif bucket < current:
-                stale.append(key)
+            count = sliding_count(bucket, current, previous, window, now)
+            if count:
+                counters[f"{name}/{window_label(window)}"] = count
+            elif bucket < math.floor(now / window) - 1:
+                stale.append(key)  # nothing of it is inside the window any more
         for key in stale:
             del state.counters[key]
-        return Profile(recent=state.recent[-limit:] if limit else [], counters=counters)
+        return Profile(recent=state.recent[-limit:] if limit else [], counters=counters, last_seen=state.last_seen)
 
-    async def record(
-        self,
-        visitor: str,
-        interactions: Sequence[Interaction],
-        *,
-        keep: int,
-        ttl: float,
-        counters: Mapping[str, int] | None = None,
-        window: float = 3600.0,
-        now: float,
-    ) -> None:
-        check_record(keep=keep, ttl=ttl, window=window)
-        if not interactions and not counters:
-            return
+    async def record(self, visitor: str, events: Sequence[Recorded], *, retention: Retention, now: float) -> list[bool]:
+        if not events:
+            return []
         state = self._visitors.get(visitor)
         if state is None or state.expires_at <= now:
-            state = self._visitors[visitor] = _Visitor(now + ttl)
+            state = self._visitors[visitor] = _Visitor(now + retention.ttl)
         else:
-            state.expires_at = now + ttl
+            state.expires_at = now + retention.ttl
         self._visitors.move_to_end(visitor)
 
-        recent = state.recent
-        recent.extend(interactions)
-        if len(recent) > keep:
-            del recent[:-keep]
-
-        if counters:
-            window = float(window)
-            bucket = math.floor(now / window)
-            for name, amount in counters.items():
-                key = (name, window)
-                held = state.counters.get(key)
-                if held is None or held[0] < bucket:
-                    state.counters[key] = (bucket, amount)
-                elif held[0] == bucket:
-                    state.counters[key] = (bucket, held[1] + amount)
-                # else: a lagging clock wrote into a window that has already closed; it would never be read.
+        stored: list[bool] = []
+        for event in events:
+            if event.id is not None and retention.ids:
+                if event.id in state.ids:
+                    stored.append(False)
+                    continue
+                state.ids[event.id] = None
+            stored.append(True)
+            interaction = event.interaction()
+            if interaction is not None:
+                state.recent.append(interaction)
+            for number, name in enumerate(event.counter_names()):
+                for window in retention.windows:
+                    key = (name, window)
+                    held = state.counters.get(key)
+                    if held is None and number and len(state.counters) >= retention.max_counters:
+                        continue  # full: no new per-item or per-category counters, totals still count
+                    bumped = bump(held, math.floor(event.ts / window))
+                    if bumped is not None:
+                        state.counters[key] = bumped
+            state.last_seen = event.ts if state.last_seen is None else max(state.last_seen, event.ts)
+            if self._log is not None and retention.log:
+                self._log.append(event.log_line(visitor))
+        if len(state.recent) > retention.keep:
+            del state.recent[: -retention.keep]
+        while len(state.ids) > retention.ids:
+            state.ids.popitem(last=False)
 
         self._retire(now)
-        for listener in self._listeners:
-            listener(visitor)
+        if any(stored):
+            for listener in self._listeners:
+                listener(visitor)
+        return stored
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
     def _retire(self, now: float) -> None:
         visitors = self._visitors
-        while len(visitors) > self._max_visitors:
+        while len(visitors) > self.max_visitors:
             visitors.popitem(last=False)
         # Visitors that expire and are never read again would otherwise wait for LRU eviction; they gather at
         # the least recently used end, so retiring up to two per write keeps up at O(1) cost. The visitor just
@@ -130,5 +146,7 @@ class MemoryStore:
         return None
 
     async def close(self) -> None:
+        if self._log is not None:
+            await self._log.close()
         self._visitors.clear()
         self._listeners.clear()

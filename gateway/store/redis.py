@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import msgspec
 from redis.asyncio import Redis
@@ -23,10 +23,85 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
-from gateway.store.base import Interaction, Listener, Profile, StoreError, StoreTimeoutError, check_record
+from gateway.store.base import (
+    Interaction,
+    Listener,
+    Profile,
+    Recorded,
+    Retention,
+    StoreError,
+    StoreTimeoutError,
+    sliding_count,
+    window_label,
+)
 from gateway.store.resp import Multiplexed, RespError, RespTimeoutError
 
 log = logging.getLogger("tailor.store")
+
+LAST_SEEN = "@last_seen"
+
+# One visitor's batch, atomically. KEYS: recent list, counters hash, event-id sorted set, log stream.
+# ARGV: now, keep, ttl_ms, ids to remember, max counter fields, log length (0: no log), channel,
+# visitor, the number of windows and each window's seconds, the number of events, then per event:
+# id ("" for none), packed interaction ("" for none), ts, log line, the number of counter names and
+# the names (the first is the event type's total, the others per item or category). Counter fields
+# are "name|window" -> "bucket:current:previous" (gateway.store.base.sliding_count); returns a flag
+# per event, 1 stored, 0 a duplicate id.
+RECORD_SCRIPT = """
+local now, keep, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local ids_keep, max_counters, log_len = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local channel, visitor = ARGV[7], ARGV[8]
+local n_windows = tonumber(ARGV[9])
+local windows = {}
+for w = 1, n_windows do windows[w] = ARGV[9 + w] end
+local at = 10 + n_windows
+local n_events = tonumber(ARGV[at])
+at = at + 1
+local stored, any, last_seen = {}, false, tonumber(redis.call('HGET', KEYS[2], '@last_seen') or '-1')
+for e = 1, n_events do
+  local id, packed, ts = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
+  local line, n_names = ARGV[at + 3], tonumber(ARGV[at + 4])
+  local fresh = 1
+  if id ~= '' and ids_keep > 0 then fresh = redis.call('ZADD', KEYS[3], 'NX', now, id) end
+  if fresh == 1 then
+    any = true
+    if packed ~= '' then redis.call('RPUSH', KEYS[1], packed) end
+    for n = 1, n_names do
+      local name = ARGV[at + 4 + n]
+      for w = 1, n_windows do
+        local field = name .. '|' .. windows[w]
+        local bucket = math.floor(ts / tonumber(windows[w]))
+        local held = redis.call('HGET', KEYS[2], field)
+        local value = nil
+        if not held then
+          if n == 1 or redis.call('HLEN', KEYS[2]) < max_counters then value = bucket .. ':1:0' end
+        else
+          local hb, cur, prev = string.match(held, '^(-?%d+):(%d+):(%d+)$')
+          hb, cur, prev = tonumber(hb), tonumber(cur), tonumber(prev)
+          if bucket == hb then value = hb .. ':' .. (cur + 1) .. ':' .. prev
+          elseif bucket == hb + 1 then value = bucket .. ':1:' .. cur
+          elseif bucket > hb + 1 then value = bucket .. ':1:0'
+          elseif bucket == hb - 1 then value = hb .. ':' .. cur .. ':' .. (prev + 1)
+          end
+        end
+        if value then redis.call('HSET', KEYS[2], field, value) end
+      end
+    end
+    if ts > last_seen then last_seen = ts end
+    if log_len > 0 and line ~= '' then redis.call('XADD', KEYS[4], 'MAXLEN', '~', log_len, '*', 'e', line) end
+  end
+  stored[e] = fresh
+  at = at + 5 + n_names
+end
+if any then
+  redis.call('LTRIM', KEYS[1], -keep, -1)
+  redis.call('HSET', KEYS[2], '@last_seen', string.format('%.17g', last_seen))
+  if ids_keep > 0 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -ids_keep - 1) end
+  for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], ttl) end
+  redis.call('PUBLISH', channel, visitor)
+end
+return stored
+"""
 
 # Everything a broken, restarting or misbehaving server can make redis-py or the decoding raise.
 _FAILURES = (RedisError, RespError, OSError, ValueError, msgspec.MsgspecError)
@@ -91,6 +166,8 @@ class RedisStore:
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Interaction).decode
         self.channel = f"{prefix}changed"
+        self.log_key = f"{prefix}events"  # the event log stream: `tailor build --event-log redis://...`
+        self._record = self._redis.register_script(RECORD_SCRIPT)
         self._listeners: list[Listener] = []
         self._subscriber: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()  # set while the subscription is live (tests wait on it)
@@ -106,6 +183,9 @@ class RedisStore:
     def _keys(self, visitor: str) -> tuple[str, str]:
         stem = f"{self.prefix}v:{visitor}:"
         return stem + "recent", stem + "counters"
+
+    def _ids_key(self, visitor: str) -> str:
+        return f"{self.prefix}v:{visitor}:ids"
 
     async def profile(self, visitor: str, *, limit: int, now: float) -> Profile:
         if limit < 0:
@@ -127,55 +207,61 @@ class RedisStore:
                 fields = replies[-1]
             recent = [self._decode(raw) for raw in replies[0]] if limit else []
             counters: dict[str, int] = {}
-            for field, value in fields.items():
-                name, window, bucket = field.decode().rsplit("|", 2)
-                if int(bucket) == math.floor(now / float(window)):
-                    counters[name] = counters.get(name, 0) + int(value)
+            last_seen: float | None = None
+            for raw_field, raw_value in fields.items():
+                field, value = raw_field.decode(), raw_value.decode()
+                if field == LAST_SEEN:
+                    last_seen = float(value)
+                    continue
+                name, window_text = field.rsplit("|", 1)
+                bucket, current, previous = (int(part) for part in value.split(":"))
+                window = float(window_text)
+                count = sliding_count(bucket, current, previous, window, now)
+                if count:
+                    counters[f"{name}/{window_label(window)}"] = count
         except RespTimeoutError as exc:
             raise StoreTimeoutError(f"redis profile failed: {exc}") from exc
         except _FAILURES as exc:
             raise _failure("profile", exc) from exc
-        return Profile(recent=recent, counters=counters)
+        return Profile(recent=recent, counters=counters, last_seen=last_seen)
 
-    async def record(
-        self,
-        visitor: str,
-        interactions: Sequence[Interaction],
-        *,
-        keep: int,
-        ttl: float,
-        counters: Mapping[str, int] | None = None,
-        window: float = 3600.0,
-        now: float,
-    ) -> None:
-        check_record(keep=keep, ttl=ttl, window=window)
-        if not interactions and not counters:
-            return
-        recent_key, counters_key = self._keys(visitor)
-        pipe = self._redis.pipeline(transaction=False)
-        if interactions:
-            pipe.rpush(recent_key, *[self._encode(interaction) for interaction in interactions])
-            pipe.ltrim(recent_key, -keep, -1)
-        if counters:
-            # float() so that a window given as 3600 and as 3600.0 names the same field.
-            window_text = repr(float(window))
-            bucket = math.floor(now / window)
-            for name, amount in counters.items():
-                pipe.hincrby(counters_key, f"{name}|{window_text}|{bucket}", amount)
-            pipe.hdel(counters_key, *[f"{name}|{window_text}|{bucket - 1}" for name in counters])
-        # Both keys, so the list and the counters of one visitor always expire together.
-        ttl_ms = max(1, math.ceil(ttl * 1000))
-        pipe.pexpire(recent_key, ttl_ms)
-        pipe.pexpire(counters_key, ttl_ms)
-        pipe.publish(self.channel, visitor)  # every subscribed gateway process hears of it
+    async def record(self, visitor: str, events: Sequence[Recorded], *, retention: Retention, now: float) -> list[bool]:
+        if not events:
+            return []
+        keys = [*self._keys(visitor), self._ids_key(visitor), self.log_key]
+        args: list[bytes | str | int | float] = [
+            repr(now),
+            retention.keep,
+            max(1, math.ceil(retention.ttl * 1000)),
+            retention.ids,
+            retention.max_counters,
+            retention.log,
+            self.channel,
+            visitor,
+            len(retention.windows),
+            *[repr(float(w)) for w in retention.windows],
+            len(events),
+        ]
+        for event in events:
+            interaction = event.interaction()
+            names = event.counter_names()
+            args += [
+                event.id or "",
+                self._encode(interaction) if interaction is not None else b"",
+                repr(event.ts),
+                event.log_line(visitor) if retention.log else b"",
+                len(names),
+                *names,
+            ]
         try:
-            await pipe.execute()
+            stored = await self._record(keys=keys, args=args)
         except _FAILURES as exc:
             raise _failure("record", exc) from exc
+        return [bool(flag) for flag in stored]
 
     async def forget(self, visitor: str) -> None:
         try:
-            await self._redis.delete(*self._keys(visitor))
+            await self._redis.delete(*self._keys(visitor), self._ids_key(visitor))
         except _FAILURES as exc:
             raise _failure("forget", exc) from exc
 

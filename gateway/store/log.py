@@ -1,0 +1,76 @@
+"""The embedded store's event log: accepted events appended to JSONL files, one per UTC day.
+
+Each line is an interaction record `tailor build --events` reads as it is (user_id, event,
+timestamp, item_id, value, event_id, query), so captured behaviour feeds the next rebuild:
+
+    tailor build --event-log var/events --items shop/items.jsonl
+
+The event loop only appends to a list; a flush in a worker thread writes the lines out every
+`interval_s` (and on close), so no request ever waits for the disk. Lines of a process that dies
+before a flush are lost: at most `interval_s` of events. (The Redis store logs to a stream instead.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("tailor.store")
+
+PATTERN = "events-*.jsonl"
+
+
+def file_for(directory: Path, ts: float) -> Path:
+    return directory / time.strftime("events-%Y-%m-%d.jsonl", time.gmtime(ts))
+
+
+class FileLog:
+    def __init__(self, directory: Path, *, interval_s: float = 1.0) -> None:
+        self.directory = directory
+        self.interval_s = interval_s
+        self._lines: list[bytes] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._writing = asyncio.Lock()
+
+    def append(self, line: bytes) -> None:
+        self._lines.append(line)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_every(), name="event-log")
+
+    async def _flush_every(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.flush()
+            except OSError as exc:  # a full or read-only disk must not take the gateway down
+                log.error("event log %s: %s (%d lines waiting)", self.directory, exc, len(self._lines))
+
+    async def flush(self) -> None:
+        """Write out what has been appended so far."""
+        async with self._writing:
+            lines, self._lines = self._lines, []
+            if lines:
+                try:
+                    await asyncio.to_thread(self._write, lines, time.time())
+                except OSError:
+                    self._lines[:0] = lines  # kept for the next try
+                    raise
+
+    def _write(self, lines: list[bytes], now: float) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with file_for(self.directory, now).open("ab") as out:
+            out.write(b"\n".join(lines) + b"\n")
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        try:
+            await self.flush()
+        except OSError as exc:
+            log.error("event log %s: %s; %d events not written", self.directory, exc, len(self._lines))
