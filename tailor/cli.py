@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from gateway.serve import serve
 from gateway.settings import FIELDS, Settings, SettingsError, resolve
 from index_builder import snapshot
 from index_builder.build import BuildConfig, BuildResult, QualityGateError, Stopwatch, build
+from index_builder.event_log import collect
 from index_builder.readers import FORMATS, InputError
 from index_builder.schema import DEFAULT_EVENT_WEIGHTS
 from index_builder.synth import generate
@@ -68,9 +70,18 @@ def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--events",
         type=Path,
         action="append",
-        required=True,
+        default=[],
         help="interactions file (CSV or JSONL: user_id,item_id,event,timestamp[,value,event_id]); "
         "repeat for several; with --format movielens, ratings.csv",
+    )
+    p.add_argument(
+        "--event-log",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="the gateway's event log: its directory of events-*.jsonl (memory:// store, setting event_log) "
+        "or its Redis, e.g. redis://127.0.0.1:6379/0 (add ?prefix=... for another key prefix); repeatable, "
+        "and combines with --events",
     )
     p.add_argument(
         "--items",
@@ -248,8 +259,25 @@ def print_report(result: BuildResult) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
+    if not args.events and not args.event_log:
+        print("tailor build: error: give --events FILE or --event-log SOURCE (or both)", file=sys.stderr)
+        return 2
+    if args.event_log and args.format == "movielens":
+        print("tailor build: error: --event-log does not combine with --format movielens", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="tailor-event-log-") as workdir:
+        say = Stopwatch(args.quiet)
+        try:
+            logged = [path for source in args.event_log for path in collect(source, Path(workdir), say)]
+        except InputError as exc:
+            print(f"tailor build: error: {exc}", file=sys.stderr)
+            return 1
+        return _build(args, [*args.events, *logged], say)
+
+
+def _build(args: argparse.Namespace, events: list[Path], say: Stopwatch) -> int:
     config = BuildConfig(
-        events=args.events,
+        events=events,
         items=args.items,
         format=args.format,
         out=args.out,
@@ -264,7 +292,7 @@ def _run_build(args: argparse.Namespace) -> int:
         neighbours=max(0, args.neighbours),
     )
     try:
-        result = build(config, Stopwatch(args.quiet))
+        result = build(config, say)
     except InputError as exc:
         print(f"tailor build: error: {exc}", file=sys.stderr)
         return 1

@@ -106,9 +106,15 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-def small_snapshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def small_shop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small synthetic shop (items.jsonl, events.csv, users.csv) the session's snapshot is built from."""
+    return tmp_path_factory.mktemp("shop")
+
+
+@pytest.fixture(scope="session")
+def small_snapshots(small_shop: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic shop's snapshot root, built once for the session; treat it as read-only."""
-    return build_small(tmp_path_factory.mktemp("shop"), tmp_path_factory.mktemp("snapshots"))
+    return build_small(small_shop, tmp_path_factory.mktemp("snapshots"))
 
 
 @pytest.fixture
