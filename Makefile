@@ -7,7 +7,7 @@ SNAPSHOTS := var/snapshots
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo serve rebuild test lint bench-quality bench-gateway locust clean
+.PHONY: install demo serve rebuild test lint bench-quality bench-gateway bench-stream locust clean
 
 $(BIN)/tailor: pyproject.toml
 	scripts/install
@@ -44,6 +44,9 @@ bench-quality: install
 
 bench-gateway: install
 	$(BIN)/python loadtests/bench_gateway.py
+
+bench-stream: install
+	$(BIN)/python loadtests/bench_stream.py
 
 # A realistic mix for 60 s against a running gateway (`make demo` in another terminal).
 locust: install

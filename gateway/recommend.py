@@ -267,7 +267,8 @@ class Recommender:
         key = user if user is not None else visitor
         if key is None:
             return Answer(self.popular(n=n, categories=categories, excluded=excluded), "cold-start", "none")
-        profile = await self.store.profile(key, limit=self.recent_limit, now=now)
+        # Ranking uses the recent events only (rules and segments will want the counters).
+        profile = await self.store.profile(key, limit=self.recent_limit, now=now, counters=False)
         if isinstance(profile, str):  # the store failed: its cause names the fallback
             return Answer(self.popular(n=n, categories=categories, excluded=excluded), profile, "none")
         recent = profile.recent

@@ -402,7 +402,7 @@ class SlowStore(MemoryStore):
 
     in_process = False
 
-    async def profile(self, visitor: str, *, limit: int, now: float) -> Profile:
+    async def profile(self, visitor: str, *, limit: int, now: float, counters: bool = True) -> Profile:
         await asyncio.sleep(0.5)
         return await super().profile(visitor, limit=limit, now=now)
 

@@ -19,7 +19,7 @@ class Scripted:
         self.reads = 0
         self.bounded_to: float | None = None
 
-    async def profile(self, visitor: str, *, limit: int, now: float) -> Profile:
+    async def profile(self, visitor: str, *, limit: int, now: float, counters: bool = True) -> Profile:
         self.reads += 1
         outcome = self.outcomes.pop(0) if self.outcomes else "ok"
         if outcome == "error":

@@ -174,6 +174,15 @@ async def test_limit_zero_returns_counters_but_no_interactions(store: Store) -> 
     )
 
 
+async def test_a_read_without_counters_leaves_them_out(store: Store) -> None:
+    await remember(store, "v", "a", "b", now=T0 + 5)
+    full = await store.profile("v", limit=10, now=T0 + 5)
+    lean = await store.profile("v", limit=10, now=T0 + 5, counters=False)
+    assert lean == Profile(recent=full.recent, counters={}, last_seen=T0 + 5)
+    assert full.counters
+    assert await store.profile("nobody", limit=10, now=T0, counters=False) == EMPTY_PROFILE
+
+
 async def test_every_event_counts_by_type_item_and_category_in_every_window(store: Store) -> None:
     windows = (HOUR, DAY, 7 * DAY)
     await remember(store, "v", "a", categories=("shoes", "shoes/boots"), windows=windows)

@@ -154,8 +154,10 @@ EMPTY_PROFILE = Profile(recent=[], counters={})
 
 
 class Store(Protocol):
-    async def profile(self, visitor: str, *, limit: int, now: float) -> Profile:
-        """The visitor's newest `limit` interactions (oldest first) and their live counters."""
+    async def profile(self, visitor: str, *, limit: int, now: float, counters: bool = True) -> Profile:
+        """The visitor's newest `limit` interactions (oldest first), last-seen time and live
+        counters; with `counters=False` the counters are left out (empty), which spares reading
+        them when the caller has no use for them."""
         ...
 
     async def record(self, visitor: str, events: Sequence[Recorded], *, retention: Retention, now: float) -> list[bool]:

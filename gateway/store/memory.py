@@ -57,7 +57,7 @@ class MemoryStore:
         """Visitors held right now, including expired ones not yet retired."""
         return len(self._visitors)
 
-    async def profile(self, visitor: str, *, limit: int, now: float) -> Profile:
+    async def profile(self, visitor: str, *, limit: int, now: float, counters: bool = True) -> Profile:
         if limit < 0:
             raise ValueError(f"limit must not be negative, not {limit}")
         state = self._visitors.get(visitor)
@@ -67,18 +67,21 @@ class MemoryStore:
             del self._visitors[visitor]
             return EMPTY_PROFILE
         self._visitors.move_to_end(visitor)
-        counters: dict[str, int] = {}
+        recent = state.recent[-limit:] if limit else []
+        if not counters:
+            return Profile(recent=recent, counters={}, last_seen=state.last_seen)
+        counts: dict[str, int] = {}
         stale: list[tuple[str, float]] = []
         for key, (bucket, current, previous) in state.counters.items():
             name, window = key
             count = sliding_count(bucket, current, previous, window, now)
             if count:
-                counters[f"{name}/{window_label(window)}"] = count
+                counts[f"{name}/{window_label(window)}"] = count
             elif bucket < math.floor(now / window) - 1:
                 stale.append(key)  # nothing of it is inside the window any more
         for key in stale:
             del state.counters[key]
-        return Profile(recent=state.recent[-limit:] if limit else [], counters=counters, last_seen=state.last_seen)
+        return Profile(recent=recent, counters=counts, last_seen=state.last_seen)
 
     async def record(self, visitor: str, events: Sequence[Recorded], *, retention: Retention, now: float) -> list[bool]:
         if not events:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
@@ -187,43 +188,45 @@ class RedisStore:
     def _ids_key(self, visitor: str) -> str:
         return f"{self.prefix}v:{visitor}:ids"
 
-    async def profile(self, visitor: str, *, limit: int, now: float) -> Profile:
+    async def profile(self, visitor: str, *, limit: int, now: float, counters: bool = True) -> Profile:
         if limit < 0:
             raise ValueError(f"limit must not be negative, not {limit}")
         recent_key, counters_key = self._keys(visitor)
+        # LRANGE with a start of -0 would mean the whole list, hence no LRANGE at all for limit 0.
+        commands: list[tuple[Any, ...]] = [("LRANGE", recent_key, -limit, -1)] if limit else []
+        commands.append(("HGETALL", counters_key) if counters else ("HGET", counters_key, LAST_SEEN))
         try:
             if self._fast is not None:
-                commands = [("LRANGE", recent_key, -limit, -1)] if limit else []
-                replies = await self._fast.execute(*commands, ("HGETALL", counters_key))
-                flat = replies[-1]
-                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                replies = await self._fast.execute(*commands)
             else:
                 pipe = self._redis.pipeline(transaction=False)
-                if limit:
-                    # LRANGE with a start of -0 would mean the whole list, hence no LRANGE at all for limit 0.
-                    pipe.lrange(recent_key, -limit, -1)
-                pipe.hgetall(counters_key)
+                for command in commands:
+                    pipe.execute_command(*command)
                 replies = await pipe.execute()
-                fields = replies[-1]
             recent = [self._decode(raw) for raw in replies[0]] if limit else []
-            counters: dict[str, int] = {}
+            counts: dict[str, int] = {}
             last_seen: float | None = None
-            for raw_field, raw_value in fields.items():
-                field, value = raw_field.decode(), raw_value.decode()
-                if field == LAST_SEEN:
-                    last_seen = float(value)
-                    continue
-                name, window_text = field.rsplit("|", 1)
-                bucket, current, previous = (int(part) for part in value.split(":"))
-                window = float(window_text)
-                count = sliding_count(bucket, current, previous, window, now)
-                if count:
-                    counters[f"{name}/{window_label(window)}"] = count
+            if not counters:
+                last_seen = float(replies[-1]) if replies[-1] is not None else None
+            else:
+                flat = replies[-1]
+                pairs = flat.items() if isinstance(flat, dict) else zip(flat[::2], flat[1::2], strict=True)
+                for raw_field, raw_value in pairs:
+                    field, value = raw_field.decode(), raw_value.decode()
+                    if field == LAST_SEEN:
+                        last_seen = float(value)
+                        continue
+                    name, window_text = field.rsplit("|", 1)
+                    bucket, current, previous = (int(part) for part in value.split(":"))
+                    window = float(window_text)
+                    count = sliding_count(bucket, current, previous, window, now)
+                    if count:
+                        counts[f"{name}/{window_label(window)}"] = count
         except RespTimeoutError as exc:
             raise StoreTimeoutError(f"redis profile failed: {exc}") from exc
         except _FAILURES as exc:
             raise _failure("profile", exc) from exc
-        return Profile(recent=recent, counters=counters, last_seen=last_seen)
+        return Profile(recent=recent, counters=counts, last_seen=last_seen)
 
     async def record(self, visitor: str, events: Sequence[Recorded], *, retention: Retention, now: float) -> list[bool]:
         if not events:

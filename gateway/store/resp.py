@@ -29,7 +29,9 @@ import hiredis
 
 # A server that stopped answering would otherwise collect waiting callers without bound.
 MAX_WAITING = 10_000
-GRACE_S = 0.001
+# At least one millisecond after uvloop truncates it, so the timer cannot come due again in the
+# same run of timers, before the loop has read its sockets once.
+GRACE_S = 0.002
 
 
 class RespError(Exception):
@@ -138,7 +140,7 @@ class _Link(asyncio.Protocol):
             self.fail(RespTimeoutError(f"no answer within {self.timeout}s"))
         elif deadline <= now:
             self._judged_at = now
-            self._timer = loop.call_at(now + GRACE_S, self._expire)
+            self._timer = loop.call_later(GRACE_S, self._expire)
         else:
             self._timer = loop.call_at(deadline, self._expire)
 
