@@ -629,10 +629,9 @@ def app_from_environment() -> Starlette:
     # Candidate searches run on several threads at once; BLAS threads of their own would only
     # fight them (and the event loop) for the same cores.
     threadpool_limits(1, "blas")
-    # Each request allocates a few hundred short-lived objects; at CPython's default thresholds
-    # (700, 10, 10) that triggers full collections over the store's and the cache's long-lived
-    # objects often enough to put 30-130 ms pauses into the p99 at a thousand requests a second.
-    # Fewer young collections (each a few ms) measured p99 19 ms -> 8-10 ms at half the maximum rate.
-    gc.set_threshold(20_000, 50, 100)
+    # See gc_thresholds in tailor.toml.
+    gc.set_threshold(*settings.gc_thresholds)
+    app = create_app(settings)
+    app.state.gateway.metrics.watch_gc()  # the server's own process only: tests build many apps
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return create_app(settings)
+    return app

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -11,6 +14,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 # Sub-millisecond resolution where the gateway lives, up to a second for the pathological tail.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SLOW_GC_S = 0.05
+
+log = logging.getLogger("tailor.gateway")
 
 
 class Metrics:
@@ -39,6 +45,13 @@ class Metrics:
             "tailor_stream_refusals", "Sockets refused or dropped, by reason", ["reason"], registry=r
         )
         self.streams = Gauge("tailor_streams_open", "Open WebSocket streams", registry=r, multiprocess_mode="livesum")
+        self.gc_pauses = Histogram(
+            "tailor_gc_pause_seconds",
+            "Garbage collections by generation",
+            ["generation"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.reloads = Counter("tailor_snapshot_reloads", "Snapshot loads by result", ["result"], registry=r)
         self.events = Counter("tailor_events_accepted", "Behaviour events stored, by type", ["event"], registry=r)
         self.events_rejected = Counter(
@@ -61,6 +74,26 @@ class Metrics:
         self.snapshot_age = Gauge(
             "tailor_snapshot_age_seconds", "Age of the served snapshot", registry=r, multiprocess_mode="max"
         )
+
+    def watch_gc(self) -> None:
+        """Time every garbage collection: long pauses hold every request and push of the process."""
+        started: dict[int, float] = {}
+        pauses = self.gc_pauses
+
+        def callback(phase: str, info: dict[str, int]) -> None:
+            generation = info["generation"]
+            if phase == "start":
+                started[generation] = time.perf_counter()
+                return
+            began = started.pop(generation, None)
+            if began is None:
+                return
+            seconds = time.perf_counter() - began
+            pauses.labels(str(generation)).observe(seconds)
+            if seconds > SLOW_GC_S:
+                log.warning("garbage collection of generation %d took %.0f ms", generation, seconds * 1000)
+
+        gc.callbacks.append(callback)
 
     def serving(self, version: str, created: float, previous: str | None) -> None:
         if previous is not None and previous != version:

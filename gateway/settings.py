@@ -60,6 +60,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stream_queue: Count = 16
     heartbeat_s: Positive = 20.0
     max_streams: Count = 20_000
+    gc_thresholds: Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(min_length=3, max_length=3)] = (
+        msgspec.field(default_factory=lambda: [20_000, 5, 100])
+    )
 
 
 class SettingsError(ValueError):

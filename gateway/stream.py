@@ -18,7 +18,8 @@ Messages (JSON text frames, server to client):
     {"type": "ping", "ts": 1763800000.0}
 
 `recommendations` is the body of GET /v1/recommend; `seq` counts the socket's pushes. A ping goes out
-after `heartbeat_s` without other messages, so a browser can tell a quiet socket from a dead one.
+after 3/4 to all of `heartbeat_s` without other messages (jittered), so a browser can tell a quiet
+socket from a dead one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Literal
@@ -145,7 +147,10 @@ class Hub:
         try:
             while True:
                 try:
-                    message = await asyncio.wait_for(sub.queue.get(), self.heartbeat_s)
+                    # Jittered, so sockets opened together (say, every page after a deploy) do not
+                    # all ping at once ever after: thousands of pings in one burst delay real pushes.
+                    quiet = self.heartbeat_s * (0.75 + 0.25 * random.random())
+                    message = await asyncio.wait_for(sub.queue.get(), quiet)
                 except TimeoutError:
                     message = _encode(PingMessage(round(time.time(), 3)))
                 async with asyncio.timeout(SEND_TIMEOUT_S):

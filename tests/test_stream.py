@@ -92,6 +92,21 @@ def test_connect_gets_the_list_then_a_push_after_each_event_that_changes_it(clie
         assert ids(pushed) == [item["id"] for item in again["items"]]
 
 
+def test_a_reconnecting_client_gets_the_latest_list(client: TestClient) -> None:
+    token = token_for("returning")
+    with client.websocket_connect(f"/v1/stream?token={token}") as ws:
+        first = ws.receive_json()
+    for item in ids(first)[:2]:  # clicks while disconnected
+        click(client, "returning", item)
+    with client.websocket_connect(f"/v1/stream?token={token}") as ws:
+        again = ws.receive_json()
+    assert (again["cause"], again["seq"]) == ("connect", 1)
+    assert again["recommendations"]["profile"] == "live"
+    assert not set(ids(first)[:2]) & set(ids(again))
+    current = client.get("/v1/recommend", params={"user": "returning"}).json()
+    assert ids(again) == [item["id"] for item in current["items"]]
+
+
 def test_a_visitor_never_receives_another_visitors_updates(client: TestClient) -> None:
     with (
         client.websocket_connect(f"/v1/stream?token={token_for('alice')}") as alice,
