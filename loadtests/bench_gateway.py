@@ -47,13 +47,14 @@ from loadtests.exact import Snapshot, measure_recall
 from loadtests.harness import (
     ROOT,
     describe,
+    footer,
     free_port,
     load_average,
     run_wrk,
     running,
     say,
+    store_url,
     wait_ready,
-    wait_redis,
 )
 from loadtests.traffic import (
     counter_delta,
@@ -193,16 +194,9 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
     result: dict[str, Any] = {"store": store}
     runs: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        store_url = "memory://"
-        if store == "redis":
-            redis_port = free_port()
-            redis_cmd = [args.redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
-            redis_cmd += ["--appendonly", "no", "--daemonize", "no"]
-            redis = stack.enter_context(running(redis_cmd, work / "redis.log", "redis-server"))
-            wait_redis(redis_port, redis)
-            store_url = f"redis://127.0.0.1:{redis_port}/0"
+        url = store_url(stack, store, work, args.redis_server)
         port = free_port()
-        serve = [*shlex.split(args.serve_command), "--snapshots", str(args.pinned_root), "--store", store_url]
+        serve = [*shlex.split(args.serve_command), "--snapshots", str(args.pinned_root), "--store", url]
         serve += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
         if args.serve_config:
             serve += ["--config", str(args.serve_config)]
@@ -504,13 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = [run for result in results for run in result["runs"].values()]
     if reused := sorted({kind for run in runs for kind in run.get("population_reused", [])}):
         print(f"* by this run the fresh {'/'.join(reused)} had run out; some were asked for again (a cache may answer)")
-    code = report["code"]
-    dirty = f", {len(code['uncommitted_changes'])} uncommitted changes" if code["uncommitted_changes"] else ""
-    print(f"code {code['commit']}{dirty}; snapshot {snap.version}")
-    print(
-        f"load average at start {report['machine']['load_average_at_start']}, "
-        f"at end {report['machine']['load_average_at_end']} ({os.cpu_count()} CPUs)"
-    )
+    print(footer(report, snap.version))
     return 0
 
 

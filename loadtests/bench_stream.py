@@ -4,8 +4,9 @@ Two parts, each against its own `tailor serve --workers 1` on a free loopback po
 that was current when the run began through a private root (as bench_gateway.py does):
 
     ingest   For each store (memory, then Redis on its own throwaway redis-server), wrk POSTs
-             pre-built batches of 20 events (view/click/add_to_cart of real items) to /v1/events with
-             loadtests/wrk/post.lua, for a fixed time: requests/s, events/s (= requests/s x 20), latency.
+             pre-built batches of 20 events (view/click/add_to_cart of real items) to /v1/events
+             (loadtests/wrk/paths.lua with post=/v1/events), for a fixed time: requests/s, events/s
+             (= requests/s x 20), latency.
              Each batch is one visitor's; the batches cycle through 50,000 visitors (--visitors).
     push     For each client count (1,000 then 5,000), a fresh gateway (memory store, started with
              TAILOR_SECRET) gets that many WebSocket clients on /v1/stream, all in this process (one
@@ -45,7 +46,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import urllib.parse
@@ -66,19 +66,19 @@ from gateway.tokens import mint
 from loadtests.bench_gateway import code_version, ensure_snapshot, new_run_dir, pin_snapshot
 from loadtests.exact import Snapshot
 from loadtests.harness import (
-    MARKER,
     ROOT,
     cpu_seconds,
+    footer,
     free_port,
     load_average,
+    run_wrk,
     running,
     say,
+    store_url,
     wait_ready,
-    wait_redis,
 )
 from loadtests.traffic import counter_delta, gateway_counters
 
-POST_LUA = ROOT / "loadtests" / "wrk" / "post.lua"
 STORES = ("memory", "redis")
 EVENT_TYPES = ("view", "click", "add_to_cart")
 CAUSES = ("connect", "events", "snapshot")
@@ -167,8 +167,8 @@ def percentiles(values: Iterable[float]) -> Json:
     return {"count": len(ordered), "p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": round(ordered[-1], 2)}
 
 
-def serve_command(args: argparse.Namespace, store_url: str, port: int) -> list[str]:
-    serve = [*shlex.split(args.serve_command), "--snapshots", str(args.pinned_root), "--store", store_url]
+def serve_command(args: argparse.Namespace, url: str, port: int) -> list[str]:
+    serve = [*shlex.split(args.serve_command), "--snapshots", str(args.pinned_root), "--store", url]
     return [*serve, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
 
 
@@ -176,21 +176,17 @@ def serve_command(args: argparse.Namespace, store_url: str, port: int) -> list[s
 
 
 def run_post_wrk(url: str, bodies: Path, *, duration: float, args: argparse.Namespace, server_pid: int) -> Json:
-    """wrk with post.lua for `duration` seconds; its JSON line plus the server's CPU share."""
-    connections, threads = args.connections, args.threads
-    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s", "-s", str(POST_LUA)]
-    command += [url, "--", f"file={bodies}", "path=/v1/events", f"threads={threads}"]
-    cpu_before, load_before = cpu_seconds(server_pid), load_average()
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60, check=False)
-    server_cpu = (cpu_seconds(server_pid) - cpu_before) / duration
-    lines = [line for line in completed.stdout.splitlines() if line.startswith(MARKER)]
-    if completed.returncode != 0 or not lines:
-        raise RuntimeError(f"wrk failed ({completed.returncode}): {completed.stderr.strip()} {completed.stdout[-500:]}")
-    result: Json = json.loads(lines[-1][len(MARKER) :])
-    result["errors_total"] = sum(result["errors"].values())
+    """wrk POSTing the bodies to /v1/events for `duration` seconds; its JSON line plus events/s."""
+    result = run_wrk(
+        url,
+        bodies,
+        duration=duration,
+        connections=args.connections,
+        threads=args.threads,
+        server_pid=server_pid,
+        post="/v1/events",
+    )
     result["events_per_s"] = round(result["rate"] * args.batch, 1)
-    result["server_cpu"] = round(server_cpu, 2)
-    result["load_before"] = load_before
     return result
 
 
@@ -203,17 +199,10 @@ def bench_ingest(store: str, bodies: Path, args: argparse.Namespace) -> Json:
     work.mkdir(parents=True, exist_ok=True)
     result: Json = {"store": store}
     with contextlib.ExitStack() as stack:
-        store_url = "memory://"
-        if store == "redis":
-            redis_port = free_port()
-            redis_cmd = [args.redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
-            redis_cmd += ["--appendonly", "no", "--daemonize", "no"]
-            redis = stack.enter_context(running(redis_cmd, work / "redis.log", "redis-server"))
-            wait_redis(redis_port, redis)
-            store_url = f"redis://127.0.0.1:{redis_port}/0"
+        url = store_url(stack, store, work, args.redis_server)
         port = free_port()
         log = work / "serve.log"
-        server = stack.enter_context(running(serve_command(args, store_url, port), log, f"tailor serve ({store})"))
+        server = stack.enter_context(running(serve_command(args, url, port), log, f"tailor serve ({store})"))
         base = f"http://127.0.0.1:{port}"
         client = stack.enter_context(httpx.Client(base_url=base, timeout=30, trust_env=False))
         result["ready_seconds"] = round(wait_ready(client, server, log, args.ready_timeout), 2)
@@ -922,13 +911,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     say(f"wrote {args.out}")
     print(table(report, args))
-    code = report["code"]
-    dirty = f", {len(code['uncommitted_changes'])} uncommitted changes" if code["uncommitted_changes"] else ""
-    print(f"code {code['commit']}{dirty}; snapshot {report['snapshot']['version']}")
-    print(
-        f"load average at start {report['machine']['load_average_at_start']}, "
-        f"at end {report['machine']['load_average_at_end']} ({os.cpu_count()} CPUs)"
-    )
+    print(footer(report, report["snapshot"]["version"]))
     return 0
 
 

@@ -68,6 +68,19 @@ def running(command: Sequence[str], log: Path, name: str) -> Iterator[subprocess
         stop(proc, name)
 
 
+def store_url(stack: contextlib.ExitStack, store: str, work: Path, redis_server: str) -> str:
+    """ "memory://", or for "redis" the URL of a throwaway redis-server (no persistence) started on a
+    free port and stopped when `stack` closes."""
+    if store != "redis":
+        return "memory://"
+    port = free_port()
+    command = [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    command += ["--appendonly", "no", "--daemonize", "no"]
+    redis = stack.enter_context(running(command, work / "redis.log", "redis-server"))
+    wait_redis(port, redis)
+    return f"redis://127.0.0.1:{port}/0"
+
+
 def wait_redis(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -121,9 +134,14 @@ def run_wrk(
     threads: int,
     server_pid: int,
     rate: float | None = None,
+    post: str | None = None,
 ) -> dict[str, Any]:
+    """wrk with paths.lua: GETs of the paths in `paths`, or with `post`, POSTs of the bodies in it to
+    that path; its JSON line plus the server's CPU share over the run."""
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s", "-s", str(LUA), url]
     command += ["--", f"file={paths}", f"threads={threads}"]
+    if post:
+        command.append(f"post={post}")
     if rate:
         command += [f"rate={rate:.3f}", f"connections={connections}"]
     cpu_before, load_before = cpu_seconds(server_pid), load_average()
@@ -139,6 +157,18 @@ def run_wrk(
     if rate:
         result["requested_rate"] = round(rate, 1)
     return result
+
+
+def footer(report: dict[str, Any], snapshot: str) -> str:
+    """The last lines of a benchmark's table: which code and snapshot, and how busy the machine was."""
+    code = report["code"]
+    dirty = f", {len(code['uncommitted_changes'])} uncommitted changes" if code["uncommitted_changes"] else ""
+    machine = report["machine"]
+    return (
+        f"code {code['commit']}{dirty}; snapshot {snapshot}\n"
+        f"load average at start {machine['load_average_at_start']}, "
+        f"at end {machine['load_average_at_end']} ({os.cpu_count()} CPUs)"
+    )
 
 
 def describe(result: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -196,3 +197,39 @@ def test_an_event_taken_by_one_gateway_is_pushed_by_another(
     finally:
         node_a.stop()
         node_b.stop()
+
+
+def test_a_dead_client_is_dropped_by_the_heartbeat(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that completed the handshake and then went silent (no pongs, nothing read) is closed
+    after the ping timeout, and its stream leaves the gateway's books."""
+    monkeypatch.setenv("TAILOR_SECRET", "dead-client-secret")
+    monkeypatch.setenv("TAILOR_HEARTBEAT_S", "0.3")
+    server = Server(root, tmp_path / "dead.log")
+    try:
+        token = tokens.mint(b"dead-client-secret", "ghost", 60)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            handshake = [
+                f"GET /v1/stream?token={token} HTTP/1.1",
+                f"Host: 127.0.0.1:{server.port}",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version: 13",
+            ]
+            raw.sendall(("\r\n".join(handshake) + "\r\n\r\n").encode())
+            assert raw.recv(4096).startswith(b"HTTP/1.1 101")
+            assert _streams_open(server) == 1.0
+            for _ in range(50):  # ping timeout 0.3 s after the first unanswered ping at 0.3 s
+                time.sleep(0.1)
+                if _streams_open(server) == 0.0:
+                    break
+            assert _streams_open(server) == 0.0
+    finally:
+        server.stop()
+
+
+def _streams_open(server: Server) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith("tailor_streams_open "):
+            return float(line.split()[1])
+    raise AssertionError("no tailor_streams_open in /metrics")
