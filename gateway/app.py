@@ -225,7 +225,7 @@ class Gateway:
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         try:
-            snap, refusals = await asyncio.to_thread(load_current, self.root, verify=self.settings.verify_snapshots)
+            snap, refusals = await asyncio.to_thread(self._load_current)
         except SnapshotRefusedError as refused:
             refusals = [refused]
             log.error("no snapshot to serve yet: %s", refused)
@@ -249,6 +249,14 @@ class Gateway:
                 await self._watcher
         await self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # Run in a worker thread: reading, verifying and preparing a snapshot takes a while.
+    def _load_current(self) -> tuple[Snapshot, list[SnapshotRefusedError]]:
+        snap, refusals = load_current(self.root, verify=self.settings.verify_snapshots)
+        return wire.prepare(snap), refusals
+
+    def _load(self, directory: Path) -> Snapshot:
+        return wire.prepare(load(directory, verify=self.settings.verify_snapshots))
 
     def _install(self, snap: Snapshot) -> str | None:
         previous = self.recommender.snap.version if self.recommender is not None else None
@@ -288,7 +296,7 @@ class Gateway:
             if version == serving:
                 return wire.ReloadResult(changed=False, version=version, previous=serving)
             try:
-                snap = await asyncio.to_thread(load, self.root / version, verify=self.settings.verify_snapshots)
+                snap = await asyncio.to_thread(self._load, self.root / version)
             except SnapshotRefusedError as refused:
                 self.metrics.reloads.labels("refused").inc()
                 self.refused[version] = refused.problems

@@ -59,3 +59,10 @@ def test_encoded_answer_equals_the_declared_types_encoding(snap: Snapshot, picks
         assert wire.encode_recommendations(snap, "rid-1", picks, fallback, "live") == got
     decoded = msgspec.json.decode(got, type=wire.Recommendations)
     assert [item.id for item in decoded.items] == [snap.item_ids[row] for row, _, _ in picks]
+
+
+def test_a_prepared_snapshot_encodes_the_same(snap: Snapshot) -> None:
+    prepared = wire.prepare(dataclasses.replace(snap, encoded_items={}, encoded_reasons={}))
+    assert len(prepared.encoded_items) == len(snap.item_ids)  # every item, before any answer
+    picks = [(0, 0.5, "user-vector"), (1, 0.25, "popular"), (len(snap.item_ids) - 1, 1e-3, "popular")]
+    assert wire.encode_recommendations(prepared, "r", picks, None, "live") == expected(snap, "r", picks, None)
