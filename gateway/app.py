@@ -158,13 +158,16 @@ def parse_query(request: Request | WebSocket, kind: type[S]) -> S:
     # What Starlette's request.query_params does, without building its multi-dict.
     for name, value in parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True):
         if name in LIST_PARAMETERS:
-            data.setdefault(name, []).extend(part for part in value.split(",") if part)
+            parts = value.split(",")
+            if "" in parts:
+                raise ApiError(400, "invalid-parameter", f"`{name}` has an empty value", field=name)
+            data.setdefault(name, []).extend(parts)
         elif name in data:
             raise ApiError(400, "invalid-parameter", f"`{name}` may be given once", field=name)
         else:
             data[name] = value
     try:
-        return msgspec.convert(data, kind, strict=False)
+        parsed = msgspec.convert(data, kind, strict=False)
     except msgspec.ValidationError as exc:
         message = str(exc)
         if message.startswith("Object contains unknown field"):
@@ -174,6 +177,11 @@ def parse_query(request: Request | WebSocket, kind: type[S]) -> S:
                 400, "unknown-parameter", f"unknown parameter `{name}`; allowed: {allowed}", field=name
             ) from None
         raise ApiError(400, "invalid-parameter", message, field=_field_of(message)) from None
+    for name in data:
+        # Lax conversion reads "null" as None for a number; a given parameter must have a value.
+        if getattr(parsed, name, None) is None:
+            raise ApiError(400, "invalid-parameter", f"`{name}` needs a value", field=name)
+    return parsed
 
 
 class Gateway:
