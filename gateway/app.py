@@ -23,6 +23,8 @@ from urllib.parse import parse_qsl
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
@@ -489,9 +491,21 @@ class Gateway:
         return key, wire.encode_recommendations(rec.snap, rid, answer.picks, answer.fallback, answer.profile)
 
     async def token(self, request: Request) -> Response:
-        visitor = tokens.new_visitor_id()
-        ttl = self.settings.token_ttl_s
-        token = tokens.mint(self.secret, visitor, ttl)
+        body = await _read_body(request, 4096)
+        renew: str | None = None
+        if body.strip():
+            try:
+                renew = msgspec.json.decode(body, type=wire.TokenRequest).token
+            except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
+                raise ApiError(400, "invalid-body", str(exc), field=_field_of(str(exc))) from None
+        if renew is None:
+            visitor = tokens.new_visitor_id()
+        else:
+            try:
+                visitor, _ = tokens.verify(self.secret, renew, grace_s=self.settings.token_renew_s)
+            except tokens.TokenError as refused:
+                raise ApiError(401, refused.code, str(refused), field="token") from None
+        token = tokens.mint(self.secret, visitor, self.settings.token_ttl_s)
         expires = int(tokens.verify(self.secret, token)[1])
         return json_response(wire.StreamToken(visitor=visitor, token=token, expires_at=expires))
 
@@ -629,8 +643,23 @@ def create_app(settings: config.Settings, *, store: Store | None = None) -> Star
         finally:
             await gateway.stop()
 
+    middleware = []
+    if settings.cors_origins:
+        # Browsers on the listed origins may call the API. Event batches are sent as text/plain,
+        # a "simple" request, so a page can send them without a preflight.
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST", "PUT", "DELETE"],
+                allow_headers=["content-type", "x-request-id", "x-tailor-key"],
+                expose_headers=["x-request-id", "retry-after"],
+                max_age=600,
+            )
+        )
     app = Starlette(
         routes=gateway.routes(),
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _unexpected},
     )

@@ -24,6 +24,7 @@ class Operation(msgspec.Struct, frozen=True):
     summary: str
     query: type[msgspec.Struct] | None = None
     body: type[msgspec.Struct] | None = None
+    body_required: bool = True
     answer: type[msgspec.Struct] | None = None
     status: int = 200
     errors: tuple[int, ...] = ()
@@ -72,8 +73,13 @@ OPERATIONS = (
         "post",
         "/v1/token",
         "A new anonymous visitor id and a signed, expiring token to open WS /v1/stream as that visitor. "
-        "(Tokens for your signed-in users are minted by your backend with the shared secret: `tailor token`.)",
+        'With a body `{"token": ...}` it renews that token for the same visitor instead (also one expired '
+        "less than token_renew_s ago; 401 for a bad one). (Tokens for your signed-in users are minted by your "
+        "backend with the shared secret: `tailor token`.)",
+        body=wire.TokenRequest,
+        body_required=False,
         answer=wire.StreamToken,
+        errors=(400, 401),
     ),
     Operation(
         "get",
@@ -161,7 +167,7 @@ def document() -> dict[str, Any]:
             "responses": responses,
         }
         if op.body is not None:
-            operation["requestBody"] = {"required": True, "content": {JSON: {"schema": refs[op.body]}}}
+            operation["requestBody"] = {"required": op.body_required, "content": {JSON: {"schema": refs[op.body]}}}
         paths.setdefault(op.path, {})[op.method] = operation
     return {
         "openapi": "3.1.0",

@@ -56,6 +56,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     event_log_max: Annotated[int, msgspec.Meta(ge=0)] = 1_000_000
     secret: str = ""
     token_ttl_s: Positive = 3600.0
+    token_renew_s: NonNegative = 30 * 24 * 3600.0
+    cors_origins: list[str] = []
     push_debounce_ms: NonNegative = 25.0
     stream_queue: Count = 16
     heartbeat_s: Positive = 20.0

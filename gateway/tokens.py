@@ -59,8 +59,9 @@ def mint(secret: bytes, visitor: str, ttl_s: float, *, now: float | None = None)
     return f"{signed}.{_signature(secret, signed)}"
 
 
-def verify(secret: bytes, token: str, *, now: float | None = None) -> tuple[str, int]:
-    """The visitor id and expiry (Unix seconds) of a valid token; TokenError otherwise."""
+def verify(secret: bytes, token: str, *, now: float | None = None, grace_s: float = 0.0) -> tuple[str, int]:
+    """The visitor id and expiry (Unix seconds) of a valid token; TokenError otherwise. With
+    `grace_s`, a token expired less than that long ago still passes (for renewing it)."""
     parts = token.split(".")
     if len(parts) != 4 or parts[0] != VERSION:
         raise TokenError("bad-token", "not a stream token")
@@ -72,7 +73,7 @@ def verify(secret: bytes, token: str, *, now: float | None = None) -> tuple[str,
         expires = int(parts[2])
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise TokenError("bad-token", "malformed token") from None
-    if expires <= (time.time() if now is None else now):
+    if expires + grace_s <= (time.time() if now is None else now):
         raise TokenError("expired-token", "token expired; ask for a new one")
     return visitor, expires
 

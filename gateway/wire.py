@@ -154,6 +154,13 @@ class StreamQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     category: Categories = []
 
 
+class TokenRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Optional body of `POST /v1/token`: renew a token (the same visitor), even one expired less
+    than `token_renew_s` ago. Without a body the answer is a new anonymous visitor."""
+
+    token: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
+
+
 class StreamToken(msgspec.Struct, frozen=True):
     """A new anonymous visitor id and a token to open `WS /v1/stream` as that visitor."""
 

@@ -251,3 +251,34 @@ async def test_streams_beyond_the_limit_are_refused() -> None:
     assert second.closed is not None and second.closed[0] == 1013
     await first.close()
     await asyncio.wait_for(serving, 5)
+
+
+def test_a_token_is_renewed_for_the_same_visitor_even_shortly_after_it_expired(client: TestClient) -> None:
+    grant = client.post("/v1/token").json()
+    renewed = client.post("/v1/token", json={"token": grant["token"]}).json()
+    assert renewed["visitor"] == grant["visitor"]
+    stale = token_for(grant["visitor"], ttl=10, now=time.time() - 3600)  # expired an hour ago
+    assert client.post("/v1/token", json={"token": stale}).json()["visitor"] == grant["visitor"]
+    ancient = token_for(grant["visitor"], ttl=10, now=time.time() - 40 * 24 * 3600)
+    response = client.post("/v1/token", json={"token": ancient})
+    assert (response.status_code, response.json()["error"]["code"]) == (401, "expired-token")
+    forged = tokens.mint(b"not our secret", grant["visitor"], 60)
+    assert client.post("/v1/token", json={"token": forged}).json()["error"]["code"] == "bad-token"
+    assert client.post("/v1/token", content=b"{not json").status_code == 400
+
+
+def test_cors_only_for_configured_origins(root: Path) -> None:
+    with TestClient(create_app(settings(root))) as client:
+        plain = client.get("/v1/popular", headers={"origin": "https://shop.example"})
+        assert "access-control-allow-origin" not in plain.headers
+    with TestClient(create_app(settings(root, cors_origins=["https://shop.example"]))) as client:
+        allowed = client.get("/v1/popular", headers={"origin": "https://shop.example"})
+        assert allowed.headers["access-control-allow-origin"] == "https://shop.example"
+        assert "x-request-id" in allowed.headers["access-control-expose-headers"]
+        other = client.get("/v1/popular", headers={"origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        preflight = client.options(
+            "/v1/events",
+            headers={"origin": "https://shop.example", "access-control-request-method": "POST"},
+        )
+        assert preflight.status_code == 200

@@ -1,0 +1,1 @@
+(function(w,T,c){T=w.Tailor=w.Tailor||{q:[],t:Date.now()};c=T.consent=T.consent||{};function s(o,m,n){o[m]=o[m]||function(){T.q.push([n||m,[].slice.call(arguments)])}}s(T,"init");s(T,"track");s(T,"ready");s(c,"grant","consent.grant");s(c,"deny","consent.deny")})(window);
