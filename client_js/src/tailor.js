@@ -211,18 +211,22 @@ export function createClient(env) {
     if (type) h["Content-Type"] = type;
     return h;
   };
-  // POST /v1/token: a new anonymous visitor id and its stream token (one call at a time).
+  // POST /v1/token (one call at a time): the stored token renewed for the same visitor, or, with
+  // none or when the gateway refuses it (401: forged, or expired too long ago), a new anonymous visitor.
+  const postToken = (body) =>
+    env.fetch(o.gateway + "/v1/token", { method: "POST", headers: headers(body && "application/json"), body });
   function newVisitor() {
     return (tokenCall =
       tokenCall ||
-      env
-        .fetch(o.gateway + "/v1/token", { method: "POST", headers: headers() })
-        .then((r) => {
-          if (!r.ok) throw new Error("token " + r.status);
-          return r.json();
-        })
-        .then((t) => (write(IDENTITY, t), t))
-        .finally(() => (tokenCall = null)));
+      (async () => {
+        const old = stored().token || stored().renew;
+        let r = old && (await postToken(JSON.stringify({ token: old })));
+        if (!r || r.status == 401) r = await postToken();
+        if (!r.ok) throw new Error("token " + r.status);
+        const t = await r.json();
+        write(IDENTITY, t);
+        return t;
+      })().finally(() => (tokenCall = null)));
   }
   const identity = async () => who() || { visitor: (await newVisitor()).visitor };
   // A stream token: given, from getToken(), or (anonymous visitors) a stored or new one; null if none.
@@ -236,7 +240,7 @@ export function createClient(env) {
   function forgetToken() {
     o.token = null;
     const s = stored();
-    if (s.token) write(IDENTITY, { visitor: s.visitor });
+    if (s.token) write(IDENTITY, { visitor: s.visitor, renew: s.token }); // kept only to ask for a renewal
   }
 
   // -- events ----------------------------------------------------------------------------------

@@ -84,9 +84,18 @@ export function gateway(clock) {
   let requests = 0;
   return {
     events: (call) => response(202, { accepted: call.body.events.length, duplicates: 0, rejected: [] }),
-    token: () => {
+    // Like the gateway: a body {"token"} renews it for the same visitor, unless it is in `refused`
+    // (401); no body makes a new anonymous visitor. Tokens are "tok-<n>".
+    refused: new Set(),
+    issued: new Map(), // token -> visitor
+    token(call) {
       tokens++;
-      return response(200, { visitor: `anon-${tokens}`, token: `tok-${tokens}`, expires_at: Math.floor(clock.now() / 1000) + 3600 });
+      const expires_at = Math.floor(clock.now() / 1000) + 3600;
+      const old = call && call.body && call.body.token;
+      if (old && this.refused.has(old)) return response(401, { error: { code: "expired-token" } });
+      const visitor = old ? this.issued.get(old) || "anon-old" : `anon-${tokens}`;
+      this.issued.set(`tok-${tokens}`, visitor);
+      return response(200, { visitor, token: `tok-${tokens}`, expires_at });
     },
     recommend: () => response(200, { request_id: `req-${++requests}`, snapshot: "s1", items: ITEMS, fallback: null, profile: "none" }),
   };
@@ -134,7 +143,7 @@ export function setup({ storage = new MemoryStorage(), random = () => 0.5, clock
       calls.push(call);
       await null;
       const route = { "/v1/events": gw.events, "/v1/token": gw.token, "/v1/recommend": gw.recommend }[path];
-      return route(call);
+      return route.call(gw, call);
     },
     WebSocket: FakeWebSocket,
     storage,

@@ -70,16 +70,32 @@ test("a dropped socket reconnects after jittered exponential delays, with one HT
   assert.equal(calls.filter((c) => c.path === "/v1/recommend").length, 2);
 });
 
-test("4401 (bad or expired token): a new token is fetched and the stream reopens with it", async () => {
+test("4401 (bad or expired token): the token is renewed for the same visitor and the stream reopens", async () => {
   const { clock, sockets, calls, storage } = live();
   await clock.advance(0);
   push(sockets[0], "a");
   sockets[0].drop(4401);
   await clock.advance(1000);
-  assert.equal(calls.filter((c) => c.path === "/v1/token").length, 2);
+  const asked = calls.filter((c) => c.path === "/v1/token");
+  assert.equal(asked.length, 2);
+  assert.deepEqual(asked[1].body, { token: "tok-1" }); // a renewal, not a new visitor
   assert.equal(sockets.length, 2);
   assert.match(sockets[1].url, /token=tok-2/);
-  // POST /v1/token makes a new anonymous visitor: events from now on use it.
+  assert.equal(storage.json("tailor:id").visitor, "anon-1");
+});
+
+test("a renewal the gateway refuses (401) falls back to a new anonymous visitor", async () => {
+  const storage = new MemoryStorage();
+  storage.setItem("tailor:id", JSON.stringify({ visitor: "anon-old", token: "tok-ancient", expires_at: 1 }));
+  const { clock, sockets, calls, gw } = live({}, { storage });
+  gw.refused.add("tok-ancient");
+  await clock.advance(0);
+  const asked = calls.filter((c) => c.path === "/v1/token");
+  assert.deepEqual(
+    asked.map((c) => c.body),
+    [{ token: "tok-ancient" }, undefined]
+  );
+  assert.match(sockets[0].url, /token=tok-2/);
   assert.equal(storage.json("tailor:id").visitor, "anon-2");
 });
 
