@@ -26,7 +26,7 @@ demo: install $(SNAPSHOTS)/CURRENT serve
 
 serve: install
 	$(BIN)/tailor snapshots list --root $(SNAPSHOTS)
-	@echo "Gateway on http://$(HOST):$(PORT)  (API page: http://$(HOST):$(PORT)/docs; Ctrl-C stops)"
+	@echo "Gateway on http://$(HOST):$(PORT)  (demo shop: http://$(HOST):$(PORT)/demo; API page: http://$(HOST):$(PORT)/docs; Ctrl-C stops)"
 	$(BIN)/tailor serve --snapshots $(SNAPSHOTS) --host $(HOST) --port $(PORT)
 
 # A fresh snapshot of the demo shop; a running gateway swaps it in by itself.

@@ -31,7 +31,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from threadpoolctl import threadpool_limits
 
-from gateway import openapi, tokens, wire
+from gateway import demo, openapi, tokens, wire
 from gateway import settings as config
 from gateway.guard import GuardedStore
 from gateway.metrics import Metrics
@@ -203,6 +203,8 @@ class Gateway:
             log=settings.event_log_max,
         )
         self.event_types = frozenset(wire.BUILT_IN_EVENTS) | frozenset(settings.custom_events)
+        self._demo_page, self._scripts = demo.read_files()
+        self._demo_catalog: tuple[str, bytes] | None = None
         self.guard = GuardedStore(
             self.store,
             timeout_s=settings.store_timeout_ms / 1000,
@@ -491,7 +493,7 @@ class Gateway:
         return key, wire.encode_recommendations(rec.snap, rid, answer.picks, answer.fallback, answer.profile)
 
     async def token(self, request: Request) -> Response:
-        body = await _read_body(request, 4096)
+        body = await _read_body(request, 16384)  # a token is at most 1 KB: larger is a 400 up to here
         renew: str | None = None
         if body.strip():
             try:
@@ -570,6 +572,27 @@ class Gateway:
                 409, "snapshot-refused", str(refused), problems=refused.problems, field=refused.version
             ) from None
 
+    async def demo_page(self, request: Request) -> Response:
+        if not self.settings.demo:
+            raise ApiError(404, "not-found", "the demo page is off (setting demo)")
+        return HTMLResponse(self._demo_page)
+
+    async def demo_catalog(self, request: Request) -> Response:
+        if not self.settings.demo:
+            raise ApiError(404, "not-found", "the demo page is off (setting demo)")
+        rec = self.serving()
+        cached = self._demo_catalog
+        if cached is None or cached[0] != rec.snap.version:
+            cached = self._demo_catalog = (rec.snap.version, _encoder.encode(demo.catalog(rec.snap)))
+        return Response(cached[1], media_type=JSON)
+
+    async def client_script(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        script = self._scripts.get(name)
+        if script is None:
+            raise ApiError(404, "not-found", f"no {name}; served: {', '.join(sorted(self._scripts))}", field="name")
+        return Response(script, media_type="text/javascript", headers={"cache-control": "public, max-age=300"})
+
     async def openapi_json(self, request: Request) -> Response:
         return Response(openapi.document_bytes(), media_type=JSON)
 
@@ -588,6 +611,9 @@ class Gateway:
             ("/metrics", "metrics", self.metrics_page, "GET"),
             ("/admin/reload", "reload", self.admin_reload, "POST"),
             ("/openapi.json", "openapi", self.openapi_json, "GET"),
+            ("/demo", "demo", self.demo_page, "GET"),
+            ("/demo/catalog.json", "demo", self.demo_catalog, "GET"),
+            ("/client/{name}", "client", self.client_script, "GET"),
             ("/docs", "docs", self.docs, "GET"),
         ]
         routes: list[BaseRoute] = [

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from gateway import wire
+from gateway import demo, wire
 
 REF = "#/components/schemas/{name}"
 JSON = "application/json"
@@ -79,7 +79,7 @@ OPERATIONS = (
         body=wire.TokenRequest,
         body_required=False,
         answer=wire.StreamToken,
-        errors=(400, 401),
+        errors=(400, 401, 413),
     ),
     Operation(
         "get",
@@ -112,6 +112,28 @@ OPERATIONS = (
         errors=(409,),
     ),
     Operation("get", "/openapi.json", "This document.", media_type=JSON),
+    Operation(
+        "get",
+        "/demo",
+        "The demo shop page (setting `demo`): client_js over this snapshot's catalog.",
+        media_type="text/html",
+        errors=(404,),
+    ),
+    Operation(
+        "get",
+        "/demo/catalog.json",
+        "The demo page's catalog: top-level categories and their most popular items.",
+        answer=demo.DemoCatalog,
+        errors=(404, 503),
+    ),
+    Operation(
+        "get",
+        "/client/{name}",
+        "The browser snippet: `tailor.min.js` (classic script) or `tailor.esm.min.js` (ES module).",
+        media_type="text/javascript",
+        errors=(404,),
+        path_parameters=("name",),
+    ),
     Operation("get", "/docs", "The API as a web page.", media_type="text/html"),
 )
 

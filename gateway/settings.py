@@ -58,6 +58,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     token_ttl_s: Positive = 3600.0
     token_renew_s: NonNegative = 30 * 24 * 3600.0
     cors_origins: list[str] = []
+    demo: bool = True
     push_debounce_ms: NonNegative = 25.0
     stream_queue: Count = 16
     heartbeat_s: Positive = 20.0

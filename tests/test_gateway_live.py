@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class Server:
-    def __init__(self, root: Path, log: Path, *extra: str) -> None:
-        self.port = free_port()
+    def __init__(self, root: Path, log: Path, *extra: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         with log.open("wb") as out:
@@ -37,7 +37,7 @@ class Server:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "TAILOR_WATCH_INTERVAL_S": "0.1"},
+                env={**os.environ, "TAILOR_WATCH_INTERVAL_S": "0.1", "TAILOR_EVENT_LOG": str(log.parent / "events")},
             )
         deadline = time.monotonic() + 30
         while True:
