@@ -33,6 +33,8 @@ from threadpoolctl import threadpool_limits
 
 from gateway import demo, openapi, tokens, wire
 from gateway import settings as config
+from gateway.access import Access, AccessError, Scope
+from gateway.access import key_of as access_key
 from gateway.guard import GuardedStore
 from gateway.metrics import Metrics
 from gateway.recommend import Answer, Recommender
@@ -48,6 +50,8 @@ T = TypeVar("T")
 S = TypeVar("S", bound=msgspec.Struct)
 JSON = "application/json"
 LIST_PARAMETERS = frozenset({"category", "exclude"})
+# Read by the access check (gateway.access), not by the routes.
+IGNORED_PARAMETERS = frozenset({"key"})
 MAX_BODY_BYTES = 4 << 20
 FUTURE_SLACK_S = 300.0
 # navigator.sendBeacon sends a string body as text/plain (a CORS-safe type); no type at all is accepted too.
@@ -159,6 +163,8 @@ def parse_query(request: Request | WebSocket, kind: type[S]) -> S:
     data: dict[str, Any] = {}
     # What Starlette's request.query_params does, without building its multi-dict.
     for name, value in parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True):
+        if name in IGNORED_PARAMETERS:
+            continue
         if name in LIST_PARAMETERS:
             parts = value.split(",")
             if "" in parts:
@@ -203,6 +209,14 @@ class Gateway:
             log=settings.event_log_max,
         )
         self.event_types = frozenset(wire.BUILT_IN_EVENTS) | frozenset(settings.custom_events)
+        self.access = Access(
+            public_keys=settings.public_keys,
+            admin_keys=settings.admin_keys,
+            rate_per_s=settings.rate_limit_per_s,
+            burst=settings.rate_limit_burst,
+        )
+        if not self.access.enabled:
+            log.warning("no API keys configured (public_keys, admin_keys): every route is open to every caller")
         self._demo_page, self._scripts = demo.read_files()
         self._demo_catalog: tuple[str, bytes] | None = None
         self.guard = GuardedStore(
@@ -516,6 +530,8 @@ class Gateway:
         # browser only as an anonymous failure.
         await websocket.accept()
         try:
+            if self.access.active:
+                self._admit("public", websocket)
             q = parse_query(websocket, wire.StreamQuery)
             visitor, _ = tokens.verify(self.secret, q.token)
             rec = self.serving_for(q.category)
@@ -523,6 +539,10 @@ class Gateway:
         except tokens.TokenError as refused:
             self.metrics.stream_drops.labels(refused.code).inc()
             await websocket.close(4401, refused.code)
+            return
+        except AccessError as refused:
+            self.metrics.stream_drops.labels(refused.code).inc()
+            await websocket.close({401: 4401, 403: 4403, 429: 4429}[refused.status], refused.code)
             return
         except ApiError as error:
             code = 1013 if error.status == 503 else 4400
@@ -600,38 +620,54 @@ class Gateway:
         return HTMLResponse(openapi.html_page())
 
     def routes(self) -> list[BaseRoute]:
-        table: list[tuple[str, str, Callable[[Request], Awaitable[Response]], str]] = [
-            ("/v1/recommend", "recommend", self.recommend, "GET"),
-            ("/v1/items/{item_id}/similar", "similar", self.similar, "GET"),
-            ("/v1/popular", "popular", self.popular, "GET"),
-            ("/v1/events", "events", self.events, "POST"),
-            ("/v1/token", "token", self.token, "POST"),
-            ("/healthz", "healthz", self.healthz, "GET"),
-            ("/readyz", "readyz", self.readyz, "GET"),
-            ("/metrics", "metrics", self.metrics_page, "GET"),
-            ("/admin/reload", "reload", self.admin_reload, "POST"),
-            ("/openapi.json", "openapi", self.openapi_json, "GET"),
-            ("/demo", "demo", self.demo_page, "GET"),
-            ("/demo/catalog.json", "demo", self.demo_catalog, "GET"),
-            ("/client/{name}", "client", self.client_script, "GET"),
-            ("/docs", "docs", self.docs, "GET"),
+        table: list[tuple[str, str, Callable[[Request], Awaitable[Response]], str, Scope]] = [
+            ("/v1/recommend", "recommend", self.recommend, "GET", "public"),
+            ("/v1/items/{item_id}/similar", "similar", self.similar, "GET", "public"),
+            ("/v1/popular", "popular", self.popular, "GET", "public"),
+            ("/v1/events", "events", self.events, "POST", "public"),
+            ("/v1/token", "token", self.token, "POST", "public"),
+            ("/healthz", "healthz", self.healthz, "GET", "open"),
+            ("/readyz", "readyz", self.readyz, "GET", "open"),
+            ("/metrics", "metrics", self.metrics_page, "GET", "admin"),
+            ("/admin/reload", "reload", self.admin_reload, "POST", "admin"),
+            ("/openapi.json", "openapi", self.openapi_json, "GET", "open"),
+            ("/demo", "demo", self.demo_page, "GET", "open"),
+            ("/demo/catalog.json", "demo", self.demo_catalog, "GET", "open"),
+            ("/client/{name}", "client", self.client_script, "GET", "open"),
+            ("/docs", "docs", self.docs, "GET", "open"),
         ]
         routes: list[BaseRoute] = [
-            Route(path, self._observed(name, handler), methods=[method]) for path, name, handler, method in table
+            Route(path, self._observed(name, handler, scope), methods=[method])
+            for path, name, handler, method, scope in table
         ]
         routes.append(WebSocketRoute("/v1/stream", self.stream))
         return routes
 
+    def _admit(self, scope: Scope, connection: Request | WebSocket) -> None:
+        """Raise AccessError unless the caller's key allows `scope` and its bucket has a request left."""
+        access = self.access
+        key = access_key(connection.scope["headers"], connection.scope.get("query_string", b""))
+        access.check(scope, key)
+        if scope != "open":
+            client = connection.client
+            access.take(key or (client.host if client is not None else "?"), time.monotonic())
+
     def _observed(
-        self, route: str, handler: Callable[[Request], Awaitable[Response]]
+        self, route: str, handler: Callable[[Request], Awaitable[Response]], scope: Scope
     ) -> Callable[[Request], Awaitable[Response]]:
         latency = self.metrics.latency.labels(route)
         responses = self.metrics.responses
         by_status: dict[int, Any] = {}  # labels() costs more than the increment it selects
+        access = self.access
 
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
             try:
+                if access.active:
+                    try:
+                        self._admit(scope, request)
+                    except AccessError as refused:
+                        raise ApiError(refused.status, refused.code, str(refused), headers=refused.headers) from None
                 response = await handler(request)
             except ApiError as error:
                 response = json_response(error.body, error.status, error.headers)

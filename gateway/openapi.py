@@ -30,6 +30,7 @@ class Operation(msgspec.Struct, frozen=True):
     errors: tuple[int, ...] = ()
     path_parameters: tuple[str, ...] = ()
     media_type: str = JSON
+    scope: str = "open"  # gateway.access: "public" and "admin" routes need a key once keys are configured
 
 
 OPERATIONS = (
@@ -41,6 +42,7 @@ OPERATIONS = (
         query=wire.RecommendQuery,
         answer=wire.Recommendations,
         errors=(400, 503),
+        scope="public",
     ),
     Operation(
         "get",
@@ -50,6 +52,7 @@ OPERATIONS = (
         answer=wire.Recommendations,
         errors=(400, 404, 503),
         path_parameters=("item_id",),
+        scope="public",
     ),
     Operation(
         "get",
@@ -58,6 +61,7 @@ OPERATIONS = (
         query=wire.PopularQuery,
         answer=wire.Recommendations,
         errors=(400, 503),
+        scope="public",
     ),
     Operation(
         "post",
@@ -68,6 +72,7 @@ OPERATIONS = (
         answer=wire.EventsAccepted,
         status=202,
         errors=(400, 413, 422, 503),
+        scope="public",
     ),
     Operation(
         "post",
@@ -80,6 +85,7 @@ OPERATIONS = (
         body_required=False,
         answer=wire.StreamToken,
         errors=(400, 401, 413),
+        scope="public",
     ),
     Operation(
         "get",
@@ -94,6 +100,7 @@ OPERATIONS = (
         "after a reconnect is the current list.",
         query=wire.StreamQuery,
         status=101,
+        scope="public",
     ),
     Operation("get", "/healthz", "Liveness: the process answers.", answer=wire.Health),
     Operation(
@@ -103,13 +110,14 @@ OPERATIONS = (
         answer=wire.Readiness,
         errors=(503,),
     ),
-    Operation("get", "/metrics", "Prometheus metrics.", media_type="text/plain"),
+    Operation("get", "/metrics", "Prometheus metrics.", media_type="text/plain", scope="admin"),
     Operation(
         "post",
         "/admin/reload",
         "Load the snapshot CURRENT names and swap it in; 409 if it fails verification (the old one keeps serving).",
         answer=wire.ReloadResult,
         errors=(409,),
+        scope="admin",
     ),
     Operation("get", "/openapi.json", "This document.", media_type=JSON),
     Operation(
@@ -180,7 +188,8 @@ def document() -> dict[str, Any]:
     for op in OPERATIONS:
         content: dict[str, Any] = {op.media_type: {"schema": refs[op.answer]} if op.answer else {}}
         responses: dict[str, Any] = {str(op.status): {"description": "OK", "content": content}}
-        for status in op.errors:
+        refused = {"public": (401, 429), "admin": (401, 403, 429)}.get(op.scope, ())
+        for status in (*op.errors, *refused):
             responses[str(status)] = {"description": "Error", "content": {JSON: {"schema": refs[wire.ErrorBody]}}}
         operation: dict[str, Any] = {
             "summary": op.summary.split(". ")[0].rstrip("."),
@@ -188,6 +197,9 @@ def document() -> dict[str, Any]:
             "parameters": _parameters(op, components),
             "responses": responses,
         }
+        if op.scope != "open":
+            # Required once the gateway has keys (public_keys, admin_keys); without any, routes are open.
+            operation["security"] = [{"apiKey": []}, {"bearer": []}, {}]
         if op.body is not None:
             operation["requestBody"] = {"required": op.body_required, "content": {JSON: {"schema": refs[op.body]}}}
         paths.setdefault(op.path, {})[op.method] = operation
@@ -199,7 +211,13 @@ def document() -> dict[str, Any]:
             "description": "Personalised recommendations in milliseconds from your own data.",
         },
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-Tailor-Key"},
+                "bearer": {"type": "http", "scheme": "bearer"},
+            },
+        },
     }
 
 

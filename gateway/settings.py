@@ -59,6 +59,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     token_renew_s: NonNegative = 30 * 24 * 3600.0
     cors_origins: list[str] = []
     demo: bool = True
+    public_keys: list[str] = []
+    admin_keys: list[str] = []
+    rate_limit_per_s: NonNegative = 0.0
+    rate_limit_burst: Count = 50
     push_debounce_ms: NonNegative = 25.0
     stream_queue: Count = 16
     heartbeat_s: Positive = 20.0
