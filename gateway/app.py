@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -551,6 +552,52 @@ class Gateway:
         del rec
         await self.hub.serve(websocket, visitor, n=q.n, categories=q.category)
 
+    # -- a visitor's data ------------------------------------------------------------------------
+    async def erase_visitor(self, request: Request) -> Response:
+        visitor = request.path_params["visitor_id"]
+        try:
+            forgotten = await self.store.forget(visitor)
+        except StoreError as exc:
+            raise ApiError(
+                503, "store-unavailable", f"nothing erased: {exc}; retry", headers={"retry-after": "1"}
+            ) from None
+        closed = await self.hub.disconnect(visitor)
+        receipt = wire.ErasureReceipt(
+            receipt=uuid.uuid4().hex,
+            visitor=visitor,
+            erased_at=time.time(),
+            profile=forgotten.profile,
+            log_events=forgotten.log_events,
+            streams_closed=closed,
+        )
+        self.metrics.erasures.inc()
+        log.info(
+            "erasure %s: profile %s, %d logged events, %d sockets",
+            receipt.receipt,
+            receipt.profile,
+            receipt.log_events,
+            closed,
+        )
+        return json_response(receipt)
+
+    async def export_visitor(self, request: Request) -> Response:
+        visitor = request.path_params["visitor_id"]
+        now = time.time()
+        try:
+            profile = await self.store.profile(visitor, limit=self.settings.recent_keep, now=now)
+            logged = await self.store.logged(visitor)
+        except StoreError as exc:
+            raise ApiError(503, "store-unavailable", str(exc), headers={"retry-after": "1"}) from None
+        body = wire.VisitorExport(
+            visitor=visitor,
+            exported_at=now,
+            recent=[wire.ExportedInteraction(i.item, i.event, i.ts) for i in profile.recent],
+            counters=profile.counters,
+            last_seen=profile.last_seen,
+            events=[wire.ExportedEvent(e.event, e.timestamp, e.item_id, e.value, e.event_id, e.query) for e in logged],
+        )
+        return json_response(body)
+
     async def healthz(self, request: Request) -> Response:
         return json_response(wire.Health())
 
@@ -629,6 +676,8 @@ class Gateway:
             ("/healthz", "healthz", self.healthz, "GET", "open"),
             ("/readyz", "readyz", self.readyz, "GET", "open"),
             ("/metrics", "metrics", self.metrics_page, "GET", "admin"),
+            ("/v1/visitors/{visitor_id}", "erase", self.erase_visitor, "DELETE", "admin"),
+            ("/v1/visitors/{visitor_id}/export", "export", self.export_visitor, "GET", "admin"),
             ("/admin/reload", "reload", self.admin_reload, "POST", "admin"),
             ("/openapi.json", "openapi", self.openapi_json, "GET", "open"),
             ("/demo", "demo", self.demo_page, "GET", "open"),

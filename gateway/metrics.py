@@ -52,6 +52,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.erasures = Counter("tailor_erasures", "Visitors erased (DELETE /v1/visitors/{id})", registry=r)
         self.reloads = Counter("tailor_snapshot_reloads", "Snapshot loads by result", ["result"], registry=r)
         self.events = Counter("tailor_events_accepted", "Behaviour events stored, by type", ["event"], registry=r)
         self.events_rejected = Counter(

@@ -112,6 +112,25 @@ OPERATIONS = (
     ),
     Operation("get", "/metrics", "Prometheus metrics.", media_type="text/plain", scope="admin"),
     Operation(
+        "delete",
+        "/v1/visitors/{visitor_id}",
+        "Erase everything stored about a visitor: profile, counters, event ids, their events in the event log; "
+        "their open WebSockets are closed (4410). Answers a receipt.",
+        answer=wire.ErasureReceipt,
+        errors=(503,),
+        path_parameters=("visitor_id",),
+        scope="admin",
+    ),
+    Operation(
+        "get",
+        "/v1/visitors/{visitor_id}/export",
+        "Everything stored about a visitor, as JSON: recent interactions, counters, last-seen time, logged events.",
+        answer=wire.VisitorExport,
+        errors=(503,),
+        path_parameters=("visitor_id",),
+        scope="admin",
+    ),
+    Operation(
         "post",
         "/admin/reload",
         "Load the snapshot CURRENT names and swap it in; 409 if it fails verification (the old one keeps serving).",

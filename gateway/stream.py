@@ -42,6 +42,7 @@ Cause = Literal["connect", "events", "snapshot"]
 Answer = Callable[[str, int | None, list[str]], Awaitable[tuple[Hashable, bytes]]]
 
 TOO_SLOW = 4429
+ERASED = 4410
 GOING_AWAY = 1001
 OVERLOADED = 1013
 SEND_TIMEOUT_S = 10.0
@@ -203,6 +204,13 @@ class Hub:
                 await self._refresh(sub, "events")
             except Exception:
                 log.exception("stream push to %s", visitor)
+
+    async def disconnect(self, visitor: str, *, code: int = ERASED, reason: str = "erased") -> int:
+        """Close every socket of the visitor (say, after an erasure); how many there were."""
+        subs = list(self._by_visitor.get(visitor, ()))
+        for sub in subs:
+            await self._close(sub, code, reason)
+        return len(subs)
 
     def snapshot_swapped(self) -> None:
         """Recompute every connected visitor on the new snapshot, a batch at a time."""

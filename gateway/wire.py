@@ -252,6 +252,43 @@ class EventsAccepted(msgspec.Struct, frozen=True):
     rejected: list[Rejected] = []
 
 
+class ErasureReceipt(msgspec.Struct, frozen=True):
+    """What `DELETE /v1/visitors/{visitor_id}` removed, as proof for the visitor's request."""
+
+    receipt: Annotated[str, msgspec.Meta(description="Unique id of this erasure, for your records.")]
+    visitor: str
+    erased_at: Annotated[float, msgspec.Meta(description="Unix seconds.")]
+    profile: Annotated[bool, msgspec.Meta(description="Whether any profile state existed.")]
+    log_events: Annotated[int, msgspec.Meta(description="The visitor's events removed from the event log.")]
+    streams_closed: Annotated[int, msgspec.Meta(description="Open WebSockets of the visitor closed (4410).")]
+
+
+class ExportedInteraction(msgspec.Struct, frozen=True):
+    item: str
+    event: str
+    ts: float
+
+
+class ExportedEvent(msgspec.Struct, frozen=True, omit_defaults=True):
+    event: str
+    timestamp: float
+    item_id: str | None = None
+    value: float | None = None
+    event_id: str | None = None
+    query: str | None = None
+
+
+class VisitorExport(msgspec.Struct, frozen=True):
+    """Everything stored about one visitor (`GET /v1/visitors/{visitor_id}/export`)."""
+
+    visitor: str
+    exported_at: float
+    recent: list[ExportedInteraction]
+    counters: dict[str, int]
+    last_seen: float | None
+    events: Annotated[list[ExportedEvent], msgspec.Meta(description="The visitor's events in the event log.")]
+
+
 class ErrorDetail(msgspec.Struct, frozen=True, omit_defaults=True):
     code: Annotated[
         str,

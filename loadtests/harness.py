@@ -61,7 +61,11 @@ def running(command: Sequence[str], log: Path, name: str) -> Iterator[subprocess
     say(f"starting {name}: {shlex.join(command)}  (log: {log})")
     with log.open("wb") as out:
         # own session: a Ctrl-C reaches only this harness, which then stops the children in order
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        # A gateway's event log (memory store) goes beside its log, not into the repository's var/events.
+        env = {**os.environ, "TAILOR_EVENT_LOG": str(log.parent / "events")}
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=env
+        )
     try:
         yield proc
     finally:

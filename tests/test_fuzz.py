@@ -26,7 +26,8 @@ schema = schemathesis.openapi.from_dict(openapi.document()).exclude(path="/v1/st
 
 @pytest.fixture
 def fuzz_client(root: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(snapshots=str(root), watch_interval_s=0, secret="fuzz"))) as client:
+    settings = Settings(snapshots=str(root), watch_interval_s=0, secret="fuzz", event_log=str(root.parent / "events"))
+    with TestClient(create_app(settings)) as client:
         yield client
 
 

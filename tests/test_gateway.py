@@ -31,7 +31,7 @@ def snap(small_snapshots: Path) -> Snapshot:
 
 
 def settings(root: Path, **changes: Any) -> Settings:
-    return Settings(snapshots=str(root), watch_interval_s=0, **changes)
+    return Settings(**{"snapshots": str(root), "watch_interval_s": 0, "event_log": "", **changes})
 
 
 @pytest.fixture
@@ -506,7 +506,7 @@ def test_a_corrupt_snapshot_is_refused_and_the_old_one_keeps_serving(root: Path)
 
 
 def test_the_watcher_picks_up_a_new_pointer_by_itself(root: Path) -> None:
-    with TestClient(create_app(Settings(snapshots=str(root), watch_interval_s=0.05))) as client:
+    with TestClient(create_app(Settings(snapshots=str(root), watch_interval_s=0.05, event_log=""))) as client:
         new = republish(root)
         for _ in range(100):
             if client.get("/v1/popular").json()["snapshot"] == new:

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.guard import TRIP_AFTER, GuardedStore
 from gateway.store import EMPTY_PROFILE, Profile, Recorded, Retention, StoreError
+from gateway.store.base import Forgotten, LogLine
 
 
 class Scripted:
@@ -31,7 +32,11 @@ class Scripted:
     async def record(self, visitor: str, events: Sequence[Recorded], *, retention: Retention, now: float) -> list[bool]:
         return [True] * len(events)
 
-    async def forget(self, visitor: str) -> None: ...
+    async def forget(self, visitor: str) -> Forgotten:
+        return Forgotten(profile=False, log_events=0)
+
+    async def logged(self, visitor: str) -> list[LogLine]:
+        return []
 
     def subscribe(self, listener: Callable[[str], None]) -> None: ...
 

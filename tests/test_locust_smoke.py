@@ -69,7 +69,10 @@ def gateway(shop_and_snapshots: tuple[Path, Path], tmp_path_factory: pytest.Temp
     command = [sys.executable, "-m", "tailor", "serve", "--snapshots", str(root), "--store", "memory://"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        env = {**os.environ, "TAILOR_EVENT_LOG": str(log.parent / "events")}  # not the repository's var/events
+        process = subprocess.Popen(
+            command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
+        )
     try:
         deadline = time.monotonic() + 30
         while not _ready(url):

@@ -22,7 +22,13 @@ SECRET = "test-secret"
 
 
 def settings(root: Path, **changes: Any) -> Settings:
-    values: dict[str, Any] = {"snapshots": str(root), "watch_interval_s": 0, "secret": SECRET, "push_debounce_ms": 10}
+    values: dict[str, Any] = {
+        "snapshots": str(root),
+        "watch_interval_s": 0,
+        "secret": SECRET,
+        "push_debounce_ms": 10,
+        "event_log": "",
+    }
     return Settings(**{**values, **changes})
 
 
@@ -161,9 +167,10 @@ def test_quiet_socket_gets_heartbeats(root: Path) -> None:
         ("token=" + tokens.mint(b"wrong secret", "x", 60), 4401, "bad-token"),
         ("token=" + tokens.mint(SECRET.encode(), "x", 10, now=time.time() - 60), 4401, "expired-token"),
         ("", 4400, "invalid-parameter"),
-        ("token=" + tokens.mint(SECRET.encode(), "x", 60) + "&n=0", 4400, "invalid-parameter"),
-        ("token=" + tokens.mint(SECRET.encode(), "x", 60) + "&category=nope", 4400, "unknown-category"),
-        ("token=" + tokens.mint(SECRET.encode(), "x", 60) + "&colour=red", 4400, "unknown-parameter"),
+        # minted when the tests are collected, maybe minutes before this runs: valid for a day
+        ("token=" + tokens.mint(SECRET.encode(), "x", 24 * 3600) + "&n=0", 4400, "invalid-parameter"),
+        ("token=" + tokens.mint(SECRET.encode(), "x", 24 * 3600) + "&category=nope", 4400, "unknown-category"),
+        ("token=" + tokens.mint(SECRET.encode(), "x", 24 * 3600) + "&colour=red", 4400, "unknown-parameter"),
     ],
 )
 def test_refusals_close_with_a_code_and_reason(client: TestClient, query: str, code: int, reason: str) -> None:

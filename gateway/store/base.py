@@ -65,6 +65,13 @@ class Recorded(msgspec.Struct, frozen=True, gc=False):
         return _encode_log(LogLine(visitor, self.event, self.ts, self.item, self.value, self.id, self.query))
 
 
+class Forgotten(msgspec.Struct, frozen=True):
+    """What `forget` removed."""
+
+    profile: bool  # there was state for the visitor
+    log_events: int  # events of the visitor removed from the event log
+
+
 class LogLine(msgspec.Struct, omit_defaults=True):
     """The index builder's interaction record (index_builder.schema.Interaction), with `timestamp`
     as Unix seconds: the gateway's event log is a `tailor build --events` input as it stands."""
@@ -79,6 +86,7 @@ class LogLine(msgspec.Struct, omit_defaults=True):
 
 
 _encode_log = msgspec.json.Encoder().encode
+decode_log = msgspec.json.Decoder(LogLine).decode
 
 DAY = 86_400.0
 DEFAULT_WINDOWS = (3_600.0, DAY, 7 * DAY, 30 * DAY)
@@ -168,8 +176,13 @@ class Store(Protocol):
         visitor is a duplicate and changes nothing. Returns, per event, whether it was stored."""
         ...
 
-    async def forget(self, visitor: str) -> None:
-        """Delete everything stored for the visitor."""
+    async def forget(self, visitor: str) -> Forgotten:
+        """Delete everything stored for the visitor: profile, counters, event ids, and their events
+        in the event log (a scan of the log: erasure is rare, the log is not indexed by visitor)."""
+        ...
+
+    async def logged(self, visitor: str) -> list[LogLine]:
+        """The visitor's events in the event log, oldest first (for an export)."""
         ...
 
     def subscribe(self, listener: Listener) -> None:

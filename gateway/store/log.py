@@ -18,6 +18,8 @@ import logging
 import time
 from pathlib import Path
 
+from gateway.store.base import LogLine, decode_log
+
 log = logging.getLogger("tailor.store")
 
 PATTERN = "events-*.jsonl"
@@ -63,6 +65,43 @@ class FileLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         with file_for(self.directory, now).open("ab") as out:
             out.write(b"\n".join(lines) + b"\n")
+
+    async def erase(self, visitor: str) -> int:
+        """Remove the visitor's events from every log file (rewritten in a thread); how many."""
+        await self.flush()
+        async with self._writing:
+            return await asyncio.to_thread(self._erase, visitor)
+
+    def _erase(self, visitor: str) -> int:
+        removed = 0
+        for path in sorted(self.directory.glob(PATTERN)):
+            kept: list[bytes] = []
+            lines = path.read_bytes().splitlines()
+            for line in lines:
+                if line and decode_log(line).user_id == visitor:
+                    removed += 1
+                else:
+                    kept.append(line)
+            if len(kept) != len(lines):
+                staging = path.with_suffix(".erasing")
+                staging.write_bytes(b"".join(line + b"\n" for line in kept if line))
+                staging.replace(path)  # atomic: a reader sees the old file or the new one
+        return removed
+
+    async def read(self, visitor: str) -> list[LogLine]:
+        """The visitor's logged events, oldest first."""
+        await self.flush()
+        return await asyncio.to_thread(self._read, visitor)
+
+    def _read(self, visitor: str) -> list[LogLine]:
+        found: list[LogLine] = []
+        for path in sorted(self.directory.glob(PATTERN)):
+            for line in path.read_bytes().splitlines():
+                if line:
+                    event = decode_log(line)
+                    if event.user_id == visitor:
+                        found.append(event)
+        return found
 
     async def close(self) -> None:
         if self._flusher is not None:

@@ -9,8 +9,10 @@ from typing import ClassVar
 
 from gateway.store.base import (
     EMPTY_PROFILE,
+    Forgotten,
     Interaction,
     Listener,
+    LogLine,
     Profile,
     Recorded,
     Retention,
@@ -142,8 +144,13 @@ class MemoryStore:
                 break
             visitors.popitem(last=False)
 
-    async def forget(self, visitor: str) -> None:
-        self._visitors.pop(visitor, None)
+    async def forget(self, visitor: str) -> Forgotten:
+        had = self._visitors.pop(visitor, None) is not None
+        removed = await self._log.erase(visitor) if self._log is not None else 0
+        return Forgotten(profile=had, log_events=removed)
+
+    async def logged(self, visitor: str) -> list[LogLine]:
+        return await self._log.read(visitor) if self._log is not None else []
 
     async def ping(self) -> None:
         return None

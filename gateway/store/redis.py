@@ -25,13 +25,16 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from gateway.store.base import (
+    Forgotten,
     Interaction,
     Listener,
+    LogLine,
     Profile,
     Recorded,
     Retention,
     StoreError,
     StoreTimeoutError,
+    decode_log,
     sliding_count,
     window_label,
 )
@@ -40,6 +43,7 @@ from gateway.store.resp import Multiplexed, RespError, RespTimeoutError
 log = logging.getLogger("tailor.store")
 
 LAST_SEEN = "@last_seen"
+LOG_PAGE = 1000
 
 # One visitor's batch, atomically. KEYS: recent list, counters hash, event-id sorted set, log stream.
 # ARGV: now, keep, ttl_ms, ids to remember, max counter fields, log length (0: no log), channel,
@@ -262,11 +266,35 @@ class RedisStore:
             raise _failure("record", exc) from exc
         return [bool(flag) for flag in stored]
 
-    async def forget(self, visitor: str) -> None:
+    async def forget(self, visitor: str) -> Forgotten:
         try:
-            await self._redis.delete(*self._keys(visitor), self._ids_key(visitor))
+            deleted = await self._redis.delete(*self._keys(visitor), self._ids_key(visitor))
+            entries = [entry for entry, _ in await self._scan_log(visitor)]
+            for start in range(0, len(entries), LOG_PAGE):
+                await self._redis.xdel(self.log_key, *entries[start : start + LOG_PAGE])
         except _FAILURES as exc:
             raise _failure("forget", exc) from exc
+        return Forgotten(profile=deleted > 0, log_events=len(entries))
+
+    async def logged(self, visitor: str) -> list[LogLine]:
+        try:
+            return [line for _, line in await self._scan_log(visitor)]
+        except _FAILURES as exc:
+            raise _failure("logged", exc) from exc
+
+    async def _scan_log(self, visitor: str) -> list[tuple[bytes, LogLine]]:
+        """The visitor's entries of the event log stream, read in pages."""
+        found: list[tuple[bytes, LogLine]] = []
+        start = "-"
+        while True:
+            page: Any = await self._redis.xrange(self.log_key, min=start, max="+", count=LOG_PAGE)
+            for entry, fields in page:
+                line = decode_log(fields[b"e"])
+                if line.user_id == visitor:
+                    found.append((entry, line))
+            if len(page) < LOG_PAGE:
+                return found
+            start = "(" + page[-1][0].decode()
 
     async def ping(self) -> None:
         try:
