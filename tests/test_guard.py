@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
 from gateway.guard import TRIP_AFTER, GuardedStore
-from gateway.store import EMPTY_PROFILE, Profile, Recorded, Retention, StoreError
+from gateway.store import EMPTY_PROFILE, Consent, Profile, Recorded, Retention, StoreError
 from gateway.store.base import Forgotten, LogLine
 
 
@@ -37,6 +37,8 @@ class Scripted:
 
     async def logged(self, visitor: str) -> list[LogLine]:
         return []
+
+    async def set_consent(self, visitor: str, choices: Mapping[str, Consent], *, ttl: float, now: float) -> None: ...
 
     def subscribe(self, listener: Callable[[str], None]) -> None: ...
 

@@ -19,6 +19,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from gateway.store import (
     EMPTY_PROFILE,
+    Consent,
     Interaction,
     MemoryStore,
     Profile,
@@ -434,6 +435,66 @@ async def test_memory_event_log_is_build_input(tmp_path: Path, anyio_backend: st
         ("v", None, "search", None),
     ]
     assert all(r.timestamp.timestamp() == T0 for r in rows)
+
+
+# Consent.
+
+
+async def test_consent_choices_are_kept_per_purpose_and_read_with_the_profile(store: Store) -> None:
+    granted = Consent("granted", T0, "banner")
+    await store.set_consent("v", {"analytics": granted, "personalization": granted}, ttl=DAY, now=T0)
+    later = Consent("revoked", T0 + 5, "settings page", expires_at=None)
+    await store.set_consent("v", {"personalization": later}, ttl=DAY, now=T0 + 5)
+    for counters in (True, False):
+        profile = await store.profile("v", limit=10, now=T0 + 6, counters=counters)
+        assert profile.consent == {"analytics": granted, "personalization": later}
+        assert (profile.recent, profile.last_seen) == ([], None)
+    await remember(store, "v", "a", now=T0 + 7)  # events keep the choices
+    assert (await store.profile("v", limit=10, now=T0 + 7)).consent["analytics"] == granted
+
+
+def test_a_choice_allows_only_while_granted_and_unexpired() -> None:
+    assert Consent("granted", T0, "x").allows(T0 + 10**9)
+    assert not Consent("granted", T0, "x", expires_at=T0 + 60).allows(T0 + 60)
+    assert not Consent("denied", T0, "x").allows(T0)
+    assert not Consent("revoked", T0, "x").allows(T0)
+
+
+async def test_consent_expires_with_the_visitor_and_goes_with_an_erasure(store: Store, elapse: Elapse) -> None:
+    await store.set_consent("v", {"analytics": Consent("granted", T0, "b")}, ttl=0.3, now=T0)
+    await store.set_consent("w", {"analytics": Consent("granted", T0, "b")}, ttl=DAY, now=T0)
+    await elapse(0.4)
+    assert (await store.profile("v", limit=10, now=T0 + 0.4)).consent == {}
+    await store.forget("w")
+    assert (await store.profile("w", limit=10, now=T0 + 0.4)).consent == {}
+
+
+async def test_every_consent_change_is_appended_to_the_audit_log(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    changes = [
+        ("v", "analytics", Consent("granted", T0, "banner")),
+        ("v", "analytics", Consent("revoked", T0 + 1, "settings", expires_at=None)),
+        ("w", "marketing", Consent("denied", T0 + 2, "banner", expires_at=T0 + DAY)),
+    ]
+    expected = [{"visitor": v, "purpose": p, **msgspec.to_builtins(c)} for v, p, c in changes]
+    memory = MemoryStore(audit=FileLog(tmp_path, prefix="consent"))
+    server: RedisServer = request.getfixturevalue("redis_server")
+    server.start()
+    redis = RedisStore(server.url, prefix=unique_prefix())
+    try:
+        for backend in (memory, redis):
+            for visitor, purpose, choice in changes:
+                await backend.set_consent(visitor, {purpose: choice}, ttl=DAY, now=choice.at)
+        await memory.close()
+        (path,) = tmp_path.glob("consent-*.jsonl")
+        assert [msgspec.json.decode(line) for line in path.read_bytes().splitlines()] == expected
+        raw = Redis.from_url(server.url)
+        entries: Any = await raw.xrange(redis.audit_key)
+        assert [msgspec.json.decode(fields[b"e"]) for _, fields in entries] == expected
+        await raw.aclose()
+    finally:
+        await redis.close()
 
 
 # Change announcements (what WebSocket pushes are made from).

@@ -17,6 +17,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from gateway.store.base import (
     EMPTY_PROFILE,
+    PURPOSES,
+    Consent,
     Interaction,
     Profile,
     Recorded,
@@ -32,6 +34,8 @@ from gateway.store.redis import RedisStore
 
 __all__ = [
     "EMPTY_PROFILE",
+    "PURPOSES",
+    "Consent",
     "Interaction",
     "MemoryStore",
     "Profile",
@@ -56,7 +60,12 @@ def open_store(url: str, *, event_log: str = "") -> Store:
     if scheme == "memory" or not url.strip():
         store = _open_memory(url, parts.netloc, parts.path, parts.query)
         if event_log:
-            store = MemoryStore(max_visitors=store.max_visitors, log=FileLog(Path(event_log)))
+            directory = Path(event_log)
+            store = MemoryStore(
+                max_visitors=store.max_visitors,
+                log=FileLog(directory),
+                audit=FileLog(directory, prefix="consent"),
+            )
         return store
     if scheme in ("redis", "rediss", "unix"):
         return _open_redis(parts.scheme, parts.netloc, parts.path, parts.query, parts.fragment)

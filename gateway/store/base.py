@@ -11,8 +11,8 @@ reads, `record` is what an event batch writes (for one visitor).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -149,6 +149,22 @@ def bump(state: tuple[int, int, int] | None, bucket: int) -> tuple[int, int, int
     return None
 
 
+PURPOSES = ("analytics", "personalization", "marketing")
+ConsentState = Literal["granted", "denied", "revoked"]
+
+
+class Consent(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One purpose's choice: what, when (Unix seconds), who set it, and until when it holds."""
+
+    state: ConsentState
+    at: float
+    source: str
+    expires_at: float | None = None
+
+    def allows(self, now: float) -> bool:
+        return self.state == "granted" and (self.expires_at is None or self.expires_at > now)
+
+
 class Profile(msgspec.Struct, frozen=True):
     """What the store knows of one visitor right now."""
 
@@ -156,6 +172,22 @@ class Profile(msgspec.Struct, frozen=True):
     # "view/7d": views in the last 7 days; "purchase@item:i1/30d"; "add_to_cart@category:shoes/1d".
     counters: dict[str, int]
     last_seen: float | None = None  # Unix seconds of the newest event
+    consent: dict[str, Consent] = {}  # purpose -> the latest choice (absent: none made)
+
+
+class ConsentChange(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A line of the consent audit log."""
+
+    visitor: str
+    purpose: str
+    state: ConsentState
+    at: float
+    source: str
+    expires_at: float | None = None
+
+
+encode_consent = msgspec.json.Encoder().encode
+decode_consent = msgspec.json.Decoder(Consent).decode
 
 
 EMPTY_PROFILE = Profile(recent=[], counters={})
@@ -183,6 +215,11 @@ class Store(Protocol):
 
     async def logged(self, visitor: str) -> list[LogLine]:
         """The visitor's events in the event log, oldest first (for an export)."""
+        ...
+
+    async def set_consent(self, visitor: str, choices: Mapping[str, Consent], *, ttl: float, now: float) -> None:
+        """Record the visitor's choices (purpose -> Consent), replacing earlier ones for those
+        purposes, and append each to the consent audit log; kept `ttl` after `now` like the rest."""
         ...
 
     def subscribe(self, listener: Listener) -> None:

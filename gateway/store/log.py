@@ -25,13 +25,14 @@ log = logging.getLogger("tailor.store")
 PATTERN = "events-*.jsonl"
 
 
-def file_for(directory: Path, ts: float) -> Path:
-    return directory / time.strftime("events-%Y-%m-%d.jsonl", time.gmtime(ts))
+def file_for(directory: Path, ts: float, prefix: str = "events") -> Path:
+    return directory / time.strftime(f"{prefix}-%Y-%m-%d.jsonl", time.gmtime(ts))
 
 
 class FileLog:
-    def __init__(self, directory: Path, *, interval_s: float = 1.0) -> None:
+    def __init__(self, directory: Path, *, interval_s: float = 1.0, prefix: str = "events") -> None:
         self.directory = directory
+        self.prefix = prefix  # files <prefix>-YYYY-MM-DD.jsonl: "events", or "consent" for the audit log
         self.interval_s = interval_s
         self._lines: list[bytes] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -63,7 +64,7 @@ class FileLog:
 
     def _write(self, lines: list[bytes], now: float) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        with file_for(self.directory, now).open("ab") as out:
+        with file_for(self.directory, now, self.prefix).open("ab") as out:
             out.write(b"\n".join(lines) + b"\n")
 
     async def erase(self, visitor: str) -> int:
@@ -74,7 +75,7 @@ class FileLog:
 
     def _erase(self, visitor: str) -> int:
         removed = 0
-        for path in sorted(self.directory.glob(PATTERN)):
+        for path in sorted(self.directory.glob(f"{self.prefix}-*.jsonl")):
             kept: list[bytes] = []
             lines = path.read_bytes().splitlines()
             for line in lines:
@@ -95,7 +96,7 @@ class FileLog:
 
     def _read(self, visitor: str) -> list[LogLine]:
         found: list[LogLine] = []
-        for path in sorted(self.directory.glob(PATTERN)):
+        for path in sorted(self.directory.glob(f"{self.prefix}-*.jsonl")):
             for line in path.read_bytes().splitlines():
                 if line:
                     event = decode_log(line)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 from gateway.store.base import (
     EMPTY_PROFILE,
+    Consent,
+    ConsentChange,
     Forgotten,
     Interaction,
     Listener,
@@ -17,6 +19,7 @@ from gateway.store.base import (
     Recorded,
     Retention,
     bump,
+    encode_consent,
     sliding_count,
     window_label,
 )
@@ -26,7 +29,7 @@ DEFAULT_MAX_VISITORS = 1_000_000
 
 
 class _Visitor:
-    __slots__ = ("counters", "expires_at", "ids", "last_seen", "recent")
+    __slots__ = ("consent", "counters", "expires_at", "ids", "last_seen", "recent")
 
     def __init__(self, expires_at: float) -> None:
         self.recent: list[Interaction] = []
@@ -34,6 +37,7 @@ class _Visitor:
         self.counters: dict[tuple[str, float], tuple[int, int, int]] = {}
         self.ids: OrderedDict[str, None] = OrderedDict()
         self.last_seen: float | None = None
+        self.consent: dict[str, Consent] = {}
         self.expires_at = expires_at
 
 
@@ -47,13 +51,16 @@ class MemoryStore:
     # Tells the hot path it needs no timeout around this store: a call cannot wait on anything.
     in_process: ClassVar[bool] = True
 
-    def __init__(self, *, max_visitors: int = DEFAULT_MAX_VISITORS, log: FileLog | None = None) -> None:
+    def __init__(
+        self, *, max_visitors: int = DEFAULT_MAX_VISITORS, log: FileLog | None = None, audit: FileLog | None = None
+    ) -> None:
         if max_visitors < 1:
             raise ValueError(f"max_visitors must be at least 1, not {max_visitors}")
         self.max_visitors = max_visitors
         self._visitors: OrderedDict[str, _Visitor] = OrderedDict()
         self._listeners: list[Listener] = []
         self._log = log  # the event log: JSONL files, for `tailor build --event-log`
+        self._audit = audit  # the consent audit log: JSONL files
 
     def __len__(self) -> int:
         """Visitors held right now, including expired ones not yet retired."""
@@ -70,8 +77,9 @@ class MemoryStore:
             return EMPTY_PROFILE
         self._visitors.move_to_end(visitor)
         recent = state.recent[-limit:] if limit else []
+        consent = dict(state.consent)
         if not counters:
-            return Profile(recent=recent, counters={}, last_seen=state.last_seen)
+            return Profile(recent=recent, counters={}, last_seen=state.last_seen, consent=consent)
         counts: dict[str, int] = {}
         stale: list[tuple[str, float]] = []
         for key, (bucket, current, previous) in state.counters.items():
@@ -83,7 +91,7 @@ class MemoryStore:
                 stale.append(key)  # nothing of it is inside the window any more
         for key in stale:
             del state.counters[key]
-        return Profile(recent=recent, counters=counts, last_seen=state.last_seen)
+        return Profile(recent=recent, counters=counts, last_seen=state.last_seen, consent=consent)
 
     async def record(self, visitor: str, events: Sequence[Recorded], *, retention: Retention, now: float) -> list[bool]:
         if not events:
@@ -129,6 +137,20 @@ class MemoryStore:
                 listener(visitor)
         return stored
 
+    async def set_consent(self, visitor: str, choices: Mapping[str, Consent], *, ttl: float, now: float) -> None:
+        state = self._visitors.get(visitor)
+        if state is None or state.expires_at <= now:
+            state = self._visitors[visitor] = _Visitor(now + ttl)
+        else:
+            state.expires_at = max(state.expires_at, now + ttl)
+        self._visitors.move_to_end(visitor)
+        state.consent.update(choices)
+        if self._audit is not None:
+            for purpose, choice in choices.items():
+                change = ConsentChange(visitor, purpose, choice.state, choice.at, choice.source, choice.expires_at)
+                self._audit.append(encode_consent(change))
+        self._retire(now)
+
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
@@ -156,7 +178,8 @@ class MemoryStore:
         return None
 
     async def close(self) -> None:
-        if self._log is not None:
-            await self._log.close()
+        for log in (self._log, self._audit):
+            if log is not None:
+                await log.close()
         self._visitors.clear()
         self._listeners.clear()

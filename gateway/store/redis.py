@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -25,6 +25,9 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from gateway.store.base import (
+    PURPOSES,
+    Consent,
+    ConsentChange,
     Forgotten,
     Interaction,
     Listener,
@@ -34,7 +37,9 @@ from gateway.store.base import (
     Retention,
     StoreError,
     StoreTimeoutError,
+    decode_consent,
     decode_log,
+    encode_consent,
     sliding_count,
     window_label,
 )
@@ -43,6 +48,9 @@ from gateway.store.resp import Multiplexed, RespError, RespTimeoutError
 log = logging.getLogger("tailor.store")
 
 LAST_SEEN = "@last_seen"
+CONSENT_PREFIX = "@consent:"
+CONSENT_FIELDS = tuple(CONSENT_PREFIX + purpose for purpose in PURPOSES)
+AUDIT_MAX = 10_000_000  # consent changes kept in the audit stream (approximately)
 LOG_PAGE = 1000
 
 # One visitor's batch, atomically. KEYS: recent list, counters hash, event-id sorted set, log stream.
@@ -172,6 +180,7 @@ class RedisStore:
         self._decode = msgspec.msgpack.Decoder(Interaction).decode
         self.channel = f"{prefix}changed"
         self.log_key = f"{prefix}events"  # the event log stream: `tailor build --event-log redis://...`
+        self.audit_key = f"{prefix}consent-audit"  # every consent change, appended
         self._record = self._redis.register_script(RECORD_SCRIPT)
         self._listeners: list[Listener] = []
         self._subscriber: asyncio.Task[None] | None = None
@@ -198,7 +207,7 @@ class RedisStore:
         recent_key, counters_key = self._keys(visitor)
         # LRANGE with a start of -0 would mean the whole list, hence no LRANGE at all for limit 0.
         commands: list[tuple[Any, ...]] = [("LRANGE", recent_key, -limit, -1)] if limit else []
-        commands.append(("HGETALL", counters_key) if counters else ("HGET", counters_key, LAST_SEEN))
+        commands.append(("HGETALL", counters_key) if counters else ("HMGET", counters_key, LAST_SEEN, *CONSENT_FIELDS))
         try:
             if self._fast is not None:
                 replies = await self._fast.execute(*commands)
@@ -210,8 +219,11 @@ class RedisStore:
             recent = [self._decode(raw) for raw in replies[0]] if limit else []
             counts: dict[str, int] = {}
             last_seen: float | None = None
+            consent: dict[str, Consent] = {}
             if not counters:
-                last_seen = float(replies[-1]) if replies[-1] is not None else None
+                seen, *choices = replies[-1]
+                last_seen = float(seen) if seen is not None else None
+                consent = {p: decode_consent(c) for p, c in zip(PURPOSES, choices, strict=True) if c is not None}
             else:
                 flat = replies[-1]
                 pairs = flat.items() if isinstance(flat, dict) else zip(flat[::2], flat[1::2], strict=True)
@@ -219,6 +231,9 @@ class RedisStore:
                     field, value = raw_field.decode(), raw_value.decode()
                     if field == LAST_SEEN:
                         last_seen = float(value)
+                        continue
+                    if field.startswith(CONSENT_PREFIX):
+                        consent[field[len(CONSENT_PREFIX) :]] = decode_consent(value)
                         continue
                     name, window_text = field.rsplit("|", 1)
                     bucket, current, previous = (int(part) for part in value.split(":"))
@@ -230,7 +245,7 @@ class RedisStore:
             raise StoreTimeoutError(f"redis profile failed: {exc}") from exc
         except _FAILURES as exc:
             raise _failure("profile", exc) from exc
-        return Profile(recent=recent, counters=counts, last_seen=last_seen)
+        return Profile(recent=recent, counters=counts, last_seen=last_seen, consent=consent)
 
     async def record(self, visitor: str, events: Sequence[Recorded], *, retention: Retention, now: float) -> list[bool]:
         if not events:
@@ -301,6 +316,23 @@ class RedisStore:
             await self._redis.ping()
         except _FAILURES as exc:
             raise _failure("ping", exc) from exc
+
+    async def set_consent(self, visitor: str, choices: Mapping[str, Consent], *, ttl: float, now: float) -> None:
+        if not choices:
+            return
+        _, counters_key = self._keys(visitor)
+        pipe = self._redis.pipeline(transaction=True)  # the choices and their audit lines, or nothing
+        pipe.hset(counters_key, mapping={CONSENT_PREFIX + p: encode_consent(c) for p, c in choices.items()})
+        ttl_ms = max(1, math.ceil(ttl * 1000))
+        pipe.pexpire(counters_key, ttl_ms, gt=True)  # never shortens what the events set
+        pipe.pexpire(counters_key, ttl_ms, nx=True)
+        for purpose, choice in choices.items():
+            change = ConsentChange(visitor, purpose, choice.state, choice.at, choice.source, choice.expires_at)
+            pipe.xadd(self.audit_key, {"e": encode_consent(change)}, maxlen=AUDIT_MAX, approximate=True)
+        try:
+            await pipe.execute()
+        except _FAILURES as exc:
+            raise _failure("set_consent", exc) from exc
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
