@@ -1,7 +1,8 @@
-"""The ASGI application: routes, lifespan (store, snapshot, watcher) and the HTTP edge.
+"""The ASGI application: routes, lifespan (store, snapshot, watcher) and the handlers.
 
 Everything here is translation between HTTP and the domain: parse and validate the query or body
-into a declared type (`gateway.wire`), call the pipeline (`gateway.recommend`), encode the answer.
+into a declared type (`gateway.wire`, with `gateway.http` and `gateway.ingest`), call the pipeline
+(`gateway.recommend`), encode the answer.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl
 
 import msgspec
 from starlette.applications import Starlette
@@ -37,160 +36,20 @@ from gateway import settings as config
 from gateway.access import Access, AccessError, Scope
 from gateway.access import key_of as access_key
 from gateway.guard import GuardedStore
+from gateway.http import JSON, ApiError, JSONBytes, field_of, json_response, parse_query, read_body
+from gateway.ingest import EVENT_MEDIA_TYPES, check_event, decode_events
 from gateway.metrics import Metrics
 from gateway.recommend import Answer, Recommender
 from gateway.snapshot import Snapshot, SnapshotRefusedError, load, load_current
 from gateway.store import Recorded, Retention, Store, StoreError, open_store
 from gateway.stream import Hub
 from index_builder import snapshot as published
-from index_builder.schema import ITEMLESS_EVENTS
 
 log = logging.getLogger("tailor.gateway")
 
 T = TypeVar("T")
 S = TypeVar("S", bound=msgspec.Struct)
-JSON = "application/json"
-LIST_PARAMETERS = frozenset({"category", "exclude"})
-# Read by the access check (gateway.access), not by the routes.
-IGNORED_PARAMETERS = frozenset({"key"})
 MAX_BODY_BYTES = 4 << 20
-FUTURE_SLACK_S = 300.0
-# navigator.sendBeacon sends a string body as text/plain (a CORS-safe type); no type at all is accepted too.
-EVENT_MEDIA_TYPES = frozenset({"", "application/json", "text/plain"})
-# Built-in types that are about an item (custom types may or may not be).
-ITEM_EVENTS = frozenset(wire.BUILT_IN_EVENTS) - ITEMLESS_EVENTS
-MILLISECONDS_ABOVE = 1e11  # a larger number is Unix milliseconds: seconds would be beyond the year 5000
-
-_encoder = msgspec.json.Encoder()
-
-
-class ApiError(Exception):
-    """An answer other than 2xx, with a machine-readable body."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        field: str | None = None,
-        problems: list[str] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = wire.ErrorBody(wire.ErrorDetail(code, message, field, problems))
-        self.headers = headers
-
-
-def json_response(value: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(_encoder.encode(value), status, headers, JSON)
-
-
-class JSONBytes(Response):
-    """An already encoded JSON answer; sets its three headers directly rather than through
-    Response.init_headers (a few µs on a path that costs a few hundred)."""
-
-    def __init__(self, body: bytes, *, request_id: str, status_code: int = 200) -> None:
-        self.status_code = status_code
-        self.body = body
-        self.background = None
-        self.raw_headers = [
-            (b"content-length", str(len(body)).encode()),
-            (b"content-type", b"application/json"),
-            (b"x-request-id", request_id.encode()),
-        ]
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes (never read whole into memory)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "body-too-large", f"at most {limit} bytes per request")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body-too-large", f"at most {limit} bytes per request")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _decode_events(body: bytes) -> list[object]:
-    """The events of a body that is `{"events": [...]}`, a JSON array of events, or one event."""
-    try:
-        raw = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, "invalid-body", f"not JSON: {exc}") from None
-    if isinstance(raw, dict) and "event" not in raw:
-        unknown = sorted(set(raw) - {"events"})
-        if unknown:
-            raise ApiError(400, "invalid-body", f"unknown field {unknown[0]!r}; expected `events`", field=unknown[0])
-        raw = raw.get("events")
-        if not isinstance(raw, list):
-            raise ApiError(400, "invalid-body", "`events` must be an array of events", field="events")
-    elif isinstance(raw, dict):
-        raw = [raw]
-    if not isinstance(raw, list):
-        raise ApiError(400, "invalid-body", 'expected an event, an array of events or {"events": [...]}')
-    if not raw:
-        raise ApiError(400, "invalid-body", "no events", field="events")
-    return raw
-
-
-def _timestamp(value: float | str) -> float | None:
-    """Unix seconds (UTC) of an event's `ts`: seconds, milliseconds or ISO 8601; None if unreadable."""
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        return parsed.timestamp()
-    if value < 0:
-        return None
-    return value / 1000.0 if value > MILLISECONDS_ABOVE else float(value)
-
-
-def _field_of(message: str) -> str | None:
-    # msgspec ends validation messages with "- at `$.events[3].item`".
-    _, sep, path = message.rpartition(" - at `$.")
-    return path.rstrip("`") if sep else None
-
-
-def parse_query(request: Request | WebSocket, kind: type[S]) -> S:
-    data: dict[str, Any] = {}
-    # What Starlette's request.query_params does, without building its multi-dict.
-    for name, value in parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True):
-        if name in IGNORED_PARAMETERS:
-            continue
-        if name in LIST_PARAMETERS:
-            parts = value.split(",")
-            if "" in parts:
-                raise ApiError(400, "invalid-parameter", f"`{name}` has an empty value", field=name)
-            data.setdefault(name, []).extend(parts)
-        elif name in data:
-            raise ApiError(400, "invalid-parameter", f"`{name}` may be given once", field=name)
-        else:
-            data[name] = value
-    try:
-        parsed = msgspec.convert(data, kind, strict=False)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        if message.startswith("Object contains unknown field"):
-            name = message.split("`")[1]
-            allowed = ", ".join(kind.__struct_fields__)
-            raise ApiError(
-                400, "unknown-parameter", f"unknown parameter `{name}`; allowed: {allowed}", field=name
-            ) from None
-        raise ApiError(400, "invalid-parameter", message, field=_field_of(message)) from None
-    for name in data:
-        # Lax conversion reads "null" as None for a number; a given parameter must have a value.
-        if getattr(parsed, name, None) is None:
-            raise ApiError(400, "invalid-parameter", f"`{name}` needs a value", field=name)
-    return parsed
 
 
 class Gateway:
@@ -413,16 +272,17 @@ class Gateway:
         media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media not in EVENT_MEDIA_TYPES:
             raise ApiError(415, "unsupported-media-type", f"send JSON as application/json or text/plain, not {media!r}")
-        raw = _decode_events(await _read_body(request, MAX_BODY_BYTES))
+        raw = decode_events(await read_body(request, MAX_BODY_BYTES))
         if len(raw) > self.settings.max_events_per_batch:
             raise ApiError(
                 413, "batch-too-large", f"at most {self.settings.max_events_per_batch} events per batch", field="events"
             )
         now = time.time()
+        snap = self.recommender.snap if self.recommender is not None else None
         rejected: list[wire.Rejected] = []
         by_visitor: dict[str, list[Recorded]] = {}
         for index, item in enumerate(raw):
-            checked = self._check_event(index, item, now)
+            checked = check_event(index, item, now, event_types=self.event_types, snap=snap)
             if isinstance(checked, wire.Rejected):
                 rejected.append(checked)
                 self.metrics.events_rejected.labels(checked.code).inc()
@@ -463,39 +323,6 @@ class Gateway:
             self.metrics.events_duplicate.inc(duplicates)
         return json_response(wire.EventsAccepted(accepted, duplicates, rejected), 202)
 
-    def _check_event(  # noqa: PLR0911 - one return per reason to reject
-        self, index: int, item: object, now: float
-    ) -> wire.Rejected | tuple[str, Recorded]:
-        """One event of a batch: converted and checked, or the reason it is rejected."""
-        try:
-            event = msgspec.convert(item, wire.EventIn)
-        except msgspec.ValidationError as exc:
-            message = str(exc)
-            field = _field_of(message)
-            if message.startswith("Object contains unknown field"):
-                field = message.split("`")[1]
-            return wire.Rejected(index, "invalid-event", message.split(" - at ", maxsplit=1)[0], field)
-        key = event.user if event.user is not None else event.visitor
-        if key is None:
-            return wire.Rejected(index, "invalid-event", "needs `user` or `visitor`", "visitor")
-        if event.event not in self.event_types:
-            known = ", ".join(sorted(self.event_types))
-            return wire.Rejected(index, "unknown-event", f"unknown event type {event.event!r}; known: {known}", "event")
-        if event.item is None and event.event in ITEM_EVENTS:
-            return wire.Rejected(index, "missing-item", f"a {event.event} event needs an `item`", "item")
-        ts = now if event.ts is None else _timestamp(event.ts)
-        if ts is None:
-            return wire.Rejected(index, "invalid-event", "`ts` is neither a number nor an ISO 8601 time", "ts")
-        if ts > now + FUTURE_SLACK_S:
-            return wire.Rejected(index, "ts-in-future", "`ts` is more than 5 minutes ahead of the gateway", "ts")
-        categories: tuple[str, ...] = ()
-        rec = self.recommender
-        if event.item is not None and rec is not None:
-            row = rec.snap.row_of.get(event.item)
-            if row is not None:
-                categories = tuple(rec.snap.categories[row])
-        return key, Recorded(event.event, ts, event.item, event.id, categories, event.query, event.value)
-
     # -- live stream ---------------------------------------------------------------------------
     async def stream_answer(self, visitor: str, n: int | None, categories: list[str]) -> tuple[Hashable, bytes]:
         rec = self.serving()
@@ -508,13 +335,13 @@ class Gateway:
         return key, wire.encode_recommendations(rec.snap, rid, answer.picks, answer.fallback, answer.profile)
 
     async def token(self, request: Request) -> Response:
-        body = await _read_body(request, 16384)  # a token is at most 1 KB: larger is a 400 up to here
+        body = await read_body(request, 16384)  # a token is at most 1 KB: larger is a 400 up to here
         renew: str | None = None
-        if body.strip():
+        if body:  # no body: a new anonymous visitor; anything else must be a TokenRequest
             try:
                 renew = msgspec.json.decode(body, type=wire.TokenRequest).token
             except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
-                raise ApiError(400, "invalid-body", str(exc), field=_field_of(str(exc))) from None
+                raise ApiError(400, "invalid-body", str(exc), field=field_of(str(exc))) from None
         if renew is None:
             visitor = tokens.new_visitor_id()
         else:
@@ -650,7 +477,7 @@ class Gateway:
         rec = self.serving()
         cached = self._demo_catalog
         if cached is None or cached[0] != rec.snap.version:
-            cached = self._demo_catalog = (rec.snap.version, _encoder.encode(demo.catalog(rec.snap)))
+            cached = self._demo_catalog = (rec.snap.version, msgspec.json.encode(demo.catalog(rec.snap)))
         return Response(cached[1], media_type=JSON)
 
     async def client_script(self, request: Request) -> Response:

@@ -1,0 +1,114 @@
+"""The HTTP edge: errors with a machine-readable body, JSON answers, bodies read with a limit, and
+query strings parsed into declared types (gateway.wire)."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket
+
+from gateway import wire
+
+S = TypeVar("S", bound=msgspec.Struct)
+JSON = "application/json"
+LIST_PARAMETERS = frozenset({"category", "exclude"})
+# Read by the access check (gateway.access), not by the routes.
+IGNORED_PARAMETERS = frozenset({"key"})
+
+_encoder = msgspec.json.Encoder()
+
+
+class ApiError(Exception):
+    """An answer other than 2xx, with a machine-readable body."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        problems: list[str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = wire.ErrorBody(wire.ErrorDetail(code, message, field, problems))
+        self.headers = headers
+
+
+def json_response(value: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_encoder.encode(value), status, headers, JSON)
+
+
+class JSONBytes(Response):
+    """An already encoded JSON answer; sets its three headers directly rather than through
+    Response.init_headers (a few µs on a path that costs a few hundred)."""
+
+    def __init__(self, body: bytes, *, request_id: str, status_code: int = 200) -> None:
+        self.status_code = status_code
+        self.body = body
+        self.background = None
+        self.raw_headers = [
+            (b"content-length", str(len(body)).encode()),
+            (b"content-type", b"application/json"),
+            (b"x-request-id", request_id.encode()),
+        ]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (never read whole into memory)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body-too-large", f"at most {limit} bytes per request")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body-too-large", f"at most {limit} bytes per request")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def field_of(message: str) -> str | None:
+    # msgspec ends validation messages with "- at `$.events[3].item`".
+    _, sep, path = message.rpartition(" - at `$.")
+    return path.rstrip("`") if sep else None
+
+
+def parse_query(request: Request | WebSocket, kind: type[S]) -> S:
+    data: dict[str, Any] = {}
+    # What Starlette's request.query_params does, without building its multi-dict.
+    for name, value in parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True):
+        if name in IGNORED_PARAMETERS:
+            continue
+        if name in LIST_PARAMETERS:
+            parts = value.split(",")
+            if "" in parts:
+                raise ApiError(400, "invalid-parameter", f"`{name}` has an empty value", field=name)
+            data.setdefault(name, []).extend(parts)
+        elif name in data:
+            raise ApiError(400, "invalid-parameter", f"`{name}` may be given once", field=name)
+        else:
+            data[name] = value
+    try:
+        parsed = msgspec.convert(data, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        if message.startswith("Object contains unknown field"):
+            name = message.split("`")[1]
+            allowed = ", ".join(kind.__struct_fields__)
+            raise ApiError(
+                400, "unknown-parameter", f"unknown parameter `{name}`; allowed: {allowed}", field=name
+            ) from None
+        raise ApiError(400, "invalid-parameter", message, field=field_of(message)) from None
+    for name in data:
+        # Lax conversion reads "null" as None for a number; a given parameter must have a value.
+        if getattr(parsed, name, None) is None:
+            raise ApiError(400, "invalid-parameter", f"`{name}` needs a value", field=name)
+    return parsed
