@@ -421,7 +421,7 @@ class Gateway:
             recent=[wire.ExportedInteraction(i.item, i.event, i.ts) for i in profile.recent],
             counters=profile.counters,
             last_seen=profile.last_seen,
-            events=[wire.ExportedEvent(e.event, e.timestamp, e.item_id, e.value, e.event_id, e.query) for e in logged],
+            events=logged,
         )
         return json_response(body)
 

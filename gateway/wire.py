@@ -13,6 +13,7 @@ import msgspec
 
 from gateway.recommend import Fallback, ProfileKind
 from gateway.snapshot import Snapshot
+from gateway.store.base import LogLine
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256, description="An item, user or visitor id.")]
 UserId = Annotated[
@@ -269,15 +270,6 @@ class ExportedInteraction(msgspec.Struct, frozen=True):
     ts: float
 
 
-class ExportedEvent(msgspec.Struct, frozen=True, omit_defaults=True):
-    event: str
-    timestamp: float
-    item_id: str | None = None
-    value: float | None = None
-    event_id: str | None = None
-    query: str | None = None
-
-
 class VisitorExport(msgspec.Struct, frozen=True):
     """Everything stored about one visitor (`GET /v1/visitors/{visitor_id}/export`)."""
 
@@ -286,7 +278,7 @@ class VisitorExport(msgspec.Struct, frozen=True):
     recent: list[ExportedInteraction]
     counters: dict[str, int]
     last_seen: float | None
-    events: Annotated[list[ExportedEvent], msgspec.Meta(description="The visitor's events in the event log.")]
+    events: Annotated[list[LogLine], msgspec.Meta(description="The visitor's events in the event log.")]
 
 
 class ErrorDetail(msgspec.Struct, frozen=True, omit_defaults=True):
