@@ -53,6 +53,7 @@ from loadtests.harness import (
     run_wrk,
     running,
     say,
+    serve_command,
     store_url,
     wait_ready,
 )
@@ -196,12 +197,8 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
     with contextlib.ExitStack() as stack:
         url = store_url(stack, store, work, args.redis_server)
         port = free_port()
-        serve = [*shlex.split(args.serve_command), "--snapshots", str(args.pinned_root), "--store", url]
-        serve += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-        if args.serve_config:
-            serve += ["--config", str(args.serve_config)]
         log = work / "serve.log"
-        server = stack.enter_context(running(serve, log, f"tailor serve ({store})"))
+        server = stack.enter_context(running(serve_command(args, url, port), log, f"tailor serve ({store})"))
         base = f"http://127.0.0.1:{port}"
         client = stack.enter_context(httpx.Client(base_url=base, timeout=30))
         result["ready_seconds"] = round(wait_ready(client, server, log, args.ready_timeout), 2)

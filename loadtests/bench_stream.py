@@ -74,6 +74,7 @@ from loadtests.harness import (
     run_wrk,
     running,
     say,
+    serve_command,
     store_url,
     wait_ready,
 )
@@ -165,11 +166,6 @@ def percentiles(values: Iterable[float]) -> Json:
         return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
 
     return {"count": len(ordered), "p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": round(ordered[-1], 2)}
-
-
-def serve_command(args: argparse.Namespace, url: str, port: int) -> list[str]:
-    serve = [*shlex.split(args.serve_command), "--snapshots", str(args.pinned_root), "--store", url]
-    return [*serve, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
 
 
 # ------------------------------------------------------------------------------------------ ingest

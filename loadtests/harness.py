@@ -3,6 +3,7 @@ they answer, read their CPU time, and run wrk with loadtests/wrk/paths.lua, pars
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -83,6 +84,15 @@ def store_url(stack: contextlib.ExitStack, store: str, work: Path, redis_server:
     redis = stack.enter_context(running(command, work / "redis.log", "redis-server"))
     wait_redis(port, redis)
     return f"redis://127.0.0.1:{port}/0"
+
+
+def serve_command(args: argparse.Namespace, url: str, port: int) -> list[str]:
+    """`tailor serve` (args.serve_command) for one worker on the pinned snapshots, the store `url`
+    and loopback `port`; with args.serve_config (where the benchmark has that option) as --config."""
+    serve = [*shlex.split(args.serve_command), "--snapshots", str(args.pinned_root), "--store", url]
+    serve += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    config = getattr(args, "serve_config", None)
+    return [*serve, "--config", str(config)] if config else serve
 
 
 def wait_redis(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
