@@ -8,11 +8,14 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
+from gateway.store import RedisStore
 from tests.snapshots import build_small
 
 
@@ -123,3 +126,25 @@ def root(small_snapshots: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "snapshots"
     shutil.copytree(small_snapshots, copy)
     return copy
+
+
+# The Redis store on the session's redis-server (tests/test_store_*.py).
+
+
+@pytest.fixture
+async def redis_store(redis_server: RedisServer, anyio_backend: str) -> AsyncIterator[RedisStore]:
+    redis_server.start()
+    backend = RedisStore(redis_server.url, prefix=f"test:{uuid.uuid4().hex}:")
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer, anyio_backend: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
