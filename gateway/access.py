@@ -2,8 +2,9 @@
 
 Scopes:
 - `open`: health, readiness, the API document and the demo page: anyone.
-- `public`: what a browser calls (recommend, similar, popular, events, token, stream). With keys
-  configured, it needs a public key (the one a site puts in its pages) or an admin key.
+- `public`: what a browser calls (recommend, similar, popular, events, token, consent, stream).
+  With keys configured, it needs a public key (the one a site puts in its pages) or an admin key;
+  and a public key reaches a visitor's own data only with that visitor's token (`Gateway.acting_for`).
 - `admin`: reload, metrics and everything about managing or erasing data. It needs an admin key; a
   public key gets 403.
 
@@ -79,6 +80,9 @@ class Access:
             raise AccessError(401, "unauthorized", "unknown API key", _CHALLENGE)
         if not admin and not _matches(key, self.public_keys):
             raise AccessError(401, "unauthorized", "unknown API key", _CHALLENGE)
+
+    def is_admin(self, key: str | None) -> bool:
+        return bool(key) and _matches(key or "", self.admin_keys)
 
     def take(self, client: str, now: float) -> None:
         """Take one request from the client's bucket; AccessError 429 when it is empty."""

@@ -31,7 +31,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from threadpoolctl import threadpool_limits
 
-from gateway import demo, openapi, tokens, wire
+from gateway import demo, openapi, privacy, tokens, wire
 from gateway import settings as config
 from gateway.access import Access, AccessError, Scope
 from gateway.access import key_of as access_key
@@ -41,7 +41,7 @@ from gateway.ingest import EVENT_MEDIA_TYPES, check_event, decode_events
 from gateway.metrics import Metrics
 from gateway.recommend import Answer, Recommender
 from gateway.snapshot import Snapshot, SnapshotRefusedError, load, load_current
-from gateway.store import Recorded, Retention, Store, StoreError, open_store
+from gateway.store import PURPOSES, Consent, Recorded, Requirement, Retention, Store, StoreError, open_store
 from gateway.stream import Hub
 from index_builder import snapshot as published
 
@@ -59,7 +59,11 @@ class Gateway:
         self.settings = settings
         self.root = Path(settings.snapshots)
         self.metrics = Metrics()
-        self.store = store if store is not None else open_store(settings.store, event_log=settings.event_log)
+        self.store = (
+            store
+            if store is not None
+            else open_store(settings.store, event_log=settings.event_log, event_log_keep_s=settings.event_log_ttl_s)
+        )
         self.retention = Retention(
             keep=settings.recent_keep,
             ttl=settings.profile_ttl_s,
@@ -67,7 +71,13 @@ class Gateway:
             windows=tuple(settings.counter_windows_s),
             max_counters=settings.max_counters,
             log=settings.event_log_max,
+            log_ttl=settings.event_log_ttl_s,
         )
+        self.secret, pseudonym_key = privacy.keys(settings)
+        self.pseudonym = privacy.Pseudonyms(pseudonym_key)
+        opt_out = settings.consent_mode == "opt-out"
+        self.personalization = Requirement("personalization", default=opt_out)
+        self.analytics = Requirement("analytics", default=opt_out)
         self.event_types = frozenset(wire.BUILT_IN_EVENTS) | frozenset(settings.custom_events)
         self.access = Access(
             public_keys=settings.public_keys,
@@ -92,11 +102,6 @@ class Gateway:
         self._watcher: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex() + "-"
-        if not settings.secret:
-            log.warning(
-                "no secret configured: stream tokens are signed with a random key valid until this process stops"
-            )
-        self.secret = settings.secret.encode() if settings.secret else os.urandom(32)
         self.hub = Hub(
             self.stream_answer,
             debounce_s=settings.push_debounce_ms / 1000,
@@ -237,6 +242,46 @@ class Gateway:
             raise ApiError(400, "invalid-parameter", f"n must be at most {self.settings.max_n}", field="n")
         return value
 
+    # -- who a request acts for ----------------------------------------------------------------------
+    def _binds(self, connection: Request | WebSocket) -> bool:
+        """Whether this caller must prove which visitor it is with a token: with API keys configured,
+        every caller but an admin key (the site's backend). A browser holds only a public key, so
+        it can read or write a visitor's data only with that visitor's token."""
+        access = self.access
+        if not access.enabled:
+            return False
+        return not access.is_admin(access_key(connection.scope["headers"], connection.scope.get("query_string", b"")))
+
+    def _token_of(self, connection: Request | WebSocket, given: str | None) -> str | None:
+        if given is not None:
+            return given
+        for name, value in connection.scope["headers"]:
+            if name == b"x-tailor-token":
+                token: str = value.decode("latin-1")
+                return token
+        return None
+
+    def acting_for(self, connection: Request | WebSocket, claimed: str | None, token: str | None) -> str | None:
+        """The raw visitor id this request may read or write: its token's (a `claimed` id must then
+        be the same), else the id it claims, which only a caller `_binds` does not hold may do."""
+        token = self._token_of(connection, token)
+        if token is not None:
+            try:
+                visitor, _ = tokens.verify(self.secret, token)
+            except tokens.TokenError as refused:
+                raise ApiError(401, refused.code, str(refused), field="token") from None
+            if claimed is not None and claimed != visitor:
+                raise ApiError(403, "not-your-visitor", "the token is for another visitor", field="visitor")
+            return visitor
+        if claimed is not None and self._binds(connection):
+            raise ApiError(
+                401,
+                "token-required",
+                "with a public key, name the visitor by their token (`token` or X-Tailor-Token), not by id",
+                field="token",
+            )
+        return claimed
+
     def _answer(self, request: Request, rec: Recommender, answer: Answer) -> Response:
         if answer.fallback is not None:
             self.metrics.fallbacks.labels(answer.fallback).inc()
@@ -247,8 +292,16 @@ class Gateway:
     async def recommend(self, request: Request) -> Response:
         q = parse_query(request, wire.RecommendQuery)
         rec = self.serving_for(q.category)
+        if q.user is not None and q.visitor is not None:
+            raise ApiError(400, "invalid-parameter", "give `user` or `visitor`, not both", field="visitor")
+        raw = self.acting_for(request, q.user if q.user is not None else q.visitor, q.token)
         answer = await rec.recommend(
-            user=q.user, visitor=q.visitor, n=self._n(q.n), categories=q.category, exclude=q.exclude
+            key=None if raw is None else self.pseudonym(raw),
+            user=raw,
+            n=self._n(q.n),
+            categories=q.category,
+            exclude=q.exclude,
+            requires=self.personalization,
         )
         return self._answer(request, rec, answer)
 
@@ -272,7 +325,17 @@ class Gateway:
         media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media not in EVENT_MEDIA_TYPES:
             raise ApiError(415, "unsupported-media-type", f"send JSON as application/json or text/plain, not {media!r}")
-        raw = decode_events(await read_body(request, MAX_BODY_BYTES))
+        raw, token = decode_events(await read_body(request, MAX_BODY_BYTES))
+        # With a token, every event is its visitor's; without, a caller that must show one (a
+        # public key) may send none that names a visitor.
+        owner = self.acting_for(request, None, token)
+        if owner is None and self._binds(request):
+            raise ApiError(
+                401,
+                "token-required",
+                "with a public key, send the visitor's token (`token` or X-Tailor-Token)",
+                field="token",
+            )
         if len(raw) > self.settings.max_events_per_batch:
             raise ApiError(
                 413, "batch-too-large", f"at most {self.settings.max_events_per_batch} events per batch", field="events"
@@ -282,7 +345,7 @@ class Gateway:
         rejected: list[wire.Rejected] = []
         by_visitor: dict[str, list[Recorded]] = {}
         for index, item in enumerate(raw):
-            checked = check_event(index, item, now, event_types=self.event_types, snap=snap)
+            checked = check_event(index, item, now, event_types=self.event_types, snap=snap, visitor=owner)
             if isinstance(checked, wire.Rejected):
                 rejected.append(checked)
                 self.metrics.events_rejected.labels(checked.code).inc()
@@ -294,12 +357,12 @@ class Gateway:
             raise ApiError(422, "invalid-events", "no event in the batch is valid", problems=problems)
         for events in by_visitor.values():
             events.sort(key=lambda recorded: recorded.ts)  # stored oldest first, whatever the batch order
-        retention = self.retention
+        retention, pseudonym, analytics = self.retention, self.pseudonym, self.analytics
         try:
             async with asyncio.timeout(max(self.settings.store_timeout_ms / 1000 * 10, 1.0)):
                 outcomes = await asyncio.gather(
                     *(
-                        self.store.record(key, events, retention=retention, now=now)
+                        self.store.record(pseudonym(key), events, retention=retention, now=now, requires=analytics)
                         for key, events in by_visitor.items()
                     )
                 )
@@ -311,8 +374,13 @@ class Gateway:
                 f"events not stored: {exc or 'timeout'}; retry with the same event ids and none is counted twice",
                 headers={"retry-after": "1"},
             ) from None
-        accepted = duplicates = 0
+        accepted = duplicates = unconsented = 0
         for events, stored in zip(by_visitor.values(), outcomes, strict=True):
+            if stored is None:  # no analytics consent: not stored, counted here without who
+                unconsented += len(events)
+                for event in events:
+                    self.metrics.events_unconsented.labels(event.event).inc()
+                continue
             for event, fresh in zip(events, stored, strict=True):
                 if fresh:
                     accepted += 1
@@ -321,28 +389,40 @@ class Gateway:
                     duplicates += 1
         if duplicates:
             self.metrics.events_duplicate.inc(duplicates)
-        return json_response(wire.EventsAccepted(accepted, duplicates, rejected), 202)
+        return json_response(wire.EventsAccepted(accepted, duplicates, rejected, unconsented), 202)
 
     # -- live stream ---------------------------------------------------------------------------
-    async def stream_answer(self, visitor: str, n: int | None, categories: list[str]) -> tuple[Hashable, bytes]:
+    async def stream_answer(self, key: str, user: str, n: int | None, categories: list[str]) -> tuple[Hashable, bytes]:
         rec = self.serving()
-        answer = await rec.recommend(user=visitor, visitor=None, n=self._n(n), categories=categories, exclude=())
+        answer = await rec.recommend(
+            key=key, user=user, n=self._n(n), categories=categories, exclude=(), requires=self.personalization
+        )
         if answer.fallback is not None:
             self.metrics.fallbacks.labels(answer.fallback).inc()
         # A new snapshot always counts as a change: its rows are other rows, and clients learn its version.
-        key = (rec.snap.version, tuple((pick.row, pick.reason) for pick in answer.picks))
+        same = (rec.snap.version, tuple((pick.row, pick.reason) for pick in answer.picks))
         rid = f"{self._id_prefix}{next(self._ids):x}"
-        return key, wire.encode_recommendations(rec.snap, rid, answer.picks, answer.fallback, answer.profile)
+        return same, wire.encode_recommendations(rec.snap, rid, answer.picks, answer.fallback, answer.profile)
 
     async def token(self, request: Request) -> Response:
         body = await read_body(request, 16384)  # a token is at most 1 KB: larger is a 400 up to here
         renew: str | None = None
+        named: str | None = None
         if body:  # no body: a new anonymous visitor; anything else must be a TokenRequest
             try:
-                renew = msgspec.json.decode(body, type=wire.TokenRequest).token
+                asked = msgspec.json.decode(body, type=wire.TokenRequest)
             except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
                 raise ApiError(400, "invalid-body", str(exc), field=field_of(str(exc))) from None
-        if renew is None:
+            renew, named = asked.token, asked.visitor
+            if renew is not None and named is not None:
+                raise ApiError(400, "invalid-body", "give `token` or `visitor`, not both", field="visitor")
+        if named is not None:  # the site's backend signs its user in
+            if self._binds(request):
+                raise ApiError(
+                    403, "forbidden", "only an admin key may mint a token for a named visitor", field="visitor"
+                )
+            visitor = named
+        elif renew is None:
             visitor = tokens.new_visitor_id()
         else:
             try:
@@ -377,18 +457,19 @@ class Gateway:
             await websocket.close(code, f"{error.body.error.code}: {error.body.error.message}"[:120])
             return
         del rec
-        await self.hub.serve(websocket, visitor, n=q.n, categories=q.category)
+        await self.hub.serve(websocket, self.pseudonym(visitor), user=visitor, n=q.n, categories=q.category)
 
     # -- a visitor's data ------------------------------------------------------------------------
     async def erase_visitor(self, request: Request) -> Response:
         visitor = request.path_params["visitor_id"]
+        key = self.pseudonym(visitor)
         try:
-            forgotten = await self.store.forget(visitor)
+            forgotten = await self.store.forget(key)
         except StoreError as exc:
             raise ApiError(
                 503, "store-unavailable", f"nothing erased: {exc}; retry", headers={"retry-after": "1"}
             ) from None
-        closed = await self.hub.disconnect(visitor)
+        closed = await self.hub.disconnect(key)
         receipt = wire.ErasureReceipt(
             receipt=uuid.uuid4().hex,
             visitor=visitor,
@@ -409,10 +490,11 @@ class Gateway:
 
     async def export_visitor(self, request: Request) -> Response:
         visitor = request.path_params["visitor_id"]
+        key = self.pseudonym(visitor)
         now = time.time()
         try:
-            profile = await self.store.profile(visitor, limit=self.settings.recent_keep, now=now)
-            logged = await self.store.logged(visitor)
+            profile = await self.store.profile(key, limit=self.settings.recent_keep, now=now)
+            logged = await self.store.logged(key)
         except StoreError as exc:
             raise ApiError(503, "store-unavailable", str(exc), headers={"retry-after": "1"}) from None
         body = wire.VisitorExport(
@@ -422,8 +504,71 @@ class Gateway:
             counters=profile.counters,
             last_seen=profile.last_seen,
             events=logged,
+            pseudonym=key,
+            consent=profile.consent,
         )
         return json_response(body)
+
+    # -- consent ---------------------------------------------------------------------------------
+    def _consent_view(self, visitor: str, consent: dict[str, Consent], now: float) -> wire.ConsentView:
+        purposes: dict[str, wire.PurposeConsent] = {}
+        default = self.settings.consent_mode == "opt-out"
+        for purpose in PURPOSES:
+            allowed = Requirement(purpose, default).permits(consent, now)
+            choice = consent.get(purpose)
+            purposes[purpose] = (
+                wire.PurposeConsent(allowed)
+                if choice is None
+                else wire.PurposeConsent(allowed, choice.state, choice.at, choice.source, choice.expires_at)
+            )
+        return wire.ConsentView(visitor=visitor, mode=self.settings.consent_mode, purposes=purposes)
+
+    def _consent_subject(self, request: Request, visitor: str | None, token: str | None) -> str:
+        subject = self.acting_for(request, visitor, token)
+        if subject is None:
+            raise ApiError(
+                400, "invalid-parameter", "name the visitor: `token` (or, with an admin key, `visitor`)", field="token"
+            )
+        return subject
+
+    async def get_consent(self, request: Request) -> Response:
+        q = parse_query(request, wire.ConsentQuery)
+        visitor = self._consent_subject(request, q.visitor, q.token)
+        now = time.time()
+        try:
+            profile = await self.store.profile(self.pseudonym(visitor), limit=0, now=now, counters=False)
+        except StoreError as exc:
+            raise ApiError(503, "store-unavailable", str(exc), headers={"retry-after": "1"}) from None
+        return json_response(self._consent_view(visitor, profile.consent, now))
+
+    async def put_consent(self, request: Request) -> Response:
+        try:
+            update = msgspec.json.decode(await read_body(request, 16384), type=wire.ConsentUpdate)
+        except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
+            raise ApiError(400, "invalid-body", str(exc), field=field_of(str(exc))) from None
+        token = self._token_of(request, update.token)
+        visitor = self._consent_subject(request, update.visitor, token)
+        now = time.time()
+        if update.expires_at is not None and update.expires_at <= now:
+            raise ApiError(400, "invalid-body", "`expires_at` is in the past", field="expires_at")
+        if token is not None:
+            if update.source is not None:
+                raise ApiError(400, "invalid-body", "a visitor's own choice has source `visitor`", field="source")
+            source = "visitor"
+        else:
+            source = update.source or "site"
+        choices: dict[str, Consent] = {
+            p: Consent(state, now, source, update.expires_at) for p, state in update.choices.items()
+        }
+        key = self.pseudonym(visitor)
+        try:
+            await self.store.set_consent(key, choices, ttl=self.settings.profile_ttl_s, now=now)
+            profile = await self.store.profile(key, limit=0, now=now, counters=False)
+        except StoreError as exc:
+            raise ApiError(503, "store-unavailable", f"{exc}; retry", headers={"retry-after": "1"}) from None
+        for purpose, choice in choices.items():
+            self.metrics.consent_changes.labels(purpose, choice.state).inc()
+        return json_response(self._consent_view(visitor, profile.consent, now))
 
     async def healthz(self, request: Request) -> Response:
         return json_response(wire.Health())
@@ -500,6 +645,8 @@ class Gateway:
             ("/v1/popular", "popular", self.popular, "GET", "public"),
             ("/v1/events", "events", self.events, "POST", "public"),
             ("/v1/token", "token", self.token, "POST", "public"),
+            ("/v1/consent", "consent", self.get_consent, "GET", "public"),
+            ("/v1/consent", "consent", self.put_consent, "PUT", "public"),
             ("/healthz", "healthz", self.healthz, "GET", "open"),
             ("/readyz", "readyz", self.readyz, "GET", "open"),
             ("/metrics", "metrics", self.metrics_page, "GET", "admin"),
@@ -512,9 +659,12 @@ class Gateway:
             ("/client/{name}", "client", self.client_script, "GET", "open"),
             ("/docs", "docs", self.docs, "GET", "open"),
         ]
+        # One Route per path (a 405's Allow header then lists every method of the path).
+        by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
+        for path, name, handler, method, scope in table:
+            by_path.setdefault(path, {})[method] = self._observed(name, handler, scope)
         routes: list[BaseRoute] = [
-            Route(path, self._observed(name, handler, scope), methods=[method])
-            for path, name, handler, method, scope in table
+            Route(path, _by_method(handlers), methods=list(handlers)) for path, handlers in by_path.items()
         ]
         routes.append(WebSocketRoute("/v1/stream", self.stream))
         return routes
@@ -556,6 +706,19 @@ class Gateway:
             return response
 
         return endpoint
+
+
+def _by_method(
+    handlers: dict[str, Callable[[Request], Awaitable[Response]]],
+) -> Callable[[Request], Awaitable[Response]]:
+    if len(handlers) == 1:
+        return next(iter(handlers.values()))
+
+    async def endpoint(request: Request) -> Response:
+        method = request.method
+        return await handlers["GET" if method == "HEAD" else method](request)
+
+    return endpoint
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Final, Literal
 
-from gateway.store import Profile, Store, StoreError
+from gateway.store import Profile, Requirement, Store, StoreError
 
 log = logging.getLogger("tailor.store")
 
@@ -73,16 +73,20 @@ class GuardedStore:
         self.healthy = True
         self._failures = 0
 
-    async def profile(self, visitor: str, *, limit: int, now: float, counters: bool = True) -> Profile | Cause:
+    async def profile(
+        self, visitor: str, *, limit: int, now: float, counters: bool = True, requires: Requirement | None = None
+    ) -> Profile | Cause:
         """The visitor's profile, or the fallback cause when the store cannot give it in time."""
         if not self.healthy and self._clock() < self._open_until:
             return UNAVAILABLE
         try:
             if self.bounded:
                 async with asyncio.timeout(self.timeout_s):
-                    profile = await self.store.profile(visitor, limit=limit, now=now, counters=counters)
+                    profile = await self.store.profile(
+                        visitor, limit=limit, now=now, counters=counters, requires=requires
+                    )
             else:
-                profile = await self.store.profile(visitor, limit=limit, now=now, counters=counters)
+                profile = await self.store.profile(visitor, limit=limit, now=now, counters=counters, requires=requires)
         except TimeoutError as exc:
             return self._failed(TIMEOUT, exc)
         except StoreError as exc:

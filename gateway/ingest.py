@@ -20,16 +20,21 @@ ITEM_EVENTS = frozenset(wire.BUILT_IN_EVENTS) - ITEMLESS_EVENTS
 MILLISECONDS_ABOVE = 1e11  # a larger number is Unix milliseconds: seconds would be beyond the year 5000
 
 
-def decode_events(body: bytes) -> list[object]:
-    """The events of a body that is `{"events": [...]}`, a JSON array of events, or one event."""
+def decode_events(body: bytes) -> tuple[list[object], str | None]:
+    """The events of a body that is `{"events": [...], "token": ...}` (token optional), a JSON array
+    of events, or one event; and the token."""
     try:
         raw = msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
         raise ApiError(400, "invalid-body", f"not JSON: {exc}") from None
+    token = None
     if isinstance(raw, dict) and "event" not in raw:
-        unknown = sorted(set(raw) - {"events"})
+        unknown = sorted(set(raw) - {"events", "token"})
         if unknown:
             raise ApiError(400, "invalid-body", f"unknown field {unknown[0]!r}; expected `events`", field=unknown[0])
+        token = raw.get("token")
+        if token is not None and (not isinstance(token, str) or not 0 < len(token) <= 1024):
+            raise ApiError(400, "invalid-body", "`token` must be a visitor token", field="token")
         raw = raw.get("events")
         if not isinstance(raw, list):
             raise ApiError(400, "invalid-body", "`events` must be an array of events", field="events")
@@ -39,7 +44,7 @@ def decode_events(body: bytes) -> list[object]:
         raise ApiError(400, "invalid-body", 'expected an event, an array of events or {"events": [...]}')
     if not raw:
         raise ApiError(400, "invalid-body", "no events", field="events")
-    return raw
+    return raw, token
 
 
 def timestamp(value: float | str) -> float | None:
@@ -58,9 +63,16 @@ def timestamp(value: float | str) -> float | None:
 
 
 def check_event(  # noqa: PLR0911 - one return per reason to reject
-    index: int, item: object, now: float, *, event_types: frozenset[str], snap: Snapshot | None
+    index: int,
+    item: object,
+    now: float,
+    *,
+    event_types: frozenset[str],
+    snap: Snapshot | None,
+    visitor: str | None = None,
 ) -> wire.Rejected | tuple[str, Recorded]:
-    """One event of a batch: converted and checked, or the reason it is rejected."""
+    """One event of a batch: converted and checked, or the reason it is rejected. `visitor` is the
+    batch's token's: an event without an id is theirs, one naming somebody else is rejected."""
     try:
         event = msgspec.convert(item, wire.EventIn)
     except msgspec.ValidationError as exc:
@@ -70,6 +82,10 @@ def check_event(  # noqa: PLR0911 - one return per reason to reject
             field = message.split("`")[1]
         return wire.Rejected(index, "invalid-event", message.split(" - at ", maxsplit=1)[0], field)
     key = event.user if event.user is not None else event.visitor
+    if visitor is not None:
+        if key is not None and key != visitor:
+            return wire.Rejected(index, "not-your-visitor", "the batch's token is for another visitor", "visitor")
+        key = visitor
     if key is None:
         return wire.Rejected(index, "invalid-event", "needs `user` or `visitor`", "visitor")
     if event.event not in event_types:

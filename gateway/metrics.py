@@ -59,6 +59,15 @@ class Metrics:
             "tailor_events_rejected", "Events refused in accepted batches, by reason", ["code"], registry=r
         )
         self.events_duplicate = Counter("tailor_events_duplicate", "Events whose id was stored before", registry=r)
+        self.events_unconsented = Counter(
+            "tailor_events_unconsented",
+            "Valid events not stored: their visitor has not allowed analytics (an anonymous count)",
+            ["event"],
+            registry=r,
+        )
+        self.consent_changes = Counter(
+            "tailor_consent_changes", "Consent choices recorded, by purpose and state", ["purpose", "state"], registry=r
+        )
         self.snapshot_info = Gauge(
             "tailor_snapshot_info",
             "The snapshot being served (value 1)",

@@ -37,11 +37,13 @@ OPERATIONS = (
     Operation(
         "get",
         "/v1/recommend",
-        "Recommendations for a known user (`user`) or an anonymous visitor (`visitor`). Items the visitor "
-        "has seen are left out; a visitor without history gets popular items with `fallback: cold-start`.",
+        "Recommendations for a known user (`user`) or an anonymous visitor (`visitor`), or the visitor a "
+        "`token` names (with API keys configured a public key must use the token). Items the visitor has seen "
+        "are left out; a visitor without history gets popular items with `fallback: cold-start`, one who has not "
+        "allowed personalization (consent_mode) popular items with `fallback: no-consent`.",
         query=wire.RecommendQuery,
         answer=wire.Recommendations,
-        errors=(400, 503),
+        errors=(400, 403, 503),
         scope="public",
     ),
     Operation(
@@ -66,12 +68,14 @@ OPERATIONS = (
     Operation(
         "post",
         "/v1/events",
-        "Record behaviour events (a batch); the visitor's next recommendation uses them. All or nothing: "
-        "one invalid event rejects the batch and stores nothing.",
+        "Record behaviour events (a batch); the visitor's next recommendation uses them. Valid events are kept "
+        "and invalid ones listed in `rejected`. With a `token` every event is that visitor's (with API keys "
+        "configured a public key must send one). Events of a visitor who has not allowed analytics "
+        "(consent_mode) are not stored, only counted (`unconsented`).",
         body=wire.EventBatch,
         answer=wire.EventsAccepted,
         status=202,
-        errors=(400, 413, 422, 503),
+        errors=(400, 413, 415, 422, 503),
         scope="public",
     ),
     Operation(
@@ -79,12 +83,33 @@ OPERATIONS = (
         "/v1/token",
         "A new anonymous visitor id and a signed, expiring token to open WS /v1/stream as that visitor. "
         'With a body `{"token": ...}` it renews that token for the same visitor instead (also one expired '
-        "less than token_renew_s ago; 401 for a bad one). (Tokens for your signed-in users are minted by your "
-        "backend with the shared secret: `tailor token`.)",
+        "less than token_renew_s ago; 401 for a bad one). Your backend mints tokens for signed-in users with an "
+        'admin key (`{"visitor": "user-42"}`) or the shared secret (`tailor token`).',
         body=wire.TokenRequest,
         body_required=False,
         answer=wire.StreamToken,
         errors=(400, 401, 413),
+        scope="public",
+    ),
+    Operation(
+        "get",
+        "/v1/consent",
+        "A visitor's consent per purpose (analytics, personalization, marketing) and whether each is allowed "
+        "now, for the visitor of `token`, or (admin key) of `visitor`.",
+        query=wire.ConsentQuery,
+        answer=wire.ConsentView,
+        errors=(400, 403, 503),
+        scope="public",
+    ),
+    Operation(
+        "put",
+        "/v1/consent",
+        "Record a visitor's choices (granted, denied, revoked; optional expiry): the visitor, authenticated by "
+        "their `token` (source `visitor`), or the site's backend with an admin key naming `visitor`. Every change "
+        "is appended to the consent audit log. Answers the consent as now applied.",
+        body=wire.ConsentUpdate,
+        answer=wire.ConsentView,
+        errors=(400, 403, 413, 503),
         scope="public",
     ),
     Operation(
@@ -114,8 +139,9 @@ OPERATIONS = (
     Operation(
         "delete",
         "/v1/visitors/{visitor_id}",
-        "Erase everything stored about a visitor: profile, counters, event ids, their events in the event log; "
-        "their open WebSockets are closed (4410). Answers a receipt.",
+        "Erase everything stored about a visitor: profile, counters, consent, event ids, their events in the event "
+        "log; their open WebSockets are closed (4410). Answers a receipt. (The consent audit log keeps its lines, "
+        "under the pseudonym, as the record of what was consented to.)",
         answer=wire.ErasureReceipt,
         errors=(503,),
         path_parameters=("visitor_id",),
@@ -124,7 +150,8 @@ OPERATIONS = (
     Operation(
         "get",
         "/v1/visitors/{visitor_id}/export",
-        "Everything stored about a visitor, as JSON: recent interactions, counters, last-seen time, logged events.",
+        "Everything stored about a visitor, as JSON: recent interactions, counters, last-seen time, consent, "
+        "logged events, and the pseudonym they are stored under.",
         answer=wire.VisitorExport,
         errors=(503,),
         path_parameters=("visitor_id",),

@@ -20,14 +20,14 @@ import numpy.typing as npt
 
 from gateway.guard import GuardedStore
 from gateway.snapshot import Rows, Snapshot, Vectors
-from gateway.store import Interaction
+from gateway.store import Interaction, Requirement
 from index_builder.model import fold_in_low_rank, recent_confidence
 
 T = TypeVar("T")
 V = TypeVar("V")
 Offload = Callable[[Callable[[], T]], Awaitable[T]]
 
-Fallback = Literal["cold-start", "stale-snapshot", "store-timeout", "store-unavailable"]
+Fallback = Literal["cold-start", "no-consent", "stale-snapshot", "store-timeout", "store-unavailable"]
 ProfileKind = Literal["snapshot", "live", "none"]
 
 USER_VECTOR = "user-vector"
@@ -38,6 +38,8 @@ LIVE_CATEGORY_POPULAR = 50
 # Candidate rows kept per clicked item (a few hundred int64 each: about 30 MB at most).
 AROUND_CACHE_ITEMS = 10_000
 POPULAR = "popular"
+# Added to each reason of an answer made without personalization consent.
+NO_CONSENT = "no-consent:personalization"
 
 
 class Pool(NamedTuple):
@@ -52,7 +54,7 @@ LiveProfile = tuple[tuple[int, ...], tuple[float, ...]]
 class Pick(NamedTuple):
     row: int
     score: float
-    reason: str
+    reason: str | tuple[str, ...]  # one reason, or several (encoded as the item's `reasons` list)
 
 
 @dataclass(frozen=True)
@@ -250,30 +252,43 @@ class Recommender:
         row_of = self.snap.row_of
         return {row_of[item] for item in item_ids if item in row_of}
 
-    async def recommend(
+    async def recommend(  # noqa: PLR0911 - one return per kind of answer
         self,
         *,
-        user: str | None,
-        visitor: str | None,
+        key: str | None,
         n: int,
         categories: Collection[str],
         exclude: Collection[str],
+        user: str | None = None,
+        requires: Requirement | None = None,
         now: float | None = None,
     ) -> Answer:
+        """`key` names the visitor in the store (their pseudonym, see gateway.privacy); `user`, a raw
+        id the snapshot may know them by (its users are raw ids when built from a site's own logs,
+        pseudonyms when built from the gateway's event log: both are looked up). With `requires`
+        not permitted by the visitor's consent, nothing personal is read: popular items, each with
+        NO_CONSENT among its reasons."""
         now = time.time() if now is None else now
         excluded = self.rows_of(exclude)
         if self.stale(now):
             return Answer(self.popular(n=n, categories=categories, excluded=excluded), "stale-snapshot", "none")
-        key = user if user is not None else visitor
         if key is None:
             return Answer(self.popular(n=n, categories=categories, excluded=excluded), "cold-start", "none")
         # Ranking uses the recent events only (rules and segments will want the counters).
-        profile = await self.store.profile(key, limit=self.recent_limit, now=now, counters=False)
+        profile = await self.store.profile(key, limit=self.recent_limit, now=now, counters=False, requires=requires)
         if isinstance(profile, str):  # the store failed: its cause names the fallback
             return Answer(self.popular(n=n, categories=categories, excluded=excluded), profile, "none")
+        if profile.withheld:
+            picks = self.popular(n=n, categories=categories, excluded=excluded)
+            return Answer(
+                [Pick(row, score, (str(reason), NO_CONSENT)) for row, score, reason in picks], "no-consent", "none"
+            )
         recent = profile.recent
         excluded |= self.rows_of(i.item for i in recent)
-        user_row = self.snap.user_row.get(user) if user is not None else None
+        user_rows = self.snap.user_row
+        user_row = user_rows.get(user) if user is not None else None
+        if user_row is None:
+            user_row = user_rows.get(key)
         if user_row is not None:
             picks = await self._for_user(user_row, n=n, categories=categories, excluded=excluded)
             return Answer(picks, None, "snapshot")

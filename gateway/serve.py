@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import tempfile
 
-import msgspec
 import uvicorn
 
+from gateway import privacy
 from gateway.metrics import MULTIPROC_ENV
 from gateway.settings import SETTINGS_ENV, Settings, encode
 from gateway.store import open_store
@@ -17,9 +16,7 @@ from gateway.store import open_store
 
 def serve(settings: Settings) -> None:
     open_store(settings.store)  # a bad URL fails here, with its message, not inside every worker
-    if not settings.secret and settings.workers > 1:
-        # Workers must agree on the key, or a token minted by one fails on another.
-        settings = msgspec.structs.replace(settings, secret=secrets.token_urlsafe(32))
+    privacy.keys(settings)  # an unreadable secret_file fails here; a missing one is made before workers race for it
     # Workers are separate processes: they read the resolved settings from the environment.
     os.environ[SETTINGS_ENV] = encode(settings)
     metrics_dir = None

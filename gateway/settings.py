@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -54,13 +54,17 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_counters: Count = 500
     event_log: str = "var/events"
     event_log_max: Annotated[int, msgspec.Meta(ge=0)] = 1_000_000
+    event_log_ttl_s: NonNegative = 90 * 24 * 3600.0
     secret: str = ""
+    secret_file: str = "var/secret"
+    pseudonym_key: str = ""
     token_ttl_s: Positive = 3600.0
     token_renew_s: NonNegative = 30 * 24 * 3600.0
     cors_origins: list[str] = []
     demo: bool = True
     public_keys: list[str] = []
     admin_keys: list[str] = []
+    consent_mode: Literal["opt-in", "opt-out"] = "opt-in"
     rate_limit_per_s: NonNegative = 0.0
     rate_limit_burst: Count = 50
     push_debounce_ms: NonNegative = 25.0

@@ -77,7 +77,7 @@ class Snapshot:
     # Filled by the HTTP layer as rows are served (gateway.wire.encode_recommendations): a row's
     # encoded id, title and categories, and each reason list, encoded once per snapshot.
     encoded_items: dict[int, bytes] = field(default_factory=dict)
-    encoded_reasons: dict[str, bytes] = field(default_factory=dict)
+    encoded_reasons: dict[str | tuple[str, ...], bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.pool_users is not None and not self.pool_of_user:

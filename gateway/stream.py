@@ -38,8 +38,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 log = logging.getLogger("tailor.stream")
 
 Cause = Literal["connect", "events", "snapshot"]
-# What one computation gives: a key that changes when the list does, and the encoded answer.
-Answer = Callable[[str, int | None, list[str]], Awaitable[tuple[Hashable, bytes]]]
+# A socket's answer, from (visitor, user, n, categories): a key that changes when the list does,
+# and the encoded answer. `visitor` is what the hub knows the socket by (the store's name for the
+# visitor, which `changed` announces); `user`, the id the socket's token names.
+Answer = Callable[[str, str, int | None, list[str]], Awaitable[tuple[Hashable, bytes]]]
 
 TOO_SLOW = 4429
 ERASED = 4410
@@ -65,11 +67,14 @@ _encode = msgspec.json.Encoder().encode
 class Subscriber:
     """One open socket."""
 
-    __slots__ = ("categories", "closing", "last_key", "n", "queue", "seq", "visitor", "websocket")
+    __slots__ = ("categories", "closing", "last_key", "n", "queue", "seq", "user", "visitor", "websocket")
 
-    def __init__(self, websocket: WebSocket, visitor: str, n: int | None, categories: list[str], size: int) -> None:
+    def __init__(
+        self, websocket: WebSocket, visitor: str, *, user: str, n: int | None, categories: list[str], size: int
+    ) -> None:
         self.websocket = websocket
         self.visitor = visitor
+        self.user = user
         self.n = n
         self.categories = categories
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(size)
@@ -108,12 +113,16 @@ class Hub:
         return visitor in self._by_visitor
 
     # -- one socket ------------------------------------------------------------------------------
-    async def serve(self, websocket: WebSocket, visitor: str, *, n: int | None, categories: list[str]) -> None:
-        """Run one accepted socket until either side closes it."""
+    async def serve(
+        self, websocket: WebSocket, visitor: str, *, n: int | None, categories: list[str], user: str | None = None
+    ) -> None:
+        """Run one accepted socket until either side closes it. `user` defaults to `visitor`."""
         if self.open >= self.max_streams:
             await websocket.close(OVERLOADED, "too many open streams; retry later")
             return
-        sub = Subscriber(websocket, visitor, n, categories, self.queue_size)
+        sub = Subscriber(
+            websocket, visitor, user=visitor if user is None else user, n=n, categories=categories, size=self.queue_size
+        )
         self.open += 1
         if self._on_count is not None:
             self._on_count(self.open)
@@ -179,7 +188,7 @@ class Hub:
             self._spawn(self._close(sub, TOO_SLOW, "too-slow"))
 
     async def _refresh(self, sub: Subscriber, cause: Cause) -> None:
-        key, body = await self._answer(sub.visitor, sub.n, sub.categories)
+        key, body = await self._answer(sub.visitor, sub.user, sub.n, sub.categories)
         if sub.closing or (cause != "connect" and key == sub.last_key):
             return
         sub.last_key = key

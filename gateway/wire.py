@@ -13,7 +13,7 @@ import msgspec
 
 from gateway.recommend import Fallback, ProfileKind
 from gateway.snapshot import Snapshot
-from gateway.store.base import LogLine
+from gateway.store.base import Consent, ConsentState, LogLine
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256, description="An item, user or visitor id.")]
 UserId = Annotated[
@@ -38,11 +38,23 @@ Excluded = Annotated[
 ]
 
 
+VisitorToken = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=1024,
+        description="The visitor's token (POST /v1/token, or your backend's `tailor token`); also accepted "
+        "as the X-Tailor-Token header. With API keys configured, a public key must name a visitor by token.",
+    ),
+]
+
+
 class RecommendQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Query of `GET /v1/recommend`."""
 
     user: UserId | None = None
     visitor: VisitorId | None = None
+    token: VisitorToken | None = None
     n: Count | None = None
     category: Categories = []
     exclude: Excluded = []
@@ -77,7 +89,8 @@ class ScoredItem(msgspec.Struct, frozen=True, gc=False):
         list[str],
         msgspec.Meta(
             description="What produced this pick: `user-vector` (the visitor's taste vector), "
-            "`similar-to:<item>`, `popular`, `popular-in:<category>`."
+            "`similar-to:<item>`, `popular`, `popular-in:<category>`; `no-consent:personalization` when "
+            "the visitor's consent kept the answer non-personal."
         ),
     ]
 
@@ -93,8 +106,9 @@ class Recommendations(msgspec.Struct, frozen=True, gc=False):
         Fallback | None,
         msgspec.Meta(
             description="Why popular items stood in for personal ones: `cold-start` (nothing known of the "
-            "visitor yet), `stale-snapshot` (older than max_snapshot_age_s), `store-timeout`, "
-            "`store-unavailable`. Null when the answer is the intended one."
+            "visitor yet), `no-consent` (the visitor has not allowed personalization; each item's reasons "
+            "say `no-consent:personalization` too), `stale-snapshot` (older than max_snapshot_age_s), "
+            "`store-timeout`, `store-unavailable`. Null when the answer is the intended one."
         ),
     ] = None
     profile: Annotated[
@@ -122,7 +136,7 @@ _encoder = msgspec.json.Encoder()
 def encode_recommendations(
     snap: Snapshot,
     request_id: str,
-    picks: Iterable[tuple[int, float, str]],
+    picks: Iterable[tuple[int, float, str | tuple[str, ...]]],
     fallback: Fallback | None,
     profile: ProfileKind,
 ) -> bytes:
@@ -139,7 +153,8 @@ def encode_recommendations(
             head = fragments[row] = _fragment(snap, row)
         tail = reasons.get(reason)
         if tail is None:
-            tail = reasons[reason] = b',"reasons":' + encode([reason]) + b"}"
+            listed = [reason] if isinstance(reason, str) else list(reason)
+            tail = reasons[reason] = b',"reasons":' + encode(listed) + b"}"
         parts.append(head + encode(score) + tail)
     items = msgspec.Raw(b"[" + b",".join(parts) + b"]")
     return encode(_EncodedRecommendations(request_id, snap.version, items, fallback, profile))
@@ -157,9 +172,11 @@ class StreamQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class TokenRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Optional body of `POST /v1/token`: renew a token (the same visitor), even one expired less
-    than `token_renew_s` ago. Without a body the answer is a new anonymous visitor."""
+    than `token_renew_s` ago, or (the site's backend, with an admin key) mint one for a user or
+    visitor it names. Without a body the answer is a new anonymous visitor."""
 
     token: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
+    visitor: VisitorId | None = None  # mint a token for this id (admin key; or no keys configured)
 
 
 class StreamToken(msgspec.Struct, frozen=True):
@@ -236,11 +253,14 @@ class EventBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The body of `POST /v1/events`: this, a bare JSON array of events, or one event object."""
 
     events: Annotated[list[EventIn], msgspec.Meta(min_length=1, max_length=10_000)]
+    token: VisitorToken | None = None
 
 
 class Rejected(msgspec.Struct, frozen=True, omit_defaults=True):
     index: Annotated[int, msgspec.Meta(description="Position of the event in the batch.")]
-    code: Annotated[str, msgspec.Meta(description="invalid-event, unknown-event, missing-item, ts-in-future")]
+    code: Annotated[
+        str, msgspec.Meta(description="invalid-event, unknown-event, missing-item, ts-in-future, not-your-visitor")
+    ]
     message: str
     field: str | None = None
 
@@ -251,6 +271,13 @@ class EventsAccepted(msgspec.Struct, frozen=True):
     accepted: Annotated[int, msgspec.Meta(description="Events stored now.")]
     duplicates: Annotated[int, msgspec.Meta(description="Events whose `id` was stored before; not counted again.")] = 0
     rejected: list[Rejected] = []
+    unconsented: Annotated[
+        int,
+        msgspec.Meta(
+            description="Valid events not stored because their visitor has not allowed analytics "
+            "(consent_mode); counted only in aggregate."
+        ),
+    ] = 0
 
 
 class ErasureReceipt(msgspec.Struct, frozen=True):
@@ -279,6 +306,61 @@ class VisitorExport(msgspec.Struct, frozen=True):
     counters: dict[str, int]
     last_seen: float | None
     events: Annotated[list[LogLine], msgspec.Meta(description="The visitor's events in the event log.")]
+    pseudonym: Annotated[str, msgspec.Meta(description="The name the store and the event log know the visitor by.")]
+    consent: dict[str, Consent] = {}
+
+
+Purpose = Literal["analytics", "personalization", "marketing"]
+
+
+class ConsentUpdate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of `PUT /v1/consent`: the visitor's choices, for the visitor their token names, or (the
+    site's backend, with an admin key) for the visitor it names."""
+
+    choices: Annotated[
+        dict[Purpose, ConsentState],
+        msgspec.Meta(min_length=1, description="granted, denied or revoked, per purpose; others keep theirs."),
+    ]
+    token: VisitorToken | None = None
+    visitor: VisitorId | None = None  # with an admin key, instead of a token
+    expires_at: (
+        Annotated[float, msgspec.Meta(gt=0, description="Unix seconds after which these choices count as not granted.")]
+        | None
+    ) = None
+    source: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=64,
+                description="Who recorded it, for the audit log (admin key only; a token's choice is `visitor`).",
+            ),
+        ]
+        | None
+    ) = None
+
+
+class ConsentQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Query of `GET /v1/consent`: a token, or with an admin key a visitor id."""
+
+    token: VisitorToken | None = None
+    visitor: VisitorId | None = None
+
+
+class PurposeConsent(msgspec.Struct, frozen=True, omit_defaults=True):
+    allowed: Annotated[bool, msgspec.Meta(description="Whether the gateway may use it now (mode, choice, expiry).")]
+    state: ConsentState | None = None
+    at: float | None = None
+    source: str | None = None
+    expires_at: float | None = None
+
+
+class ConsentView(msgspec.Struct, frozen=True):
+    """A visitor's consent, per purpose, as the gateway applies it."""
+
+    visitor: str
+    mode: Literal["opt-in", "opt-out"]
+    purposes: dict[str, PurposeConsent]
 
 
 class ErrorDetail(msgspec.Struct, frozen=True, omit_defaults=True):

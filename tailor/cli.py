@@ -10,7 +10,7 @@ from pathlib import Path
 
 import msgspec
 
-from gateway import tokens
+from gateway import privacy, tokens
 from gateway.serve import serve
 from gateway.settings import FIELDS, Settings, SettingsError, resolve
 from index_builder import snapshot
@@ -174,34 +174,38 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 TOKEN_EPILOG = """\
-The secret is read from TAILOR_SECRET (or the `secret` of --config), the same one the gateway
-uses; give a site's backend the secret, never a browser. Prints the token alone on stdout, so:
+The key is the gateway's own: TAILOR_SECRET (or the `secret` of --config), else the one derived
+from its secret_file (var/secret); give a site's backend the secret, never a browser. Prints the
+token alone on stdout, so:
 
   TOKEN=$(TAILOR_SECRET=... tailor token --visitor user-42)
   # browser: new WebSocket(`wss://shop.example/v1/stream?token=${TOKEN}`)
+  # or GET /v1/recommend?token=..., PUT /v1/consent {"token": ..., "choices": {...}}
+
+A site's backend holding an admin key can also ask the gateway: POST /v1/token {"visitor": "user-42"}.
 """
 
 
 def _add_token(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "token",
-        help="mint a stream token for a visitor (for a site's backend)",
-        description="Mint a signed, expiring token that lets a browser open WS /v1/stream as one visitor.",
+        help="mint a visitor token (for a site's backend)",
+        description="Mint a signed, expiring token that lets a browser act as one visitor: open WS /v1/stream, "
+        "read their recommendations and consent, send their events.",
         epilog=TOKEN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--visitor", required=True, help="the user or visitor id the token is for")
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)")
-    p.add_argument("--config", type=Path, help="TOML config file to read `secret` from")
+    p.add_argument("--config", type=Path, help="TOML config file to read `secret` (or `secret_file`) from")
 
 
 def _run_token(args: argparse.Namespace) -> int:
     try:
         settings = resolve(config=args.config, overrides={})
-        if not settings.secret:
-            raise SettingsError("no secret: set TAILOR_SECRET (the gateway's own) or `secret` in --config")
-        print(tokens.mint(settings.secret.encode(), args.visitor, args.ttl))
-    except (SettingsError, ValueError) as exc:
+        token_key, _ = privacy.keys(settings)  # `secret`, else the gateway's secret_file
+        print(tokens.mint(token_key, args.visitor, args.ttl))
+    except (SettingsError, ValueError, OSError) as exc:
         print(f"tailor token: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -47,8 +47,9 @@ def test_public_routes_need_a_known_key_in_a_header_or_the_query(keyed: TestClie
     assert keyed.get("/v1/popular", headers={"authorization": f"Bearer {PUBLIC}"}).status_code == 200
     assert keyed.get("/v1/popular", params={"key": PUBLIC, "n": 3}).status_code == 200  # not an unknown parameter
     assert keyed.get("/v1/popular", headers={"x-tailor-key": ADMIN}).status_code == 200  # admin may do all
-    event = {"visitor": "v", "item": "i00001", "event": "view"}
-    assert keyed.post("/v1/events", params={"key": PUBLIC}, json=event).status_code == 202  # sendBeacon's way
+    token = keyed.post("/v1/token", params={"key": PUBLIC}).json()["token"]
+    batch = {"events": [{"item": "i00001", "event": "view"}], "token": token}
+    assert keyed.post("/v1/events", params={"key": PUBLIC}, json=batch).status_code == 202  # sendBeacon's way
 
 
 def test_admin_routes_refuse_public_keys(keyed: TestClient) -> None:

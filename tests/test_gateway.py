@@ -18,7 +18,7 @@ from gateway.app import create_app
 from gateway.recommend import LIVE_CATEGORY_POPULAR, LIVE_NEIGHBOURS, LIVE_POPULAR
 from gateway.settings import Settings
 from gateway.snapshot import Snapshot, load
-from gateway.store import Interaction, MemoryStore, Profile, Store, open_store
+from gateway.store import Interaction, MemoryStore, Profile, Requirement, Store, open_store
 from index_builder import snapshot
 from index_builder.model import fold_in, profile_confidence
 from tests.conftest import RedisServer
@@ -30,8 +30,17 @@ def snap(small_snapshots: Path) -> Snapshot:
     return load(current_dir(small_snapshots))
 
 
+def pseudonym(client: TestClient, visitor: str) -> str:
+    """What the gateway stores a visitor under."""
+    app: Any = client.app
+    return str(app.state.gateway.pseudonym(visitor))
+
+
 def settings(root: Path, **changes: Any) -> Settings:
-    return Settings(**{"snapshots": str(root), "watch_interval_s": 0, "event_log": "", **changes})
+    """Ranking, events and faults, with every visitor counting as consenting (opt-out, no choice
+    made): consent itself is test_consent.py's."""
+    values = {"snapshots": str(root), "watch_interval_s": 0, "event_log": "", "secret": "gw", "consent_mode": "opt-out"}
+    return Settings(**{**values, **changes})
 
 
 @pytest.fixture
@@ -58,7 +67,7 @@ def post_events(client: TestClient, visitor: str, events: Sequence[tuple[str, st
     ]
     response = client.post("/v1/events", json={"events": batch})
     assert response.status_code == 202, response.text
-    assert response.json() == {"accepted": len(events), "duplicates": 0, "rejected": []}
+    assert response.json() == {"accepted": len(events), "duplicates": 0, "rejected": [], "unconsented": 0}
 
 
 # -- recommendations ------------------------------------------------------------------------
@@ -333,10 +342,11 @@ def test_a_retried_event_is_counted_once(root: Path, snap: Snapshot) -> None:
             {"visitor": "v", "item": snap.item_ids[1], "event": "view", "id": "e-1"},
             {"visitor": "v", "item": snap.item_ids[2], "event": "view", "id": "e-2"},
         ]
-        assert client.post("/v1/events", json=batch).json() == {"accepted": 2, "duplicates": 0, "rejected": []}
-        assert client.post("/v1/events", json=batch).json() == {"accepted": 0, "duplicates": 2, "rejected": []}
+        first, again = (client.post("/v1/events", json=batch).json() for _ in range(2))
+        assert first == {"accepted": 2, "duplicates": 0, "rejected": [], "unconsented": 0}
+        assert again == {"accepted": 0, "duplicates": 2, "rejected": [], "unconsented": 0}
         metrics = client.get("/metrics").text
-        profile = asyncio.run(store.profile("v", limit=10, now=time.time()))
+        profile = asyncio.run(store.profile(pseudonym(client, "v"), limit=10, now=time.time()))
     assert len(profile.recent) == 2
     assert profile.counters["view/1h"] == 2
     assert "tailor_events_duplicate_total 2.0" in metrics
@@ -354,7 +364,7 @@ def test_timestamps_are_normalised_to_utc(root: Path, snap: Snapshot) -> None:
             {"visitor": "v", "item": item, "event": "view", "ts": 1_795_338_004.5},  # seconds
         ]
         assert client.post("/v1/events", json=batch).json()["accepted"] == 5
-        profile = asyncio.run(store.profile("v", limit=10, now=time.time()))
+        profile = asyncio.run(store.profile(pseudonym(client, "v"), limit=10, now=time.time()))
     base = 1_795_338_000.0  # 2026-11-22T09:00:00Z
     assert [i.ts for i in profile.recent] == [base, base + 1, base + 2, base + 3, base + 4.5]
     assert profile.last_seen == base + 4.5
@@ -368,7 +378,7 @@ def test_custom_event_types_are_accepted_once_declared(root: Path, snap: Snapsho
     with TestClient(create_app(settings(root, custom_events=["wishlist", "share"]), store=store)) as client:
         assert client.post("/v1/events", json=event).json()["accepted"] == 1
         assert client.post("/v1/events", json={"visitor": "v", "event": "share"}).json()["accepted"] == 1  # no item
-        profile = asyncio.run(store.profile("v", limit=10, now=time.time()))
+        profile = asyncio.run(store.profile(pseudonym(client, "v"), limit=10, now=time.time()))
     assert profile.counters["wishlist/1h"] == profile.counters["share/1h"] == 1
 
 
@@ -402,9 +412,11 @@ class SlowStore(MemoryStore):
 
     in_process = False
 
-    async def profile(self, visitor: str, *, limit: int, now: float, counters: bool = True) -> Profile:
+    async def profile(
+        self, visitor: str, *, limit: int, now: float, counters: bool = True, requires: Requirement | None = None
+    ) -> Profile:
         await asyncio.sleep(0.5)
-        return await super().profile(visitor, limit=limit, now=now)
+        return await super().profile(visitor, limit=limit, now=now, requires=requires)
 
 
 def test_slow_store_times_out_into_popular_items(root: Path, snap: Snapshot) -> None:
@@ -506,7 +518,7 @@ def test_a_corrupt_snapshot_is_refused_and_the_old_one_keeps_serving(root: Path)
 
 
 def test_the_watcher_picks_up_a_new_pointer_by_itself(root: Path) -> None:
-    with TestClient(create_app(Settings(snapshots=str(root), watch_interval_s=0.05, event_log=""))) as client:
+    with TestClient(create_app(settings(root, watch_interval_s=0.05))) as client:
         new = republish(root)
         for _ in range(100):
             if client.get("/v1/popular").json()["snapshot"] == new:
@@ -556,7 +568,7 @@ def test_openapi_documents_every_route_with_its_parameters(client: TestClient) -
     app_routes = {(m, r.path) for r in app.routes for m in (getattr(r, "methods", None) or ("GET",)) if m != "HEAD"}
     assert routes == app_routes
     names = {p["name"] for p in doc["paths"]["/v1/recommend"]["get"]["parameters"]}
-    assert names == {"user", "visitor", "n", "category", "exclude", "page", "device", "referrer"}
+    assert names == {"user", "visitor", "token", "n", "category", "exclude", "page", "device", "referrer"}
     assert "Recommendations" in doc["components"]["schemas"]
     page = client.get("/docs")
     assert page.status_code == 200
@@ -573,7 +585,7 @@ def test_events_are_stored_oldest_first_with_their_own_timestamps(root: Path) ->
             {"visitor": "v1", "event": "search", "query": "shoes"},
         ]
         assert client.post("/v1/events", json={"events": batch}).status_code == 202
-        profile = asyncio.run(store.profile("v1", limit=5, now=time.time()))
+        profile = asyncio.run(store.profile(pseudonym(client, "v1"), limit=5, now=time.time()))
     assert profile.recent == [
         Interaction("i00002", "click", start),
         Interaction("i00003", "view", start + 50),

@@ -37,7 +37,12 @@ class Server:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "TAILOR_WATCH_INTERVAL_S": "0.1", "TAILOR_EVENT_LOG": str(log.parent / "events")},
+                env={
+                    "TAILOR_SECRET_FILE": str(log.parent / "secret"),
+                    **os.environ,
+                    "TAILOR_WATCH_INTERVAL_S": "0.1",
+                    "TAILOR_EVENT_LOG": str(log.parent / "events"),
+                },
             )
         deadline = time.monotonic() + 30
         while True:
@@ -138,6 +143,11 @@ def test_the_readme_curl_examples_work_as_written(server: Server) -> None:
     assert '"profile":"live"' in live
 
 
+def grant_consent(url: str, visitor: str) -> httpx.Response:
+    choices = {"analytics": "granted", "personalization": "granted"}
+    return httpx.put(f"{url}/v1/consent", json={"visitor": visitor, "choices": choices})
+
+
 def test_serve_refuses_memory_store_with_several_workers(root: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tailor", "serve", "--snapshots", str(root), "--workers", "2"],
@@ -155,6 +165,7 @@ def test_two_workers_share_one_redis_store(root: Path, tmp_path: Path, redis_ser
     url = redis_server.url
     running = Server(root, tmp_path / "workers.log", "--workers", "2", "--store", url)
     try:
+        assert grant_consent(running.url, "shared").status_code == 200  # stored in Redis: both workers see it
         event = {"events": [{"visitor": "shared", "item": "i00011", "event": "purchase"}]}
         assert httpx.post(f"{running.url}/v1/events", json=event).status_code == 202
         # New connections land on either worker; every answer must know the event.
@@ -181,6 +192,7 @@ def test_an_event_taken_by_one_gateway_is_pushed_by_another(
     node_b = Server(root, tmp_path / "b.log", "--store", redis_server.url)
     try:
         token = tokens.mint(secret.encode(), "roamer", 60)
+        assert grant_consent(node_a.url, "roamer").status_code == 200
         with ws_connect(f"ws://127.0.0.1:{node_b.port}/v1/stream?token={token}&n=5", open_timeout=10) as ws:
             hello = json.loads(ws.recv(timeout=10))
             assert hello["cause"] == "connect"

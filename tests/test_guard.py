@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 import pytest
 
 from gateway.guard import TRIP_AFTER, GuardedStore
-from gateway.store import EMPTY_PROFILE, Consent, Profile, Recorded, Retention, StoreError
+from gateway.store import EMPTY_PROFILE, Consent, Profile, Recorded, Requirement, Retention, StoreError
 from gateway.store.base import Forgotten, LogLine
 
 
@@ -20,7 +20,9 @@ class Scripted:
         self.reads = 0
         self.bounded_to: float | None = None
 
-    async def profile(self, visitor: str, *, limit: int, now: float, counters: bool = True) -> Profile:
+    async def profile(
+        self, visitor: str, *, limit: int, now: float, counters: bool = True, requires: Requirement | None = None
+    ) -> Profile:
         self.reads += 1
         outcome = self.outcomes.pop(0) if self.outcomes else "ok"
         if outcome == "error":
@@ -29,7 +31,15 @@ class Scripted:
             await asyncio.sleep(10)
         return EMPTY_PROFILE
 
-    async def record(self, visitor: str, events: Sequence[Recorded], *, retention: Retention, now: float) -> list[bool]:
+    async def record(
+        self,
+        visitor: str,
+        events: Sequence[Recorded],
+        *,
+        retention: Retention,
+        now: float,
+        requires: Requirement | None = None,
+    ) -> list[bool] | None:
         return [True] * len(events)
 
     async def forget(self, visitor: str) -> Forgotten:

@@ -69,7 +69,12 @@ def gateway(shop_and_snapshots: tuple[Path, Path], tmp_path_factory: pytest.Temp
     command = [sys.executable, "-m", "tailor", "serve", "--snapshots", str(root), "--store", "memory://"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with log.open("wb") as out:
-        env = {**os.environ, "TAILOR_EVENT_LOG": str(log.parent / "events")}  # not the repository's var/events
+        # not the repository's var/events and var/secret
+        env = {
+            **os.environ,
+            "TAILOR_EVENT_LOG": str(log.parent / "events"),
+            "TAILOR_SECRET_FILE": str(log.parent / "secret"),
+        }
         process = subprocess.Popen(
             command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -21,12 +22,13 @@ from gateway.store import (
     Profile,
     Recorded,
     RedisStore,
+    Requirement,
     Retention,
     Store,
     open_store,
     window_label,
 )
-from gateway.store.log import FileLog
+from gateway.store.log import FileLog, file_for
 from index_builder import schema
 from index_builder.readers import interaction_rows
 from tests.conftest import RedisServer
@@ -68,7 +70,9 @@ async def remember(
         for number, name in enumerate(names or ("",))
     ]
     retention = Retention(keep=keep, ttl=ttl, ids=id_memory, windows=windows, max_counters=max_counters)
-    return await store.record(visitor, events, retention=retention, now=now)
+    stored = await store.record(visitor, events, retention=retention, now=now)
+    assert stored is not None  # None only when a consent requirement is not met, and none is asked for here
+    return stored
 
 
 async def tally(store: Store, visitor: str, event: str, times: int, *, now: float = T0, ttl: float = DAY) -> None:
@@ -470,6 +474,100 @@ async def test_every_consent_change_is_appended_to_the_audit_log(
         await raw.aclose()
     finally:
         await redis.close()
+
+
+OPT_IN = Requirement("analytics", default=False)
+OPT_OUT = Requirement("analytics", default=True)
+
+
+async def test_without_the_consent_a_record_needs_nothing_is_stored(store: Store) -> None:
+    events = [Recorded("view", T0, item="a", id="e1")]
+    retention = Retention(windows=(HOUR,))
+    assert await store.record("v", events, retention=retention, now=T0, requires=OPT_IN) is None
+    assert await store.profile("v", limit=10, now=T0) == EMPTY_PROFILE
+    assert await store.record("v", events, retention=retention, now=T0, requires=OPT_OUT) == [True]  # no choice made
+    await store.set_consent("v", {"analytics": Consent("denied", T0, "banner")}, ttl=DAY, now=T0)
+    events2 = [Recorded("view", T0, item="b", id="e2")]
+    assert await store.record("v", events2, retention=retention, now=T0, requires=OPT_OUT) is None  # a choice decides
+    assert items(await store.profile("v", limit=10, now=T0)) == ["a"]
+
+
+async def test_a_grant_lets_events_in_until_it_expires(store: Store) -> None:
+    grant = Consent("granted", T0, "banner", expires_at=T0 + 60)
+    await store.set_consent("v", {"analytics": grant}, ttl=DAY, now=T0)
+    retention = Retention(windows=(HOUR,))
+    assert await store.record("v", [Recorded("view", T0, item="a")], retention=retention, now=T0, requires=OPT_IN)
+    late = [Recorded("view", T0 + 60, item="b")]
+    assert await store.record("v", late, retention=retention, now=T0 + 60, requires=OPT_IN) is None
+    assert items(await store.profile("v", limit=10, now=T0 + 60)) == ["a"]
+
+
+async def test_a_read_that_needs_consent_reads_nothing_else_without_it(store: Store) -> None:
+    await remember(store, "v", "a", "b")
+    personal = Requirement("personalization", default=False)
+    for counters in (True, False):
+        withheld = await store.profile("v", limit=10, now=T0, counters=counters, requires=personal)
+        assert withheld == Profile(recent=[], counters={}, withheld=True)
+    assert (await store.profile("v", limit=10, now=T0, requires=personal._replace(default=True))).recent != []
+    choice = Consent("granted", T0, "banner")
+    await store.set_consent("v", {"personalization": choice}, ttl=DAY, now=T0)
+    allowed = await store.profile("v", limit=10, now=T0, requires=personal)
+    assert (items(allowed), allowed.withheld, allowed.consent) == (["a", "b"], False, {"personalization": choice})
+    revoked = Consent("revoked", T0 + 1, "settings")
+    await store.set_consent("v", {"personalization": revoked}, ttl=DAY, now=T0 + 1)
+    gone = await store.profile("v", limit=10, now=T0 + 1, requires=personal)
+    assert (gone.recent, gone.counters, gone.last_seen, gone.withheld) == ([], {}, None, True)
+    assert gone.consent == {"personalization": revoked}
+
+
+async def test_an_unknown_visitor_is_withheld_only_under_opt_in(store: Store) -> None:
+    assert (await store.profile("nobody", limit=5, now=T0, requires=OPT_IN)).withheld
+    assert await store.profile("nobody", limit=5, now=T0, requires=OPT_OUT) == EMPTY_PROFILE
+
+
+async def test_a_consent_change_is_announced_to_subscribers(store: Store) -> None:
+    heard: list[str] = []
+    store.subscribe(heard.append)
+    if isinstance(store, RedisStore):
+        await asyncio.wait_for(store.subscribed.wait(), 5)
+    await store.set_consent("v", {"personalization": Consent("granted", T0, "banner")}, ttl=DAY, now=T0)
+    for _ in range(100):
+        if heard:
+            break
+        await anyio.sleep(0.02)
+    assert heard == ["v"]
+
+
+async def test_redis_log_entries_older_than_log_ttl_are_trimmed(redis_server: RedisServer, anyio_backend: str) -> None:
+    server = redis_server
+    server.start()
+    store = RedisStore(server.url, prefix=unique_prefix())
+    try:
+        now = time.time()  # the stream's entry ids are the server's clock
+        retention = Retention(windows=(HOUR,), log_ttl=60.0)
+        await store.record("v", [Recorded("view", now, item="a")], retention=retention, now=now)
+        await store.record("w", [Recorded("view", now, item="b")], retention=retention, now=now)
+        assert [line.item_id for line in await store.logged("v")] == ["a"]
+        later = now + 120  # both are older than a minute by then
+        await store.record("v", [Recorded("view", later, item="c")], retention=retention, now=later)
+        assert [line.item_id for line in await store.logged("v")] == ["c"]
+        assert await store.logged("w") == []
+    finally:
+        await store.close()
+
+
+def test_log_files_of_days_past_the_retention_are_deleted(tmp_path: Path) -> None:
+    log = FileLog(tmp_path, keep_s=2 * DAY)
+    now = T0
+    for days_ago in range(5):
+        file_for(tmp_path, now - days_ago * DAY).write_text("{}\n")
+    consent = file_for(tmp_path, now - 4 * DAY, "consent")
+    consent.write_text("{}\n")
+    log._write([b'{"user_id": "v", "event": "view", "timestamp": 1}'], now)
+    kept = sorted(path.name for path in tmp_path.glob("events-*.jsonl"))
+    # today, yesterday and the day before: the day that ended more than two days ago is gone
+    assert kept == sorted(file_for(tmp_path, now - d * DAY).name for d in range(3))
+    assert consent.exists()  # another log's files are not this one's to delete
 
 
 # Change announcements (what WebSocket pushes are made from).

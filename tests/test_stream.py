@@ -28,6 +28,7 @@ def settings(root: Path, **changes: Any) -> Settings:
         "secret": SECRET,
         "push_debounce_ms": 10,
         "event_log": "",
+        "consent_mode": "opt-out",  # pushes here; consent and the stream: test_consent.py
     }
     return Settings(**{**values, **changes})
 
@@ -221,7 +222,7 @@ class FakeSocket:
 async def test_a_slow_socket_is_dropped_without_delaying_the_others() -> None:
     version = 0
 
-    async def answer(visitor: str, n: int | None, categories: list[str]) -> tuple[object, bytes]:
+    async def answer(visitor: str, user: str, n: int | None, categories: list[str]) -> tuple[object, bytes]:
         return version, b'{"items": [], "v": %d}' % version
 
     hub = Hub(answer, debounce_s=0, queue_size=3, heartbeat_s=60, max_streams=10)
@@ -247,7 +248,7 @@ async def test_a_slow_socket_is_dropped_without_delaying_the_others() -> None:
 
 @pytest.mark.anyio
 async def test_streams_beyond_the_limit_are_refused() -> None:
-    async def answer(visitor: str, n: int | None, categories: list[str]) -> tuple[object, bytes]:
+    async def answer(visitor: str, user: str, n: int | None, categories: list[str]) -> tuple[object, bytes]:
         return 0, b"{}"
 
     hub = Hub(answer, debounce_s=0, queue_size=3, heartbeat_s=60, max_streams=1)

@@ -22,6 +22,7 @@ from gateway.store.base import (
     Interaction,
     Profile,
     Recorded,
+    Requirement,
     Retention,
     Store,
     StoreError,
@@ -41,6 +42,7 @@ __all__ = [
     "Profile",
     "Recorded",
     "RedisStore",
+    "Requirement",
     "Retention",
     "Store",
     "StoreError",
@@ -52,9 +54,10 @@ __all__ = [
 _SCHEMES = "memory://, redis://, rediss://, unix://"
 
 
-def open_store(url: str, *, event_log: str = "") -> Store:
+def open_store(url: str, *, event_log: str = "", event_log_keep_s: float = 0.0) -> Store:
     """The store the URL names; ValueError for a URL it cannot be. `event_log` is the directory of the
-    memory store's event log ("" for none); the Redis store logs to a stream in Redis instead."""
+    memory store's event log ("" for none), whose daily files go `event_log_keep_s` after their day
+    (0: never); the Redis store logs to a stream in Redis instead (see Retention)."""
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
     if scheme == "memory" or not url.strip():
@@ -63,7 +66,7 @@ def open_store(url: str, *, event_log: str = "") -> Store:
             directory = Path(event_log)
             store = MemoryStore(
                 max_visitors=store.max_visitors,
-                log=FileLog(directory),
+                log=FileLog(directory, keep_s=event_log_keep_s),
                 audit=FileLog(directory, prefix="consent"),
             )
         return store

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import msgspec
 
@@ -101,9 +101,10 @@ class Retention(msgspec.Struct, frozen=True):
     windows: tuple[float, ...] = DEFAULT_WINDOWS  # counter windows, seconds
     max_counters: int = 500  # counter fields; past it no new per-item or per-category counters start
     log: int = 1_000_000  # events the shared log keeps (Redis stream, approximately); 0 = no log
+    log_ttl: float = 90 * DAY  # logged events older than this are dropped (0: kept until `log` pushes them out)
 
     def __post_init__(self) -> None:
-        if self.keep < 1 or self.ttl <= 0 or self.ids < 0 or self.max_counters < 1 or self.log < 0:
+        if self.keep < 1 or self.ttl <= 0 or self.ids < 0 or self.max_counters < 1 or self.log < 0 or self.log_ttl < 0:
             raise ValueError(f"retention out of range: {self}")
         if not self.windows or any(w <= 0 for w in self.windows):
             raise ValueError(f"counter windows must be positive seconds, not {self.windows}")
@@ -165,6 +166,19 @@ class Consent(msgspec.Struct, frozen=True, omit_defaults=True):
         return self.state == "granted" and (self.expires_at is None or self.expires_at > now)
 
 
+class Requirement(NamedTuple):
+    """What a store call may touch only with the visitor's consent: a purpose, and whether a visitor
+    who made no choice for it counts as allowing it (the opt-out model) or not (opt-in). A choice
+    made decides: only an unexpired "granted" allows; an expired grant counts as not granted."""
+
+    purpose: str
+    default: bool
+
+    def permits(self, consent: Mapping[str, Consent], now: float) -> bool:
+        choice = consent.get(self.purpose)
+        return self.default if choice is None else choice.allows(now)
+
+
 class Profile(msgspec.Struct, frozen=True):
     """What the store knows of one visitor right now."""
 
@@ -173,6 +187,9 @@ class Profile(msgspec.Struct, frozen=True):
     counters: dict[str, int]
     last_seen: float | None = None  # Unix seconds of the newest event
     consent: dict[str, Consent] = {}  # purpose -> the latest choice (absent: none made)
+    # True when the call's Requirement was not met: the store read nothing else (recent, counters
+    # and last_seen are empty), only the consent that said no.
+    withheld: bool = False
 
 
 class ConsentChange(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -194,14 +211,28 @@ EMPTY_PROFILE = Profile(recent=[], counters={})
 
 
 class Store(Protocol):
-    async def profile(self, visitor: str, *, limit: int, now: float, counters: bool = True) -> Profile:
-        """The visitor's newest `limit` interactions (oldest first), last-seen time and live
-        counters; with `counters=False` the counters are left out (empty), which spares reading
-        them when the caller has no use for them."""
+    async def profile(
+        self, visitor: str, *, limit: int, now: float, counters: bool = True, requires: Requirement | None = None
+    ) -> Profile:
+        """The visitor's newest `limit` interactions (oldest first), last-seen time, live counters
+        and consent; with `counters=False` the counters are left out (empty), which spares reading
+        them when the caller has no use for them. With `requires`, the store checks the visitor's
+        consent first, in the same round trip, and reads nothing else when it does not permit
+        (the answer is `withheld`, with the consent only)."""
         ...
 
-    async def record(self, visitor: str, events: Sequence[Recorded], *, retention: Retention, now: float) -> list[bool]:
-        """Store a visitor's events, in the order given, all or nothing, in one round trip: append
+    async def record(
+        self,
+        visitor: str,
+        events: Sequence[Recorded],
+        *,
+        retention: Retention,
+        now: float,
+        requires: Requirement | None = None,
+    ) -> list[bool] | None:
+        """With `requires` not permitted by the visitor's consent (checked first, in the same round
+        trip), store nothing and return None. Otherwise store a visitor's events, in the order
+        given, all or nothing, in one round trip: append
         their interactions (the newest `retention.keep` survive), count each of `counter_names()`
         in every window, move `last_seen`, append them to the event log, and let the visitor's
         state expire `retention.ttl` after `now`. An event whose `id` was recorded before for this
@@ -219,7 +250,8 @@ class Store(Protocol):
 
     async def set_consent(self, visitor: str, choices: Mapping[str, Consent], *, ttl: float, now: float) -> None:
         """Record the visitor's choices (purpose -> Consent), replacing earlier ones for those
-        purposes, and append each to the consent audit log; kept `ttl` after `now` like the rest."""
+        purposes, and append each to the consent audit log; kept `ttl` after `now` like the rest.
+        Listeners hear of the visitor as after `record` (their answer may change)."""
         ...
 
     def subscribe(self, listener: Listener) -> None:

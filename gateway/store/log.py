@@ -30,10 +30,17 @@ def file_for(directory: Path, ts: float, prefix: str = "events") -> Path:
 
 
 class FileLog:
-    def __init__(self, directory: Path, *, interval_s: float = 1.0, prefix: str = "events") -> None:
+    """`keep_s` > 0: a day's file is deleted once the whole day is more than `keep_s` seconds ago
+    (checked when the first lines of a new day are written, and at the first write after start)."""
+
+    def __init__(
+        self, directory: Path, *, interval_s: float = 1.0, prefix: str = "events", keep_s: float = 0.0
+    ) -> None:
         self.directory = directory
         self.prefix = prefix  # files <prefix>-YYYY-MM-DD.jsonl: "events", or "consent" for the audit log
         self.interval_s = interval_s
+        self.keep_s = keep_s
+        self._pruned: Path | None = None  # the file being written when old ones were last deleted
         self._lines: list[bytes] = []
         self._flusher: asyncio.Task[None] | None = None
         self._writing = asyncio.Lock()
@@ -64,8 +71,22 @@ class FileLog:
 
     def _write(self, lines: list[bytes], now: float) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        with file_for(self.directory, now, self.prefix).open("ab") as out:
+        path = file_for(self.directory, now, self.prefix)
+        with path.open("ab") as out:
             out.write(b"\n".join(lines) + b"\n")
+        if self.keep_s > 0 and path != self._pruned:
+            self._pruned = path
+            self.prune(now)
+
+    def prune(self, now: float) -> list[Path]:
+        """Delete the files of days that ended more than `keep_s` before `now`; which ones."""
+        oldest_kept = file_for(self.directory, now - self.keep_s, self.prefix).name  # names sort by date
+        gone = [path for path in self.directory.glob(f"{self.prefix}-*.jsonl") if path.name < oldest_kept]
+        for path in gone:
+            path.unlink(missing_ok=True)
+        if gone:
+            log.info("event log: deleted %d file(s) older than %.0f days", len(gone), self.keep_s / 86_400)
+        return gone
 
     async def erase(self, visitor: str) -> int:
         """Remove the visitor's events from every log file (rewritten in a thread); how many."""

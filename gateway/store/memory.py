@@ -17,6 +17,7 @@ from gateway.store.base import (
     LogLine,
     Profile,
     Recorded,
+    Requirement,
     Retention,
     bump,
     encode_consent,
@@ -26,6 +27,7 @@ from gateway.store.base import (
 from gateway.store.log import FileLog
 
 DEFAULT_MAX_VISITORS = 1_000_000
+WITHHELD = Profile(recent=[], counters={}, withheld=True)  # no choice made, and the model is opt-in
 
 
 class _Visitor:
@@ -66,18 +68,22 @@ class MemoryStore:
         """Visitors held right now, including expired ones not yet retired."""
         return len(self._visitors)
 
-    async def profile(self, visitor: str, *, limit: int, now: float, counters: bool = True) -> Profile:
+    async def profile(
+        self, visitor: str, *, limit: int, now: float, counters: bool = True, requires: Requirement | None = None
+    ) -> Profile:
         if limit < 0:
             raise ValueError(f"limit must not be negative, not {limit}")
         state = self._visitors.get(visitor)
-        if state is None:
-            return EMPTY_PROFILE
-        if state.expires_at <= now:
+        if state is not None and state.expires_at <= now:
             del self._visitors[visitor]
-            return EMPTY_PROFILE
+            state = None
+        if state is None:
+            return EMPTY_PROFILE if requires is None or requires.default else WITHHELD
         self._visitors.move_to_end(visitor)
-        recent = state.recent[-limit:] if limit else []
         consent = dict(state.consent)
+        if requires is not None and not requires.permits(consent, now):
+            return Profile(recent=[], counters={}, consent=consent, withheld=True)
+        recent = state.recent[-limit:] if limit else []
         if not counters:
             return Profile(recent=recent, counters={}, last_seen=state.last_seen, consent=consent)
         counts: dict[str, int] = {}
@@ -93,11 +99,23 @@ class MemoryStore:
             del state.counters[key]
         return Profile(recent=recent, counters=counts, last_seen=state.last_seen, consent=consent)
 
-    async def record(self, visitor: str, events: Sequence[Recorded], *, retention: Retention, now: float) -> list[bool]:
+    async def record(
+        self,
+        visitor: str,
+        events: Sequence[Recorded],
+        *,
+        retention: Retention,
+        now: float,
+        requires: Requirement | None = None,
+    ) -> list[bool] | None:
+        state = self._visitors.get(visitor)
+        if state is not None and state.expires_at <= now:
+            state = None
+        if requires is not None and not requires.permits(state.consent if state is not None else {}, now):
+            return None
         if not events:
             return []
-        state = self._visitors.get(visitor)
-        if state is None or state.expires_at <= now:
+        if state is None:
             state = self._visitors[visitor] = _Visitor(now + retention.ttl)
         else:
             state.expires_at = now + retention.ttl
@@ -150,6 +168,9 @@ class MemoryStore:
                 change = ConsentChange(visitor, purpose, choice.state, choice.at, choice.source, choice.expires_at)
                 self._audit.append(encode_consent(change))
         self._retire(now)
+        if choices:
+            for listener in self._listeners:
+                listener(visitor)
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)

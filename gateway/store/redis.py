@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ from gateway.store.base import (
     LogLine,
     Profile,
     Recorded,
+    Requirement,
     Retention,
     StoreError,
     StoreTimeoutError,
@@ -53,21 +55,38 @@ CONSENT_FIELDS = tuple(CONSENT_PREFIX + purpose for purpose in PURPOSES)
 AUDIT_MAX = 10_000_000  # consent changes kept in the audit stream (approximately)
 LOG_PAGE = 1000
 
+# Whether the consent held in hash field ARGV[field] (a JSON Consent, or absent) permits: absent
+# means the model's default (ARGV[default], "1" or "0"); else only an unexpired grant does.
+PERMITS = """
+local function permits(raw, default, now)
+  if not raw then return default == '1' end
+  local choice = cjson.decode(raw)
+  return choice.state == 'granted' and (choice.expires_at == nil or choice.expires_at > now)
+end
+"""
+
 # One visitor's batch, atomically. KEYS: recent list, counters hash, event-id sorted set, log stream.
 # ARGV: now, keep, ttl_ms, ids to remember, max counter fields, log length (0: no log), channel,
-# visitor, the number of windows and each window's seconds, the number of events, then per event:
+# visitor, the consent field the events need ("" for none), whether no choice permits ("1"/"0"),
+# the oldest log entry id to keep ("" for any), the number of windows and each window's seconds,
+# the number of events, then per event:
 # id ("" for none), packed interaction ("" for none), ts, log line, the number of counter names and
 # the names (the first is the event type's total, the others per item or category). Counter fields
 # are "name|window" -> "bucket:current:previous" (gateway.store.base.sliding_count); returns a flag
-# per event, 1 stored, 0 a duplicate id.
-RECORD_SCRIPT = """
+# per event, 1 stored, 0 a duplicate id; or -1 when consent does not permit (nothing stored).
+RECORD_SCRIPT = (
+    PERMITS
+    + """
 local now, keep, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local ids_keep, max_counters, log_len = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local channel, visitor = ARGV[7], ARGV[8]
-local n_windows = tonumber(ARGV[9])
+if ARGV[9] ~= '' and not permits(redis.call('HGET', KEYS[2], ARGV[9]), ARGV[10], now) then return -1 end
+-- The log's entries older than the retention go first (their ids are the server's clock in ms).
+if tonumber(ARGV[6]) > 0 and ARGV[11] ~= '' then redis.call('XTRIM', KEYS[4], 'MINID', ARGV[11]) end
+local n_windows = tonumber(ARGV[12])
 local windows = {}
-for w = 1, n_windows do windows[w] = ARGV[9 + w] end
-local at = 10 + n_windows
+for w = 1, n_windows do windows[w] = ARGV[12 + w] end
+local at = 13 + n_windows
 local n_events = tonumber(ARGV[at])
 at = at + 1
 local stored, any, last_seen = {}, false, tonumber(redis.call('HGET', KEYS[2], '@last_seen') or '-1')
@@ -115,6 +134,26 @@ if any then
 end
 return stored
 """
+)
+
+# A visitor's profile, consent first. KEYS: recent list, counters hash. ARGV: limit, counters ("1"
+# for all of them), the position in HEAD_FIELDS of the consent the read needs (0: none), whether no
+# choice permits ("1"/"0"), now. Returns {0, head} when consent does not permit (nothing else is
+# read), else {1, head, recent, all counter fields or nothing}; head is HMGET of HEAD_FIELDS.
+HEAD_FIELDS = (LAST_SEEN, *CONSENT_FIELDS)
+PROFILE_SCRIPT = (
+    PERMITS
+    + f"""
+local head = redis.call('HMGET', KEYS[2], {", ".join(repr(f) for f in HEAD_FIELDS)})
+local need = tonumber(ARGV[3])
+if need > 0 and not permits(head[need], ARGV[4], tonumber(ARGV[5])) then return {{0, head}} end
+local limit, recent = tonumber(ARGV[1]), {{}}
+if limit > 0 then recent = redis.call('LRANGE', KEYS[1], -limit, -1) end
+if ARGV[2] == '1' then return {{1, head, recent, redis.call('HGETALL', KEYS[2])}} end
+return {{1, head, recent}}
+"""
+)
+PROFILE_SHA = hashlib.sha1(PROFILE_SCRIPT.encode()).hexdigest()  # Redis names scripts by SHA-1
 
 # Everything a broken, restarting or misbehaving server can make redis-py or the decoding raise.
 _FAILURES = (RedisError, RespError, OSError, ValueError, msgspec.MsgspecError)
@@ -182,6 +221,7 @@ class RedisStore:
         self.log_key = f"{prefix}events"  # the event log stream: `tailor build --event-log redis://...`
         self.audit_key = f"{prefix}consent-audit"  # every consent change, appended
         self._record = self._redis.register_script(RECORD_SCRIPT)
+        self._profile_script = self._redis.register_script(PROFILE_SCRIPT)
         self._listeners: list[Listener] = []
         self._subscriber: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()  # set while the subscription is live (tests wait on it)
@@ -201,42 +241,31 @@ class RedisStore:
     def _ids_key(self, visitor: str) -> str:
         return f"{self.prefix}v:{visitor}:ids"
 
-    async def profile(self, visitor: str, *, limit: int, now: float, counters: bool = True) -> Profile:
+    async def profile(
+        self, visitor: str, *, limit: int, now: float, counters: bool = True, requires: Requirement | None = None
+    ) -> Profile:
         if limit < 0:
             raise ValueError(f"limit must not be negative, not {limit}")
-        recent_key, counters_key = self._keys(visitor)
-        # LRANGE with a start of -0 would mean the whole list, hence no LRANGE at all for limit 0.
-        commands: list[tuple[Any, ...]] = [("LRANGE", recent_key, -limit, -1)] if limit else []
-        commands.append(("HGETALL", counters_key) if counters else ("HMGET", counters_key, LAST_SEEN, *CONSENT_FIELDS))
+        keys = self._keys(visitor)
+        need = 0 if requires is None else HEAD_FIELDS.index(CONSENT_PREFIX + requires.purpose) + 1
+        args = (limit, 1 if counters else 0, need, 1 if requires is not None and requires.default else 0, repr(now))
         try:
-            if self._fast is not None:
-                replies = await self._fast.execute(*commands)
-            else:
-                pipe = self._redis.pipeline(transaction=False)
-                for command in commands:
-                    pipe.execute_command(*command)
-                replies = await pipe.execute()
-            recent = [self._decode(raw) for raw in replies[0]] if limit else []
+            reply = await self._eval_profile(keys, args)
+            permitted, head = reply[0], reply[1]
+            seen, *choices = head
+            consent = {p: decode_consent(c) for p, c in zip(PURPOSES, choices, strict=True) if c is not None}
+            if not permitted:
+                return Profile(recent=[], counters={}, consent=consent, withheld=True)
+            recent = [self._decode(raw) for raw in reply[2]]
             counts: dict[str, int] = {}
-            last_seen: float | None = None
-            consent: dict[str, Consent] = {}
-            if not counters:
-                seen, *choices = replies[-1]
-                last_seen = float(seen) if seen is not None else None
-                consent = {p: decode_consent(c) for p, c in zip(PURPOSES, choices, strict=True) if c is not None}
-            else:
-                flat = replies[-1]
-                pairs = flat.items() if isinstance(flat, dict) else zip(flat[::2], flat[1::2], strict=True)
-                for raw_field, raw_value in pairs:
-                    field, value = raw_field.decode(), raw_value.decode()
-                    if field == LAST_SEEN:
-                        last_seen = float(value)
-                        continue
-                    if field.startswith(CONSENT_PREFIX):
-                        consent[field[len(CONSENT_PREFIX) :]] = decode_consent(value)
+            if counters:
+                flat = reply[3]
+                for raw_field, raw_value in zip(flat[::2], flat[1::2], strict=True):
+                    field = raw_field.decode()
+                    if field[0] == "@":  # last seen and consent: read above
                         continue
                     name, window_text = field.rsplit("|", 1)
-                    bucket, current, previous = (int(part) for part in value.split(":"))
+                    bucket, current, previous = (int(part) for part in raw_value.split(b":"))
                     window = float(window_text)
                     count = sliding_count(bucket, current, previous, window, now)
                     if count:
@@ -245,10 +274,31 @@ class RedisStore:
             raise StoreTimeoutError(f"redis profile failed: {exc}") from exc
         except _FAILURES as exc:
             raise _failure("profile", exc) from exc
+        last_seen = float(seen) if seen is not None else None
         return Profile(recent=recent, counters=counts, last_seen=last_seen, consent=consent)
 
-    async def record(self, visitor: str, events: Sequence[Recorded], *, retention: Retention, now: float) -> list[bool]:
-        if not events:
+    async def _eval_profile(self, keys: tuple[str, str], args: tuple[int | str, ...]) -> Any:
+        """PROFILE_SCRIPT by its digest, loading it when the server does not know it (yet, or
+        any more: a restart or SCRIPT FLUSH forgets it)."""
+        if self._fast is None:
+            return await self._profile_script(keys=list(keys), args=list(args))
+        try:
+            return (await self._fast.execute(("EVALSHA", PROFILE_SHA, 2, *keys, *args)))[0]
+        except RespError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            return (await self._fast.execute(("EVAL", PROFILE_SCRIPT, 2, *keys, *args)))[0]
+
+    async def record(
+        self,
+        visitor: str,
+        events: Sequence[Recorded],
+        *,
+        retention: Retention,
+        now: float,
+        requires: Requirement | None = None,
+    ) -> list[bool] | None:
+        if not events and requires is None:
             return []
         keys = [*self._keys(visitor), self._ids_key(visitor), self.log_key]
         args: list[bytes | str | int | float] = [
@@ -260,6 +310,9 @@ class RedisStore:
             retention.log,
             self.channel,
             visitor,
+            "" if requires is None else CONSENT_PREFIX + requires.purpose,
+            1 if requires is not None and requires.default else 0,
+            f"{max(0, math.floor((now - retention.log_ttl) * 1000))}-0" if retention.log_ttl > 0 else "",
             len(retention.windows),
             *[repr(float(w)) for w in retention.windows],
             len(events),
@@ -279,6 +332,8 @@ class RedisStore:
             stored = await self._record(keys=keys, args=args)
         except _FAILURES as exc:
             raise _failure("record", exc) from exc
+        if stored == -1:
+            return None
         return [bool(flag) for flag in stored]
 
     async def forget(self, visitor: str) -> Forgotten:
@@ -329,6 +384,7 @@ class RedisStore:
         for purpose, choice in choices.items():
             change = ConsentChange(visitor, purpose, choice.state, choice.at, choice.source, choice.expires_at)
             pipe.xadd(self.audit_key, {"e": encode_consent(change)}, maxlen=AUDIT_MAX, approximate=True)
+        pipe.publish(self.channel, visitor)  # a live answer may change: see subscribe
         try:
             await pipe.execute()
         except _FAILURES as exc:
