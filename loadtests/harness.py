@@ -62,8 +62,16 @@ def running(command: Sequence[str], log: Path, name: str) -> Iterator[subprocess
     say(f"starting {name}: {shlex.join(command)}  (log: {log})")
     with log.open("wb") as out:
         # own session: a Ctrl-C reaches only this harness, which then stops the children in order
-        # A gateway's event log (memory store) goes beside its log, not into the repository's var/events.
-        env = {**os.environ, "TAILOR_EVENT_LOG": str(log.parent / "events")}
+        # A gateway's event log (memory store) and secret go beside its log, not into the repository's var/.
+        # Every simulated visitor counts as consenting (opt-out with no choice made): the store checks
+        # the consent field on every read and write either way, so the work measured is the same as
+        # for visitors who granted it under the default opt-in.
+        env = {
+            "TAILOR_SECRET_FILE": str(log.parent / "secret"),
+            "TAILOR_CONSENT_MODE": "opt-out",
+            **os.environ,
+            "TAILOR_EVENT_LOG": str(log.parent / "events"),
+        }
         proc = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=env
         )

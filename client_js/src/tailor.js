@@ -1,6 +1,6 @@
 // Tailor browser client: events (batched, persisted, retried), live recommendations over the
-// gateway's WebSocket with an HTTP fallback, a render helper with click attribution, and
-// client-side consent. No dependencies. `createClient(env)` holds all the logic and takes every
+// gateway's WebSocket with an HTTP fallback, a render helper with click attribution, and consent
+// (kept here, enforced here, and recorded at the gateway, which enforces it too). No dependencies. `createClient(env)` holds all the logic and takes every
 // browser facility it uses from `env`, so tests run it in Node with fakes; `install(window)` wires
 // the real globals, replays the calls the inline stub queued, and becomes `window.Tailor`.
 
@@ -9,6 +9,8 @@ export const PURPOSES = ["analytics", "personalization", "marketing"];
 const QUEUE = "tailor:q"; // events not yet acknowledged by the gateway
 const CONSENT = "tailor:consent"; // {purpose: "granted" | "denied"}
 const IDENTITY = "tailor:id"; // {visitor, token, expires_at} from POST /v1/token
+const SYNCED = "tailor:cs"; // {who, c, at}: the choices (JSON) the gateway confirmed for whom, when
+const RESYNC_MS = 7 * 864e5; // choices are sent again after a week (the gateway forgets idle visitors)
 const HIDING = "tailor-loading"; // class on <html> while anti-flicker hides [data-tailor-slot]
 const HIDE_CSS = "." + HIDING + " [data-tailor-slot]{visibility:hidden}";
 const DEFAULTS = {
@@ -110,6 +112,8 @@ export function createClient(env) {
   let seq = 0;
   let beaconed = {}; // ids handed to sendBeacon while the page is hidden
   let tokenCall = null;
+  let consentCall = null;
+  let resent = false; // choices sent again after the gateway did not know them (once per page)
   // live recommendations
   let wanted = false; // somebody consumes recommendations (onRecommendations or target)
   let live = false; // the stream should be open
@@ -166,6 +170,7 @@ export function createClient(env) {
     });
     chosen = all;
     write(CONSENT, all);
+    if (o) ensureConsent().catch(log); // before apply(), which may forget the identity it is for
     if (all.analytics == "denied") {
       held = []; // nothing unsent survives a refusal
       save([]);
@@ -232,11 +237,46 @@ export function createClient(env) {
   // A stream token: given, from getToken(), or (anonymous visitors) a stored or new one; null if none.
   async function streamToken() {
     if (o.token) return o.token;
-    if (o.getToken) return o.getToken();
+    if (o.getToken) return (o.token = await o.getToken()); // kept until the gateway refuses it
     if (o.user || o.visitor) return null;
     const s = stored();
     return s.token && s.expires_at * 1000 > nowMs() + 5000 ? s.token : (await newVisitor()).token;
   }
+  // -- consent at the gateway -----------------------------------------------------------------
+  // PUT /v1/consent with the visitor's token (or, for a site-given id without one, the id: an open
+  // gateway only), once per change and again weekly. Events, recommendations and the stream wait
+  // for it, so the gateway never sees a visitor's events before their consent.
+  function needsSync() {
+    const c = choices();
+    if (!Object.keys(c).length) return false;
+    const id = who();
+    if (!id && o.consent.mode != "opt-out" && !PURPOSES.some((p) => c[p] == "granted")) return false; // nothing to tell
+    const s = read(SYNCED);
+    return !(s && id && s.who == (id.user || id.visitor) && s.c == JSON.stringify(c) && nowMs() - s.at < RESYNC_MS);
+  }
+  function ensureConsent() {
+    if (!o || !needsSync()) return Promise.resolve();
+    return (consentCall =
+      consentCall ||
+      (async () => {
+        const c = choices();
+        const had = who();
+        const token = await streamToken(); // read (or made) before anything forgets the identity
+        const id = had || who();
+        const body = { choices: c };
+        if (token) body.token = token;
+        else if (id) body.visitor = id.user || id.visitor;
+        const r = await env.fetch(o.gateway + "/v1/consent", {
+          method: "PUT",
+          headers: headers("application/json"),
+          body: JSON.stringify(body),
+        });
+        if (r.status == 401 && token) forgetToken();
+        if (!r.ok) throw new Error("consent " + r.status);
+        write(SYNCED, { who: id ? id.user || id.visitor : null, c: JSON.stringify(c), at: nowMs() });
+      })().finally(() => (consentCall = null)));
+  }
+
   function forgetToken() {
     o.token = null;
     const s = stored();
@@ -276,11 +316,20 @@ export function createClient(env) {
     if (s >= 500 || s == 429 || s == 408) {
       return Math.max(backoff(tries++, env.random), retryAfterMs(r.headers && r.headers.get("retry-after"), nowMs()));
     }
+    if (s == 401) {
+      forgetToken(); // expired or from another secret: the next try renews it
+      return backoff(tries++, env.random);
+    }
     tries = 0;
     let again = {};
     if (s >= 300) log("events refused, dropped:", s);
     else {
       const body = await r.json().catch(() => ({}));
+      if (body.unconsented && allowed("analytics") && !resent) {
+        resent = true; // the gateway has forgotten the choices (idle too long): send them, then the batch
+        write(SYNCED, null);
+        return 0;
+      }
       (body.rejected || []).forEach((x) => {
         const e = batch[x.index] || {};
         // A device clock more than 5 minutes fast: send again stamped with the gateway's time.
@@ -304,11 +353,13 @@ export function createClient(env) {
     busy = true;
     let delay;
     try {
+      await ensureConsent();
       const id = batch.every((e) => e.user || e.visitor) ? null : await identity();
+      const token = (await streamToken()) || undefined; // every event is this visitor's
       const r = await env.fetch(o.gateway + "/v1/events", {
         method: "POST",
         headers: headers("text/plain"), // a CORS-simple type: no preflight (unless a key is set)
-        body: JSON.stringify({ events: batch.map((e) => fill(e, id)) }),
+        body: JSON.stringify({ events: batch.map((e) => fill(e, id)), token }),
       });
       delay = await settle(batch, r);
     } catch (err) {
@@ -327,11 +378,12 @@ export function createClient(env) {
   function beacon() {
     if (!o || !allowed("analytics")) return;
     const id = who();
+    const token = o.token || stored().token || undefined;
     const url = o.gateway + "/v1/events";
     const events = load().filter((e) => !beaconed[e.id] && (id || e.user || e.visitor));
     for (let i = 0; i < events.length; i += o.beaconChunk) {
       const chunk = events.slice(i, i + o.beaconChunk);
-      const body = JSON.stringify({ events: chunk.map((e) => fill(e, id)) });
+      const body = JSON.stringify({ events: chunk.map((e) => fill(e, id)), token });
       // sendBeacon cannot set headers: with a key, a keepalive fetch carries it.
       if (o.key || !env.sendBeacon || !env.sendBeacon(url, body)) {
         try {
@@ -354,7 +406,10 @@ export function createClient(env) {
     const q = Object.assign({ n: o.n, category: o.category }, params);
     if (allowed("personalization")) {
       try {
+        await ensureConsent();
         Object.assign(q, await identity());
+        const token = await streamToken();
+        if (token) q.token = token;
       } catch (e) {
         /* no visitor id: popular items */
       }
@@ -402,6 +457,7 @@ export function createClient(env) {
     wsTimer = 0;
     let token;
     try {
+      await ensureConsent().catch(log); // the stream answers non-personal items until the gateway knows
       token = await streamToken();
     } catch (e) {
       if (!live) return;
@@ -528,6 +584,7 @@ export function createClient(env) {
     wanted = !!(o.onRecommendations || o.target);
     personal = allowed("personalization");
     if (o.antiFlickerMs && wanted) hide(o.antiFlickerMs);
+    ensureConsent().catch(log);
     apply();
     if (wanted) startLive();
     return client;

@@ -46,8 +46,11 @@ test("the classic build drains the stub and becomes window.Tailor", async () => 
   assert.equal(typeof win.Tailor.render, "function");
   await win.clock.advance(1000);
   assert.deepEqual(
-    win.calls.map((c) => [c.url, c.body.events.map((e) => e.item)]),
-    [[`${GW}/v1/events`, ["a"]]]
+    win.calls.map((c) => [c.url, c.body.events ? c.body.events.map((e) => e.item) : c.body.choices]),
+    [
+      [`${GW}/v1/consent`, { analytics: "granted" }],
+      [`${GW}/v1/events`, ["a"]],
+    ]
   );
 });
 

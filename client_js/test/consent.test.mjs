@@ -2,7 +2,7 @@
 // before it is granted.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { setup, MemoryStorage, response, FakeWebSocket, GW } from "./helpers.mjs";
+import { setup, MemoryStorage, response, FakeWebSocket, GW, makeClock, START } from "./helpers.mjs";
 
 test("opt-in: before analytics is granted nothing is sent or stored; granting sends what was tracked", async () => {
   const { client, clock, calls, storage, sent } = setup();
@@ -22,10 +22,13 @@ test("opt-in: before analytics is granted nothing is sent or stored; granting se
 
   client.consent.grant("analytics");
   await clock.advance(1000);
+  // the gateway learns the choice before it sees any event (else it would not store them)
   assert.deepEqual(
     calls.map((c) => c.path),
-    ["/v1/token", "/v1/events"]
+    ["/v1/token", "/v1/consent", "/v1/events"]
   );
+  assert.deepEqual(calls[1].body, { choices: { analytics: "granted" }, token: "tok-1" });
+  assert.equal(sent()[0].body.token, "tok-1");
   assert.deepEqual(
     sent()[0].body.events.map((e) => [e.id, e.visitor]),
     [[id, "anon-1"]]
@@ -116,17 +119,19 @@ test("opt-out mode: everything is allowed until denied", async () => {
   assert.equal(new URL(calls.at(-1).url).searchParams.get("visitor"), "v1"); // personalization still allowed
 });
 
-test("without personalization: no token, no stream, recommendations without a visitor id (popular)", async () => {
+test("without personalization: no stream, recommendations without a visitor id (popular)", async () => {
   const got = [];
-  const { client, clock, calls } = setup();
+  const { client, clock, calls, gw } = setup();
   client.consent.grant("analytics");
   client.init({ gateway: GW, n: 4, onRecommendations: (r, cause) => got.push([r.request_id, cause]) });
   await clock.advance(0);
   assert.equal(FakeWebSocket.instances.length, 0);
+  // the visitor's id and token serve only to record the analytics consent at the gateway
   assert.deepEqual(
     calls.map((c) => c.url),
-    [`${GW}/v1/recommend?n=4`]
+    [`${GW}/v1/token`, `${GW}/v1/recommend?n=4`, `${GW}/v1/consent`]
   );
+  assert.deepEqual(gw.recorded, [{ choices: { analytics: "granted" }, token: "tok-1" }]);
   assert.deepEqual(got, [["req-1", "fetch"]]);
   // explicit calls too, even once the visitor has an id (analytics made one for its events)
   client.track("view", { item: "a" });
@@ -137,14 +142,14 @@ test("without personalization: no token, no stream, recommendations without a vi
 
 test("granting personalization opens the stream; denying it closes the stream and fetches popular items", async () => {
   const got = [];
-  const { client, clock, calls } = setup();
+  const { client, clock, calls, gw } = setup();
   client.init({ gateway: GW, n: 4, onRecommendations: (r, cause) => got.push(cause) });
   await clock.advance(0);
   client.consent.grant("personalization");
   await clock.advance(0);
   assert.deepEqual(
     calls.map((c) => c.path),
-    ["/v1/recommend", "/v1/token"]
+    ["/v1/recommend", "/v1/token", "/v1/consent"]
   );
   const ws = FakeWebSocket.last();
   assert.equal(ws.url, "wss://gw.example/v1/stream?token=tok-1&n=4");
@@ -153,7 +158,74 @@ test("granting personalization opens the stream; denying it closes the stream an
   await clock.advance(0);
   assert.equal(ws.closedWith, 1000);
   assert.deepEqual(got, ["fetch", "connect", "fetch"]);
-  assert.equal(calls.at(-1).url, `${GW}/v1/recommend?n=4`);
-  // neither analytics nor personalization: the stored anonymous id is forgotten
+  assert.equal(calls.filter((c) => c.path == "/v1/recommend").at(-1).url, `${GW}/v1/recommend?n=4`);
+  // the gateway hears of the refusal, for the visitor the token named; then (neither analytics
+  // nor personalization) the stored anonymous id is forgotten
+  assert.deepEqual(gw.recorded.at(-1), { choices: { personalization: "denied" }, token: "tok-1" });
   assert.equal(client.visitor(), null);
+});
+
+test("the gateway hears each choice once, and again after a week (it forgets idle visitors)", async () => {
+  const storage = new MemoryStorage();
+  const first = setup({ storage });
+  first.client.consent.grant("analytics");
+  first.client.init({ gateway: GW });
+  await first.clock.advance(0);
+  assert.equal(first.gw.recorded.length, 1);
+  const again = setup({ storage }); // the next page, same choices: nothing to say
+  again.client.init({ gateway: GW });
+  await again.clock.advance(0);
+  assert.equal(again.gw.recorded.length, 0);
+  const later = setup({ storage, clock: makeClock(START + 8 * 864e5) });
+  later.client.init({ gateway: GW });
+  await later.clock.advance(0);
+  assert.deepEqual(
+    later.gw.recorded.map((b) => b.choices),
+    [{ analytics: "granted" }]
+  );
+});
+
+test("events the gateway did not store for want of consent go again after the choices, once", async () => {
+  const { client, clock, sent, gw } = setup();
+  client.consent.grant("analytics");
+  client.init({ gateway: GW });
+  let forgot = 2; // the gateway lost the visitor's consent, and (second time) it still refuses
+  gw.events = (call) =>
+    forgot-- > 0
+      ? response(202, { accepted: 0, duplicates: 0, rejected: [], unconsented: call.body.events.length })
+      : response(202, { accepted: call.body.events.length, duplicates: 0, rejected: [] });
+  client.track("view", { item: "a" });
+  await clock.advance(1000);
+  assert.equal(gw.recorded.length, 2); // at init, then after the first `unconsented`
+  assert.equal(sent().length, 2); // the batch again, after the choices; the second refusal is final
+  assert.deepEqual(
+    sent().map((c) => c.body.events[0].item),
+    ["a", "a"]
+  );
+  client.track("view", { item: "b" });
+  await clock.advance(1000);
+  assert.equal(gw.recorded.length, 2); // once per page
+  assert.equal(sent().at(-1).body.events[0].item, "b");
+});
+
+test("a 401 on events (an expired token) renews the token and sends the batch again", async () => {
+  const { client, clock, sent, gw } = setup();
+  client.consent.grant("analytics");
+  client.init({ gateway: GW });
+  let refuse = true;
+  gw.events = (call) => {
+    if (refuse) {
+      refuse = false;
+      return response(401, { error: { code: "expired-token" } });
+    }
+    return response(202, { accepted: call.body.events.length, duplicates: 0, rejected: [] });
+  };
+  client.track("view", { item: "a" });
+  await clock.advance(1000);
+  await clock.advance(1000);
+  assert.deepEqual(
+    sent().map((c) => c.body.token),
+    ["tok-1", "tok-2"]
+  );
+  assert.equal(client.visitor().visitor, "anon-1"); // renewed for the same visitor
 });

@@ -212,7 +212,7 @@ test("an anonymous visitor gets its id from POST /v1/token once, and keeps it", 
   await t.clock.advance(1000);
   assert.deepEqual(
     t.calls.map((c) => c.path),
-    ["/v1/token", "/v1/events", "/v1/events"]
+    ["/v1/token", "/v1/consent", "/v1/events", "/v1/events"]
   );
   assert.deepEqual(
     t.sent().flatMap((c) => c.body.events.map((e) => e.visitor)),

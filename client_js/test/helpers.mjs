@@ -98,6 +98,14 @@ export function gateway(clock) {
       return response(200, { visitor, token: `tok-${tokens}`, expires_at });
     },
     recommend: () => response(200, { request_id: `req-${++requests}`, snapshot: "s1", items: ITEMS, fallback: null, profile: "none" }),
+    // PUT /v1/consent: the choices as applied (`recorded` keeps every body, for the tests to read)
+    recorded: [],
+    consent(call) {
+      this.recorded.push(call.body);
+      const purposes = {};
+      for (const [p, state] of Object.entries(call.body.choices)) purposes[p] = { allowed: state == "granted", state };
+      return response(200, { visitor: "anon", mode: "opt-in", purposes });
+    },
   };
 }
 
@@ -142,7 +150,12 @@ export function setup({ storage = new MemoryStorage(), random = () => 0.5, clock
       const call = { url, path, init, body: init.body ? JSON.parse(init.body) : undefined };
       calls.push(call);
       await null;
-      const route = { "/v1/events": gw.events, "/v1/token": gw.token, "/v1/recommend": gw.recommend }[path];
+      const route = {
+        "/v1/events": gw.events,
+        "/v1/token": gw.token,
+        "/v1/recommend": gw.recommend,
+        "/v1/consent": gw.consent,
+      }[path];
       return route.call(gw, call);
     },
     WebSocket: FakeWebSocket,
@@ -287,6 +300,7 @@ export function fakeWindow() {
       calls.push({ url, init, body: init.body && JSON.parse(init.body) });
       if (url.endsWith("/v1/token")) return response(200, { visitor: "anon-w", token: "tok-w", expires_at: 4e9 });
       if (url.includes("/v1/recommend")) return response(200, { request_id: "r", items: [] });
+      if (url.endsWith("/v1/consent")) return response(200, { purposes: {} });
       return response(202, { accepted: init.body ? JSON.parse(init.body).events.length : 0 });
     },
   };

@@ -20,7 +20,7 @@ test("an anonymous visitor gets a token, opens the stream and receives pushes", 
   await clock.advance(0);
   assert.deepEqual(
     calls.map((c) => c.path),
-    ["/v1/token"]
+    ["/v1/token", "/v1/consent"]
   );
   assert.equal(sockets.length, 1);
   assert.equal(sockets[0].url, "wss://gw.example/v1/stream?token=tok-1&n=6&category=fashion%2Cbeauty");
@@ -136,7 +136,10 @@ test("a known visitor without a token (nor getToken) is served over HTTP only", 
   await clock.advance(0);
   assert.equal(sockets.length, 0);
   assert.deepEqual(got, ["fetch:req-1"]);
-  assert.equal(calls[0].url, `${GW}/v1/recommend?visitor=cookie-1`);
+  assert.equal(calls.find((c) => c.path == "/v1/recommend").url, `${GW}/v1/recommend?visitor=cookie-1`);
+  // its consent is recorded by id (a gateway with API keys refuses that: such a site passes tokens)
+  const everything = { analytics: "granted", personalization: "granted", marketing: "granted" };
+  assert.deepEqual(calls.find((c) => c.path == "/v1/consent").body, { choices: everything, visitor: "cookie-1" });
 });
 
 test("4400 (a bad parameter) is not retried: HTTP fallback only", async () => {
@@ -184,9 +187,10 @@ test("no WebSocket at all: recommendations over HTTP", async () => {
   assert.deepEqual(got, ["fetch:req-1"]);
   assert.deepEqual(
     calls.map((c) => c.path),
-    ["/v1/token", "/v1/recommend"]
+    ["/v1/token", "/v1/consent", "/v1/recommend"]
   );
-  assert.equal(new URL(calls[1].url).searchParams.get("visitor"), "anon-1");
+  const asked = new URL(calls[2].url).searchParams;
+  assert.deepEqual([asked.get("visitor"), asked.get("token")], ["anon-1", "tok-1"]);
 });
 
 test("a slow HTTP fallback never overwrites a newer push", async () => {
