@@ -144,6 +144,7 @@ def test_personalization_and_analytics_are_separate_purposes(backend: Backend) -
     assert recommend(client, visitor="v2")["profile"] == "live"
     client.put("/v1/consent", json={"visitor": "v2", "choices": {"analytics": "revoked", "personalization": "denied"}})
     assert view(client, "v2", "i00004").json()["unconsented"] == 1
+    assert b"i00004" not in backend.dump()  # a denied visitor's event: nowhere in the store or its log
     assert recommend(client, visitor="v2")["fallback"] == "no-consent"
 
 
