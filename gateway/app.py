@@ -75,9 +75,10 @@ class Gateway:
         )
         self.secret, pseudonym_key = privacy.keys(settings)
         self.pseudonym = privacy.Pseudonyms(pseudonym_key)
-        opt_out = settings.consent_mode == "opt-out"
-        self.personalization = Requirement("personalization", default=opt_out)
-        self.analytics = Requirement("analytics", default=opt_out)
+        # What each purpose needs under the consent model: a choice decides, none means the default.
+        self.requirements = {p: Requirement(p, default=settings.consent_mode == "opt-out") for p in PURPOSES}
+        self.personalization = self.requirements["personalization"]
+        self.analytics = self.requirements["analytics"]
         self.event_types = frozenset(wire.BUILT_IN_EVENTS) | frozenset(settings.custom_events)
         self.access = Access(
             public_keys=settings.public_keys,
@@ -261,9 +262,12 @@ class Gateway:
                 return token
         return None
 
-    def acting_for(self, connection: Request | WebSocket, claimed: str | None, token: str | None) -> str | None:
+    def acting_for(
+        self, connection: Request | WebSocket, claimed: str | None, token: str | None, *, required: bool = False
+    ) -> str | None:
         """The raw visitor id this request may read or write: its token's (a `claimed` id must then
-        be the same), else the id it claims, which only a caller `_binds` does not hold may do."""
+        be the same), else the id it claims, which only a caller `_binds` does not hold may do.
+        `required`: a caller `_binds` holds must show a token even when it claims no id."""
         token = self._token_of(connection, token)
         if token is not None:
             try:
@@ -273,11 +277,11 @@ class Gateway:
             if claimed is not None and claimed != visitor:
                 raise ApiError(403, "not-your-visitor", "the token is for another visitor", field="visitor")
             return visitor
-        if claimed is not None and self._binds(connection):
+        if (claimed is not None or required) and self._binds(connection):
             raise ApiError(
                 401,
                 "token-required",
-                "with a public key, name the visitor by their token (`token` or X-Tailor-Token), not by id",
+                "with a public key, a visitor is named by their token (`token` or X-Tailor-Token), not by id",
                 field="token",
             )
         return claimed
@@ -326,16 +330,8 @@ class Gateway:
         if media not in EVENT_MEDIA_TYPES:
             raise ApiError(415, "unsupported-media-type", f"send JSON as application/json or text/plain, not {media!r}")
         raw, token = decode_events(await read_body(request, MAX_BODY_BYTES))
-        # With a token, every event is its visitor's; without, a caller that must show one (a
-        # public key) may send none that names a visitor.
-        owner = self.acting_for(request, None, token)
-        if owner is None and self._binds(request):
-            raise ApiError(
-                401,
-                "token-required",
-                "with a public key, send the visitor's token (`token` or X-Tailor-Token)",
-                field="token",
-            )
+        # With a token, every event is its visitor's; a public key must send one.
+        owner = self.acting_for(request, None, token, required=True)
         if len(raw) > self.settings.max_events_per_batch:
             raise ApiError(
                 413, "batch-too-large", f"at most {self.settings.max_events_per_batch} events per batch", field="events"
@@ -512,9 +508,8 @@ class Gateway:
     # -- consent ---------------------------------------------------------------------------------
     def _consent_view(self, visitor: str, consent: dict[str, Consent], now: float) -> wire.ConsentView:
         purposes: dict[str, wire.PurposeConsent] = {}
-        default = self.settings.consent_mode == "opt-out"
-        for purpose in PURPOSES:
-            allowed = Requirement(purpose, default).permits(consent, now)
+        for purpose, requirement in self.requirements.items():
+            allowed = requirement.permits(consent, now)
             choice = consent.get(purpose)
             purposes[purpose] = (
                 wire.PurposeConsent(allowed)

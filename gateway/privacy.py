@@ -76,12 +76,12 @@ def derive(master: bytes, purpose: str) -> bytes:
 
 def keys(settings: config.Settings) -> tuple[bytes, bytes]:
     """(token signing key, pseudonym key) as the settings give them."""
-    master = settings.secret.encode() if settings.secret else b""
-    if not master:
+    if settings.secret:
+        master = token_key = settings.secret.encode()
+    else:
         master = master_secret(Path(settings.secret_file))
-    token_key = settings.secret.encode() if settings.secret else derive(master, "tokens")
-    pseudonym_key = settings.pseudonym_key.encode() if settings.pseudonym_key else derive(master, "pseudonyms")
-    return token_key, pseudonym_key
+        token_key = derive(master, "tokens")
+    return token_key, settings.pseudonym_key.encode() or derive(master, "pseudonyms")
 
 
 class Pseudonyms:
