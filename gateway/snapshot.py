@@ -9,6 +9,7 @@ old snapshot finishes on it and the next one sees the new one.
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from annoy import AnnoyIndex
 from index_builder import snapshot as published
 from index_builder.model import ModelParams, regularized_gram
 from index_builder.schema import Item
+from index_builder.segments import SegmentModel
 
 log = logging.getLogger("tailor.snapshot")
 
@@ -74,6 +76,13 @@ class Snapshot:
     neighbour_rows: npt.NDArray[np.int32] | None = None
     neighbour_scores: npt.NDArray[np.float32] | None = None
     pool_of_user: list[int] = field(default_factory=list)  # user row -> row in pool_rows, or -1
+    # The build's behavioural clusters, to put visitors into `model:<k>` segments (absent in older
+    # snapshots and in builds with --segments 0).
+    segment_model: SegmentModel | None = None
+    # Item attributes by row, for rules and filters: tags, price (nan: unknown), stock (-1: unknown).
+    item_tags: list[frozenset[str]] = field(default_factory=list)
+    prices: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0, dtype=np.float64))
+    stock: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     # Filled by the HTTP layer as rows are served (gateway.wire.encode_recommendations): a row's
     # encoded id, title and categories, and each reason list, encoded once per snapshot.
     encoded_items: dict[int, bytes] = field(default_factory=dict)
@@ -185,6 +194,10 @@ def _read(directory: Path) -> Snapshot:
         if pools["neighbour_rows"].shape[0] != len(items):
             raise ValueError("precomputed neighbours do not match the item table")
 
+    segment_model = None
+    if "segments.json" in manifest.files:
+        segment_model = msgspec.json.decode((directory / "segments.json").read_bytes(), type=SegmentModel)
+
     gram = regularized_gram(np.asarray(item_vectors), params.regularization)
     index = manifest.index
     annoy: AnnoyIndex | None = None
@@ -221,6 +234,10 @@ def _read(directory: Path) -> Snapshot:
         pool_scores=pools.get("pool_scores"),
         neighbour_rows=pools.get("neighbour_rows"),
         neighbour_scores=pools.get("neighbour_scores"),
+        segment_model=segment_model,
+        item_tags=[frozenset(item.tags) for item in items],
+        prices=np.array([math.nan if item.price is None else item.price for item in items], dtype=np.float64),
+        stock=np.array([-1 if item.stock is None else item.stock for item in items], dtype=np.int64),
     )
 
 

@@ -14,13 +14,13 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from index_builder import ann, snapshot
-from index_builder.clean import CleanReport, assemble, clean_interactions, clean_items
+from index_builder import ann, segments, snapshot
+from index_builder.clean import Catalog, CleanReport, assemble, clean_interactions, clean_items
 from index_builder.dataset import Interactions, temporal_split
 from index_builder.evaluate import Metrics, evaluate
 from index_builder.model import ModelParams
 from index_builder.readers import Format, InputError, interaction_rows, item_rows
-from index_builder.schema import DEFAULT_EVENT_WEIGHTS, Item
+from index_builder.schema import DEFAULT_EVENT_WEIGHTS, Interaction, Item
 from index_builder.train import (
     TuneResult,
     content_vectors,
@@ -56,6 +56,8 @@ class BuildConfig(msgspec.Struct, frozen=True):
     # visitors the build did not know. The work grows with items squared, hence the cap.
     neighbours: int = 100
     neighbours_max_items: int = 300_000
+    # K-Means clusters of users by behaviour, shipped as segments.json for the gateway; 0 = none.
+    segments: int = 5
 
 
 class QualityGateError(Exception):
@@ -89,6 +91,15 @@ def _file_input(path: Path) -> snapshot.InputFile:
 def read_inputs(
     config: BuildConfig, say: Callable[[str], None]
 ) -> tuple[Interactions, list[Item], list[str], list[CleanReport], int]:
+    events, items, reports = read_events(config, say)
+    data, catalog, missing = assemble_inputs(events, items, config, say)
+    return data, catalog.items, catalog.user_ids, reports, missing
+
+
+def read_events(
+    config: BuildConfig, say: Callable[[str], None]
+) -> tuple[list[Interaction], list[Item], list[CleanReport]]:
+    """The cleaned events and items, before assembly: segments need each event's type and time."""
     reports: list[CleanReport] = []
     items: list[Item] = []
     if config.items is not None:
@@ -111,11 +122,38 @@ def read_inputs(
                 f"{report.file}: {report.rejected:,} of {report.read:,} rows rejected; first: "
                 + "; ".join(f"line {r.line}: {r.reason}" for r in report.examples[:3])
             )
+    return events, items, reports
+
+
+def assemble_inputs(
+    events: list[Interaction], items: list[Item], config: BuildConfig, say: Callable[[str], None]
+) -> tuple[Interactions, Catalog, int]:
     data, catalog, missing = assemble(events, items, config.weights)
     if len(data) == 0:
         raise InputError("no usable interactions: nothing to train on")
     say(f"{len(data):,} interactions, {data.n_users:,} users, {data.n_items:,} items ({missing:,} not in the catalog)")
-    return data, catalog.items, catalog.user_ids, reports, missing
+    return data, catalog, missing
+
+
+def fit_segments(
+    events: list[Interaction], data: Interactions, catalog: Catalog, say: Callable[[str], None], *, k: int, seed: int
+) -> tuple[segments.SegmentModel, npt.NDArray[np.intp]]:
+    """Cluster the known users on their behaviour as of the log's end, computed as the gateway
+    computes it from a visitor's counters (index_builder.segments); the model and each user row's
+    segment index."""
+    end = max(event.timestamp for event in events).timestamp()
+    interactions_per_item = np.bincount(data.item, minlength=data.n_items)
+    affinity, members = segments.affinity_categories(catalog.items, interactions_per_item)
+    say(
+        f"segmenting {data.n_users:,} users into {k} clusters by recency, frequency, purchases, "
+        f"add-to-carts and their share of views in {len(affinity)} top categories"
+    )
+    user_rows = {user: row for row, user in enumerate(catalog.user_ids)}
+    raw = segments.log_activity(events, user_rows, catalog.items, members, end=end)
+    model, labels = segments.fit(segments.feature_matrix(raw), affinity, members, k, seed=seed)
+    for segment in model.segments:
+        say(f"  {segment.id}: {segment.users:,} users, {segment.description}")
+    return model, labels
 
 
 def _popular_lists(scores: npt.NDArray[np.float32], items: list[Item]) -> dict[str, list[int]]:
@@ -184,7 +222,13 @@ def quality_gate(model: Metrics, popularity: Metrics, force: bool) -> bool:
 def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     started = time.perf_counter()
     inputs = [_file_input(p) for p in [*config.events, *([config.items] if config.items else [])] if p.exists()]
-    data, items, user_ids, reports, missing = read_inputs(config, say)
+    events, given_items, reports = read_events(config, say)
+    data, catalog, missing = assemble_inputs(events, given_items, config, say)
+    items, user_ids = catalog.items, catalog.user_ids
+    segment_model = None
+    if config.segments > 0:
+        segment_model, _ = fit_segments(events, data, catalog, say, k=config.segments, seed=config.seed)
+    del events, given_items  # the largest thing held so far; nothing below needs it
 
     say("splitting: each user's last 20% of interactions by time are held out for evaluation")
     train, test = temporal_split(data)
@@ -268,6 +312,8 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     np.save(staging / "pool_scores.npy", pool_scores)
     (staging / "popular.json").write_bytes(msgspec.json.encode(_popular_lists(popularity, items)))
     ann.save_annoy(index, staging / "items.ann")
+    if segment_model is not None:
+        (staging / "segments.json").write_bytes(msgspec.json.encode(segment_model))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     fields: dict[str, Any] = {
         "version": version,
@@ -281,12 +327,17 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
             "tuning_trials": len(tuning.trials),
             "pools": {"users": len(pool_users), "size": int(pool_rows.shape[1])},
             "neighbours": int(neighbours[0].shape[1]) if neighbours is not None else 0,
+            "segments": config.segments,
         },
         "metrics": {
             "protocol": "temporal hold-out: each user's last 20% by time; seen items removed; k=10",
             "model": msgspec.to_builtins(model_metrics),
             "popularity": msgspec.to_builtins(popularity_metrics),
             "validation": msgspec.to_builtins(tuning.best_metrics),
+            "segments": [
+                {"id": segment.id, "users": segment.users, "description": segment.description}
+                for segment in (segment_model.segments if segment_model is not None else [])
+            ],
         },
         "counts": {
             "interactions": len(data),

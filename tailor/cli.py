@@ -118,6 +118,14 @@ def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="similar items precomputed per item (0: none; skipped above 300,000 items, where the "
         "gateway searches online)",
     )
+    p.add_argument(
+        "--segments",
+        type=int,
+        default=5,
+        metavar="K",
+        help="cluster users into K behavioural segments (recency, frequency, purchases, category affinity) "
+        "that the gateway assigns visitors to as model:0..model:K-1; 0: none",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--force", action="store_true", help="publish even if the model does worse than popularity")
     p.add_argument("--report-json", type=Path, help="also write the full build report as JSON here")
@@ -294,6 +302,7 @@ def _build(args: argparse.Namespace, events: list[Path], say: Stopwatch) -> int:
         precompute_users=max(0, args.precompute_users),
         pool_size=args.pool_size,
         neighbours=max(0, args.neighbours),
+        segments=max(0, args.segments),
     )
     try:
         result = build(config, say)
