@@ -39,10 +39,24 @@ from gateway.guard import GuardedStore
 from gateway.http import JSON, ApiError, JSONBytes, field_of, json_response, parse_query, read_body
 from gateway.ingest import EVENT_MEDIA_TYPES, check_event, decode_events
 from gateway.metrics import Metrics
-from gateway.recommend import Answer, Recommender
+from gateway.recommend import Answer, Context, Recommender
+from gateway.rulebook import RuleKeeper
+from gateway.rules import Book, RuleSet
+from gateway.rules_api import RulesApi
 from gateway.snapshot import Snapshot, SnapshotRefusedError, load, load_current
-from gateway.store import PURPOSES, Consent, Recorded, Requirement, Retention, Store, StoreError, open_store
+from gateway.store import (
+    PURPOSES,
+    Consent,
+    Recorded,
+    Requirement,
+    Retention,
+    Store,
+    StoreError,
+    open_documents,
+    open_store,
+)
 from gateway.stream import Hub
+from gateway.triggers import Delivered, TriggerEngine
 from index_builder import snapshot as published
 
 log = logging.getLogger("tailor.gateway")
@@ -99,8 +113,18 @@ class Gateway:
         self.executor = ThreadPoolExecutor(settings.compute_threads, thread_name_prefix="tailor-compute")
         self.recommender: Recommender | None = None
         self.refused: dict[str, list[str]] = {}
+        self.rules = RuleKeeper(
+            open_documents(self.store, "rules", settings.rules_dir),
+            windows=self.retention.windows,
+            install=self._install_book,
+            snapshot=lambda: self.recommender.snap if self.recommender is not None else None,
+            activated=self._rules_activated,
+            poll_s=settings.rules_poll_s,
+        )
+        self.rules_api = RulesApi(self, self.rules)
         self._reload_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex() + "-"
         self.hub = Hub(
@@ -113,6 +137,18 @@ class Gateway:
             on_drop=lambda reason: self.metrics.stream_drops.labels(reason).inc(),
             on_count=self.metrics.streams.set,
         )
+        self.marketing = self.requirements["marketing"]
+        self.triggers = TriggerEngine(
+            self.store,
+            requires=self.marketing,
+            windows=self.retention.windows,
+            poll_s=settings.trigger_poll_s,
+            inbox_keep=settings.trigger_inbox_keep,
+            inbox_ttl_s=settings.trigger_inbox_ttl_s,
+            on_fired=lambda trigger: self.metrics.triggers_fired.labels(trigger).inc(),
+            on_scheduled=lambda trigger: self.metrics.trigger_timers_scheduled.labels(trigger).inc(),
+            on_cancelled=lambda trigger: self.metrics.trigger_timers_cancelled.labels(trigger).inc(),
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -123,6 +159,7 @@ class Gateway:
             log.error("no snapshot to serve yet: %s", refused)
         else:
             self._install(snap)
+        await self.rules.start()
         for refusal in refusals:
             self.metrics.reloads.labels("refused").inc()
             if refusal.version is not None:
@@ -131,10 +168,19 @@ class Gateway:
             log.warning("store %s is not reachable yet; serving popular items until it is", self.settings.store)
         if self.settings.watch_interval_s > 0:
             self._watcher = asyncio.create_task(self._watch(), name="snapshot-watcher")
+        self._flusher = asyncio.create_task(self._flush_metrics(), name="metrics-flush")
         self.store.subscribe(self.hub.changed)  # events taken here or by another process on the same store
+        self.store.subscribe_messages(self.hub.deliver)  # triggers fired here or by another process
+        self.triggers.start()
 
     async def stop(self) -> None:
+        await self.triggers.stop()
         await self.hub.close()
+        await self.rules.stop()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -150,10 +196,11 @@ class Gateway:
     def _load(self, directory: Path) -> Snapshot:
         return wire.prepare(load(directory, verify=self.settings.verify_snapshots))
 
-    def _install(self, snap: Snapshot) -> str | None:
+    def _install(self, snap: Snapshot, book: Book | None = None) -> str | None:
+        """Serve `snap`, with `book` (the active rules compiled for it) from its first request."""
         previous = self.recommender.snap.version if self.recommender is not None else None
         s = self.settings
-        self.recommender = Recommender(
+        recommender = Recommender(
             snap,
             self.guard,
             offload=self.offload,
@@ -162,6 +209,9 @@ class Gateway:
             recent_limit=s.recent_limit,
             max_age_s=s.max_snapshot_age_s,
         )
+        recommender.book = book
+        self.recommender = recommender
+        self.rules.adopt(book)
         # A snapshot is hundreds of thousands of long-lived objects (item table, category sets); left
         # in the collector's generations they make every full collection a pause of tens to hundreds
         # of milliseconds. Frozen, the cyclic collector skips them; reference counting still frees
@@ -195,8 +245,14 @@ class Gateway:
                 log.error("%s; still serving %s", refused, serving)
                 raise
             self.refused.pop(version, None)
-            previous = self._install(snap)
+            book = await asyncio.to_thread(self.rules.compile_for, snap)
+            previous = self._install(snap, book)
             return wire.ReloadResult(changed=True, version=version, previous=previous)
+
+    async def _flush_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.metrics.flush()
 
     async def _watch(self) -> None:
         while True:
@@ -210,6 +266,25 @@ class Gateway:
                 pass  # logged by reload(); retried when the pointer names another version
             except Exception:
                 log.exception("snapshot watcher")
+
+    def _rules_activated(self, ruleset: RuleSet | None, version: int) -> None:
+        """A rule-set version became active (None: none is): its triggers replace the others."""
+        try:
+            self.triggers.use(ruleset.triggers if ruleset is not None else [], version)
+        except ValueError as exc:  # checked when stored; only a changed gateway setting gets here
+            log.error("rules version %s: triggers not used: %s", version, exc)
+
+    def _install_book(self, book: Book | None) -> None:
+        """Called by the rule keeper: serve `book` from the next request on (if it was compiled for
+        the snapshot being served; otherwise the keeper compiles again for this one)."""
+        rec = self.recommender
+        if rec is None:
+            return
+        if book is not None and book.snap is not rec.snap:
+            self.rules.changed()
+            return
+        rec.book = book
+        self.metrics.rules_version.set(book.version or 0 if book is not None else 0)
 
     def offload(self, compute: Callable[[], T]) -> Awaitable[T]:
         return asyncio.get_running_loop().run_in_executor(self.executor, compute)
@@ -237,7 +312,7 @@ class Gateway:
             raise ApiError(400, "unknown-category", message, field="category")
         return rec
 
-    def _n(self, n: int | None) -> int:
+    def n_of(self, n: int | None) -> int:
         value = self.settings.default_n if n is None else n
         if value > self.settings.max_n:
             raise ApiError(400, "invalid-parameter", f"n must be at most {self.settings.max_n}", field="n")
@@ -290,7 +365,18 @@ class Gateway:
         if answer.fallback is not None:
             self.metrics.fallbacks.labels(answer.fallback).inc()
         rid = self.request_id(request)
-        body = wire.encode_recommendations(rec.snap, rid, answer.picks, answer.fallback, answer.profile)
+        body = wire.encode_recommendations(
+            rec.snap,
+            rid,
+            answer.picks,
+            answer.fallback,
+            answer.profile,
+            segments=answer.segments,
+            rules=answer.rules,
+            content=answer.content,
+            messages=answer.messages,
+        )
+        self.metrics.rules_changed(answer.rules)
         return JSONBytes(body, request_id=rid)
 
     async def recommend(self, request: Request) -> Response:
@@ -302,12 +388,23 @@ class Gateway:
         answer = await rec.recommend(
             key=None if raw is None else self.pseudonym(raw),
             user=raw,
-            n=self._n(q.n),
+            n=self.n_of(q.n),
             categories=q.category,
             exclude=q.exclude,
             requires=self.personalization,
+            context=Context(q.device, q.country or self._country(request), q.referrer, q.page),
+            inbox=self.marketing,
         )
         return self._answer(request, rec, answer)
+
+    @staticmethod
+    def _country(request: Request) -> str | None:
+        """The visitor's country as a CDN in front of the gateway tells it (Cloudflare's header)."""
+        for name, value in request.scope["headers"]:
+            if name == b"cf-ipcountry":
+                code = value.decode("latin-1")
+                return code if len(code) == 2 and code.isalpha() else None
+        return None
 
     async def similar(self, request: Request) -> Response:
         q = parse_query(request, wire.SimilarQuery)
@@ -316,14 +413,14 @@ class Gateway:
         row = rec.snap.row_of.get(item)
         if row is None:
             raise ApiError(404, "unknown-item", f"no item {item!r} in snapshot {rec.snap.version}", field="item_id")
-        answer = await rec.similar(row, n=self._n(q.n), categories=q.category, exclude=q.exclude)
+        answer = await rec.similar(row, n=self.n_of(q.n), categories=q.category, exclude=q.exclude)
         return self._answer(request, rec, answer)
 
     async def popular(self, request: Request) -> Response:
         q = parse_query(request, wire.PopularQuery)
         rec = self.serving_for(q.category)
-        picks = rec.popular(n=self._n(q.n), categories=q.category, excluded=rec.rows_of(q.exclude))
-        return self._answer(request, rec, Answer(picks, None, "none"))
+        answer = rec.popular_answer(n=self.n_of(q.n), categories=q.category, exclude=q.exclude)
+        return self._answer(request, rec, answer)
 
     async def events(self, request: Request) -> Response:
         media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
@@ -385,20 +482,41 @@ class Gateway:
                     duplicates += 1
         if duplicates:
             self.metrics.events_duplicate.inc(duplicates)
+        # Triggers see what was stored (the duplicates left out), once it is.
+        await asyncio.gather(
+            *(
+                self.triggers.on_recorded(
+                    pseudonym(key), [e for e, fresh in zip(events, stored, strict=True) if fresh], now
+                )
+                for (key, events), stored in zip(by_visitor.items(), outcomes, strict=True)
+                if stored
+            )
+        )
         return json_response(wire.EventsAccepted(accepted, duplicates, rejected, unconsented), 202)
 
     # -- live stream ---------------------------------------------------------------------------
     async def stream_answer(self, key: str, user: str, n: int | None, categories: list[str]) -> tuple[Hashable, bytes]:
         rec = self.serving()
         answer = await rec.recommend(
-            key=key, user=user, n=self._n(n), categories=categories, exclude=(), requires=self.personalization
+            key=key, user=user, n=self.n_of(n), categories=categories, exclude=(), requires=self.personalization
         )
         if answer.fallback is not None:
             self.metrics.fallbacks.labels(answer.fallback).inc()
         # A new snapshot always counts as a change: its rows are other rows, and clients learn its version.
         same = (rec.snap.version, tuple((pick.row, pick.reason) for pick in answer.picks))
         rid = f"{self._id_prefix}{next(self._ids):x}"
-        return same, wire.encode_recommendations(rec.snap, rid, answer.picks, answer.fallback, answer.profile)
+        self.metrics.rules_changed(answer.rules)
+        body = wire.encode_recommendations(
+            rec.snap,
+            rid,
+            answer.picks,
+            answer.fallback,
+            answer.profile,
+            segments=answer.segments,
+            rules=answer.rules,
+            content=answer.content,
+        )
+        return same, body
 
     async def token(self, request: Request) -> Response:
         body = await read_body(request, 16384)  # a token is at most 1 KB: larger is a 400 up to here
@@ -439,7 +557,7 @@ class Gateway:
             q = parse_query(websocket, wire.StreamQuery)
             visitor, _ = tokens.verify(self.secret, q.token)
             rec = self.serving_for(q.category)
-            self._n(q.n)
+            self.n_of(q.n)
         except tokens.TokenError as refused:
             self.metrics.stream_drops.labels(refused.code).inc()
             await websocket.close(4401, refused.code)
@@ -491,6 +609,7 @@ class Gateway:
         try:
             profile = await self.store.profile(key, limit=self.settings.recent_keep, now=now)
             logged = await self.store.logged(key)
+            triggered = await self.store.trigger_state(key, now=now)
         except StoreError as exc:
             raise ApiError(503, "store-unavailable", str(exc), headers={"retry-after": "1"}) from None
         body = wire.VisitorExport(
@@ -502,6 +621,9 @@ class Gateway:
             events=logged,
             pseudonym=key,
             consent=profile.consent,
+            messages=[msgspec.json.decode(message, type=Delivered) for message in triggered.messages],
+            pending_triggers={timer.trigger: timer.due for timer in triggered.timers},
+            fired_triggers=triggered.fired,
         )
         return json_response(body)
 
@@ -648,6 +770,7 @@ class Gateway:
             ("/v1/visitors/{visitor_id}", "erase", self.erase_visitor, "DELETE", "admin"),
             ("/v1/visitors/{visitor_id}/export", "export", self.export_visitor, "GET", "admin"),
             ("/admin/reload", "reload", self.admin_reload, "POST", "admin"),
+            *self.rules_api.table(),
             ("/openapi.json", "openapi", self.openapi_json, "GET", "open"),
             ("/demo", "demo", self.demo_page, "GET", "open"),
             ("/demo/catalog.json", "demo", self.demo_catalog, "GET", "open"),

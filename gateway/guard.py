@@ -74,7 +74,14 @@ class GuardedStore:
         self._failures = 0
 
     async def profile(
-        self, visitor: str, *, limit: int, now: float, counters: bool = True, requires: Requirement | None = None
+        self,
+        visitor: str,
+        *,
+        limit: int,
+        now: float,
+        counters: bool = True,
+        requires: Requirement | None = None,
+        inbox: Requirement | None = None,
     ) -> Profile | Cause:
         """The visitor's profile, or the fallback cause when the store cannot give it in time."""
         if not self.healthy and self._clock() < self._open_until:
@@ -83,10 +90,12 @@ class GuardedStore:
             if self.bounded:
                 async with asyncio.timeout(self.timeout_s):
                     profile = await self.store.profile(
-                        visitor, limit=limit, now=now, counters=counters, requires=requires
+                        visitor, limit=limit, now=now, counters=counters, requires=requires, inbox=inbox
                     )
             else:
-                profile = await self.store.profile(visitor, limit=limit, now=now, counters=counters, requires=requires)
+                profile = await self.store.profile(
+                    visitor, limit=limit, now=now, counters=counters, requires=requires, inbox=inbox
+                )
         except TimeoutError as exc:
             return self._failed(TIMEOUT, exc)
         except StoreError as exc:

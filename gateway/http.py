@@ -34,10 +34,11 @@ class ApiError(Exception):
         field: str | None = None,
         problems: list[str] | None = None,
         headers: dict[str, str] | None = None,
+        rule: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.body = wire.ErrorBody(wire.ErrorDetail(code, message, field, problems))
+        self.body = wire.ErrorBody(wire.ErrorDetail(code, message, field, problems, rule))
         self.headers = headers
 
 

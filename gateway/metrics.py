@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import gc
 import logging
 import os
@@ -68,6 +69,28 @@ class Metrics:
         self.consent_changes = Counter(
             "tailor_consent_changes", "Consent choices recorded, by purpose and state", ["purpose", "state"], registry=r
         )
+        self.rule_hits = Counter(
+            "tailor_rule_hits",
+            "Answers a rule changed (filtered, re-ranked, placed, capped, attached)",
+            ["rule"],
+            registry=r,
+        )
+        self._rule_hits: collections.Counter[str] = collections.Counter()
+        self.rules_version = Gauge(
+            "tailor_rules_version", "The active rule-set version (0: none)", registry=r, multiprocess_mode="max"
+        )
+        self.triggers_fired = Counter(
+            "tailor_trigger_fired", "Trigger messages recorded (and pushed), by trigger", ["trigger"], registry=r
+        )
+        self.trigger_timers_scheduled = Counter(
+            "tailor_trigger_timers_scheduled", "Trigger timers set, by trigger", ["trigger"], registry=r
+        )
+        self.trigger_timers_cancelled = Counter(
+            "tailor_trigger_timers_cancelled",
+            "Trigger timers cancelled by their `unless` event",
+            ["trigger"],
+            registry=r,
+        )
         self.snapshot_info = Gauge(
             "tailor_snapshot_info",
             "The snapshot being served (value 1)",
@@ -84,6 +107,18 @@ class Metrics:
         self.snapshot_age = Gauge(
             "tailor_snapshot_age_seconds", "Age of the served snapshot", registry=r, multiprocess_mode="max"
         )
+
+    def rules_changed(self, refs: list[str]) -> None:
+        """Count an answer's rules ("rule:<id>@<version>"): a dict update here, the Prometheus
+        counters (a few µs per labelled increment) at `flush` time."""
+        if refs:
+            self._rule_hits.update(refs)
+
+    def flush(self) -> None:
+        """Hand what the hot path counted to Prometheus (every second, and at each scrape)."""
+        pending, self._rule_hits = self._rule_hits, collections.Counter()
+        for ref, count in pending.items():
+            self.rule_hits.labels(ref.partition("@")[0].removeprefix("rule:")).inc(count)
 
     def watch_gc(self) -> None:
         """Time every garbage collection: long pauses hold every request and push of the process."""
@@ -113,6 +148,7 @@ class Metrics:
         self.snapshot_created.set(created)
 
     def exposition(self, age: Callable[[], float | None]) -> bytes:
+        self.flush()
         current = age()
         if current is not None:
             self.snapshot_age.set(current)

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from gateway import demo, wire
+from gateway.rules import RuleSet
 
 REF = "#/components/schemas/{name}"
 JSON = "application/json"
@@ -118,7 +119,9 @@ OPERATIONS = (
         "WebSocket (upgrade with `GET`): live recommendations for the token's visitor. The server sends JSON "
         'text frames: `{"type": "recommendations", "cause": "connect"|"events"|"snapshot", "seq": N, '
         '"recommendations": <the body of GET /v1/recommend>}` on connect, after the visitor\'s events when the '
-        'list changed (debounced), and after a snapshot swap; `{"type": "ping", "ts": <unix seconds>}` when '
+        'list changed (debounced), and after a snapshot swap; `{"type": "message", "trigger", "version", '
+        '"message", "id", "at"}` when one of the visitor\'s triggers fires (the same object as in the next '
+        'recommendation\'s `messages`); `{"type": "ping", "ts": <unix seconds>}` when '
         "quiet for heartbeat_s. Refusals close the socket after the handshake: 4401 (reason `bad-token` or "
         "`expired-token`), 4400 (invalid parameter), 1013 (no snapshot yet or too many sockets); a client too "
         "slow to take its messages is closed with 4429 `too-slow`. Reconnect with backoff; the first message "
@@ -139,9 +142,10 @@ OPERATIONS = (
     Operation(
         "delete",
         "/v1/visitors/{visitor_id}",
-        "Erase everything stored about a visitor: profile, counters, consent, event ids, their events in the event "
-        "log; their open WebSockets are closed (4410). Answers a receipt. (The consent audit log keeps its lines, "
-        "under the pseudonym, as the record of what was consented to.)",
+        "Erase everything stored about a visitor: profile, counters, consent, event ids, trigger timers, fired "
+        "marks and messages, their events in the event log; their open WebSockets are closed (4410). Answers a "
+        "receipt. (The consent audit log keeps its lines, under the pseudonym, as the record of what was "
+        "consented to.)",
         answer=wire.ErasureReceipt,
         errors=(503,),
         path_parameters=("visitor_id",),
@@ -163,6 +167,82 @@ OPERATIONS = (
         "Load the snapshot CURRENT names and swap it in; 409 if it fails verification (the old one keeps serving).",
         answer=wire.ReloadResult,
         errors=(409,),
+        scope="admin",
+    ),
+    Operation(
+        "put",
+        "/admin/rules",
+        "Store a rule set (rules, segments; see the README's Rules section) as a new version, after checking it "
+        "against the served snapshot: 422 `invalid-rules` names the rule (`rule`) and the field (`field`). "
+        "`?activate=true` serves it at once on every node.",
+        query=wire.RulesQuery,
+        body=RuleSet,
+        answer=wire.RulesStored,
+        status=201,
+        errors=(400, 413, 422, 503),
+        scope="admin",
+    ),
+    Operation(
+        "get",
+        "/admin/rules",
+        "The active rule-set version, the one this node serves, runtime flags, every stored version and every "
+        "activation (newest last).",
+        answer=wire.RulesOverview,
+        errors=(503,),
+        scope="admin",
+    ),
+    Operation(
+        "post",
+        "/admin/rules/rollback",
+        "Serve again the version that was active before the current one, on every node.",
+        answer=wire.RulesOverview,
+        errors=(409, 422, 503),
+        scope="admin",
+    ),
+    Operation(
+        "post",
+        "/admin/rules/deactivate",
+        "Serve no rules (stored versions stay).",
+        answer=wire.RulesOverview,
+        errors=(503,),
+        scope="admin",
+    ),
+    Operation(
+        "post",
+        "/admin/rules/preview",
+        "Dry run: for each visitor, the list as served now and with the candidate rule set instead, with the "
+        "rules that fired and changed it, segments and attached content. Nothing is stored.",
+        body=wire.PreviewRequest,
+        answer=wire.Preview,
+        errors=(400, 413, 422, 503),
+        scope="admin",
+    ),
+    Operation(
+        "put",
+        "/admin/rules/flags/{rule_id}",
+        "Switch a rule on or off on every node at runtime (`null`: back to the rule's own `enabled`).",
+        body=wire.FlagUpdate,
+        answer=wire.RulesOverview,
+        errors=(400, 503),
+        path_parameters=("rule_id",),
+        scope="admin",
+    ),
+    Operation(
+        "get",
+        "/admin/rules/{version}",
+        "One stored rule-set version, byte for byte as it was stored.",
+        answer=RuleSet,
+        errors=(404, 503),
+        path_parameters=("version",),
+        scope="admin",
+    ),
+    Operation(
+        "post",
+        "/admin/rules/{version}/activate",
+        "Serve this version on every node (checked against the served snapshot first: 422 if it no longer fits).",
+        answer=wire.RulesOverview,
+        errors=(404, 422, 503),
+        path_parameters=("version",),
         scope="admin",
     ),
     Operation("get", "/openapi.json", "This document.", media_type=JSON),

@@ -12,15 +12,17 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Generic, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
+from gateway import conditions
 from gateway.guard import GuardedStore
+from gateway.rules import HEADROOM_MIN, Book, Content, Pick, Surface
 from gateway.snapshot import Rows, Snapshot, Vectors
-from gateway.store import Interaction, Requirement
+from gateway.store import Interaction, Profile, Requirement
 from index_builder.model import fold_in_low_rank, recent_confidence
 
 T = TypeVar("T")
@@ -51,17 +53,28 @@ class Pool(NamedTuple):
 LiveProfile = tuple[tuple[int, ...], tuple[float, ...]]
 
 
-class Pick(NamedTuple):
-    row: int
-    score: float
-    reason: str | tuple[str, ...]  # one reason, or several (encoded as the item's `reasons` list)
-
-
 @dataclass(frozen=True)
 class Answer:
     picks: list[Pick]
     fallback: Fallback | None
     profile: ProfileKind
+    segments: list[str] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)  # "rule:<id>@<version>" of each rule that changed it
+    content: list[Content] = field(default_factory=list)
+    fired: list[str] = field(default_factory=list)  # every rule whose conditions held (for previews)
+    messages: list[bytes] = field(default_factory=list)  # fired triggers' (gateway.triggers.Delivered JSON)
+
+
+class Context(NamedTuple):
+    """The request's side of rule conditions."""
+
+    device: str | None = None
+    country: str | None = None
+    referrer: str | None = None
+    page: str | None = None
+
+
+NO_CONTEXT = Context()
 
 
 class LRU(Generic[V]):
@@ -193,6 +206,11 @@ class Candidates:
         return _best_of_all(scores, self.pool_size)
 
 
+def _fetch(book: Book | None, n: int) -> int:
+    """How many candidates to rank for an answer of n: more when rules may drop some."""
+    return n + max(n, HEADROOM_MIN) if book is not None and book.headroom else n
+
+
 def _distinct(rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     """np.unique without its overhead, for a few hundred rows."""
     rows = np.sort(rows)
@@ -244,6 +262,8 @@ class Recommender:
         self.max_age_s = max_age_s
         # Popular picks overall and per single category, made on first use.
         self._popular: dict[tuple[str, ...], list[Pick]] = {}
+        # The active rules compiled for this snapshot, or None; replaced whole on every change.
+        self.book: Book | None = None
 
     def stale(self, now: float) -> bool:
         return self.max_age_s > 0 and self.snap.age(now) > self.max_age_s
@@ -252,7 +272,7 @@ class Recommender:
         row_of = self.snap.row_of
         return {row_of[item] for item in item_ids if item in row_of}
 
-    async def recommend(  # noqa: PLR0911 - one return per kind of answer
+    async def recommend(
         self,
         *,
         key: str | None,
@@ -262,27 +282,77 @@ class Recommender:
         user: str | None = None,
         requires: Requirement | None = None,
         now: float | None = None,
+        context: Context = NO_CONTEXT,
+        rules: Book | Literal["active"] | None = "active",
+        inbox: Requirement | None = None,
     ) -> Answer:
         """`key` names the visitor in the store (their pseudonym, see gateway.privacy); `user`, a raw
         id the snapshot may know them by (its users are raw ids when built from a site's own logs,
         pseudonyms when built from the gateway's event log: both are looked up). With `requires`
         not permitted by the visitor's consent, nothing personal is read: popular items, each with
-        NO_CONSENT among its reasons."""
+        NO_CONSENT among its reasons. The active rules (`self.book`) then see the profile and the
+        request's `context`, and reshape the list. With `inbox`, the same store read takes the
+        visitor's trigger messages (see Store.profile) into the answer's `messages`."""
         now = time.time() if now is None else now
+        book = self.book if rules == "active" else rules
+        fetch = _fetch(book, n)
+        counters = book is not None and book.needs_counters
+        answer, profile = await self._model_answer(
+            key=key,
+            user=user,
+            n=fetch,
+            categories=categories,
+            exclude=exclude,
+            requires=requires,
+            now=now,
+            counters=counters,
+            inbox=inbox,
+        )
+        if book is not None:
+            answer = self._ruled(
+                book,
+                answer,
+                "recommend",
+                n=n,
+                categories=categories,
+                exclude=exclude,
+                now=now,
+                context=context,
+                profile=profile,
+            )
+        if profile is not None and profile.messages:
+            answer = replace(answer, messages=profile.messages)
+        return answer
+
+    async def _model_answer(  # noqa: PLR0911 - one return per kind of answer
+        self,
+        *,
+        key: str | None,
+        n: int,
+        categories: Collection[str],
+        exclude: Collection[str],
+        user: str | None,
+        requires: Requirement | None,
+        now: float,
+        counters: bool,
+        inbox: Requirement | None = None,
+    ) -> tuple[Answer, Profile | None]:
+        """The model's answer, and the profile it was made from (None when none was read; withheld
+        when consent did not permit)."""
         excluded = self.rows_of(exclude)
         if self.stale(now):
-            return Answer(self.popular(n=n, categories=categories, excluded=excluded), "stale-snapshot", "none")
+            return Answer(self.popular(n=n, categories=categories, excluded=excluded), "stale-snapshot", "none"), None
         if key is None:
-            return Answer(self.popular(n=n, categories=categories, excluded=excluded), "cold-start", "none")
-        # Ranking uses the recent events only (rules and segments will want the counters).
-        profile = await self.store.profile(key, limit=self.recent_limit, now=now, counters=False, requires=requires)
+            return Answer(self.popular(n=n, categories=categories, excluded=excluded), "cold-start", "none"), None
+        profile = await self.store.profile(
+            key, limit=self.recent_limit, now=now, counters=counters, requires=requires, inbox=inbox
+        )
         if isinstance(profile, str):  # the store failed: its cause names the fallback
-            return Answer(self.popular(n=n, categories=categories, excluded=excluded), profile, "none")
+            return Answer(self.popular(n=n, categories=categories, excluded=excluded), profile, "none"), None
         if profile.withheld:
             picks = self.popular(n=n, categories=categories, excluded=excluded)
-            return Answer(
-                [Pick(row, score, (str(reason), NO_CONSENT)) for row, score, reason in picks], "no-consent", "none"
-            )
+            no_consent = [Pick(row, score, (str(reason), NO_CONSENT)) for row, score, reason in picks]
+            return Answer(no_consent, "no-consent", "none"), profile
         recent = profile.recent
         excluded |= self.rows_of(i.item for i in recent)
         user_rows = self.snap.user_row
@@ -291,12 +361,70 @@ class Recommender:
             user_row = user_rows.get(key)
         if user_row is not None:
             picks = await self._for_user(user_row, n=n, categories=categories, excluded=excluded)
-            return Answer(picks, None, "snapshot")
+            return Answer(picks, None, "snapshot"), profile
         live = self.live_profile(recent)
         if live is None:
-            return Answer(self.popular(n=n, categories=categories, excluded=excluded), "cold-start", "none")
+            return Answer(self.popular(n=n, categories=categories, excluded=excluded), "cold-start", "none"), profile
         picks = await self._for_live(live, n=n, categories=categories, excluded=excluded)
-        return Answer(picks, None, "live")
+        return Answer(picks, None, "live"), profile
+
+    def _ruled(
+        self,
+        book: Book,
+        answer: Answer,
+        surface: Surface,
+        *,
+        n: int,
+        categories: Collection[str],
+        exclude: Collection[str],
+        now: float,
+        context: Context,
+        profile: Profile | None = None,
+    ) -> Answer:
+        """`answer` (over-fetched) after the rules, with the visitor's segments."""
+        personal = profile is not None and not profile.withheld
+        if personal:
+            assert profile is not None
+            facts = conditions.facts(
+                now,
+                book.zone,
+                counters=profile.counters,
+                recent=profile.recent,
+                last_seen=profile.last_seen,
+                device=context.device,
+                country=context.country,
+                referrer=context.referrer,
+                page=context.page,
+            )
+        else:
+            facts = conditions.facts(
+                now,
+                book.zone,
+                device=context.device,
+                country=context.country,
+                referrer=context.referrer,
+                page=context.page,
+            )
+        segments = book.segments(facts, personal=personal)
+        plan = book.fire(facts, surface)
+        if plan is None:
+            return Answer(answer.picks[:n], answer.fallback, answer.profile, segments)
+        refused = self.rows_of(exclude)
+        if profile is not None:
+            refused |= self.rows_of(i.item for i in profile.recent)
+        wanted = frozenset(categories)
+        category_sets = self.snap.category_sets
+
+        def allowed(row: int) -> bool:
+            return row not in refused and (not wanted or not wanted.isdisjoint(category_sets[row]))
+
+        def reserve() -> list[Pick]:
+            taken = refused | {p.row for p in answer.picks}
+            return self.popular(n=4 * n + HEADROOM_MIN, categories=categories, excluded=taken)
+
+        outcome = book.apply(answer.picks, plan, n=n, reserve=reserve, allowed=allowed)
+        applied = [rule.ref for rule in outcome.applied]
+        return Answer(outcome.picks, answer.fallback, answer.profile, segments, applied, outcome.content, plan.refs)
 
     def live_profile(self, recent: list[Interaction]) -> LiveProfile | None:
         """The distinct rows of a visitor's recent events that say something about taste, ascending,
@@ -359,7 +487,14 @@ class Recommender:
         )
 
     async def similar(
-        self, row: int, *, n: int, categories: Collection[str], exclude: Collection[str], now: float | None = None
+        self,
+        row: int,
+        *,
+        n: int,
+        categories: Collection[str],
+        exclude: Collection[str],
+        now: float | None = None,
+        context: Context = NO_CONTEXT,
     ) -> Answer:
         excluded = self.rows_of(exclude) | {row}
         if self.stale(time.time() if now is None else now):
@@ -377,10 +512,35 @@ class Recommender:
         else:
             pool = await candidates.cached(("similar", row), compute)
         reason = f"similar-to:{self.snap.item_ids[row]}"
+        book = self.book
         picks = await self._choose(
-            pool, ("similar", row), compute, reason=reason, n=n, categories=categories, excluded=excluded
+            pool, ("similar", row), compute, reason=reason, n=_fetch(book, n), categories=categories, excluded=excluded
         )
-        return Answer(picks, None, "none")
+        answer = Answer(picks, None, "none")
+        if book is None:
+            return answer
+        return self._ruled(
+            book,
+            answer,
+            "similar",
+            n=n,
+            categories=categories,
+            exclude=[*exclude, self.snap.item_ids[row]],
+            now=time.time() if now is None else now,
+            context=context,
+        )
+
+    def popular_answer(
+        self, *, n: int, categories: Collection[str], exclude: Collection[str], context: Context = NO_CONTEXT
+    ) -> Answer:
+        book = self.book
+        picks = self.popular(n=_fetch(book, n), categories=categories, excluded=self.rows_of(exclude))
+        answer = Answer(picks, None, "none")
+        if book is None:
+            return answer
+        return self._ruled(
+            book, answer, "popular", n=n, categories=categories, exclude=exclude, now=time.time(), context=context
+        )
 
     async def _choose(
         self,

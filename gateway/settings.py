@@ -55,6 +55,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     event_log: str = "var/events"
     event_log_max: Annotated[int, msgspec.Meta(ge=0)] = 1_000_000
     event_log_ttl_s: NonNegative = 90 * 24 * 3600.0
+    rules_dir: str = "var/rules"
+    rules_poll_s: NonNegative = 5.0
     secret: str = ""
     secret_file: str = "var/secret"
     pseudonym_key: str = ""
@@ -71,6 +73,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stream_queue: Count = 16
     heartbeat_s: Positive = 20.0
     max_streams: Count = 20_000
+    trigger_poll_s: Positive = 1.0
+    trigger_inbox_keep: Count = 10
+    trigger_inbox_ttl_s: Positive = 7 * 24 * 3600.0
     gc_thresholds: Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(min_length=3, max_length=3)] = (
         msgspec.field(default_factory=lambda: [20_000, 5, 100])
     )

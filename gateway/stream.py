@@ -15,11 +15,13 @@ current list.
 Messages (JSON text frames, server to client):
 
     {"type": "recommendations", "cause": "connect" | "events" | "snapshot", "seq": 1, "recommendations": {...}}
+    {"type": "message", "trigger": "cart-abandon", "version": 3, "message": {...}, "id": "...", "at": 1763800000.0}
     {"type": "ping", "ts": 1763800000.0}
 
-`recommendations` is the body of GET /v1/recommend; `seq` counts the socket's pushes. A ping goes out
-after 3/4 to all of `heartbeat_s` without other messages (jittered), so a browser can tell a quiet
-socket from a dead one.
+`recommendations` is the body of GET /v1/recommend; `seq` counts the socket's pushes. A `message` is
+a trigger's (gateway.triggers.Delivered), sent as the store announces it (`deliver`), on every open
+socket of its visitor. A ping goes out after 3/4 to all of `heartbeat_s` without other messages
+(jittered), so a browser can tell a quiet socket from a dead one.
 """
 
 from __future__ import annotations
@@ -213,6 +215,12 @@ class Hub:
                 await self._refresh(sub, "events")
             except Exception:
                 log.exception("stream push to %s", visitor)
+
+    def deliver(self, visitor: str, frame: bytes) -> None:
+        """Send an encoded message frame to every socket of the visitor connected here (if any)."""
+        for sub in list(self._by_visitor.get(visitor, ())):
+            if not sub.closing:
+                self._enqueue(sub, frame)
 
     async def disconnect(self, visitor: str, *, code: int = ERASED, reason: str = "erased") -> int:
         """Close every socket of the visitor (say, after an erasure); how many there were."""

@@ -12,8 +12,11 @@ from typing import Annotated, Literal
 import msgspec
 
 from gateway.recommend import Fallback, ProfileKind
+from gateway.rules import Content, RuleSet
 from gateway.snapshot import Snapshot
 from gateway.store.base import Consent, ConsentState, LogLine
+from gateway.store.documents import Activation
+from gateway.triggers import Delivered
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256, description="An item, user or visitor id.")]
 UserId = Annotated[
@@ -61,6 +64,12 @@ class RecommendQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     page: Text | None = None
     device: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     referrer: Text | None = None
+    country: (
+        Annotated[
+            str, msgspec.Meta(pattern=r"^[A-Za-z]{2}$", description="ISO 3166 code, for rules (default: CF-IPCountry).")
+        ]
+        | None
+    ) = None
 
 
 class SimilarQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -118,6 +127,27 @@ class Recommendations(msgspec.Struct, frozen=True, gc=False):
             "`live` (folded in from the visitor's recent events), `none`."
         ),
     ] = "none"
+    segments: Annotated[
+        list[str],
+        msgspec.Meta(
+            description="The visitor's segments while a rule set is active: its predicate segments and the "
+            "snapshot's model segment (`model:<k>`)."
+        ),
+    ] = []
+    rules: Annotated[
+        list[str],
+        msgspec.Meta(description="`rule:<id>@<version>` of every rule that changed this answer, by priority."),
+    ] = []
+    content: Annotated[
+        list[Content], msgspec.Meta(description="What rules attached (banners, offers), one per slot.")
+    ] = []
+    messages: Annotated[
+        list[Delivered],
+        msgspec.Meta(
+            description="Messages of triggers that fired for the visitor since their last recommendation (each "
+            "shown once; also pushed on WS /v1/stream), with the visitor's marketing consent."
+        ),
+    ] = []
 
 
 class _EncodedRecommendations(msgspec.Struct, frozen=True, gc=False):
@@ -128,9 +158,17 @@ class _EncodedRecommendations(msgspec.Struct, frozen=True, gc=False):
     items: msgspec.Raw
     fallback: Fallback | None = None
     profile: ProfileKind = "none"
+    segments: list[str] = []
+    rules: list[str] = []
+    content: list[Content] = []
+    messages: list[msgspec.Raw] = []  # Delivered, as encoded when they fired
 
 
 _encoder = msgspec.json.Encoder()
+_NONE: list[str] = []
+_NO_CONTENT: list[Content] = []
+# Reason lists encoded once per snapshot; rules can combine reasons in many ways, so at most this many.
+ENCODED_REASONS_MAX = 100_000
 
 
 def encode_recommendations(
@@ -139,6 +177,11 @@ def encode_recommendations(
     picks: Iterable[tuple[int, float, str | tuple[str, ...]]],
     fallback: Fallback | None,
     profile: ProfileKind,
+    *,
+    segments: list[str] = _NONE,
+    rules: list[str] = _NONE,
+    content: list[Content] = _NO_CONTENT,
+    messages: Iterable[bytes] = (),
 ) -> bytes:
     """The JSON of `Recommendations(request_id, snap.version, [ScoredItem(...) per pick], ...)`,
     byte for byte, without building a ScoredItem per pick: what does not change between answers
@@ -154,10 +197,15 @@ def encode_recommendations(
         tail = reasons.get(reason)
         if tail is None:
             listed = [reason] if isinstance(reason, str) else list(reason)
-            tail = reasons[reason] = b',"reasons":' + encode(listed) + b"}"
+            tail = b',"reasons":' + encode(listed) + b"}"
+            if len(reasons) < ENCODED_REASONS_MAX:
+                reasons[reason] = tail
         parts.append(head + encode(score) + tail)
     items = msgspec.Raw(b"[" + b",".join(parts) + b"]")
-    return encode(_EncodedRecommendations(request_id, snap.version, items, fallback, profile))
+    shown = [msgspec.Raw(message) for message in messages]
+    return encode(
+        _EncodedRecommendations(request_id, snap.version, items, fallback, profile, segments, rules, content, shown)
+    )
 
 
 class StreamQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -308,6 +356,15 @@ class VisitorExport(msgspec.Struct, frozen=True):
     events: Annotated[list[LogLine], msgspec.Meta(description="The visitor's events in the event log.")]
     pseudonym: Annotated[str, msgspec.Meta(description="The name the store and the event log know the visitor by.")]
     consent: dict[str, Consent] = {}
+    messages: Annotated[
+        list[Delivered], msgspec.Meta(description="Trigger messages recorded for the visitor and not shown yet.")
+    ] = []
+    pending_triggers: Annotated[
+        dict[str, float], msgspec.Meta(description="Trigger id -> when its pending timer is due (Unix seconds).")
+    ] = {}
+    fired_triggers: Annotated[
+        dict[str, float], msgspec.Meta(description="Trigger id -> until when it does not fire again (Unix seconds).")
+    ] = {}
 
 
 Purpose = Literal["analytics", "personalization", "marketing"]
@@ -375,6 +432,7 @@ class ErrorDetail(msgspec.Struct, frozen=True, omit_defaults=True):
     message: str
     field: str | None = None
     problems: list[str] | None = None
+    rule: Annotated[str | None, msgspec.Meta(description="The rule or segment an invalid rule set is wrong in.")] = None
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
@@ -398,3 +456,89 @@ class ReloadResult(msgspec.Struct, frozen=True):
     changed: bool
     version: str
     previous: str | None
+
+
+# -- rules administration ---------------------------------------------------------------------------
+class RulesStored(msgspec.Struct, frozen=True):
+    """A rule set stored as a new version."""
+
+    version: int
+    sha256: str
+    created_at: float
+    active: Annotated[bool, msgspec.Meta(description="Whether this version is now the active one.")]
+    rules: int
+    segments: int
+
+
+class RuleVersion(msgspec.Struct, frozen=True, omit_defaults=True):
+    version: int
+    created_at: float
+    sha256: str
+    size: int
+    note: str = ""
+    active: bool = False
+
+
+class RulesOverview(msgspec.Struct, frozen=True):
+    active: Annotated[int | None, msgspec.Meta(description="The version every node serves (null: none).")]
+    serving: Annotated[int | None, msgspec.Meta(description="The version this node serves right now.")]
+    flags: Annotated[dict[str, bool], msgspec.Meta(description="Rules switched on or off at runtime, by id.")]
+    versions: list[RuleVersion]
+    activations: list[Activation]
+    problem: str | None = None
+    warnings: list[str] = []
+
+
+class RulesQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    activate: Annotated[bool, msgspec.Meta(description="Make the stored version active at once.")] = False
+    note: Annotated[str, msgspec.Meta(max_length=500, description="Why this version (kept in the history).")] = ""
+
+
+class FlagUpdate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    enabled: Annotated[
+        bool | None, msgspec.Meta(description="On or off for every node; null returns to the rule's own `enabled`.")
+    ]
+
+
+class PreviewContext(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    device: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    country: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z]{2}$")] | None = None
+    referrer: Text | None = None
+    page: Text | None = None
+    at: (
+        Annotated[
+            float, msgspec.Meta(ge=0, le=253_370_764_800, description="Evaluate at this Unix time (default: now).")
+        ]
+        | None
+    ) = None
+
+
+class PreviewRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    visitors: Annotated[list[VisitorId], msgspec.Meta(min_length=1, max_length=100)]
+    rules: Annotated[RuleSet, msgspec.Meta(description="The candidate rule set (not stored).")]
+    n: Count | None = None
+    category: Categories = []
+    context: PreviewContext = PreviewContext()
+
+
+class PreviewList(msgspec.Struct, frozen=True):
+    items: list[ScoredItem]
+    fallback: Fallback | None
+    segments: list[str]
+    rules: Annotated[list[str], msgspec.Meta(description="Rules that changed this list.")]
+    fired: Annotated[list[str], msgspec.Meta(description="Rules whose conditions held (changed it or not).")]
+    content: list[Content]
+
+
+class PreviewVisitor(msgspec.Struct, frozen=True):
+    visitor: str
+    without: Annotated[PreviewList, msgspec.Meta(description="As served now (the active rule set, if any).")]
+    with_: Annotated[PreviewList, msgspec.Meta(description="With the candidate rule set instead.")] = msgspec.field(
+        name="with"
+    )
+
+
+class Preview(msgspec.Struct, frozen=True):
+    snapshot: str
+    active: int | None
+    visitors: list[PreviewVisitor]

@@ -71,6 +71,7 @@ def running(command: Sequence[str], log: Path, name: str) -> Iterator[subprocess
             "TAILOR_CONSENT_MODE": "opt-out",
             **os.environ,
             "TAILOR_EVENT_LOG": str(log.parent / "events"),
+            "TAILOR_RULES_DIR": str(log.parent / "rules"),
         }
         proc = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=env

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from gateway.store import RedisStore
+from gateway.store import MemoryStore, RedisStore, Store
 from tests.snapshots import build_small
 
 
@@ -128,7 +128,23 @@ def root(small_snapshots: Path, tmp_path: Path) -> Path:
     return copy
 
 
-# The Redis store on the session's redis-server (tests/test_store_*.py).
+# The stores: both backends (each test that takes `store` runs on each), and the Redis one on its own,
+# on the session's redis-server.
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIterator[Store]:
+    backend: Store
+    if request.param == "memory":
+        backend = MemoryStore()
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        server.start()  # a fault test that failed half-way must not take the next tests down with it
+        backend = RedisStore(server.url, prefix=f"test:{uuid.uuid4().hex}:")
+    try:
+        yield backend
+    finally:
+        await backend.close()
 
 
 @pytest.fixture

@@ -19,7 +19,13 @@ PUBLIC, ADMIN = "pk_public_123", "ak_admin_456"
 
 
 def app_with(root: Path, **changes: Any) -> TestClient:
-    base: dict[str, Any] = {"snapshots": str(root), "watch_interval_s": 0, "secret": "s", "event_log": ""}
+    base: dict[str, Any] = {
+        "snapshots": str(root),
+        "watch_interval_s": 0,
+        "secret": "s",
+        "event_log": "",
+        "rules_dir": "",
+    }
     return TestClient(create_app(Settings(**{**base, **changes})))
 
 

@@ -52,6 +52,7 @@ def settings(root: Path, tmp_path: Path, **changes: Any) -> Settings:
         "watch_interval_s": 0,
         "secret": SECRET,
         "event_log": str(tmp_path / "events"),
+        "rules_dir": "",
         "push_debounce_ms": 10,
     }
     return Settings(**{**values, **changes})

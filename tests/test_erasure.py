@@ -31,7 +31,9 @@ def setup(request: pytest.FixtureRequest, root: Path, tmp_path: Path) -> Iterato
         prefix = f"test:{uuid.uuid4().hex}:"
         changes["store"] = f"{server.url}?prefix={prefix}"
         raw = (Redis.from_url(server.url), prefix)
-    settings = Settings(snapshots=str(root), watch_interval_s=0, secret="erase", consent_mode="opt-out", **changes)
+    settings = Settings(
+        snapshots=str(root), watch_interval_s=0, secret="erase", consent_mode="opt-out", rules_dir="", **changes
+    )
     with TestClient(create_app(settings)) as client:
         yield client, raw
 

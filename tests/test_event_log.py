@@ -42,7 +42,13 @@ def test_the_event_log_rebuilds_the_same_model_as_the_original_history(
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> None:
-    common: dict[str, Any] = {"snapshots": str(root), "watch_interval_s": 0, "secret": "log", "consent_mode": "opt-out"}
+    common: dict[str, Any] = {
+        "snapshots": str(root),
+        "watch_interval_s": 0,
+        "secret": "log",
+        "consent_mode": "opt-out",
+        "rules_dir": "",
+    }
     if backend == "memory":
         settings = Settings(**common, event_log=str(tmp_path / "events"))
         source = str(tmp_path / "events")

@@ -39,7 +39,14 @@ def pseudonym(client: TestClient, visitor: str) -> str:
 def settings(root: Path, **changes: Any) -> Settings:
     """Ranking, events and faults, with every visitor counting as consenting (opt-out, no choice
     made): consent itself is test_consent.py's."""
-    values = {"snapshots": str(root), "watch_interval_s": 0, "event_log": "", "secret": "gw", "consent_mode": "opt-out"}
+    values = {
+        "snapshots": str(root),
+        "watch_interval_s": 0,
+        "event_log": "",
+        "secret": "gw",
+        "consent_mode": "opt-out",
+        "rules_dir": "",
+    }
     return Settings(**{**values, **changes})
 
 
@@ -413,10 +420,17 @@ class SlowStore(MemoryStore):
     in_process = False
 
     async def profile(
-        self, visitor: str, *, limit: int, now: float, counters: bool = True, requires: Requirement | None = None
+        self,
+        visitor: str,
+        *,
+        limit: int,
+        now: float,
+        counters: bool = True,
+        requires: Requirement | None = None,
+        inbox: Requirement | None = None,
     ) -> Profile:
         await asyncio.sleep(0.5)
-        return await super().profile(visitor, limit=limit, now=now, requires=requires)
+        return await super().profile(visitor, limit=limit, now=now, requires=requires, inbox=inbox)
 
 
 def test_slow_store_times_out_into_popular_items(root: Path, snap: Snapshot) -> None:
@@ -568,7 +582,7 @@ def test_openapi_documents_every_route_with_its_parameters(client: TestClient) -
     app_routes = {(m, r.path) for r in app.routes for m in (getattr(r, "methods", None) or ("GET",)) if m != "HEAD"}
     assert routes == app_routes
     names = {p["name"] for p in doc["paths"]["/v1/recommend"]["get"]["parameters"]}
-    assert names == {"user", "visitor", "token", "n", "category", "exclude", "page", "device", "referrer"}
+    assert names == {"user", "visitor", "token", "n", "category", "exclude", "page", "device", "referrer", "country"}
     assert "Recommendations" in doc["components"]["schemas"]
     page = client.get("/docs")
     assert page.status_code == 200

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.guard import TRIP_AFTER, GuardedStore
 from gateway.store import EMPTY_PROFILE, Consent, Profile, Recorded, Requirement, Retention, StoreError
-from gateway.store.base import Forgotten, LogLine
+from gateway.store.base import Forgotten, LogLine, Timer, TriggerState
 
 
 class Scripted:
@@ -21,7 +21,14 @@ class Scripted:
         self.bounded_to: float | None = None
 
     async def profile(
-        self, visitor: str, *, limit: int, now: float, counters: bool = True, requires: Requirement | None = None
+        self,
+        visitor: str,
+        *,
+        limit: int,
+        now: float,
+        counters: bool = True,
+        requires: Requirement | None = None,
+        inbox: Requirement | None = None,
     ) -> Profile:
         self.reads += 1
         outcome = self.outcomes.pop(0) if self.outcomes else "ok"
@@ -49,6 +56,36 @@ class Scripted:
         return []
 
     async def set_consent(self, visitor: str, choices: Mapping[str, Consent], *, ttl: float, now: float) -> None: ...
+
+    async def schedule(
+        self, visitor: str, timers: Sequence[Timer], *, now: float, requires: Requirement | None = None
+    ) -> list[bool] | None:
+        return [True] * len(timers)
+
+    async def cancel(self, visitor: str, triggers: Sequence[str]) -> list[str]:
+        return []
+
+    async def claim_due(self, *, now: float, limit: int) -> list[tuple[str, Timer]]:
+        return []
+
+    async def fire(
+        self,
+        visitor: str,
+        trigger: str,
+        message: bytes,
+        *,
+        period: float,
+        keep: int,
+        ttl: float,
+        now: float,
+        requires: Requirement | None = None,
+    ) -> bool | None:
+        return True
+
+    async def trigger_state(self, visitor: str, *, now: float) -> TriggerState:
+        return TriggerState(timers=[], fired={}, messages=[])
+
+    def subscribe_messages(self, listener: Callable[[str, bytes], None]) -> None: ...
 
     def subscribe(self, listener: Callable[[str], None]) -> None: ...
 

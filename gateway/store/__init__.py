@@ -27,8 +27,11 @@ from gateway.store.base import (
     Store,
     StoreError,
     StoreTimeoutError,
+    Timer,
+    TriggerState,
     window_label,
 )
+from gateway.store.documents import Documents, LocalDocuments
 from gateway.store.log import FileLog
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
@@ -47,6 +50,9 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreTimeoutError",
+    "Timer",
+    "TriggerState",
+    "open_documents",
     "open_store",
     "window_label",
 ]
@@ -102,3 +108,11 @@ def _open_redis(scheme: str, netloc: str, path: str, query: str, fragment: str) 
         else:
             kept.append(pair)
     return RedisStore(urlunsplit((scheme, netloc, path, "&".join(kept), fragment)), prefix=prefix)
+
+
+def open_documents(store: Store, kind: str, directory: str) -> Documents:
+    """Versioned documents of `kind` beside `store`: in Redis for a Redis store (shared by every node),
+    else in `directory`/`kind` ("" keeps them in memory, lost on restart)."""
+    if isinstance(store, RedisStore):
+        return store.documents(kind)
+    return LocalDocuments(kind, Path(directory) if directory else None)

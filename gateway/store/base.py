@@ -5,7 +5,9 @@ state in this process; `redis://host:port/db` shares it between processes and ho
 tests in `tests/test_store_contract.py` run the same behaviours against both.
 
 Every method is at most one round trip to the backend: `profile` is what a recommendation request
-reads, `record` is what an event batch writes (for one visitor).
+reads, `record` is what an event batch writes (for one visitor). Triggers (gateway.triggers) keep
+timers, fired marks and an inbox per visitor here too: timers are durable with a shared backend
+(they outlive the process that set them), in-process only with the memory store.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Literal, NamedTuple, Protocol
 import msgspec
 
 Listener = Callable[[str], None]
+MessageListener = Callable[[str, bytes], None]  # (visitor, message) of `fire`
 
 
 class StoreError(Exception):
@@ -190,6 +193,9 @@ class Profile(msgspec.Struct, frozen=True):
     # True when the call's Requirement was not met: the store read nothing else (recent, counters
     # and last_seen are empty), only the consent that said no.
     withheld: bool = False
+    # The visitor's inbox (messages of `fire`, oldest first), when the read asked for it (`inbox`):
+    # taken out of the store by that read. Opaque to the store.
+    messages: list[bytes] = []
 
 
 class ConsentChange(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -210,15 +216,40 @@ decode_consent = msgspec.json.Decoder(Consent).decode
 EMPTY_PROFILE = Profile(recent=[], counters={})
 
 
+class Timer(NamedTuple):
+    """A visitor's pending timer for one trigger: due at `due` (Unix seconds), with the caller's payload."""
+
+    trigger: str
+    due: float
+    payload: bytes = b""
+
+
+class TriggerState(msgspec.Struct, frozen=True):
+    """What the store holds of a visitor for triggers (for an export, and to check an erasure)."""
+
+    timers: list[Timer]  # pending, soonest first
+    fired: dict[str, float]  # trigger -> until when it may not fire again (Unix seconds)
+    messages: list[bytes]  # the inbox, oldest first
+
+
 class Store(Protocol):
     async def profile(
-        self, visitor: str, *, limit: int, now: float, counters: bool = True, requires: Requirement | None = None
+        self,
+        visitor: str,
+        *,
+        limit: int,
+        now: float,
+        counters: bool = True,
+        requires: Requirement | None = None,
+        inbox: Requirement | None = None,
     ) -> Profile:
         """The visitor's newest `limit` interactions (oldest first), last-seen time, live counters
         and consent; with `counters=False` the counters are left out (empty), which spares reading
         them when the caller has no use for them. With `requires`, the store checks the visitor's
         consent first, in the same round trip, and reads nothing else when it does not permit
-        (the answer is `withheld`, with the consent only)."""
+        (the answer is `withheld`, with the consent only). With `inbox`, the same round trip also
+        empties the visitor's inbox: its messages come back in `messages` when the consent permits
+        `inbox` (whatever `requires` said), and are dropped unshown when it does not."""
         ...
 
     async def record(
@@ -240,8 +271,9 @@ class Store(Protocol):
         ...
 
     async def forget(self, visitor: str) -> Forgotten:
-        """Delete everything stored for the visitor: profile, counters, event ids, and their events
-        in the event log (a scan of the log: erasure is rare, the log is not indexed by visitor)."""
+        """Delete everything stored for the visitor: profile, counters, event ids, pending timers,
+        fired marks, the inbox, and their events in the event log (a scan of the log: erasure is
+        rare, the log is not indexed by visitor)."""
         ...
 
     async def logged(self, visitor: str) -> list[LogLine]:
@@ -252,6 +284,52 @@ class Store(Protocol):
         """Record the visitor's choices (purpose -> Consent), replacing earlier ones for those
         purposes, and append each to the consent audit log; kept `ttl` after `now` like the rest.
         Listeners hear of the visitor as after `record` (their answer may change)."""
+        ...
+
+    async def schedule(
+        self, visitor: str, timers: Sequence[Timer], *, now: float, requires: Requirement | None = None
+    ) -> list[bool] | None:
+        """Set the visitor's timers, one round trip. A trigger with a timer of the visitor's pending
+        keeps that one (due when it was). Returns, per timer, whether it was set; None (nothing set)
+        when `requires` is not permitted by the visitor's consent, checked first."""
+        ...
+
+    async def cancel(self, visitor: str, triggers: Sequence[str]) -> list[str]:
+        """Remove the visitor's pending timers of these triggers, one round trip; the triggers that had one."""
+        ...
+
+    async def claim_due(self, *, now: float, limit: int) -> list[tuple[str, Timer]]:
+        """Take up to `limit` timers due at `now` (any visitor's), soonest first, as (visitor, timer),
+        out of the store, one round trip. Atomic: of several processes claiming at once, each timer
+        goes to exactly one."""
+        ...
+
+    async def fire(
+        self,
+        visitor: str,
+        trigger: str,
+        message: bytes,
+        *,
+        period: float,
+        keep: int,
+        ttl: float,
+        now: float,
+        requires: Requirement | None = None,
+    ) -> bool | None:
+        """In one round trip, all or nothing: unless `trigger` fired for the visitor less than
+        `period` seconds ago (False), mark it fired for `period`, append `message` to the visitor's
+        inbox (the newest `keep` survive; the inbox expires `ttl` after its last message), and
+        announce it to `subscribe_messages` listeners (True). None, and nothing done, when
+        `requires` is not permitted by the visitor's consent, checked first."""
+        ...
+
+    async def trigger_state(self, visitor: str, *, now: float) -> TriggerState:
+        """The visitor's pending timers, unexpired fired marks and inbox, leaving them as they are."""
+        ...
+
+    def subscribe_messages(self, listener: MessageListener) -> None:
+        """Call `listener(visitor, message)` for every message `fire` records, by this store object
+        or, for a shared backend, any process using the same one; best effort, as `subscribe`."""
         ...
 
     def subscribe(self, listener: Listener) -> None:

@@ -1,7 +1,11 @@
-"""The in-process store: per-visitor state in a bounded LRU map, for a single gateway process."""
+"""The in-process store: per-visitor state in a bounded LRU map, for a single gateway process.
+
+Trigger timers live in a heap of this process: they are gone when it stops (Redis keeps them).
+"""
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -15,10 +19,13 @@ from gateway.store.base import (
     Interaction,
     Listener,
     LogLine,
+    MessageListener,
     Profile,
     Recorded,
     Requirement,
     Retention,
+    Timer,
+    TriggerState,
     bump,
     encode_consent,
     sliding_count,
@@ -31,7 +38,17 @@ WITHHELD = Profile(recent=[], counters={}, withheld=True)  # no choice made, and
 
 
 class _Visitor:
-    __slots__ = ("consent", "counters", "expires_at", "ids", "last_seen", "recent")
+    __slots__ = (
+        "consent",
+        "counters",
+        "expires_at",
+        "fired",
+        "ids",
+        "inbox",
+        "inbox_expires_at",
+        "last_seen",
+        "recent",
+    )
 
     def __init__(self, expires_at: float) -> None:
         self.recent: list[Interaction] = []
@@ -41,6 +58,14 @@ class _Visitor:
         self.last_seen: float | None = None
         self.consent: dict[str, Consent] = {}
         self.expires_at = expires_at
+        self.fired: dict[str, float] = {}  # trigger -> until when it may not fire again
+        self.inbox: list[bytes] = []
+        self.inbox_expires_at = 0.0
+
+    def take_inbox(self, now: float) -> list[bytes]:
+        messages = self.inbox if self.inbox_expires_at > now else []
+        self.inbox = []
+        return messages
 
 
 class MemoryStore:
@@ -63,13 +88,27 @@ class MemoryStore:
         self._listeners: list[Listener] = []
         self._log = log  # the event log: JSONL files, for `tailor build --event-log`
         self._audit = audit  # the consent audit log: JSONL files
+        # Pending timers, apart from the visitors' LRU (a timer must not go with an eviction):
+        # visitor -> trigger -> (timer, serial), and a heap of (due, serial, visitor, trigger) in which a
+        # cancelled or claimed timer's entry stays until it comes up (the serial tells it is stale).
+        self._timers: dict[str, dict[str, tuple[Timer, int]]] = {}
+        self._due: list[tuple[float, int, str, str]] = []
+        self._serial = 0
+        self._message_listeners: list[MessageListener] = []
 
     def __len__(self) -> int:
         """Visitors held right now, including expired ones not yet retired."""
         return len(self._visitors)
 
     async def profile(
-        self, visitor: str, *, limit: int, now: float, counters: bool = True, requires: Requirement | None = None
+        self,
+        visitor: str,
+        *,
+        limit: int,
+        now: float,
+        counters: bool = True,
+        requires: Requirement | None = None,
+        inbox: Requirement | None = None,
     ) -> Profile:
         if limit < 0:
             raise ValueError(f"limit must not be negative, not {limit}")
@@ -81,11 +120,16 @@ class MemoryStore:
             return EMPTY_PROFILE if requires is None or requires.default else WITHHELD
         self._visitors.move_to_end(visitor)
         consent = dict(state.consent)
+        messages: list[bytes] = []
+        if inbox is not None:
+            taken = state.take_inbox(now)
+            if inbox.permits(consent, now):
+                messages = taken
         if requires is not None and not requires.permits(consent, now):
-            return Profile(recent=[], counters={}, consent=consent, withheld=True)
+            return Profile(recent=[], counters={}, consent=consent, withheld=True, messages=messages)
         recent = state.recent[-limit:] if limit else []
         if not counters:
-            return Profile(recent=recent, counters={}, last_seen=state.last_seen, consent=consent)
+            return Profile(recent=recent, counters={}, last_seen=state.last_seen, consent=consent, messages=messages)
         counts: dict[str, int] = {}
         stale: list[tuple[str, float]] = []
         for key, (bucket, current, previous) in state.counters.items():
@@ -97,7 +141,7 @@ class MemoryStore:
                 stale.append(key)  # nothing of it is inside the window any more
         for key in stale:
             del state.counters[key]
-        return Profile(recent=recent, counters=counts, last_seen=state.last_seen, consent=consent)
+        return Profile(recent=recent, counters=counts, last_seen=state.last_seen, consent=consent, messages=messages)
 
     async def record(
         self,
@@ -175,6 +219,106 @@ class MemoryStore:
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def subscribe_messages(self, listener: MessageListener) -> None:
+        self._message_listeners.append(listener)
+
+    def _consent(self, visitor: str, now: float) -> dict[str, Consent]:
+        state = self._visitors.get(visitor)
+        return state.consent if state is not None and state.expires_at > now else {}
+
+    # -- triggers ----------------------------------------------------------------------------------
+    async def schedule(
+        self, visitor: str, timers: Sequence[Timer], *, now: float, requires: Requirement | None = None
+    ) -> list[bool] | None:
+        if requires is not None and not requires.permits(self._consent(visitor, now), now):
+            return None
+        pending = self._timers.setdefault(visitor, {})
+        set_now: list[bool] = []
+        for timer in timers:
+            if timer.trigger in pending:
+                set_now.append(False)
+                continue
+            self._serial += 1
+            pending[timer.trigger] = (timer, self._serial)
+            heapq.heappush(self._due, (timer.due, self._serial, visitor, timer.trigger))
+            set_now.append(True)
+        if not pending:
+            del self._timers[visitor]
+        return set_now
+
+    async def cancel(self, visitor: str, triggers: Sequence[str]) -> list[str]:
+        pending = self._timers.get(visitor)
+        if pending is None:
+            return []
+        removed = [trigger for trigger in triggers if pending.pop(trigger, None) is not None]
+        if not pending:
+            del self._timers[visitor]
+        return removed
+
+    async def claim_due(self, *, now: float, limit: int) -> list[tuple[str, Timer]]:
+        claimed: list[tuple[str, Timer]] = []
+        due = self._due
+        while due and due[0][0] <= now and len(claimed) < limit:
+            _, serial, visitor, trigger = heapq.heappop(due)
+            pending = self._timers.get(visitor)
+            held = pending.get(trigger) if pending is not None else None
+            if held is None or held[1] != serial:
+                continue  # cancelled, or claimed and set again since
+            assert pending is not None
+            del pending[trigger]
+            if not pending:
+                del self._timers[visitor]
+            claimed.append((visitor, held[0]))
+        return claimed
+
+    async def fire(
+        self,
+        visitor: str,
+        trigger: str,
+        message: bytes,
+        *,
+        period: float,
+        keep: int,
+        ttl: float,
+        now: float,
+        requires: Requirement | None = None,
+    ) -> bool | None:
+        state = self._visitors.get(visitor)
+        if state is not None and state.expires_at <= now:
+            state = None
+        if requires is not None and not requires.permits(state.consent if state is not None else {}, now):
+            return None
+        if state is not None and state.fired.get(trigger, 0.0) > now:
+            return False
+        # The marks and the inbox live with the visitor's state: it is kept at least as long as they are.
+        lasts = now + max(period, ttl)
+        if state is None:
+            state = self._visitors[visitor] = _Visitor(lasts)
+        else:
+            state.expires_at = max(state.expires_at, lasts)
+        self._visitors.move_to_end(visitor)
+        state.fired = {name: until for name, until in state.fired.items() if until > now}
+        state.fired[trigger] = now + period
+        if state.inbox_expires_at <= now:
+            state.inbox = []
+        state.inbox.append(message)
+        del state.inbox[:-keep]
+        state.inbox_expires_at = now + ttl
+        self._retire(now)
+        for listener in self._message_listeners:
+            listener(visitor, message)
+        return True
+
+    async def trigger_state(self, visitor: str, *, now: float) -> TriggerState:
+        timers = sorted((timer for timer, _ in self._timers.get(visitor, {}).values()), key=lambda t: t.due)
+        state = self._visitors.get(visitor)
+        if state is None or state.expires_at <= now:
+            return TriggerState(timers=timers, fired={}, messages=[])
+        fired = {trigger: until for trigger, until in state.fired.items() if until > now}
+        return TriggerState(
+            timers=timers, fired=fired, messages=list(state.inbox) if state.inbox_expires_at > now else []
+        )
+
     def _retire(self, now: float) -> None:
         visitors = self._visitors
         while len(visitors) > self.max_visitors:
@@ -189,6 +333,7 @@ class MemoryStore:
 
     async def forget(self, visitor: str) -> Forgotten:
         had = self._visitors.pop(visitor, None) is not None
+        had = self._timers.pop(visitor, None) is not None or had  # their heap entries are stale now
         removed = await self._log.erase(visitor) if self._log is not None else 0
         return Forgotten(profile=had, log_events=removed)
 
@@ -204,3 +349,6 @@ class MemoryStore:
                 await log.close()
         self._visitors.clear()
         self._listeners.clear()
+        self._message_listeners.clear()
+        self._timers.clear()
+        self._due.clear()

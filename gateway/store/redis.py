@@ -6,6 +6,17 @@ Two keys per visitor, both expiring `ttl` after the visitor's latest write:
 - `{prefix}v:{visitor}:counters`, a hash from `name|window|bucket` to a count, where bucket is
   floor(now / window). Reads keep only the fields of the bucket containing `now`; each write deletes
   the previous bucket's field, and the key's expiry bounds whatever a visitor with gaps leaves behind.
+
+Triggers (see `Store.schedule` and the rest):
+
+- `{prefix}timers`, a sorted set of every pending timer, scored by when it is due; a member is the
+  JSON `[visitor, trigger]`. Claiming takes members out of it in a script, so each goes to one process;
+- `{prefix}v:{visitor}:timers`, a hash from such a member to its payload (what an erasure follows to
+  the sorted set); no expiry: its fields go when they are claimed or cancelled;
+- `{prefix}v:{visitor}:fired`, a hash from trigger to the time until which it may not fire again,
+  expiring with the longest period;
+- `{prefix}v:{visitor}:inbox`, a list of messages, trimmed to `keep`, expiring `ttl` after the last.
+  Fired messages are announced on the channel `{prefix}messages` (msgpack `[visitor, message]`).
 """
 
 from __future__ import annotations
@@ -33,18 +44,22 @@ from gateway.store.base import (
     Interaction,
     Listener,
     LogLine,
+    MessageListener,
     Profile,
     Recorded,
     Requirement,
     Retention,
     StoreError,
     StoreTimeoutError,
+    Timer,
+    TriggerState,
     decode_consent,
     decode_log,
     encode_consent,
     sliding_count,
     window_label,
 )
+from gateway.store.documents import RedisDocuments
 from gateway.store.resp import Multiplexed, RespError, RespTimeoutError
 
 log = logging.getLogger("tailor.store")
@@ -136,24 +151,121 @@ return stored
 """
 )
 
-# A visitor's profile, consent first. KEYS: recent list, counters hash. ARGV: limit, counters ("1"
-# for all of them), the position in HEAD_FIELDS of the consent the read needs (0: none), whether no
-# choice permits ("1"/"0"), now. Returns {0, head} when consent does not permit (nothing else is
-# read), else {1, head, recent, all counter fields or nothing}; head is HMGET of HEAD_FIELDS.
+# A visitor's profile, consent first. KEYS: recent list, counters hash, inbox list. ARGV: limit,
+# counters ("1" for all of them), the position in HEAD_FIELDS of the consent the read needs (0:
+# none), whether no choice permits ("1"/"0"), now, the position of the consent the inbox needs (0:
+# leave the inbox alone), whether no choice permits it. The inbox is emptied when asked for, and
+# returned only if its consent permits. Returns {0, head, inbox} when consent does not permit
+# (nothing else is read), else {1, head, inbox, recent, all counter fields or nothing}; head is HMGET
+# of HEAD_FIELDS.
 HEAD_FIELDS = (LAST_SEEN, *CONSENT_FIELDS)
 PROFILE_SCRIPT = (
     PERMITS
     + f"""
 local head = redis.call('HMGET', KEYS[2], {", ".join(repr(f) for f in HEAD_FIELDS)})
+local now, inbox, messages = tonumber(ARGV[5]), tonumber(ARGV[6]), {{}}
+if inbox > 0 then
+  if permits(head[inbox], ARGV[7], now) then
+    messages = redis.call('LRANGE', KEYS[3], 0, -1)
+    if #messages > 0 then redis.call('DEL', KEYS[3]) end
+  else
+    redis.call('DEL', KEYS[3])
+  end
+end
 local need = tonumber(ARGV[3])
-if need > 0 and not permits(head[need], ARGV[4], tonumber(ARGV[5])) then return {{0, head}} end
+if need > 0 and not permits(head[need], ARGV[4], now) then return {{0, head, messages}} end
 local limit, recent = tonumber(ARGV[1]), {{}}
 if limit > 0 then recent = redis.call('LRANGE', KEYS[1], -limit, -1) end
-if ARGV[2] == '1' then return {{1, head, recent, redis.call('HGETALL', KEYS[2])}} end
-return {{1, head, recent}}
+if ARGV[2] == '1' then return {{1, head, messages, recent, redis.call('HGETALL', KEYS[2])}} end
+return {{1, head, messages, recent}}
 """
 )
 PROFILE_SHA = hashlib.sha1(PROFILE_SCRIPT.encode()).hexdigest()  # Redis names scripts by SHA-1
+
+# Set a visitor's timers. KEYS: counters hash (consent), timers hash, the timers sorted set. ARGV:
+# now, the consent field needed ("" for none), whether no choice permits, then per timer its member,
+# due time and payload. A member already pending keeps its time. Returns a flag per timer (1 set) or
+# -1 when consent does not permit (nothing set).
+SCHEDULE_SCRIPT = (
+    PERMITS
+    + """
+if ARGV[2] ~= '' and not permits(redis.call('HGET', KEYS[1], ARGV[2]), ARGV[3], tonumber(ARGV[1])) then return -1 end
+local set = {}
+for at = 4, #ARGV, 3 do
+  local added = redis.call('ZADD', KEYS[3], 'NX', ARGV[at + 1], ARGV[at])
+  if added == 1 then redis.call('HSET', KEYS[2], ARGV[at], ARGV[at + 2]) end
+  set[#set + 1] = added
+end
+return set
+"""
+)
+
+# Remove a visitor's timers. KEYS: timers hash, the timers sorted set. ARGV: members. Returns the
+# (1-based) positions of those that were pending.
+CANCEL_SCRIPT = """
+local removed = {}
+for i = 1, #ARGV do
+  if redis.call('ZREM', KEYS[2], ARGV[i]) == 1 then removed[#removed + 1] = i end
+  redis.call('HDEL', KEYS[1], ARGV[i])
+end
+return removed
+"""
+
+# Take the due timers. KEYS: the timers sorted set. ARGV: now, limit, key prefix. The visitor's
+# timers hash is named from the member (a script runs alone, so no other claim sees these members).
+# Returns member, due, payload for each, soonest first.
+CLAIM_SCRIPT = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+local claimed = {}
+for i = 1, #due, 2 do
+  local member = due[i]
+  redis.call('ZREM', KEYS[1], member)
+  local hash = ARGV[3] .. 'v:' .. cjson.decode(member)[1] .. ':timers'
+  claimed[#claimed + 1] = member
+  claimed[#claimed + 1] = due[i + 1]
+  claimed[#claimed + 1] = redis.call('HGET', hash, member) or ''
+  redis.call('HDEL', hash, member)
+end
+return claimed
+"""
+
+# Fire a trigger for a visitor. KEYS: counters hash (consent), fired hash, inbox list. ARGV: now, the
+# consent field needed ("" for none), whether no choice permits, trigger, until when it is then
+# fired, the period in ms, message, inbox length, inbox ttl in ms, channel, announcement. Returns 1
+# fired, 0 fired already within the period, -1 consent does not permit (nothing done).
+FIRE_SCRIPT = (
+    PERMITS
+    + """
+local now = tonumber(ARGV[1])
+if ARGV[2] ~= '' and not permits(redis.call('HGET', KEYS[1], ARGV[2]), ARGV[3], now) then return -1 end
+local held = redis.call('HGET', KEYS[2], ARGV[4])
+if held and tonumber(held) > now then return 0 end
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[6]) then redis.call('PEXPIRE', KEYS[2], ARGV[6]) end
+redis.call('RPUSH', KEYS[3], ARGV[7])
+redis.call('LTRIM', KEYS[3], -tonumber(ARGV[8]), -1)
+redis.call('PEXPIRE', KEYS[3], ARGV[9])
+redis.call('PUBLISH', ARGV[10], ARGV[11])
+return 1
+"""
+)
+
+# What a visitor has of triggers. KEYS: timers hash, fired hash, inbox, the timers sorted set.
+# Returns {timers hash, the due time of each of its members, fired hash, inbox}.
+TRIGGER_STATE_SCRIPT = """
+local timers = redis.call('HGETALL', KEYS[1])
+local dues = {}
+for i = 1, #timers, 2 do dues[#dues + 1] = redis.call('ZSCORE', KEYS[4], timers[i]) or '' end
+return {timers, dues, redis.call('HGETALL', KEYS[2]), redis.call('LRANGE', KEYS[3], 0, -1)}
+"""
+
+# Delete a visitor. KEYS: recent, counters, ids, timers hash, fired, inbox, the timers sorted set.
+# Returns how many of the visitor's keys existed.
+FORGET_SCRIPT = """
+local members = redis.call('HKEYS', KEYS[4])
+for i = 1, #members do redis.call('ZREM', KEYS[7], members[i]) end
+return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+"""
 
 # Everything a broken, restarting or misbehaving server can make redis-py or the decoding raise.
 _FAILURES = (RedisError, RespError, OSError, ValueError, msgspec.MsgspecError)
@@ -220,11 +332,25 @@ class RedisStore:
         self.channel = f"{prefix}changed"
         self.log_key = f"{prefix}events"  # the event log stream: `tailor build --event-log redis://...`
         self.audit_key = f"{prefix}consent-audit"  # every consent change, appended
+        self.timers_key = f"{prefix}timers"  # every pending trigger timer, by due time
+        self.message_channel = f"{prefix}messages"
+        self._message_channel_bytes = self.message_channel.encode()
         self._record = self._redis.register_script(RECORD_SCRIPT)
         self._profile_script = self._redis.register_script(PROFILE_SCRIPT)
+        self._schedule = self._redis.register_script(SCHEDULE_SCRIPT)
+        self._cancel = self._redis.register_script(CANCEL_SCRIPT)
+        self._claim = self._redis.register_script(CLAIM_SCRIPT)
+        self._fire = self._redis.register_script(FIRE_SCRIPT)
+        self._trigger_state = self._redis.register_script(TRIGGER_STATE_SCRIPT)
+        self._forget = self._redis.register_script(FORGET_SCRIPT)
         self._listeners: list[Listener] = []
+        self._message_listeners: list[MessageListener] = []
         self._subscriber: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()  # set while the subscription is live (tests wait on it)
+
+    def documents(self, kind: str) -> RedisDocuments:
+        """Versioned documents (rule sets, ...) in this Redis, under this store's prefix."""
+        return RedisDocuments(kind, self._redis, prefix=self.prefix)
 
     def bound_reads(self, timeout: float) -> bool:
         """Make `profile` give up after `timeout` seconds by itself (one timer per connection, see
@@ -241,25 +367,50 @@ class RedisStore:
     def _ids_key(self, visitor: str) -> str:
         return f"{self.prefix}v:{visitor}:ids"
 
+    def _trigger_keys(self, visitor: str) -> tuple[str, str, str]:
+        """The visitor's timers hash, fired hash and inbox list."""
+        stem = f"{self.prefix}v:{visitor}:"
+        return stem + "timers", stem + "fired", stem + "inbox"
+
+    @staticmethod
+    def _member(visitor: str, trigger: str) -> bytes:
+        """A timer's member of the timers sorted set (the claim script reads the visitor back out of it)."""
+        return msgspec.json.encode((visitor, trigger))
+
     async def profile(
-        self, visitor: str, *, limit: int, now: float, counters: bool = True, requires: Requirement | None = None
+        self,
+        visitor: str,
+        *,
+        limit: int,
+        now: float,
+        counters: bool = True,
+        requires: Requirement | None = None,
+        inbox: Requirement | None = None,
     ) -> Profile:
         if limit < 0:
             raise ValueError(f"limit must not be negative, not {limit}")
-        keys = self._keys(visitor)
+        keys = (*self._keys(visitor), self._trigger_keys(visitor)[2])
         need = 0 if requires is None else HEAD_FIELDS.index(CONSENT_PREFIX + requires.purpose) + 1
-        args = (limit, 1 if counters else 0, need, 1 if requires is not None and requires.default else 0, repr(now))
+        args = (
+            limit,
+            1 if counters else 0,
+            need,
+            1 if requires is not None and requires.default else 0,
+            repr(now),
+            0 if inbox is None else HEAD_FIELDS.index(CONSENT_PREFIX + inbox.purpose) + 1,
+            1 if inbox is not None and inbox.default else 0,
+        )
         try:
             reply = await self._eval_profile(keys, args)
-            permitted, head = reply[0], reply[1]
+            permitted, head, messages = reply[0], reply[1], list(reply[2])
             seen, *choices = head
             consent = {p: decode_consent(c) for p, c in zip(PURPOSES, choices, strict=True) if c is not None}
             if not permitted:
-                return Profile(recent=[], counters={}, consent=consent, withheld=True)
-            recent = [self._decode(raw) for raw in reply[2]]
+                return Profile(recent=[], counters={}, consent=consent, withheld=True, messages=messages)
+            recent = [self._decode(raw) for raw in reply[3]]
             counts: dict[str, int] = {}
             if counters:
-                flat = reply[3]
+                flat = reply[4]
                 for raw_field, raw_value in zip(flat[::2], flat[1::2], strict=True):
                     field = raw_field.decode()
                     if field[0] == "@":  # last seen and consent: read above
@@ -275,19 +426,19 @@ class RedisStore:
         except _FAILURES as exc:
             raise _failure("profile", exc) from exc
         last_seen = float(seen) if seen is not None else None
-        return Profile(recent=recent, counters=counts, last_seen=last_seen, consent=consent)
+        return Profile(recent=recent, counters=counts, last_seen=last_seen, consent=consent, messages=messages)
 
-    async def _eval_profile(self, keys: tuple[str, str], args: tuple[int | str, ...]) -> Any:
+    async def _eval_profile(self, keys: tuple[str, ...], args: tuple[int | str, ...]) -> Any:
         """PROFILE_SCRIPT by its digest, loading it when the server does not know it (yet, or
         any more: a restart or SCRIPT FLUSH forgets it)."""
         if self._fast is None:
             return await self._profile_script(keys=list(keys), args=list(args))
         try:
-            return (await self._fast.execute(("EVALSHA", PROFILE_SHA, 2, *keys, *args)))[0]
+            return (await self._fast.execute(("EVALSHA", PROFILE_SHA, len(keys), *keys, *args)))[0]
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            return (await self._fast.execute(("EVAL", PROFILE_SCRIPT, 2, *keys, *args)))[0]
+            return (await self._fast.execute(("EVAL", PROFILE_SCRIPT, len(keys), *keys, *args)))[0]
 
     async def record(
         self,
@@ -337,8 +488,9 @@ class RedisStore:
         return [bool(flag) for flag in stored]
 
     async def forget(self, visitor: str) -> Forgotten:
+        keys = [*self._keys(visitor), self._ids_key(visitor), *self._trigger_keys(visitor), self.timers_key]
         try:
-            deleted = await self._redis.delete(*self._keys(visitor), self._ids_key(visitor))
+            deleted = await self._forget(keys=keys)
             entries = [entry for entry, _ in await self._scan_log(visitor)]
             for start in range(0, len(entries), LOG_PAGE):
                 await self._redis.xdel(self.log_key, *entries[start : start + LOG_PAGE])
@@ -390,26 +542,133 @@ class RedisStore:
         except _FAILURES as exc:
             raise _failure("set_consent", exc) from exc
 
+    # -- triggers ----------------------------------------------------------------------------------
+    def _consent_args(self, requires: Requirement | None) -> tuple[str, int]:
+        if requires is None:
+            return "", 0
+        return CONSENT_PREFIX + requires.purpose, 1 if requires.default else 0
+
+    async def schedule(
+        self, visitor: str, timers: Sequence[Timer], *, now: float, requires: Requirement | None = None
+    ) -> list[bool] | None:
+        timers_hash = self._trigger_keys(visitor)[0]
+        args: list[bytes | str | int] = [repr(now), *self._consent_args(requires)]
+        for timer in timers:
+            args += [self._member(visitor, timer.trigger), repr(float(timer.due)), timer.payload]
+        try:
+            reply = await self._schedule(keys=[self._keys(visitor)[1], timers_hash, self.timers_key], args=args)
+        except _FAILURES as exc:
+            raise _failure("schedule", exc) from exc
+        if reply == -1:
+            return None
+        return [bool(flag) for flag in reply]
+
+    async def cancel(self, visitor: str, triggers: Sequence[str]) -> list[str]:
+        if not triggers:
+            return []
+        members = [self._member(visitor, trigger) for trigger in triggers]
+        try:
+            removed = await self._cancel(keys=[self._trigger_keys(visitor)[0], self.timers_key], args=members)
+        except _FAILURES as exc:
+            raise _failure("cancel", exc) from exc
+        return [triggers[position - 1] for position in removed]
+
+    async def claim_due(self, *, now: float, limit: int) -> list[tuple[str, Timer]]:
+        try:
+            flat = await self._claim(keys=[self.timers_key], args=[repr(now), limit, self.prefix])
+            claimed: list[tuple[str, Timer]] = []
+            for at in range(0, len(flat), 3):
+                visitor, trigger = msgspec.json.decode(flat[at], type=tuple[str, str])
+                claimed.append((visitor, Timer(trigger, float(flat[at + 1]), flat[at + 2])))
+        except _FAILURES as exc:
+            raise _failure("claim_due", exc) from exc
+        return claimed
+
+    async def fire(
+        self,
+        visitor: str,
+        trigger: str,
+        message: bytes,
+        *,
+        period: float,
+        keep: int,
+        ttl: float,
+        now: float,
+        requires: Requirement | None = None,
+    ) -> bool | None:
+        _, fired_key, inbox_key = self._trigger_keys(visitor)
+        args: list[bytes | str | int] = [
+            repr(now),
+            *self._consent_args(requires),
+            trigger,
+            repr(now + period),
+            max(1, math.ceil(period * 1000)),
+            message,
+            keep,
+            max(1, math.ceil(ttl * 1000)),
+            self.message_channel,
+            msgspec.msgpack.encode((visitor, message)),
+        ]
+        try:
+            outcome = await self._fire(keys=[self._keys(visitor)[1], fired_key, inbox_key], args=args)
+        except _FAILURES as exc:
+            raise _failure("fire", exc) from exc
+        return None if outcome == -1 else bool(outcome)
+
+    async def trigger_state(self, visitor: str, *, now: float) -> TriggerState:
+        try:
+            reply = await self._trigger_state(keys=[*self._trigger_keys(visitor), self.timers_key])
+            flat, dues, fired_flat, inbox = reply
+            timers = [
+                Timer(msgspec.json.decode(member, type=tuple[str, str])[1], float(due), payload)
+                for member, payload, due in zip(flat[::2], flat[1::2], dues, strict=True)
+                if due  # a field whose member is no longer in the sorted set is on its way out
+            ]
+            fired = {
+                trigger.decode(): float(until)
+                for trigger, until in zip(fired_flat[::2], fired_flat[1::2], strict=True)
+                if float(until) > now
+            }
+        except _FAILURES as exc:
+            raise _failure("trigger_state", exc) from exc
+        return TriggerState(timers=sorted(timers, key=lambda timer: timer.due), fired=fired, messages=list(inbox))
+
+    def subscribe_messages(self, listener: MessageListener) -> None:
+        self._message_listeners.append(listener)
+        self._listen_soon()
+
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
+        self._listen_soon()
+
+    def _listen_soon(self) -> None:
         if self._subscriber is None:
             self._subscriber = asyncio.get_running_loop().create_task(self._listen(), name="redis-changes")
 
+    def _heard(self, channel: bytes, data: bytes) -> None:
+        if channel == self._message_channel_bytes:
+            visitor, message = msgspec.msgpack.decode(data, type=tuple[str, bytes])
+            for message_listener in self._message_listeners:
+                message_listener(visitor, message)
+            return
+        visitor = data.decode()
+        for listener in self._listeners:
+            listener(visitor)
+
     async def _listen(self) -> None:
-        """Hand every announced visitor to the listeners; reconnect with back-off when Redis goes."""
+        """Hand every announced visitor (and fired message) to the listeners; reconnect with back-off
+        when Redis goes."""
         delay = 0.05
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.channel)
+                await pubsub.subscribe(self.channel, self.message_channel)
                 self.subscribed.set()
                 delay = 0.05
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message["type"] == "message":
-                        visitor = message["data"].decode()
-                        for listener in self._listeners:
-                            listener(visitor)
+                        self._heard(message["channel"], message["data"])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection trouble; a listener's bug must not end the subscription

@@ -1,0 +1,247 @@
+"""`/admin/rules`: store rule-set versions, activate and roll back, switch rules at runtime, preview.
+
+PUT  /admin/rules                       store a new version (?activate=true to serve it at once)
+GET  /admin/rules                       active version, flags, history of versions and activations
+GET  /admin/rules/{version}             one stored version, as stored
+POST /admin/rules/{version}/activate    serve it on every node
+POST /admin/rules/rollback              serve the version active before the current one
+POST /admin/rules/deactivate            serve no rules
+PUT  /admin/rules/flags/{rule_id}       {"enabled": true|false|null}: on/off on every node
+POST /admin/rules/preview               lists for visitors as served now and with a candidate
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway import wire
+from gateway.access import Scope
+from gateway.http import ApiError, field_of, json_response, parse_query, read_body
+from gateway.recommend import Answer, Context, Recommender
+from gateway.rules import Book, RuleSet, RuleSetError, parse
+from gateway.store import StoreError
+from gateway.store.documents import UnknownVersionError
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+    from gateway.rulebook import RuleKeeper
+
+MAX_RULES_BODY = 2 * 1024 * 1024
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class RulesApi:
+    def __init__(self, gateway: Gateway, keeper: RuleKeeper) -> None:
+        self.gateway = gateway
+        self.keeper = keeper
+
+    def table(self) -> list[tuple[str, str, Handler, str, Scope]]:
+        return [
+            ("/admin/rules", "rules", self.overview, "GET", "admin"),
+            ("/admin/rules", "rules", self.put, "PUT", "admin"),
+            ("/admin/rules/rollback", "rules", self.rollback, "POST", "admin"),
+            ("/admin/rules/deactivate", "rules", self.deactivate, "POST", "admin"),
+            ("/admin/rules/preview", "rules-preview", self.preview, "POST", "admin"),
+            ("/admin/rules/flags/{rule_id}", "rules", self.flag, "PUT", "admin"),
+            ("/admin/rules/{version}", "rules", self.version, "GET", "admin"),
+            ("/admin/rules/{version}/activate", "rules", self.activate, "POST", "admin"),
+        ]
+
+    def _check(self, ruleset: RuleSet, version: int | None) -> Book | None:
+        """Compile against the snapshot being served (unknown items, windows, segments and time
+        zones are errors now, not surprises in production); None without a snapshot yet."""
+        for index, trigger in enumerate(ruleset.triggers):
+            try:
+                self.gateway.triggers.check(ruleset.triggers[: index + 1])
+            except ValueError as exc:
+                raise ApiError(422, "invalid-rules", str(exc), field=f"triggers[{index}]", rule=trigger.id) from None
+        rec = self.gateway.recommender
+        if rec is None:
+            return None
+        try:
+            return self.keeper.compile(ruleset, version, rec.snap)
+        except RuleSetError as exc:
+            raise ApiError(422, "invalid-rules", str(exc), field=exc.field, rule=exc.rule) from None
+
+    async def _checked(self, ruleset: RuleSet, version: int | None) -> Book | None:
+        return await asyncio.to_thread(self._check, ruleset, version)
+
+    async def put(self, request: Request) -> Response:
+        q = parse_query(request, wire.RulesQuery)
+        body = await read_body(request, MAX_RULES_BODY)
+        try:
+            ruleset = parse(body)
+        except RuleSetError as exc:
+            raise ApiError(422, "invalid-rules", str(exc), field=exc.field, rule=exc.rule) from None
+        await self._checked(ruleset, 0)
+        documents = self.keeper.documents
+        try:
+            revision = await documents.put(body, now=time.time(), note=q.note)
+            if q.activate:
+                await documents.activate(revision.version, now=time.time())
+                await self.keeper.refresh()
+        except StoreError as exc:
+            raise ApiError(503, "store-unavailable", str(exc)) from None
+        stored = wire.RulesStored(
+            revision.version,
+            revision.sha256,
+            revision.created_at,
+            q.activate,
+            len(ruleset.rules),
+            len(ruleset.segments),
+        )
+        return json_response(stored, 201)
+
+    async def overview(self, request: Request) -> Response:
+        return await self._overview()
+
+    async def _overview(self) -> Response:
+        documents = self.keeper.documents
+        try:
+            state = await documents.state()
+            revisions = await documents.revisions()
+            activations = await documents.activations()
+        except StoreError as exc:
+            raise ApiError(503, "store-unavailable", str(exc)) from None
+        book = self.keeper.book
+        body = wire.RulesOverview(
+            active=state.active,
+            serving=self.keeper.version,
+            flags=state.flags,
+            versions=[
+                wire.RuleVersion(r.version, r.created_at, r.sha256, r.size, r.note, r.version == state.active)
+                for r in revisions
+            ],
+            activations=activations,
+            problem=self.keeper.problem,
+            warnings=book.warnings if book is not None else [],
+        )
+        return json_response(body)
+
+    def _version(self, request: Request) -> int:
+        text = request.path_params["version"]
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
+            raise ApiError(404, "not-found", f"no rule-set version {text!r}; versions are 1, 2, ...", field="version")
+        return int(text)
+
+    async def version(self, request: Request) -> Response:
+        number = self._version(request)
+        try:
+            body = await self.keeper.documents.get(number)
+        except StoreError as exc:
+            raise ApiError(503, "store-unavailable", str(exc)) from None
+        if body is None:
+            raise ApiError(404, "not-found", f"no rule-set version {number}", field="version")
+        return Response(body, media_type="application/json")
+
+    async def activate(self, request: Request) -> Response:
+        return await self._activate(self._version(request))
+
+    async def _activate(self, number: int | None) -> Response:
+        documents = self.keeper.documents
+        try:
+            if number is not None:
+                body = await documents.get(number)
+                if body is None:
+                    raise ApiError(404, "not-found", f"no rule-set version {number}", field="version")
+                await self._checked(parse(body), number)  # the catalog may have changed since it was stored
+            await documents.activate(number, now=time.time())
+        except UnknownVersionError:
+            raise ApiError(404, "not-found", f"no rule-set version {number}", field="version") from None
+        except StoreError as exc:
+            raise ApiError(503, "store-unavailable", str(exc)) from None
+        await self.keeper.refresh()
+        return await self._overview()
+
+    async def rollback(self, request: Request) -> Response:
+        try:
+            activations = await self.keeper.documents.activations()
+            state = await self.keeper.documents.state()
+        except StoreError as exc:
+            raise ApiError(503, "store-unavailable", str(exc)) from None
+        # The version active before the current one: the last activation of another version.
+        for activation in reversed(activations[:-1]):
+            if activation.version != state.active:
+                return await self._activate(activation.version)
+        raise ApiError(409, "nothing-to-roll-back", "no earlier activation to go back to")
+
+    async def deactivate(self, request: Request) -> Response:
+        return await self._activate(None)
+
+    async def flag(self, request: Request) -> Response:
+        rule_id = request.path_params["rule_id"]
+        try:
+            update = msgspec.json.decode(await read_body(request, 4096), type=wire.FlagUpdate)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ApiError(400, "invalid-body", str(exc), field=field_of(str(exc))) from None
+        try:
+            await self.keeper.documents.set_flag(rule_id, update.enabled)
+        except StoreError as exc:
+            raise ApiError(503, "store-unavailable", str(exc)) from None
+        await self.keeper.refresh()
+        return await self._overview()
+
+    async def preview(self, request: Request) -> Response:
+        body = await read_body(request, MAX_RULES_BODY)
+        try:
+            asked = msgspec.json.decode(body, type=wire.PreviewRequest)
+        except msgspec.ValidationError as exc:
+            message = str(exc)
+            path = field_of(message)
+            if path is not None and path.startswith("rules."):
+                try:
+                    parse(msgspec.json.encode(msgspec.json.decode(body)["rules"]))
+                except RuleSetError as invalid:
+                    raise ApiError(
+                        422, "invalid-rules", str(invalid), field=f"rules.{invalid.field}", rule=invalid.rule
+                    ) from None
+            raise ApiError(400, "invalid-body", message, field=path) from None
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, "invalid-body", f"not JSON: {exc}") from None
+        gateway = self.gateway
+        rec = gateway.serving_for(asked.category)
+        candidate = await self._checked(asked.rules, None)
+        c = asked.context
+        context = Context(c.device, c.country, c.referrer, c.page)
+        n = gateway.n_of(asked.n)
+        visitors = []
+        for visitor in asked.visitors:
+            lists = []
+            for rules in ("active", candidate):
+                answer = await rec.recommend(
+                    key=gateway.pseudonym(visitor),
+                    user=visitor,
+                    n=n,
+                    categories=asked.category,
+                    exclude=(),
+                    requires=gateway.personalization,
+                    now=c.at,
+                    context=context,
+                    rules=rules,
+                )
+                lists.append(_listed(rec, answer))
+            visitors.append(wire.PreviewVisitor(visitor, lists[0], lists[1]))
+        active = rec.book.version if rec.book is not None else None
+        return json_response(wire.Preview(rec.snap.version, active, visitors))
+
+
+def _listed(rec: Recommender, answer: Answer) -> wire.PreviewList:
+    snap = rec.snap
+    items = [
+        wire.ScoredItem(
+            snap.item_ids[row],
+            snap.titles[row],
+            snap.categories[row],
+            score,
+            [reason] if isinstance(reason, str) else list(reason),
+        )
+        for row, score, reason in answer.picks
+    ]
+    return wire.PreviewList(items, answer.fallback, answer.segments, answer.rules, answer.fired, answer.content)

@@ -1,0 +1,275 @@
+"""What 100 active business rules cost /v1/recommend, against no rules, on one gateway, in one run.
+
+One `tailor serve` worker (memory store by default) on the benchmark shop (the 100k-item snapshot
+bench_gateway.py builds), with new visitors seeded with 1-3 clicks. wrk drives the usual recommend
+mix (known users, seeded visitors, unknown visitors); every run gets visitors no earlier run asked
+for. Alternating, so drift of the shared machine hits both sides alike:
+
+    none  full speed      no rule set active
+    rules full speed      100 rules + 5 predicate segments active (PUT /admin/rules?activate=true)
+    none  full speed      again
+    rules full speed      again
+    none  paced           at half the no-rules maximum: latency when not saturated
+    rules paced           at the same rate
+
+The 100 rules are a merchandiser's mix: out-of-stock and price filters, category and tag boosts and
+buries, pins and injections, a diversity cap, banners; conditions over counters (so every request
+reads the visitor's counters), segments, recency, session and request context. About a third fire
+for a typical request. The ratio reported: rules / none, for throughput and for p50/p99 at the
+paced rate. Results go to var/bench/rules.json.
+
+    .venv/bin/python loadtests/bench_rules.py
+    .venv/bin/python loadtests/bench_rules.py --duration 5 --stores memory,redis
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+
+from loadtests.bench_gateway import code_version, ensure_snapshot, new_run_dir, pin_snapshot
+from loadtests.exact import Snapshot
+from loadtests.harness import (
+    describe,
+    free_port,
+    load_average,
+    run_wrk,
+    running,
+    say,
+    serve_command,
+    store_url,
+    wait_ready,
+)
+from loadtests.traffic import make_traffic, seed_visitors
+
+BAR_LATENCY_RATIO = 1.3
+RULES = 100
+
+
+def rule_set(directory: Path, rng: random.Random, count: int = RULES) -> dict[str, Any]:
+    """`count` rules over the snapshot's catalog (items.json), deterministic for `rng`."""
+    items = json.loads((directory / "items.json").read_bytes())
+    ids = [str(item["item_id"]) for item in items]
+    tops = sorted({c.split("/")[0] for item in items for c in item.get("categories", [])})
+    leaves = sorted({c for item in items for c in item.get("categories", [])})
+    tags = sorted({t for item in items for t in item.get("tags", [])}) or ["none"]
+    conditions: list[dict[str, Any]] = [
+        {"counter": {"event": "view", "window": "1d", "at_least": 1}},
+        {"counter": {"event": "purchase", "window": "30d", "at_most": 0}},
+        {"segment": "browsers"},
+        {"segment": "buyers"},
+        {"not": {"segment": "new-visitors"}},
+        {"recency": {"event": "add_to_cart", "within": "1h"}},
+        {"session": {"pages_at_least": 2}},
+        {"context": {"device": ["mobile"]}},
+        {"context": {"hours": list(range(8, 20))}},
+        {"any": [{"segment": "browsers"}, {"context": {"weekdays": ["sat", "sun"]}}]},
+    ]
+    rules: list[dict[str, Any]] = [
+        {"id": "in-stock-only", "priority": 100, "actions": [{"type": "filter", "items": {"in_stock": False}}]},
+        {"id": "diversity", "priority": 90, "actions": [{"type": "cap", "per_category": 3}]},
+    ]
+    kinds = ["filter"] * 15 + ["boost"] * 35 + ["bury"] * 15 + ["pin"] * 10 + ["inject"] * 10 + ["attach"] * 15
+    while len(rules) < count:
+        kind = rng.choice(kinds)
+        index = len(rules)
+        match = rng.choice(
+            [
+                {"categories": [rng.choice(leaves)]},
+                {"categories": [rng.choice(tops)]},
+                {"tags": [rng.choice(tags)]},
+                {"price_at_least": round(rng.uniform(50, 500), 2)},
+            ]
+        )
+        if kind == "filter":
+            action: dict[str, Any] = {"type": "filter", "items": match}
+        elif kind in ("boost", "bury"):
+            weight = rng.uniform(1.5, 4.0) if kind == "boost" else rng.uniform(0.2, 0.7)
+            action = {"type": "boost", "items": match, "weight": round(weight, 2)}
+        elif kind == "pin":
+            action = {"type": "pin", "item": rng.choice(ids), "position": rng.randint(1, 10)}
+        elif kind == "inject":
+            action = {"type": "inject", "items": rng.sample(ids, 2)}
+        else:
+            action = {"type": "attach", "slot": f"slot-{index % 5}", "content": {"text": f"offer {index}"}}
+        rule: dict[str, Any] = {"id": f"{kind}-{index}", "priority": rng.randint(0, 50), "actions": [action]}
+        if rng.random() < 0.85:
+            rule["when"] = rng.choice(conditions)
+        rules.append(rule)
+    segments = [
+        {"id": "new-visitors", "when": {"recency": {"not_within": "30d"}}},
+        {"id": "browsers", "when": {"counter": {"event": "view", "window": "7d", "at_least": 2}}},
+        {"id": "buyers", "when": {"counter": {"event": "purchase", "window": "30d", "at_least": 1}}},
+        {"id": "carters", "when": {"counter": {"event": "add_to_cart", "window": "7d", "at_least": 1}}},
+        {"id": "loyal", "when": {"all": [{"segment": "buyers"}, {"segment": "browsers"}]}},
+    ]
+    return {"timezone": "Europe/Berlin", "segments": segments, "rules": rules}
+
+
+def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[str, Any]:
+    work = args.run_dir / store
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"store": store}
+    runs: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        url = store_url(stack, store, work, args.redis_server)
+        port = free_port()
+        log = work / "serve.log"
+        server = stack.enter_context(running(serve_command(args, url, port), log, f"tailor serve ({store})"))
+        base = f"http://127.0.0.1:{port}"
+        client = stack.enter_context(httpx.Client(base_url=base, timeout=30))
+        wait_ready(client, server, log, args.ready_timeout)
+        say(f"{store}: seeding {args.visitors} new visitors with 1-3 clicks")
+        visitors = seed_visitors(client, snap, args.visitors, random.Random(args.seed))
+        traffic = make_traffic(snap, visitors, args)["recommend"]
+        doc = rule_set(snap.directory, random.Random(args.seed))
+        stored = client.put("/admin/rules", json=doc)
+        if stored.status_code != 201:
+            raise RuntimeError(f"PUT /admin/rules: {stored.status_code} {stored.text[:500]}")
+        version = stored.json()["version"]
+
+        def use(rules: bool) -> None:
+            answer = client.post(f"/admin/rules/{version}/activate" if rules else "/admin/rules/deactivate")
+            answer.raise_for_status()
+            if answer.json()["serving"] != (version if rules else None):
+                raise RuntimeError(f"the gateway does not serve what was activated: {answer.text[:300]}")
+
+        def wrk(label: str, *, rate: float | None = None, duration: float = args.duration) -> dict[str, Any]:
+            if server.poll() is not None:
+                raise RuntimeError(f"the gateway exited with {server.returncode}; see {log}")
+            size = max(args.list_size, int(duration * (rate or 20_000) * 1.25) + args.connections)
+            path = work / f"{label}.txt"
+            kinds = traffic.window(size, path)
+            run = run_wrk(
+                base,
+                path,
+                duration=duration,
+                connections=args.connections,
+                threads=args.threads,
+                server_pid=server.pid,
+                rate=rate,
+            )
+            traffic.consume(kinds, min(run["requests"] + args.connections, size))
+            return run
+
+        use(False)
+        say(f"{store}: warming up for {args.warmup:g}s")
+        wrk("warmup", duration=args.warmup)
+        for round_number in (1, 2):
+            for rules in (False, True):
+                use(rules)
+                label = f"{'rules' if rules else 'none'}_full_{round_number}"
+                runs[label] = wrk(label)
+                say(f"{store}: {label:14} {describe(runs[label])}")
+        use(True)
+        sample = client.get("/v1/recommend", params={"visitor": next(iter(visitors)), "device": "mobile"}).json()
+        result["sample_answer"] = {k: sample[k] for k in ("rules", "segments", "content")}
+        metrics = client.get("/metrics").text
+        result["rules_with_hits"] = sum(
+            1
+            for line in metrics.splitlines()
+            if line.startswith("tailor_rule_hits_total{") and not line.endswith(" 0.0")
+        )
+        none_max = (runs["none_full_1"]["rate"] + runs["none_full_2"]["rate"]) / 2
+        target = none_max / 2
+        for rules in (False, True):
+            use(rules)
+            label = f"{'rules' if rules else 'none'}_paced"
+            runs[label] = wrk(label, rate=target)
+            say(f"{store}: {label:14} {describe(runs[label])}")
+        result["server_alive_at_end"] = server.poll() is None
+    rate = {side: (runs[f"{side}_full_1"]["rate"] + runs[f"{side}_full_2"]["rate"]) / 2 for side in ("none", "rules")}
+    paced = {side: runs[f"{side}_paced"]["latency_ms"] for side in ("none", "rules")}
+    result["runs"] = runs
+    result["ratios"] = {
+        "throughput_none_over_rules": round(rate["none"] / rate["rules"], 3),
+        "p50_rules_over_none_paced": round(paced["rules"]["p50"] / paced["none"]["p50"], 3),
+        "p99_rules_over_none_paced": round(paced["rules"]["p99"] / paced["none"]["p99"], 3),
+    }
+    result["bar"] = {
+        f"latency with {RULES} rules <= {BAR_LATENCY_RATIO}x none (p50 paced, and throughput)": (
+            result["ratios"]["p50_rules_over_none_paced"] <= BAR_LATENCY_RATIO
+            and result["ratios"]["throughput_none_over_rules"] <= BAR_LATENCY_RATIO
+        ),
+        "no errors": all(run["errors_total"] == 0 for run in runs.values()),
+    }
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = ["store   run             req/s    p50 ms   p99 ms"]
+    for result in results:
+        for label, run in result["runs"].items():
+            latency = run["latency_ms"]
+            lines.append(
+                f"{result['store']:7} {label:14} {run['rate']:8,.0f} {latency['p50']:8.2f} {latency['p99']:8.2f}"
+            )
+        ratios = result["ratios"]
+        lines.append(
+            f"{result['store']:7} ratios: throughput none/rules {ratios['throughput_none_over_rules']:.2f}x, "
+            f"paced p50 rules/none {ratios['p50_rules_over_none_paced']:.2f}x, "
+            f"p99 {ratios['p99_rules_over_none_paced']:.2f}x; rules with hits: {result['rules_with_hits']}/{RULES}"
+        )
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, prog="bench_rules.py"
+    )
+    p.add_argument("--bench-dir", type=Path, default=Path("var/bench"), help="working directory (default var/bench)")
+    p.add_argument("--stores", default="memory", help="comma-separated: memory, redis (default memory)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds of unrecorded traffic first (default 3)")
+    p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    p.add_argument("--visitors", type=int, default=40_000, help="new visitors seeded with 1-3 clicks (40000)")
+    p.add_argument("--list-size", type=int, default=50_000, help="least paths per wrk run (50000)")
+    p.add_argument("--seed", type=int, default=11, help="random seed (default 11)")
+    p.add_argument(
+        "--serve-command",
+        default=f"{shlex.quote(sys.executable)} -m tailor serve",
+        help="how to start the gateway; --snapshots/--store/--host/--port/--workers are appended",
+    )
+    p.add_argument("--redis-server", default="redis-server", help="redis-server binary (default from PATH)")
+    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for /readyz (default 180)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # What bench_gateway.py's snapshot step needs: reuse its shop and snapshot, never build here.
+    args.shop_dir, args.snapshots_dir = args.bench_dir / "shop", args.bench_dir / "snapshots"
+    args.rebuild, args.skip_build, args.mix = False, True, (0.5, 0.3, 0.2)
+    ensure_snapshot(args)
+    snap = Snapshot.load(args.snapshots_dir)
+    args.run_dir = new_run_dir(args.bench_dir / "rules-run")
+    args.pinned_root = pin_snapshot(snap, args.run_dir / "snapshots")
+    report: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_average_at_start": load_average(),
+        "code": code_version(),
+        "snapshot": snap.version,
+        "settings": {"duration_s": args.duration, "connections": args.connections, "rules": RULES},
+    }
+    report["stores"] = results = [bench_store(s.strip(), snap, args) for s in args.stores.split(",") if s.strip()]
+    report["load_average_at_end"] = load_average()
+    out = args.bench_dir / "rules.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    say(f"wrote {out}")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
