@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Generic, Literal, NamedTuple, TypeVar
 
@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from gateway import conditions
 from gateway.guard import GuardedStore
-from gateway.rules import HEADROOM_MIN, Book, Content, Pick, Surface
+from gateway.rules import HEADROOM_MIN, Book, Content, Pick, Ruling
 from gateway.snapshot import Rows, Snapshot, Vectors
 from gateway.store import Interaction, Profile, Requirement
 from index_builder.model import fold_in_low_rank, recent_confidence
@@ -206,9 +206,13 @@ class Candidates:
         return _best_of_all(scores, self.pool_size)
 
 
+_new_pick = tuple.__new__
+
+
 def _fetch(book: Book | None, n: int) -> int:
-    """How many candidates to rank for an answer of n: more when rules may drop some."""
-    return n + max(n, HEADROOM_MIN) if book is not None and book.headroom else n
+    """How many candidates to rank for an answer of n: more when a cap may skip some (filters are
+    applied while the candidates are read, see Recommender._select)."""
+    return 2 * n if book is not None and book.headroom else n
 
 
 def _distinct(rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
@@ -295,36 +299,34 @@ class Recommender:
         visitor's trigger messages (see Store.profile) into the answer's `messages`."""
         now = time.time() if now is None else now
         book = self.book if rules == "active" else rules
-        fetch = _fetch(book, n)
-        counters = book is not None and book.needs_counters
-        answer, profile = await self._model_answer(
+        decide: Callable[[Profile | None], Ruling] | None = None
+        if book is not None:
+            active = book
+
+            def decide(profile: Profile | None) -> Ruling:
+                personal = profile is not None and not profile.withheld
+                facts = self._facts(active, now, context, profile if personal else None)
+                return active.decide(facts, "recommend", personal=personal)
+
+        answer, profile, ruling = await self._model_answer(
             key=key,
             user=user,
-            n=fetch,
+            n=_fetch(book, n),
             categories=categories,
             exclude=exclude,
             requires=requires,
             now=now,
-            counters=counters,
+            counters=book is not None and book.needs_counters,
             inbox=inbox,
+            decide=decide,
         )
-        if book is not None:
-            answer = self._ruled(
-                book,
-                answer,
-                "recommend",
-                n=n,
-                categories=categories,
-                exclude=exclude,
-                now=now,
-                context=context,
-                profile=profile,
-            )
+        if ruling is not None:
+            answer = self._ruled(ruling, answer, n=n, categories=categories, exclude=exclude, profile=profile)
         if profile is not None and profile.messages:
             answer = replace(answer, messages=profile.messages)
         return answer
 
-    async def _model_answer(  # noqa: PLR0911 - one return per kind of answer
+    async def _model_answer(
         self,
         *,
         key: str | None,
@@ -336,23 +338,27 @@ class Recommender:
         now: float,
         counters: bool,
         inbox: Requirement | None = None,
-    ) -> tuple[Answer, Profile | None]:
-        """The model's answer, and the profile it was made from (None when none was read; withheld
-        when consent did not permit)."""
+        decide: Callable[[Profile | None], Ruling] | None = None,
+    ) -> tuple[Answer, Profile | None, Ruling | None]:
+        """The model's answer, the profile it was made from (None when none was read; withheld
+        when consent did not permit), and what `decide` made of the profile: the rules, whose
+        filters and boosts the candidates then go through."""
         excluded = self.rows_of(exclude)
-        if self.stale(now):
-            return Answer(self.popular(n=n, categories=categories, excluded=excluded), "stale-snapshot", "none"), None
-        if key is None:
-            return Answer(self.popular(n=n, categories=categories, excluded=excluded), "cold-start", "none"), None
+        if self.stale(now) or key is None:
+            picks = self.popular(n=n, categories=categories, excluded=excluded)
+            cause: Fallback = "stale-snapshot" if self.stale(now) else "cold-start"
+            return Answer(picks, cause, "none"), None, decide(None) if decide else None
         profile = await self.store.profile(
             key, limit=self.recent_limit, now=now, counters=counters, requires=requires, inbox=inbox
         )
         if isinstance(profile, str):  # the store failed: its cause names the fallback
-            return Answer(self.popular(n=n, categories=categories, excluded=excluded), profile, "none"), None
+            picks = self.popular(n=n, categories=categories, excluded=excluded)
+            return Answer(picks, profile, "none"), None, decide(None) if decide else None
+        ruling = decide(profile) if decide else None
         if profile.withheld:
             picks = self.popular(n=n, categories=categories, excluded=excluded)
             no_consent = [Pick(row, score, (str(reason), NO_CONSENT)) for row, score, reason in picks]
-            return Answer(no_consent, "no-consent", "none"), profile
+            return Answer(no_consent, "no-consent", "none"), profile, ruling
         recent = profile.recent
         excluded |= self.rows_of(i.item for i in recent)
         user_rows = self.snap.user_row
@@ -360,55 +366,52 @@ class Recommender:
         if user_row is None:
             user_row = user_rows.get(key)
         if user_row is not None:
-            picks = await self._for_user(user_row, n=n, categories=categories, excluded=excluded)
-            return Answer(picks, None, "snapshot"), profile
+            picks = await self._for_user(user_row, n=n, categories=categories, excluded=excluded, ruling=ruling)
+            return Answer(picks, None, "snapshot"), profile, ruling
         live = self.live_profile(recent)
         if live is None:
-            return Answer(self.popular(n=n, categories=categories, excluded=excluded), "cold-start", "none"), profile
-        picks = await self._for_live(live, n=n, categories=categories, excluded=excluded)
-        return Answer(picks, None, "live"), profile
+            picks = self.popular(n=n, categories=categories, excluded=excluded)
+            return Answer(picks, "cold-start", "none"), profile, ruling
+        picks = await self._for_live(live, n=n, categories=categories, excluded=excluded, ruling=ruling)
+        return Answer(picks, None, "live"), profile, ruling
+
+    def _facts(self, book: Book, now: float, context: Context, profile: Profile | None) -> conditions.Facts:
+        """What rule conditions see: the request's context, and the profile if it may be used."""
+        if profile is None:
+            return conditions.facts(
+                now,
+                book.zone,
+                device=context.device,
+                country=context.country,
+                referrer=context.referrer,
+                page=context.page,
+            )
+        return conditions.facts(
+            now,
+            book.zone,
+            counters=profile.counters,
+            recent=profile.recent,
+            last_seen=profile.last_seen,
+            device=context.device,
+            country=context.country,
+            referrer=context.referrer,
+            page=context.page,
+        )
 
     def _ruled(
         self,
-        book: Book,
+        ruling: Ruling,
         answer: Answer,
-        surface: Surface,
         *,
         n: int,
         categories: Collection[str],
         exclude: Collection[str],
-        now: float,
-        context: Context,
         profile: Profile | None = None,
     ) -> Answer:
         """`answer` (over-fetched) after the rules, with the visitor's segments."""
-        personal = profile is not None and not profile.withheld
-        if personal:
-            assert profile is not None
-            facts = conditions.facts(
-                now,
-                book.zone,
-                counters=profile.counters,
-                recent=profile.recent,
-                last_seen=profile.last_seen,
-                device=context.device,
-                country=context.country,
-                referrer=context.referrer,
-                page=context.page,
-            )
-        else:
-            facts = conditions.facts(
-                now,
-                book.zone,
-                device=context.device,
-                country=context.country,
-                referrer=context.referrer,
-                page=context.page,
-            )
-        segments = book.segments(facts, personal=personal)
-        plan = book.fire(facts, surface)
+        plan = ruling.plan
         if plan is None:
-            return Answer(answer.picks[:n], answer.fallback, answer.profile, segments)
+            return Answer(answer.picks[:n], answer.fallback, answer.profile, ruling.segments)
         refused = self.rows_of(exclude)
         if profile is not None:
             refused |= self.rows_of(i.item for i in profile.recent)
@@ -418,12 +421,12 @@ class Recommender:
         def allowed(row: int) -> bool:
             return row not in refused and (not wanted or not wanted.isdisjoint(category_sets[row]))
 
-        def reserve() -> list[Pick]:
-            taken = refused | {p.row for p in answer.picks}
-            return self.popular(n=4 * n + HEADROOM_MIN, categories=categories, excluded=taken)
+        def reserve() -> Iterator[Pick]:
+            return (pick for pick in self.ranked_popular(categories) if pick.row not in refused)
 
-        outcome = book.apply(answer.picks, plan, n=n, reserve=reserve, allowed=allowed)
+        outcome = ruling.book.apply(answer.picks, ruling, n=n, reserve=reserve, allowed=allowed)
         applied = [rule.ref for rule in outcome.applied]
+        segments = ruling.segments
         return Answer(outcome.picks, answer.fallback, answer.profile, segments, applied, outcome.content, plan.refs)
 
     def live_profile(self, recent: list[Interaction]) -> LiveProfile | None:
@@ -449,7 +452,9 @@ class Recommender:
             snap.item_vectors, snap.gram_inverse, np.asarray(live[0], dtype=np.intp), np.asarray(live[1])
         )
 
-    async def _for_user(self, row: int, *, n: int, categories: Collection[str], excluded: set[int]) -> list[Pick]:
+    async def _for_user(
+        self, row: int, *, n: int, categories: Collection[str], excluded: set[int], ruling: Ruling | None = None
+    ) -> list[Pick]:
         snap, candidates = self.snap, self.candidates
 
         def compute(within: Rows | None = None) -> Pool:
@@ -461,7 +466,14 @@ class Recommender:
         else:
             pool = await candidates.cached(("user", row), compute)
         return await self._choose(
-            pool, ("user", row), compute, reason=USER_VECTOR, n=n, categories=categories, excluded=excluded
+            pool,
+            ("user", row),
+            compute,
+            reason=USER_VECTOR,
+            n=n,
+            categories=categories,
+            excluded=excluded,
+            ruling=ruling,
         )
 
     async def _for_live(
@@ -471,6 +483,7 @@ class Recommender:
         n: int,
         categories: Collection[str],
         excluded: set[int],
+        ruling: Ruling | None = None,
     ) -> list[Pick]:
         candidates = self.candidates
         rows = np.asarray(live[0], dtype=np.int64)  # distinct and ascending already
@@ -483,7 +496,14 @@ class Recommender:
 
         pool = await candidates.cached(("live", live), compute, bounded=self.snap.neighbour_rows is not None)
         return await self._choose(
-            pool, ("live", live), compute, reason=USER_VECTOR, n=n, categories=categories, excluded=excluded
+            pool,
+            ("live", live),
+            compute,
+            reason=USER_VECTOR,
+            n=n,
+            categories=categories,
+            excluded=excluded,
+            ruling=ruling,
         )
 
     async def similar(
@@ -513,22 +533,24 @@ class Recommender:
             pool = await candidates.cached(("similar", row), compute)
         reason = f"similar-to:{self.snap.item_ids[row]}"
         book = self.book
+        ruling = None
+        if book is not None:
+            facts = self._facts(book, time.time() if now is None else now, context, None)
+            ruling = book.decide(facts, "similar", personal=False)
         picks = await self._choose(
-            pool, ("similar", row), compute, reason=reason, n=_fetch(book, n), categories=categories, excluded=excluded
+            pool,
+            ("similar", row),
+            compute,
+            reason=reason,
+            n=_fetch(book, n),
+            categories=categories,
+            excluded=excluded,
+            ruling=ruling,
         )
         answer = Answer(picks, None, "none")
-        if book is None:
+        if ruling is None:
             return answer
-        return self._ruled(
-            book,
-            answer,
-            "similar",
-            n=n,
-            categories=categories,
-            exclude=[*exclude, self.snap.item_ids[row]],
-            now=time.time() if now is None else now,
-            context=context,
-        )
+        return self._ruled(ruling, answer, n=n, categories=categories, exclude=[*exclude, self.snap.item_ids[row]])
 
     def popular_answer(
         self, *, n: int, categories: Collection[str], exclude: Collection[str], context: Context = NO_CONTEXT
@@ -538,9 +560,8 @@ class Recommender:
         answer = Answer(picks, None, "none")
         if book is None:
             return answer
-        return self._ruled(
-            book, answer, "popular", n=n, categories=categories, exclude=exclude, now=time.time(), context=context
-        )
+        ruling = book.decide(self._facts(book, time.time(), context, None), "popular", personal=False)
+        return self._ruled(ruling, answer, n=n, categories=categories, exclude=exclude)
 
     async def _choose(
         self,
@@ -552,18 +573,69 @@ class Recommender:
         n: int,
         categories: Collection[str],
         excluded: set[int],
+        ruling: Ruling | None = None,
     ) -> list[Pick]:
         """Filter the pool; if a category filter leaves too few, search within the categories;
-        if still short, pad with popular items."""
-        picks = self._filter(pool, reason=reason, n=n, categories=categories, excluded=excluded)
+        if still short, pad with popular items. With `ruling`, its filters and boosts go first, and
+        padding is left to the rules (Book.apply), which filter what they pad with."""
+        ruled = ruling if ruling is not None and ruling.plan is not None else None
+        if ruled is not None:
+            picks = self._select(pool, ruled, reason=reason, n=n, categories=categories, excluded=excluded)
+        else:
+            picks = self._filter(pool, reason=reason, n=n, categories=categories, excluded=excluded)
         if len(picks) < n and categories:
             within = self.category_rows(categories)
             narrow = await self.candidates.cached((*key, tuple(sorted(categories))), lambda: compute(within))
-            picks = self._filter(narrow, reason=reason, n=n, categories=(), excluded=excluded)
+            if ruled is not None:
+                picks = self._select(narrow, ruled, reason=reason, n=n, categories=(), excluded=excluded)
+            else:
+                picks = self._filter(narrow, reason=reason, n=n, categories=(), excluded=excluded)
+        if ruling is not None and ruling.plan is not None:
+            return picks
         if len(picks) < n:
             taken = excluded | {p.row for p in picks}
             picks += self.popular(n=n - len(picks), categories=categories, excluded=taken)
         return picks
+
+    def _select(
+        self,
+        pool: Pool,
+        ruling: Ruling,
+        *,
+        reason: str,
+        n: int,
+        categories: Collection[str],
+        excluded: set[int],
+    ) -> list[Pick]:
+        """`_filter` with the rules' filters and boosts: the first candidates the request and the
+        filters admit (as deep as the answer could need, and some), re-ranked by the boosts; n of
+        them as picks. Plain Python over a few dozen rows: numpy's per-call overhead would cost more."""
+        plan = ruling.plan
+        assert plan is not None
+        category_sets = self.snap.category_sets
+        wanted = frozenset(categories)
+        depth = 2 * n + len(excluded) + HEADROOM_MIN if not wanted else 8 * n + len(excluded)
+        drop = plan.dropping  # all the plan's filters in one array, or None: ask each group
+        passes = plan.passes
+        rows: list[int] = []
+        scores: list[float] = []
+        dropped: list[int] = []  # by a filter, ahead of the n-th row kept: the filter changed the answer
+        for row, score in zip(pool.rows[:depth].tolist(), pool.scores[:depth].tolist(), strict=True):
+            if row in excluded or (wanted and wanted.isdisjoint(category_sets[row])):
+                continue
+            if (drop[row] if drop is not None else not passes(row)) if plan.filtering else False:
+                if len(rows) < n:
+                    dropped.append(row)
+                continue
+            rows.append(row)
+            scores.append(score)
+        if dropped:
+            ruling.dropped(dropped)
+        order = ruling.order(rows)
+        if order is not None:
+            rows, scores = [rows[i] for i in order], [scores[i] for i in order]
+        rounded = np.round(np.asarray(scores[:n], dtype=np.float64), 6).tolist()
+        return [_new_pick(Pick, (row, score, reason)) for row, score in zip(rows, rounded, strict=False)]
 
     def _filter(
         self, pool: Pool, *, reason: str, n: int, categories: Collection[str], excluded: set[int]
@@ -576,11 +648,13 @@ class Recommender:
         start, stop = 0, n + len(excluded) if not wanted else 4 * n
         while start < len(pool.rows):
             rows = pool.rows[start:stop].tolist()
-            scores = pool.scores[start:stop].tolist()
+            # rounded in one numpy call, and tuple.__new__ skips NamedTuple's Python-level __new__:
+            # together a third of the cost of Pick(row, round(score, 6), reason) per pick
+            scores = np.round(pool.scores[start:stop].astype(np.float64), 6).tolist()
             for row, score in zip(rows, scores, strict=True):
                 if row in excluded or (wanted and wanted.isdisjoint(category_sets[row])):
                     continue
-                picks.append(Pick(row, round(score, 6), reason))
+                picks.append(_new_pick(Pick, (row, score, reason)))
                 if len(picks) == n:
                     return picks
             start, stop = stop, stop * 4
@@ -595,15 +669,19 @@ class Recommender:
             return np.empty(0, dtype=np.intp)
         return parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
 
-    def popular(self, *, n: int, categories: Collection[str], excluded: set[int]) -> list[Pick]:
+    def ranked_popular(self, categories: Collection[str]) -> list[Pick]:
+        """Every item of these categories (all without), most popular first."""
         key = tuple(sorted(categories))
         ranked = self._popular.get(key)
         if ranked is None:
             ranked = self._rank_popular(key)
             if len(key) <= 1:  # not every combination: a client could make up endless ones
                 self._popular[key] = ranked
+        return ranked
+
+    def popular(self, *, n: int, categories: Collection[str], excluded: set[int]) -> list[Pick]:
         picks: list[Pick] = []
-        for pick in ranked:
+        for pick in self.ranked_popular(categories):
             if pick.row not in excluded:
                 picks.append(pick)
                 if len(picks) == n:

@@ -208,47 +208,95 @@ class Outcome:
     content: list[Content]
 
 
-# Distinct sets of fired rules whose combined effect is kept (each up to ~0.5 MB at 100k items).
-PLANS_KEPT = 64
+# Distinct sets of fired groups whose plans are kept (a few kB each); the most used of them keep
+# their groups' arrays combined (5 bytes an item), in this much memory at most.
+PLANS_KEPT = 4096
+HOT_BYTES = 128 * 1024 * 1024
+HOT_PLAN = 2  # a plan not combined is combined on every HOT_PLAN-th use
+BOOSTED_KEPT = 10_000  # rows per plan whose boosting rules are remembered
 
 
-@dataclass(eq=False)
 class Group:
-    """Enabled rules with one condition, validity window and surfaces: they fire together."""
+    """Enabled rules with one condition, validity window and surfaces: they fire together, so the
+    condition is evaluated once, and their filters and boosts are combined once, at compile time.
 
-    when: Predicate | None
-    starts: float
-    ends: float
-    surfaces: frozenset[str]
-    rules: list[CompiledRule]
+    A request looks at a few dozen rows: Python indexing of memoryviews over the combined arrays
+    beats numpy's per-call overhead (about 2 µs an operation) at that size."""
+
+    def __init__(self, when: Predicate | None, starts: float, ends: float, surfaces: frozenset[str]) -> None:
+        self.when = when
+        self.starts = starts
+        self.ends = ends
+        self.surfaces = surfaces
+        self.rules: list[CompiledRule] = []
+        self.dropping: memoryview | None = None  # row -> whether a filter of the group drops it
+        self.weighing: memoryview | None = None  # row -> product of the group's boosts
+        self.drop: npt.NDArray[np.bool_] | None = None  # the same as arrays
+        self.weight: npt.NDArray[np.float32] | None = None
+        self._filters: list[tuple[CompiledRule, npt.NDArray[np.bool_]]] = []
+        self.boosts: list[tuple[CompiledRule, npt.NDArray[np.bool_]]] = []
+        # Per row, which filters (boosts) hold, as bits; None past 63 (then each mask is asked).
+        self._filter_code: memoryview | None = None
+        self._boost_code: memoryview | None = None
+        self._decoded: dict[tuple[bool, int], tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
+
+    def prepare(self, size: int) -> None:
+        self._filters = [(c, m) for c in self.rules for m in c.filters]
+        self.boosts = [(c, m) for c in self.rules for m, _ in c.boosts]
+        if self._filters:
+            masks = [m for _, m in self._filters]
+            self.drop = np.logical_or.reduce(masks) if len(masks) > 1 else masks[0]
+            self.dropping = self.drop.data
+            self._filter_code = _codes(masks)
+        if self.boosts:
+            weight = np.ones(size, dtype=np.float32)
+            for c in self.rules:
+                for mask, factor in c.boosts:
+                    weight[mask] *= np.float32(factor)
+            self.weight = weight
+            self.weighing = weight.data
+            self._boost_code = _codes([m for _, m in self.boosts])
+
+    def dropped_by(self, rows: list[int]) -> list[tuple[str, CompiledRule]]:
+        """(ref, rule) of the group's filters that drop any of `rows`."""
+        codes = self._filter_code
+        if codes is None:
+            return list({c.ref: (c.ref, c) for c, m in self._filters if m[rows].any()}.values())
+        bits = 0
+        for row in rows:
+            bits |= codes[row]
+        return self._decode(False, bits)[0]
+
+    def boosted_by(self, row: int) -> tuple[list[tuple[str, CompiledRule]], list[str]]:
+        """(ref, rule) of the group's boosts that hold for `row`, and their refs."""
+        codes = self._boost_code
+        if codes is None:
+            pairs = list({c.ref: (c.ref, c) for c, m in self.boosts if m[row]}.values())
+            return pairs, [ref for ref, _ in pairs]
+        return self._decode(True, codes[row])
+
+    def _decode(self, boosts: bool, bits: int) -> tuple[list[tuple[str, CompiledRule]], list[str]]:
+        found = self._decoded.get((boosts, bits))
+        if found is None:
+            rules = [c for c, _ in (self.boosts if boosts else self._filters)]
+            pairs = list({rules[i].ref: (rules[i].ref, rules[i]) for i in range(len(rules)) if bits >> i & 1}.values())
+            found = self._decoded[(boosts, bits)] = (pairs, [ref for ref, _ in pairs])
+        return found
 
 
 class Plan:
-    """What one set of fired rules does, over the whole catalog, made once for every request that
-    fires the same set: the rows all its filters drop together, and the product of its boosts."""
+    """What one set of fired groups does, made once for every request that fires the same set."""
 
-    def __init__(self, snap: Snapshot, rules: list[CompiledRule]) -> None:
+    def __init__(self, groups: list[Group]) -> None:
+        rules = sorted((c for g in groups for c in g.rules), key=_rank)
         self.rules = rules  # by priority
         self.refs = [c.ref for c in rules]
-        self.filters = [(c, m) for c in rules for m in c.filters]
-        self.boosts = [(c, m, w) for c in rules for m, w in c.boosts]
+        self.filtering = [g for g in groups if g.dropping is not None]
+        self.boosting = [g for g in groups if g.weighing is not None]
         self.cap = next((c for c in rules if c.cap is not None), None)
-        self.placing = [c for c in rules if c.pins or c.injects or c.attach]
-        self.drop: npt.NDArray[np.bool_] | None = None
-        if self.filters:
-            self.drop = (
-                np.logical_or.reduce([m for _, m in self.filters]) if len(self.filters) > 1 else self.filters[0][1]
-            )
-        self.weight: npt.NDArray[np.float32] | None = None
-        if self.boosts:
-            weight = np.ones(len(snap.item_ids), dtype=np.float32)
-            for _, mask, factor in self.boosts:
-                weight[mask] *= np.float32(factor)
-            self.weight = weight
         # Injections lowest priority first (a higher one placed later lands exactly where it asks);
         # pins highest first (it takes the slot, and the item).
         self.injects = [(c, rows, at) for c in reversed(rules) for rows, at in c.injects]
-        self.pins = [(c, row, at) for c in rules for row, at in c.pins]
         self.content: list[Content] = []
         self.attaching: list[CompiledRule] = []
         slots: set[str] = set()
@@ -259,43 +307,70 @@ class Plan:
                     self.content.append(Content(slot, c.ref, body))
                     if not self.attaching or self.attaching[-1] is not c:
                         self.attaching.append(c)
-        # Which of the filters and boosts hold for each row, as bits (up to 63 rules of each kind in
-        # one plan; past that, attribution checks each rule's mask for the few rows that need it).
-        self._filter_code = _codes([m for _, m in self.filters])
-        self._boost_code = _codes([m for _, m, _ in self.boosts])
-        self._decoded: dict[tuple[bool, int], tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
 
-    def dropped_by(self, rows: npt.NDArray[np.int64]) -> list[tuple[str, CompiledRule]]:
-        """(ref, rule) of the filters that drop any of `rows`."""
-        if self._filter_code is None:
-            return [(c.ref, c) for c, m in self.filters if m[rows].any()]
-        bits = int(np.bitwise_or.reduce(self._filter_code[rows]))
-        return self._decode(False, bits)[0]
+        # All the groups' drops in one array, and all their weights, once the plan proves popular
+        # (see Book.fire): then a request checks one array, not one per group.
+        self.drop: npt.NDArray[np.bool_] | None = self.filtering[0].drop if len(self.filtering) == 1 else None
+        self.weight: npt.NDArray[np.float32] | None = self.boosting[0].weight if len(self.boosting) == 1 else None
+        self.dropping: memoryview | None = None if self.drop is None else self.drop.data
+        self.weighing: memoryview | None = None if self.weight is None else self.weight.data
+        self.uses = 0
+        self._boosted: dict[int, tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
+        # Pins of items no filter drops (filters hold against pins), highest priority first.
+        self.pins = [(c, row, at) for c in rules for row, at in c.pins if self.passes(row)]
+
+    def combine(self) -> None:
+        """Combine the groups' arrays (well under a millisecond for 100k items and a few groups)."""
+        if len(self.filtering) > 1:
+            self.drop = np.logical_or.reduce([g.drop for g in self.filtering if g.drop is not None])
+            self.dropping = self.drop.data
+        if len(self.boosting) > 1:
+            self.weight = np.prod([g.weight for g in self.boosting if g.weight is not None], axis=0, dtype=np.float32)
+            self.weighing = self.weight.data
+
+    def separate(self) -> None:
+        """Let go of the combined arrays (the plan is no longer among the popular ones)."""
+        if len(self.filtering) > 1:
+            self.drop = self.dropping = None
+        if len(self.boosting) > 1:
+            self.weight = self.weighing = None
 
     def boosted_by(self, row: int) -> tuple[list[tuple[str, CompiledRule]], list[str]]:
-        """(ref, rule) of the boosts that hold for `row`, and their refs."""
-        if self._boost_code is None:
-            pairs = list({c.ref: (c.ref, c) for c, m, _ in self.boosts if m[row]}.values())
-            return pairs, [ref for ref, _ in pairs]
-        return self._decode(True, int(self._boost_code[row]))
+        """(ref, rule) of the plan's boosts that hold for `row`, and their refs."""
+        known = self._boosted.get(row)
+        if known is not None:
+            return known
+        pairs: list[tuple[str, CompiledRule]] = []
+        refs: list[str] = []
+        for group in self.boosting:
+            assert group.weighing is not None
+            if group.weighing[row] != 1.0:
+                found, names = group.boosted_by(row)
+                pairs += found
+                refs += names
+        if len(self._boosted) < BOOSTED_KEPT:
+            self._boosted[row] = (pairs, refs)
+        return pairs, refs
 
-    def _decode(self, boosts: bool, bits: int) -> tuple[list[tuple[str, CompiledRule]], list[str]]:
-        found = self._decoded.get((boosts, bits))
-        if found is None:
-            rules = [c for c, *_ in (self.boosts if boosts else self.filters)]
-            pairs = list({rules[i].ref: (rules[i].ref, rules[i]) for i in range(len(rules)) if bits >> i & 1}.values())
-            found = self._decoded[(boosts, bits)] = (pairs, [ref for ref, _ in pairs])
-        return found
+    def passes(self, row: int) -> bool:
+        """Whether no filter of the plan drops `row`."""
+        if self.dropping is not None:
+            return not self.dropping[row]
+        for group in self.filtering:
+            assert group.dropping is not None
+            if group.dropping[row]:
+                return False
+        return True
 
 
-def _codes(masks: list[npt.NDArray[np.bool_]]) -> npt.NDArray[np.int64] | None:
+def _codes(masks: list[npt.NDArray[np.bool_]]) -> memoryview | None:
     """Per row, bit i set when masks[i] holds; None for none or more than 63 masks."""
     if not masks or len(masks) > 63:
         return None
     code = np.zeros(len(masks[0]), dtype=np.int64)
     for bit, mask in enumerate(masks):
         code[mask] |= 1 << bit
-    return code
+    return code.data
 
 
 def _rank(rule: CompiledRule) -> int:
@@ -303,11 +378,9 @@ def _rank(rule: CompiledRule) -> int:
 
 
 @functools.cache
-def _standing(size: int) -> npt.NDArray[np.float64]:
+def _standing(size: int) -> tuple[float, ...]:
     """A list's rank-based standing before boosts: 1 for the first, falling evenly towards 0."""
-    standing = 1.0 - np.arange(size) / size
-    standing.setflags(write=False)
-    return standing
+    return tuple(1.0 - i / size for i in range(size))
 
 
 @functools.cache
@@ -376,6 +449,52 @@ def _pin(
     return result
 
 
+@dataclass(eq=False)
+class Ruling:
+    """The rules of one request: the visitor's segments, the plan that fires (None: no rule), and
+    what the plan's filters and boosts already did to the model's candidates (`rank`)."""
+
+    book: Book
+    segments: list[str]
+    plan: Plan | None
+    applied: dict[str, CompiledRule] = field(default_factory=dict)
+    ranked: bool = False  # every candidate went through `rank`
+    reordered: bool = False
+
+    def dropped(self, rows: list[int]) -> None:
+        """Note the filters that dropped `rows` (ahead of the answer's last place)."""
+        plan = self.plan
+        assert plan is not None
+        for group in plan.filtering:
+            assert group.dropping is not None
+            mine = [row for row in rows if group.dropping[row]]
+            if mine:
+                self.applied.update(group.dropped_by(mine))
+
+    def order(self, rows: list[int]) -> list[int] | None:
+        """The positions of `rows` (best first) re-ranked by the plan's boosts; None when no boost
+        holds for any of them. Every candidate goes through here, so the answer is `ranked`."""
+        self.ranked = True
+        plan = self.plan
+        if plan is None or not plan.boosting or not rows:
+            return None
+        weight = plan.weighing
+        if weight is not None:
+            factors: list[float] = [weight[row] for row in rows]
+        else:
+            factors = [1.0] * len(rows)
+            for group in plan.boosting:
+                assert group.weighing is not None
+                each = group.weighing
+                factors = [f * each[row] for f, row in zip(factors, rows, strict=True)]
+        if factors.count(1.0) == len(factors):
+            return None
+        standing = [s * f for s, f in zip(_standing(len(factors)), factors, strict=True)]
+        self.reordered = True
+        # reverse=True keeps equal standings in their order: the sort is stable either way
+        return sorted(range(len(standing)), key=standing.__getitem__, reverse=True)
+
+
 class Book:
     """One rule-set version compiled against one snapshot: item matches become boolean masks over
     the catalog, conditions become closures. Rebuilt on every activation, flag change and snapshot
@@ -414,7 +533,7 @@ class Book:
         self.needs_counters = bool(ruleset.segments or ruleset.rules) and (
             snap.segment_model is not None or _uses_counters(ruleset)
         )
-        self.headroom = any(c.filters or c.cap for c in self.rules)
+        self.headroom = any(c.cap for c in self.rules)
         self.by_ref = {c.ref: c for c in compiled}
         # Rules with the same condition, validity and surfaces fire together: one evaluation each.
         groups: dict[bytes, Group] = {}
@@ -423,10 +542,19 @@ class Book:
             key = msgspec.json.encode((c.rule.when, c.starts, c.ends, sorted(c.surfaces)))
             group = groups.get(key)
             if group is None:
-                group = groups[key] = Group(c.when, c.starts, c.ends, c.surfaces, [])
+                group = groups[key] = Group(c.when, c.starts, c.ends, c.surfaces)
             group.rules.append(c)
         self.groups = list(groups.values())
+        for group in self.groups:
+            group.prepare(len(snap.item_ids))
+        # Per surface, what `fire` checks of each group: its condition and validity.
+        self._checks: dict[str, list[tuple[int, Predicate | None, float, float]]] = {
+            surface: [(i, g.when, g.starts, g.ends) for i, g in enumerate(self.groups) if surface in g.surfaces]
+            for surface in SURFACES
+        }
         self._plans: OrderedDict[tuple[int, ...], Plan] = OrderedDict()
+        self._hot: OrderedDict[tuple[int, ...], Plan] = OrderedDict()  # those with combined arrays
+        self._hot_kept = max(8, HOT_BYTES // (5 * max(len(snap.item_ids), 1)))
         self._cap_keys: dict[int, list[str]] = {}
 
     def _compile(self, index: int, rule: Rule, compiler: Compiler) -> CompiledRule:
@@ -520,8 +648,11 @@ class Book:
                     only[snap.category_rows[category]] = True
             selected &= only
         if match.tags:
-            wanted = frozenset(match.tags)
-            selected &= np.fromiter((not wanted.isdisjoint(t) for t in snap.item_tags), dtype=bool, count=size)
+            only = np.zeros(size, dtype=bool)
+            for tag in match.tags:
+                if tag in snap.tag_rows:
+                    only[snap.tag_rows[tag]] = True
+            selected &= only
         if match.price_at_least is not None:
             selected &= snap.prices >= match.price_at_least  # NaN (unknown) compares False
         if match.price_at_most is not None:
@@ -537,23 +668,35 @@ class Book:
         """What the rules that fire for this visitor and request do (None: nothing fires): the
         enabled rules for this surface, valid now, whose condition holds."""
         now = facts.now
-        fired = tuple(
-            index
-            for index, g in enumerate(self.groups)
-            if surface in g.surfaces and g.starts <= now < g.ends and (g.when is None or g.when(facts))
-        )
+        found: list[int] = []
+        for index, when, starts, ends in self._checks[surface]:
+            if starts <= now < ends and (when is None or when(facts)):
+                found.append(index)
+        if not found:
+            return None
+        fired = tuple(found)
         if not fired:
             return None
         plan = self._plans.get(fired)
         if plan is None:
-            plan = self._plans[fired] = Plan(
-                self.snap, sorted((c for i in fired for c in self.groups[i].rules), key=_rank)
-            )
+            plan = self._plans[fired] = Plan([self.groups[i] for i in fired])
             while len(self._plans) > PLANS_KEPT:
-                self._plans.popitem(last=False)
+                self._hot.pop(self._plans.popitem(last=False)[0], None)
         else:
             self._plans.move_to_end(fired)
+        plan.uses += 1
+        if fired in self._hot:
+            self._hot.move_to_end(fired)
+        elif plan.uses % HOT_PLAN == 0 and (len(plan.filtering) > 1 or len(plan.boosting) > 1):
+            plan.combine()
+            self._hot[fired] = plan
+            while len(self._hot) > self._hot_kept:
+                self._hot.popitem(last=False)[1].separate()
         return plan
+
+    def decide(self, facts: Facts, surface: Surface, *, personal: bool) -> Ruling:
+        """The segments and the plan for one request (see Segmenter.assign on `personal`)."""
+        return Ruling(self, self.segments(facts, personal=personal), self.fire(facts, surface))
 
     def fired(self, facts: Facts, surface: Surface) -> list[CompiledRule]:
         """The rules that fire, by priority."""
@@ -563,7 +706,7 @@ class Book:
     def apply(
         self,
         picks: Sequence[Pick],
-        plan: Plan | None,
+        ruling: Ruling,
         *,
         n: int,
         reserve: Callable[[], Iterable[Pick]],
@@ -573,32 +716,45 @@ class Book:
         longer than n where it could be; `reserve` gives more (popular items) when rules leave too
         few; `allowed` says whether the request itself admits a row (its category filter and
         `exclude`), which injections and pins respect as well."""
+        plan = ruling.plan
         if plan is None:
             return Outcome(list(picks[:n]), [], [])
-        applied: dict[str, CompiledRule] = {}
+        applied = ruling.applied
         ranked: Sequence[Pick] = picks
-        drop, weight = plan.drop, plan.weight
-        reordered = False
-        if (drop is not None or weight is not None) and picks:
-            rows = np.fromiter((p.row for p in picks), dtype=np.int64, count=len(picks))
-            index: npt.NDArray[np.intp] | None = None  # of the picks kept, in their new order
+        reordered = ruling.reordered
+        if ruling.ranked:  # filtered and boosted already (Ruling.rank)
+            pass
+        elif plan.filtering and ranked:
+            drop = plan.dropping
             if drop is not None:
-                hit = drop[rows]
-                if hit.any():
-                    applied.update(plan.dropped_by(rows[hit]))
-                    index = np.flatnonzero(~hit)
-                    rows = rows[index]
-            if weight is not None and len(rows):
-                factors = weight[rows]
-                if (factors != 1.0).any():
-                    order = np.argsort(-(_standing(len(rows)) * factors), kind="stable")
-                    index = order if index is None else index[order]
-                    reordered = True
-            if index is not None:
-                ranked = [picks[i] for i in index.tolist()]
-
-        def passes(row: int) -> bool:
-            return drop is None or not drop[row]
+                kept = [p for p in ranked if not drop[p.row]]
+            else:
+                kept = [p for p in ranked if plan.passes(p.row)]
+            if len(kept) < len(ranked):
+                dropped = [p.row for p in ranked if not plan.passes(p.row)]
+                for group in plan.filtering:
+                    assert group.dropping is not None
+                    mine = [row for row in dropped if group.dropping[row]]
+                    if mine:
+                        applied.update(group.dropped_by(mine))
+                ranked = kept
+        if not ruling.ranked and plan.boosting and ranked:
+            weight = plan.weighing
+            if weight is not None:
+                factors: list[float] = [weight[p.row] for p in ranked]
+            else:
+                factors = [1.0] * len(ranked)
+                for group in plan.boosting:
+                    assert group.weighing is not None
+                    each = group.weighing
+                    factors = [f * each[p.row] for f, p in zip(factors, ranked, strict=True)]
+            if factors.count(1.0) < len(factors):
+                standing = [s * f for s, f in zip(_standing(len(factors)), factors, strict=True)]
+                # reverse=True keeps equal standings in their order: the sort is stable either way
+                order = sorted(range(len(standing)), key=standing.__getitem__, reverse=True)
+                ranked = [ranked[i] for i in order]
+                reordered = True
+        passes = plan.passes
 
         cap = plan.cap
         chosen = self._capped(ranked, cap, n, applied)
@@ -607,10 +763,10 @@ class Book:
             more = (p for p in reserve() if p.row not in taken and passes(p.row))
             chosen += self._capped(more, cap, n - len(chosen), applied, counts=self._category_counts(chosen, cap))
 
-        if reordered and weight is not None:
+        if reordered:
             for at, pick in enumerate(chosen):
-                if weight[pick.row] != 1.0:
-                    pairs, refs = plan.boosted_by(pick.row)
+                pairs, refs = plan.boosted_by(pick.row)
+                if refs:
                     applied.update(pairs)
                     chosen[at] = _tagged(pick, refs)
         placed = chosen

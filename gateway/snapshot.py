@@ -81,6 +81,7 @@ class Snapshot:
     segment_model: SegmentModel | None = None
     # Item attributes by row, for rules and filters: tags, price (nan: unknown), stock (-1: unknown).
     item_tags: list[frozenset[str]] = field(default_factory=list)
+    tag_rows: dict[str, Rows] = field(default_factory=dict)  # tag -> the rows that carry it
     prices: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0, dtype=np.float64))
     stock: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     # Filled by the HTTP layer as rows are served (gateway.wire.encode_recommendations): a row's
@@ -123,6 +124,14 @@ def _categories_with_parents(categories: list[str]) -> frozenset[str]:
         parts = category.split("/")
         found.update("/".join(parts[:depth]) for depth in range(1, len(parts)))
     return frozenset(found)
+
+
+def _rows_by_tag(items: list[Item]) -> dict[str, list[int]]:
+    found: dict[str, list[int]] = {}
+    for row, item in enumerate(items):
+        for tag in set(item.tags):
+            found.setdefault(tag, []).append(row)
+    return found
 
 
 def load(directory: Path, *, verify: bool = True) -> Snapshot:
@@ -236,6 +245,7 @@ def _read(directory: Path) -> Snapshot:
         neighbour_scores=pools.get("neighbour_scores"),
         segment_model=segment_model,
         item_tags=[frozenset(item.tags) for item in items],
+        tag_rows={tag: np.asarray(rows, dtype=np.intp) for tag, rows in _rows_by_tag(items).items()},
         prices=np.array([math.nan if item.price is None else item.price for item in items], dtype=np.float64),
         stock=np.array([-1 if item.stock is None else item.stock for item in items], dtype=np.int64),
     )

@@ -9,14 +9,16 @@ for. Alternating, so drift of the shared machine hits both sides alike:
     rules full speed      100 rules + 5 predicate segments active (PUT /admin/rules?activate=true)
     none  full speed      again
     rules full speed      again
-    none  paced           at half the no-rules maximum: latency when not saturated
+    none  paced           at half the with-rules maximum: latency when neither side is saturated
     rules paced           at the same rate
 
-The 100 rules are a merchandiser's mix: out-of-stock and price filters, category and tag boosts and
-buries, pins and injections, a diversity cap, banners; conditions over counters (so every request
-reads the visitor's counters), segments, recency, session and request context. About a third fire
-for a typical request. The ratio reported: rules / none, for throughput and for p50/p99 at the
-paced rate. Results go to var/bench/rules.json.
+The 100 rules are scoped the way a shop's are: site-wide ones (stock filter, diversity cap, banner,
+some boosts, buries and filters), category-page ones (pins, cross-sell injections, boosts, banners:
+`page` is /c/<category>) and audience ones (segments over counters, recency, session, device, time
+of day), plus 5 predicate segments, so every request reads the visitor's counters. Every request
+carries a page and a device, with and without rules alike. The ratios reported: none / rules for
+throughput (what the rules cost in CPU), rules / none for p50 and p99 at the paced rate (what a
+visitor waits). Results go to var/bench/rules.json.
 
     .venv/bin/python loadtests/bench_rules.py
     .venv/bin/python loadtests/bench_rules.py --duration 5 --stores memory,redis
@@ -57,54 +59,72 @@ RULES = 100
 
 
 def rule_set(directory: Path, rng: random.Random, count: int = RULES) -> dict[str, Any]:
-    """`count` rules over the snapshot's catalog (items.json), deterministic for `rng`."""
+    """`count` rules over the snapshot's catalog (items.json), deterministic for `rng`, scoped the way
+    a shop's rules are: a few site-wide (stock filter, diversity cap, banners), most for a category
+    page (its pins, cross-sells and boosts), for a segment, a device or a time of day."""
     items = json.loads((directory / "items.json").read_bytes())
-    ids = [str(item["item_id"]) for item in items]
     tops = sorted({c.split("/")[0] for item in items for c in item.get("categories", [])})
     leaves = sorted({c for item in items for c in item.get("categories", [])})
+    by_top: dict[str, list[str]] = {}
+    for item in items:
+        for category in item.get("categories", [])[:1]:
+            by_top.setdefault(category.split("/")[0], []).append(str(item["item_id"]))
     tags = sorted({t for item in items for t in item.get("tags", [])}) or ["none"]
-    conditions: list[dict[str, Any]] = [
-        {"counter": {"event": "view", "window": "1d", "at_least": 1}},
-        {"counter": {"event": "purchase", "window": "30d", "at_most": 0}},
+
+    def page(top: str) -> dict[str, Any]:
+        return {"context": {"page": [f"/c/{top}"]}}
+
+    audiences: list[dict[str, Any]] = [
         {"segment": "browsers"},
         {"segment": "buyers"},
-        {"not": {"segment": "new-visitors"}},
+        {"segment": "loyal"},
+        {"segment": "new-visitors"},
+        {"counter": {"event": "purchase", "window": "30d", "at_most": 0}},
         {"recency": {"event": "add_to_cart", "within": "1h"}},
-        {"session": {"pages_at_least": 2}},
+        {"session": {"pages_at_least": 3}},
         {"context": {"device": ["mobile"]}},
-        {"context": {"hours": list(range(8, 20))}},
-        {"any": [{"segment": "browsers"}, {"context": {"weekdays": ["sat", "sun"]}}]},
+        {"context": {"hours": list(range(18, 23))}},
+        {"context": {"weekdays": ["sat", "sun"]}},
     ]
     rules: list[dict[str, Any]] = [
         {"id": "in-stock-only", "priority": 100, "actions": [{"type": "filter", "items": {"in_stock": False}}]},
         {"id": "diversity", "priority": 90, "actions": [{"type": "cap", "per_category": 3}]},
+        {"id": "site-banner", "actions": [{"type": "attach", "slot": "top", "content": {"text": "Free shipping"}}]},
     ]
-    kinds = ["filter"] * 15 + ["boost"] * 35 + ["bury"] * 15 + ["pin"] * 10 + ["inject"] * 10 + ["attach"] * 15
-    while len(rules) < count:
-        kind = rng.choice(kinds)
+    # (kind, scope): 40% for a category page, 35% for an audience, the rest site-wide.
+    plan = [("pin", "page")] * 10 + [("inject", "page")] * 10 + [("boost", "page")] * 10 + [("attach", "page")] * 7
+    plan += [("boost", "audience")] * 15 + [("bury", "audience")] * 8 + [("filter", "audience")] * 5
+    plan += [("attach", "audience")] * 7 + [("boost", "site")] * 10 + [("bury", "site")] * 10
+    plan += [("filter", "site")] * 5
+    rng.shuffle(plan)
+    for kind, scope in plan[: count - len(rules)]:
         index = len(rules)
+        top = rng.choice(tops)
         match = rng.choice(
             [
                 {"categories": [rng.choice(leaves)]},
-                {"categories": [rng.choice(tops)]},
                 {"tags": [rng.choice(tags)]},
-                {"price_at_least": round(rng.uniform(50, 500), 2)},
+                {"price_at_least": round(rng.uniform(100, 500), 2)},
             ]
         )
-        if kind == "filter":
-            action: dict[str, Any] = {"type": "filter", "items": match}
-        elif kind in ("boost", "bury"):
-            weight = rng.uniform(1.5, 4.0) if kind == "boost" else rng.uniform(0.2, 0.7)
-            action = {"type": "boost", "items": match, "weight": round(weight, 2)}
-        elif kind == "pin":
-            action = {"type": "pin", "item": rng.choice(ids), "position": rng.randint(1, 10)}
+        if kind == "pin":
+            action: dict[str, Any] = {"type": "pin", "item": rng.choice(by_top[top]), "position": rng.randint(1, 3)}
         elif kind == "inject":
-            action = {"type": "inject", "items": rng.sample(ids, 2)}
+            action = {"type": "inject", "items": rng.sample(by_top[top], 2)}
+        elif kind == "attach":
+            action = {"type": "attach", "slot": f"slot-{index % 4}", "content": {"text": f"offer {index}"}}
+        elif kind == "filter":
+            action = {"type": "filter", "items": match}
         else:
-            action = {"type": "attach", "slot": f"slot-{index % 5}", "content": {"text": f"offer {index}"}}
+            weight = rng.uniform(1.5, 4.0) if kind == "boost" else rng.uniform(0.2, 0.7)
+            if scope == "page":
+                match = {"categories": [top]}
+            action = {"type": "boost", "items": match, "weight": round(weight, 2)}
         rule: dict[str, Any] = {"id": f"{kind}-{index}", "priority": rng.randint(0, 50), "actions": [action]}
-        if rng.random() < 0.85:
-            rule["when"] = rng.choice(conditions)
+        if scope == "page":
+            rule["when"] = page(top)
+        elif scope == "audience":
+            rule["when"] = rng.choice(audiences)
         rules.append(rule)
     segments = [
         {"id": "new-visitors", "when": {"recency": {"not_within": "30d"}}},
@@ -114,6 +134,15 @@ def rule_set(directory: Path, rng: random.Random, count: int = RULES) -> dict[st
         {"id": "loyal", "when": {"all": [{"segment": "buyers"}, {"segment": "browsers"}]}},
     ]
     return {"timezone": "Europe/Berlin", "segments": segments, "rules": rules}
+
+
+def with_context(path: Path, tops: list[str], rng: random.Random) -> None:
+    """Give every request of a request list the page and device the snippet would send."""
+    devices = ["mobile", "mobile", "desktop", "tablet"]
+    lines = path.read_text().splitlines()
+    path.write_text(
+        "\n".join(f"{line}&page=/c/{rng.choice(tops)}&device={rng.choice(devices)}" for line in lines) + "\n"
+    )
 
 
 def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[str, Any]:
@@ -133,6 +162,14 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
         visitors = seed_visitors(client, snap, args.visitors, random.Random(args.seed))
         traffic = make_traffic(snap, visitors, args)["recommend"]
         doc = rule_set(snap.directory, random.Random(args.seed))
+        tops = sorted(
+            {
+                c.split("/")[0]
+                for item in json.loads((snap.directory / "items.json").read_bytes())
+                for c in item.get("categories", [])
+            }
+        )
+        context_rng = random.Random(args.seed + 2)
         stored = client.put("/admin/rules", json=doc)
         if stored.status_code != 201:
             raise RuntimeError(f"PUT /admin/rules: {stored.status_code} {stored.text[:500]}")
@@ -150,6 +187,7 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
             size = max(args.list_size, int(duration * (rate or 20_000) * 1.25) + args.connections)
             path = work / f"{label}.txt"
             kinds = traffic.window(size, path)
+            with_context(path, tops, context_rng)
             run = run_wrk(
                 base,
                 path,
@@ -180,8 +218,9 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
             for line in metrics.splitlines()
             if line.startswith("tailor_rule_hits_total{") and not line.endswith(" 0.0")
         )
-        none_max = (runs["none_full_1"]["rate"] + runs["none_full_2"]["rate"]) / 2
-        target = none_max / 2
+        # Latency is compared at one rate both sides sustain: half the with-rules maximum.
+        rules_max = (runs["rules_full_1"]["rate"] + runs["rules_full_2"]["rate"]) / 2
+        target = rules_max / 2
         for rules in (False, True):
             use(rules)
             label = f"{'rules' if rules else 'none'}_paced"
@@ -197,9 +236,11 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
         "p99_rules_over_none_paced": round(paced["rules"]["p99"] / paced["none"]["p99"], 3),
     }
     result["bar"] = {
-        f"latency with {RULES} rules <= {BAR_LATENCY_RATIO}x none (p50 paced, and throughput)": (
+        f"latency with {RULES} rules <= {BAR_LATENCY_RATIO}x none (p50, paced)": (
             result["ratios"]["p50_rules_over_none_paced"] <= BAR_LATENCY_RATIO
-            and result["ratios"]["throughput_none_over_rules"] <= BAR_LATENCY_RATIO
+        ),
+        f"throughput with {RULES} rules >= 1/{BAR_LATENCY_RATIO} of none": (
+            result["ratios"]["throughput_none_over_rules"] <= BAR_LATENCY_RATIO
         ),
         "no errors": all(run["errors_total"] == 0 for run in runs.values()),
     }

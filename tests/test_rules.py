@@ -42,10 +42,9 @@ def model_list(snap: Snapshot, size: int = 60) -> list[Pick]:
 
 def run(b: Book, snap: Snapshot, f: conditions.Facts | None = None, *, n: int = 10, size: int = 60) -> Any:
     f = f or facts()
-    b.segments(f, personal=True)
-    plan = b.fire(f, "recommend")
+    ruling = b.decide(f, "recommend", personal=True)
     popular = [Pick(int(row), 0.5, "popular") for row in snap.popular[""]]
-    return b.apply(model_list(snap, size), plan, n=n, reserve=lambda: popular, allowed=lambda row: True)
+    return b.apply(model_list(snap, size), ruling, n=n, reserve=lambda: popular, allowed=lambda row: True)
 
 
 def category_of(snap: Snapshot, row: int) -> str:

@@ -158,12 +158,11 @@ def compile_book(snap: Snapshot, doc: dict[str, Any]) -> Book:
 
 
 def evaluate(book: Book, snap: Snapshot, facts: conditions.Facts, n: int, size: int) -> Any:
-    book.segments(facts, personal=True)
-    plan = book.fire(facts, "recommend")
+    ruling = book.decide(facts, "recommend", personal=True)
     picks = [Pick(row, 1.0 - row / 1000, "user-vector") for row in range(size)]
     popular = [Pick(int(row), 0.1, "popular") for row in snap.popular[""]]
-    fired = [] if plan is None else plan.rules
-    return fired, book.apply(picks, plan, n=n, reserve=lambda: popular, allowed=lambda row: True)
+    fired = [] if ruling.plan is None else ruling.plan.rules
+    return fired, book.apply(picks, ruling, n=n, reserve=lambda: popular, allowed=lambda row: True)
 
 
 @SETTINGS
