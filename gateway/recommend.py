@@ -212,7 +212,7 @@ _new_pick = tuple.__new__
 def _fetch(book: Book | None, n: int) -> int:
     """How many candidates to rank for an answer of n: more when a cap may skip some (filters are
     applied while the candidates are read, see Recommender._select)."""
-    return 2 * n if book is not None and book.headroom else n
+    return 3 * n if book is not None and book.headroom else n
 
 
 def _distinct(rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
@@ -614,16 +614,16 @@ class Recommender:
         assert plan is not None
         category_sets = self.snap.category_sets
         wanted = frozenset(categories)
-        depth = 2 * n + len(excluded) + HEADROOM_MIN if not wanted else 8 * n + len(excluded)
-        drop = plan.dropping  # all the plan's filters in one array, or None: ask each group
-        passes = plan.passes
+        depth = n + len(excluded) + HEADROOM_MIN if not wanted else 8 * n + len(excluded)
+        head = pool.rows[:depth]
+        hits = plan.hits(head)  # per row, whether a filter drops it (None: no filter fires)
         rows: list[int] = []
         scores: list[float] = []
         dropped: list[int] = []  # by a filter, ahead of the n-th row kept: the filter changed the answer
-        for row, score in zip(pool.rows[:depth].tolist(), pool.scores[:depth].tolist(), strict=True):
+        for at, (row, score) in enumerate(zip(head.tolist(), pool.scores[:depth].tolist(), strict=True)):
             if row in excluded or (wanted and wanted.isdisjoint(category_sets[row])):
                 continue
-            if (drop[row] if drop is not None else not passes(row)) if plan.filtering else False:
+            if hits is not None and hits[at]:
                 if len(rows) < n:
                     dropped.append(row)
                 continue

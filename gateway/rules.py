@@ -212,7 +212,7 @@ class Outcome:
 # their groups' arrays combined (5 bytes an item), in this much memory at most.
 PLANS_KEPT = 4096
 HOT_BYTES = 128 * 1024 * 1024
-HOT_PLAN = 2  # a plan not combined is combined on every HOT_PLAN-th use
+HOT_PLAN = 4  # a plan not combined is combined on every HOT_PLAN-th use
 BOOSTED_KEPT = 10_000  # rows per plan whose boosting rules are remembered
 
 
@@ -316,17 +316,24 @@ class Plan:
         self.weighing: memoryview | None = None if self.weight is None else self.weight.data
         self.uses = 0
         self._boosted: dict[int, tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
+        self._shared: dict[tuple[str, ...], tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
         # Pins of items no filter drops (filters hold against pins), highest priority first.
         self.pins = [(c, row, at) for c in rules for row, at in c.pins if self.passes(row)]
 
     def combine(self) -> None:
         """Combine the groups' arrays (well under a millisecond for 100k items and a few groups)."""
-        if len(self.filtering) > 1:
-            self.drop = np.logical_or.reduce([g.drop for g in self.filtering if g.drop is not None])
-            self.dropping = self.drop.data
-        if len(self.boosting) > 1:
-            self.weight = np.prod([g.weight for g in self.boosting if g.weight is not None], axis=0, dtype=np.float32)
-            self.weighing = self.weight.data
+        drops = [g.drop for g in self.filtering if g.drop is not None]
+        if len(drops) > 1:
+            drop = drops[0].copy()
+            for more in drops[1:]:
+                drop |= more
+            self.drop, self.dropping = drop, drop.data
+        weights = [g.weight for g in self.boosting if g.weight is not None]
+        if len(weights) > 1:
+            product = weights[0].copy()
+            for factor in weights[1:]:
+                product *= factor
+            self.weight, self.weighing = product, product.data
 
     def separate(self) -> None:
         """Let go of the combined arrays (the plan is no longer among the popular ones)."""
@@ -348,9 +355,39 @@ class Plan:
                 found, names = group.boosted_by(row)
                 pairs += found
                 refs += names
+        # Rows share one answer per combination of rules: the cache holds no object of its own per
+        # row, so it adds nothing for the garbage collector to walk.
+        shared = self._shared.setdefault(tuple(refs), (pairs, refs))
         if len(self._boosted) < BOOSTED_KEPT:
-            self._boosted[row] = (pairs, refs)
-        return pairs, refs
+            self._boosted[row] = shared
+        return shared
+
+    def hits(self, rows: npt.NDArray[np.int32]) -> list[bool] | None:
+        """Per row, whether a filter of the plan drops it; None without filters. One numpy
+        operation per group (a few µs) beats asking every group in Python for each of ~50 rows."""
+        if not self.filtering:
+            return None
+        if self.drop is not None:
+            found: list[bool] = self.drop[rows].tolist()
+            return found
+        drops = [g.drop for g in self.filtering if g.drop is not None]
+        hit = drops[0][rows]
+        for more in drops[1:]:
+            hit |= more[rows]
+        combined: list[bool] = hit.tolist()
+        return combined
+
+    def factors(self, rows: list[int]) -> list[float]:
+        """Per row, the product of the plan's boosts (1.0 where none holds)."""
+        if self.weighing is not None:
+            return [self.weighing[row] for row in rows]
+        weights = [g.weight for g in self.boosting if g.weight is not None]
+        at = np.asarray(rows, dtype=np.intp)
+        product = weights[0][at]
+        for more in weights[1:]:
+            product *= more[at]
+        found: list[float] = product.tolist()
+        return found
 
     def passes(self, row: int) -> bool:
         """Whether no filter of the plan drops `row`."""
@@ -478,15 +515,7 @@ class Ruling:
         plan = self.plan
         if plan is None or not plan.boosting or not rows:
             return None
-        weight = plan.weighing
-        if weight is not None:
-            factors: list[float] = [weight[row] for row in rows]
-        else:
-            factors = [1.0] * len(rows)
-            for group in plan.boosting:
-                assert group.weighing is not None
-                each = group.weighing
-                factors = [f * each[row] for f, row in zip(factors, rows, strict=True)]
+        factors = plan.factors(rows)
         if factors.count(1.0) == len(factors):
             return None
         standing = [s * f for s, f in zip(_standing(len(factors)), factors, strict=True)]
