@@ -7,7 +7,7 @@ SNAPSHOTS := var/snapshots
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo serve rebuild test lint bench-quality bench-gateway bench-stream locust clean
+.PHONY: install demo serve rebuild test lint bench-quality bench-gateway bench-stream bench-rules locust clean
 
 $(BIN)/tailor: pyproject.toml
 	scripts/install
@@ -47,6 +47,10 @@ bench-gateway: install
 
 bench-stream: install
 	$(BIN)/python loadtests/bench_stream.py
+
+# Needs the benchmark shop and snapshot that bench-gateway builds.
+bench-rules: install
+	$(BIN)/python loadtests/bench_rules.py
 
 # A realistic mix for 60 s against a running gateway (`make demo` in another terminal).
 locust: install
