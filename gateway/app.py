@@ -14,7 +14,6 @@ import itertools
 import logging
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,7 +45,6 @@ from gateway.rules_api import RulesApi
 from gateway.snapshot import Snapshot, SnapshotRefusedError, load, load_current
 from gateway.store import (
     PURPOSES,
-    Consent,
     Recorded,
     Requirement,
     Retention,
@@ -56,7 +54,8 @@ from gateway.store import (
     open_store,
 )
 from gateway.stream import Hub
-from gateway.triggers import Delivered, TriggerEngine
+from gateway.triggers import TriggerEngine
+from gateway.visitors_api import VisitorsApi
 from index_builder import snapshot as published
 
 log = logging.getLogger("tailor.gateway")
@@ -122,6 +121,7 @@ class Gateway:
             poll_s=settings.rules_poll_s,
         )
         self.rules_api = RulesApi(self, self.rules)
+        self.visitors_api = VisitorsApi(self)
         self._reload_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -328,7 +328,7 @@ class Gateway:
             return False
         return not access.is_admin(access_key(connection.scope["headers"], connection.scope.get("query_string", b"")))
 
-    def _token_of(self, connection: Request | WebSocket, given: str | None) -> str | None:
+    def token_of(self, connection: Request | WebSocket, given: str | None) -> str | None:
         if given is not None:
             return given
         for name, value in connection.scope["headers"]:
@@ -343,7 +343,7 @@ class Gateway:
         """The raw visitor id this request may read or write: its token's (a `claimed` id must then
         be the same), else the id it claims, which only a caller `_binds` does not hold may do.
         `required`: a caller `_binds` holds must show a token even when it claims no id."""
-        token = self._token_of(connection, token)
+        token = self.token_of(connection, token)
         if token is not None:
             try:
                 visitor, _ = tokens.verify(self.secret, token)
@@ -574,119 +574,6 @@ class Gateway:
         await self.hub.serve(websocket, self.pseudonym(visitor), user=visitor, n=q.n, categories=q.category)
 
     # -- a visitor's data ------------------------------------------------------------------------
-    async def erase_visitor(self, request: Request) -> Response:
-        visitor = request.path_params["visitor_id"]
-        key = self.pseudonym(visitor)
-        try:
-            forgotten = await self.store.forget(key)
-        except StoreError as exc:
-            raise ApiError(
-                503, "store-unavailable", f"nothing erased: {exc}; retry", headers={"retry-after": "1"}
-            ) from None
-        closed = await self.hub.disconnect(key)
-        receipt = wire.ErasureReceipt(
-            receipt=uuid.uuid4().hex,
-            visitor=visitor,
-            erased_at=time.time(),
-            profile=forgotten.profile,
-            log_events=forgotten.log_events,
-            streams_closed=closed,
-        )
-        self.metrics.erasures.inc()
-        log.info(
-            "erasure %s: profile %s, %d logged events, %d sockets",
-            receipt.receipt,
-            receipt.profile,
-            receipt.log_events,
-            closed,
-        )
-        return json_response(receipt)
-
-    async def export_visitor(self, request: Request) -> Response:
-        visitor = request.path_params["visitor_id"]
-        key = self.pseudonym(visitor)
-        now = time.time()
-        try:
-            profile = await self.store.profile(key, limit=self.settings.recent_keep, now=now)
-            logged = await self.store.logged(key)
-            triggered = await self.store.trigger_state(key, now=now)
-        except StoreError as exc:
-            raise ApiError(503, "store-unavailable", str(exc), headers={"retry-after": "1"}) from None
-        body = wire.VisitorExport(
-            visitor=visitor,
-            exported_at=now,
-            recent=[wire.ExportedInteraction(i.item, i.event, i.ts) for i in profile.recent],
-            counters=profile.counters,
-            last_seen=profile.last_seen,
-            events=logged,
-            pseudonym=key,
-            consent=profile.consent,
-            messages=[msgspec.json.decode(message, type=Delivered) for message in triggered.messages],
-            pending_triggers={timer.trigger: timer.due for timer in triggered.timers},
-            fired_triggers=triggered.fired,
-        )
-        return json_response(body)
-
-    # -- consent ---------------------------------------------------------------------------------
-    def _consent_view(self, visitor: str, consent: dict[str, Consent], now: float) -> wire.ConsentView:
-        purposes: dict[str, wire.PurposeConsent] = {}
-        for purpose, requirement in self.requirements.items():
-            allowed = requirement.permits(consent, now)
-            choice = consent.get(purpose)
-            purposes[purpose] = (
-                wire.PurposeConsent(allowed)
-                if choice is None
-                else wire.PurposeConsent(allowed, choice.state, choice.at, choice.source, choice.expires_at)
-            )
-        return wire.ConsentView(visitor=visitor, mode=self.settings.consent_mode, purposes=purposes)
-
-    def _consent_subject(self, request: Request, visitor: str | None, token: str | None) -> str:
-        subject = self.acting_for(request, visitor, token)
-        if subject is None:
-            raise ApiError(
-                400, "invalid-parameter", "name the visitor: `token` (or, with an admin key, `visitor`)", field="token"
-            )
-        return subject
-
-    async def get_consent(self, request: Request) -> Response:
-        q = parse_query(request, wire.ConsentQuery)
-        visitor = self._consent_subject(request, q.visitor, q.token)
-        now = time.time()
-        try:
-            profile = await self.store.profile(self.pseudonym(visitor), limit=0, now=now, counters=False)
-        except StoreError as exc:
-            raise ApiError(503, "store-unavailable", str(exc), headers={"retry-after": "1"}) from None
-        return json_response(self._consent_view(visitor, profile.consent, now))
-
-    async def put_consent(self, request: Request) -> Response:
-        try:
-            update = msgspec.json.decode(await read_body(request, 16384), type=wire.ConsentUpdate)
-        except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
-            raise ApiError(400, "invalid-body", str(exc), field=field_of(str(exc))) from None
-        token = self._token_of(request, update.token)
-        visitor = self._consent_subject(request, update.visitor, token)
-        now = time.time()
-        if update.expires_at is not None and update.expires_at <= now:
-            raise ApiError(400, "invalid-body", "`expires_at` is in the past", field="expires_at")
-        if token is not None:
-            if update.source is not None:
-                raise ApiError(400, "invalid-body", "a visitor's own choice has source `visitor`", field="source")
-            source = "visitor"
-        else:
-            source = update.source or "site"
-        choices: dict[str, Consent] = {
-            p: Consent(state, now, source, update.expires_at) for p, state in update.choices.items()
-        }
-        key = self.pseudonym(visitor)
-        try:
-            await self.store.set_consent(key, choices, ttl=self.settings.profile_ttl_s, now=now)
-            profile = await self.store.profile(key, limit=0, now=now, counters=False)
-        except StoreError as exc:
-            raise ApiError(503, "store-unavailable", f"{exc}; retry", headers={"retry-after": "1"}) from None
-        for purpose, choice in choices.items():
-            self.metrics.consent_changes.labels(purpose, choice.state).inc()
-        return json_response(self._consent_view(visitor, profile.consent, now))
-
     async def healthz(self, request: Request) -> Response:
         return json_response(wire.Health())
 
@@ -762,13 +649,10 @@ class Gateway:
             ("/v1/popular", "popular", self.popular, "GET", "public"),
             ("/v1/events", "events", self.events, "POST", "public"),
             ("/v1/token", "token", self.token, "POST", "public"),
-            ("/v1/consent", "consent", self.get_consent, "GET", "public"),
-            ("/v1/consent", "consent", self.put_consent, "PUT", "public"),
+            *self.visitors_api.table(),
             ("/healthz", "healthz", self.healthz, "GET", "open"),
             ("/readyz", "readyz", self.readyz, "GET", "open"),
             ("/metrics", "metrics", self.metrics_page, "GET", "admin"),
-            ("/v1/visitors/{visitor_id}", "erase", self.erase_visitor, "DELETE", "admin"),
-            ("/v1/visitors/{visitor_id}/export", "export", self.export_visitor, "GET", "admin"),
             ("/admin/reload", "reload", self.admin_reload, "POST", "admin"),
             *self.rules_api.table(),
             ("/openapi.json", "openapi", self.openapi_json, "GET", "open"),
