@@ -209,12 +209,6 @@ class Candidates:
 _new_pick = tuple.__new__
 
 
-def _fetch(book: Book | None, n: int) -> int:
-    """How many candidates to rank for an answer of n: more when a cap may skip some (filters are
-    applied while the candidates are read, see Recommender._select)."""
-    return 3 * n if book is not None and book.headroom else n
-
-
 def _distinct(rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     """np.unique without its overhead, for a few hundred rows."""
     rows = np.sort(rows)
@@ -264,8 +258,9 @@ class Recommender:
         self.candidates = Candidates(snap, pool_size=pool_size, cache_entries=cache_entries, offload=offload)
         self.recent_limit = recent_limit
         self.max_age_s = max_age_s
-        # Popular picks overall and per single category, made on first use.
+        # Popular picks overall and per single category, made on first use (and as pools, for rules).
         self._popular: dict[tuple[str, ...], list[Pick]] = {}
+        self._popular_pools: dict[tuple[str, ...], Pool] = {}
         # The active rules compiled for this snapshot, or None; replaced whole on every change.
         self.book: Book | None = None
 
@@ -311,7 +306,7 @@ class Recommender:
         answer, profile, ruling = await self._model_answer(
             key=key,
             user=user,
-            n=_fetch(book, n),
+            n=n,
             categories=categories,
             exclude=exclude,
             requires=requires,
@@ -345,20 +340,23 @@ class Recommender:
         filters and boosts the candidates then go through."""
         excluded = self.rows_of(exclude)
         if self.stale(now) or key is None:
-            picks = self.popular(n=n, categories=categories, excluded=excluded)
+            ruling = decide(None) if decide else None
+            picks = self._fallback(n=n, categories=categories, excluded=excluded, ruling=ruling)
             cause: Fallback = "stale-snapshot" if self.stale(now) else "cold-start"
-            return Answer(picks, cause, "none"), None, decide(None) if decide else None
+            return Answer(picks, cause, "none"), None, ruling
         profile = await self.store.profile(
             key, limit=self.recent_limit, now=now, counters=counters, requires=requires, inbox=inbox
         )
         if isinstance(profile, str):  # the store failed: its cause names the fallback
-            picks = self.popular(n=n, categories=categories, excluded=excluded)
-            return Answer(picks, profile, "none"), None, decide(None) if decide else None
+            ruling = decide(None) if decide else None
+            picks = self._fallback(n=n, categories=categories, excluded=excluded, ruling=ruling)
+            return Answer(picks, profile, "none"), None, ruling
         ruling = decide(profile) if decide else None
         if profile.withheld:
-            picks = self.popular(n=n, categories=categories, excluded=excluded)
-            no_consent = [Pick(row, score, (str(reason), NO_CONSENT)) for row, score, reason in picks]
-            return Answer(no_consent, "no-consent", "none"), profile, ruling
+            picks = self._fallback(
+                n=n, categories=categories, excluded=excluded, ruling=ruling, reason=(POPULAR, NO_CONSENT)
+            )
+            return Answer(picks, "no-consent", "none"), profile, ruling
         recent = profile.recent
         excluded |= self.rows_of(i.item for i in recent)
         user_rows = self.snap.user_row
@@ -370,7 +368,7 @@ class Recommender:
             return Answer(picks, None, "snapshot"), profile, ruling
         live = self.live_profile(recent)
         if live is None:
-            picks = self.popular(n=n, categories=categories, excluded=excluded)
+            picks = self._fallback(n=n, categories=categories, excluded=excluded, ruling=ruling)
             return Answer(picks, "cold-start", "none"), profile, ruling
         picks = await self._for_live(live, n=n, categories=categories, excluded=excluded, ruling=ruling)
         return Answer(picks, None, "live"), profile, ruling
@@ -542,7 +540,7 @@ class Recommender:
             ("similar", row),
             compute,
             reason=reason,
-            n=_fetch(book, n),
+            n=n,
             categories=categories,
             excluded=excluded,
             ruling=ruling,
@@ -556,12 +554,43 @@ class Recommender:
         self, *, n: int, categories: Collection[str], exclude: Collection[str], context: Context = NO_CONTEXT
     ) -> Answer:
         book = self.book
-        picks = self.popular(n=_fetch(book, n), categories=categories, excluded=self.rows_of(exclude))
+        ruling = None
+        if book is not None:
+            ruling = book.decide(self._facts(book, time.time(), context, None), "popular", personal=False)
+        picks = self._fallback(n=n, categories=categories, excluded=self.rows_of(exclude), ruling=ruling)
         answer = Answer(picks, None, "none")
-        if book is None:
+        if ruling is None:
             return answer
-        ruling = book.decide(self._facts(book, time.time(), context, None), "popular", personal=False)
         return self._ruled(ruling, answer, n=n, categories=categories, exclude=exclude)
+
+    def _fallback(
+        self,
+        *,
+        n: int,
+        categories: Collection[str],
+        excluded: set[int],
+        ruling: Ruling | None,
+        reason: str | tuple[str, ...] = POPULAR,
+    ) -> list[Pick]:
+        """Popular items for an answer without a taste vector, through the rules' filters and boosts."""
+        if ruling is not None and ruling.plan is not None:
+            pool = self.popular_pool(categories)
+            return self._select(pool, ruling, reason=reason, n=n, categories=(), excluded=excluded)
+        picks = self.popular(n=n, categories=categories, excluded=excluded)
+        return picks if reason == POPULAR else [Pick(row, score, reason) for row, score, _ in picks]
+
+    def popular_pool(self, categories: Collection[str]) -> Pool:
+        """The popular list of these categories as a pool (made on first use, kept as `_popular` is)."""
+        key = tuple(sorted(categories))
+        pool = self._popular_pools.get(key)
+        if pool is None:
+            ranked = self.ranked_popular(key)
+            rows = np.fromiter((p.row for p in ranked), dtype=np.int32, count=len(ranked))
+            scores = np.fromiter((p.score for p in ranked), dtype=np.float32, count=len(ranked))
+            pool = Pool(rows, scores)
+            if len(key) <= 1:
+                self._popular_pools[key] = pool
+        return pool
 
     async def _choose(
         self,
@@ -602,7 +631,7 @@ class Recommender:
         pool: Pool,
         ruling: Ruling,
         *,
-        reason: str,
+        reason: str | tuple[str, ...],
         n: int,
         categories: Collection[str],
         excluded: set[int],
@@ -614,26 +643,35 @@ class Recommender:
         assert plan is not None
         category_sets = self.snap.category_sets
         wanted = frozenset(categories)
-        depth = n + len(excluded) + HEADROOM_MIN if not wanted else 8 * n + len(excluded)
+        # as deep as the answer could need: a cap skips more than filters drop
+        depth = (3 if plan.cap is not None else 1) * n + len(excluded) + HEADROOM_MIN
+        if wanted:
+            depth = 8 * n + len(excluded)
         head = pool.rows[:depth]
+        every = head.tolist()
         hits = plan.hits(head)  # per row, whether a filter drops it (None: no filter fires)
-        rows: list[int] = []
-        scores: list[float] = []
+        if wanted:
+            admitted = [
+                i for i, row in enumerate(every) if row not in excluded and not wanted.isdisjoint(category_sets[row])
+            ]
+        else:
+            admitted = [i for i, row in enumerate(every) if row not in excluded]
+        kept = admitted if hits is None else [i for i in admitted if not hits[i]]
         dropped: list[int] = []  # by a filter, ahead of the n-th row kept: the filter changed the answer
-        for at, (row, score) in enumerate(zip(head.tolist(), pool.scores[:depth].tolist(), strict=True)):
-            if row in excluded or (wanted and wanted.isdisjoint(category_sets[row])):
-                continue
-            if hits is not None and hits[at]:
-                if len(rows) < n:
-                    dropped.append(row)
-                continue
-            rows.append(row)
-            scores.append(score)
+        if len(kept) < len(admitted):
+            assert hits is not None
+            last = kept[n - 1] if len(kept) >= n else len(every)
+            dropped = [every[i] for i in admitted if hits[i] and i < last]
+        all_scores = pool.scores[:depth].tolist()
+        rows = [every[i] for i in kept]
+        scores = [all_scores[i] for i in kept]
         if dropped:
             ruling.dropped(dropped)
         order = ruling.order(rows)
         if order is not None:
             rows, scores = [rows[i] for i in order], [scores[i] for i in order]
+        if plan.cap is not None:
+            rows, scores = ruling.cap(rows, scores, n)
         rounded = np.round(np.asarray(scores[:n], dtype=np.float64), 6).tolist()
         return [_new_pick(Pick, (row, score, reason)) for row, score in zip(rows, rounded, strict=False)]
 

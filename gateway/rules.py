@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 Surface = Literal["recommend", "similar", "popular"]
 SURFACES: tuple[Surface, ...] = ("recommend", "similar", "popular")
 Position = Annotated[int, msgspec.Meta(ge=1, le=1000)]
-# Candidates the recommender fetches beyond n when rules may drop some (filters, caps).
+# Candidates the rules read beyond what the answer needs, for filters to drop and boosts to lift.
 HEADROOM_MIN = 20
 
 
@@ -265,7 +265,7 @@ class Group:
         bits = 0
         for row in rows:
             bits |= codes[row]
-        return self._decode(False, bits)[0]
+        return self._decode(False, bits)[0] if bits else []
 
     def boosted_by(self, row: int) -> tuple[list[tuple[str, CompiledRule]], list[str]]:
         """(ref, rule) of the group's boosts that hold for `row`, and their refs."""
@@ -495,7 +495,7 @@ class Ruling:
     segments: list[str]
     plan: Plan | None
     applied: dict[str, CompiledRule] = field(default_factory=dict)
-    ranked: bool = False  # every candidate went through `rank`
+    ranked: bool = False  # every candidate went through `order` (and `cap`, if the plan has one)
     reordered: bool = False
 
     def dropped(self, rows: list[int]) -> None:
@@ -503,10 +503,30 @@ class Ruling:
         plan = self.plan
         assert plan is not None
         for group in plan.filtering:
-            assert group.dropping is not None
-            mine = [row for row in rows if group.dropping[row]]
-            if mine:
-                self.applied.update(group.dropped_by(mine))
+            self.applied.update(group.dropped_by(rows))
+
+    def cap(self, rows: list[int], scores: list[float], n: int) -> tuple[list[int], list[float]]:
+        """The first n of `rows` (best first) that the plan's cap admits, with their scores."""
+        rule = self.plan.cap if self.plan is not None else None
+        if rule is None or rule.cap is None:
+            return rows, scores
+        limit, depth = rule.cap
+        keys = self.book.cap_keys(depth)
+        counts: dict[str, int] = {}
+        kept_rows: list[int] = []
+        kept_scores: list[float] = []
+        for row, score in zip(rows, scores, strict=True):
+            key = keys[row]
+            held = counts.get(key, 0)
+            if held >= limit:
+                self.applied[rule.ref] = rule
+                continue
+            counts[key] = held + 1
+            kept_rows.append(row)
+            kept_scores.append(score)
+            if len(kept_rows) == n:
+                break
+        return kept_rows, kept_scores
 
     def order(self, rows: list[int]) -> list[int] | None:
         """The positions of `rows` (best first) re-ranked by the plan's boosts; None when no boost
@@ -562,7 +582,6 @@ class Book:
         self.needs_counters = bool(ruleset.segments or ruleset.rules) and (
             snap.segment_model is not None or _uses_counters(ruleset)
         )
-        self.headroom = any(c.cap for c in self.rules)
         self.by_ref = {c.ref: c for c in compiled}
         # Rules with the same condition, validity and surfaces fire together: one evaluation each.
         groups: dict[bytes, Group] = {}
@@ -786,7 +805,8 @@ class Book:
         passes = plan.passes
 
         cap = plan.cap
-        chosen = self._capped(ranked, cap, n, applied)
+        # Candidates the ruling read were capped then (Ruling.cap); others are capped here.
+        chosen = list(ranked[:n]) if ruling.ranked else self._capped(ranked, cap, n, applied)
         if len(chosen) < n:
             taken = {p.row for p in chosen} | {p.row for p in ranked}
             more = (p for p in reserve() if p.row not in taken and passes(p.row))
@@ -822,7 +842,7 @@ class Book:
         if cap is None or cap.cap is None:
             return list(_first(picks, n))
         limit, depth = cap.cap
-        keys = self._keys_at(depth)
+        keys = self.cap_keys(depth)
         counts = {} if counts is None else counts
         chosen: list[Pick] = []
         for pick in picks:
@@ -837,7 +857,7 @@ class Book:
                 break
         return chosen
 
-    def _keys_at(self, depth: int) -> list[str]:
+    def cap_keys(self, depth: int) -> list[str]:
         """Each row's category for caps: its first category, `depth` levels deep."""
         keys = self._cap_keys.get(depth)
         if keys is None:
@@ -849,7 +869,7 @@ class Book:
     def _category_counts(self, picks: Sequence[Pick], cap: CompiledRule | None) -> dict[str, int]:
         counts: dict[str, int] = {}
         if cap is not None and cap.cap is not None:
-            keys = self._keys_at(cap.cap[1])
+            keys = self.cap_keys(cap.cap[1])
             for pick in picks:
                 counts[keys[pick.row]] = counts.get(keys[pick.row], 0) + 1
         return counts
