@@ -38,7 +38,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from gateway.conditions import Compiler, Condition, Facts, Name, Predicate, Slug
+from gateway.conditions import Compiler, Condition, ContextMatch, Facts, Name, Predicate, Slug
 from gateway.segments import MODEL_PREFIX, SegmentDefinition, Segmenter
 from gateway.triggers import Trigger
 
@@ -511,21 +511,24 @@ class Ruling:
         if rule is None or rule.cap is None:
             return rows, scores
         limit, depth = rule.cap
-        keys = self.book.cap_keys(depth)
-        counts: dict[str, int] = {}
+        keys, distinct = self.book.cap_codes(depth)
+        counts = [0] * distinct  # per category, how many are kept
         kept_rows: list[int] = []
         kept_scores: list[float] = []
+        skipped = False
         for row, score in zip(rows, scores, strict=True):
             key = keys[row]
-            held = counts.get(key, 0)
+            held = counts[key]
             if held >= limit:
-                self.applied[rule.ref] = rule
+                skipped = True
                 continue
             counts[key] = held + 1
             kept_rows.append(row)
             kept_scores.append(score)
             if len(kept_rows) == n:
                 break
+        if skipped:
+            self.applied[rule.ref] = rule
         return kept_rows, kept_scores
 
     def order(self, rows: list[int]) -> list[int] | None:
@@ -593,17 +596,32 @@ class Book:
                 group = groups[key] = Group(c.when, c.starts, c.ends, c.surfaces)
             group.rules.append(c)
         self.groups = list(groups.values())
+        firsts = [group.rules[0] for group in self.groups]
         for group in self.groups:
             group.prepare(len(snap.item_ids))
-        # Per surface, what `fire` checks of each group: its condition and validity.
-        self._checks: dict[str, list[tuple[int, Predicate | None, float, float]]] = {
-            surface: [(i, g.when, g.starts, g.ends) for i, g in enumerate(self.groups) if surface in g.surfaces]
-            for surface in SURFACES
-        }
+        # Per surface, what `fire` checks of each group: its condition and validity; groups whose
+        # whole condition is a page prefix (a category page's rules, often most of a rule set) are
+        # found by one scan of their prefixes instead of a call each.
+        self._checks: dict[str, list[tuple[int, Predicate | None, float, float]]] = {}
+        self._pages: dict[str, list[tuple[tuple[str, ...], int, float, float]]] = {}
+        for surface in SURFACES:
+            checks, pages = [], []
+            for index, (group, first) in enumerate(zip(self.groups, firsts, strict=True)):
+                if surface not in group.surfaces:
+                    continue
+                prefixes = _page_only(first.rule.when)
+                if prefixes is not None:
+                    pages.append((prefixes, index, group.starts, group.ends))
+                else:
+                    checks.append((index, group.when, group.starts, group.ends))
+            self._checks[surface], self._pages[surface] = checks, pages
         self._plans: OrderedDict[tuple[int, ...], Plan] = OrderedDict()
         self._hot: OrderedDict[tuple[int, ...], Plan] = OrderedDict()  # those with combined arrays
         self._hot_kept = max(8, HOT_BYTES // (5 * max(len(snap.item_ids), 1)))
         self._cap_keys: dict[int, list[str]] = {}
+        self._cap_codes: dict[int, tuple[list[int], int]] = {}
+        for depth in {c.cap[1] for c in self.rules if c.cap is not None}:
+            self.cap_codes(depth)  # here, in the compiling thread, not on a request
 
     def _compile(self, index: int, rule: Rule, compiler: Compiler) -> CompiledRule:
         where = f"rules[{index}]"
@@ -720,9 +738,14 @@ class Book:
         for index, when, starts, ends in self._checks[surface]:
             if starts <= now < ends and (when is None or when(facts)):
                 found.append(index)
+        page = facts.page
+        if page is not None:
+            for prefixes, index, starts, ends in self._pages[surface]:
+                if page.startswith(prefixes) and starts <= now < ends:
+                    found.append(index)
         if not found:
             return None
-        fired = tuple(found)
+        fired = tuple(sorted(found))
         if not fired:
             return None
         plan = self._plans.get(fired)
@@ -857,6 +880,15 @@ class Book:
                 break
         return chosen
 
+    def cap_codes(self, depth: int) -> tuple[list[int], int]:
+        """Each row's cap category (see cap_keys) as a small number, and how many there are."""
+        found = self._cap_codes.get(depth)
+        if found is None:
+            numbers: dict[str, int] = {}
+            codes = [numbers.setdefault(key, len(numbers)) for key in self.cap_keys(depth)]
+            found = self._cap_codes[depth] = (codes, len(numbers))
+        return found
+
     def cap_keys(self, depth: int) -> list[str]:
         """Each row's category for caps: its first category, `depth` levels deep."""
         keys = self._cap_keys.get(depth)
@@ -931,6 +963,16 @@ def _all_segments(ruleset: RuleSet) -> set[str]:
         if rule.when is not None:
             found |= rule.when.segments()
     return found
+
+
+def _page_only(when: Condition | None) -> tuple[str, ...] | None:
+    """The page prefixes of a condition that is nothing but `{"context": {"page": [...]}}`."""
+    if when is None or when.context is None:
+        return None
+    context = when.context
+    if context.page and context == ContextMatch(page=context.page):
+        return tuple(context.page)
+    return None
 
 
 def _uses_counters(ruleset: RuleSet) -> bool:
