@@ -40,8 +40,9 @@ from gateway.ingest import EVENT_MEDIA_TYPES, check_event, decode_events
 from gateway.metrics import Metrics
 from gateway.recommend import Answer, Context, Recommender
 from gateway.rulebook import RuleKeeper
-from gateway.rules import Book, RuleSet
+from gateway.rules import Book
 from gateway.rules_api import RulesApi
+from gateway.ruleset import RuleSet
 from gateway.snapshot import Snapshot, SnapshotRefusedError, load, load_current
 from gateway.store import (
     PURPOSES,

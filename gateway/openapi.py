@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from gateway import demo, wire
-from gateway.rules import RuleSet
+from gateway.ruleset import RuleSet
 
 REF = "#/components/schemas/{name}"
 JSON = "application/json"

@@ -14,7 +14,8 @@ import logging
 from collections.abc import Callable
 
 from gateway.conditions import Compiler
-from gateway.rules import Book, RuleSet, RuleSetError, parse
+from gateway.rules import Book
+from gateway.ruleset import RuleSet, RuleSetError, parse
 from gateway.snapshot import Snapshot
 from gateway.store import StoreError, window_label
 from gateway.store.documents import Documents, State

@@ -1,15 +1,5 @@
-"""Business rules: what merchandisers change about the model's list, declared as data.
-
-A rule set is a JSON document (`RuleSet`): a time zone, predicate segments, rules and triggers. A
-rule has a condition on the visitor and the request (`when`, see gateway.conditions), a priority,
-an optional validity window, an enabled flag, the surfaces it applies to, and actions:
-
-    filter   drop the items that match (`items`: ids, categories, tags, price range, stock)
-    boost    multiply the standing of matching items by `weight` (below 1 buries them)
-    pin      put one item at a 1-based position
-    inject   bring specific items into the list (at a position, or in the last place)
-    cap      at most `per_category` items of one category (its first category, `depth` levels deep)
-    attach   add content (a banner, an offer) to the answer, in a named slot
+"""Business rules at work: a rule set (gateway.ruleset) compiled against a snapshot (`Book`), and
+what the rules that fire for one request do to its list (`Ruling`, `Book.apply`).
 
 Conflicts resolve deterministically: rules are taken by priority, highest first, ties by id. Every
 filter of every firing rule holds, also against pins and injections (nothing a filter drops ever
@@ -26,177 +16,50 @@ scores (1 for the first item, falling by 1/n), so they still read "higher is bet
 from __future__ import annotations
 
 import functools
-import re
 import zoneinfo
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from gateway.conditions import Compiler, Condition, ContextMatch, Facts, Name, Predicate, Slug
+from gateway.conditions import Compiler, Condition, ContextMatch, Facts, Predicate
+from gateway.plans import (
+    HOT_BYTES,
+    HOT_PLAN,
+    PLANS_KEPT,
+    CompiledRule,
+    Group,
+    Pick,
+    Plan,
+    by_priority,
+    reasons_of,
+)
+from gateway.ruleset import (
+    SURFACES,
+    Boost,
+    Cap,
+    Content,
+    Filter,
+    Inject,
+    ItemMatch,
+    Pin,
+    Rule,
+    RuleSet,
+    RuleSetError,
+    Surface,
+)
 from gateway.segments import MODEL_PREFIX, SegmentDefinition, Segmenter
-from gateway.triggers import Trigger
 
 if TYPE_CHECKING:
     from gateway.snapshot import Snapshot
 
-Surface = Literal["recommend", "similar", "popular"]
-SURFACES: tuple[Surface, ...] = ("recommend", "similar", "popular")
-Position = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 # Candidates the rules read beyond what the answer needs, for filters to drop and boosts to lift.
 HEADROOM_MIN = 20
-
-
-class Pick(NamedTuple):
-    row: int
-    score: float
-    reason: str | tuple[str, ...]  # one reason, or several (encoded as the item's `reasons` list)
-
-
-def reasons_of(pick: Pick) -> tuple[str, ...]:
-    return (pick.reason,) if isinstance(pick.reason, str) else pick.reason
-
-
-class ItemMatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    """Items with every attribute given (a list: any of its values). Categories match their
-    subcategories too; an item of unknown price or stock matches no price or stock condition."""
-
-    ids: list[Name] = []
-    categories: list[Name] = []
-    tags: list[Name] = []
-    price_at_least: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    price_at_most: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    in_stock: bool | None = None
-
-    def __post_init__(self) -> None:
-        given = (self.ids, self.categories, self.tags, self.price_at_least, self.price_at_most, self.in_stock)
-        if all(value is None or value == [] for value in given):
-            raise ValueError("an item match needs at least one of ids, categories, tags, price_*, in_stock")
-
-
-class Filter(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="filter", tag_field="type"):
-    items: ItemMatch
-
-
-class Boost(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="boost", tag_field="type"):
-    items: ItemMatch
-    weight: Annotated[float, msgspec.Meta(gt=0, le=1000, description="Above 1 boosts, below 1 buries.")]
-
-
-class Pin(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="pin", tag_field="type"):
-    item: Name
-    position: Position
-
-
-class Inject(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="inject", tag_field="type"):
-    items: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=50)]
-    position: Position | None = None  # None: the last places of the list
-
-
-class Cap(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="cap", tag_field="type"):
-    per_category: Annotated[int, msgspec.Meta(ge=1)]
-    depth: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1  # 1: "books" for "books/fiction"
-
-
-class Attach(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="attach", tag_field="type"):
-    slot: Slug
-    content: dict[str, Any]
-
-
-Action = Filter | Boost | Pin | Inject | Cap | Attach
-
-
-class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    id: Slug
-    actions: Annotated[list[Action], msgspec.Meta(min_length=1, max_length=20)]
-    when: Condition | None = None  # None: always
-    priority: Annotated[int, msgspec.Meta(ge=-1_000_000, le=1_000_000)] = 0
-    enabled: bool = True
-    valid_from: datetime | None = None  # without an offset: in the rule set's time zone
-    valid_until: datetime | None = None
-    surfaces: Annotated[list[Surface], msgspec.Meta(min_length=1)] = msgspec.field(
-        default_factory=lambda: list(SURFACES)
-    )
-    description: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
-
-
-class RuleSet(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    timezone: Annotated[str, msgspec.Meta(max_length=64)] = "UTC"
-    segments: Annotated[list[SegmentDefinition], msgspec.Meta(max_length=200)] = []
-    rules: Annotated[list[Rule], msgspec.Meta(max_length=2000)] = []
-    triggers: Annotated[list[Trigger], msgspec.Meta(max_length=200)] = []
-
-
-class RuleSetError(ValueError):
-    """An invalid rule set; `field` is a path like `rules[3].actions[0].weight`, `rule` the id of the
-    rule (or segment) it is in."""
-
-    def __init__(self, message: str, *, field: str | None = None, rule: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-        self.rule = rule
-
-
-_PATH = re.compile(r"^(rules|segments|triggers)\[(\d+)\]")
-
-
-def parse(body: bytes) -> RuleSet:
-    """The rule set in a JSON body; RuleSetError naming the rule and the field when invalid."""
-    try:
-        return msgspec.json.decode(body, type=RuleSet)
-    except msgspec.ValidationError as exc:
-        message, _, at = str(exc).partition(" - at `$.")
-        path = at.rstrip("`") or None
-        rule = _id_at(body, path)
-        kind = next((k for k in ("segment", "trigger") if path and path.startswith(k)), "rule")
-        where = f"{kind} {rule!r}: " if rule else ""
-        raise RuleSetError(f"{where}{message}" + (f" (at {path})" if path else ""), field=path, rule=rule) from None
-    except msgspec.DecodeError as exc:
-        raise RuleSetError(f"not JSON: {exc}") from None
-
-
-def _id_at(body: bytes, path: str | None) -> str | None:
-    found = _PATH.match(path or "")
-    if found is None:
-        return None
-    try:
-        entry = msgspec.json.decode(body)[found[1]][int(found[2])]
-    except (msgspec.DecodeError, LookupError, TypeError):
-        return None
-    ident = entry.get("id") if isinstance(entry, dict) else None
-    return ident if isinstance(ident, str) else None
-
-
-@dataclass(eq=False)
-class CompiledRule:
-    rule: Rule
-    ref: str  # "rule:<id>@<version>": how answers name it
-    when: Predicate | None
-    starts: float
-    ends: float
-    surfaces: frozenset[str]
-    filters: list[npt.NDArray[np.bool_]] = field(default_factory=list)
-    boosts: list[tuple[npt.NDArray[np.bool_], float]] = field(default_factory=list)
-    pins: list[tuple[int, int]] = field(default_factory=list)  # (row, 0-based index)
-    injects: list[tuple[list[int], int | None]] = field(default_factory=list)
-    cap: tuple[int, int] | None = None  # (per category, depth)
-    attach: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    rank: int = 0  # position in the book's priority order
-
-    @property
-    def id(self) -> str:
-        return self.rule.id
-
-
-class Content(msgspec.Struct, frozen=True):
-    slot: str
-    rule: str
-    content: dict[str, Any]
 
 
 @dataclass
@@ -206,212 +69,6 @@ class Outcome:
     picks: list[Pick]
     applied: list[CompiledRule]  # fired and changed something, by priority
     content: list[Content]
-
-
-# Distinct sets of fired groups whose plans are kept (a few kB each); the most used of them keep
-# their groups' arrays combined (5 bytes an item), in this much memory at most.
-PLANS_KEPT = 4096
-HOT_BYTES = 128 * 1024 * 1024
-HOT_PLAN = 4  # a plan not combined is combined on every HOT_PLAN-th use
-BOOSTED_KEPT = 10_000  # rows per plan whose boosting rules are remembered
-
-
-class Group:
-    """Enabled rules with one condition, validity window and surfaces: they fire together, so the
-    condition is evaluated once, and their filters and boosts are combined once, at compile time.
-
-    A request looks at a few dozen rows: Python indexing of memoryviews over the combined arrays
-    beats numpy's per-call overhead (about 2 µs an operation) at that size."""
-
-    def __init__(self, when: Predicate | None, starts: float, ends: float, surfaces: frozenset[str]) -> None:
-        self.when = when
-        self.starts = starts
-        self.ends = ends
-        self.surfaces = surfaces
-        self.rules: list[CompiledRule] = []
-        self.dropping: memoryview | None = None  # row -> whether a filter of the group drops it
-        self.weighing: memoryview | None = None  # row -> product of the group's boosts
-        self.drop: npt.NDArray[np.bool_] | None = None  # the same as arrays
-        self.weight: npt.NDArray[np.float32] | None = None
-        self._filters: list[tuple[CompiledRule, npt.NDArray[np.bool_]]] = []
-        self.boosts: list[tuple[CompiledRule, npt.NDArray[np.bool_]]] = []
-        # Per row, which filters (boosts) hold, as bits; None past 63 (then each mask is asked).
-        self._filter_code: memoryview | None = None
-        self._boost_code: memoryview | None = None
-        self._decoded: dict[tuple[bool, int], tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
-
-    def prepare(self, size: int) -> None:
-        self._filters = [(c, m) for c in self.rules for m in c.filters]
-        self.boosts = [(c, m) for c in self.rules for m, _ in c.boosts]
-        if self._filters:
-            masks = [m for _, m in self._filters]
-            self.drop = np.logical_or.reduce(masks) if len(masks) > 1 else masks[0]
-            self.dropping = self.drop.data
-            self._filter_code = _codes(masks)
-        if self.boosts:
-            weight = np.ones(size, dtype=np.float32)
-            for c in self.rules:
-                for mask, factor in c.boosts:
-                    weight[mask] *= np.float32(factor)
-            self.weight = weight
-            self.weighing = weight.data
-            self._boost_code = _codes([m for _, m in self.boosts])
-
-    def dropped_by(self, rows: list[int]) -> list[tuple[str, CompiledRule]]:
-        """(ref, rule) of the group's filters that drop any of `rows`."""
-        codes = self._filter_code
-        if codes is None:
-            return list({c.ref: (c.ref, c) for c, m in self._filters if m[rows].any()}.values())
-        bits = 0
-        for row in rows:
-            bits |= codes[row]
-        return self._decode(False, bits)[0] if bits else []
-
-    def boosted_by(self, row: int) -> tuple[list[tuple[str, CompiledRule]], list[str]]:
-        """(ref, rule) of the group's boosts that hold for `row`, and their refs."""
-        codes = self._boost_code
-        if codes is None:
-            pairs = list({c.ref: (c.ref, c) for c, m in self.boosts if m[row]}.values())
-            return pairs, [ref for ref, _ in pairs]
-        return self._decode(True, codes[row])
-
-    def _decode(self, boosts: bool, bits: int) -> tuple[list[tuple[str, CompiledRule]], list[str]]:
-        found = self._decoded.get((boosts, bits))
-        if found is None:
-            rules = [c for c, _ in (self.boosts if boosts else self._filters)]
-            pairs = list({rules[i].ref: (rules[i].ref, rules[i]) for i in range(len(rules)) if bits >> i & 1}.values())
-            found = self._decoded[(boosts, bits)] = (pairs, [ref for ref, _ in pairs])
-        return found
-
-
-class Plan:
-    """What one set of fired groups does, made once for every request that fires the same set."""
-
-    def __init__(self, groups: list[Group]) -> None:
-        rules = sorted((c for g in groups for c in g.rules), key=_rank)
-        self.rules = rules  # by priority
-        self.refs = [c.ref for c in rules]
-        self.filtering = [g for g in groups if g.dropping is not None]
-        self.boosting = [g for g in groups if g.weighing is not None]
-        self.cap = next((c for c in rules if c.cap is not None), None)
-        # Injections lowest priority first (a higher one placed later lands exactly where it asks);
-        # pins highest first (it takes the slot, and the item).
-        self.injects = [(c, rows, at) for c in reversed(rules) for rows, at in c.injects]
-        self.content: list[Content] = []
-        self.attaching: list[CompiledRule] = []
-        slots: set[str] = set()
-        for c in rules:
-            for slot, body in c.attach:
-                if slot not in slots:
-                    slots.add(slot)
-                    self.content.append(Content(slot, c.ref, body))
-                    if not self.attaching or self.attaching[-1] is not c:
-                        self.attaching.append(c)
-
-        # All the groups' drops in one array, and all their weights, once the plan proves popular
-        # (see Book.fire): then a request checks one array, not one per group.
-        self.drop: npt.NDArray[np.bool_] | None = self.filtering[0].drop if len(self.filtering) == 1 else None
-        self.weight: npt.NDArray[np.float32] | None = self.boosting[0].weight if len(self.boosting) == 1 else None
-        self.dropping: memoryview | None = None if self.drop is None else self.drop.data
-        self.weighing: memoryview | None = None if self.weight is None else self.weight.data
-        self.uses = 0
-        self._boosted: dict[int, tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
-        self._shared: dict[tuple[str, ...], tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
-        # Pins of items no filter drops (filters hold against pins), highest priority first.
-        self.pins = [(c, row, at) for c in rules for row, at in c.pins if self.passes(row)]
-
-    def combine(self) -> None:
-        """Combine the groups' arrays (well under a millisecond for 100k items and a few groups)."""
-        drops = [g.drop for g in self.filtering if g.drop is not None]
-        if len(drops) > 1:
-            drop = drops[0].copy()
-            for more in drops[1:]:
-                drop |= more
-            self.drop, self.dropping = drop, drop.data
-        weights = [g.weight for g in self.boosting if g.weight is not None]
-        if len(weights) > 1:
-            product = weights[0].copy()
-            for factor in weights[1:]:
-                product *= factor
-            self.weight, self.weighing = product, product.data
-
-    def separate(self) -> None:
-        """Let go of the combined arrays (the plan is no longer among the popular ones)."""
-        if len(self.filtering) > 1:
-            self.drop = self.dropping = None
-        if len(self.boosting) > 1:
-            self.weight = self.weighing = None
-
-    def boosted_by(self, row: int) -> tuple[list[tuple[str, CompiledRule]], list[str]]:
-        """(ref, rule) of the plan's boosts that hold for `row`, and their refs."""
-        known = self._boosted.get(row)
-        if known is not None:
-            return known
-        pairs: list[tuple[str, CompiledRule]] = []
-        refs: list[str] = []
-        for group in self.boosting:
-            assert group.weighing is not None
-            if group.weighing[row] != 1.0:
-                found, names = group.boosted_by(row)
-                pairs += found
-                refs += names
-        # Rows share one answer per combination of rules: the cache holds no object of its own per
-        # row, so it adds nothing for the garbage collector to walk.
-        shared = self._shared.setdefault(tuple(refs), (pairs, refs))
-        if len(self._boosted) < BOOSTED_KEPT:
-            self._boosted[row] = shared
-        return shared
-
-    def hits(self, rows: npt.NDArray[np.int32]) -> list[bool] | None:
-        """Per row, whether a filter of the plan drops it; None without filters. One numpy
-        operation per group (a few µs) beats asking every group in Python for each of ~50 rows."""
-        if not self.filtering:
-            return None
-        if self.drop is not None:
-            found: list[bool] = self.drop[rows].tolist()
-            return found
-        drops = [g.drop for g in self.filtering if g.drop is not None]
-        hit = drops[0][rows]
-        for more in drops[1:]:
-            hit |= more[rows]
-        combined: list[bool] = hit.tolist()
-        return combined
-
-    def factors(self, rows: list[int]) -> list[float]:
-        """Per row, the product of the plan's boosts (1.0 where none holds)."""
-        if self.weighing is not None:
-            return [self.weighing[row] for row in rows]
-        weights = [g.weight for g in self.boosting if g.weight is not None]
-        at = np.asarray(rows, dtype=np.intp)
-        product = weights[0][at]
-        for more in weights[1:]:
-            product *= more[at]
-        found: list[float] = product.tolist()
-        return found
-
-    def passes(self, row: int) -> bool:
-        """Whether no filter of the plan drops `row`."""
-        if self.dropping is not None:
-            return not self.dropping[row]
-        for group in self.filtering:
-            assert group.dropping is not None
-            if group.dropping[row]:
-                return False
-        return True
-
-
-def _codes(masks: list[npt.NDArray[np.bool_]]) -> memoryview | None:
-    """Per row, bit i set when masks[i] holds; None for none or more than 63 masks."""
-    if not masks or len(masks) > 63:
-        return None
-    code = np.zeros(len(masks[0]), dtype=np.int64)
-    for bit, mask in enumerate(masks):
-        code[mask] |= 1 << bit
-    return code.data
-
-
-def _rank(rule: CompiledRule) -> int:
-    return rule.rank
 
 
 @functools.cache
@@ -852,7 +509,7 @@ class Book:
             final = [Pick(p.row, score, p.reason) for p, score in zip(final, scores, strict=True)]
         for rule in plan.attaching:
             applied[rule.ref] = rule
-        return Outcome(final, sorted(applied.values(), key=_rank), plan.content)
+        return Outcome(final, sorted(applied.values(), key=by_priority), plan.content)
 
     def _capped(
         self,

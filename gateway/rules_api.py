@@ -25,7 +25,8 @@ from gateway import wire
 from gateway.access import Scope
 from gateway.http import ApiError, field_of, json_response, parse_query, read_body
 from gateway.recommend import Answer, Context, Recommender
-from gateway.rules import Book, RuleSet, RuleSetError, parse
+from gateway.rules import Book
+from gateway.ruleset import RuleSet, RuleSetError, parse
 from gateway.store import StoreError
 from gateway.store.documents import UnknownVersionError
 

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from gateway.recommend import Fallback, ProfileKind
-from gateway.rules import Content, RuleSet
+from gateway.ruleset import Content, RuleSet
 from gateway.snapshot import Snapshot
 from gateway.store.base import Consent, ConsentState, LogLine
 from gateway.store.documents import Activation

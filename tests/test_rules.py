@@ -13,7 +13,9 @@ import pytest
 
 from gateway import conditions
 from gateway.conditions import Compiler
-from gateway.rules import Book, Pick, RuleSetError, parse
+from gateway.plans import Pick
+from gateway.rules import Book
+from gateway.ruleset import RuleSetError, parse
 from gateway.snapshot import Snapshot, load_current
 from gateway.store import Interaction, window_label
 from gateway.store.base import DEFAULT_WINDOWS

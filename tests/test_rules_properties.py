@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from gateway import conditions
 from gateway.conditions import Compiler
-from gateway.rules import Book, Pick, parse
+from gateway.plans import Pick
+from gateway.rules import Book
+from gateway.ruleset import parse
 from gateway.snapshot import Snapshot, load_current
 from gateway.store import Interaction, window_label
 from gateway.store.base import DEFAULT_WINDOWS
