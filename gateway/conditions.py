@@ -136,6 +136,13 @@ class Condition(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_de
             found |= child.segments()
         return found
 
+    def counters(self) -> list[Counter]:
+        """The counter conditions in it, at any depth."""
+        found = [self.counter] if self.counter is not None else []
+        for child in self.children():
+            found += child.counters()
+        return found
+
     def kinds(self) -> set[str]:
         """The kinds of condition in it ("counter", "session", ...), at any depth."""
         found = {CONDITION_NAMES[name] for name in CONDITION_KINDS if getattr(self, name) is not None}

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final, Literal
 
-from gateway.store import Profile, Requirement, Store, StoreError
+from gateway.store import CounterKey, Profile, Requirement, Store, StoreError
 
 log = logging.getLogger("tailor.store")
 
@@ -79,7 +79,7 @@ class GuardedStore:
         *,
         limit: int,
         now: float,
-        counters: bool = True,
+        counters: bool | Sequence[CounterKey] = True,
         requires: Requirement | None = None,
         inbox: Requirement | None = None,
     ) -> Profile | Cause:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Generic, Literal, NamedTuple, TypeVar
 
@@ -24,7 +24,7 @@ from gateway.plans import Pick
 from gateway.rules import HEADROOM_MIN, Book, Ruling
 from gateway.ruleset import Content
 from gateway.snapshot import Rows, Snapshot, Vectors
-from gateway.store import Interaction, Profile, Requirement
+from gateway.store import CounterKey, Interaction, Profile, Requirement
 from index_builder.model import fold_in_low_rank, recent_confidence
 
 T = TypeVar("T")
@@ -313,7 +313,7 @@ class Recommender:
             exclude=exclude,
             requires=requires,
             now=now,
-            counters=book is not None and book.needs_counters,
+            counters=book.counter_query if book is not None and book.needs_counters else False,
             inbox=inbox,
             decide=decide,
         )
@@ -333,7 +333,7 @@ class Recommender:
         user: str | None,
         requires: Requirement | None,
         now: float,
-        counters: bool,
+        counters: bool | Sequence[CounterKey],
         inbox: Requirement | None = None,
         decide: Callable[[Profile | None], Ruling] | None = None,
     ) -> tuple[Answer, Profile | None, Ruling | None]:

@@ -27,7 +27,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from gateway.conditions import Compiler, Condition, ContextMatch, Facts, Predicate
+from gateway.conditions import Compiler, Condition, ContextMatch, Facts, Predicate, parse_duration
 from gateway.plans import (
     HOT_BYTES,
     HOT_PLAN,
@@ -54,6 +54,8 @@ from gateway.ruleset import (
     Surface,
 )
 from gateway.segments import MODEL_PREFIX, SegmentDefinition, Segmenter
+from gateway.store import CounterKey
+from gateway.store.base import DAY
 
 if TYPE_CHECKING:
     from gateway.snapshot import Snapshot
@@ -242,6 +244,8 @@ class Book:
         self.needs_counters = bool(ruleset.segments or ruleset.rules) and (
             snap.segment_model is not None or _uses_counters(ruleset)
         )
+        # The counters the conditions and the segment model read: a profile read asks for only these.
+        self.counter_query = _counter_query(ruleset, compiler, snap) if self.needs_counters else ()
         self.by_ref = {c.ref: c for c in compiled}
         # Rules with the same condition, validity and surfaces fire together: one evaluation each.
         groups: dict[bytes, Group] = {}
@@ -630,6 +634,19 @@ def _page_only(when: Condition | None) -> tuple[str, ...] | None:
     if context.page and context == ContextMatch(page=context.page):
         return tuple(context.page)
     return None
+
+
+def _counter_query(ruleset: RuleSet, compiler: Compiler, snap: Snapshot) -> tuple[CounterKey, ...]:
+    conditions = [s.when for s in ruleset.segments] + [r.when for r in ruleset.rules if r.when is not None]
+    wanted = {
+        compiler.counter_name(counter): parse_duration(counter.window)
+        for condition in conditions
+        for counter in condition.counters()
+    }
+    model = snap.segment_model
+    if model is not None:
+        wanted.update((key, model.window_days * DAY) for key in model.counter_names())
+    return tuple(CounterKey(key, key.rsplit("/", 1)[0], window) for key, window in sorted(wanted.items()))
 
 
 def _uses_counters(ruleset: RuleSet) -> bool:

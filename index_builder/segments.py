@@ -92,6 +92,10 @@ class SegmentModel(msgspec.Struct, frozen=True, dict=True):  # dict: room for th
     def _keys(self) -> CounterKeys:
         return counter_keys(self.affinity_members, self.window_days)
 
+    def counter_names(self) -> list[str]:
+        """The profile counters `assign` reads ("view/30d", "view@category:shoes/boots/30d", ...)."""
+        return [*self._keys.events, *sorted(self._keys.members)]
+
     def vector(self, counters: Mapping[str, int], last_seen: float | None, now: float) -> list[float]:
         """The visitor's features, unstandardised, as plain floats."""
         return _features_of(_raw_of(counters, last_seen, now, self._keys, len(self.affinity)), self.recency_cap_days)

@@ -18,7 +18,7 @@ from gateway.app import create_app
 from gateway.recommend import LIVE_CATEGORY_POPULAR, LIVE_NEIGHBOURS, LIVE_POPULAR
 from gateway.settings import Settings
 from gateway.snapshot import Snapshot, load
-from gateway.store import Interaction, MemoryStore, Profile, Requirement, Store, open_store
+from gateway.store import CounterKey, Interaction, MemoryStore, Profile, Requirement, Store, open_store
 from index_builder import snapshot
 from index_builder.model import fold_in, profile_confidence
 from tests.conftest import RedisServer
@@ -425,7 +425,7 @@ class SlowStore(MemoryStore):
         *,
         limit: int,
         now: float,
-        counters: bool = True,
+        counters: bool | Sequence[CounterKey] = True,
         requires: Requirement | None = None,
         inbox: Requirement | None = None,
     ) -> Profile:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 import pytest
 
 from gateway.guard import TRIP_AFTER, GuardedStore
-from gateway.store import EMPTY_PROFILE, Consent, Profile, Recorded, Requirement, Retention, StoreError
+from gateway.store import EMPTY_PROFILE, Consent, CounterKey, Profile, Recorded, Requirement, Retention, StoreError
 from gateway.store.base import Forgotten, LogLine, Timer, TriggerState
 
 
@@ -26,7 +26,7 @@ class Scripted:
         *,
         limit: int,
         now: float,
-        counters: bool = True,
+        counters: bool | Sequence[CounterKey] = True,
         requires: Requirement | None = None,
         inbox: Requirement | None = None,
     ) -> Profile:

@@ -439,3 +439,23 @@ def test_no_fired_rule_leaves_the_model_list_untouched(snap: Snapshot) -> None:
     outcome = run(b, snap)
     assert outcome.picks == model_list(snap)[:10]
     assert outcome.applied == [] and not np.isnan([p.score for p in outcome.picks]).any()
+
+
+def test_a_book_reads_only_the_counters_its_conditions_and_segment_model_use(snap: Snapshot) -> None:
+    doc = {
+        "segments": [{"id": "buyers", "when": {"counter": {"event": "purchase", "window": "30d", "at_least": 1}}}],
+        "rules": [
+            rule(
+                "r",
+                {"type": "cap", "per_category": 2},
+                when={"not": {"counter": {"event": "view", "item": "i9", "window": "7d", "at_most": 0}}},
+            )
+        ],
+    }
+    keys = {c.key: (c.name, c.window) for c in book(snap, doc).counter_query}
+    assert keys["purchase/30d"] == ("purchase", 30 * 86_400.0)
+    assert keys["view@item:i9/7d"] == ("view@item:i9", 7 * 86_400.0)
+    assert snap.segment_model is not None  # its features' counters are read too
+    assert set(snap.segment_model.counter_names()) <= set(keys)
+    plain = book(snap, {"rules": [rule("plain", {"type": "cap", "per_category": 2})]})
+    assert {c.key for c in plain.counter_query} == set(snap.segment_model.counter_names())

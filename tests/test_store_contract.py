@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from gateway.store import (
     EMPTY_PROFILE,
     Consent,
+    CounterKey,
     Interaction,
     MemoryStore,
     Profile,
@@ -148,6 +149,23 @@ async def test_a_read_without_counters_leaves_them_out(store: Store) -> None:
     assert lean == Profile(recent=full.recent, counters={}, last_seen=T0 + 5)
     assert full.counters
     assert await store.profile("nobody", limit=10, now=T0, counters=False) == EMPTY_PROFILE
+
+
+async def test_a_read_of_chosen_counters_returns_only_those(store: Store) -> None:
+    await remember(store, "v", "a", "b", now=T0 + 5)
+    await remember(store, "v", "a", event="purchase", now=T0 + 5)
+    wanted = [
+        CounterKey("view@item:a/1h", "view@item:a", HOUR),
+        CounterKey("purchase/1h", "purchase", HOUR),
+        CounterKey("purchase/1d", "purchase", DAY),  # a window this store does not count: absent
+        CounterKey("click/1h", "click", HOUR),  # never happened: absent
+    ]
+    chosen = await store.profile("v", limit=10, now=T0 + 5, counters=wanted)
+    full = await store.profile("v", limit=10, now=T0 + 5)
+    assert chosen.counters == {"view@item:a/1h": 1, "purchase/1h": 1}
+    assert {k: full.counters[k] for k in chosen.counters} == chosen.counters
+    assert chosen.recent == full.recent and chosen.last_seen == full.last_seen
+    assert (await store.profile("v", limit=10, now=T0 + 5, counters=[])).counters == {}
 
 
 async def test_every_event_counts_by_type_item_and_category_in_every_window(store: Store) -> None:

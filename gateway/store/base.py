@@ -216,6 +216,15 @@ decode_consent = msgspec.json.Decoder(Consent).decode
 EMPTY_PROFILE = Profile(recent=[], counters={})
 
 
+class CounterKey(NamedTuple):
+    """One counter a read asks for: its key in Profile.counters ("view@item:a/7d"), the counted
+    name ("view@item:a") and the window in seconds."""
+
+    key: str
+    name: str
+    window: float
+
+
 class Timer(NamedTuple):
     """A visitor's pending timer for one trigger: due at `due` (Unix seconds), with the caller's payload."""
 
@@ -239,14 +248,16 @@ class Store(Protocol):
         *,
         limit: int,
         now: float,
-        counters: bool = True,
+        counters: bool | Sequence[CounterKey] = True,
         requires: Requirement | None = None,
         inbox: Requirement | None = None,
     ) -> Profile:
         """The visitor's newest `limit` interactions (oldest first), last-seen time, live counters
         and consent; with `counters=False` the counters are left out (empty), which spares reading
-        them when the caller has no use for them. With `requires`, the store checks the visitor's
-        consent first, in the same round trip, and reads nothing else when it does not permit
+        them when the caller has no use for them, and with a sequence of CounterKey only those are
+        read (the ones rules and segments look at, out of hundreds a visitor may have). With
+        `requires`, the store checks the visitor's consent first, in the same round trip, and reads
+        nothing else when it does not permit
         (the answer is `withheld`, with the consent only). With `inbox`, the same round trip also
         empties the visitor's inbox: its messages come back in `messages` when the consent permits
         `inbox` (whatever `requires` said), and are dropped unshown when it does not."""

@@ -15,6 +15,7 @@ from gateway.store.base import (
     EMPTY_PROFILE,
     Consent,
     ConsentChange,
+    CounterKey,
     Forgotten,
     Interaction,
     Listener,
@@ -106,7 +107,7 @@ class MemoryStore:
         *,
         limit: int,
         now: float,
-        counters: bool = True,
+        counters: bool | Sequence[CounterKey] = True,
         requires: Requirement | None = None,
         inbox: Requirement | None = None,
     ) -> Profile:
@@ -131,6 +132,17 @@ class MemoryStore:
         if not counters:
             return Profile(recent=recent, counters={}, last_seen=state.last_seen, consent=consent, messages=messages)
         counts: dict[str, int] = {}
+        if counters is not True:
+            held_counters = state.counters
+            for wanted in counters:
+                held = held_counters.get((wanted.name, wanted.window))
+                if held is not None:
+                    count = sliding_count(*held, wanted.window, now)
+                    if count:
+                        counts[wanted.key] = count
+            return Profile(
+                recent=recent, counters=counts, last_seen=state.last_seen, consent=consent, messages=messages
+            )
         stale: list[tuple[str, float]] = []
         for key, (bucket, current, previous) in state.counters.items():
             name, window = key

@@ -40,6 +40,7 @@ from gateway.store.base import (
     PURPOSES,
     Consent,
     ConsentChange,
+    CounterKey,
     Forgotten,
     Interaction,
     Listener,
@@ -177,6 +178,7 @@ if need > 0 and not permits(head[need], ARGV[4], now) then return {{0, head, mes
 local limit, recent = tonumber(ARGV[1]), {{}}
 if limit > 0 then recent = redis.call('LRANGE', KEYS[1], -limit, -1) end
 if ARGV[2] == '1' then return {{1, head, messages, recent, redis.call('HGETALL', KEYS[2])}} end
+if ARGV[2] == '2' then return {{1, head, messages, recent, redis.call('HMGET', KEYS[2], unpack(ARGV, 8))}} end
 return {{1, head, messages, recent}}
 """
 )
@@ -383,22 +385,24 @@ class RedisStore:
         *,
         limit: int,
         now: float,
-        counters: bool = True,
+        counters: bool | Sequence[CounterKey] = True,
         requires: Requirement | None = None,
         inbox: Requirement | None = None,
     ) -> Profile:
         if limit < 0:
             raise ValueError(f"limit must not be negative, not {limit}")
         keys = (*self._keys(visitor), self._trigger_keys(visitor)[2])
+        chosen = () if isinstance(counters, bool) else tuple(counters)
         need = 0 if requires is None else HEAD_FIELDS.index(CONSENT_PREFIX + requires.purpose) + 1
         args = (
             limit,
-            1 if counters else 0,
+            (1 if counters else 0) if isinstance(counters, bool) else 2 if chosen else 0,
             need,
             1 if requires is not None and requires.default else 0,
             repr(now),
             0 if inbox is None else HEAD_FIELDS.index(CONSENT_PREFIX + inbox.purpose) + 1,
             1 if inbox is not None and inbox.default else 0,
+            *(f"{c.name}|{float(c.window)!r}" for c in chosen),
         )
         try:
             reply = await self._eval_profile(keys, args)
@@ -409,7 +413,14 @@ class RedisStore:
                 return Profile(recent=[], counters={}, consent=consent, withheld=True, messages=messages)
             recent = [self._decode(raw) for raw in reply[3]]
             counts: dict[str, int] = {}
-            if counters:
+            if chosen:
+                for counter, raw_value in zip(chosen, reply[4], strict=True):
+                    if raw_value is not None:
+                        bucket, current, previous = (int(part) for part in raw_value.split(b":"))
+                        count = sliding_count(bucket, current, previous, counter.window, now)
+                        if count:
+                            counts[counter.key] = count
+            elif counters:
                 flat = reply[4]
                 for raw_field, raw_value in zip(flat[::2], flat[1::2], strict=True):
                     field = raw_field.decode()
