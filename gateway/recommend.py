@@ -649,31 +649,17 @@ class Recommender:
         depth = (3 if plan.cap is not None else 1) * n + len(excluded) + HEADROOM_MIN
         if wanted:
             depth = 8 * n + len(excluded)
-        head = pool.rows[:depth]
-        every = head.tolist()
-        hits = plan.hits(head)  # per row, whether a filter drops it (None: no filter fires)
+        every = pool.rows[:depth].tolist()
         if wanted:
             admitted = [
                 i for i, row in enumerate(every) if row not in excluded and not wanted.isdisjoint(category_sets[row])
             ]
         else:
             admitted = [i for i, row in enumerate(every) if row not in excluded]
-        kept = admitted if hits is None else [i for i in admitted if not hits[i]]
-        dropped: list[int] = []  # by a filter, ahead of the n-th row kept: the filter changed the answer
-        if len(kept) < len(admitted):
-            assert hits is not None
-            last = kept[n - 1] if len(kept) >= n else len(every)
-            dropped = [every[i] for i in admitted if hits[i] and i < last]
         all_scores = pool.scores[:depth].tolist()
+        kept = [admitted[at] for at in ruling.select([every[i] for i in admitted], n)]
         rows = [every[i] for i in kept]
         scores = [all_scores[i] for i in kept]
-        if dropped:
-            ruling.dropped(dropped)
-        order = ruling.order(rows)
-        if order is not None:
-            rows, scores = [rows[i] for i in order], [scores[i] for i in order]
-        if plan.cap is not None:
-            rows, scores = ruling.cap(rows, scores, n)
         rounded = np.round(np.asarray(scores[:n], dtype=np.float64), 6).tolist()
         return [_new_pick(Pick, (row, score, reason)) for row, score in zip(rows, rounded, strict=False)]
 

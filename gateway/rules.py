@@ -16,12 +16,13 @@ scores (1 for the first item, falling by 1/n), so they still read "higher is bet
 from __future__ import annotations
 
 import functools
+import itertools
 import zoneinfo
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 import numpy as np
@@ -59,6 +60,8 @@ from gateway.store.base import DAY
 
 if TYPE_CHECKING:
     from gateway.snapshot import Snapshot
+
+T = TypeVar("T")
 
 # Candidates the rules read beyond what the answer needs, for filters to drop and boosts to lift.
 HEADROOM_MIN = 20
@@ -157,43 +160,70 @@ class Ruling:
     ranked: bool = False  # every candidate went through `order` (and `cap`, if the plan has one)
     reordered: bool = False
 
-    def dropped(self, rows: list[int]) -> None:
-        """Note the filters that dropped `rows` (ahead of the answer's last place)."""
+    def select(self, rows: list[int], n: int) -> list[int]:
+        """The positions in `rows` (candidates the request admits, best first) of the at most n
+        the plan keeps: without what its filters drop, re-ranked by its boosts, through its cap.
+        Every candidate of an answer goes through here, so the answer is `ranked`; plain Python
+        over a few dozen rows, where numpy's per-call overhead would cost more."""
         plan = self.plan
         assert plan is not None
-        for group in plan.filtering:
-            self.applied.update(group.dropped_by(rows))
+        self.ranked = True
+        positions = list(range(len(rows)))
+        hits = plan.hits(np.asarray(rows, dtype=np.int64)) if rows else None
+        if hits is not None:
+            kept = [i for i in positions if not hits[i]]
+            if len(kept) < len(positions):
+                # The filters that changed the answer: those dropping a row ahead of the n-th kept.
+                last = kept[n - 1] if len(kept) >= n else len(rows)
+                dropped = [rows[i] for i in positions if hits[i] and i < last]
+                for group in plan.filtering:
+                    self.applied.update(group.dropped_by(dropped))
+            positions = kept
+        order = self._order([rows[i] for i in positions])
+        if order is not None:
+            positions = [positions[i] for i in order]
+        return self._cap(rows, positions, n)
 
-    def cap(self, rows: list[int], scores: list[float], n: int) -> tuple[list[int], list[float]]:
-        """The first n of `rows` (best first) that the plan's cap admits, with their scores."""
+    def _cap(self, rows: list[int], positions: list[int], n: int) -> list[int]:
+        """The first n of `positions` the plan's cap admits."""
         rule = self.plan.cap if self.plan is not None else None
         if rule is None or rule.cap is None:
-            return rows, scores
-        limit, depth = rule.cap
-        keys, distinct = self.book.cap_codes(depth)
-        counts = [0] * distinct  # per category, how many are kept
-        kept_rows: list[int] = []
-        kept_scores: list[float] = []
-        skipped = False
-        for row, score in zip(rows, scores, strict=True):
-            key = keys[row]
-            held = counts[key]
-            if held >= limit:
-                skipped = True
-                continue
-            counts[key] = held + 1
-            kept_rows.append(row)
-            kept_scores.append(score)
-            if len(kept_rows) == n:
-                break
-        if skipped:
-            self.applied[rule.ref] = rule
-        return kept_rows, kept_scores
+            return positions[:n]
+        keys, distinct = self.book.cap_codes(rule.cap[1])
+        return self._admit(((at, keys[rows[at]]) for at in positions), [0] * distinct, n)
 
-    def order(self, rows: list[int]) -> list[int] | None:
+    def fill(self, chosen: list[Pick], more: Iterable[Pick], n: int) -> list[Pick]:
+        """`chosen` and, up to n, the picks of `more` the plan's cap still admits."""
+        room = n - len(chosen)
+        rule = self.plan.cap if self.plan is not None else None
+        if rule is None or rule.cap is None:
+            return chosen + list(itertools.islice(more, max(room, 0)))
+        keys, distinct = self.book.cap_codes(rule.cap[1])
+        counts = [0] * distinct
+        for pick in chosen:
+            counts[keys[pick.row]] += 1
+        return chosen + self._admit(((pick, keys[pick.row]) for pick in more), counts, room)
+
+    def _admit(self, candidates: Iterable[tuple[T, int]], counts: list[int], room: int) -> list[T]:
+        """Up to `room` candidates, in order, whose category (a cap code) is under the cap;
+        `counts` holds how many each category has already."""
+        rule = self.plan.cap if self.plan is not None else None
+        assert rule is not None and rule.cap is not None
+        limit = rule.cap[0]
+        kept: list[T] = []
+        for candidate, code in candidates:
+            if len(kept) >= room:
+                break
+            if counts[code] >= limit:
+                self.applied[rule.ref] = rule
+                continue
+            counts[code] += 1
+            kept.append(candidate)
+        return kept
+
+    def _order(self, rows: list[int]) -> list[int] | None:
         """The positions of `rows` (best first) re-ranked by the plan's boosts; None when no boost
-        holds for any of them. Every candidate goes through here, so the answer is `ranked`."""
-        self.ranked = True
+        holds for any of them."""
         plan = self.plan
         if plan is None or not plan.boosting or not rows:
             return None
@@ -452,49 +482,15 @@ class Book:
         if plan is None:
             return Outcome(list(picks[:n]), [], [])
         applied = ruling.applied
-        ranked: Sequence[Pick] = picks
+        # The recommender reads its candidates through the ruling (Ruling.select); a list of picks
+        # from elsewhere goes through it here.
+        kept = range(min(n, len(picks))) if ruling.ranked else ruling.select([p.row for p in picks], n)
+        chosen = [picks[at] for at in kept]
         reordered = ruling.reordered
-        if ruling.ranked:  # filtered and boosted already (Ruling.rank)
-            pass
-        elif plan.filtering and ranked:
-            drop = plan.dropping
-            if drop is not None:
-                kept = [p for p in ranked if not drop[p.row]]
-            else:
-                kept = [p for p in ranked if plan.passes(p.row)]
-            if len(kept) < len(ranked):
-                dropped = [p.row for p in ranked if not plan.passes(p.row)]
-                for group in plan.filtering:
-                    assert group.dropping is not None
-                    mine = [row for row in dropped if group.dropping[row]]
-                    if mine:
-                        applied.update(group.dropped_by(mine))
-                ranked = kept
-        if not ruling.ranked and plan.boosting and ranked:
-            weight = plan.weighing
-            if weight is not None:
-                factors: list[float] = [weight[p.row] for p in ranked]
-            else:
-                factors = [1.0] * len(ranked)
-                for group in plan.boosting:
-                    assert group.weighing is not None
-                    each = group.weighing
-                    factors = [f * each[p.row] for f, p in zip(factors, ranked, strict=True)]
-            if factors.count(1.0) < len(factors):
-                standing = [s * f for s, f in zip(_standing(len(factors)), factors, strict=True)]
-                # reverse=True keeps equal standings in their order: the sort is stable either way
-                order = sorted(range(len(standing)), key=standing.__getitem__, reverse=True)
-                ranked = [ranked[i] for i in order]
-                reordered = True
         passes = plan.passes
-
-        cap = plan.cap
-        # Candidates the ruling read were capped then (Ruling.cap); others are capped here.
-        chosen = list(ranked[:n]) if ruling.ranked else self._capped(ranked, cap, n, applied)
         if len(chosen) < n:
-            taken = {p.row for p in chosen} | {p.row for p in ranked}
-            more = (p for p in reserve() if p.row not in taken and passes(p.row))
-            chosen += self._capped(more, cap, n - len(chosen), applied, counts=self._category_counts(chosen, cap))
+            taken = {p.row for p in chosen} | {p.row for p in picks}
+            chosen = ruling.fill(chosen, (p for p in reserve() if p.row not in taken and passes(p.row)), n)
 
         if reordered:
             for at, pick in enumerate(chosen):
@@ -515,32 +511,6 @@ class Book:
             applied[rule.ref] = rule
         return Outcome(final, sorted(applied.values(), key=by_priority), plan.content)
 
-    def _capped(
-        self,
-        picks: Iterable[Pick],
-        cap: CompiledRule | None,
-        n: int,
-        applied: dict[str, CompiledRule],
-        counts: dict[str, int] | None = None,
-    ) -> list[Pick]:
-        if cap is None or cap.cap is None:
-            return list(_first(picks, n))
-        limit, depth = cap.cap
-        keys = self.cap_keys(depth)
-        counts = {} if counts is None else counts
-        chosen: list[Pick] = []
-        for pick in picks:
-            key = keys[pick.row]
-            held = counts.get(key, 0)
-            if held >= limit:
-                applied.setdefault(cap.ref, cap)
-                continue
-            counts[key] = held + 1
-            chosen.append(pick)
-            if len(chosen) == n:
-                break
-        return chosen
-
     def cap_codes(self, depth: int) -> tuple[list[int], int]:
         """Each row's cap category (see cap_keys) as a small number, and how many there are."""
         found = self._cap_codes.get(depth)
@@ -559,29 +529,12 @@ class Book:
             ]
         return keys
 
-    def _category_counts(self, picks: Sequence[Pick], cap: CompiledRule | None) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        if cap is not None and cap.cap is not None:
-            keys = self.cap_keys(cap.cap[1])
-            for pick in picks:
-                counts[keys[pick.row]] = counts.get(keys[pick.row], 0) + 1
-        return counts
-
     def segments(self, facts: Facts, *, personal: bool) -> list[str]:
         return self.segmenter.assign(facts, personal=personal)
 
 
 def _tagged(pick: Pick, refs: Sequence[str]) -> Pick:
     return pick if not refs else Pick(pick.row, pick.score, (*reasons_of(pick), *refs))
-
-
-def _first(picks: Iterable[Pick], n: int) -> Iterator[Pick]:
-    if n <= 0:
-        return
-    for count, pick in enumerate(picks, 1):
-        yield pick
-        if count == n:
-            return
 
 
 def _check_ids(ruleset: RuleSet) -> None:
