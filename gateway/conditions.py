@@ -49,6 +49,23 @@ def parse_duration(text: str) -> float:
     return float(text[:-1]) * DURATION_UNITS[text[-1]]
 
 
+_ENTRY = re.compile(r"^([A-Za-z_]+)\[(\d+)\]")
+
+
+def entry_id(body: bytes, path: str | None) -> str | None:
+    """The `id` of the list entry a validation error's path starts in ("rules[3].actions[0]" ->
+    the id of the body's rules[3]), so an error can name what the author wrote, not a position."""
+    found = _ENTRY.match(path or "")
+    if found is None:
+        return None
+    try:
+        entry = msgspec.json.decode(body)[found[1]][int(found[2])]
+    except (msgspec.DecodeError, LookupError, TypeError):
+        return None
+    ident = entry.get("id") if isinstance(entry, dict) else None
+    return ident if isinstance(ident, str) else None
+
+
 class Counter(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """How often `event` happened in the trailing `window` (for one item or category, if given)."""
 

@@ -36,7 +36,6 @@ import bisect
 import hashlib
 import itertools
 import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from typing import Annotated, Any, Literal, NoReturn
 
 import msgspec
 
-from gateway.conditions import Slug
+from gateway.conditions import Slug, entry_id
 
 # Arm names end up in cell names ("ranker=A,banner=on") and reasons, so they keep out `,`, `=`, `:`.
 ArmName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
@@ -163,7 +162,7 @@ def parse(body: bytes) -> ExperimentPlan:
     except msgspec.ValidationError as exc:
         message, _, at = str(exc).partition(" - at `$.")
         path = at.rstrip("`") or None
-        experiment = _id_at(body, path)
+        experiment = entry_id(body, path)
         where = f"experiment {experiment!r}: " if experiment else ""
         raise ExperimentError(
             f"{where}{message}" + (f" (at {path})" if path else ""), field=path, experiment=experiment
@@ -389,18 +388,3 @@ def _fail(experiment: Experiment, field: str, message: str) -> NoReturn:
     raise ExperimentError(
         f"experiment {experiment.id!r}: {message} (at {field})", field=field, experiment=experiment.id
     )
-
-
-_PATH = re.compile(r"^experiments\[(\d+)\]")
-
-
-def _id_at(body: bytes, path: str | None) -> str | None:
-    found = _PATH.match(path or "")
-    if found is None:
-        return None
-    try:
-        entry = msgspec.json.decode(body)["experiments"][int(found[1])]
-    except (msgspec.DecodeError, LookupError, TypeError):
-        return None
-    ident = entry.get("id") if isinstance(entry, dict) else None
-    return ident if isinstance(ident, str) else None

@@ -16,13 +16,12 @@ How they combine is gateway.rules' business.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
 
-from gateway.conditions import Condition, Name, Slug
+from gateway.conditions import Condition, Name, Slug, entry_id
 from gateway.segments import SegmentDefinition
 from gateway.triggers import Trigger
 
@@ -112,9 +111,6 @@ class RuleSetError(ValueError):
         self.rule = rule
 
 
-_PATH = re.compile(r"^(rules|segments|triggers)\[(\d+)\]")
-
-
 def parse(body: bytes) -> RuleSet:
     """The rule set in a JSON body; RuleSetError naming the rule and the field when invalid."""
     try:
@@ -122,24 +118,12 @@ def parse(body: bytes) -> RuleSet:
     except msgspec.ValidationError as exc:
         message, _, at = str(exc).partition(" - at `$.")
         path = at.rstrip("`") or None
-        rule = _id_at(body, path)
+        rule = entry_id(body, path)
         kind = next((k for k in ("segment", "trigger") if path and path.startswith(k)), "rule")
         where = f"{kind} {rule!r}: " if rule else ""
         raise RuleSetError(f"{where}{message}" + (f" (at {path})" if path else ""), field=path, rule=rule) from None
     except msgspec.DecodeError as exc:
         raise RuleSetError(f"not JSON: {exc}") from None
-
-
-def _id_at(body: bytes, path: str | None) -> str | None:
-    found = _PATH.match(path or "")
-    if found is None:
-        return None
-    try:
-        entry = msgspec.json.decode(body)[found[1]][int(found[2])]
-    except (msgspec.DecodeError, LookupError, TypeError):
-        return None
-    ident = entry.get("id") if isinstance(entry, dict) else None
-    return ident if isinstance(ident, str) else None
 
 
 class Content(msgspec.Struct, frozen=True):
