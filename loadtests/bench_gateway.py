@@ -46,16 +46,13 @@ import numpy.typing as npt
 from loadtests.exact import Snapshot, measure_recall
 from loadtests.harness import (
     ROOT,
+    add_gateway_options,
     describe,
     footer,
-    free_port,
     load_average,
     run_wrk,
-    running,
     say,
-    serve_command,
-    store_url,
-    wait_ready,
+    start_gateway,
 )
 from loadtests.traffic import (
     counter_delta,
@@ -195,13 +192,7 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
     result: dict[str, Any] = {"store": store}
     runs: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        url = store_url(stack, store, work, args.redis_server)
-        port = free_port()
-        log = work / "serve.log"
-        server = stack.enter_context(running(serve_command(args, url, port), log, f"tailor serve ({store})"))
-        base = f"http://127.0.0.1:{port}"
-        client = stack.enter_context(httpx.Client(base_url=base, timeout=30))
-        result["ready_seconds"] = round(wait_ready(client, server, log, args.ready_timeout), 2)
+        server, base, client, log, result["ready_seconds"] = start_gateway(stack, store, work, args)
         say(f"{store}: ready in {result['ready_seconds']:.1f}s; seeding {args.visitors} new visitors with 1-3 clicks")
         started = time.perf_counter()
         visitors = seed_visitors(client, snap, args.visitors, random.Random(args.seed))
@@ -416,14 +407,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--recall-samples", type=int, default=300, help="users and visitors checked for recall (300)")
     p.add_argument("--seed", type=int, default=11, help="random seed (default 11)")
-    p.add_argument(
-        "--serve-command",
-        default=f"{shlex.quote(sys.executable)} -m tailor serve",
-        help="how to start the gateway; --snapshots/--store/--host/--port/--workers are appended",
-    )
     p.add_argument("--serve-config", type=Path, help="passed to the gateway as --config")
-    p.add_argument("--redis-server", default="redis-server", help="redis-server binary (default from PATH)")
-    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for /readyz (default 180)")
+    add_gateway_options(p)
     return p
 
 

@@ -30,27 +30,21 @@ import argparse
 import contextlib
 import json
 import random
-import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx2 as httpx
-
 from loadtests.bench_gateway import code_version, ensure_snapshot, new_run_dir, pin_snapshot
 from loadtests.exact import Snapshot
 from loadtests.harness import (
+    add_gateway_options,
     describe,
-    free_port,
     load_average,
     run_wrk,
-    running,
     say,
-    serve_command,
-    store_url,
-    wait_ready,
+    start_gateway,
 )
 from loadtests.traffic import make_traffic, seed_visitors
 
@@ -151,13 +145,7 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
     result: dict[str, Any] = {"store": store}
     runs: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        url = store_url(stack, store, work, args.redis_server)
-        port = free_port()
-        log = work / "serve.log"
-        server = stack.enter_context(running(serve_command(args, url, port), log, f"tailor serve ({store})"))
-        base = f"http://127.0.0.1:{port}"
-        client = stack.enter_context(httpx.Client(base_url=base, timeout=30))
-        wait_ready(client, server, log, args.ready_timeout)
+        server, base, client, log, _ = start_gateway(stack, store, work, args)
         say(f"{store}: seeding {args.visitors} new visitors with 1-3 clicks")
         visitors = seed_visitors(client, snap, args.visitors, random.Random(args.seed))
         traffic = make_traffic(snap, visitors, args)["recommend"]
@@ -277,13 +265,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--visitors", type=int, default=40_000, help="new visitors seeded with 1-3 clicks (40000)")
     p.add_argument("--list-size", type=int, default=50_000, help="least paths per wrk run (50000)")
     p.add_argument("--seed", type=int, default=11, help="random seed (default 11)")
-    p.add_argument(
-        "--serve-command",
-        default=f"{shlex.quote(sys.executable)} -m tailor serve",
-        help="how to start the gateway; --snapshots/--store/--host/--port/--workers are appended",
-    )
-    p.add_argument("--redis-server", default="redis-server", help="redis-server binary (default from PATH)")
-    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for /readyz (default 180)")
+    add_gateway_options(p)
     return p
 
 

@@ -43,7 +43,6 @@ import os
 import random
 import resource
 import secrets
-import shlex
 import shutil
 import signal
 import sys
@@ -67,6 +66,7 @@ from loadtests.bench_gateway import code_version, ensure_snapshot, new_run_dir, 
 from loadtests.exact import Snapshot
 from loadtests.harness import (
     ROOT,
+    add_gateway_options,
     cpu_seconds,
     footer,
     free_port,
@@ -75,7 +75,7 @@ from loadtests.harness import (
     running,
     say,
     serve_command,
-    store_url,
+    start_gateway,
     wait_ready,
 )
 from loadtests.traffic import counter_delta, gateway_counters
@@ -195,13 +195,7 @@ def bench_ingest(store: str, bodies: Path, args: argparse.Namespace) -> Json:
     work.mkdir(parents=True, exist_ok=True)
     result: Json = {"store": store}
     with contextlib.ExitStack() as stack:
-        url = store_url(stack, store, work, args.redis_server)
-        port = free_port()
-        log = work / "serve.log"
-        server = stack.enter_context(running(serve_command(args, url, port), log, f"tailor serve ({store})"))
-        base = f"http://127.0.0.1:{port}"
-        client = stack.enter_context(httpx.Client(base_url=base, timeout=30, trust_env=False))
-        result["ready_seconds"] = round(wait_ready(client, server, log, args.ready_timeout), 2)
+        server, base, client, log, result["ready_seconds"] = start_gateway(stack, store, work, args, trust_env=False)
         # one body by hand first: wrk's numbers are only about accepted batches if this one is accepted
         with bodies.open("rb") as lines:
             first = lines.readline().strip()
@@ -814,13 +808,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--idle", type=float, default=5.0, help="push: seconds idle before reading RSS (default 5)")
     p.add_argument("--n", type=int, default=10, help="push: recommendations per message (default 10)")
     p.add_argument("--seed", type=int, default=11, help="random seed (default 11)")
-    p.add_argument(
-        "--serve-command",
-        default=f"{shlex.quote(sys.executable)} -m tailor serve",
-        help="how to start the gateway; --snapshots/--store/--host/--port/--workers are appended",
-    )
-    p.add_argument("--redis-server", default="redis-server", help="redis-server binary (default from PATH)")
-    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for /readyz (default 180)")
+    add_gateway_options(p)
     return p
 
 

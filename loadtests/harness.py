@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx2 as httpx
 
@@ -102,6 +102,41 @@ def serve_command(args: argparse.Namespace, url: str, port: int) -> list[str]:
     serve += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     config = getattr(args, "serve_config", None)
     return [*serve, "--config", str(config)] if config else serve
+
+
+class Gateway(NamedTuple):
+    server: subprocess.Popen[bytes]
+    base: str  # http://127.0.0.1:<port>
+    client: httpx.Client
+    log: Path
+    ready_seconds: float
+
+
+def start_gateway(
+    stack: contextlib.ExitStack, store: str, work: Path, args: argparse.Namespace, *, trust_env: bool = True
+) -> Gateway:
+    """`tailor serve` on `store` ("memory" or "redis": its own redis-server) and a free loopback
+    port, logging into `work`, with a client; both stop when `stack` closes. Returns once /readyz
+    says ready."""
+    url = store_url(stack, store, work, args.redis_server)
+    port = free_port()
+    log = work / "serve.log"
+    server = stack.enter_context(running(serve_command(args, url, port), log, f"tailor serve ({store})"))
+    base = f"http://127.0.0.1:{port}"
+    client = stack.enter_context(httpx.Client(base_url=base, timeout=30, trust_env=trust_env))
+    ready = wait_ready(client, server, log, args.ready_timeout)
+    return Gateway(server, base, client, log, round(ready, 2))
+
+
+def add_gateway_options(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark that starts gateways has."""
+    p.add_argument(
+        "--serve-command",
+        default=f"{shlex.quote(sys.executable)} -m tailor serve",
+        help="how to start the gateway; --snapshots/--store/--host/--port/--workers are appended",
+    )
+    p.add_argument("--redis-server", default="redis-server", help="redis-server binary (default from PATH)")
+    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for /readyz (default 180)")
 
 
 def wait_redis(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
