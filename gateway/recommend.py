@@ -24,7 +24,7 @@ from gateway.plans import Pick
 from gateway.rules import HEADROOM_MIN, Book, Ruling
 from gateway.ruleset import Content
 from gateway.snapshot import Rows, Snapshot, Vectors
-from gateway.store import CounterKey, Interaction, Profile, Requirement
+from gateway.store import EMPTY_PROFILE, CounterKey, Interaction, Profile, Requirement
 from index_builder.model import fold_in_low_rank, recent_confidence
 
 T = TypeVar("T")
@@ -377,21 +377,13 @@ class Recommender:
 
     def _facts(self, book: Book, now: float, context: Context, profile: Profile | None) -> conditions.Facts:
         """What rule conditions see: the request's context, and the profile if it may be used."""
-        if profile is None:
-            return conditions.facts(
-                now,
-                book.zone,
-                device=context.device,
-                country=context.country,
-                referrer=context.referrer,
-                page=context.page,
-            )
+        known = profile if profile is not None else EMPTY_PROFILE
         return conditions.facts(
             now,
             book.zone,
-            counters=profile.counters,
-            recent=profile.recent,
-            last_seen=profile.last_seen,
+            counters=known.counters,
+            recent=known.recent,
+            last_seen=known.last_seen,
             device=context.device,
             country=context.country,
             referrer=context.referrer,
