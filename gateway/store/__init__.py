@@ -33,6 +33,7 @@ from gateway.store.base import (
     window_label,
 )
 from gateway.store.documents import Documents, LocalDocuments
+from gateway.store.ledger import ArmTotals, Attributed, Exposure, Ledger, MemoryLedger
 from gateway.store.log import FileLog
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
@@ -40,9 +41,14 @@ from gateway.store.redis import RedisStore
 __all__ = [
     "EMPTY_PROFILE",
     "PURPOSES",
+    "ArmTotals",
+    "Attributed",
     "Consent",
     "CounterKey",
+    "Exposure",
     "Interaction",
+    "Ledger",
+    "MemoryLedger",
     "MemoryStore",
     "Profile",
     "Recorded",
@@ -55,6 +61,7 @@ __all__ = [
     "Timer",
     "TriggerState",
     "open_documents",
+    "open_ledger",
     "open_store",
     "window_label",
 ]
@@ -118,3 +125,11 @@ def open_documents(store: Store, kind: str, directory: str) -> Documents:
     if isinstance(store, RedisStore):
         return store.documents(kind)
     return LocalDocuments(kind, Path(directory) if directory else None)
+
+
+def open_ledger(store: Store) -> Ledger:
+    """The experiment ledger beside `store`: in Redis for a Redis store (every node counts into the same
+    totals), else in this process."""
+    if isinstance(store, RedisStore):
+        return store.ledger()
+    return MemoryLedger()

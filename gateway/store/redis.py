@@ -61,6 +61,7 @@ from gateway.store.base import (
     window_label,
 )
 from gateway.store.documents import RedisDocuments
+from gateway.store.ledger import RedisLedger
 from gateway.store.resp import Multiplexed, RespError, RespTimeoutError
 
 log = logging.getLogger("tailor.store")
@@ -353,6 +354,11 @@ class RedisStore:
     def documents(self, kind: str) -> RedisDocuments:
         """Versioned documents (rule sets, ...) in this Redis, under this store's prefix."""
         return RedisDocuments(kind, self._redis, prefix=self.prefix)
+
+    def ledger(self) -> RedisLedger:
+        """The experiment ledger in this Redis, under this store's prefix, on this store's client (so
+        closing the store closes it)."""
+        return RedisLedger(self._redis, prefix=self.prefix)
 
     def bound_reads(self, timeout: float) -> bool:
         """Make `profile` give up after `timeout` seconds by itself (one timer per connection, see
