@@ -9,7 +9,6 @@ announcement missed. Compiling runs in a worker thread; the swap is one referenc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -18,12 +17,12 @@ from gateway.rules import Book
 from gateway.ruleset import RuleSet, RuleSetError, parse
 from gateway.snapshot import Snapshot
 from gateway.store import StoreError, window_label
-from gateway.store.documents import Documents, State
+from gateway.store.documents import Documents, Follower, State
 
 log = logging.getLogger("tailor.rules")
 
 
-class RuleKeeper:
+class RuleKeeper(Follower):
     def __init__(
         self,
         documents: Documents,
@@ -34,19 +33,16 @@ class RuleKeeper:
         activated: Callable[[RuleSet | None, int], None] = lambda ruleset, version: None,
         poll_s: float = 5.0,
     ) -> None:
-        self.documents = documents
+        super().__init__(documents, poll_s=poll_s)
         self.compiler = Compiler(windows, window_label)
         self._install = install  # puts a book (or none) into the serving recommender
         self._activated = activated  # hears of each newly active rule set (its triggers, ...)
         self._snapshot = snapshot
-        self.poll_s = poll_s
         self.state = State()
         self.ruleset: RuleSet | None = None
         self.book: Book | None = None
         self.problem: str | None = None  # why the active version is not being served, if it is not
         self._lock = asyncio.Lock()
-        self._poller: asyncio.Task[None] | None = None
-        self._pending: asyncio.Task[None] | None = None
 
     def compile(
         self,
@@ -83,36 +79,6 @@ class RuleKeeper:
                 log.warning("rules version %s on snapshot %s: %s", book.version, book.snap.version, warning)
         else:
             self.changed()
-
-    async def start(self) -> None:
-        self.documents.watch(self.changed)
-        await self.refresh()
-        if self.poll_s > 0:
-            self._poller = asyncio.create_task(self._poll(), name="rules-poller")
-
-    async def stop(self) -> None:
-        for task in (self._poller, self._pending):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await self.documents.close()
-
-    def changed(self) -> None:
-        """An announcement: refresh soon (one refresh at a time; announcements meanwhile fold in)."""
-        if self._pending is None or self._pending.done():
-            self._pending = asyncio.get_running_loop().create_task(self._refresh_logged(), name="rules-refresh")
-
-    async def _refresh_logged(self) -> None:
-        try:
-            await self.refresh()
-        except Exception:
-            log.exception("rules refresh")
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_s)
-            await self._refresh_logged()
 
     async def refresh(self, *, snapshot_changed: bool = False) -> None:
         """Serve what the documents say is active, if it differs from what is served (or the

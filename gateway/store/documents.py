@@ -332,3 +332,50 @@ class RedisDocuments:
                 await self._listener
             self._listener = None
         self._watchers.clear()
+
+
+class Follower:
+    """What every node does with one kind of documents: refresh on each announcement (one refresh
+    at a time; announcements meanwhile fold into the next) and every `poll_s`, which catches what a
+    lost announcement missed. Subclasses say what a refresh is."""
+
+    def __init__(self, documents: Documents, *, poll_s: float) -> None:
+        self.documents = documents
+        self.poll_s = poll_s
+        self._poller: asyncio.Task[None] | None = None
+        self._pending: asyncio.Task[None] | None = None
+
+    async def refresh(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        self.documents.watch(self.changed)
+        await self.refresh()
+        if self.poll_s > 0:
+            self._poller = asyncio.create_task(self._poll(), name=f"{self.documents.kind}-poller")
+
+    async def stop(self) -> None:
+        for task in (self._poller, self._pending):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.documents.close()
+
+    def changed(self) -> None:
+        """An announcement: refresh soon."""
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.get_running_loop().create_task(
+                self._refresh_logged(), name=f"{self.documents.kind}-refresh"
+            )
+
+    async def _refresh_logged(self) -> None:
+        try:
+            await self.refresh()
+        except Exception:
+            log.exception("%s refresh", self.documents.kind)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            await self._refresh_logged()
