@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,11 +34,13 @@ from gateway import demo, openapi, privacy, tokens, wire
 from gateway import settings as config
 from gateway.access import Access, AccessError, Scope
 from gateway.access import key_of as access_key
+from gateway.experimenting import Enrolment, ExperimentKeeper
+from gateway.experiments_api import ExperimentsApi
 from gateway.guard import GuardedStore
 from gateway.http import JSON, ApiError, JSONBytes, field_of, json_response, parse_query, read_body
 from gateway.ingest import EVENT_MEDIA_TYPES, check_event, decode_events
 from gateway.metrics import Metrics
-from gateway.recommend import Answer, Context, Recommender
+from gateway.recommend import NO_CONTEXT, Answer, Context, Recommender
 from gateway.rulebook import RuleKeeper
 from gateway.rules import Book
 from gateway.rules_api import RulesApi
@@ -52,6 +54,7 @@ from gateway.store import (
     Store,
     StoreError,
     open_documents,
+    open_ledger,
     open_store,
 )
 from gateway.stream import Hub
@@ -122,6 +125,19 @@ class Gateway:
             poll_s=settings.rules_poll_s,
         )
         self.rules_api = RulesApi(self, self.rules)
+        self.experiments = ExperimentKeeper(
+            open_documents(self.store, "experiments", settings.experiments_dir),
+            open_ledger(self.store),
+            rules=self.rules.documents,
+            compile_rules=lambda ruleset, version, snap: self.rules.compile(
+                ruleset, version, snap, self.rules.state.flags, strict=False
+            ),
+            snapshot=lambda: self.recommender.snap if self.recommender is not None else None,
+            ttl=settings.experiment_ttl_s,
+            poll_s=settings.rules_poll_s,
+            on_exposed=self.metrics.experiment_exposures.inc,
+        )
+        self.experiments_api = ExperimentsApi(self, self.experiments)
         self.visitors_api = VisitorsApi(self)
         self._reload_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
@@ -161,6 +177,7 @@ class Gateway:
         else:
             self._install(snap)
         await self.rules.start()
+        await self.experiments.start()
         for refusal in refusals:
             self.metrics.reloads.labels("refused").inc()
             if refusal.version is not None:
@@ -177,6 +194,7 @@ class Gateway:
     async def stop(self) -> None:
         await self.triggers.stop()
         await self.hub.close()
+        await self.experiments.stop()
         await self.rules.stop()
         if self._flusher is not None:
             self._flusher.cancel()
@@ -247,7 +265,9 @@ class Gateway:
                 raise
             self.refused.pop(version, None)
             book = await asyncio.to_thread(self.rules.compile_for, snap)
+            arm_books = await asyncio.to_thread(self.experiments.books_for, snap)
             previous = self._install(snap, book)
+            self.experiments.adopt(arm_books)
             return wire.ReloadResult(changed=True, version=version, previous=previous)
 
     async def _flush_metrics(self) -> None:
@@ -285,6 +305,7 @@ class Gateway:
             self.rules.changed()
             return
         rec.book = book
+        self.experiments.rules_changed()  # the arms' rule sets follow the flags
         self.metrics.rules_version.set(book.version or 0 if book is not None else 0)
 
     def offload(self, compute: Callable[[], T]) -> Awaitable[T]:
@@ -362,20 +383,23 @@ class Gateway:
             )
         return claimed
 
-    def _answer(self, request: Request, rec: Recommender, answer: Answer) -> Response:
+    def _answer(
+        self, request: Request, rec: Recommender, answer: Answer, enrolment: Enrolment | None = None
+    ) -> Response:
         if answer.fallback is not None:
             self.metrics.fallbacks.labels(answer.fallback).inc()
         rid = self.request_id(request)
         body = wire.encode_recommendations(
             rec.snap,
             rid,
-            answer.picks,
+            _with_reasons(answer.picks, enrolment.reasons) if enrolment is not None else answer.picks,
             answer.fallback,
             answer.profile,
             segments=answer.segments,
             rules=answer.rules,
             content=answer.content,
             messages=answer.messages,
+            experiments=enrolment.reasons if enrolment is not None else (),
         )
         self.metrics.rules_changed(answer.rules)
         return JSONBytes(body, request_id=rid)
@@ -386,17 +410,66 @@ class Gateway:
         if q.user is not None and q.visitor is not None:
             raise ApiError(400, "invalid-parameter", "give `user` or `visitor`, not both", field="visitor")
         raw = self.acting_for(request, q.user if q.user is not None else q.visitor, q.token)
-        answer = await rec.recommend(
-            key=None if raw is None else self.pseudonym(raw),
-            user=raw,
+        key = None if raw is None else self.pseudonym(raw)
+        answer, enrolment = await self._recommend(
+            rec,
+            key,
+            raw,
             n=self.n_of(q.n),
             categories=q.category,
             exclude=q.exclude,
-            requires=self.personalization,
             context=Context(q.device, q.country or self._country(request), q.referrer, q.page),
             inbox=self.marketing,
         )
-        return self._answer(request, rec, answer)
+        return self._answer(request, rec, answer, enrolment)
+
+    async def _recommend(
+        self,
+        rec: Recommender,
+        key: str | None,
+        user: str | None,
+        *,
+        n: int,
+        categories: list[str],
+        exclude: Collection[str],
+        context: Context = NO_CONTEXT,
+        inbox: Requirement | None = None,
+    ) -> tuple[Answer, Enrolment | None]:
+        """The visitor's answer, made as the arms of the experiments they are in say; an exposure is
+        counted when the answer was made from their profile and their consent allows analytics."""
+        now = time.time()
+        enrolment = self.experiments.enrol(key, rec.snap, now) if key is not None else None
+        if enrolment is None:
+            answer = await rec.recommend(
+                key=key,
+                user=user,
+                n=n,
+                categories=categories,
+                exclude=exclude,
+                requires=self.personalization,
+                now=now,
+                context=context,
+                inbox=inbox,
+            )
+            return answer, None
+        answer = await rec.recommend(
+            key=key,
+            user=user,
+            n=n,
+            categories=categories,
+            exclude=exclude,
+            requires=self.personalization,
+            now=now,
+            context=context,
+            inbox=inbox,
+            rules=enrolment.rules,
+            ranking=enrolment.ranking,
+            recent_limit=enrolment.recent_limit,
+        )
+        read = answer.read
+        if key is not None and read is not None and self.analytics.permits(read.consent, now):
+            self.experiments.exposed(key, enrolment)
+        return answer, enrolment
 
     @staticmethod
     def _country(request: Request) -> str | None:
@@ -483,39 +556,39 @@ class Gateway:
                     duplicates += 1
         if duplicates:
             self.metrics.events_duplicate.inc(duplicates)
-        # Triggers see what was stored (the duplicates left out), once it is.
-        await asyncio.gather(
-            *(
-                self.triggers.on_recorded(
-                    pseudonym(key), [e for e, fresh in zip(events, stored, strict=True) if fresh], now
-                )
-                for (key, events), stored in zip(by_visitor.items(), outcomes, strict=True)
-                if stored
-            )
-        )
+        # Triggers and experiments see what was stored (the duplicates left out), once it is.
+        fresh_events = [
+            (pseudonym(key), [e for e, fresh in zip(events, stored, strict=True) if fresh])
+            for (key, events), stored in zip(by_visitor.items(), outcomes, strict=True)
+            if stored
+        ]
+        await asyncio.gather(*(self.triggers.on_recorded(key, events, now) for key, events in fresh_events))
+        if self.experiments.metric_events:
+            credited = await asyncio.gather(*(self.experiments.convert(key, events) for key, events in fresh_events))
+            self.metrics.experiment_conversions.inc(sum(credited))
         return json_response(wire.EventsAccepted(accepted, duplicates, rejected, unconsented), 202)
 
     # -- live stream ---------------------------------------------------------------------------
     async def stream_answer(self, key: str, user: str, n: int | None, categories: list[str]) -> tuple[Hashable, bytes]:
         rec = self.serving()
-        answer = await rec.recommend(
-            key=key, user=user, n=self.n_of(n), categories=categories, exclude=(), requires=self.personalization
-        )
+        answer, enrolment = await self._recommend(rec, key, user, n=self.n_of(n), categories=categories, exclude=())
         if answer.fallback is not None:
             self.metrics.fallbacks.labels(answer.fallback).inc()
         # A new snapshot always counts as a change: its rows are other rows, and clients learn its version.
-        same = (rec.snap.version, tuple((pick.row, pick.reason) for pick in answer.picks))
+        picks = _with_reasons(answer.picks, enrolment.reasons) if enrolment is not None else answer.picks
+        same = (rec.snap.version, tuple((pick[0], pick[2]) for pick in picks))
         rid = f"{self._id_prefix}{next(self._ids):x}"
         self.metrics.rules_changed(answer.rules)
         body = wire.encode_recommendations(
             rec.snap,
             rid,
-            answer.picks,
+            picks,
             answer.fallback,
             answer.profile,
             segments=answer.segments,
             rules=answer.rules,
             content=answer.content,
+            experiments=enrolment.reasons if enrolment is not None else (),
         )
         return same, body
 
@@ -656,6 +729,7 @@ class Gateway:
             ("/metrics", "metrics", self.metrics_page, "GET", "admin"),
             ("/admin/reload", "reload", self.admin_reload, "POST", "admin"),
             *self.rules_api.table(),
+            *self.experiments_api.table(),
             ("/openapi.json", "openapi", self.openapi_json, "GET", "open"),
             ("/demo", "demo", self.demo_page, "GET", "open"),
             ("/demo/catalog.json", "demo", self.demo_catalog, "GET", "open"),
@@ -784,3 +858,13 @@ def app_from_environment() -> Starlette:
     app.state.gateway.metrics.watch_gc()  # the server's own process only: tests build many apps
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app
+
+
+Reason = str | tuple[str, ...]
+
+
+def _with_reasons(
+    picks: Sequence[tuple[int, float, Reason]], extra: tuple[str, ...]
+) -> list[tuple[int, float, Reason]]:
+    """Picks whose reasons end with `extra` (the visitor's experiments and arms)."""
+    return [(row, score, ((reason,) if isinstance(reason, str) else reason) + extra) for row, score, reason in picks]

@@ -45,6 +45,7 @@ from typing import Annotated, Any, Literal, NoReturn
 import msgspec
 
 from gateway.conditions import Slug, entry_id
+from gateway.settings import Count
 
 # Arm names end up in cell names ("ranker=A,banner=on") and reasons, so they keep out `,`, `=`, `:`.
 ArmName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
@@ -58,19 +59,22 @@ MAX_CELLS = 64
 
 
 class Knobs(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    """Recommender settings an arm may change; the bounds are gateway.settings.Settings'."""
+    """Recommender settings an arm may change. `ranking`: "personal" (the model, as configured) or
+    "popular" (popular items only: the baseline a recommender must beat); `recent_limit`: how many of
+    the visitor's recent events the live profile folds in (gateway.settings.Settings.recent_limit)."""
 
-    candidate_pool: Annotated[int, msgspec.Meta(ge=10, le=5000)] | None = None
-    recent_limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    ranking: Literal["personal", "popular"] | None = None
+    recent_limit: Count | None = None
 
 
 class Overrides(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    rules_version: Annotated[int, msgspec.Meta(ge=1)] | None = None  # None: the active rule set
+    # The rule-set version to serve: None, the active one; 0, no rules at all.
+    rules_version: Annotated[int, msgspec.Meta(ge=0)] | None = None
     settings: Knobs = Knobs()
 
-    def given(self) -> dict[str, int]:
-        """What these overrides set, by field path (`rules_version`, `settings.candidate_pool`)."""
-        paths = {"rules_version": self.rules_version}
+    def given(self) -> dict[str, int | str]:
+        """What these overrides set, by field path (`rules_version`, `settings.ranking`)."""
+        paths: dict[str, int | str | None] = {"rules_version": self.rules_version}
         paths.update((f"settings.{name}", value) for name, value in msgspec.structs.asdict(self.settings).items())
         return {path: value for path, value in paths.items() if value is not None}
 

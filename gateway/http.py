@@ -35,10 +35,11 @@ class ApiError(Exception):
         problems: list[str] | None = None,
         headers: dict[str, str] | None = None,
         rule: str | None = None,
+        experiment: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.body = wire.ErrorBody(wire.ErrorDetail(code, message, field, problems, rule))
+        self.body = wire.ErrorBody(wire.ErrorDetail(code, message, field, problems, rule, experiment))
         self.headers = headers
 
 

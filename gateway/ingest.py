@@ -103,4 +103,7 @@ def check_event(  # noqa: PLR0911 - one return per reason to reject
         row = snap.row_of.get(event.item)
         if row is not None:
             categories = tuple(snap.categories[row])
-    return key, Recorded(event.event, ts, event.item, event.id, categories, event.query, event.value)
+    request_id = event.request_id
+    if request_id is None and event.event == "click" and event.query is not None and event.query.startswith("rec:"):
+        request_id = event.query[4:] or None  # how earlier snippets sent it
+    return key, Recorded(event.event, ts, event.item, event.id, categories, event.query, event.value, request_id)

@@ -53,6 +53,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.experiment_exposures = Counter(
+            "tailor_experiment_exposures", "Visitors newly exposed to an experiment's phase (written)", registry=r
+        )
+        self.experiment_conversions = Counter(
+            "tailor_experiment_conversions",
+            "Event batches credited to an experiment a visitor was exposed in",
+            registry=r,
+        )
         self.erasures = Counter("tailor_erasures", "Visitors erased (DELETE /v1/visitors/{id})", registry=r)
         self.reloads = Counter("tailor_snapshot_reloads", "Snapshot loads by result", ["result"], registry=r)
         self.events = Counter("tailor_events_accepted", "Behaviour events stored, by type", ["event"], registry=r)

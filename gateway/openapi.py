@@ -13,6 +13,8 @@ from typing import Any
 import msgspec
 
 from gateway import demo, wire
+from gateway import experiments_api as xapi
+from gateway.experiments import ExperimentPlan
 from gateway.ruleset import RuleSet
 
 REF = "#/components/schemas/{name}"
@@ -243,6 +245,93 @@ OPERATIONS = (
         answer=wire.RulesOverview,
         errors=(404, 422, 503),
         path_parameters=("version",),
+        scope="admin",
+    ),
+    Operation(
+        "put",
+        "/admin/experiments",
+        "Store an experiment plan (experiments with variants or factors, layers, coverage, status; see the "
+        "README's Experiments section) as a new version. An experiment whose design (weights, arms, overrides) "
+        "differs from its last stored one gets the next phase. 422 `invalid-experiments` names the experiment "
+        "(`experiment`) and the field (`field`). `?activate=true` runs it at once on every node.",
+        query=xapi.ExperimentsQuery,
+        body=ExperimentPlan,
+        answer=xapi.ExperimentsStored,
+        status=201,
+        errors=(400, 413, 422, 503),
+        scope="admin",
+    ),
+    Operation(
+        "get",
+        "/admin/experiments",
+        "The active plan's experiments (phase, slice of the layer, arms and shares), every stored version and "
+        "every activation.",
+        answer=xapi.ExperimentsOverview,
+        errors=(503,),
+        scope="admin",
+    ),
+    Operation(
+        "post",
+        "/admin/experiments/rollback",
+        "Run again the plan version that was active before the current one, on every node.",
+        answer=xapi.ExperimentsOverview,
+        errors=(409, 422, 503),
+        scope="admin",
+    ),
+    Operation(
+        "post",
+        "/admin/experiments/deactivate",
+        "Run no experiments (stored versions and their data stay).",
+        answer=xapi.ExperimentsOverview,
+        errors=(503,),
+        scope="admin",
+    ),
+    Operation(
+        "get",
+        "/admin/experiments/versions/{version}",
+        "One stored plan version, with the phases it was stored with.",
+        answer=ExperimentPlan,
+        errors=(404, 503),
+        path_parameters=("version",),
+        scope="admin",
+    ),
+    Operation(
+        "post",
+        "/admin/experiments/versions/{version}/activate",
+        "Run this plan version on every node.",
+        answer=xapi.ExperimentsOverview,
+        errors=(404, 422, 503),
+        path_parameters=("version",),
+        scope="admin",
+    ),
+    Operation(
+        "post",
+        "/admin/experiments/{experiment_id}/start",
+        "Store and activate a new plan version with this experiment running.",
+        answer=xapi.ExperimentsOverview,
+        errors=(404, 422, 503),
+        path_parameters=("experiment_id",),
+        scope="admin",
+    ),
+    Operation(
+        "post",
+        "/admin/experiments/{experiment_id}/stop",
+        "Store and activate a new plan version with this experiment stopped (its visitors get the default).",
+        answer=xapi.ExperimentsOverview,
+        errors=(404, 422, 503),
+        path_parameters=("experiment_id",),
+        scope="admin",
+    ),
+    Operation(
+        "get",
+        "/admin/experiments/{experiment_id}/report",
+        "Per arm exposures, conversion rates and revenue per visitor with confidence intervals; chi-square tests "
+        "for rates and Welch's t-test for revenue against the control, Holm-adjusted; the sample-ratio-mismatch "
+        "check (flagged below p = 0.001); notes (minimum sample not reached, ...).",
+        query=xapi.ReportQuery,
+        answer=xapi.ExperimentReport,
+        errors=(400, 404, 503),
+        path_parameters=("experiment_id",),
         scope="admin",
     ),
     Operation("get", "/openapi.json", "This document.", media_type=JSON),

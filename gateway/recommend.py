@@ -65,6 +65,7 @@ class Answer:
     content: list[Content] = field(default_factory=list)
     fired: list[str] = field(default_factory=list)  # every rule whose conditions held (for previews)
     messages: list[bytes] = field(default_factory=list)  # fired triggers' (gateway.triggers.Delivered JSON)
+    read: Profile | None = None  # the profile it was made from; None when none was read (or the store failed)
 
 
 class Context(NamedTuple):
@@ -286,6 +287,8 @@ class Recommender:
         context: Context = NO_CONTEXT,
         rules: Book | Literal["active"] | None = "active",
         inbox: Requirement | None = None,
+        ranking: Literal["personal", "popular"] = "personal",
+        recent_limit: int | None = None,
     ) -> Answer:
         """`key` names the visitor in the store (their pseudonym, see gateway.privacy); `user`, a raw
         id the snapshot may know them by (its users are raw ids when built from a site's own logs,
@@ -293,7 +296,9 @@ class Recommender:
         not permitted by the visitor's consent, nothing personal is read: popular items, each with
         NO_CONSENT among its reasons. The active rules (`self.book`) then see the profile and the
         request's `context`, and reshape the list. With `inbox`, the same store read takes the
-        visitor's trigger messages (see Store.profile) into the answer's `messages`."""
+        visitor's trigger messages (see Store.profile) into the answer's `messages`. `ranking`
+        "popular" ranks popular items for everybody (an experiment's baseline arm); `recent_limit`
+        overrides how many recent events are read and folded in."""
         now = time.time() if now is None else now
         book = self.book if rules == "active" else rules
         decide: Callable[[Profile | None], Ruling] | None = None
@@ -316,11 +321,13 @@ class Recommender:
             counters=book.counter_query if book is not None and book.needs_counters else False,
             inbox=inbox,
             decide=decide,
+            popular=ranking == "popular",
+            limit=self.recent_limit if recent_limit is None else recent_limit,
         )
         if ruling is not None:
             answer = self._ruled(ruling, answer, n=n, categories=categories, exclude=exclude, profile=profile)
-        if profile is not None and profile.messages:
-            answer = replace(answer, messages=profile.messages)
+        if profile is not None:
+            answer = replace(answer, messages=profile.messages, read=profile)
         return answer
 
     async def _model_answer(
@@ -336,6 +343,8 @@ class Recommender:
         counters: bool | Sequence[CounterKey],
         inbox: Requirement | None = None,
         decide: Callable[[Profile | None], Ruling] | None = None,
+        popular: bool = False,
+        limit: int = 20,
     ) -> tuple[Answer, Profile | None, Ruling | None]:
         """The model's answer, the profile it was made from (None when none was read; withheld
         when consent did not permit), and what `decide` made of the profile: the rules, whose
@@ -346,9 +355,7 @@ class Recommender:
             picks = self._fallback(n=n, categories=categories, excluded=excluded, ruling=ruling)
             cause: Fallback = "stale-snapshot" if self.stale(now) else "cold-start"
             return Answer(picks, cause, "none"), None, ruling
-        profile = await self.store.profile(
-            key, limit=self.recent_limit, now=now, counters=counters, requires=requires, inbox=inbox
-        )
+        profile = await self.store.profile(key, limit=limit, now=now, counters=counters, requires=requires, inbox=inbox)
         if isinstance(profile, str):  # the store failed: its cause names the fallback
             ruling = decide(None) if decide else None
             picks = self._fallback(n=n, categories=categories, excluded=excluded, ruling=ruling)
@@ -362,16 +369,16 @@ class Recommender:
         recent = profile.recent
         excluded |= self.rows_of(i.item for i in recent)
         user_rows = self.snap.user_row
-        user_row = user_rows.get(user) if user is not None else None
-        if user_row is None:
+        user_row = user_rows.get(user) if user is not None and not popular else None
+        if user_row is None and not popular:
             user_row = user_rows.get(key)
         if user_row is not None:
             picks = await self._for_user(user_row, n=n, categories=categories, excluded=excluded, ruling=ruling)
             return Answer(picks, None, "snapshot"), profile, ruling
-        live = self.live_profile(recent)
-        if live is None:
+        live = None if popular else self.live_profile(recent)
+        if live is None:  # nothing to go on, or popular items asked for (not a fallback then)
             picks = self._fallback(n=n, categories=categories, excluded=excluded, ruling=ruling)
-            return Answer(picks, "cold-start", "none"), profile, ruling
+            return Answer(picks, None if popular else "cold-start", "none"), profile, ruling
         picks = await self._for_live(live, n=n, categories=categories, excluded=excluded, ruling=ruling)
         return Answer(picks, None, "live"), profile, ruling
 

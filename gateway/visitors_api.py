@@ -42,6 +42,7 @@ class VisitorsApi:
         key = self.gateway.pseudonym(visitor)
         try:
             forgotten = await self.gateway.store.forget(key)
+            await self.gateway.experiments.ledger.forget(key)  # their arms; the anonymous totals stay
         except StoreError as exc:
             raise ApiError(
                 503, "store-unavailable", f"nothing erased: {exc}; retry", headers={"retry-after": "1"}
@@ -73,6 +74,7 @@ class VisitorsApi:
             profile = await self.gateway.store.profile(key, limit=self.gateway.settings.recent_keep, now=now)
             logged = await self.gateway.store.logged(key)
             triggered = await self.gateway.store.trigger_state(key, now=now)
+            arms = await self.gateway.experiments.ledger.marks(key)
         except StoreError as exc:
             raise ApiError(503, "store-unavailable", str(exc), headers={"retry-after": "1"}) from None
         body = wire.VisitorExport(
@@ -87,6 +89,7 @@ class VisitorsApi:
             messages=[msgspec.json.decode(message, type=Delivered) for message in triggered.messages],
             pending_triggers={timer.trigger: timer.due for timer in triggered.timers},
             fired_triggers=triggered.fired,
+            experiments=arms,
         )
         return json_response(body)
 

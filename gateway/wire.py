@@ -6,7 +6,7 @@ body) and are the single source of the OpenAPI document (`gateway.openapi`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Literal
 
 import msgspec
@@ -148,6 +148,13 @@ class Recommendations(msgspec.Struct, frozen=True, gc=False):
             "shown once; also pushed on WS /v1/stream), with the visitor's marketing consent."
         ),
     ] = []
+    experiments: Annotated[
+        list[str],
+        msgspec.Meta(
+            description="`experiment:<id>@<phase>:<arm>` of every experiment the visitor is in (each item's "
+            "reasons end with them too)."
+        ),
+    ] = []
 
 
 class _EncodedRecommendations(msgspec.Struct, frozen=True, gc=False):
@@ -162,6 +169,7 @@ class _EncodedRecommendations(msgspec.Struct, frozen=True, gc=False):
     rules: list[str] = []
     content: list[Content] = []
     messages: list[msgspec.Raw] = []  # Delivered, as encoded when they fired
+    experiments: Sequence[str] = ()
 
 
 _encoder = msgspec.json.Encoder()
@@ -182,6 +190,7 @@ def encode_recommendations(
     rules: list[str] = _NONE,
     content: list[Content] = _NO_CONTENT,
     messages: Iterable[bytes] = (),
+    experiments: Sequence[str] = (),
 ) -> bytes:
     """The JSON of `Recommendations(request_id, snap.version, [ScoredItem(...) per pick], ...)`,
     byte for byte, without building a ScoredItem per pick: what does not change between answers
@@ -204,7 +213,9 @@ def encode_recommendations(
     items = msgspec.Raw(b"[" + b",".join(parts) + b"]")
     shown = [msgspec.Raw(message) for message in messages]
     return encode(
-        _EncodedRecommendations(request_id, snap.version, items, fallback, profile, segments, rules, content, shown)
+        _EncodedRecommendations(
+            request_id, snap.version, items, fallback, profile, segments, rules, content, shown, experiments
+        )
     )
 
 
@@ -295,6 +306,18 @@ class EventIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ts: Timestamp | None = None
     query: Text | None = None
     value: float | None = None  # price, rating or amount, if any
+    request_id: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=128,
+                description="On a click on a recommended item: the `request_id` of the answer that showed it. "
+                "Experiments count such clicks as the `click` conversion of the arm that served the visitor.",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class EventBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -365,6 +388,9 @@ class VisitorExport(msgspec.Struct, frozen=True):
     fired_triggers: Annotated[
         dict[str, float], msgspec.Meta(description="Trigger id -> until when it does not fire again (Unix seconds).")
     ] = {}
+    experiments: Annotated[
+        dict[str, str], msgspec.Meta(description="`<experiment>@<phase>` -> the arm the visitor was served.")
+    ] = {}
 
 
 Purpose = Literal["analytics", "personalization", "marketing"]
@@ -426,13 +452,17 @@ class ErrorDetail(msgspec.Struct, frozen=True, omit_defaults=True):
         msgspec.Meta(
             description="Machine-readable: invalid-parameter, unknown-parameter, unknown-category, invalid-body, "
             "invalid-events, unsupported-media-type, body-too-large, batch-too-large, unknown-item, not-found, "
-            "method-not-allowed, store-unavailable, no-snapshot, snapshot-refused, internal."
+            "method-not-allowed, store-unavailable, no-snapshot, snapshot-refused, invalid-rules, "
+            "invalid-experiments, nothing-to-roll-back, internal."
         ),
     ]
     message: str
     field: str | None = None
     problems: list[str] | None = None
     rule: Annotated[str | None, msgspec.Meta(description="The rule or segment an invalid rule set is wrong in.")] = None
+    experiment: Annotated[
+        str | None, msgspec.Meta(description="The experiment an invalid experiment plan is wrong in.")
+    ] = None
 
 
 class ErrorBody(msgspec.Struct, frozen=True):

@@ -72,6 +72,7 @@ def running(command: Sequence[str], log: Path, name: str) -> Iterator[subprocess
             **os.environ,
             "TAILOR_EVENT_LOG": str(log.parent / "events"),
             "TAILOR_RULES_DIR": str(log.parent / "rules"),
+            "TAILOR_EXPERIMENTS_DIR": str(log.parent / "experiments"),
         }
         proc = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=env

@@ -32,7 +32,13 @@ def setup(request: pytest.FixtureRequest, root: Path, tmp_path: Path) -> Iterato
         changes["store"] = f"{server.url}?prefix={prefix}"
         raw = (Redis.from_url(server.url), prefix)
     settings = Settings(
-        snapshots=str(root), watch_interval_s=0, secret="erase", consent_mode="opt-out", rules_dir="", **changes
+        snapshots=str(root),
+        watch_interval_s=0,
+        secret="erase",
+        consent_mode="opt-out",
+        rules_dir="",
+        experiments_dir="",
+        **changes,
     )
     with TestClient(create_app(settings)) as client:
         yield client, raw

@@ -139,7 +139,7 @@ def test_factorial_cells_are_equally_likely_and_merge_their_levels_overrides() -
             {"name": "ranker", "levels": [{"name": "A"}, {"name": "B", "overrides": {"rules_version": 7}}]},
             {
                 "name": "banner",
-                "levels": [{"name": "on", "overrides": {"settings": {"candidate_pool": 400}}}, {"name": "off"}],
+                "levels": [{"name": "on", "overrides": {"settings": {"ranking": "popular"}}}, {"name": "off"}],
             },
         ],
     }
@@ -150,7 +150,7 @@ def test_factorial_cells_are_equally_likely_and_merge_their_levels_overrides() -
     assert all(within_four_standard_errors(counts[cell], MANY, 0.25) for cell in cells), counts
     merged = {cell.name: cell.overrides for cell in arms(plan(grid).experiments[0])}
     assert merged["ranker=B,banner=on"].rules_version == 7
-    assert merged["ranker=B,banner=on"].settings == Knobs(candidate_pool=400)
+    assert merged["ranker=B,banner=on"].settings == Knobs(ranking="popular")
     assert merged["ranker=A,banner=off"].given() == {}
 
 
@@ -270,7 +270,7 @@ def test_a_layer_cannot_hold_more_than_all_traffic() -> None:
 
 
 def test_two_layers_cannot_override_the_same_setting() -> None:
-    pool = {"name": "B", "overrides": {"settings": {"candidate_pool": 500}}}
+    pool = {"name": "B", "overrides": {"settings": {"ranking": "popular"}}}
     with pytest.raises(ExperimentError, match="experiment 'pool' in layer 'ranking'") as raised:
         plan(
             {"id": "pool", "layer": "ranking", "variants": [{"name": "A"}, pool]},
@@ -278,14 +278,16 @@ def test_two_layers_cannot_override_the_same_setting() -> None:
         )
     assert (raised.value.experiment, raised.value.field) == (
         "ranker",
-        "experiments[1].variants[0].overrides.settings.candidate_pool",
+        "experiments[1].variants[0].overrides.settings.ranking",
     )
 
 
 def test_the_knobs_have_the_gateway_settings_bounds() -> None:
     ours = typing.get_type_hints(Knobs, include_extras=True)
     theirs = typing.get_type_hints(gateway_settings.Settings, include_extras=True)
-    for knob in Knobs.__struct_fields__:
+    shared = [knob for knob in Knobs.__struct_fields__ if knob in theirs]
+    assert shared == ["recent_limit"]
+    for knob in shared:
         assert msgspec.inspect.type_info(ours[knob]) == msgspec.inspect.type_info(theirs[knob] | None)
 
 

@@ -27,7 +27,12 @@ schema = schemathesis.openapi.from_dict(openapi.document()).exclude(path="/v1/st
 @pytest.fixture
 def fuzz_client(root: Path) -> Iterator[TestClient]:
     settings = Settings(
-        snapshots=str(root), watch_interval_s=0, secret="fuzz", event_log=str(root.parent / "events"), rules_dir=""
+        snapshots=str(root),
+        watch_interval_s=0,
+        secret="fuzz",
+        event_log=str(root.parent / "events"),
+        rules_dir="",
+        experiments_dir="",
     )
     with TestClient(create_app(settings)) as client:
         yield client

@@ -46,6 +46,7 @@ def settings(root: Path, **changes: Any) -> Settings:
         "secret": "gw",
         "consent_mode": "opt-out",
         "rules_dir": "",
+        "experiments_dir": "",
     }
     return Settings(**{**values, **changes})
 

@@ -28,6 +28,7 @@ def settings(root: Path, **changes: Any) -> Settings:
         "secret": SECRET,
         "consent_mode": "opt-out",
         "rules_dir": "",
+        "experiments_dir": "",
         "rules_poll_s": 0,
     }
     return Settings(**{**values, **changes})

@@ -29,6 +29,7 @@ def settings(root: Path, **changes: Any) -> Settings:
         "push_debounce_ms": 10,
         "event_log": "",
         "rules_dir": "",
+        "experiments_dir": "",
         "consent_mode": "opt-out",  # pushes here; consent and the stream: test_consent.py
     }
     return Settings(**{**values, **changes})

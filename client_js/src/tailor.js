@@ -592,7 +592,7 @@ export function createClient(env) {
 
   function render(container, recs, template) {
     return renderInto(env.document, container, recs, template, (item, request) =>
-      track({ event: "click", item, query: request ? "rec:" + request : undefined })
+      track({ event: "click", item, request_id: request || undefined })
     );
   }
 

@@ -70,7 +70,7 @@ test("a click anywhere inside a rendered item is one click event attributed to t
   assert.equal(sent().length, 1);
   assert.deepEqual(
     sent()[0].body.events.map(({ id, ...e }) => e),
-    [{ event: "click", item: "i2", query: "rec:req-43", ts: START, visitor: "v1" }]
+    [{ event: "click", item: "i2", request_id: "req-43", ts: START, visitor: "v1" }]
   );
 });
 

@@ -51,6 +51,7 @@ class Recorded(msgspec.Struct, frozen=True, gc=False):
     categories: tuple[str, ...] = ()  # of the item: counted per category too
     query: str | None = None
     value: float | None = None
+    request_id: str | None = None  # of the answer a click came from (experiments' attribution; not stored)
 
     def interaction(self) -> Interaction | None:
         return None if self.item is None else Interaction(self.item, self.event, self.ts)

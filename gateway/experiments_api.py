@@ -1,0 +1,360 @@
+"""`/admin/experiments`: store experiment plans as versions, activate and roll back, start and stop
+one experiment, and read its report.
+
+PUT  /admin/experiments                          store a plan (?activate=true to run it at once)
+GET  /admin/experiments                          the active plan's experiments, versions, activations
+GET  /admin/experiments/versions/{version}       one stored version
+POST /admin/experiments/versions/{version}/activate
+POST /admin/experiments/rollback                 the version active before the current one
+POST /admin/experiments/deactivate               no experiments
+POST /admin/experiments/{experiment_id}/start    a new version with it running, activated
+POST /admin/experiments/{experiment_id}/stop     a new version with it stopped, activated
+GET  /admin/experiments/{experiment_id}/report   exposures, conversions, revenue, tests, SRM
+
+A stored plan carries each experiment's phase: a plan that changes an experiment's design (weights,
+arms, overrides) is stored with that experiment's next phase (gateway.experiments.next_phase),
+whatever phase it says, so a new split never mixes with data of the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway import experiment_stats
+from gateway.access import Scope
+from gateway.experimenting import REVENUE, ExperimentKeeper, advanced, history, rule_versions
+from gateway.experiments import Experiment, ExperimentError, ExperimentPlan, Overrides, arms, parse
+from gateway.http import ApiError, json_response, parse_query, read_body
+from gateway.ruleset import RuleSetError
+from gateway.ruleset import parse as parse_rules
+from gateway.store import StoreError
+from gateway.store.documents import Activation, UnknownVersionError
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+MAX_PLAN_BODY = 1024 * 1024
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ExperimentsQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    activate: Annotated[bool, msgspec.Meta(description="Make the stored version active at once.")] = False
+    note: Annotated[str, msgspec.Meta(max_length=500, description="Why this version (kept in the history).")] = ""
+
+
+class PhaseOf(msgspec.Struct, frozen=True):
+    id: str
+    phase: int
+    new_phase: Annotated[bool, msgspec.Meta(description="The design changed: visitors are drawn again.")]
+
+
+class ExperimentsStored(msgspec.Struct, frozen=True):
+    """An experiment plan stored as a new version."""
+
+    version: int
+    sha256: str
+    created_at: float
+    active: Annotated[bool, msgspec.Meta(description="Whether this version is now the active one.")]
+    experiments: list[PhaseOf]
+
+
+class ArmShare(msgspec.Struct, frozen=True):
+    name: str
+    share: Annotated[float, msgspec.Meta(description="Of the experiment's visitors.")]
+    overrides: Overrides
+
+
+class ExperimentState(msgspec.Struct, frozen=True):
+    id: str
+    layer: str
+    status: str
+    phase: int
+    coverage: float
+    slice: Annotated[list[float], msgspec.Meta(description="The part [low, high) of its layer's traffic it owns.")]
+    arms: list[ArmShare]
+
+
+class PlanVersion(msgspec.Struct, frozen=True, omit_defaults=True):
+    version: int
+    created_at: float
+    sha256: str
+    size: int
+    note: str = ""
+    active: bool = False
+
+
+class ExperimentsOverview(msgspec.Struct, frozen=True):
+    active: Annotated[int | None, msgspec.Meta(description="The version every node serves (null: none).")]
+    serving: Annotated[int | None, msgspec.Meta(description="The version this node serves right now.")]
+    experiments: Annotated[list[ExperimentState], msgspec.Meta(description="Of the version this node serves.")]
+    versions: list[PlanVersion]
+    activations: list[Activation]
+    problem: str | None = None
+
+
+class ReportQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    phase: Annotated[int, msgspec.Meta(ge=1, description="Default: the experiment's current phase.")] | None = None
+    alpha: Annotated[float, msgspec.Meta(gt=0, lt=0.5)] = 0.05
+
+
+class ExperimentReport(msgspec.Struct, frozen=True):
+    """Per arm: exposures (visitors), conversion rates (visitors who converted at least once) and
+    revenue per visitor with confidence intervals; each arm against the control (the first variant,
+    or the cell of every factor's first level): chi-square for rates, Welch's t-test for revenue,
+    Holm-adjusted across all comparisons; the sample-ratio-mismatch check; notes."""
+
+    experiment: str
+    phase: int
+    status: str
+    report: experiment_stats.Report
+
+
+class ExperimentsApi:
+    def __init__(self, gateway: Gateway, keeper: ExperimentKeeper) -> None:
+        self.gateway = gateway
+        self.keeper = keeper
+
+    def table(self) -> list[tuple[str, str, Handler, str, Scope]]:
+        return [
+            ("/admin/experiments", "experiments", self.overview, "GET", "admin"),
+            ("/admin/experiments", "experiments", self.put, "PUT", "admin"),
+            ("/admin/experiments/rollback", "experiments", self.rollback, "POST", "admin"),
+            ("/admin/experiments/deactivate", "experiments", self.deactivate, "POST", "admin"),
+            ("/admin/experiments/versions/{version}", "experiments", self.version, "GET", "admin"),
+            ("/admin/experiments/versions/{version}/activate", "experiments", self.activate, "POST", "admin"),
+            ("/admin/experiments/{experiment_id}/start", "experiments", self.start, "POST", "admin"),
+            ("/admin/experiments/{experiment_id}/stop", "experiments", self.stop, "POST", "admin"),
+            ("/admin/experiments/{experiment_id}/report", "experiments-report", self.report, "GET", "admin"),
+        ]
+
+    # -- storing ------------------------------------------------------------------------------------
+    async def _check(self, plan: ExperimentPlan) -> None:
+        """The rule-set versions arms serve exist and fit the served snapshot."""
+        rules = self.keeper.rules_documents
+        for index, experiment in enumerate(plan.experiments):
+            for version in sorted(rule_versions(ExperimentPlan([experiment]))):
+                try:
+                    body = await rules.get(version)
+                except StoreError as exc:
+                    raise ApiError(503, "store-unavailable", str(exc)) from None
+                field = f"experiments[{index}]"
+                if body is None:
+                    raise ApiError(
+                        422,
+                        "invalid-experiments",
+                        f"experiment {experiment.id!r}: an arm serves rule-set version {version}, which is not stored",
+                        field=field,
+                        experiment=experiment.id,
+                    )
+                rec = self.gateway.recommender
+                if rec is None:
+                    continue
+                try:
+                    await asyncio.to_thread(self.gateway.rules.compile, parse_rules(body), version, rec.snap)
+                except RuleSetError as exc:
+                    raise ApiError(
+                        422,
+                        "invalid-experiments",
+                        f"experiment {experiment.id!r}: rule-set version {version} does not fit the served "
+                        f"snapshot: {exc}",
+                        field=field,
+                        experiment=experiment.id,
+                    ) from None
+
+    async def _store(self, plan: ExperimentPlan, *, activate: bool, note: str) -> ExperimentsStored:
+        await self._check(plan)
+        documents = self.keeper.documents
+        try:
+            before = await history(documents)
+            plan = advanced(plan, before)
+            revision = await documents.put(msgspec.json.encode(plan), now=time.time(), note=note)
+            if activate:
+                await documents.activate(revision.version, now=time.time())
+                await self.keeper.refresh()
+        except StoreError as exc:
+            raise ApiError(503, "store-unavailable", str(exc)) from None
+        phases = [PhaseOf(e.id, e.phase, e.id in before and e.phase != before[e.id].phase) for e in plan.experiments]
+        return ExperimentsStored(revision.version, revision.sha256, revision.created_at, activate, phases)
+
+    async def put(self, request: Request) -> Response:
+        q = parse_query(request, ExperimentsQuery)
+        body = await read_body(request, MAX_PLAN_BODY)
+        try:
+            plan = parse(body)
+        except ExperimentError as exc:
+            raise ApiError(422, "invalid-experiments", str(exc), field=exc.field, experiment=exc.experiment) from None
+        return json_response(await self._store(plan, activate=q.activate, note=q.note), 201)
+
+    async def _switch(self, request: Request, status: str) -> Response:
+        experiment_id = request.path_params["experiment_id"]
+        plan = self.keeper.plan
+        found = self.keeper.experiment(experiment_id)
+        if found is None:
+            raise ApiError(
+                404, "not-found", f"no experiment {experiment_id!r} in the active plan", field="experiment_id"
+            )
+        changed = ExperimentPlan(
+            [msgspec.structs.replace(e, status=status) if e.id == experiment_id else e for e in plan.experiments]
+        )
+        await self._store(changed, activate=True, note=f"{status} {experiment_id}")
+        return await self._overview()
+
+    async def start(self, request: Request) -> Response:
+        return await self._switch(request, "running")
+
+    async def stop(self, request: Request) -> Response:
+        return await self._switch(request, "stopped")
+
+    # -- versions ------------------------------------------------------------------------------------
+    async def overview(self, request: Request) -> Response:
+        return await self._overview()
+
+    async def _overview(self) -> Response:
+        documents = self.keeper.documents
+        try:
+            state = await documents.state()
+            revisions = await documents.revisions()
+            activations = await documents.activations()
+        except StoreError as exc:
+            raise ApiError(503, "store-unavailable", str(exc)) from None
+        keeper = self.keeper
+        slices = keeper.allocation.slices()
+        experiments = [
+            ExperimentState(
+                e.id,
+                e.layer,
+                e.status,
+                e.phase,
+                e.coverage,
+                list(slices[e.id]),
+                _shares(e),
+            )
+            for e in keeper.plan.experiments
+        ]
+        return json_response(
+            ExperimentsOverview(
+                active=state.active,
+                serving=keeper.state.active,
+                experiments=experiments,
+                versions=[
+                    PlanVersion(r.version, r.created_at, r.sha256, r.size, r.note, r.version == state.active)
+                    for r in revisions
+                ],
+                activations=activations,
+                problem=keeper.problem,
+            )
+        )
+
+    def _version(self, request: Request) -> int:
+        text = request.path_params["version"]
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
+            raise ApiError(404, "not-found", f"no plan version {text!r}; versions are 1, 2, ...", field="version")
+        return int(text)
+
+    async def version(self, request: Request) -> Response:
+        number = self._version(request)
+        try:
+            body = await self.keeper.documents.get(number)
+        except StoreError as exc:
+            raise ApiError(503, "store-unavailable", str(exc)) from None
+        if body is None:
+            raise ApiError(404, "not-found", f"no plan version {number}", field="version")
+        return Response(body, media_type="application/json")
+
+    async def activate(self, request: Request) -> Response:
+        return await self._activate(self._version(request))
+
+    async def _activate(self, number: int | None) -> Response:
+        documents = self.keeper.documents
+        try:
+            if number is not None:
+                body = await documents.get(number)
+                if body is None:
+                    raise ApiError(404, "not-found", f"no plan version {number}", field="version")
+                await self._check(parse(body))  # the rule sets or the catalog may have changed since
+            await documents.activate(number, now=time.time())
+        except UnknownVersionError:
+            raise ApiError(404, "not-found", f"no plan version {number}", field="version") from None
+        except StoreError as exc:
+            raise ApiError(503, "store-unavailable", str(exc)) from None
+        await self.keeper.refresh()
+        return await self._overview()
+
+    async def rollback(self, request: Request) -> Response:
+        try:
+            activations = await self.keeper.documents.activations()
+            state = await self.keeper.documents.state()
+        except StoreError as exc:
+            raise ApiError(503, "store-unavailable", str(exc)) from None
+        for activation in reversed(activations[:-1]):
+            if activation.version != state.active:
+                return await self._activate(activation.version)
+        raise ApiError(409, "nothing-to-roll-back", "no earlier activation to go back to")
+
+    async def deactivate(self, request: Request) -> Response:
+        return await self._activate(None)
+
+    # -- report ------------------------------------------------------------------------------------
+    async def report(self, request: Request) -> Response:
+        q = parse_query(request, ReportQuery)
+        experiment_id = request.path_params["experiment_id"]
+        experiment = self.keeper.experiment(experiment_id)
+        if experiment is None:
+            try:
+                experiment = (await history(self.keeper.documents)).get(experiment_id)
+            except StoreError as exc:
+                raise ApiError(503, "store-unavailable", str(exc)) from None
+        if experiment is None:
+            raise ApiError(404, "not-found", f"no experiment {experiment_id!r}", field="experiment_id")
+        await self.keeper.flush()  # this node's exposures queued so far count too
+        phase = experiment.phase if q.phase is None else q.phase
+        if phase > experiment.phase:
+            raise ApiError(
+                404, "not-found", f"experiment {experiment_id!r} is in phase {experiment.phase}", field="phase"
+            )
+        try:
+            totals = await self.keeper.ledger.totals(experiment_id, phase)
+        except StoreError as exc:
+            raise ApiError(503, "store-unavailable", str(exc)) from None
+        # The arms as the current design has them: an older phase may have had others, which show
+        # with weight 0 if they have data (and then count as a mismatch only within that phase).
+        variants = []
+        shares = {arm.name: arm.share for arm in _shares(experiment)} if phase == experiment.phase else {}
+        for name in [*shares, *sorted(set(totals) - set(shares))]:
+            arm = totals.get(name)
+            variants.append(
+                experiment_stats.VariantData(
+                    name=name,
+                    weight=shares.get(name, 1.0 if not shares else 0.0),
+                    exposures=arm.exposures if arm else 0,
+                    conversions=dict(arm.conversions) if arm else {},
+                    revenue_sum=arm.revenue_sum if arm else 0.0,
+                    revenue_sum_squares=arm.revenue_sum_squares if arm else 0.0,
+                )
+            )
+        if not variants:
+            raise ApiError(404, "not-found", f"no data for phase {phase} of {experiment_id!r}", field="phase")
+        metrics = [m for m in experiment.metrics if m != REVENUE]
+        body = experiment_stats.report(
+            variants,
+            control=variants[0].name,
+            metrics=metrics,
+            alpha=q.alpha,
+            min_sample=experiment.min_sample,
+            revenue=REVENUE in experiment.metrics,
+        )
+        return json_response(ExperimentReport(experiment_id, phase, experiment.status, body))
+
+
+def _shares(experiment: Experiment) -> list[ArmShare]:
+    cells = arms(experiment)
+    total = math.fsum(cell.weight for cell in cells)
+    return [ArmShare(cell.name, cell.weight / total, cell.overrides) for cell in cells]
