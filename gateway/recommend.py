@@ -326,8 +326,8 @@ class Recommender:
         )
         if ruling is not None:
             answer = self._ruled(ruling, answer, n=n, categories=categories, exclude=exclude, profile=profile)
-        if profile is not None:
-            answer = replace(answer, messages=profile.messages, read=profile)
+        if profile is not None and profile.messages:
+            answer = replace(answer, messages=profile.messages)
         return answer
 
     async def _model_answer(
@@ -365,7 +365,7 @@ class Recommender:
             picks = self._fallback(
                 n=n, categories=categories, excluded=excluded, ruling=ruling, reason=(POPULAR, NO_CONSENT)
             )
-            return Answer(picks, "no-consent", "none"), profile, ruling
+            return Answer(picks, "no-consent", "none", read=profile), profile, ruling
         recent = profile.recent
         excluded |= self.rows_of(i.item for i in recent)
         user_rows = self.snap.user_row
@@ -374,13 +374,13 @@ class Recommender:
             user_row = user_rows.get(key)
         if user_row is not None:
             picks = await self._for_user(user_row, n=n, categories=categories, excluded=excluded, ruling=ruling)
-            return Answer(picks, None, "snapshot"), profile, ruling
+            return Answer(picks, None, "snapshot", read=profile), profile, ruling
         live = None if popular else self.live_profile(recent)
         if live is None:  # nothing to go on, or popular items asked for (not a fallback then)
             picks = self._fallback(n=n, categories=categories, excluded=excluded, ruling=ruling)
-            return Answer(picks, None if popular else "cold-start", "none"), profile, ruling
+            return Answer(picks, None if popular else "cold-start", "none", read=profile), profile, ruling
         picks = await self._for_live(live, n=n, categories=categories, excluded=excluded, ruling=ruling)
-        return Answer(picks, None, "live"), profile, ruling
+        return Answer(picks, None, "live", read=profile), profile, ruling
 
     def _facts(self, book: Book, now: float, context: Context, profile: Profile | None) -> conditions.Facts:
         """What rule conditions see: the request's context, and the profile if it may be used."""
@@ -410,7 +410,7 @@ class Recommender:
         """`answer` (over-fetched) after the rules, with the visitor's segments."""
         plan = ruling.plan
         if plan is None:
-            return Answer(answer.picks[:n], answer.fallback, answer.profile, ruling.segments)
+            return Answer(answer.picks[:n], answer.fallback, answer.profile, ruling.segments, read=answer.read)
         refused = self.rows_of(exclude)
         if profile is not None:
             refused |= self.rows_of(i.item for i in profile.recent)
@@ -426,7 +426,16 @@ class Recommender:
         outcome = ruling.book.apply(answer.picks, ruling, n=n, reserve=reserve, allowed=allowed)
         applied = [rule.ref for rule in outcome.applied]
         segments = ruling.segments
-        return Answer(outcome.picks, answer.fallback, answer.profile, segments, applied, outcome.content, plan.refs)
+        return Answer(
+            outcome.picks,
+            answer.fallback,
+            answer.profile,
+            segments,
+            applied,
+            outcome.content,
+            plan.refs,
+            read=answer.read,
+        )
 
     def live_profile(self, recent: list[Interaction]) -> LiveProfile | None:
         """The distinct rows of a visitor's recent events that say something about taste, ascending,
