@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Generic, Literal, NamedTuple, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +39,8 @@ USER_VECTOR = "user-vector"
 LIVE_NEIGHBOURS = 50
 LIVE_POPULAR = 100
 LIVE_CATEGORY_POPULAR = 50
+# Ruled answers remembered (Recommender._select): a few KB each.
+RULED_KEPT = 10_000
 # Candidate rows kept per clicked item (a few hundred int64 each: about 30 MB at most).
 AROUND_CACHE_ITEMS = 10_000
 POPULAR = "popular"
@@ -266,6 +268,9 @@ class Recommender:
         self._popular_pools: dict[tuple[str, ...], Pool] = {}
         # The active rules compiled for this snapshot, or None; replaced whole on every change.
         self.book: Book | None = None
+        # What the rules made of a list, by plan and inputs: another request with the same ones gets
+        # the same answer without going through the rules again (see _select).
+        self._ruled_answers: LRU[list[Any]] = LRU(RULED_KEPT)
 
     def stale(self, now: float) -> bool:
         return self.max_age_s > 0 and self.snap.age(now) > self.max_age_s
@@ -423,7 +428,13 @@ class Recommender:
         def reserve() -> Iterator[Pick]:
             return (pick for pick in self.ranked_popular(categories) if pick.row not in refused)
 
-        outcome = ruling.book.apply(answer.picks, ruling, n=n, reserve=reserve, allowed=allowed)
+        memo = ruling.memo
+        if memo is not None and memo[0] is answer.picks and memo[1] is not None:
+            outcome = memo[1]
+        else:
+            outcome = ruling.book.apply(answer.picks, ruling, n=n, reserve=reserve, allowed=allowed)
+            if memo is not None and memo[0] is answer.picks:
+                memo[1] = outcome
         applied = [rule.ref for rule in outcome.applied]
         segments = ruling.segments
         return Answer(
@@ -585,7 +596,9 @@ class Recommender:
         """Popular items for an answer without a taste vector, through the rules' filters and boosts."""
         if ruling is not None and ruling.plan is not None:
             pool = self.popular_pool(categories)
-            return self._select(pool, ruling, reason=reason, n=n, categories=(), excluded=excluded)
+            return self._select(
+                pool, ruling, ("popular", *sorted(categories)), reason=reason, n=n, categories=(), excluded=excluded
+            )
         picks = self.popular(n=n, categories=categories, excluded=excluded)
         return picks if reason == POPULAR else [Pick(row, score, reason) for row, score, _ in picks]
 
@@ -619,14 +632,15 @@ class Recommender:
         padding is left to the rules (Book.apply), which filter what they pad with."""
         ruled = ruling if ruling is not None and ruling.plan is not None else None
         if ruled is not None:
-            picks = self._select(pool, ruled, reason=reason, n=n, categories=categories, excluded=excluded)
+            picks = self._select(pool, ruled, key, reason=reason, n=n, categories=categories, excluded=excluded)
         else:
             picks = self._filter(pool, reason=reason, n=n, categories=categories, excluded=excluded)
         if len(picks) < n and categories:
             within = self.category_rows(categories)
             narrow = await self.candidates.cached((*key, tuple(sorted(categories))), lambda: compute(within))
             if ruled is not None:
-                picks = self._select(narrow, ruled, reason=reason, n=n, categories=(), excluded=excluded)
+                narrowed = (*key, tuple(sorted(categories)))
+                picks = self._select(narrow, ruled, narrowed, reason=reason, n=n, categories=(), excluded=excluded)
             else:
                 picks = self._filter(narrow, reason=reason, n=n, categories=(), excluded=excluded)
         if ruling is not None and ruling.plan is not None:
@@ -640,6 +654,7 @@ class Recommender:
         self,
         pool: Pool,
         ruling: Ruling,
+        source: Hashable,
         *,
         reason: str | tuple[str, ...],
         n: int,
@@ -648,9 +663,20 @@ class Recommender:
     ) -> list[Pick]:
         """`_filter` with the rules' filters and boosts: the first candidates the request and the
         filters admit (as deep as the answer could need, and some), re-ranked by the boosts; n of
-        them as picks. Plain Python over a few dozen rows: numpy's per-call overhead would cost more."""
+        them as picks. Plain Python over a few dozen rows: numpy's per-call overhead would cost more.
+
+        `source` names the pool (("user", row), ("live", profile), ("popular", *categories), ...):
+        with the plan and the other inputs it decides the answer, so the picks, and later what
+        Book.apply makes of them (Ruling.memo), are remembered for the next request like it (a
+        known user's next page, every cold visitor on the same page)."""
         plan = ruling.plan
         assert plan is not None
+        memo_key = (plan, source, reason, n, tuple(categories), frozenset(excluded))
+        memo = self._ruled_answers.get(memo_key)
+        if memo is not None and memo[1] is not None:
+            ruling.memo = memo
+            picks: list[Pick] = memo[0]
+            return picks
         category_sets = self.snap.category_sets
         wanted = frozenset(categories)
         # as deep as the answer could need: a cap skips more than filters drop
@@ -669,7 +695,10 @@ class Recommender:
         rows = [every[i] for i in kept]
         scores = [all_scores[i] for i in kept]
         rounded = np.round(np.asarray(scores[:n], dtype=np.float64), 6).tolist()
-        return [_new_pick(Pick, (row, score, reason)) for row, score in zip(rows, rounded, strict=False)]
+        picks = [_new_pick(Pick, (row, score, reason)) for row, score in zip(rows, rounded, strict=False)]
+        ruling.memo = [picks, None]
+        self._ruled_answers.put(memo_key, ruling.memo)
+        return picks
 
     def _filter(
         self, pool: Pool, *, reason: str, n: int, categories: Collection[str], excluded: set[int]

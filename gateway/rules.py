@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -159,6 +159,9 @@ class Ruling:
     applied: dict[str, CompiledRule] = field(default_factory=dict)
     ranked: bool = False  # every candidate went through `order` (and `cap`, if the plan has one)
     reordered: bool = False
+    # The recommender's remembered [selected picks, final outcome] for this plan and these inputs
+    # (Recommender._select); the outcome is filled in by the first request that gets that far.
+    memo: list[Any] | None = None
 
     def select(self, rows: list[int], n: int) -> list[int]:
         """The positions in `rows` (candidates the request admits, best first) of the at most n

@@ -307,3 +307,33 @@ def test_a_preview_time_beyond_the_calendar_is_a_400(client: TestClient) -> None
     answer = client.post("/admin/rules/preview", json=asked)
     assert answer.status_code == 400
     assert answer.json()["error"]["field"] == "context.at"
+
+
+def test_a_remembered_ruled_answer_is_only_reused_for_the_same_inputs(client: TestClient) -> None:
+    items = catalog(client)
+    pinned, boosted = items[30]["id"], items[3]["id"]
+    put(
+        client,
+        {
+            "rules": [
+                {"id": "hero", "actions": [{"type": "pin", "item": pinned, "position": 2}]},
+                {"id": "lift", "actions": [{"type": "boost", "items": {"ids": [boosted]}, "weight": 5}]},
+            ]
+        },
+    )
+    first = client.get("/v1/recommend", params={"visitor": "cold-1"}).json()
+    again = client.get("/v1/recommend", params={"visitor": "cold-2"}).json()
+    assert [(i["id"], i["reasons"]) for i in again["items"]] == [(i["id"], i["reasons"]) for i in first["items"]]
+    assert again["rules"] == first["rules"] == ["rule:hero@1", "rule:lift@1"]
+    assert first["items"][1]["id"] == pinned
+    # The same plan, but the request excludes what the first answer showed: not the first answer.
+    shown = [i["id"] for i in first["items"]]
+    other = client.get("/v1/recommend", params={"visitor": "cold-3", "exclude": shown[0]}).json()
+    assert shown[0] not in [i["id"] for i in other["items"]]
+    # A visitor who viewed the boosted item is not shown it again, whatever was remembered.
+    client.post("/v1/events", json={"event": "view", "visitor": "warm", "item": boosted})
+    warm = client.get("/v1/recommend", params={"visitor": "warm"}).json()
+    assert boosted not in [i["id"] for i in warm["items"]]
+    # A shorter list asked for is its own answer, not a slice of a remembered longer one by accident.
+    three = client.get("/v1/recommend", params={"visitor": "cold-4", "n": 3}).json()
+    assert [i["id"] for i in three["items"]] == shown[:3]
