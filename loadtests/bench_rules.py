@@ -12,6 +12,10 @@ for. Alternating, so drift of the shared machine hits both sides alike:
     none  paced           at half the with-rules maximum: latency when neither side is saturated
     rules paced           at the same rate
 
+Every switch is followed by `--settle` seconds (3) of unrecorded traffic at the next run's rate, so
+runs compare steady states (plans made, remembered answers, caches warm) rather than the first
+seconds after an activation.
+
 The 100 rules are scoped the way a shop's are: site-wide ones (stock filter, diversity cap, banner,
 some boosts, buries and filters), category-page ones (pins, cross-sell injections, boosts, banners:
 `page` is /c/<category>) and audience ones (segments over counters, recency, session, device, time
@@ -188,6 +192,10 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
             traffic.consume(kinds, min(run["requests"] + args.connections, size))
             return run
 
+        def settle(label: str, *, rate: float | None = None) -> None:
+            if args.settle > 0:
+                wrk(f"{label}_settle", rate=rate, duration=args.settle)
+
         use(False)
         say(f"{store}: warming up for {args.warmup:g}s")
         wrk("warmup", duration=args.warmup)
@@ -195,6 +203,7 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
             for rules in (False, True):
                 use(rules)
                 label = f"{'rules' if rules else 'none'}_full_{round_number}"
+                settle(label)
                 runs[label] = wrk(label)
                 say(f"{store}: {label:14} {describe(runs[label])}")
         use(True)
@@ -212,6 +221,7 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
         for rules in (False, True):
             use(rules)
             label = f"{'rules' if rules else 'none'}_paced"
+            settle(label, rate=target)
             runs[label] = wrk(label, rate=target)
             say(f"{store}: {label:14} {describe(runs[label])}")
         result["server_alive_at_end"] = server.poll() is None
@@ -260,6 +270,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stores", default="memory", help="comma-separated: memory, redis (default memory)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of unrecorded traffic first (default 3)")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=3.0,
+        help="seconds of unrecorded traffic after every switch between rules and none, at the next run's rate: "
+        "runs compare steady states, not the first seconds after an activation (default 3)",
+    )
     p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
     p.add_argument("--visitors", type=int, default=40_000, help="new visitors seeded with 1-3 clicks (40000)")
