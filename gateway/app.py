@@ -34,7 +34,7 @@ from gateway import demo, openapi, privacy, tokens, wire
 from gateway import settings as config
 from gateway.access import Access, AccessError, Scope
 from gateway.access import key_of as access_key
-from gateway.experimenting import Enrolment, ExperimentKeeper
+from gateway.experimenting import OUTSIDE, Enrolment, ExperimentKeeper
 from gateway.experiments_api import ExperimentsApi
 from gateway.guard import GuardedStore
 from gateway.http import JSON, ApiError, JSONBytes, field_of, json_response, parse_query, read_body
@@ -439,19 +439,7 @@ class Gateway:
         counted when the answer was made from their profile and their consent allows analytics."""
         now = time.time()
         enrolment = self.experiments.enrol(key, rec.snap, now) if key is not None else None
-        if enrolment is None:
-            answer = await rec.recommend(
-                key=key,
-                user=user,
-                n=n,
-                categories=categories,
-                exclude=exclude,
-                requires=self.personalization,
-                now=now,
-                context=context,
-                inbox=inbox,
-            )
-            return answer, None
+        arms = enrolment or OUTSIDE
         answer = await rec.recommend(
             key=key,
             user=user,
@@ -462,10 +450,12 @@ class Gateway:
             now=now,
             context=context,
             inbox=inbox,
-            rules=enrolment.rules,
-            ranking=enrolment.ranking,
-            recent_limit=enrolment.recent_limit,
+            rules=arms.rules,
+            ranking=arms.ranking,
+            recent_limit=arms.recent_limit,
         )
+        if enrolment is None:
+            return answer, None
         read = answer.read
         if key is not None and read is not None and self.analytics.permits(read.consent, now):
             self.experiments.exposed(key, enrolment)

@@ -58,6 +58,9 @@ class Enrolment:
     recent_limit: int | None
 
 
+# What a visitor in no experiment gets: the active rules, the model's ranking, the usual settings.
+OUTSIDE = Enrolment((), (), "active", "personal", None)
+
 Compile = Callable[[RuleSet, int, Snapshot], Book]
 
 

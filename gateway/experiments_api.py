@@ -28,7 +28,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway import experiment_stats
+from gateway import experiment_stats, wire
 from gateway.access import Scope
 from gateway.experimenting import REVENUE, ExperimentKeeper, advanced, history, rule_versions
 from gateway.experiments import Experiment, ExperimentError, ExperimentPlan, Overrides, arms, parse
@@ -36,7 +36,8 @@ from gateway.http import ApiError, json_response, parse_query, read_body
 from gateway.ruleset import RuleSetError
 from gateway.ruleset import parse as parse_rules
 from gateway.store import StoreError
-from gateway.store.documents import Activation, UnknownVersionError
+from gateway.store.documents import Activation
+from gateway.versions_api import VersionsApi
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -82,20 +83,11 @@ class ExperimentState(msgspec.Struct, frozen=True):
     arms: list[ArmShare]
 
 
-class PlanVersion(msgspec.Struct, frozen=True, omit_defaults=True):
-    version: int
-    created_at: float
-    sha256: str
-    size: int
-    note: str = ""
-    active: bool = False
-
-
 class ExperimentsOverview(msgspec.Struct, frozen=True):
     active: Annotated[int | None, msgspec.Meta(description="The version every node serves (null: none).")]
     serving: Annotated[int | None, msgspec.Meta(description="The version this node serves right now.")]
     experiments: Annotated[list[ExperimentState], msgspec.Meta(description="Of the version this node serves.")]
-    versions: list[PlanVersion]
+    versions: list[wire.DocumentVersion]
     activations: list[Activation]
     problem: str | None = None
 
@@ -117,10 +109,16 @@ class ExperimentReport(msgspec.Struct, frozen=True):
     report: experiment_stats.Report
 
 
-class ExperimentsApi:
+class ExperimentsApi(VersionsApi):
+    noun = "plan version"
+
     def __init__(self, gateway: Gateway, keeper: ExperimentKeeper) -> None:
+        super().__init__(keeper)
         self.gateway = gateway
         self.keeper = keeper
+
+    async def check(self, body: bytes, number: int) -> None:
+        await self._check(parse(body))  # the rule sets or the catalog may have changed since it was stored
 
     def table(self) -> list[tuple[str, str, Handler, str, Scope]]:
         return [
@@ -218,25 +216,11 @@ class ExperimentsApi:
         return await self._overview()
 
     async def _overview(self) -> Response:
-        documents = self.keeper.documents
-        try:
-            state = await documents.state()
-            revisions = await documents.revisions()
-            activations = await documents.activations()
-        except StoreError as exc:
-            raise ApiError(503, "store-unavailable", str(exc)) from None
+        state, versions, activations = await self.history()
         keeper = self.keeper
         slices = keeper.allocation.slices()
         experiments = [
-            ExperimentState(
-                e.id,
-                e.layer,
-                e.status,
-                e.phase,
-                e.coverage,
-                list(slices[e.id]),
-                _shares(e),
-            )
+            ExperimentState(e.id, e.layer, e.status, e.phase, e.coverage, list(slices[e.id]), _shares(e))
             for e in keeper.plan.experiments
         ]
         return json_response(
@@ -244,63 +228,11 @@ class ExperimentsApi:
                 active=state.active,
                 serving=keeper.state.active,
                 experiments=experiments,
-                versions=[
-                    PlanVersion(r.version, r.created_at, r.sha256, r.size, r.note, r.version == state.active)
-                    for r in revisions
-                ],
+                versions=versions,
                 activations=activations,
                 problem=keeper.problem,
             )
         )
-
-    def _version(self, request: Request) -> int:
-        text = request.path_params["version"]
-        if not (text.isascii() and text.isdigit()) or int(text) < 1:
-            raise ApiError(404, "not-found", f"no plan version {text!r}; versions are 1, 2, ...", field="version")
-        return int(text)
-
-    async def version(self, request: Request) -> Response:
-        number = self._version(request)
-        try:
-            body = await self.keeper.documents.get(number)
-        except StoreError as exc:
-            raise ApiError(503, "store-unavailable", str(exc)) from None
-        if body is None:
-            raise ApiError(404, "not-found", f"no plan version {number}", field="version")
-        return Response(body, media_type="application/json")
-
-    async def activate(self, request: Request) -> Response:
-        return await self._activate(self._version(request))
-
-    async def _activate(self, number: int | None) -> Response:
-        documents = self.keeper.documents
-        try:
-            if number is not None:
-                body = await documents.get(number)
-                if body is None:
-                    raise ApiError(404, "not-found", f"no plan version {number}", field="version")
-                await self._check(parse(body))  # the rule sets or the catalog may have changed since
-            await documents.activate(number, now=time.time())
-        except UnknownVersionError:
-            raise ApiError(404, "not-found", f"no plan version {number}", field="version") from None
-        except StoreError as exc:
-            raise ApiError(503, "store-unavailable", str(exc)) from None
-        await self.keeper.refresh()
-        return await self._overview()
-
-    async def rollback(self, request: Request) -> Response:
-        try:
-            activations = await self.keeper.documents.activations()
-            state = await self.keeper.documents.state()
-        except StoreError as exc:
-            raise ApiError(503, "store-unavailable", str(exc)) from None
-        for activation in reversed(activations[:-1]):
-            if activation.version != state.active:
-                return await self._activate(activation.version)
-        raise ApiError(409, "nothing-to-roll-back", "no earlier activation to go back to")
-
-    async def deactivate(self, request: Request) -> Response:
-        return await self._activate(None)
 
     # -- report ------------------------------------------------------------------------------------
     async def report(self, request: Request) -> Response:

@@ -28,7 +28,7 @@ from gateway.recommend import Answer, Context, Recommender
 from gateway.rules import Book
 from gateway.ruleset import RuleSet, RuleSetError, parse
 from gateway.store import StoreError
-from gateway.store.documents import UnknownVersionError
+from gateway.versions_api import VersionsApi
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -38,10 +38,16 @@ MAX_RULES_BODY = 2 * 1024 * 1024
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class RulesApi:
+class RulesApi(VersionsApi):
+    noun = "rule-set version"
+
     def __init__(self, gateway: Gateway, keeper: RuleKeeper) -> None:
+        super().__init__(keeper)
         self.gateway = gateway
         self.keeper = keeper
+
+    async def check(self, body: bytes, number: int) -> None:
+        await self._checked(parse(body), number)  # the catalog may have changed since it was stored
 
     def table(self) -> list[tuple[str, str, Handler, str, Scope]]:
         return [
@@ -104,77 +110,18 @@ class RulesApi:
         return await self._overview()
 
     async def _overview(self) -> Response:
-        documents = self.keeper.documents
-        try:
-            state = await documents.state()
-            revisions = await documents.revisions()
-            activations = await documents.activations()
-        except StoreError as exc:
-            raise ApiError(503, "store-unavailable", str(exc)) from None
+        state, versions, activations = await self.history()
         book = self.keeper.book
         body = wire.RulesOverview(
             active=state.active,
             serving=self.keeper.version,
             flags=state.flags,
-            versions=[
-                wire.RuleVersion(r.version, r.created_at, r.sha256, r.size, r.note, r.version == state.active)
-                for r in revisions
-            ],
+            versions=versions,
             activations=activations,
             problem=self.keeper.problem,
             warnings=book.warnings if book is not None else [],
         )
         return json_response(body)
-
-    def _version(self, request: Request) -> int:
-        text = request.path_params["version"]
-        if not (text.isascii() and text.isdigit()) or int(text) < 1:
-            raise ApiError(404, "not-found", f"no rule-set version {text!r}; versions are 1, 2, ...", field="version")
-        return int(text)
-
-    async def version(self, request: Request) -> Response:
-        number = self._version(request)
-        try:
-            body = await self.keeper.documents.get(number)
-        except StoreError as exc:
-            raise ApiError(503, "store-unavailable", str(exc)) from None
-        if body is None:
-            raise ApiError(404, "not-found", f"no rule-set version {number}", field="version")
-        return Response(body, media_type="application/json")
-
-    async def activate(self, request: Request) -> Response:
-        return await self._activate(self._version(request))
-
-    async def _activate(self, number: int | None) -> Response:
-        documents = self.keeper.documents
-        try:
-            if number is not None:
-                body = await documents.get(number)
-                if body is None:
-                    raise ApiError(404, "not-found", f"no rule-set version {number}", field="version")
-                await self._checked(parse(body), number)  # the catalog may have changed since it was stored
-            await documents.activate(number, now=time.time())
-        except UnknownVersionError:
-            raise ApiError(404, "not-found", f"no rule-set version {number}", field="version") from None
-        except StoreError as exc:
-            raise ApiError(503, "store-unavailable", str(exc)) from None
-        await self.keeper.refresh()
-        return await self._overview()
-
-    async def rollback(self, request: Request) -> Response:
-        try:
-            activations = await self.keeper.documents.activations()
-            state = await self.keeper.documents.state()
-        except StoreError as exc:
-            raise ApiError(503, "store-unavailable", str(exc)) from None
-        # The version active before the current one: the last activation of another version.
-        for activation in reversed(activations[:-1]):
-            if activation.version != state.active:
-                return await self._activate(activation.version)
-        raise ApiError(409, "nothing-to-roll-back", "no earlier activation to go back to")
-
-    async def deactivate(self, request: Request) -> Response:
-        return await self._activate(None)
 
     async def flag(self, request: Request) -> Response:
         rule_id = request.path_params["rule_id"]

@@ -500,7 +500,9 @@ class RulesStored(msgspec.Struct, frozen=True):
     segments: int
 
 
-class RuleVersion(msgspec.Struct, frozen=True, omit_defaults=True):
+class DocumentVersion(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One stored version of a rule set or an experiment plan."""
+
     version: int
     created_at: float
     sha256: str
@@ -513,7 +515,7 @@ class RulesOverview(msgspec.Struct, frozen=True):
     active: Annotated[int | None, msgspec.Meta(description="The version every node serves (null: none).")]
     serving: Annotated[int | None, msgspec.Meta(description="The version this node serves right now.")]
     flags: Annotated[dict[str, bool], msgspec.Meta(description="Rules switched on or off at runtime, by id.")]
-    versions: list[RuleVersion]
+    versions: list[DocumentVersion]
     activations: list[Activation]
     problem: str | None = None
     warnings: list[str] = []

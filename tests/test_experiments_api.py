@@ -21,23 +21,14 @@ from starlette.testclient import TestClient
 from gateway.app import create_app
 from gateway.settings import Settings
 from gateway.store.ledger import Exposure, Ledger
+from tests.apps import quiet_settings
 from tests.conftest import RedisServer
 
 SECRET = "experiments"
 
 
 def settings(root: Path, **changes: Any) -> Settings:
-    values: dict[str, Any] = {
-        "snapshots": str(root),
-        "watch_interval_s": 0,
-        "event_log": "",
-        "secret": SECRET,
-        "consent_mode": "opt-out",
-        "rules_dir": "",
-        "experiments_dir": "",
-        "rules_poll_s": 0,
-    }
-    return Settings(**{**values, **changes})
+    return quiet_settings(root, SECRET, **changes)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.settings import Settings
+from tests.apps import quiet_settings
 from tests.conftest import RedisServer
 from tests.snapshots import republish
 
@@ -21,17 +22,7 @@ SECRET = "rules"
 
 
 def settings(root: Path, **changes: Any) -> Settings:
-    values: dict[str, Any] = {
-        "snapshots": str(root),
-        "watch_interval_s": 0,
-        "event_log": "",
-        "secret": SECRET,
-        "consent_mode": "opt-out",
-        "rules_dir": "",
-        "experiments_dir": "",
-        "rules_poll_s": 0,
-    }
-    return Settings(**{**values, **changes})
+    return quiet_settings(root, SECRET, **changes)
 
 
 @pytest.fixture

@@ -123,6 +123,13 @@ def _check_exposure(exposure: Exposure) -> None:
         raise ValueError(f"arm {exposure.arm!r} must be non-empty and without '|'")
 
 
+def _converts(metrics: Sequence[str], revenue: float, ttl: float) -> bool:
+    """Whether a `convert` call has anything to count (ValueError for a bad ttl or revenue)."""
+    _check_ttl(ttl)
+    _check_revenue(revenue)
+    return bool(metrics) or revenue > 0
+
+
 def _check_ttl(ttl: float) -> None:
     if not ttl > 0 or math.isinf(ttl):
         raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
@@ -228,9 +235,7 @@ class MemoryLedger:
     async def convert(
         self, visitor: str, metrics: Sequence[str], revenue: float = 0.0, *, ttl: float
     ) -> list[Attributed]:
-        _check_ttl(ttl)
-        _check_revenue(revenue)
-        if not metrics and revenue <= 0:
+        if not _converts(metrics, revenue, ttl):
             return []
         now = time.monotonic()
         state = self._live(visitor, now)
@@ -386,9 +391,7 @@ class RedisLedger:
     async def convert(
         self, visitor: str, metrics: Sequence[str], revenue: float = 0.0, *, ttl: float
     ) -> list[Attributed]:
-        _check_ttl(ttl)
-        _check_revenue(revenue)
-        if not metrics and revenue <= 0:
+        if not _converts(metrics, revenue, ttl):
             return []
         args: list[str | int] = [
             _ttl_ms(ttl),
