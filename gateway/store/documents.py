@@ -344,6 +344,7 @@ class Follower:
         self.poll_s = poll_s
         self._poller: asyncio.Task[None] | None = None
         self._pending: asyncio.Task[None] | None = None
+        self._again = False  # an announcement came while a refresh ran
 
     async def refresh(self) -> None:
         raise NotImplementedError
@@ -363,17 +364,24 @@ class Follower:
         await self.documents.close()
 
     def changed(self) -> None:
-        """An announcement: refresh soon."""
-        if self._pending is None or self._pending.done():
-            self._pending = asyncio.get_running_loop().create_task(
-                self._refresh_logged(), name=f"{self.documents.kind}-refresh"
-            )
+        """An announcement: refresh soon. One made while a refresh runs gets a refresh after it
+        (that one may have read the state before the change)."""
+        if self._pending is not None and not self._pending.done():
+            self._again = True
+            return
+        self._pending = asyncio.get_running_loop().create_task(
+            self._refresh_logged(), name=f"{self.documents.kind}-refresh"
+        )
 
     async def _refresh_logged(self) -> None:
-        try:
-            await self.refresh()
-        except Exception:
-            log.exception("%s refresh", self.documents.kind)
+        while True:
+            self._again = False
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("%s refresh", self.documents.kind)
+            if not self._again:
+                return
 
     async def _poll(self) -> None:
         while True:
