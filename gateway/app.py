@@ -34,11 +34,11 @@ from gateway import demo, openapi, privacy, tokens, wire
 from gateway import settings as config
 from gateway.access import Access, AccessError, Scope
 from gateway.access import key_of as access_key
+from gateway.events_api import EventsApi
 from gateway.experimenting import OUTSIDE, Enrolment, ExperimentKeeper
 from gateway.experiments_api import ExperimentsApi
 from gateway.guard import GuardedStore
 from gateway.http import JSON, ApiError, JSONBytes, field_of, json_response, parse_query, read_body
-from gateway.ingest import EVENT_MEDIA_TYPES, check_event, decode_events
 from gateway.metrics import Metrics
 from gateway.recommend import NO_CONTEXT, Answer, Context, Recommender
 from gateway.rulebook import RuleKeeper
@@ -48,11 +48,9 @@ from gateway.ruleset import RuleSet
 from gateway.snapshot import Snapshot, SnapshotRefusedError, load, load_current
 from gateway.store import (
     PURPOSES,
-    Recorded,
     Requirement,
     Retention,
     Store,
-    StoreError,
     open_documents,
     open_ledger,
     open_store,
@@ -66,7 +64,6 @@ log = logging.getLogger("tailor.gateway")
 
 T = TypeVar("T")
 S = TypeVar("S", bound=msgspec.Struct)
-MAX_BODY_BYTES = 4 << 20
 
 
 class Gateway:
@@ -139,6 +136,7 @@ class Gateway:
         )
         self.experiments_api = ExperimentsApi(self, self.experiments)
         self.visitors_api = VisitorsApi(self)
+        self.events_api = EventsApi(self)
         self._reload_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -486,78 +484,6 @@ class Gateway:
         answer = rec.popular_answer(n=self.n_of(q.n), categories=q.category, exclude=q.exclude)
         return self._answer(request, rec, answer)
 
-    async def events(self, request: Request) -> Response:
-        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if media not in EVENT_MEDIA_TYPES:
-            raise ApiError(415, "unsupported-media-type", f"send JSON as application/json or text/plain, not {media!r}")
-        raw, token = decode_events(await read_body(request, MAX_BODY_BYTES))
-        # With a token, every event is its visitor's; a public key must send one.
-        owner = self.acting_for(request, None, token, required=True)
-        if len(raw) > self.settings.max_events_per_batch:
-            raise ApiError(
-                413, "batch-too-large", f"at most {self.settings.max_events_per_batch} events per batch", field="events"
-            )
-        now = time.time()
-        snap = self.recommender.snap if self.recommender is not None else None
-        rejected: list[wire.Rejected] = []
-        by_visitor: dict[str, list[Recorded]] = {}
-        for index, item in enumerate(raw):
-            checked = check_event(index, item, now, event_types=self.event_types, snap=snap, visitor=owner)
-            if isinstance(checked, wire.Rejected):
-                rejected.append(checked)
-                self.metrics.events_rejected.labels(checked.code).inc()
-            else:
-                key, recorded = checked
-                by_visitor.setdefault(key, []).append(recorded)
-        if not by_visitor:
-            problems = [f"events[{r.index}]{'.' + r.field if r.field else ''}: {r.code}: {r.message}" for r in rejected]
-            raise ApiError(422, "invalid-events", "no event in the batch is valid", problems=problems)
-        for events in by_visitor.values():
-            events.sort(key=lambda recorded: recorded.ts)  # stored oldest first, whatever the batch order
-        retention, pseudonym, analytics = self.retention, self.pseudonym, self.analytics
-        try:
-            async with asyncio.timeout(max(self.settings.store_timeout_ms / 1000 * 10, 1.0)):
-                outcomes = await asyncio.gather(
-                    *(
-                        self.store.record(pseudonym(key), events, retention=retention, now=now, requires=analytics)
-                        for key, events in by_visitor.items()
-                    )
-                )
-        except (StoreError, TimeoutError) as exc:
-            self.metrics.store_errors.labels("timeout" if isinstance(exc, TimeoutError) else "error").inc()
-            raise ApiError(
-                503,
-                "store-unavailable",
-                f"events not stored: {exc or 'timeout'}; retry with the same event ids and none is counted twice",
-                headers={"retry-after": "1"},
-            ) from None
-        accepted = duplicates = unconsented = 0
-        for events, stored in zip(by_visitor.values(), outcomes, strict=True):
-            if stored is None:  # no analytics consent: not stored, counted here without who
-                unconsented += len(events)
-                for event in events:
-                    self.metrics.events_unconsented.labels(event.event).inc()
-                continue
-            for event, fresh in zip(events, stored, strict=True):
-                if fresh:
-                    accepted += 1
-                    self.metrics.events.labels(event.event).inc()
-                else:
-                    duplicates += 1
-        if duplicates:
-            self.metrics.events_duplicate.inc(duplicates)
-        # Triggers and experiments see what was stored (the duplicates left out), once it is.
-        fresh_events = [
-            (pseudonym(key), [e for e, fresh in zip(events, stored, strict=True) if fresh])
-            for (key, events), stored in zip(by_visitor.items(), outcomes, strict=True)
-            if stored
-        ]
-        await asyncio.gather(*(self.triggers.on_recorded(key, events, now) for key, events in fresh_events))
-        if self.experiments.metric_events:
-            credited = await asyncio.gather(*(self.experiments.convert(key, events) for key, events in fresh_events))
-            self.metrics.experiment_conversions.inc(sum(credited))
-        return json_response(wire.EventsAccepted(accepted, duplicates, rejected, unconsented), 202)
-
     # -- live stream ---------------------------------------------------------------------------
     async def stream_answer(self, key: str, user: str, n: int | None, categories: list[str]) -> tuple[Hashable, bytes]:
         rec = self.serving()
@@ -711,7 +637,7 @@ class Gateway:
             ("/v1/recommend", "recommend", self.recommend, "GET", "public"),
             ("/v1/items/{item_id}/similar", "similar", self.similar, "GET", "public"),
             ("/v1/popular", "popular", self.popular, "GET", "public"),
-            ("/v1/events", "events", self.events, "POST", "public"),
+            *self.events_api.table(),
             ("/v1/token", "token", self.token, "POST", "public"),
             *self.visitors_api.table(),
             ("/healthz", "healthz", self.healthz, "GET", "open"),
