@@ -289,14 +289,25 @@ def rule_versions(plan: ExperimentPlan) -> set[int]:
     }
 
 
-async def history(documents: Documents) -> dict[str, Experiment]:
-    """Each experiment ever stored, as its latest stored version has it (the phases to advance from)."""
-    latest: dict[str, Experiment] = {}
+async def stored(documents: Documents) -> list[Experiment]:
+    """Every experiment of every stored plan version, oldest version first."""
+    found: list[Experiment] = []
     for revision in await documents.revisions():
         body = await documents.get(revision.version)
         if body is not None:
-            latest.update((e.id, e) for e in parse(body).experiments)
-    return latest
+            found.extend(parse(body).experiments)
+    return found
+
+
+async def history(documents: Documents) -> dict[str, Experiment]:
+    """Each experiment ever stored, as its latest stored version has it (the phases to advance from)."""
+    return {e.id: e for e in await stored(documents)}
+
+
+async def design(documents: Documents, experiment_id: str, phase: int) -> Experiment | None:
+    """The experiment as the latest stored version of its phase `phase` has it (arms and weights
+    stay the same within a phase)."""
+    return {e.phase: e for e in await stored(documents) if e.id == experiment_id}.get(phase)
 
 
 def advanced(plan: ExperimentPlan, before: dict[str, Experiment]) -> ExperimentPlan:

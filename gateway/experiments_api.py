@@ -30,7 +30,7 @@ from starlette.responses import Response
 
 from gateway import experiment_stats, wire
 from gateway.access import Scope
-from gateway.experimenting import REVENUE, ExperimentKeeper, advanced, history, rule_versions
+from gateway.experimenting import REVENUE, ExperimentKeeper, advanced, design, history, rule_versions
 from gateway.experiments import Experiment, ExperimentError, ExperimentPlan, Overrides, arms, parse
 from gateway.http import ApiError, json_response, parse_query, read_body
 from gateway.ruleset import RuleSetError
@@ -254,24 +254,26 @@ class ExperimentsApi(VersionsApi):
             )
         try:
             totals = await self.keeper.ledger.totals(experiment_id, phase)
+            then = (
+                experiment if phase == experiment.phase else await design(self.keeper.documents, experiment_id, phase)
+            )
         except StoreError as exc:
             raise ApiError(503, "store-unavailable", str(exc)) from None
-        # The arms as the current design has them: an older phase may have had others, which show
-        # with weight 0 if they have data (and then count as a mismatch only within that phase).
-        variants = []
-        shares = {arm.name: arm.share for arm in _shares(experiment)} if phase == experiment.phase else {}
-        for name in [*shares, *sorted(set(totals) - set(shares))]:
-            arm = totals.get(name)
-            variants.append(
-                experiment_stats.VariantData(
-                    name=name,
-                    weight=shares.get(name, 1.0 if not shares else 0.0),
-                    exposures=arm.exposures if arm else 0,
-                    conversions=dict(arm.conversions) if arm else {},
-                    revenue_sum=arm.revenue_sum if arm else 0.0,
-                    revenue_sum_squares=arm.revenue_sum_squares if arm else 0.0,
-                )
+        # The arms and weights of that phase; an arm with data the design lacks (none should) shows
+        # with weight 0, which the sample-ratio check flags.
+        shares = {arm.name: arm.share for arm in _shares(then)} if then is not None else {}
+        variants = [
+            experiment_stats.VariantData(
+                name=name,
+                weight=shares.get(name, 0.0),
+                exposures=arm.exposures if arm else 0,
+                conversions=dict(arm.conversions) if arm else {},
+                revenue_sum=arm.revenue_sum if arm else 0.0,
+                revenue_sum_squares=arm.revenue_sum_squares if arm else 0.0,
             )
+            for name in [*shares, *sorted(set(totals) - set(shares))]
+            for arm in [totals.get(name)]
+        ]
         if not variants:
             raise ApiError(404, "not-found", f"no data for phase {phase} of {experiment_id!r}", field="phase")
         metrics = [m for m in experiment.metrics if m != REVENUE]
