@@ -56,6 +56,7 @@ from gateway.store import (
     open_store,
 )
 from gateway.stream import Hub
+from gateway.tasks import stop as stop_task
 from gateway.triggers import TriggerEngine
 from gateway.visitors_api import VisitorsApi
 from index_builder import snapshot as published
@@ -194,14 +195,8 @@ class Gateway:
         await self.hub.close()
         await self.experiments.stop()
         await self.rules.stop()
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        await stop_task(self._flusher)
+        await stop_task(self._watcher)
         await self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 

@@ -21,7 +21,6 @@ profile read found consent, a conversion when the event was stored.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from gateway.snapshot import Snapshot
 from gateway.store import Recorded, StoreError
 from gateway.store.documents import Documents, Follower, State
 from gateway.store.ledger import Exposure, Ledger
+from gateway.tasks import stop as stop_task
 
 log = logging.getLogger("tailor.experiments")
 
@@ -108,10 +108,7 @@ class ExperimentKeeper(Follower):
         self._flusher = asyncio.create_task(self._flush_every(), name="experiments-exposures")
 
     async def stop(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        await stop_task(self._flusher)
         await self.flush()
         await super().stop()
         await self.ledger.close()

@@ -37,6 +37,8 @@ from typing import Literal
 import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from gateway.tasks import stop as stop_task
+
 log = logging.getLogger("tailor.stream")
 
 Cause = Literal["connect", "events", "snapshot"]
@@ -140,9 +142,7 @@ class Hub:
             pass
         finally:
             self._remove(sub)
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
+            await stop_task(sender)
 
     def _remove(self, sub: Subscriber) -> None:
         subs = self._by_visitor.get(sub.visitor)

@@ -35,7 +35,6 @@ timers when an `on` event arms one, and one per trigger fired. Per due timer: it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -47,6 +46,7 @@ import msgspec
 
 from gateway.conditions import Duration, Slug, parse_duration
 from gateway.store import Recorded, Requirement, Store, StoreError, Timer, window_label
+from gateway.tasks import stop as stop_task
 
 __all__ = ["Delivered", "Trigger", "TriggerEngine", "TriggerMessage", "parse_duration"]
 
@@ -331,11 +331,8 @@ class TriggerEngine:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="trigger-timers")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.store.base import StoreError
+from gateway.tasks import stop as stop_task
 
 log = logging.getLogger("tailor.store")
 
@@ -326,11 +327,8 @@ class RedisDocuments:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
+        await stop_task(self._listener)
+        self._listener = None
         self._watchers.clear()
 
 
@@ -357,10 +355,7 @@ class Follower:
 
     async def stop(self) -> None:
         for task in (self._poller, self._pending):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await stop_task(task)
         await self.documents.close()
 
     def changed(self) -> None:

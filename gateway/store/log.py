@@ -13,12 +13,12 @@ before a flush are lost: at most `interval_s` of events. (The Redis store logs t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from pathlib import Path
 
 from gateway.store.base import LogLine, decode_log
+from gateway.tasks import stop as stop_task
 
 log = logging.getLogger("tailor.store")
 
@@ -126,11 +126,8 @@ class FileLog:
         return found
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+        await stop_task(self._flusher)
+        self._flusher = None
         try:
             await self.flush()
         except OSError as exc:

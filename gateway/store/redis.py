@@ -63,6 +63,7 @@ from gateway.store.base import (
 from gateway.store.documents import RedisDocuments
 from gateway.store.ledger import RedisLedger
 from gateway.store.resp import Multiplexed, RespError, RespTimeoutError
+from gateway.tasks import stop as stop_task
 
 log = logging.getLogger("tailor.store")
 
@@ -698,11 +699,8 @@ class RedisStore:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
-        if self._subscriber is not None:
-            self._subscriber.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._subscriber
-            self._subscriber = None
+        await stop_task(self._subscriber)
+        self._subscriber = None
         if self._fast is not None:
             self._fast.close()
         await self._redis.aclose()
