@@ -109,13 +109,12 @@ class ExperimentReport(msgspec.Struct, frozen=True):
     report: experiment_stats.Report
 
 
-class ExperimentsApi(VersionsApi):
+class ExperimentsApi(VersionsApi[ExperimentKeeper]):
     noun = "plan version"
 
     def __init__(self, gateway: Gateway, keeper: ExperimentKeeper) -> None:
         super().__init__(keeper)
         self.gateway = gateway
-        self.keeper = keeper
 
     async def check(self, body: bytes, number: int) -> None:
         await self._check(parse(body))  # the rule sets or the catalog may have changed since it was stored

@@ -25,6 +25,7 @@ from gateway import wire
 from gateway.access import Scope
 from gateway.http import ApiError, field_of, json_response, parse_query, read_body
 from gateway.recommend import Answer, Context, Recommender
+from gateway.rulebook import RuleKeeper
 from gateway.rules import Book
 from gateway.ruleset import RuleSet, RuleSetError, parse
 from gateway.store import StoreError
@@ -32,19 +33,17 @@ from gateway.versions_api import VersionsApi
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
-    from gateway.rulebook import RuleKeeper
 
 MAX_RULES_BODY = 2 * 1024 * 1024
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class RulesApi(VersionsApi):
+class RulesApi(VersionsApi[RuleKeeper]):
     noun = "rule-set version"
 
     def __init__(self, gateway: Gateway, keeper: RuleKeeper) -> None:
         super().__init__(keeper)
         self.gateway = gateway
-        self.keeper = keeper
 
     async def check(self, body: bytes, number: int) -> None:
         await self._checked(parse(body), number)  # the catalog may have changed since it was stored

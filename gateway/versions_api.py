@@ -5,7 +5,7 @@ the history an overview shows. gateway.rules_api and gateway.experiments_api add
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -22,17 +22,21 @@ class History(NamedTuple):
     activations: list[Activation]
 
 
-class VersionsApi:
-    """`noun` names a version in messages ("rule-set version 3", "plan version 3")."""
+K = TypeVar("K", bound=Follower)
+
+
+class VersionsApi(Generic[K]):
+    """`keeper` follows the documents on this node; `noun` names a version in messages
+    ("rule-set version 3", "plan version 3")."""
 
     noun = "version"
 
-    def __init__(self, keeper: Follower) -> None:
-        self.follower = keeper
+    def __init__(self, keeper: K) -> None:
+        self.keeper = keeper
 
     @property
     def documents(self) -> Documents:
-        return self.follower.documents
+        return self.keeper.documents
 
     async def check(self, body: bytes, number: int) -> None:
         """Raise ApiError if the stored version `number` may not be served now."""
@@ -86,7 +90,7 @@ class VersionsApi:
             raise ApiError(404, "not-found", f"no {self.noun} {number}", field="version") from None
         except StoreError as exc:
             raise ApiError(503, "store-unavailable", str(exc)) from None
-        await self.follower.refresh()
+        await self.keeper.refresh()
         return await self._overview()
 
     async def rollback(self, request: Request) -> Response:
