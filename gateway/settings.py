@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect
 
 ENV_PREFIX = "TAILOR_"
 # How a parent process hands resolved settings to uvicorn's worker processes.
@@ -88,6 +89,12 @@ class SettingsError(ValueError):
 
 
 FIELDS: tuple[str, ...] = Settings.__struct_fields__
+# Settings that hold a list: from the environment they come as a JSON array or comma-separated.
+LIST_FIELDS = frozenset(
+    f.name
+    for f in msgspec.inspect.type_info(Settings).fields  # type: ignore[attr-defined]
+    if isinstance(f.type, msgspec.inspect.ListType | msgspec.inspect.VarTupleType | msgspec.inspect.TupleType)
+)
 
 
 def read_file(path: Path) -> dict[str, Any]:
@@ -104,8 +111,27 @@ def read_file(path: Path) -> dict[str, Any]:
     return section
 
 
-def from_env(environ: Mapping[str, str]) -> dict[str, str]:
-    return {name: environ[ENV_PREFIX + name.upper()] for name in FIELDS if ENV_PREFIX + name.upper() in environ}
+def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The TAILOR_* variables that name a setting. A list setting is a JSON array
+    (`TAILOR_PUBLIC_KEYS='["pk_1", "pk_2"]'`) or comma-separated (`TAILOR_PUBLIC_KEYS=pk_1,pk_2`)."""
+    found: dict[str, Any] = {}
+    for name in FIELDS:
+        variable = ENV_PREFIX + name.upper()
+        if variable not in environ:
+            continue
+        value = environ[variable]
+        if name in LIST_FIELDS:
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    found[name] = msgspec.json.decode(text)
+                except msgspec.DecodeError as exc:
+                    raise SettingsError(f"{variable}: not a JSON array: {exc}") from None
+            else:
+                found[name] = [part.strip() for part in text.split(",") if part.strip()]
+        else:
+            found[name] = value
+    return found
 
 
 def resolve(

@@ -35,6 +35,29 @@ def test_environment_overrides_the_file_and_flags_override_the_environment(tmp_p
     assert resolved.max_n == 50
 
 
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"TAILOR_PUBLIC_KEYS": '["pk_one", "pk_two"]'}, {"public_keys": ["pk_one", "pk_two"]}),
+        ({"TAILOR_ADMIN_KEYS": "ak_one, ak_two"}, {"admin_keys": ["ak_one", "ak_two"]}),
+        ({"TAILOR_GC_THRESHOLDS": "[1000, 5, 10]"}, {"gc_thresholds": [1000, 5, 10]}),
+        ({"TAILOR_COUNTER_WINDOWS_S": "60,3600"}, {"counter_windows_s": [60.0, 3600.0]}),
+        ({"TAILOR_CORS_ORIGINS": ""}, {"cors_origins": []}),
+    ],
+)
+def test_list_settings_come_from_the_environment_as_json_or_comma_separated(
+    env: dict[str, str], expected: dict[str, list[object]]
+) -> None:
+    resolved = resolve(environ=env)
+    for name, value in expected.items():
+        assert list(getattr(resolved, name)) == value
+
+
+def test_a_list_setting_that_is_broken_json_names_the_variable() -> None:
+    with pytest.raises(SettingsError, match="TAILOR_PUBLIC_KEYS"):
+        resolve(environ={"TAILOR_PUBLIC_KEYS": '["pk_one"'})
+
+
 def test_tailor_config_variable_names_the_file(tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text("[gateway]\nworkers = 3\n")
