@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable,
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -49,7 +50,10 @@ POPULAR = "popular"
 NO_CONSENT = "no-consent:personalization"
 
 
-class Pool(NamedTuple):
+class Pool(msgspec.Struct, frozen=True, gc=False):
+    """Candidate rows, best first, and their scores. Tens of thousands sit in the candidate cache,
+    so the collector must not walk them (gc=False: two arrays never make a cycle)."""
+
     rows: npt.NDArray[np.int32]
     scores: npt.NDArray[np.float32]
 

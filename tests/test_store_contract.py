@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -402,6 +403,20 @@ async def test_memory_prunes_counters_that_left_their_window(anyio_backend: str)
     # At the very start of hour 99 the sliding hour still covers all of hour 98.
     assert counters == {"view/1h": 2, "view@item:i99/1h": 1, "view@item:i98/1h": 1}
     assert len(store._visitors["v"].counters) == 3  # hours 0-97 pruned: nothing of them is in the window
+
+
+async def test_memory_visitor_state_is_invisible_to_the_garbage_collector(anyio_backend: str) -> None:
+    # A full collection walks every tracked object: held by hundreds of thousands of visitors, that
+    # was a pause of about a second, so nothing a visitor keeps may stay tracked.
+    store = MemoryStore()
+    await remember(store, "v", "a", "b", ids=["e1", "e2"], categories=("shoes",))
+    await store.set_consent("v", {"marketing": Consent("granted", T0, "banner")}, ttl=DAY, now=T0)
+    assert await store.fire("v", "cart", b"offer", period=DAY, keep=5, ttl=DAY, now=T0)
+    gc.collect()
+    state = store._visitors["v"]
+    held = [state, state.recent, *state.recent, state.counters, state.ids, state.consent, state.fired, state.inbox]
+    assert [gc.is_tracked(value) for value in held] == [False] * len(held)
+    assert items(await store.profile("v", limit=10, now=T0)) == ["a", "b"]  # and it still reads back
 
 
 async def test_memory_event_log_is_build_input(tmp_path: Path, anyio_backend: str) -> None:

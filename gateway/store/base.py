@@ -158,8 +158,11 @@ PURPOSES = ("analytics", "personalization", "marketing")
 ConsentState = Literal["granted", "denied", "revoked"]
 
 
-class Consent(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One purpose's choice: what, when (Unix seconds), who set it, and until when it holds."""
+class Consent(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
+    """One purpose's choice: what, when (Unix seconds), who set it, and until when it holds.
+
+    gc=False: strings and numbers only, never part of a cycle (the memory store keeps one per
+    visitor and purpose; see memory._Visitor)."""
 
     state: ConsentState
     at: float
