@@ -145,7 +145,8 @@ def _add_snapshots(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 SERVE_EPILOG = """\
 configuration (lowest to highest precedence): built-in defaults, the config file (--config, or
 TAILOR_CONFIG), environment variables TAILOR_<NAME> (e.g. TAILOR_STORE=redis://127.0.0.1:6379/0;
-a list as a JSON array or comma-separated: TAILOR_PUBLIC_KEYS=pk_1,pk_2), then these flags. tailor.toml in the repository lists every setting with its default:
+a list as a JSON array or comma-separated: TAILOR_PUBLIC_KEYS=pk_1,pk_2), then these flags.
+tailor.toml in the repository lists every setting with its default:
 
 {settings}
 
