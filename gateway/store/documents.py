@@ -10,7 +10,6 @@ announced on a pub/sub channel, and nodes also poll, so a missed announcement on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -23,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.store.base import StoreError
+from gateway.store.pubsub import Subscription
 from gateway.tasks import stop as stop_task
 
 log = logging.getLogger("tailor.store")
@@ -226,8 +226,11 @@ class RedisDocuments:
         self.stem = f"{prefix}docs:{kind}:"
         self.channel = f"{prefix}docs:{kind}"
         self._watchers: list[Changed] = []
-        self._listener: asyncio.Task[None] | None = None
-        self.subscribed = asyncio.Event()
+        # Every announcement, and every (re)subscription (what changed while it was down), is a change.
+        self._subscription = Subscription(
+            redis, (self.channel,), self._changed, name=f"redis-{kind}", resubscribed=self._changed
+        )
+        self.subscribed = self._subscription.subscribed
 
     async def _run(self, operation: str, pipe: Any) -> list[Any]:
         try:
@@ -297,38 +300,14 @@ class RedisDocuments:
 
     def watch(self, changed: Changed) -> None:
         self._watchers.append(changed)
-        if self._listener is None:
-            self._listener = asyncio.get_running_loop().create_task(self._listen(), name=f"redis-{self.kind}")
+        self._subscription.start()
 
-    async def _listen(self) -> None:
-        delay = 0.05
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                self.subscribed.set()
-                delay = 0.05
-                for changed in self._watchers:  # what changed while the subscription was down
-                    changed()
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message["type"] == "message":
-                        for changed in self._watchers:
-                            changed()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.subscribed.clear()
-                log.warning("subscription to %s lost (%s); retrying in %.2fs", self.channel, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    def _changed(self, channel: bytes = b"", data: bytes = b"") -> None:
+        for changed in self._watchers:
+            changed()
 
     async def close(self) -> None:
-        await stop_task(self._listener)
-        self._listener = None
+        await self._subscription.close()
         self._watchers.clear()
 
 

@@ -21,8 +21,6 @@ Triggers (see `Store.schedule` and the rest):
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 import math
@@ -62,8 +60,8 @@ from gateway.store.base import (
 )
 from gateway.store.documents import RedisDocuments
 from gateway.store.ledger import RedisLedger
+from gateway.store.pubsub import Subscription
 from gateway.store.resp import Multiplexed, RespError, RespTimeoutError
-from gateway.tasks import stop as stop_task
 
 log = logging.getLogger("tailor.store")
 
@@ -349,8 +347,11 @@ class RedisStore:
         self._forget = self._redis.register_script(FORGET_SCRIPT)
         self._listeners: list[Listener] = []
         self._message_listeners: list[MessageListener] = []
-        self._subscriber: asyncio.Task[None] | None = None
-        self.subscribed = asyncio.Event()  # set while the subscription is live (tests wait on it)
+        # Announced visitors and fired messages, handed to the listeners (see _heard).
+        self._subscription = Subscription(
+            self._redis, (self.channel, self.message_channel), self._heard, name="redis-changes"
+        )
+        self.subscribed = self._subscription.subscribed  # set while the subscription is live (tests wait on it)
 
     def documents(self, kind: str) -> RedisDocuments:
         """Versioned documents (rule sets, ...) in this Redis, under this store's prefix."""
@@ -660,8 +661,7 @@ class RedisStore:
         self._listen_soon()
 
     def _listen_soon(self) -> None:
-        if self._subscriber is None:
-            self._subscriber = asyncio.get_running_loop().create_task(self._listen(), name="redis-changes")
+        self._subscription.start()
 
     def _heard(self, channel: bytes, data: bytes) -> None:
         if channel == self._message_channel_bytes:
@@ -673,34 +673,8 @@ class RedisStore:
         for listener in self._listeners:
             listener(visitor)
 
-    async def _listen(self) -> None:
-        """Hand every announced visitor (and fired message) to the listeners; reconnect with back-off
-        when Redis goes."""
-        delay = 0.05
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel, self.message_channel)
-                self.subscribed.set()
-                delay = 0.05
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message["type"] == "message":
-                        self._heard(message["channel"], message["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # connection trouble; a listener's bug must not end the subscription
-                self.subscribed.clear()
-                log.warning("change subscription to %s lost (%s); retrying in %.2fs", self.channel, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-
     async def close(self) -> None:
-        await stop_task(self._subscriber)
-        self._subscriber = None
+        await self._subscription.close()
         if self._fast is not None:
             self._fast.close()
         await self._redis.aclose()
