@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any, cast
 
@@ -25,10 +26,8 @@ class SwallowingPubSub:
     async def get_message(self, timeout: float) -> dict[str, Any] | None:
         if self.messages:
             return self.messages.pop()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):  # the bug: the caller never learns it was cancelled
             await asyncio.sleep(timeout)
-        except asyncio.CancelledError:
-            pass  # the bug: the caller never learns it was cancelled
         return None
 
     async def aclose(self) -> None:
