@@ -40,6 +40,7 @@ from gateway.experiments_api import ExperimentsApi
 from gateway.guard import GuardedStore
 from gateway.http import JSON, ApiError, JSONBytes, field_of, json_response, parse_query, read_body
 from gateway.metrics import Metrics
+from gateway.plans import Pick, reasons_of
 from gateway.recommend import NO_CONTEXT, Answer, Context, Recommender
 from gateway.rulebook import RuleKeeper
 from gateway.rules import Book
@@ -487,7 +488,7 @@ class Gateway:
             self.metrics.fallbacks.labels(answer.fallback).inc()
         # A new snapshot always counts as a change: its rows are other rows, and clients learn its version.
         picks = _with_reasons(answer.picks, enrolment.reasons) if enrolment is not None else answer.picks
-        same = (rec.snap.version, tuple((pick[0], pick[2]) for pick in picks))
+        same = (rec.snap.version, tuple((pick.row, pick.reason) for pick in picks))
         rid = f"{self._id_prefix}{next(self._ids):x}"
         self.metrics.rules_changed(answer.rules)
         body = wire.encode_recommendations(
@@ -771,11 +772,6 @@ def app_from_environment() -> Starlette:
     return app
 
 
-Reason = str | tuple[str, ...]
-
-
-def _with_reasons(
-    picks: Sequence[tuple[int, float, Reason]], extra: tuple[str, ...]
-) -> list[tuple[int, float, Reason]]:
+def _with_reasons(picks: Sequence[Pick], extra: tuple[str, ...]) -> list[Pick]:
     """Picks whose reasons end with `extra` (the visitor's experiments and arms)."""
-    return [(row, score, ((reason,) if isinstance(reason, str) else reason) + extra) for row, score, reason in picks]
+    return [Pick(pick.row, pick.score, reasons_of(pick) + extra) for pick in picks]

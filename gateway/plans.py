@@ -5,8 +5,9 @@ per distinct set of fired groups (gateway.rules.Book.fire caches them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -14,7 +15,11 @@ from gateway.conditions import Predicate
 from gateway.ruleset import Content, Rule
 
 
-class Pick(NamedTuple):
+class Pick(msgspec.Struct, frozen=True, gc=False):
+    """One item of an answer: its catalog row, score and reasons. Lists of these are cached (popular
+    lists of whole categories, remembered answers): gc=False keeps the collector from walking them
+    (an int, a float and strings never make a cycle)."""
+
     row: int
     score: float
     reason: str | tuple[str, ...]  # one reason, or several (encoded as the item's `reasons` list)

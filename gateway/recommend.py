@@ -216,9 +216,6 @@ class Candidates:
         return _best_of_all(scores, self.pool_size)
 
 
-_new_pick = tuple.__new__
-
-
 def _distinct(rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     """np.unique without its overhead, for a few hundred rows."""
     rows = np.sort(rows)
@@ -605,7 +602,7 @@ class Recommender:
                 pool, ruling, ("popular", *sorted(categories)), reason=reason, n=n, categories=(), excluded=excluded
             )
         picks = self.popular(n=n, categories=categories, excluded=excluded)
-        return picks if reason == POPULAR else [Pick(row, score, reason) for row, score, _ in picks]
+        return picks if reason == POPULAR else [Pick(pick.row, pick.score, reason) for pick in picks]
 
     def popular_pool(self, categories: Collection[str]) -> Pool:
         """The popular list of these categories as a pool (made on first use, kept as `_popular` is)."""
@@ -700,7 +697,7 @@ class Recommender:
         rows = [every[i] for i in kept]
         scores = [all_scores[i] for i in kept]
         rounded = np.round(np.asarray(scores[:n], dtype=np.float64), 6).tolist()
-        picks = [_new_pick(Pick, (row, score, reason)) for row, score in zip(rows, rounded, strict=False)]
+        picks = [Pick(row, score, reason) for row, score in zip(rows, rounded, strict=False)]
         ruling.memo = [picks, None]
         self._ruled_answers.put(memo_key, ruling.memo)
         return picks
@@ -716,13 +713,12 @@ class Recommender:
         start, stop = 0, n + len(excluded) if not wanted else 4 * n
         while start < len(pool.rows):
             rows = pool.rows[start:stop].tolist()
-            # rounded in one numpy call, and tuple.__new__ skips NamedTuple's Python-level __new__:
-            # together a third of the cost of Pick(row, round(score, 6), reason) per pick
+            # rounded in one numpy call rather than round() per pick
             scores = np.round(pool.scores[start:stop].astype(np.float64), 6).tolist()
             for row, score in zip(rows, scores, strict=True):
                 if row in excluded or (wanted and wanted.isdisjoint(category_sets[row])):
                     continue
-                picks.append(_new_pick(Pick, (row, score, reason)))
+                picks.append(Pick(row, score, reason))
                 if len(picks) == n:
                     return picks
             start, stop = stop, stop * 4

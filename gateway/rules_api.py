@@ -183,12 +183,12 @@ def _listed(rec: Recommender, answer: Answer) -> wire.PreviewList:
     snap = rec.snap
     items = [
         wire.ScoredItem(
-            snap.item_ids[row],
-            snap.titles[row],
-            snap.categories[row],
-            score,
-            [reason] if isinstance(reason, str) else list(reason),
+            snap.item_ids[pick.row],
+            snap.titles[pick.row],
+            snap.categories[pick.row],
+            pick.score,
+            [pick.reason] if isinstance(pick.reason, str) else list(pick.reason),
         )
-        for row, score, reason in answer.picks
+        for pick in answer.picks
     ]
     return wire.PreviewList(items, answer.fallback, answer.segments, answer.rules, answer.fired, answer.content)

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from gateway.plans import Pick
 from gateway.recommend import Fallback, ProfileKind
 from gateway.ruleset import Content, RuleSet
 from gateway.snapshot import Snapshot
@@ -182,7 +183,7 @@ ENCODED_REASONS_MAX = 100_000
 def encode_recommendations(
     snap: Snapshot,
     request_id: str,
-    picks: Iterable[tuple[int, float, str | tuple[str, ...]]],
+    picks: Iterable[Pick],
     fallback: Fallback | None,
     profile: ProfileKind,
     *,
@@ -199,7 +200,8 @@ def encode_recommendations(
     fragments, reasons = snap.encoded_items, snap.encoded_reasons
     encode = _encoder.encode
     parts: list[bytes] = []
-    for row, score, reason in picks:
+    for pick in picks:
+        row, reason = pick.row, pick.reason
         head = fragments.get(row)
         if head is None:
             head = fragments[row] = _fragment(snap, row)
@@ -209,7 +211,7 @@ def encode_recommendations(
             tail = b',"reasons":' + encode(listed) + b"}"
             if len(reasons) < ENCODED_REASONS_MAX:
                 reasons[reason] = tail
-        parts.append(head + encode(score) + tail)
+        parts.append(head + encode(pick.score) + tail)
     items = msgspec.Raw(b"[" + b",".join(parts) + b"]")
     shown = [msgspec.Raw(message) for message in messages]
     return encode(

@@ -19,6 +19,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from gateway import wire
 from gateway.app import Gateway, create_app
+from gateway.plans import Pick
 from gateway.settings import Settings
 from gateway.snapshot import load
 from gateway.store import Consent, MemoryStore, Recorded, RedisStore, Requirement, Retention, Store
@@ -105,7 +106,7 @@ def test_an_answers_messages_are_encoded_as_declared(small_snapshots: Path) -> N
     snap = load(current_dir(small_snapshots))
     delivered = Delivered("welcome", 2, CART.message, "abc", T0)
     got = wire.encode_recommendations(
-        snap, "r", [(0, 0.5, "user-vector")], None, "live", messages=[msgspec.json.encode(delivered)]
+        snap, "r", [Pick(0, 0.5, "user-vector")], None, "live", messages=[msgspec.json.encode(delivered)]
     )
     item = wire.ScoredItem(snap.item_ids[0], snap.titles[0], snap.categories[0], 0.5, ["user-vector"])
     assert got == msgspec.json.encode(
