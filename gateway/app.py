@@ -40,7 +40,7 @@ from gateway.experiments_api import ExperimentsApi
 from gateway.guard import GuardedStore
 from gateway.http import JSON, ApiError, JSONBytes, field_of, json_response, parse_query, read_body
 from gateway.metrics import Metrics
-from gateway.plans import Pick, reasons_of
+from gateway.plans import Pick, tagged
 from gateway.recommend import NO_CONTEXT, Answer, Context, Recommender
 from gateway.rulebook import RuleKeeper
 from gateway.rules import Book
@@ -774,4 +774,4 @@ def app_from_environment() -> Starlette:
 
 def _with_reasons(picks: Sequence[Pick], extra: tuple[str, ...]) -> list[Pick]:
     """Picks whose reasons end with `extra` (the visitor's experiments and arms)."""
-    return [Pick(pick.row, pick.score, reasons_of(pick) + extra) for pick in picks]
+    return [tagged(pick, extra) for pick in picks]

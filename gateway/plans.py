@@ -4,6 +4,7 @@ per distinct set of fired groups (gateway.rules.Book.fire caches them)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,11 @@ class Pick(msgspec.Struct, frozen=True, gc=False):
 
 def reasons_of(pick: Pick) -> tuple[str, ...]:
     return (pick.reason,) if isinstance(pick.reason, str) else pick.reason
+
+
+def tagged(pick: Pick, more: Sequence[str]) -> Pick:
+    """`pick` with `more` reasons after its own (the same pick when there are none)."""
+    return pick if not more else Pick(pick.row, pick.score, (*reasons_of(pick), *more))
 
 
 @dataclass(eq=False)

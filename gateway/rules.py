@@ -39,6 +39,7 @@ from gateway.plans import (
     Plan,
     by_priority,
     reasons_of,
+    tagged,
 )
 from gateway.ruleset import (
     SURFACES,
@@ -500,7 +501,7 @@ class Book:
                 pairs, refs = plan.boosted_by(pick.row)
                 if refs:
                     applied.update(pairs)
-                    chosen[at] = _tagged(pick, refs)
+                    chosen[at] = tagged(pick, refs)
         placed = chosen
         if plan.injects:
             placed = _inject(placed, plan, n=n, passes=passes, allowed=allowed, applied=applied)
@@ -534,10 +535,6 @@ class Book:
 
     def segments(self, facts: Facts, *, personal: bool) -> list[str]:
         return self.segmenter.assign(facts, personal=personal)
-
-
-def _tagged(pick: Pick, refs: Sequence[str]) -> Pick:
-    return pick if not refs else Pick(pick.row, pick.score, (*reasons_of(pick), *refs))
 
 
 def _check_ids(ruleset: RuleSet) -> None:

@@ -654,13 +654,10 @@ class RedisStore:
 
     def subscribe_messages(self, listener: MessageListener) -> None:
         self._message_listeners.append(listener)
-        self._listen_soon()
+        self._subscription.start()
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
-        self._listen_soon()
-
-    def _listen_soon(self) -> None:
         self._subscription.start()
 
     def _heard(self, channel: bytes, data: bytes) -> None:
