@@ -116,7 +116,10 @@ def _open_redis(scheme: str, netloc: str, path: str, query: str, fragment: str) 
             prefix = unquote(value)
         else:
             kept.append(pair)
-    return RedisStore(urlunsplit((scheme, netloc, path, "&".join(kept), fragment)), prefix=prefix)
+    rebuilt = urlunsplit((scheme, netloc, path, "&".join(kept), fragment))
+    if not netloc:  # urlunsplit writes unix:///path as unix:/path, which redis-py 8 refuses
+        rebuilt = rebuilt.replace(f"{scheme}:", f"{scheme}://", 1)
+    return RedisStore(rebuilt, prefix=prefix)
 
 
 def open_documents(store: Store, kind: str, directory: str) -> Documents:
