@@ -685,19 +685,20 @@ class Recommender:
         depth = (3 if plan.cap is not None else 1) * n + len(excluded) + HEADROOM_MIN
         if wanted:
             depth = 8 * n + len(excluded)
-        every = pool.rows[:depth].tolist()
-        if wanted:
+        every = pool.rows[:depth]
+        if excluded or wanted:
+            listed = every.tolist()
             admitted = [
-                i for i, row in enumerate(every) if row not in excluded and not wanted.isdisjoint(category_sets[row])
+                i
+                for i, row in enumerate(listed)
+                if row not in excluded and (not wanted or not wanted.isdisjoint(category_sets[row]))
             ]
-        else:
-            admitted = [i for i, row in enumerate(every) if row not in excluded]
-        all_scores = pool.scores[:depth].tolist()
-        kept = [admitted[at] for at in ruling.select([every[i] for i in admitted], n)]
-        rows = [every[i] for i in kept]
-        scores = [all_scores[i] for i in kept]
-        rounded = np.round(np.asarray(scores[:n], dtype=np.float64), 6).tolist()
-        picks = [Pick(row, score, reason) for row, score in zip(rows, rounded, strict=False)]
+            kept = [admitted[at] for at in ruling.select(every[admitted], n)]
+        else:  # a known user without recent events: every candidate is admitted
+            kept = ruling.select(every, n)
+        rows = every[kept].tolist()
+        rounded = np.round(pool.scores[kept].astype(np.float64), 6).tolist()
+        picks = [Pick(row, score, reason) for row, score in zip(rows, rounded, strict=True)]
         ruling.memo = [picks, None]
         self._ruled_answers.put(memo_key, ruling.memo)
         return picks

@@ -16,13 +16,12 @@ scores (1 for the first item, falling by 1/n), so they still read "higher is bet
 from __future__ import annotations
 
 import functools
-import itertools
 import zoneinfo
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
@@ -62,10 +61,10 @@ from gateway.store.base import DAY
 if TYPE_CHECKING:
     from gateway.snapshot import Snapshot
 
-T = TypeVar("T")
-
 # Candidates the rules read beyond what the answer needs, for filters to drop and boosts to lift.
 HEADROOM_MIN = 20
+# Distinct pages whose page-only rule groups a Book remembers (a few dozen bytes each).
+PAGES_KEPT = 20_000
 
 
 @dataclass
@@ -78,9 +77,11 @@ class Outcome:
 
 
 @functools.cache
-def _standing(size: int) -> tuple[float, ...]:
+def _standing(size: int) -> npt.NDArray[np.float64]:
     """A list's rank-based standing before boosts: 1 for the first, falling evenly towards 0."""
-    return tuple(1.0 - i / size for i in range(size))
+    standing = 1.0 - np.arange(size, dtype=np.float64) / size
+    standing.setflags(write=False)
+    return standing
 
 
 @functools.cache
@@ -164,29 +165,33 @@ class Ruling:
     # (Recommender._select); the outcome is filled in by the first request that gets that far.
     memo: list[Any] | None = None
 
-    def select(self, rows: list[int], n: int) -> list[int]:
+    def select(self, rows: list[int] | npt.NDArray[np.integer], n: int) -> list[int]:
         """The positions in `rows` (candidates the request admits, best first) of the at most n
         the plan keeps: without what its filters drop, re-ranked by its boosts, through its cap.
-        Every candidate of an answer goes through here, so the answer is `ranked`; plain Python
-        over a few dozen rows, where numpy's per-call overhead would cost more."""
+        Every candidate of an answer goes through here, so the answer is `ranked`. Filters and
+        boosts take one numpy operation per group over the few dozen rows; the cap, which stops
+        as soon as it has n, a plain loop."""
         plan = self.plan
         assert plan is not None
         self.ranked = True
-        positions = list(range(len(rows)))
-        hits = plan.hits(np.asarray(rows, dtype=np.int64)) if rows else None
-        if hits is not None:
-            kept = [i for i in positions if not hits[i]]
-            if len(kept) < len(positions):
-                # The filters that changed the answer: those dropping a row ahead of the n-th kept.
-                last = kept[n - 1] if len(kept) >= n else len(rows)
-                dropped = [rows[i] for i in positions if hits[i] and i < last]
-                for group in plan.filtering:
-                    self.applied.update(group.dropped_by(dropped))
-            positions = kept
-        order = self._order([rows[i] for i in positions])
+        if not len(rows):
+            return []
+        at = np.asarray(rows, dtype=np.intp)
+        listed: list[int] = at.tolist()
+        positions: npt.NDArray[np.intp] | None = None  # None: all of them, in order
+        hit = plan.hits(at)
+        if hit is not None and hit.any():
+            kept = np.flatnonzero(~hit)
+            # The filters that changed the answer: those dropping a row ahead of the n-th kept.
+            last = int(kept[n - 1]) if len(kept) >= n else len(rows)
+            dropped: list[int] = at[:last][hit[:last]].tolist()
+            for group in plan.filtering:
+                self.applied.update(group.dropped_by(dropped))
+            positions, at = kept, at[kept]
+        order = self._order(at)
         if order is not None:
-            positions = [positions[i] for i in order]
-        return self._cap(rows, positions, n)
+            positions = order if positions is None else positions[order]
+        return self._cap(listed, list(range(len(listed))) if positions is None else positions.tolist(), n)
 
     def _cap(self, rows: list[int], positions: list[int], n: int) -> list[int]:
         """The first n of `positions` the plan's cap admits."""
@@ -194,50 +199,83 @@ class Ruling:
         if rule is None or rule.cap is None:
             return positions[:n]
         keys, distinct = self.book.cap_codes(rule.cap[1])
-        return self._admit(((at, keys[rows[at]]) for at in positions), [0] * distinct, n)
-
-    def fill(self, chosen: list[Pick], more: Iterable[Pick], n: int) -> list[Pick]:
-        """`chosen` and, up to n, the picks of `more` the plan's cap still admits."""
-        room = n - len(chosen)
-        rule = self.plan.cap if self.plan is not None else None
-        if rule is None or rule.cap is None:
-            return chosen + list(itertools.islice(more, max(room, 0)))
-        keys, distinct = self.book.cap_codes(rule.cap[1])
-        counts = [0] * distinct
-        for pick in chosen:
-            counts[keys[pick.row]] += 1
-        return chosen + self._admit(((pick, keys[pick.row]) for pick in more), counts, room)
-
-    def _admit(self, candidates: Iterable[tuple[T, int]], counts: list[int], room: int) -> list[T]:
-        """Up to `room` candidates, in order, whose category (a cap code) is under the cap;
-        `counts` holds how many each category has already."""
-        rule = self.plan.cap if self.plan is not None else None
-        assert rule is not None and rule.cap is not None
-        limit = rule.cap[0]
-        kept: list[T] = []
-        for candidate, code in candidates:
-            if len(kept) >= room:
+        limit, counts = rule.cap[0], [0] * distinct
+        kept: list[int] = []
+        capped = False
+        # One plain loop: a known user's candidates crowd into few categories, so a cap of 3 skips
+        # about two of every three it looks at (a generator per candidate cost as much again).
+        for at in positions:
+            if len(kept) >= n:
                 break
+            code = keys[rows[at]]
             if counts[code] >= limit:
-                self.applied[rule.ref] = rule
+                capped = True
                 continue
             counts[code] += 1
-            kept.append(candidate)
+            kept.append(at)
+        if capped:
+            self.applied[rule.ref] = rule
         return kept
 
-    def _order(self, rows: list[int]) -> list[int] | None:
+    def fill(
+        self,
+        chosen: list[Pick],
+        reserve: Iterable[Pick],
+        n: int,
+        *,
+        taken: Container[int],
+        passes: Callable[[int], bool],
+    ) -> list[Pick]:
+        """`chosen` and, up to n, the picks of `reserve` not `taken` that pass the filters and the
+        plan's cap still admits."""
+        room = n - len(chosen)
+        if room <= 0:
+            return chosen
+        more: list[Pick] = []
+        rule = self.plan.cap if self.plan is not None else None
+        if rule is None or rule.cap is None:
+            for pick in reserve:
+                row = pick.row
+                if row in taken or not passes(row):
+                    continue
+                more.append(pick)
+                if len(more) >= room:
+                    break
+            return chosen + more
+        keys, distinct = self.book.cap_codes(rule.cap[1])
+        limit, counts = rule.cap[0], [0] * distinct
+        for pick in chosen:
+            counts[keys[pick.row]] += 1
+        capped = False
+        for pick in reserve:
+            row = pick.row
+            if row in taken or not passes(row):
+                continue
+            code = keys[row]
+            if counts[code] >= limit:
+                capped = True
+                continue
+            counts[code] += 1
+            more.append(pick)
+            if len(more) >= room:
+                break
+        if capped:
+            self.applied[rule.ref] = rule
+        return chosen + more
+
+    def _order(self, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.intp] | None:
         """The positions of `rows` (best first) re-ranked by the plan's boosts; None when no boost
         holds for any of them."""
         plan = self.plan
-        if plan is None or not plan.boosting or not rows:
+        if plan is None or not plan.boosting or not len(rows):
             return None
         factors = plan.factors(rows)
-        if factors.count(1.0) == len(factors):
+        if (factors == 1.0).all():
             return None
-        standing = [s * f for s, f in zip(_standing(len(factors)), factors, strict=True)]
         self.reordered = True
-        # reverse=True keeps equal standings in their order: the sort is stable either way
-        return sorted(range(len(standing)), key=standing.__getitem__, reverse=True)
+        # A stable sort keeps equal standings in their order.
+        order: npt.NDArray[np.intp] = np.argsort(-(_standing(len(rows)) * factors), kind="stable")
+        return order
 
 
 class Book:
@@ -310,6 +348,7 @@ class Book:
                 else:
                     checks.append((index, group.when, group.starts, group.ends))
             self._checks[surface], self._pages[surface] = checks, pages
+        self._page_groups: dict[tuple[str, str], tuple[tuple[int, float, float], ...]] = {}
         self._plans: OrderedDict[tuple[int, ...], Plan] = OrderedDict()
         self._hot: OrderedDict[tuple[int, ...], Plan] = OrderedDict()  # those with combined arrays
         self._hot_kept = max(8, HOT_BYTES // (5 * max(len(snap.item_ids), 1)))
@@ -435,14 +474,12 @@ class Book:
                 found.append(index)
         page = facts.page
         if page is not None:
-            for prefixes, index, starts, ends in self._pages[surface]:
-                if page.startswith(prefixes) and starts <= now < ends:
+            for index, starts, ends in self._on_page(surface, page):
+                if starts <= now < ends:
                     found.append(index)
         if not found:
             return None
         fired = tuple(sorted(found))
-        if not fired:
-            return None
         plan = self._plans.get(fired)
         if plan is None:
             plan = self._plans[fired] = Plan([self.groups[i] for i in fired])
@@ -459,6 +496,21 @@ class Book:
             while len(self._hot) > self._hot_kept:
                 self._hot.popitem(last=False)[1].separate()
         return plan
+
+    def _on_page(self, surface: Surface, page: str) -> tuple[tuple[int, float, float], ...]:
+        """The page-only groups (index, validity) whose prefixes `page` starts with: one scan per
+        distinct page, then a lookup (a shop has a bounded set of pages; past PAGES_KEPT of them,
+        the others are scanned each time rather than remembered)."""
+        found = self._page_groups.get((surface, page))
+        if found is None:
+            found = tuple(
+                (index, starts, ends)
+                for prefixes, index, starts, ends in self._pages[surface]
+                if page.startswith(prefixes)
+            )
+            if len(self._page_groups) < PAGES_KEPT:
+                self._page_groups[(surface, page)] = found
+        return found
 
     def decide(self, facts: Facts, surface: Surface, *, personal: bool) -> Ruling:
         """The segments and the plan for one request (see Segmenter.assign on `personal`)."""
@@ -494,7 +546,7 @@ class Book:
         passes = plan.passes
         if len(chosen) < n:
             taken = {p.row for p in chosen} | {p.row for p in picks}
-            chosen = ruling.fill(chosen, (p for p in reserve() if p.row not in taken and passes(p.row)), n)
+            chosen = ruling.fill(chosen, reserve(), n, taken=taken, passes=passes)
 
         if reordered:
             for at, pick in enumerate(chosen):

@@ -37,13 +37,18 @@ class Segmenter:
     ) -> None:
         self.predicates: list[tuple[str, Predicate]] = [(d.id, compiler.compile(d.when)) for d in definitions]
         self.model = model
+        # A visitor with no counters and no last visit always lands in the same model segment.
+        self._nobody = model.assign({}, None, 0.0) if model is not None else None
 
     def assign(self, facts: Facts, *, personal: bool) -> list[str]:
         """The visitor's segments, also left in `facts.segments` for the rules. Without `personal`
         (no consent, or no profile read) the model is not asked: it would only see an empty profile."""
         found = facts.segments
         if personal and self.model is not None:
-            found.add(self.model.assign(facts.counters, facts.last_seen, facts.now))
+            if self._nobody is not None and not facts.counters and facts.last_seen is None:
+                found.add(self._nobody)
+            else:
+                found.add(self.model.assign(facts.counters, facts.last_seen, facts.now))
         for name, predicate in self.predicates:
             if predicate(facts):
                 found.add(name)

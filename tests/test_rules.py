@@ -373,6 +373,30 @@ def test_a_rule_outside_its_validity_window_does_not_fire(snap: Snapshot) -> Non
     assert [r.id for r in book(snap, doc).fired(facts(), "recommend")] == ["now"]
 
 
+def test_a_pages_rules_are_remembered_per_page_but_their_validity_is_checked_on_every_request(
+    snap: Snapshot,
+) -> None:
+    ends = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
+    doc = {
+        "timezone": "UTC",
+        "rules": [
+            rule("shoes", {"type": "attach", "slot": "a", "content": {}}, when={"context": {"page": ["/c/shoes"]}}),
+            rule(
+                "sale",
+                {"type": "attach", "slot": "b", "content": {}},
+                when={"context": {"page": ["/c/shoes", "/c/books"]}},
+                valid_until="2026-12-01T00:00:00Z",
+            ),
+        ],
+    }
+    b = book(snap, doc)
+    for _ in range(2):  # the second time from what the first remembered
+        assert [r.id for r in b.fired(facts(page="/c/shoes/boots", now=ends - 1), "recommend")] == ["sale", "shoes"]
+        assert [r.id for r in b.fired(facts(page="/c/shoes/boots", now=ends), "recommend")] == ["shoes"]
+        assert [r.id for r in b.fired(facts(page="/c/books", now=ends - 1), "recommend")] == ["sale"]
+        assert b.fired(facts(page="/c/toys", now=ends - 1), "recommend") == []
+
+
 def test_flags_override_a_rules_enabled_field(snap: Snapshot) -> None:
     doc = {
         "rules": [

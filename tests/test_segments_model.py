@@ -12,6 +12,9 @@ import msgspec
 import numpy as np
 import pytest
 
+from gateway import conditions
+from gateway.conditions import Compiler
+from gateway.segments import Segmenter
 from gateway.snapshot import Snapshot, SnapshotRefusedError, load
 from gateway.store import Recorded, window_label
 from gateway.store.base import DEFAULT_WINDOWS
@@ -114,6 +117,20 @@ def test_a_new_visitor_is_assigned_to_the_cluster_that_behaves_like_them() -> No
     counters = {"view/30d": 30, "click/30d": 8, "purchase/30d": 5, "add_to_cart/30d": 2}
     assert model.assign(counters, NOW - 3600, NOW) == model.segments[labels[0]].id
     assert model.assign({}, None, NOW) == model.segments[labels[40]].id
+
+
+def test_the_gateway_puts_a_visitor_with_no_activity_where_the_model_does_at_any_time() -> None:
+    """Segmenter remembers the segment of an empty profile; the model's answer for one must not
+    depend on the time."""
+    model, labels = segments.fit(population(), AFFINITY, MEMBERS, 2, seed=0)
+    segmenter = Segmenter([], Compiler(DEFAULT_WINDOWS, window_label), model)
+    for now in (0.0, NOW, NOW + 400 * DAY):
+        assert model.assign({}, None, now) == model.segments[labels[40]].id
+        assert segmenter.assign(conditions.facts(now), personal=True) == [model.segments[labels[40]].id]
+    active = {"view/30d": 30, "click/30d": 8, "purchase/30d": 5, "add_to_cart/30d": 2}
+    busy = conditions.facts(NOW, counters=active, last_seen=NOW - 3600)
+    assert segmenter.assign(busy, personal=True) == [model.segments[labels[0]].id]
+    assert segmenter.assign(conditions.facts(NOW), personal=False) == []
 
 
 def test_segment_ids_are_model_k_numbered_by_size() -> None:
