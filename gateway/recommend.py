@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import msgspec
@@ -62,16 +61,18 @@ class Pool(msgspec.Struct, frozen=True, gc=False):
 LiveProfile = tuple[tuple[int, ...], tuple[float, ...]]
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(msgspec.Struct, frozen=True):
+    """What the pipeline made for one request (a Struct: built once or twice per request, ten
+    times faster than a frozen dataclass)."""
+
     picks: list[Pick]
     fallback: Fallback | None
     profile: ProfileKind
-    segments: list[str] = field(default_factory=list)
-    rules: list[str] = field(default_factory=list)  # "rule:<id>@<version>" of each rule that changed it
-    content: list[Content] = field(default_factory=list)
-    fired: list[str] = field(default_factory=list)  # every rule whose conditions held (for previews)
-    messages: list[bytes] = field(default_factory=list)  # fired triggers' (gateway.triggers.Delivered JSON)
+    segments: list[str] = msgspec.field(default_factory=list)
+    rules: list[str] = msgspec.field(default_factory=list)  # "rule:<id>@<version>" of each rule that changed it
+    content: list[Content] = msgspec.field(default_factory=list)
+    fired: list[str] = msgspec.field(default_factory=list)  # every rule whose conditions held (for previews)
+    messages: list[bytes] = msgspec.field(default_factory=list)  # fired triggers' (gateway.triggers.Delivered JSON)
     read: Profile | None = None  # the profile it was made from; None when none was read (or the store failed)
 
 
@@ -334,7 +335,7 @@ class Recommender:
         if ruling is not None:
             answer = self._ruled(ruling, answer, n=n, categories=categories, exclude=exclude, profile=profile)
         if profile is not None and profile.messages:
-            answer = replace(answer, messages=profile.messages)
+            answer = msgspec.structs.replace(answer, messages=profile.messages)
         return answer
 
     async def _model_answer(
@@ -697,8 +698,11 @@ class Recommender:
         else:  # a known user without recent events: every candidate is admitted
             kept = ruling.select(every, n)
         rows = every[kept].tolist()
-        rounded = np.round(pool.scores[kept].astype(np.float64), 6).tolist()
-        picks = [Pick(row, score, reason) for row, score in zip(rows, rounded, strict=True)]
+        if ruling.reordered:  # Book.apply gives a re-ranked list rank scores: these are never shown
+            picks = [Pick(row, 0.0, reason) for row in rows]
+        else:
+            rounded = pool.scores[kept].astype(np.float64).round(6).tolist()
+            picks = [Pick(row, score, reason) for row, score in zip(rows, rounded, strict=True)]
         ruling.memo = [picks, None]
         self._ruled_answers.put(memo_key, ruling.memo)
         return picks
@@ -715,7 +719,7 @@ class Recommender:
         while start < len(pool.rows):
             rows = pool.rows[start:stop].tolist()
             # rounded in one numpy call rather than round() per pick
-            scores = np.round(pool.scores[start:stop].astype(np.float64), 6).tolist()
+            scores = pool.scores[start:stop].astype(np.float64).round(6).tolist()
             for row, score in zip(rows, scores, strict=True):
                 if row in excluded or (wanted and wanted.isdisjoint(category_sets[row])):
                     continue
