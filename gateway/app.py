@@ -629,15 +629,17 @@ class Gateway:
         return HTMLResponse(openapi.html_page())
 
     def routes(self) -> list[BaseRoute]:
+        # Routes are matched in order: the probes first (orchestrators call them all the time, and
+        # the benchmark's ceiling is /healthz: it must not pay for matching the API's paths).
         table: list[tuple[str, str, Callable[[Request], Awaitable[Response]], str, Scope]] = [
+            ("/healthz", "healthz", self.healthz, "GET", "open"),
+            ("/readyz", "readyz", self.readyz, "GET", "open"),
             ("/v1/recommend", "recommend", self.recommend, "GET", "public"),
             ("/v1/items/{item_id}/similar", "similar", self.similar, "GET", "public"),
             ("/v1/popular", "popular", self.popular, "GET", "public"),
             *self.events_api.table(),
             ("/v1/token", "token", self.token, "POST", "public"),
             *self.visitors_api.table(),
-            ("/healthz", "healthz", self.healthz, "GET", "open"),
-            ("/readyz", "readyz", self.readyz, "GET", "open"),
             ("/metrics", "metrics", self.metrics_page, "GET", "admin"),
             ("/admin/reload", "reload", self.admin_reload, "POST", "admin"),
             *self.rules_api.table(),
