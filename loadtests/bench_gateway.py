@@ -379,7 +379,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: wrk shares the 2 cores)")
-    p.add_argument("--visitors", type=int, default=40_000, help="new visitors seeded with 1-3 clicks (40000)")
+    p.add_argument(
+        "--visitors",
+        type=int,
+        default=200_000,
+        help="new visitors seeded with 1-3 clicks (200000: enough that the runs do not ask for one twice)",
+    )
     p.add_argument("--breakdown-duration", type=float, default=5.0, help="seconds per breakdown run (default 5)")
     p.add_argument(
         "--no-breakdown",
