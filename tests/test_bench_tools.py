@@ -1,0 +1,23 @@
+"""The benchmark tools that have no wrk or second process run on the small shop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loadtests import rules_in_process
+
+
+def test_rules_in_process_times_every_kind_of_visitor_with_and_without_rules(
+    small_snapshots: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = rules_in_process.main(
+        ["--snapshots", str(small_snapshots), "--calls", "60", "--rounds", "1", "--visitors", "40"]
+    )
+    assert code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("none", "rules"))]
+    assert [line.split()[0] for line in lines] == ["none", "rules"]
+    for line in lines:
+        for kind in ("known p50", "new p50", "unknown p50", "all p99"):
+            assert kind in line
