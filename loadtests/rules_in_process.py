@@ -30,6 +30,7 @@ from gateway.app import create_app
 from gateway.recommend import Context
 from loadtests.bench_rules import rule_set
 from loadtests.exact import Snapshot
+from loadtests.traffic import new_visitors
 
 KINDS = ("known", "new", "unknown")
 
@@ -67,24 +68,13 @@ async def run(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://in-process") as client:
-            categories = [c for c in snap.popular if c]
-            visitors: dict[str, list[int]] = {}
-            for number in range(args.visitors):
-                pool = snap.popular[rng.choice(categories)] or snap.popular[""]
-                clicks = [rng.choice(pool) if rng.random() < 2 / 3 else rng.randrange(len(snap.item_ids))]
-                visitors[f"seeded-{number:06d}"] = clicks + [rng.choice(pool) for _ in range(rng.randint(0, 2))]
-            now = int(time.time())
-            events = [
-                {"visitor": visitor, "item": snap.item_ids[row], "event": "click", "ts": now - (len(rows) - 1 - k)}
-                for visitor, rows in visitors.items()
-                for k, row in enumerate(rows)
-            ]
+            visitors, events = new_visitors(snap, args.visitors, rng)
             for start in range(0, len(events), 500):
                 (await client.post("/v1/events", json={"events": events[start : start + 500]})).raise_for_status()
             stored = await client.put("/admin/rules", json=rule_set(snap.directory, random.Random(args.seed)))
             stored.raise_for_status()
             version = stored.json()["version"]
-            tops = sorted({c.split("/")[0] for c in categories})
+            tops = sorted({c.split("/")[0] for c in snap.popular if c})
             devices = ["mobile", "mobile", "desktop", "tablet"]
             population = {"known": list(snap.user_ids), "new": list(visitors)}
             for values in population.values():

@@ -112,8 +112,11 @@ def make_traffic(snap: Snapshot, visitors: dict[str, list[int]], args: argparse.
     return traffic
 
 
-def seed_visitors(client: httpx.Client, snap: Snapshot, count: int, rng: random.Random) -> dict[str, list[int]]:
-    """`count` new visitors, each with 1-3 recent clicks (mostly popular items of one category)."""
+def new_visitors(
+    snap: Snapshot, count: int, rng: random.Random
+) -> tuple[dict[str, list[int]], list[dict[str, str | int]]]:
+    """`count` new visitors, each with 1-3 recent clicks (mostly popular items of one category), and
+    their clicks as `POST /v1/events` events, the last one now."""
     categories = [c for c in snap.popular if c]
     visitors: dict[str, list[int]] = {}
     for number in range(count):
@@ -122,11 +125,17 @@ def seed_visitors(client: httpx.Client, snap: Snapshot, count: int, rng: random.
         clicks += [rng.choice(pool) for _ in range(rng.randint(0, 2))]
         visitors[f"bench-{number:05d}-{rng.getrandbits(32):08x}"] = clicks
     now = int(time.time())
-    events = [
+    events: list[dict[str, str | int]] = [
         {"visitor": visitor, "item": snap.item_ids[row], "event": "click", "ts": now - (len(rows) - 1 - k)}
         for visitor, rows in visitors.items()
         for k, row in enumerate(rows)
     ]
+    return visitors, events
+
+
+def seed_visitors(client: httpx.Client, snap: Snapshot, count: int, rng: random.Random) -> dict[str, list[int]]:
+    """`count` new visitors (see new_visitors), their clicks sent through the gateway."""
+    visitors, events = new_visitors(snap, count, rng)
     for start in range(0, len(events), 100):
         batch = events[start : start + 100]
         response = client.post("/v1/events", json={"events": batch})
