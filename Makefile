@@ -9,7 +9,7 @@ PORT ?= 8000
 
 .PHONY: install demo serve rebuild test lint bench-quality bench-gateway bench-stream bench-rules locust clean
 
-$(BIN)/tailor: pyproject.toml
+$(BIN)/tailor: pyproject.toml constraints.txt
 	scripts/install
 	@touch $@
 
