@@ -63,8 +63,9 @@ if TYPE_CHECKING:
 
 # Candidates the rules read beyond what the answer needs, for filters to drop and boosts to lift.
 HEADROOM_MIN = 20
-# Distinct pages whose page-only rule groups a Book remembers (a few dozen bytes each).
-PAGES_KEPT = 20_000
+# Distinct pages whose page-only rule groups a Book remembers: 20 MB at most (a page is up to 2,048
+# characters), usually far less; pages past these are scanned on each request, as before.
+PAGES_KEPT = 10_000
 
 
 @dataclass
