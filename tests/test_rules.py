@@ -11,7 +11,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from gateway import conditions
+from gateway import conditions, rules
 from gateway.conditions import Compiler
 from gateway.plans import Pick
 from gateway.rules import Book
@@ -395,6 +395,17 @@ def test_a_pages_rules_are_remembered_per_page_but_their_validity_is_checked_on_
         assert [r.id for r in b.fired(facts(page="/c/shoes/boots", now=ends), "recommend")] == ["shoes"]
         assert [r.id for r in b.fired(facts(page="/c/books", now=ends - 1), "recommend")] == ["sale"]
         assert b.fired(facts(page="/c/toys", now=ends - 1), "recommend") == []
+
+
+def test_pages_past_the_remembered_ones_still_fire_their_rules(snap: Snapshot, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rules, "PAGES_KEPT", 1)
+    doc = {
+        "rules": [rule("shoes", {"type": "attach", "slot": "a", "content": {}}, when={"context": {"page": ["/c/s"]}})]
+    }
+    b = book(snap, doc)
+    for page in ("/c/shoes", "/c/socks", "/c/shoes", "/c/toys", "/c/socks"):
+        assert [r.id for r in b.fired(facts(page=page), "recommend")] == ([] if page == "/c/toys" else ["shoes"])
+    assert len(b._page_groups) == 1
 
 
 def test_flags_override_a_rules_enabled_field(snap: Snapshot) -> None:
