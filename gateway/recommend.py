@@ -42,6 +42,8 @@ LIVE_CATEGORY_POPULAR = 50
 # Ruled answers remembered (Recommender._select): a few KB each. More (10,000) measured a higher
 # hit rate but 200-280 ms garbage-collector pauses in bench_rules once full; 2,000 kept them under 200 ms.
 RULED_KEPT = 2_000
+# Pools many visitors share, whose ruled answers are remembered (see Recommender._select).
+SHARED_SOURCES = frozenset({"popular", "similar"})
 # Candidate rows kept per clicked item (a few hundred int64 each: about 30 MB at most).
 AROUND_CACHE_ITEMS = 10_000
 POPULAR = "popular"
@@ -669,17 +671,22 @@ class Recommender:
         them as picks. Plain Python over a few dozen rows: numpy's per-call overhead would cost more.
 
         `source` names the pool (("user", row), ("live", profile), ("popular", *categories), ...):
-        with the plan and the other inputs it decides the answer, so the picks, and later what
-        Book.apply makes of them (Ruling.memo), are remembered for the next request like it (a
-        known user's next page, every cold visitor on the same page)."""
+        with the plan and the other inputs it decides the answer. Where many visitors share the
+        pool (SHARED_SOURCES: every cold visitor on the same page, everyone viewing one item), the
+        picks, and later what Book.apply makes of them (Ruling.memo), are remembered for the next
+        request like it. A personal pool's answer is not: among the last RULED_KEPT answers the
+        same visitor with the same plan came back once in 8,000 requests of the benchmark mix, so
+        remembering it only cost time and garbage-collector work."""
         plan = ruling.plan
         assert plan is not None
-        memo_key = (plan, source, reason, n, tuple(categories), frozenset(excluded))
-        memo = self._ruled_answers.get(memo_key)
-        if memo is not None and memo[1] is not None:
-            ruling.memo = memo
-            picks: list[Pick] = memo[0]
-            return picks
+        memo_key = None
+        if isinstance(source, tuple) and source and source[0] in SHARED_SOURCES:
+            memo_key = (plan, source, reason, n, tuple(categories), frozenset(excluded))
+            memo = self._ruled_answers.get(memo_key)
+            if memo is not None and memo[1] is not None:
+                ruling.memo = memo
+                picks: list[Pick] = memo[0]
+                return picks
         category_sets = self.snap.category_sets
         wanted = frozenset(categories)
         # as deep as the answer could need: a cap skips more than filters drop
@@ -703,8 +710,9 @@ class Recommender:
         else:
             rounded = pool.scores[kept].astype(np.float64).round(6).tolist()
             picks = [Pick(row, score, reason) for row, score in zip(rows, rounded, strict=True)]
-        ruling.memo = [picks, None]
-        self._ruled_answers.put(memo_key, ruling.memo)
+        if memo_key is not None:
+            ruling.memo = [picks, None]
+            self._ruled_answers.put(memo_key, ruling.memo)
         return picks
 
     def _filter(
