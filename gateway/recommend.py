@@ -177,7 +177,7 @@ class Candidates:
         candidates = per_item[0] if len(per_item) == 1 else _distinct(np.concatenate(per_item))
         scores = snap.item_vectors[candidates] @ vector
         # The candidates are sorted, so the few excluded rows are found by bisection.
-        at = np.minimum(np.searchsorted(candidates, exclude), len(candidates) - 1)
+        at = np.minimum(candidates.searchsorted(exclude), len(candidates) - 1)
         scores[at[candidates[at] == exclude]] = -np.inf
         best = _best(candidates, scores, self.pool_size)
         if len(best.scores) and best.scores[-1] == -np.inf:  # best first, so excluded ones are last
@@ -233,7 +233,7 @@ def _best(rows: npt.NDArray[np.int64], scores: npt.NDArray[np.floating], k: int)
     if k == 0:
         return Pool(np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32))
     if len(rows) <= 4 * k:  # a few hundred rows: one stable sort beats partition-then-sort
-        order = np.argsort(-scores, kind="stable")[:k]
+        order = (-scores).argsort(kind="stable")[:k]
     else:
         top = np.argpartition(-scores, k - 1)[:k]
         order = top[np.argsort(-scores[top], kind="stable")]

@@ -181,8 +181,9 @@ class Ruling:
         listed: list[int] = at.tolist()
         positions: npt.NDArray[np.intp] | None = None  # None: all of them, in order
         hit = plan.hits(at)
-        if hit is not None and hit.any():
-            kept = np.flatnonzero(~hit)
+        # ndarray methods and count_nonzero: numpy's module-level wrappers cost 0.5-1 µs a call here
+        if hit is not None and np.count_nonzero(hit):
+            kept = (~hit).nonzero()[0]
             # The filters that changed the answer: those dropping a row ahead of the n-th kept.
             last = int(kept[n - 1]) if len(kept) >= n else len(rows)
             dropped: list[int] = at[:last][hit[:last]].tolist()
@@ -271,11 +272,11 @@ class Ruling:
         if plan is None or not plan.boosting or not len(rows):
             return None
         factors = plan.factors(rows)
-        if (factors == 1.0).all():
+        if not np.count_nonzero(factors != 1.0):
             return None
         self.reordered = True
         # A stable sort keeps equal standings in their order.
-        order: npt.NDArray[np.intp] = np.argsort(-(_standing(len(rows)) * factors), kind="stable")
+        order: npt.NDArray[np.intp] = (-(_standing(len(rows)) * factors)).argsort(kind="stable")
         return order
 
 
