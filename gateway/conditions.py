@@ -16,6 +16,7 @@ must be one the gateway counts in (`counter_windows_s`: 1h, 1d, 7d, 30d by defau
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -178,7 +179,7 @@ class Facts:
     may not or cannot read (no consent, store down): only the request's context is known."""
 
     now: float
-    local: datetime  # now in the rule set's time zone
+    local: datetime  # now in the rule set's time zone, to the second
     counters: Mapping[str, int] = field(default_factory=dict)
     recent: Sequence[Interaction] = ()
     last_seen: float | None = None
@@ -211,6 +212,21 @@ class Facts:
         return None
 
 
+_last_local: tuple[tzinfo | None, int, datetime | None] = (None, 0, None)
+
+
+def _local(now: float, zone: tzinfo) -> datetime:
+    """`now` in `zone`, to the second: the same for every request in one second (conditions read
+    only its hour and weekday, and zone offsets are whole seconds), so it is made once a second."""
+    global _last_local  # noqa: PLW0603 - a one-entry cache; a race only makes it twice
+    second = math.floor(now)
+    cached_zone, cached_second, local = _last_local
+    if local is None or cached_zone is not zone or cached_second != second:
+        local = datetime.fromtimestamp(second, zone)
+        _last_local = (zone, second, local)
+    return local
+
+
 def facts(
     now: float,
     zone: tzinfo = UTC,
@@ -225,7 +241,7 @@ def facts(
 ) -> Facts:
     return Facts(
         now,
-        datetime.fromtimestamp(now, zone),
+        _local(now, zone),
         {} if counters is None else counters,
         recent,
         last_seen,

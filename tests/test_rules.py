@@ -3,6 +3,7 @@ documented conflict resolution, on the session's small snapshot."""
 
 from __future__ import annotations
 
+import zoneinfo
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -406,6 +407,18 @@ def test_pages_past_the_remembered_ones_still_fire_their_rules(snap: Snapshot, m
     for page in ("/c/shoes", "/c/socks", "/c/shoes", "/c/toys", "/c/socks"):
         assert [r.id for r in b.fired(facts(page=page), "recommend")] == ([] if page == "/c/toys" else ["shoes"])
     assert len(b._page_groups) == 1
+
+
+def test_the_hour_and_weekday_of_a_request_are_exact_at_their_boundaries() -> None:
+    berlin = zoneinfo.ZoneInfo("Europe/Berlin")
+    midnight = datetime(2026, 11, 22, tzinfo=berlin).timestamp()  # a Sunday begins (local time)
+    before = conditions.facts(midnight - 0.001, berlin)
+    assert (before.local.weekday(), before.local.hour) == (5, 23)
+    for now in (midnight, midnight + 0.25, midnight + 0.999):
+        assert (conditions.facts(now, berlin).local.weekday(), conditions.facts(now, berlin).local.hour) == (6, 0)
+    # the same instant in another zone is its own local time, not the one made a moment ago
+    assert conditions.facts(midnight, UTC).local.hour == 23
+    assert conditions.facts(midnight, berlin).local.hour == 0
 
 
 def test_flags_override_a_rules_enabled_field(snap: Snapshot) -> None:
