@@ -4,7 +4,8 @@ per distinct set of fired groups (gateway.rules.Book.fire caches them)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,7 +166,7 @@ class Plan:
         self.dropping: memoryview | None = None if self.drop is None else self.drop.data
         self.weighing: memoryview | None = None if self.weight is None else self.weight.data
         self.uses = 0
-        self._boosted: dict[int, tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
+        self.boosted: dict[int, tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
         self._shared: dict[tuple[str, ...], tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
         # Pins of items no filter drops (filters hold against pins), highest priority first.
         self.pins = [(c, row, at) for c in rules for row, at in c.pins if self.passes(row)]
@@ -194,7 +195,7 @@ class Plan:
 
     def boosted_by(self, row: int) -> tuple[list[tuple[str, CompiledRule]], list[str]]:
         """(ref, rule) of the plan's boosts that hold for `row`, and their refs."""
-        known = self._boosted.get(row)
+        known = self.boosted.get(row)
         if known is not None:
             return known
         pairs: list[tuple[str, CompiledRule]] = []
@@ -208,8 +209,8 @@ class Plan:
         # Rows share one answer per combination of rules: the cache holds no object of its own per
         # row, so it adds nothing for the garbage collector to walk.
         shared = self._shared.setdefault(tuple(refs), (pairs, refs))
-        if len(self._boosted) < BOOSTED_KEPT:
-            self._boosted[row] = shared
+        if len(self.boosted) < BOOSTED_KEPT:
+            self.boosted[row] = shared
         return shared
 
     def hits(self, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_] | None:
@@ -256,5 +257,5 @@ def _codes(masks: list[npt.NDArray[np.bool_]]) -> memoryview | None:
     return code.data
 
 
-def by_priority(rule: CompiledRule) -> int:
-    return rule.rank
+# A rule's position in its book's priority order, as a sort key (attrgetter: no Python call per rule).
+by_priority: Callable[[CompiledRule], int] = operator.attrgetter("rank")

@@ -551,8 +551,10 @@ class Book:
             chosen = ruling.fill(chosen, reserve(), n, taken=taken, passes=passes)
 
         if reordered:
+            known = plan.boosted  # the rows whose boosting rules the plan remembers (most of them)
             for at, pick in enumerate(chosen):
-                pairs, refs = plan.boosted_by(pick.row)
+                found = known.get(pick.row)
+                pairs, refs = plan.boosted_by(pick.row) if found is None else found
                 if refs:
                     applied.update(pairs)
                     chosen[at] = tagged(pick, refs)
