@@ -166,7 +166,7 @@ class Plan:
         self.dropping: memoryview | None = None if self.drop is None else self.drop.data
         self.weighing: memoryview | None = None if self.weight is None else self.weight.data
         self.uses = 0
-        self.boosted: dict[int, tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
+        self._boosted: dict[int, tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
         self._shared: dict[tuple[str, ...], tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
         # Pins of items no filter drops (filters hold against pins), highest priority first.
         self.pins = [(c, row, at) for c in rules for row, at in c.pins if self.passes(row)]
@@ -195,7 +195,7 @@ class Plan:
 
     def boosted_by(self, row: int) -> tuple[list[tuple[str, CompiledRule]], list[str]]:
         """(ref, rule) of the plan's boosts that hold for `row`, and their refs."""
-        known = self.boosted.get(row)
+        known = self._boosted.get(row)
         if known is not None:
             return known
         pairs: list[tuple[str, CompiledRule]] = []
@@ -209,8 +209,8 @@ class Plan:
         # Rows share one answer per combination of rules: the cache holds no object of its own per
         # row, so it adds nothing for the garbage collector to walk.
         shared = self._shared.setdefault(tuple(refs), (pairs, refs))
-        if len(self.boosted) < BOOSTED_KEPT:
-            self.boosted[row] = shared
+        if len(self._boosted) < BOOSTED_KEPT:
+            self._boosted[row] = shared
         return shared
 
     def hits(self, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_] | None:

@@ -551,10 +551,8 @@ class Book:
             chosen = ruling.fill(chosen, reserve(), n, taken=taken, passes=passes)
 
         if reordered:
-            known = plan.boosted  # the rows whose boosting rules the plan remembers (most of them)
             for at, pick in enumerate(chosen):
-                found = known.get(pick.row)
-                pairs, refs = plan.boosted_by(pick.row) if found is None else found
+                pairs, refs = plan.boosted_by(pick.row)
                 if refs:
                     applied.update(pairs)
                     chosen[at] = tagged(pick, refs)
