@@ -235,33 +235,27 @@ class Ruling:
             return chosen
         more: list[Pick] = []
         rule = self.plan.cap if self.plan is not None else None
-        if rule is None or rule.cap is None:
-            for pick in reserve:
-                row = pick.row
-                if row in taken or not passes(row):
-                    continue
-                more.append(pick)
-                if len(more) >= room:
-                    break
-            return chosen + more
-        keys, distinct = self.book.cap_codes(rule.cap[1])
-        limit, counts = rule.cap[0], [0] * distinct
-        for pick in chosen:
-            counts[keys[pick.row]] += 1
+        keys: list[int] | None = None
+        if rule is not None and rule.cap is not None:
+            keys, distinct = self.book.cap_codes(rule.cap[1])
+            limit, counts = rule.cap[0], [0] * distinct
+            for pick in chosen:
+                counts[keys[pick.row]] += 1
         capped = False
         for pick in reserve:
             row = pick.row
             if row in taken or not passes(row):
                 continue
-            code = keys[row]
-            if counts[code] >= limit:
-                capped = True
-                continue
-            counts[code] += 1
+            if keys is not None:
+                code = keys[row]
+                if counts[code] >= limit:
+                    capped = True
+                    continue
+                counts[code] += 1
             more.append(pick)
             if len(more) >= room:
                 break
-        if capped:
+        if capped and rule is not None:
             self.applied[rule.ref] = rule
         return chosen + more
 
