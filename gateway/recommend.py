@@ -21,8 +21,9 @@ import numpy.typing as npt
 from gateway import conditions
 from gateway.guard import GuardedStore
 from gateway.plans import Pick
-from gateway.rules import HEADROOM_MIN, Book, Ruling
+from gateway.rules import HEADROOM_MIN, Book
 from gateway.ruleset import Content
+from gateway.ruling import Ruling
 from gateway.snapshot import Rows, Snapshot, Vectors
 from gateway.store import EMPTY_PROFILE, CounterKey, Interaction, Profile, Requirement
 from index_builder.model import fold_in_low_rank, recent_confidence

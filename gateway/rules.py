@@ -1,5 +1,6 @@
 """Business rules at work: a rule set (gateway.ruleset) compiled against a snapshot (`Book`), and
-what the rules that fire for one request do to its list (`Ruling`, `Book.apply`).
+what the rules that fire for one request do to its list (`Book.apply`, over what
+gateway.ruling's `Ruling` selected).
 
 Conflicts resolve deterministically: rules are taken by priority, highest first, ties by id. Every
 filter of every firing rule holds, also against pins and injections (nothing a filter drops ever
@@ -18,10 +19,10 @@ from __future__ import annotations
 import functools
 import zoneinfo
 from collections import OrderedDict
-from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, tzinfo
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
@@ -54,6 +55,7 @@ from gateway.ruleset import (
     RuleSetError,
     Surface,
 )
+from gateway.ruling import Ruling
 from gateway.segments import MODEL_PREFIX, SegmentDefinition, Segmenter
 from gateway.store import CounterKey
 from gateway.store.base import DAY
@@ -75,14 +77,6 @@ class Outcome:
     picks: list[Pick]
     applied: list[CompiledRule]  # fired and changed something, by priority
     content: list[Content]
-
-
-@functools.cache
-def _standing(size: int) -> npt.NDArray[np.float64]:
-    """A list's rank-based standing before boosts: 1 for the first, falling evenly towards 0."""
-    standing = 1.0 - np.arange(size, dtype=np.float64) / size
-    standing.setflags(write=False)
-    return standing
 
 
 @functools.cache
@@ -149,129 +143,6 @@ def _pin(
     # A pin below the end of a short list still lands, at the end.
     result.extend(Pick(row, 0.0, (rule.ref,)) for at, (row, rule) in sorted(slots.items()) if at >= len(result))
     return result
-
-
-@dataclass(eq=False)
-class Ruling:
-    """The rules of one request: the visitor's segments, the plan that fires (None: no rule), and
-    what the plan's filters and boosts already did to the model's candidates (`rank`)."""
-
-    book: Book
-    segments: list[str]
-    plan: Plan | None
-    applied: dict[str, CompiledRule] = field(default_factory=dict)
-    ranked: bool = False  # every candidate went through `order` (and `cap`, if the plan has one)
-    reordered: bool = False
-    # The recommender's remembered [selected picks, final outcome] for this plan and these inputs
-    # (Recommender._select); the outcome is filled in by the first request that gets that far.
-    memo: list[Any] | None = None
-
-    def select(self, rows: list[int] | npt.NDArray[np.integer], n: int) -> list[int]:
-        """The positions in `rows` (candidates the request admits, best first) of the at most n
-        the plan keeps: without what its filters drop, re-ranked by its boosts, through its cap.
-        Every candidate of an answer goes through here, so the answer is `ranked`. Filters and
-        boosts take one numpy operation per group over the few dozen rows; the cap, which stops
-        as soon as it has n, a plain loop."""
-        plan = self.plan
-        assert plan is not None
-        self.ranked = True
-        if not len(rows):
-            return []
-        at = np.asarray(rows, dtype=np.intp)
-        listed: list[int] = at.tolist()
-        positions: npt.NDArray[np.intp] | None = None  # None: all of them, in order
-        hit = plan.hits(at)
-        # ndarray methods and count_nonzero: numpy's module-level wrappers cost 0.5-1 µs a call here
-        if hit is not None and np.count_nonzero(hit):
-            kept = (~hit).nonzero()[0]
-            # The filters that changed the answer: those dropping a row ahead of the n-th kept.
-            last = int(kept[n - 1]) if len(kept) >= n else len(rows)
-            dropped: list[int] = at[:last][hit[:last]].tolist()
-            for group in plan.filtering:
-                self.applied.update(group.dropped_by(dropped))
-            positions, at = kept, at[kept]
-        order = self._order(at)
-        if order is not None:
-            positions = order if positions is None else positions[order]
-        return self._cap(listed, list(range(len(listed))) if positions is None else positions.tolist(), n)
-
-    def _cap(self, rows: list[int], positions: list[int], n: int) -> list[int]:
-        """The first n of `positions` the plan's cap admits."""
-        rule = self.plan.cap if self.plan is not None else None
-        if rule is None or rule.cap is None:
-            return positions[:n]
-        keys, distinct = self.book.cap_codes(rule.cap[1])
-        limit, counts = rule.cap[0], [0] * distinct
-        kept: list[int] = []
-        capped = False
-        # One plain loop: a known user's candidates crowd into few categories, so a cap of 3 skips
-        # about two of every three it looks at (a generator per candidate cost as much again).
-        for at in positions:
-            if len(kept) >= n:
-                break
-            code = keys[rows[at]]
-            if counts[code] >= limit:
-                capped = True
-                continue
-            counts[code] += 1
-            kept.append(at)
-        if capped:
-            self.applied[rule.ref] = rule
-        return kept
-
-    def fill(
-        self,
-        chosen: list[Pick],
-        reserve: Iterable[Pick],
-        n: int,
-        *,
-        taken: Container[int],
-        passes: Callable[[int], bool],
-    ) -> list[Pick]:
-        """`chosen` and, up to n, the picks of `reserve` not `taken` that pass the filters and the
-        plan's cap still admits."""
-        room = n - len(chosen)
-        if room <= 0:
-            return chosen
-        more: list[Pick] = []
-        rule = self.plan.cap if self.plan is not None else None
-        keys: list[int] | None = None
-        if rule is not None and rule.cap is not None:
-            keys, distinct = self.book.cap_codes(rule.cap[1])
-            limit, counts = rule.cap[0], [0] * distinct
-            for pick in chosen:
-                counts[keys[pick.row]] += 1
-        capped = False
-        for pick in reserve:
-            row = pick.row
-            if row in taken or not passes(row):
-                continue
-            if keys is not None:
-                code = keys[row]
-                if counts[code] >= limit:
-                    capped = True
-                    continue
-                counts[code] += 1
-            more.append(pick)
-            if len(more) >= room:
-                break
-        if capped and rule is not None:
-            self.applied[rule.ref] = rule
-        return chosen + more
-
-    def _order(self, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.intp] | None:
-        """The positions of `rows` (best first) re-ranked by the plan's boosts; None when no boost
-        holds for any of them."""
-        plan = self.plan
-        if plan is None or not plan.boosting or not len(rows):
-            return None
-        factors = plan.factors(rows)
-        if not np.count_nonzero(factors != 1.0):
-            return None
-        self.reordered = True
-        # A stable sort keeps equal standings in their order.
-        order: npt.NDArray[np.intp] = (-(_standing(len(rows)) * factors)).argsort(kind="stable")
-        return order
 
 
 class Book:
