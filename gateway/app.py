@@ -30,7 +30,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from threadpoolctl import threadpool_limits
 
-from gateway import demo, openapi, privacy, tokens, wire
+from gateway import demo, kernels, openapi, privacy, tokens, wire
 from gateway import settings as config
 from gateway.access import Access, AccessError, Scope
 from gateway.access import key_of as access_key
@@ -204,10 +204,10 @@ class Gateway:
     # Run in a worker thread: reading, verifying and preparing a snapshot takes a while.
     def _load_current(self) -> tuple[Snapshot, list[SnapshotRefusedError]]:
         snap, refusals = load_current(self.root, verify=self.settings.verify_snapshots)
-        return wire.prepare(snap), refusals
+        return _prepared(snap), refusals
 
     def _load(self, directory: Path) -> Snapshot:
-        return wire.prepare(load(directory, verify=self.settings.verify_snapshots))
+        return _prepared(load(directory, verify=self.settings.verify_snapshots))
 
     def _install(self, snap: Snapshot, book: Book | None = None) -> str | None:
         """Serve `snap`, with `book` (the active rules compiled for it) from its first request."""
@@ -772,6 +772,12 @@ def app_from_environment() -> Starlette:
     app.state.gateway.metrics.watch_gc()  # the server's own process only: tests build many apps
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app
+
+
+def _prepared(snap: Snapshot) -> Snapshot:
+    """`snap` ready to serve: item fragments encoded, the kernels compiled for its arrays."""
+    kernels.warm_up(snap.item_vectors, snap.gram_inverse, snap.neighbour_rows)
+    return wire.prepare(snap)
 
 
 def _with_reasons(picks: Sequence[Pick], extra: tuple[str, ...]) -> list[Pick]:
