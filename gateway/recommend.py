@@ -722,12 +722,11 @@ class Recommender:
         start, stop = 0, n + len(excluded) if not wanted else 4 * n
         while start < len(pool.rows):
             rows = pool.rows[start:stop].tolist()
-            # rounded in one numpy call rather than round() per pick
-            scores = pool.scores[start:stop].astype(np.float64).round(6).tolist()
+            scores = pool.scores[start:stop].tolist()
             for row, score in zip(rows, scores, strict=True):
                 if row in excluded or (wanted and wanted.isdisjoint(category_sets[row])):
                     continue
-                picks.append(Pick(row, score, reason))
+                picks.append(Pick(row, round(score, 6), reason))
                 if len(picks) == n:
                     return picks
             start, stop = stop, stop * 4

@@ -106,7 +106,7 @@ class Snapshot:
         if at < 0:
             return None
         rows, scores = self.pool_rows[at, :size], self.pool_scores[at, :size]
-        if len(scores) and not np.isfinite(scores[-1]):  # a user who has seen nearly everything: -inf fillers
+        if len(scores) and not math.isfinite(scores[-1]):  # a user who has seen nearly everything: -inf fillers
             keep = np.isfinite(scores)
             return rows[keep], scores[keep]
         return rows, scores
