@@ -167,6 +167,7 @@ def warm_up(
     items = np.zeros(1, dtype=np.int64)
     confidence = np.ones(1, dtype=np.float64)
     fold_in(item_vectors, gram_inverse, items, confidence)
+    select(np.zeros(1, dtype=np.int64), 1, drop=NO_DROP, weight=NO_WEIGHT, keys=NO_KEYS, limit=1, distinct=1)
     if neighbour_rows is not None:
         marks = np.zeros(len(item_vectors), dtype=np.uint8)
         live_pool(
@@ -180,3 +181,97 @@ def warm_up(
             size=1,
             marks=marks,
         )
+
+
+def _select(  # noqa: PLR0917 - numba's dispatcher takes arguments by position
+    rows: Any, n: int, drop: Any, weight: Any, keys: Any, limit: int, distinct: int
+) -> Any:  # pragma: no cover - compiled by `select`
+    """gateway.ruling.Ruling.select over one plan's arrays (an empty array: the plan has none)."""
+    size = len(rows)
+    kept = np.empty(size, dtype=np.int64)
+    count = 0
+    filtering = len(drop) > 0
+    for i in range(size):
+        if filtering and drop[rows[i]]:
+            continue
+        kept[count] = i
+        count += 1
+    # The rows a filter dropped ahead of the n-th kept one: those filters changed the answer.
+    dropped = np.empty(size - count, dtype=np.int64)
+    found = 0
+    if count < size:
+        last = kept[n - 1] if count >= n else size
+        for i in range(last):
+            if drop[rows[i]]:
+                dropped[found] = rows[i]
+                found += 1
+    kept = kept[:count]
+    reordered = False
+    if len(weight) > 0 and count > 0:
+        # Rank-based standing (1 for the first, falling evenly towards 0) times the boosts.
+        values = np.empty(count, dtype=np.float64)
+        for j in range(count):
+            factor = weight[rows[kept[j]]]
+            if factor != 1.0:
+                reordered = True
+            values[j] = -((1.0 - j / count) * np.float64(factor))
+        if reordered:
+            kept = kept[np.argsort(values, kind="mergesort")]  # stable: equal standings keep their order
+    capped = False
+    if len(keys) > 0:
+        counts = np.zeros(distinct, dtype=np.int64)
+        chosen = np.empty(min(n, count), dtype=np.int64)
+        taken = 0
+        for j in range(count):
+            if taken >= n:
+                break
+            code = keys[rows[kept[j]]]
+            if counts[code] >= limit:
+                capped = True
+                continue
+            counts[code] += 1
+            chosen[taken] = kept[j]
+            taken += 1
+        kept = chosen[:taken]
+    else:
+        kept = kept[:n]
+    return kept, dropped[:found], reordered, capped
+
+
+_select_compiled: Any = None
+
+
+def select(
+    rows: npt.NDArray[np.int64],
+    n: int,
+    *,
+    drop: npt.NDArray[np.bool_],
+    weight: npt.NDArray[np.float32],
+    keys: npt.NDArray[np.int32],
+    limit: int,
+    distinct: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], bool, bool]:
+    """One request's candidates (`rows`, best first) through a plan: the positions of the at most
+    n kept (without what `drop` marks, re-ranked by `weight`, at most `limit` per `keys` code), the
+    dropped rows ahead of the n-th kept, whether a boost held, whether the cap skipped one. An
+    empty `drop`, `weight` or `keys`: the plan has no filter, boost or cap."""
+    global _select_compiled  # noqa: PLW0603 - compiled on first use, once per process
+    if _select_compiled is None:
+        # One signature for every plan: masks are read-only arrays, combined ones writable, and
+        # numba would compile each mix of the two separately (seconds each).
+        types: Any = numba.types
+
+        def ro(dtype: Any) -> Any:
+            return types.Array(dtype, 1, "C", readonly=True)
+
+        result = types.Tuple((types.int64[::1], types.int64[::1], types.boolean, types.boolean))
+        count = types.int64
+        signature = result(ro(count), count, ro(types.boolean), ro(types.float32), ro(types.int32), count, count)
+        _select_compiled = numba.njit(signature, cache=True, nogil=True)(_select)
+    kept, dropped, reordered, capped = _select_compiled(rows, n, drop, weight, keys, limit, distinct)
+    return kept, dropped, bool(reordered), bool(capped)
+
+
+NO_DROP: npt.NDArray[np.bool_] = np.zeros(0, dtype=np.bool_)
+NO_WEIGHT: npt.NDArray[np.float32] = np.zeros(0, dtype=np.float32)
+NO_KEYS: npt.NDArray[np.int32] = np.zeros(0, dtype=np.int32)

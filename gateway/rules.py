@@ -221,8 +221,9 @@ class Book:
         self._hot_kept = max(8, HOT_BYTES // (5 * max(len(snap.item_ids), 1)))
         self._cap_keys: dict[int, list[str]] = {}
         self._cap_codes: dict[int, tuple[list[int], int]] = {}
+        self._cap_arrays: dict[int, tuple[npt.NDArray[np.int32], int]] = {}
         for depth in {c.cap[1] for c in self.rules if c.cap is not None}:
-            self.cap_codes(depth)  # here, in the compiling thread, not on a request
+            self.cap_array(depth)  # here, in the compiling thread, not on a request
 
     def _compile(self, index: int, rule: Rule, compiler: Compiler) -> CompiledRule:
         where = f"rules[{index}]"
@@ -441,6 +442,14 @@ class Book:
             numbers: dict[str, int] = {}
             codes = [numbers.setdefault(key, len(numbers)) for key in self.cap_keys(depth)]
             found = self._cap_codes[depth] = (codes, len(numbers))
+        return found
+
+    def cap_array(self, depth: int) -> tuple[npt.NDArray[np.int32], int]:
+        """cap_codes as an array (for gateway.kernels.select)."""
+        found = self._cap_arrays.get(depth)
+        if found is None:
+            codes, distinct = self.cap_codes(depth)
+            found = self._cap_arrays[depth] = (np.array(codes, dtype=np.int32), distinct)
         return found
 
     def cap_keys(self, depth: int) -> list[str]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from gateway import kernels
 from gateway.plans import CompiledRule, Pick, Plan
 
 if TYPE_CHECKING:
@@ -46,14 +47,23 @@ class Ruling:
     def select(self, rows: list[int] | npt.NDArray[np.integer], n: int) -> list[int]:
         """The positions in `rows` (candidates the request admits, best first) of the at most n
         the plan keeps: without what its filters drop, re-ranked by its boosts, through its cap.
-        Every candidate of an answer goes through here, so the answer is `ranked`. Filters and
-        boosts take one numpy operation per group over the few dozen rows; the cap, which stops
-        as soon as it has n, a plain loop."""
+        Every candidate of an answer goes through here, so the answer is `ranked`. A plan with
+        one drop array and one weight array (one group of each kind, or combined because it is
+        used often) takes one compiled call (`compiled`); any other, one numpy operation per group
+        and a plain loop for the cap (`in_numpy`). Both give the same answer (a property test
+        compares them)."""
         plan = self.plan
         assert plan is not None
         self.ranked = True
         if not len(rows):
             return []
+        if (plan.drop is not None or not plan.filtering) and (plan.weight is not None or not plan.boosting):
+            return self.compiled(plan, rows, n)  # one array per kind: the plan has one group of it, or is hot
+        return self.in_numpy(plan, rows, n)
+
+    def in_numpy(self, plan: Plan, rows: list[int] | npt.NDArray[np.integer], n: int) -> list[int]:
+        """`select` with one numpy operation per group of the plan: for a plan whose groups' arrays
+        are not combined (see Book.fire)."""
         at = np.asarray(rows, dtype=np.intp)
         listed: list[int] = at.tolist()
         positions: npt.NDArray[np.intp] | None = None  # None: all of them, in order
@@ -71,6 +81,35 @@ class Ruling:
         if order is not None:
             positions = order if positions is None else positions[order]
         return self._cap(listed, list(range(len(listed))) if positions is None else positions.tolist(), n)
+
+    def compiled(self, plan: Plan, rows: list[int] | npt.NDArray[np.integer], n: int) -> list[int]:
+        """`select` in one compiled call (gateway.kernels.select), for a plan with at most one drop
+        array and one weight array."""
+        rule = plan.cap
+        if rule is not None and rule.cap is not None:
+            keys, distinct = self.book.cap_array(rule.cap[1])
+            limit = rule.cap[0]
+        else:
+            keys, distinct, limit = kernels.NO_KEYS, 0, 0
+        kept, dropped, reordered, capped = kernels.select(
+            np.array(rows, dtype=np.int64),
+            n,
+            drop=kernels.NO_DROP if plan.drop is None else plan.drop,
+            weight=kernels.NO_WEIGHT if plan.weight is None else plan.weight,
+            keys=keys,
+            limit=limit,
+            distinct=distinct,
+        )
+        if len(dropped):
+            listed = dropped.tolist()
+            for group in plan.filtering:
+                self.applied.update(group.dropped_by(listed))
+        if reordered:
+            self.reordered = True
+        if capped and rule is not None:
+            self.applied[rule.ref] = rule
+        positions: list[int] = kept.tolist()
+        return positions
 
     def _cap(self, rows: list[int], positions: list[int], n: int) -> list[int]:
         """The first n of `positions` the plan's cap admits."""

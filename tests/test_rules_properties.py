@@ -226,3 +226,22 @@ def test_pins_land_where_asked(snap: Snapshot, data: st.DataObject, n: int, size
     for item, position in pins:
         assert position <= len(rows), f"{item} pinned at {position} but the list has {len(rows)}"
         assert rows[position - 1] == snap.row_of[item], f"{item} is not at {position}"
+
+
+@SETTINGS
+@given(data=st.data(), n=st.integers(1, 30), size=st.integers(1, 80))
+def test_the_compiled_selection_equals_the_numpy_one(snap: Snapshot, data: st.DataObject, n: int, size: int) -> None:
+    """Ruling.compiled (gateway.kernels.select) and Ruling.in_numpy keep the same candidates, in
+    the same order, and credit the same rules, with the plan's arrays combined or not."""
+    book = compile_book(snap, data.draw(rule_sets(snap)))
+    facts = data.draw(profiles(snap))
+    plan = book.decide(facts, "recommend", personal=True).plan
+    if plan is None:
+        return
+    rows = data.draw(st.lists(st.integers(0, len(snap.item_ids) - 1), min_size=size, max_size=size, unique=True))
+    plan.combine()  # one drop array and one weight array: what the compiled path needs
+    by_numpy = book.decide(facts, "recommend", personal=True)
+    compiled = book.decide(facts, "recommend", personal=True)
+    assert by_numpy.in_numpy(plan, rows, n) == compiled.compiled(plan, rows, n)
+    assert by_numpy.applied.keys() == compiled.applied.keys()
+    assert by_numpy.reordered == compiled.reordered
