@@ -15,7 +15,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.recommend import LIVE_CATEGORY_POPULAR, LIVE_NEIGHBOURS, LIVE_POPULAR
+from gateway.candidates import LIVE_CATEGORY_POPULAR, LIVE_NEIGHBOURS, LIVE_POPULAR
 from gateway.settings import Settings
 from gateway.snapshot import Snapshot, load
 from gateway.store import CounterKey, Interaction, MemoryStore, Profile, Requirement, Store, open_store
