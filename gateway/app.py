@@ -14,23 +14,22 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from threadpoolctl import threadpool_limits
 
-from gateway import demo, kernels, openapi, privacy, tokens, wire
+from gateway import kernels, privacy, tokens, wire
 from gateway import settings as config
 from gateway.access import Access, AccessError, Scope
 from gateway.access import key_of as access_key
@@ -38,25 +37,29 @@ from gateway.events_api import EventsApi
 from gateway.experimenting import OUTSIDE, Enrolment, ExperimentKeeper
 from gateway.experiments_api import ExperimentsApi
 from gateway.guard import GuardedStore
-from gateway.http import JSON, ApiError, JSONBytes, field_of, json_response, parse_query, read_body
+from gateway.http import (
+    ApiError,
+    JSONBytes,
+    by_method,
+    country_of,
+    http_error,
+    json_response,
+    parse_query,
+    unexpected_error,
+)
 from gateway.metrics import Metrics
-from gateway.plans import Pick, tagged
+from gateway.ops_api import OpsApi
+from gateway.pages_api import PagesApi
+from gateway.plans import with_reasons
 from gateway.recommend import NO_CONTEXT, Answer, Context, Recommender
 from gateway.rulebook import RuleKeeper
 from gateway.rules import Book
 from gateway.rules_api import RulesApi
 from gateway.ruleset import RuleSet
 from gateway.snapshot import Snapshot, SnapshotRefusedError, load, load_current
-from gateway.store import (
-    PURPOSES,
-    Requirement,
-    Retention,
-    Store,
-    open_documents,
-    open_ledger,
-    open_store,
-)
+from gateway.store import PURPOSES, Requirement, Retention, Store, open_documents, open_ledger, open_store
 from gateway.stream import Hub
+from gateway.stream_api import StreamApi
 from gateway.tasks import stop as stop_task
 from gateway.triggers import TriggerEngine
 from gateway.visitors_api import VisitorsApi
@@ -65,7 +68,6 @@ from index_builder import snapshot as published
 log = logging.getLogger("tailor.gateway")
 
 T = TypeVar("T")
-S = TypeVar("S", bound=msgspec.Struct)
 
 
 class Gateway:
@@ -104,8 +106,6 @@ class Gateway:
         )
         if not self.access.enabled:
             log.warning("no API keys configured (public_keys, admin_keys): every route is open to every caller")
-        self._demo_page, self._scripts = demo.read_files()
-        self._demo_catalog: tuple[str, bytes] | None = None
         self.guard = GuardedStore(
             self.store,
             timeout_s=settings.store_timeout_ms / 1000,
@@ -139,13 +139,16 @@ class Gateway:
         self.experiments_api = ExperimentsApi(self, self.experiments)
         self.visitors_api = VisitorsApi(self)
         self.events_api = EventsApi(self)
+        self.stream_api = StreamApi(self)
+        self.pages_api = PagesApi(self)
+        self.ops_api = OpsApi(self)
         self._reload_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex() + "-"
         self.hub = Hub(
-            self.stream_answer,
+            self.stream_api.answer,
             debounce_s=settings.push_debounce_ms / 1000,
             queue_size=settings.stream_queue,
             heartbeat_s=settings.heartbeat_s,
@@ -312,6 +315,9 @@ class Gateway:
                 if given and len(given) <= 128 and given.isprintable():
                     return given
                 break
+        return self.new_request_id()
+
+    def new_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):x}"
 
     def serving(self) -> Recommender:
@@ -386,7 +392,7 @@ class Gateway:
         body = wire.encode_recommendations(
             rec.snap,
             rid,
-            _with_reasons(answer.picks, enrolment.reasons) if enrolment is not None else answer.picks,
+            with_reasons(answer.picks, enrolment.reasons) if enrolment is not None else answer.picks,
             answer.fallback,
             answer.profile,
             segments=answer.segments,
@@ -412,7 +418,7 @@ class Gateway:
             n=self.n_of(q.n),
             categories=q.category,
             exclude=q.exclude,
-            context=Context(q.device, q.country or self._country(request), q.referrer, q.page),
+            context=Context(q.device, q.country or country_of(request), q.referrer, q.page),
             inbox=self.marketing,
         )
         return self._answer(request, rec, answer, enrolment)
@@ -455,15 +461,6 @@ class Gateway:
             self.experiments.exposed(key, enrolment)
         return answer, enrolment
 
-    @staticmethod
-    def _country(request: Request) -> str | None:
-        """The visitor's country as a CDN in front of the gateway tells it (Cloudflare's header)."""
-        for name, value in request.scope["headers"]:
-            if name == b"cf-ipcountry":
-                code = value.decode("latin-1")
-                return code if len(code) == 2 and code.isalpha() else None
-        return None
-
     async def similar(self, request: Request) -> Response:
         q = parse_query(request, wire.SimilarQuery)
         rec = self.serving_for(q.category)
@@ -480,184 +477,32 @@ class Gateway:
         answer = rec.popular_answer(n=self.n_of(q.n), categories=q.category, exclude=q.exclude)
         return self._answer(request, rec, answer)
 
-    # -- live stream ---------------------------------------------------------------------------
-    async def stream_answer(self, key: str, user: str, n: int | None, categories: list[str]) -> tuple[Hashable, bytes]:
-        rec = self.serving()
-        answer, enrolment = await self._recommend(rec, key, user, n=self.n_of(n), categories=categories, exclude=())
-        if answer.fallback is not None:
-            self.metrics.fallbacks.labels(answer.fallback).inc()
-        # A new snapshot always counts as a change: its rows are other rows, and clients learn its version.
-        picks = _with_reasons(answer.picks, enrolment.reasons) if enrolment is not None else answer.picks
-        same = (rec.snap.version, tuple((pick.row, pick.reason) for pick in picks))
-        rid = f"{self._id_prefix}{next(self._ids):x}"
-        self.metrics.rules_changed(answer.rules)
-        body = wire.encode_recommendations(
-            rec.snap,
-            rid,
-            picks,
-            answer.fallback,
-            answer.profile,
-            segments=answer.segments,
-            rules=answer.rules,
-            content=answer.content,
-            experiments=enrolment.reasons if enrolment is not None else (),
-        )
-        return same, body
-
-    async def token(self, request: Request) -> Response:
-        body = await read_body(request, 16384)  # a token is at most 1 KB: larger is a 400 up to here
-        renew: str | None = None
-        named: str | None = None
-        if body:  # no body: a new anonymous visitor; anything else must be a TokenRequest
-            try:
-                asked = msgspec.json.decode(body, type=wire.TokenRequest)
-            except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
-                raise ApiError(400, "invalid-body", str(exc), field=field_of(str(exc))) from None
-            renew, named = asked.token, asked.visitor
-            if renew is not None and named is not None:
-                raise ApiError(400, "invalid-body", "give `token` or `visitor`, not both", field="visitor")
-        if named is not None:  # the site's backend signs its user in
-            if self._binds(request):
-                raise ApiError(
-                    403, "forbidden", "only an admin key may mint a token for a named visitor", field="visitor"
-                )
-            visitor = named
-        elif renew is None:
-            visitor = tokens.new_visitor_id()
-        else:
-            try:
-                visitor, _ = tokens.verify(self.secret, renew, grace_s=self.settings.token_renew_s)
-            except tokens.TokenError as refused:
-                raise ApiError(401, refused.code, str(refused), field="token") from None
-        token = tokens.mint(self.secret, visitor, self.settings.token_ttl_s)
-        expires = int(tokens.verify(self.secret, token)[1])
-        return json_response(wire.StreamToken(visitor=visitor, token=token, expires_at=expires))
-
-    async def stream(self, websocket: WebSocket) -> None:
-        # Accept first, then close with a code and reason: a refusal before the handshake reaches a
-        # browser only as an anonymous failure.
-        await websocket.accept()
-        try:
-            if self.access.active:
-                self._admit("public", websocket)
-            q = parse_query(websocket, wire.StreamQuery)
-            visitor, _ = tokens.verify(self.secret, q.token)
-            rec = self.serving_for(q.category)
-            self.n_of(q.n)
-        except tokens.TokenError as refused:
-            self.metrics.stream_drops.labels(refused.code).inc()
-            await websocket.close(4401, refused.code)
-            return
-        except AccessError as refused:
-            self.metrics.stream_drops.labels(refused.code).inc()
-            await websocket.close({401: 4401, 403: 4403, 429: 4429}[refused.status], refused.code)
-            return
-        except ApiError as error:
-            code = 1013 if error.status == 503 else 4400
-            await websocket.close(code, f"{error.body.error.code}: {error.body.error.message}"[:120])
-            return
-        del rec
-        await self.hub.serve(websocket, self.pseudonym(visitor), user=visitor, n=q.n, categories=q.category)
-
-    # -- a visitor's data ------------------------------------------------------------------------
-    async def healthz(self, request: Request) -> Response:
-        return json_response(wire.Health())
-
-    async def readyz(self, request: Request) -> Response:
-        problems: list[str] = []
-        rec = self.recommender
-        store_ok = await self.guard.ping()
-        if rec is None:
-            problems.append("no snapshot loaded")
-        if not store_ok:
-            problems.append(f"store {self.settings.store} unreachable")
-        problems.extend(f"snapshot {v} refused: {'; '.join(p)}" for v, p in self.refused.items())
-        age = rec.snap.age() if rec is not None else None
-        body = wire.Readiness(
-            ready=rec is not None and store_ok,
-            snapshot=rec.snap.version if rec is not None else None,
-            snapshot_age_s=round(age, 1) if age is not None else None,
-            stale=rec is not None and rec.stale(time.time()),
-            store="ok" if store_ok else "unreachable",
-            problems=problems,
-        )
-        return json_response(body, 200 if body.ready else 503)
-
-    async def metrics_page(self, request: Request) -> Response:
-        rec = self.recommender
-        if rec is not None:
-            cache = rec.candidates.cache
-            self.metrics.cache_lookups.labels("hit").set(cache.hits)
-            self.metrics.cache_lookups.labels("miss").set(cache.misses)
-            self.metrics.cache_entries.set(len(cache))
-        text = self.metrics.exposition(lambda: rec.snap.age() if rec is not None else None)
-        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def admin_reload(self, request: Request) -> Response:
-        try:
-            return json_response(await self.reload())
-        except SnapshotRefusedError as refused:
-            raise ApiError(
-                409, "snapshot-refused", str(refused), problems=refused.problems, field=refused.version
-            ) from None
-
-    async def demo_page(self, request: Request) -> Response:
-        if not self.settings.demo:
-            raise ApiError(404, "not-found", "the demo page is off (setting demo)")
-        return HTMLResponse(self._demo_page)
-
-    async def demo_catalog(self, request: Request) -> Response:
-        if not self.settings.demo:
-            raise ApiError(404, "not-found", "the demo page is off (setting demo)")
-        rec = self.serving()
-        cached = self._demo_catalog
-        if cached is None or cached[0] != rec.snap.version:
-            cached = self._demo_catalog = (rec.snap.version, msgspec.json.encode(demo.catalog(rec.snap)))
-        return Response(cached[1], media_type=JSON)
-
-    async def client_script(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        script = self._scripts.get(name)
-        if script is None:
-            raise ApiError(404, "not-found", f"no {name}; served: {', '.join(sorted(self._scripts))}", field="name")
-        return Response(script, media_type="text/javascript", headers={"cache-control": "public, max-age=300"})
-
-    async def openapi_json(self, request: Request) -> Response:
-        return Response(openapi.document_bytes(), media_type=JSON)
-
-    async def docs(self, request: Request) -> Response:
-        return HTMLResponse(openapi.html_page())
-
     def routes(self) -> list[BaseRoute]:
         # Routes are matched in order: the probes first (orchestrators call them all the time, and
         # the benchmark's ceiling is /healthz: it must not pay for matching the API's paths).
         table: list[tuple[str, str, Callable[[Request], Awaitable[Response]], str, Scope]] = [
-            ("/healthz", "healthz", self.healthz, "GET", "open"),
-            ("/readyz", "readyz", self.readyz, "GET", "open"),
+            ("/healthz", "healthz", self.ops_api.healthz, "GET", "open"),
+            ("/readyz", "readyz", self.ops_api.readyz, "GET", "open"),
             ("/v1/recommend", "recommend", self.recommend, "GET", "public"),
             ("/v1/items/{item_id}/similar", "similar", self.similar, "GET", "public"),
             ("/v1/popular", "popular", self.popular, "GET", "public"),
             *self.events_api.table(),
-            ("/v1/token", "token", self.token, "POST", "public"),
+            ("/v1/token", "token", self.stream_api.token, "POST", "public"),
             *self.visitors_api.table(),
-            ("/metrics", "metrics", self.metrics_page, "GET", "admin"),
-            ("/admin/reload", "reload", self.admin_reload, "POST", "admin"),
+            ("/metrics", "metrics", self.ops_api.metrics_page, "GET", "admin"),
+            ("/admin/reload", "reload", self.ops_api.admin_reload, "POST", "admin"),
             *self.rules_api.table(),
             *self.experiments_api.table(),
-            ("/openapi.json", "openapi", self.openapi_json, "GET", "open"),
-            ("/demo", "demo", self.demo_page, "GET", "open"),
-            ("/demo/catalog.json", "demo", self.demo_catalog, "GET", "open"),
-            ("/client/{name}", "client", self.client_script, "GET", "open"),
-            ("/docs", "docs", self.docs, "GET", "open"),
+            *self.pages_api.table(),
         ]
         # One Route per path (a 405's Allow header then lists every method of the path).
         by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
         for path, name, handler, method, scope in table:
             by_path.setdefault(path, {})[method] = self._observed(name, handler, scope)
         routes: list[BaseRoute] = [
-            Route(path, _by_method(handlers), methods=list(handlers)) for path, handlers in by_path.items()
+            Route(path, by_method(handlers), methods=list(handlers)) for path, handlers in by_path.items()
         ]
-        routes.append(WebSocketRoute("/v1/stream", self.stream))
+        routes.append(WebSocketRoute("/v1/stream", self.stream_api.stream))
         return routes
 
     def _admit(self, scope: Scope, connection: Request | WebSocket) -> None:
@@ -699,31 +544,6 @@ class Gateway:
         return endpoint
 
 
-def _by_method(
-    handlers: dict[str, Callable[[Request], Awaitable[Response]]],
-) -> Callable[[Request], Awaitable[Response]]:
-    if len(handlers) == 1:
-        return next(iter(handlers.values()))
-
-    async def endpoint(request: Request) -> Response:
-        method = request.method
-        return await handlers["GET" if method == "HEAD" else method](request)
-
-    return endpoint
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-    body = wire.ErrorBody(wire.ErrorDetail(code, f"{request.method} {request.url.path}: {exc.detail}"))
-    return json_response(body, exc.status_code, dict(exc.headers or {}))
-
-
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return json_response(wire.ErrorBody(wire.ErrorDetail("internal", "internal error; see the gateway log")), 500)
-
-
 def create_app(settings: config.Settings, *, store: Store | None = None) -> Starlette:
     gateway = Gateway(settings, store)
 
@@ -753,7 +573,7 @@ def create_app(settings: config.Settings, *, store: Store | None = None) -> Star
         routes=gateway.routes(),
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={HTTPException: _http_error, Exception: _unexpected},
+        exception_handlers={HTTPException: http_error, Exception: unexpected_error},
     )
     app.state.gateway = gateway
     return app
@@ -778,8 +598,3 @@ def _prepared(snap: Snapshot) -> Snapshot:
     """`snap` ready to serve: item fragments encoded, the kernels compiled for its arrays."""
     kernels.warm_up(snap.item_vectors, snap.gram_inverse, snap.neighbour_rows)
     return wire.prepare(snap)
-
-
-def _with_reasons(picks: Sequence[Pick], extra: tuple[str, ...]) -> list[Pick]:
-    """Picks whose reasons end with `extra` (the visitor's experiments and arms)."""
-    return [tagged(pick, extra) for pick in picks]

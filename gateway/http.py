@@ -3,10 +3,13 @@ query strings parsed into declared types (gateway.wire)."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 import msgspec
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket
@@ -20,6 +23,7 @@ LIST_PARAMETERS = frozenset({"category", "exclude"})
 IGNORED_PARAMETERS = frozenset({"key"})
 
 _encoder = msgspec.json.Encoder()
+log = logging.getLogger("tailor.gateway")
 
 
 class ApiError(Exception):
@@ -114,3 +118,40 @@ def parse_query(request: Request | WebSocket, kind: type[S]) -> S:
         if getattr(parsed, name, None) is None:
             raise ApiError(400, "invalid-parameter", f"`{name}` needs a value", field=name)
     return parsed
+
+
+def by_method(
+    handlers: dict[str, Callable[[Request], Awaitable[Response]]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """One endpoint for the methods of one path (HEAD answered as GET)."""
+    if len(handlers) == 1:
+        return next(iter(handlers.values()))
+
+    async def endpoint(request: Request) -> Response:
+        method = request.method
+        return await handlers["GET" if method == "HEAD" else method](request)
+
+    return endpoint
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405, with the API's error body."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+    body = wire.ErrorBody(wire.ErrorDetail(code, f"{request.method} {request.url.path}: {exc.detail}"))
+    return json_response(body, exc.status_code, dict(exc.headers or {}))
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    """A bug: logged, and a 500 with the API's error body (no traceback to the caller)."""
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return json_response(wire.ErrorBody(wire.ErrorDetail("internal", "internal error; see the gateway log")), 500)
+
+
+def country_of(request: Request) -> str | None:
+    """The visitor's country as a CDN in front of the gateway tells it (Cloudflare's header)."""
+    for name, value in request.scope["headers"]:
+        if name == b"cf-ipcountry":
+            code = value.decode("latin-1")
+            return code if len(code) == 2 and code.isalpha() else None
+    return None

@@ -36,6 +36,11 @@ def tagged(pick: Pick, more: Sequence[str]) -> Pick:
     return pick if not more else Pick(pick.row, pick.score, (*reasons_of(pick), *more))
 
 
+def with_reasons(picks: Sequence[Pick], extra: tuple[str, ...]) -> list[Pick]:
+    """Picks whose reasons end with `extra` (the visitor's experiments and arms)."""
+    return [tagged(pick, extra) for pick in picks]
+
+
 @dataclass(eq=False)
 class CompiledRule:
     rule: Rule
