@@ -12,11 +12,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 from redis.asyncio import Redis
 
 from gateway.store import MemoryStore, RedisStore, Store
 from tests.snapshots import build_small
+from tests.stores import Elapse
 
 
 def free_port() -> int:
@@ -145,6 +147,17 @@ async def store(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIter
         yield backend
     finally:
         await backend.close()
+
+
+@pytest.fixture
+def elapse(store: Store) -> Elapse:
+    """Let time pass for expiry: Redis expires keys by its own clock, the memory store by the `now` it is given."""
+
+    async def wait(seconds: float) -> None:
+        if isinstance(store, RedisStore):
+            await anyio.sleep(seconds)
+
+    return wait
 
 
 @pytest.fixture

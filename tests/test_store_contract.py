@@ -1,12 +1,12 @@
-"""Both store backends keep the same contract (the Redis one's own behaviour: test_store_redis.py)."""
+"""Both store backends keep the same contract: recent events, counters, expiry, erasure, the event
+log and opening a store by URL (consent: test_store_consent_contract.py; triggers:
+test_store_triggers_contract.py; the Redis one's own behaviour: test_store_redis.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +19,12 @@ from gateway.store import (
     EMPTY_PROFILE,
     Consent,
     CounterKey,
-    Interaction,
     MemoryStore,
     Profile,
     Recorded,
     RedisStore,
-    Requirement,
     Retention,
     Store,
-    Timer,
-    TriggerState,
     open_store,
     window_label,
 )
@@ -36,73 +32,9 @@ from gateway.store.log import FileLog, file_for
 from index_builder import schema
 from index_builder.readers import interaction_rows
 from tests.conftest import RedisServer
+from tests.stores import DAY, HOUR, T0, Elapse, items, remember, seen, tally, totals, unique_prefix
 
 pytestmark = pytest.mark.anyio
-
-HOUR = 3600.0
-T0 = HOUR * 472_222  # the first second of a window, so T0 + a few seconds stays in it
-DAY = 24 * HOUR
-
-Elapse = Callable[[float], Awaitable[None]]
-
-
-def seen(item: str, ts: float = T0) -> Interaction:
-    return Interaction(item=item, event="view", ts=ts)
-
-
-def items(profile: Profile) -> list[str]:
-    return [interaction.item for interaction in profile.recent]
-
-
-async def remember(
-    store: Store,
-    visitor: str,
-    *names: str,
-    now: float = T0,
-    keep: int = 100,
-    ttl: float = DAY,
-    event: str = "view",
-    ids: Sequence[str | None] | None = None,
-    categories: tuple[str, ...] = (),
-    windows: tuple[float, ...] = (HOUR,),
-    max_counters: int = 500,
-    id_memory: int = 1000,
-) -> list[bool]:
-    """Record one `event` per item name at `now` (or, with no names, one item-less `event`)."""
-    events = [
-        Recorded(event, now, item=name or None, id=ids[number] if ids else None, categories=categories)
-        for number, name in enumerate(names or ("",))
-    ]
-    retention = Retention(keep=keep, ttl=ttl, ids=id_memory, windows=windows, max_counters=max_counters)
-    stored = await store.record(visitor, events, retention=retention, now=now)
-    assert stored is not None  # None only when a consent requirement is not met, and none is asked for here
-    return stored
-
-
-async def tally(store: Store, visitor: str, event: str, times: int, *, now: float = T0, ttl: float = DAY) -> None:
-    """`times` item-less events of one type (counted, not listed in `recent`)."""
-    retention = Retention(ttl=ttl, windows=(HOUR,))
-    await store.record(visitor, [Recorded(event, now)] * times, retention=retention, now=now)
-
-
-def totals(profile: Profile) -> dict[str, int]:
-    """The per-type counters, without the per-item and per-category ones."""
-    return {name: count for name, count in profile.counters.items() if "@" not in name}
-
-
-def unique_prefix() -> str:
-    return f"test:{uuid.uuid4().hex}:"
-
-
-@pytest.fixture
-def elapse(store: Store) -> Elapse:
-    """Let time pass for expiry: Redis expires keys by its own clock, the memory store by the `now` it is given."""
-
-    async def wait(seconds: float) -> None:
-        if isinstance(store, RedisStore):
-            await anyio.sleep(seconds)
-
-    return wait
 
 
 # The contract, for both backends.
@@ -436,128 +368,6 @@ async def test_memory_event_log_is_build_input(tmp_path: Path, anyio_backend: st
     assert all(r.timestamp.timestamp() == T0 for r in rows)
 
 
-# Consent.
-
-
-async def test_consent_choices_are_kept_per_purpose_and_read_with_the_profile(store: Store) -> None:
-    granted = Consent("granted", T0, "banner")
-    await store.set_consent("v", {"analytics": granted, "personalization": granted}, ttl=DAY, now=T0)
-    later = Consent("revoked", T0 + 5, "settings page", expires_at=None)
-    await store.set_consent("v", {"personalization": later}, ttl=DAY, now=T0 + 5)
-    for counters in (True, False):
-        profile = await store.profile("v", limit=10, now=T0 + 6, counters=counters)
-        assert profile.consent == {"analytics": granted, "personalization": later}
-        assert (profile.recent, profile.last_seen) == ([], None)
-    await remember(store, "v", "a", now=T0 + 7)  # events keep the choices
-    assert (await store.profile("v", limit=10, now=T0 + 7)).consent["analytics"] == granted
-
-
-def test_a_choice_allows_only_while_granted_and_unexpired() -> None:
-    assert Consent("granted", T0, "x").allows(T0 + 10**9)
-    assert not Consent("granted", T0, "x", expires_at=T0 + 60).allows(T0 + 60)
-    assert not Consent("denied", T0, "x").allows(T0)
-    assert not Consent("revoked", T0, "x").allows(T0)
-
-
-async def test_consent_expires_with_the_visitor_and_goes_with_an_erasure(store: Store, elapse: Elapse) -> None:
-    await store.set_consent("v", {"analytics": Consent("granted", T0, "b")}, ttl=0.3, now=T0)
-    await store.set_consent("w", {"analytics": Consent("granted", T0, "b")}, ttl=DAY, now=T0)
-    await elapse(0.4)
-    assert (await store.profile("v", limit=10, now=T0 + 0.4)).consent == {}
-    await store.forget("w")
-    assert (await store.profile("w", limit=10, now=T0 + 0.4)).consent == {}
-
-
-async def test_every_consent_change_is_appended_to_the_audit_log(
-    tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    changes = [
-        ("v", "analytics", Consent("granted", T0, "banner")),
-        ("v", "analytics", Consent("revoked", T0 + 1, "settings", expires_at=None)),
-        ("w", "marketing", Consent("denied", T0 + 2, "banner", expires_at=T0 + DAY)),
-    ]
-    expected = [{"visitor": v, "purpose": p, **msgspec.to_builtins(c)} for v, p, c in changes]
-    memory = MemoryStore(audit=FileLog(tmp_path, prefix="consent"))
-    server: RedisServer = request.getfixturevalue("redis_server")
-    server.start()
-    redis = RedisStore(server.url, prefix=unique_prefix())
-    try:
-        for backend in (memory, redis):
-            for visitor, purpose, choice in changes:
-                await backend.set_consent(visitor, {purpose: choice}, ttl=DAY, now=choice.at)
-        await memory.close()
-        (path,) = tmp_path.glob("consent-*.jsonl")
-        assert [msgspec.json.decode(line) for line in path.read_bytes().splitlines()] == expected
-        raw = Redis.from_url(server.url)
-        entries: Any = await raw.xrange(redis.audit_key)
-        assert [msgspec.json.decode(fields[b"e"]) for _, fields in entries] == expected
-        await raw.aclose()
-    finally:
-        await redis.close()
-
-
-OPT_IN = Requirement("analytics", default=False)
-OPT_OUT = Requirement("analytics", default=True)
-
-
-async def test_without_the_consent_a_record_needs_nothing_is_stored(store: Store) -> None:
-    events = [Recorded("view", T0, item="a", id="e1")]
-    retention = Retention(windows=(HOUR,))
-    assert await store.record("v", events, retention=retention, now=T0, requires=OPT_IN) is None
-    assert await store.profile("v", limit=10, now=T0) == EMPTY_PROFILE
-    assert await store.record("v", events, retention=retention, now=T0, requires=OPT_OUT) == [True]  # no choice made
-    await store.set_consent("v", {"analytics": Consent("denied", T0, "banner")}, ttl=DAY, now=T0)
-    events2 = [Recorded("view", T0, item="b", id="e2")]
-    assert await store.record("v", events2, retention=retention, now=T0, requires=OPT_OUT) is None  # a choice decides
-    assert items(await store.profile("v", limit=10, now=T0)) == ["a"]
-
-
-async def test_a_grant_lets_events_in_until_it_expires(store: Store) -> None:
-    grant = Consent("granted", T0, "banner", expires_at=T0 + 60)
-    await store.set_consent("v", {"analytics": grant}, ttl=DAY, now=T0)
-    retention = Retention(windows=(HOUR,))
-    assert await store.record("v", [Recorded("view", T0, item="a")], retention=retention, now=T0, requires=OPT_IN)
-    late = [Recorded("view", T0 + 60, item="b")]
-    assert await store.record("v", late, retention=retention, now=T0 + 60, requires=OPT_IN) is None
-    assert items(await store.profile("v", limit=10, now=T0 + 60)) == ["a"]
-
-
-async def test_a_read_that_needs_consent_reads_nothing_else_without_it(store: Store) -> None:
-    await remember(store, "v", "a", "b")
-    personal = Requirement("personalization", default=False)
-    for counters in (True, False):
-        withheld = await store.profile("v", limit=10, now=T0, counters=counters, requires=personal)
-        assert withheld == Profile(recent=[], counters={}, withheld=True)
-    assert (await store.profile("v", limit=10, now=T0, requires=personal._replace(default=True))).recent != []
-    choice = Consent("granted", T0, "banner")
-    await store.set_consent("v", {"personalization": choice}, ttl=DAY, now=T0)
-    allowed = await store.profile("v", limit=10, now=T0, requires=personal)
-    assert (items(allowed), allowed.withheld, allowed.consent) == (["a", "b"], False, {"personalization": choice})
-    revoked = Consent("revoked", T0 + 1, "settings")
-    await store.set_consent("v", {"personalization": revoked}, ttl=DAY, now=T0 + 1)
-    gone = await store.profile("v", limit=10, now=T0 + 1, requires=personal)
-    assert (gone.recent, gone.counters, gone.last_seen, gone.withheld) == ([], {}, None, True)
-    assert gone.consent == {"personalization": revoked}
-
-
-async def test_an_unknown_visitor_is_withheld_only_under_opt_in(store: Store) -> None:
-    assert (await store.profile("nobody", limit=5, now=T0, requires=OPT_IN)).withheld
-    assert await store.profile("nobody", limit=5, now=T0, requires=OPT_OUT) == EMPTY_PROFILE
-
-
-async def test_a_consent_change_is_announced_to_subscribers(store: Store) -> None:
-    heard: list[str] = []
-    store.subscribe(heard.append)
-    if isinstance(store, RedisStore):
-        await asyncio.wait_for(store.subscribed.wait(), 5)
-    await store.set_consent("v", {"personalization": Consent("granted", T0, "banner")}, ttl=DAY, now=T0)
-    for _ in range(100):
-        if heard:
-            break
-        await anyio.sleep(0.02)
-    assert heard == ["v"]
-
-
 async def test_redis_log_entries_older_than_log_ttl_are_trimmed(redis_server: RedisServer, anyio_backend: str) -> None:
     server = redis_server
     server.start()
@@ -707,158 +517,3 @@ async def test_open_store_accepts_tls_and_unix_socket_redis_urls(url: str) -> No
 async def test_open_store_refuses_what_it_cannot_open(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         open_store(url)
-
-
-# Triggers: timers, fired marks and the inbox (gateway.triggers).
-
-MARKETING = Requirement("marketing", default=False)
-ANYONE = Requirement("marketing", default=True)  # the opt-out model: no choice made allows
-
-
-async def fire(store: Store, visitor: str, trigger: str, message: bytes, **changes: Any) -> bool | None:
-    """Fire with a period of an hour, an inbox of 10 kept a day, at T0, unless `changes` say otherwise."""
-    options: dict[str, Any] = {"period": HOUR, "keep": 10, "ttl": DAY, "now": T0, **changes}
-    return await store.fire(visitor, trigger, message, **options)
-
-
-async def test_due_timers_are_claimed_soonest_first_and_only_once(store: Store) -> None:
-    assert await store.schedule("v", [Timer("b", T0 + 20, b"pb"), Timer("a", T0 + 10, b"pa")], now=T0) == [True, True]
-    assert await store.schedule("w", [Timer("a", T0 + 30)], now=T0) == [True]
-    assert await store.claim_due(now=T0 + 5, limit=10) == []
-    assert await store.claim_due(now=T0 + 20, limit=10) == [
-        ("v", Timer("a", T0 + 10, b"pa")),
-        ("v", Timer("b", T0 + 20, b"pb")),
-    ]
-    assert await store.claim_due(now=T0 + 20, limit=10) == []
-    assert await store.claim_due(now=T0 + 99, limit=10) == [("w", Timer("a", T0 + 30))]
-
-
-async def test_a_claim_takes_at_most_limit_timers(store: Store) -> None:
-    await store.schedule("v", [Timer(f"t{n}", T0 + n) for n in range(5)], now=T0)
-    first = await store.claim_due(now=T0 + 10, limit=3)
-    rest = await store.claim_due(now=T0 + 10, limit=3)
-    assert [timer.trigger for _, timer in first] == ["t0", "t1", "t2"]
-    assert [timer.trigger for _, timer in rest] == ["t3", "t4"]
-
-
-async def test_a_pending_timer_keeps_its_time(store: Store) -> None:
-    assert await store.schedule("v", [Timer("a", T0 + 10, b"first")], now=T0) == [True]
-    again = [Timer("a", T0 + 50, b"second"), Timer("b", T0 + 60)]
-    assert await store.schedule("v", again, now=T0 + 1) == [False, True]
-    state = await store.trigger_state("v", now=T0 + 1)
-    assert state.timers == [Timer("a", T0 + 10, b"first"), Timer("b", T0 + 60)]
-    assert [timer.trigger for _, timer in await store.claim_due(now=T0 + 10, limit=10)] == ["a"]
-    assert await store.schedule("v", [Timer("a", T0 + 70)], now=T0 + 10) == [True]  # claimed: a new one may start
-
-
-async def test_cancel_removes_that_visitors_timers_of_those_triggers_only(store: Store) -> None:
-    await store.schedule("v", [Timer("a", T0 + 10), Timer("b", T0 + 10)], now=T0)
-    await store.schedule("w", [Timer("a", T0 + 10)], now=T0)
-    assert await store.cancel("v", ["a", "c"]) == ["a"]
-    assert await store.cancel("v", ["a"]) == []
-    assert await store.cancel("nobody", ["a"]) == []
-    claimed = await store.claim_due(now=T0 + 10, limit=10)
-    assert sorted((visitor, timer.trigger) for visitor, timer in claimed) == [("v", "b"), ("w", "a")]
-
-
-async def test_a_timer_is_set_only_with_the_consent_it_needs(store: Store) -> None:
-    assert await store.schedule("v", [Timer("a", T0 + 10)], now=T0, requires=MARKETING) is None
-    assert await store.claim_due(now=T0 + 10, limit=10) == []
-    await store.set_consent("v", {"marketing": Consent("granted", T0, "banner")}, ttl=DAY, now=T0)
-    assert await store.schedule("v", [Timer("a", T0 + 10)], now=T0, requires=MARKETING) == [True]
-    assert await store.schedule("w", [Timer("a", T0 + 10)], now=T0, requires=ANYONE) == [True]
-    await store.set_consent("x", {"marketing": Consent("denied", T0, "banner")}, ttl=DAY, now=T0)
-    assert await store.schedule("x", [Timer("a", T0 + 10)], now=T0, requires=ANYONE) is None
-
-
-async def test_timers_of_odd_visitor_ids_come_back_to_them(store: Store) -> None:
-    visitors = ["a|b", "🙂", "a\nb", '{"v": 1}', '["x", "y"]', "", "\\", "v:a:timers", "x" * 1000]
-    for number, visitor in enumerate(visitors):
-        await store.schedule(visitor, [Timer("t", T0 + number, visitor.encode())], now=T0)
-    claimed = await store.claim_due(now=T0 + 100, limit=100)
-    assert [(visitor, timer.payload) for visitor, timer in claimed] == [(v, v.encode()) for v in visitors]
-    for visitor in visitors:
-        assert (await store.trigger_state(visitor, now=T0)).timers == []
-
-
-async def test_a_trigger_fires_once_per_visitor_per_period(store: Store) -> None:
-    assert await fire(store, "v", "t", b"m1") is True
-    assert await fire(store, "v", "t", b"m2", now=T0 + HOUR - 1) is False
-    assert await fire(store, "v", "u", b"m3", now=T0 + 1) is True  # another trigger
-    assert await fire(store, "w", "t", b"m4") is True  # another visitor
-    assert (await store.trigger_state("v", now=T0 + 2)).fired == {"t": T0 + HOUR, "u": T0 + 1 + HOUR}
-    assert await fire(store, "v", "t", b"m5", now=T0 + HOUR) is True  # the period is over
-    profile = await store.profile("v", limit=0, now=T0 + HOUR, inbox=ANYONE)
-    assert profile.messages == [b"m1", b"m3", b"m5"]
-
-
-async def test_the_inbox_keeps_the_newest_and_a_read_that_asks_for_it_takes_them(store: Store) -> None:
-    for number in range(5):
-        await fire(store, "v", f"t{number}", b"m%d" % number, keep=3)
-    assert (await store.profile("v", limit=10, now=T0)).messages == []  # not asked for: left in the inbox
-    assert (await store.trigger_state("v", now=T0)).messages == [b"m2", b"m3", b"m4"]
-    assert (await store.profile("v", limit=10, now=T0, counters=False, inbox=ANYONE)).messages == [b"m2", b"m3", b"m4"]
-    assert (await store.profile("v", limit=10, now=T0, inbox=ANYONE)).messages == []  # shown once
-
-
-async def test_the_inbox_needs_its_own_consent_and_not_personalization(store: Store) -> None:
-    await store.set_consent("v", {"marketing": Consent("granted", T0, "banner")}, ttl=DAY, now=T0)
-    assert await fire(store, "v", "t", b"m", requires=MARKETING) is True
-    personal = Requirement("personalization", default=False)
-    withheld = await store.profile("v", limit=10, now=T0, requires=personal, inbox=MARKETING)
-    assert (withheld.withheld, withheld.recent, withheld.messages) == (True, [], [b"m"])
-    assert await fire(store, "v", "u", b"n", requires=MARKETING) is True
-    await store.set_consent("v", {"marketing": Consent("revoked", T0 + 1, "settings")}, ttl=DAY, now=T0 + 1)
-    assert await fire(store, "v", "w", b"x", now=T0 + 1, requires=MARKETING) is None  # nothing done
-    assert (await store.trigger_state("v", now=T0 + 1)).fired == {"t": T0 + HOUR, "u": T0 + HOUR}
-    assert (await store.profile("v", limit=10, now=T0 + 1, inbox=MARKETING)).messages == []
-    assert (await store.trigger_state("v", now=T0 + 1)).messages == []  # dropped unshown, not kept for later
-
-
-async def test_the_inbox_expires_ttl_after_its_last_message(store: Store, elapse: Elapse) -> None:
-    await fire(store, "v", "t", b"m", ttl=0.3)
-    await elapse(0.4)
-    assert (await store.profile("v", limit=0, now=T0 + 0.4, inbox=ANYONE)).messages == []
-
-
-async def test_a_fired_message_is_announced_to_message_subscribers(store: Store) -> None:
-    heard: list[tuple[str, bytes]] = []
-    store.subscribe_messages(lambda visitor, message: heard.append((visitor, message)))
-    if isinstance(store, RedisStore):
-        await asyncio.wait_for(store.subscribed.wait(), 5)
-    await fire(store, "v\n1", "t", b'{"m": 1}')
-    await fire(store, "v\n1", "t", b'{"m": 2}')  # within the period: neither fired nor announced
-    for _ in range(200):
-        if heard:
-            break
-        await anyio.sleep(0.01)
-    await anyio.sleep(0.05)
-    assert heard == [("v\n1", b'{"m": 1}')]
-
-
-async def test_forget_takes_the_timers_fired_marks_and_inbox_too(store: Store) -> None:
-    await store.schedule("v", [Timer("a", T0 + 10), Timer("b", T0 + 20)], now=T0)
-    await store.schedule("w", [Timer("a", T0 + 10)], now=T0)
-    await fire(store, "v", "t", b"m")
-    assert (await store.forget("v")).profile
-    assert await store.trigger_state("v", now=T0) == TriggerState(timers=[], fired={}, messages=[])
-    assert [visitor for visitor, _ in await store.claim_due(now=T0 + 99, limit=10)] == ["w"]
-    assert await fire(store, "v", "t", b"m") is True  # no mark left to hold it back
-
-
-async def test_redis_concurrent_claims_never_share_a_timer(redis_server: RedisServer) -> None:
-    """Two store objects on one Redis stand for two gateway processes claiming at the same time."""
-    redis_server.start()
-    prefix = unique_prefix()
-    first, second = RedisStore(redis_server.url, prefix=prefix), RedisStore(redis_server.url, prefix=prefix)
-    try:
-        for number in range(50):
-            await first.schedule(f"v{number}", [Timer(f"t{k}", T0 + k) for k in range(4)], now=T0)
-        rounds = await asyncio.gather(*(s.claim_due(now=T0 + 10, limit=7) for s in (first, second) * 20))
-        claimed = [(visitor, timer.trigger) for taken in rounds for visitor, timer in taken]
-        assert len(claimed) == len(set(claimed)) == 200
-        # Each claim ran whole, one after the other: full ones, then the rest, then nothing.
-        assert sorted(len(taken) for taken in rounds) == [0] * 11 + [4] + [7] * 28
-    finally:
-        await first.close()
-        await second.close()

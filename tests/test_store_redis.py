@@ -16,7 +16,7 @@ from redis.asyncio.connection import AbstractConnection
 from gateway.store import Profile, RedisStore, StoreError
 from gateway.store.resp import _Link
 from tests.conftest import RedisServer
-from tests.test_store_contract import (
+from tests.stores import (
     HOUR,
     T0,
     items,
