@@ -341,7 +341,7 @@ class Gateway:
         return value
 
     # -- who a request acts for ----------------------------------------------------------------------
-    def _binds(self, connection: Request | WebSocket) -> bool:
+    def binds(self, connection: Request | WebSocket) -> bool:
         """Whether this caller must prove which visitor it is with a token: with API keys configured,
         every caller but an admin key (the site's backend). A browser holds only a public key, so
         it can read or write a visitor's data only with that visitor's token."""
@@ -363,8 +363,8 @@ class Gateway:
         self, connection: Request | WebSocket, claimed: str | None, token: str | None, *, required: bool = False
     ) -> str | None:
         """The raw visitor id this request may read or write: its token's (a `claimed` id must then
-        be the same), else the id it claims, which only a caller `_binds` does not hold may do.
-        `required`: a caller `_binds` holds must show a token even when it claims no id."""
+        be the same), else the id it claims, which only a caller `binds` does not hold may do.
+        `required`: a caller `binds` holds must show a token even when it claims no id."""
         token = self.token_of(connection, token)
         if token is not None:
             try:
@@ -374,7 +374,7 @@ class Gateway:
             if claimed is not None and claimed != visitor:
                 raise ApiError(403, "not-your-visitor", "the token is for another visitor", field="visitor")
             return visitor
-        if (claimed is not None or required) and self._binds(connection):
+        if (claimed is not None or required) and self.binds(connection):
             raise ApiError(
                 401,
                 "token-required",
@@ -411,7 +411,7 @@ class Gateway:
             raise ApiError(400, "invalid-parameter", "give `user` or `visitor`, not both", field="visitor")
         raw = self.acting_for(request, q.user if q.user is not None else q.visitor, q.token)
         key = None if raw is None else self.pseudonym(raw)
-        answer, enrolment = await self._recommend(
+        answer, enrolment = await self.recommendation(
             rec,
             key,
             raw,
@@ -423,7 +423,7 @@ class Gateway:
         )
         return self._answer(request, rec, answer, enrolment)
 
-    async def _recommend(
+    async def recommendation(
         self,
         rec: Recommender,
         key: str | None,
@@ -505,7 +505,7 @@ class Gateway:
         routes.append(WebSocketRoute("/v1/stream", self.stream_api.stream))
         return routes
 
-    def _admit(self, scope: Scope, connection: Request | WebSocket) -> None:
+    def admit(self, scope: Scope, connection: Request | WebSocket) -> None:
         """Raise AccessError unless the caller's key allows `scope` and its bucket has a request left."""
         access = self.access
         key = access_key(connection.scope["headers"], connection.scope.get("query_string", b""))
@@ -527,7 +527,7 @@ class Gateway:
             try:
                 if access.active:
                     try:
-                        self._admit(scope, request)
+                        self.admit(scope, request)
                     except AccessError as refused:
                         raise ApiError(refused.status, refused.code, str(refused), headers=refused.headers) from None
                 response = await handler(request)

@@ -30,7 +30,7 @@ class StreamApi:
         """What the hub pushes to a visitor: their recommendations, and what tells whether they changed."""
         gateway = self.gateway
         rec = gateway.serving()
-        answer, enrolment = await gateway._recommend(
+        answer, enrolment = await gateway.recommendation(
             rec, key, user, n=gateway.n_of(n), categories=categories, exclude=()
         )
         if answer.fallback is not None:
@@ -66,7 +66,7 @@ class StreamApi:
             if renew is not None and named is not None:
                 raise ApiError(400, "invalid-body", "give `token` or `visitor`, not both", field="visitor")
         if named is not None:  # the site's backend signs its user in
-            if gateway._binds(request):
+            if gateway.binds(request):
                 raise ApiError(
                     403, "forbidden", "only an admin key may mint a token for a named visitor", field="visitor"
                 )
@@ -89,7 +89,7 @@ class StreamApi:
         await websocket.accept()
         try:
             if gateway.access.active:
-                gateway._admit("public", websocket)
+                gateway.admit("public", websocket)
             q = parse_query(websocket, wire.StreamQuery)
             visitor, _ = tokens.verify(gateway.secret, q.token)
             rec = gateway.serving_for(q.category)

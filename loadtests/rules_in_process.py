@@ -1,7 +1,7 @@
 """What bench_rules.py's 100 rules cost one answer, in process: no HTTP, no load generator.
 
 Builds a gateway (memory store) on the benchmark shop's snapshot, seeds new visitors with 1-3
-clicks, stores bench_rules.py's rule set, then times `Gateway._recommend` call by call for the
+clicks, stores bench_rules.py's rule set, then times `Gateway.recommendation` call by call for the
 recommend mix (known users, seeded visitors, unknown visitors; every call a visitor not asked for
 before, with a page and a device), alternating no rule set and the 100 rules. Prints p50 and mean
 per kind of visitor, and the p99 and slowest calls of each run. Wall-clock figures of one shared
@@ -96,7 +96,7 @@ async def run(args: argparse.Namespace) -> None:
                 for kind, raw, context in planned:
                     rec = gateway.serving_for([])
                     started = time.perf_counter()
-                    await gateway._recommend(
+                    await gateway.recommendation(
                         rec, gateway.pseudonym(raw), raw, n=10, categories=[], exclude=[], context=context
                     )
                     times[kind].append(time.perf_counter() - started)
