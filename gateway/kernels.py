@@ -1,5 +1,6 @@
 """Compiled kernels (numba) for the steps of a request that numpy can only do as dozens of small
-calls: a new visitor's candidate pool.
+calls: a new visitor's candidate pool (`fold_in`, `live_pool`) and a rule plan's selection over the
+candidates (`select`, see gateway.ruling).
 
 A new visitor's pool took about 45 numpy calls: fold the visitor in, gather the candidate rows,
 sort and deduplicate them, score, sort the scores, cut. Each costs a microsecond or more of call
@@ -8,10 +9,11 @@ the pool took 80-100 µs inside a request for about 15 µs of arithmetic. Here i
 calls around one numpy sort: about 10 µs alone, 30 µs inside a request (measured on the benchmark
 shop; see the README's "Serving performance").
 
-The numpy versions stay the definition: `index_builder.model.fold_in_low_rank`, and the pipeline
-tests/test_kernels.py spells out; the tests compare the kernels with them. Kernels compile on first
-use and are cached on disk (numba's `cache=True`: a second process loads them in well under a
-second); `warm_up` compiles them in the thread that loads a snapshot, so no request pays for it.
+The numpy versions stay the definition: `index_builder.model.fold_in_low_rank`, the pipeline
+tests/test_kernels.py spells out and `Ruling.in_numpy`; the tests compare the kernels with them.
+Kernels compile on first use and are cached on disk (numba's `cache=True`: a second process loads
+them in well under a second); `warm_up` compiles them in the thread that loads a snapshot, so no
+request pays for it.
 """
 
 from __future__ import annotations

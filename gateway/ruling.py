@@ -73,9 +73,7 @@ class Ruling:
             kept = (~hit).nonzero()[0]
             # The filters that changed the answer: those dropping a row ahead of the n-th kept.
             last = int(kept[n - 1]) if len(kept) >= n else len(rows)
-            dropped: list[int] = at[:last][hit[:last]].tolist()
-            for group in plan.filtering:
-                self.applied.update(group.dropped_by(dropped))
+            self._credit_drops(plan, at[:last][hit[:last]].tolist())
             positions, at = kept, at[kept]
         order = self._order(at)
         if order is not None:
@@ -101,15 +99,19 @@ class Ruling:
             distinct=distinct,
         )
         if len(dropped):
-            listed = dropped.tolist()
-            for group in plan.filtering:
-                self.applied.update(group.dropped_by(listed))
+            self._credit_drops(plan, dropped.tolist())
         if reordered:
             self.reordered = True
         if capped and rule is not None:
             self.applied[rule.ref] = rule
         positions: list[int] = kept.tolist()
         return positions
+
+    def _credit_drops(self, plan: Plan, dropped: list[int]) -> None:
+        """Count as applied the plan's filters that drop any of `dropped` (the rows dropped ahead
+        of the n-th kept one: those filters changed the answer)."""
+        for group in plan.filtering:
+            self.applied.update(group.dropped_by(dropped))
 
     def _cap(self, rows: list[int], positions: list[int], n: int) -> list[int]:
         """The first n of `positions` the plan's cap admits."""

@@ -64,7 +64,7 @@ class Snapshot:
     params: ModelParams
     event_weights: dict[str, float]
     gram: npt.NDArray[np.float64]
-    gram_inverse: npt.NDArray[np.floating[Any]]  # for fold_in_low_rank
+    gram_inverse: npt.NDArray[np.floating[Any]]  # for the fold-in (gateway.kernels.fold_in)
     method: str
     search_k: int
     annoy: AnnoyIndex | None = field(default=None)
