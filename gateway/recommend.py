@@ -331,11 +331,11 @@ class Recommender:
         ruling: Ruling | None = None,
     ) -> list[Pick]:
         candidates = self.candidates
-        rows = np.asarray(live[0], dtype=np.int64)  # distinct and ascending already
 
         def compute(within: Rows | None = None) -> Pool:
             if within is None and self.snap.neighbour_rows is not None:
                 return candidates.around(live)
+            rows = np.asarray(live[0], dtype=np.int64)  # distinct and ascending already
             return candidates.top(self.live_vector(live), exclude=rows, within=within)
 
         pool = await candidates.cached(("live", live), compute, bounded=self.snap.neighbour_rows is not None)
