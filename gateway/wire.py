@@ -202,7 +202,7 @@ def encode_recommendations(
     parts: list[bytes] = []
     for pick in picks:
         row, reason = pick.row, pick.reason
-        head = fragments.get(row)
+        head = fragments[row]
         if head is None:
             head = fragments[row] = _fragment(snap, row)
         tail = reasons.get(reason)
@@ -261,7 +261,7 @@ def prepare(snap: Snapshot) -> Snapshot:
     """Encode every item's fragment up front (call it in the thread that loads the snapshot), so no
     answer pays for a first encoding; catalogs over PREPARE_ITEMS_MAX items are encoded as served."""
     if len(snap.item_ids) <= PREPARE_ITEMS_MAX:
-        snap.encoded_items.update((row, _fragment(snap, row)) for row in range(len(snap.item_ids)))
+        snap.encoded_items[:] = [_fragment(snap, row) for row in range(len(snap.item_ids))]
     return snap
 
 

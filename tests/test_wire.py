@@ -25,7 +25,7 @@ def snap(small_snapshots: Path) -> Snapshot:
     titles[2] = ""
     categories[1] = []
     categories[2] = ["a/b", 'c"d', "\x00"]
-    return dataclasses.replace(loaded, titles=titles, categories=categories, encoded_items={}, encoded_reasons={})
+    return dataclasses.replace(loaded, titles=titles, categories=categories, encoded_items=[], encoded_reasons={})
 
 
 def expected(snap: Snapshot, rid: str, picks: list[tuple[int, float, str]], fallback: Fallback | None) -> bytes:
@@ -63,8 +63,9 @@ def test_encoded_answer_equals_the_declared_types_encoding(snap: Snapshot, picks
 
 
 def test_a_prepared_snapshot_encodes_the_same(snap: Snapshot) -> None:
-    prepared = wire.prepare(dataclasses.replace(snap, encoded_items={}, encoded_reasons={}))
-    assert len(prepared.encoded_items) == len(snap.item_ids)  # every item, before any answer
+    prepared = wire.prepare(dataclasses.replace(snap, encoded_items=[], encoded_reasons={}))
+    assert len(prepared.encoded_items) == len(snap.item_ids)
+    assert None not in prepared.encoded_items  # every item encoded, before any answer
     picks = [(0, 0.5, "user-vector"), (1, 0.25, "popular"), (len(snap.item_ids) - 1, 1e-3, "popular")]
     answer = wire.encode_recommendations(prepared, "r", [Pick(*pick) for pick in picks], None, "live")
     assert answer == expected(snap, "r", picks, None)
