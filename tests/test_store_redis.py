@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
 from gateway.store import Profile, RedisStore, StoreError
-from gateway.store.resp import _Link
+from gateway.store.resp import Multiplexed, _Link
 from tests.conftest import RedisServer
 from tests.stores import (
     HOUR,
@@ -246,3 +246,15 @@ async def test_redis_a_reader_that_gives_up_does_not_shift_the_replies_of_the_ot
     abandoned.cancel()
     assert items(await redis_store.profile("second", limit=5, now=T0)) == ["b"]
     assert items(await redis_store.profile("first", limit=5, now=T0)) == ["a"]
+
+
+async def test_redis_hot_path_commands_leave_out_none_arguments(redis_server: RedisServer) -> None:
+    """Commands go to hiredis as they are, or without their None arguments (optional ones)."""
+    fast = Multiplexed(port=redis_server.port)
+    key = unique_prefix() + "none-args"
+    try:
+        assert await fast.execute(("SET", key, "one", None), ("GET", key)) == [b"OK", b"one"]
+        assert await fast.execute(("SET", key, "two"), ("GET", key), ("DEL", key)) == [b"OK", b"two", 1]
+    finally:
+        fast.close()
+        await asyncio.sleep(0.01)  # the transport closes on a later turn of the loop

@@ -116,7 +116,12 @@ class _Link(asyncio.Protocol):
         self._waiting.extend((future, deadline) for future in futures)
         if not self._unsent:
             loop.call_soon(self._flush)
-        self._unsent.extend(hiredis.pack_command(tuple(c for c in command if c is not None)) for command in commands)
+        # None arguments are left out (optional ones); most commands have none, and then a tuple
+        # goes to hiredis as it is (a generator per command cost 3-4 µs of every profile read).
+        self._unsent.extend(
+            hiredis.pack_command(command if None not in command else tuple(c for c in command if c is not None))
+            for command in commands
+        )
         if self._timer is None:
             self._timer = loop.call_at(deadline, self._expire)
         return futures
