@@ -186,7 +186,7 @@ def warm_up(
 
 
 def _select(  # noqa: PLR0917 - numba's dispatcher takes arguments by position
-    rows: Any, n: int, drop: Any, weight: Any, keys: Any, limit: int, distinct: int
+    rows: Any, n: int, drop: Any, weight: Any, keys: Any, limit: int, distinct: int, codes: Any
 ) -> Any:  # pragma: no cover - compiled by `select`
     """gateway.ruling.Ruling.select over one plan's arrays (an empty array: the plan has none)."""
     size = len(rows)
@@ -201,12 +201,16 @@ def _select(  # noqa: PLR0917 - numba's dispatcher takes arguments by position
     # The rows a filter dropped ahead of the n-th kept one: those filters changed the answer.
     dropped = np.empty(size - count, dtype=np.int64)
     found = 0
+    bits = np.int64(0)
+    coded = len(codes) > 0
     if count < size:
         last = kept[n - 1] if count >= n else size
         for i in range(last):
             if drop[rows[i]]:
                 dropped[found] = rows[i]
                 found += 1
+                if coded:
+                    bits |= codes[rows[i]]
     kept = kept[:count]
     reordered = False
     if len(weight) > 0 and count > 0:
@@ -237,8 +241,13 @@ def _select(  # noqa: PLR0917 - numba's dispatcher takes arguments by position
         kept = chosen[:taken]
     else:
         kept = kept[:n]
-    return kept, dropped[:found], reordered, capped
+    return kept, dropped[:found], bits, reordered, capped
 
+
+NO_DROP: npt.NDArray[np.bool_] = np.zeros(0, dtype=np.bool_)
+NO_WEIGHT: npt.NDArray[np.float32] = np.zeros(0, dtype=np.float32)
+NO_KEYS: npt.NDArray[np.int32] = np.zeros(0, dtype=np.int32)
+NO_CODES: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
 
 _select_compiled: Any = None
 
@@ -252,11 +261,13 @@ def select(
     keys: npt.NDArray[np.int32],
     limit: int,
     distinct: int,
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], bool, bool]:
+    codes: npt.NDArray[np.int64] = NO_CODES,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int, bool, bool]:
     """One request's candidates (`rows`, best first) through a plan: the positions of the at most
     n kept (without what `drop` marks, re-ranked by `weight`, at most `limit` per `keys` code), the
-    dropped rows ahead of the n-th kept, whether a boost held, whether the cap skipped one. An
-    empty `drop`, `weight` or `keys`: the plan has no filter, boost or cap."""
+    dropped rows ahead of the n-th kept and their `codes` ORed (which filters dropped them, see
+    Plan.drop_codes; 0 without codes), whether a boost held, whether the cap skipped one. An
+    empty `drop`, `weight`, `keys` or `codes`: the plan has no filter, boost or cap, or no codes."""
     global _select_compiled  # noqa: PLW0603 - compiled on first use, once per process
     if _select_compiled is None:
         # One signature for every plan: masks are read-only arrays, combined ones writable, and
@@ -266,14 +277,11 @@ def select(
         def ro(dtype: Any) -> Any:
             return types.Array(dtype, 1, "C", readonly=True)
 
-        result = types.Tuple((types.int64[::1], types.int64[::1], types.boolean, types.boolean))
+        result = types.Tuple((types.int64[::1], types.int64[::1], types.int64, types.boolean, types.boolean))
         count = types.int64
-        signature = result(ro(count), count, ro(types.boolean), ro(types.float32), ro(types.int32), count, count)
+        signature = result(
+            ro(count), count, ro(types.boolean), ro(types.float32), ro(types.int32), count, count, ro(count)
+        )
         _select_compiled = numba.njit(signature, cache=True, nogil=True)(_select)
-    kept, dropped, reordered, capped = _select_compiled(rows, n, drop, weight, keys, limit, distinct)
-    return kept, dropped, bool(reordered), bool(capped)
-
-
-NO_DROP: npt.NDArray[np.bool_] = np.zeros(0, dtype=np.bool_)
-NO_WEIGHT: npt.NDArray[np.float32] = np.zeros(0, dtype=np.float32)
-NO_KEYS: npt.NDArray[np.int32] = np.zeros(0, dtype=np.int32)
+    kept, dropped, bits, reordered, capped = _select_compiled(rows, n, drop, weight, keys, limit, distinct, codes)
+    return kept, dropped, int(bits), bool(reordered), bool(capped)

@@ -77,6 +77,8 @@ HOT_PLAN = 4  # a plan not combined is combined on every HOT_PLAN-th use
 # Rows per plan whose boosting rules are remembered (about 65 bytes each). With PLANS_KEPT plans,
 # 10,000 could grow to 2.6 GB; the benchmark's busiest plan held 731 after 20,000 answers.
 BOOSTED_KEPT = 2_000
+# Combinations of dropping filters per plan whose rules are remembered.
+DECODED_KEPT = 1_024
 
 
 class Group:
@@ -100,6 +102,7 @@ class Group:
         self.boosts: list[tuple[CompiledRule, npt.NDArray[np.bool_]]] = []
         # Per row, which filters (boosts) hold, as bits; None past 63 (then each mask is asked).
         self._filter_code: memoryview | None = None
+        self.filter_codes: npt.NDArray[np.int64] | None = None  # the same as an array
         self._boost_code: memoryview | None = None
         self._decoded: dict[tuple[bool, int], tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
 
@@ -110,7 +113,8 @@ class Group:
             masks = [m for _, m in self._filters]
             self.drop = np.logical_or.reduce(masks) if len(masks) > 1 else masks[0]
             self.dropping = self.drop.data
-            self._filter_code = _codes(masks)
+            self.filter_codes = _codes(masks)
+            self._filter_code = None if self.filter_codes is None else self.filter_codes.data
         if self.boosts:
             weight = np.ones(size, dtype=np.float32)
             for c in self.rules:
@@ -118,7 +122,8 @@ class Group:
                     weight[mask] *= np.float32(factor)
             self.weight = weight
             self.weighing = weight.data
-            self._boost_code = _codes([m for _, m in self.boosts])
+            codes = _codes([m for _, m in self.boosts])
+            self._boost_code = None if codes is None else codes.data
 
     def dropped_by(self, rows: list[int]) -> list[tuple[str, CompiledRule]]:
         """(ref, rule) of the group's filters that drop any of `rows`."""
@@ -129,6 +134,10 @@ class Group:
         for row in rows:
             bits |= codes[row]
         return self._decode(False, bits)[0] if bits else []
+
+    def filter_rules(self) -> list[CompiledRule]:
+        """The rule of each of the group's filters, in the order of their bits in `filter_codes`."""
+        return [c for c, _ in self._filters]
 
     def boosted_by(self, row: int) -> tuple[list[tuple[str, CompiledRule]], list[str]]:
         """(ref, rule) of the group's boosts that hold for `row`, and their refs."""
@@ -177,6 +186,17 @@ class Plan:
         self.weight: npt.NDArray[np.float32] | None = self.boosting[0].weight if len(self.boosting) == 1 else None
         self.dropping: memoryview | None = None if self.drop is None else self.drop.data
         self.weighing: memoryview | None = None if self.weight is None else self.weight.data
+        # Per row, which of the plan's filters drop it, as bits (the rule of bit i: _drop_rules[i]):
+        # the compiled selection ORs them over the rows it drops, and `dropped_by_bits` names the
+        # filters. The codes of a plan with one filtering group (its own); None for more groups
+        # (combining their codes as well took milliseconds, on the request that made a plan hot,
+        # and 8 more bytes an item), then the groups say which filters dropped the rows.
+        self.drop_codes: npt.NDArray[np.int64] | None = None
+        self._drop_rules: list[CompiledRule] = []
+        self._drop_decoded: dict[int, list[tuple[str, CompiledRule]]] = {}
+        if len(self.filtering) == 1 and self.filtering[0].filter_codes is not None:
+            self.drop_codes = self.filtering[0].filter_codes
+            self._drop_rules = self.filtering[0].filter_rules()
         self.uses = 0
         self._boosted: dict[int, tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
         self._shared: dict[tuple[str, ...], tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
@@ -225,6 +245,17 @@ class Plan:
             self._boosted[row] = shared
         return shared
 
+    def dropped_by_bits(self, bits: int) -> list[tuple[str, CompiledRule]]:
+        """(ref, rule) of the filters whose bits (of `drop_codes`) are set."""
+        found = self._drop_decoded.get(bits)
+        if found is None:
+            rules = self._drop_rules
+            named = {rules[i].ref: (rules[i].ref, rules[i]) for i in range(len(rules)) if bits >> i & 1}
+            found = list(named.values())
+            if len(self._drop_decoded) < DECODED_KEPT:
+                self._drop_decoded[bits] = found
+        return found
+
     def hits(self, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_] | None:
         """Per row, whether a filter of the plan drops it; None without filters. One numpy
         operation per group (a few µs) beats asking every group in Python for each of ~50 rows."""
@@ -259,14 +290,14 @@ class Plan:
         return True
 
 
-def _codes(masks: list[npt.NDArray[np.bool_]]) -> memoryview | None:
+def _codes(masks: list[npt.NDArray[np.bool_]]) -> npt.NDArray[np.int64] | None:
     """Per row, bit i set when masks[i] holds; None for none or more than 63 masks."""
     if not masks or len(masks) > 63:
         return None
     code = np.zeros(len(masks[0]), dtype=np.int64)
     for bit, mask in enumerate(masks):
         code[mask] |= 1 << bit
-    return code.data
+    return code
 
 
 # A rule's position in its book's priority order, as a sort key (attrgetter: no Python call per rule).

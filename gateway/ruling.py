@@ -89,7 +89,8 @@ class Ruling:
             limit = rule.cap[0]
         else:
             keys, distinct, limit = kernels.NO_KEYS, 0, 0
-        kept, dropped, reordered, capped = kernels.select(
+        codes = plan.drop_codes
+        kept, dropped, bits, reordered, capped = kernels.select(
             np.array(rows, dtype=np.int64),
             n,
             drop=kernels.NO_DROP if plan.drop is None else plan.drop,
@@ -97,8 +98,11 @@ class Ruling:
             keys=keys,
             limit=limit,
             distinct=distinct,
+            codes=kernels.NO_CODES if codes is None else codes,
         )
-        if len(dropped):
+        if bits:  # the kernel named the filters (Plan.drop_codes)
+            self.applied.update(plan.dropped_by_bits(bits))
+        elif len(dropped) and codes is None:
             self._credit_drops(plan, dropped.tolist())
         if reordered:
             self.reordered = True
