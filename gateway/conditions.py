@@ -215,7 +215,7 @@ class Facts:
 _last_local: tuple[tzinfo | None, int, datetime | None] = (None, 0, None)
 
 
-def _local(now: float, zone: tzinfo) -> datetime:
+def local_time(now: float, zone: tzinfo) -> datetime:
     """`now` in `zone`, to the second: the same for every request in one second (conditions read
     only its hour and weekday, and zone offsets are whole seconds), so it is made once a second."""
     global _last_local  # noqa: PLW0603 - a one-entry cache; a race only makes it twice
@@ -241,7 +241,7 @@ def facts(
 ) -> Facts:
     return Facts(
         now,
-        _local(now, zone),
+        local_time(now, zone),
         {} if counters is None else counters,
         recent,
         last_seen,

@@ -23,7 +23,7 @@ from gateway.candidates import LRU, Candidates, LiveProfile, Offload, Pool
 from gateway.guard import GuardedStore
 from gateway.plans import Pick
 from gateway.rules import HEADROOM_MIN, Book
-from gateway.ruleset import Content
+from gateway.ruleset import Content, Surface
 from gateway.ruling import Ruling
 from gateway.snapshot import Rows, Snapshot, Vectors
 from gateway.store import EMPTY_PROFILE, CounterKey, Interaction, Profile, Requirement
@@ -56,6 +56,11 @@ class Answer(msgspec.Struct, frozen=True):
     fired: list[str] = msgspec.field(default_factory=list)  # every rule whose conditions held (for previews)
     messages: list[bytes] = msgspec.field(default_factory=list)  # fired triggers' (gateway.triggers.Delivered JSON)
     read: Profile | None = None  # the profile it was made from; None when none was read (or the store failed)
+
+
+def _blank(profile: Profile) -> bool:
+    """Nothing a rule condition could read: no recent events, no counters, no last visit."""
+    return not profile.recent and not profile.counters and profile.last_seen is None
 
 
 class Context(NamedTuple):
@@ -138,8 +143,9 @@ class Recommender:
 
             def decide(profile: Profile | None) -> Ruling:
                 personal = profile is not None and not profile.withheld
-                facts = self._facts(active, now, context, profile if personal else None)
-                return active.decide(facts, "recommend", personal=personal)
+                if profile is not None and personal and not _blank(profile):
+                    return active.decide(self._facts(active, now, context, profile), "recommend", personal=True)
+                return self._decide_blank(active, now, "recommend", context, personal=personal)
 
         answer, profile, ruling = await self._model_answer(
             key=key,
@@ -222,6 +228,19 @@ class Recommender:
             counters=known.counters,
             recent=known.recent,
             last_seen=known.last_seen,
+            device=context.device,
+            country=context.country,
+            referrer=context.referrer,
+            page=context.page,
+        )
+
+    @staticmethod
+    def _decide_blank(book: Book, now: float, surface: Surface, context: Context, *, personal: bool) -> Ruling:
+        """The rules for a visitor whose profile says nothing (or was not read): Book.decide_blank."""
+        return book.decide_blank(
+            now,
+            surface,
+            personal=personal,
             device=context.device,
             country=context.country,
             referrer=context.referrer,
@@ -379,8 +398,7 @@ class Recommender:
         book = self.book
         ruling = None
         if book is not None:
-            facts = self._facts(book, time.time() if now is None else now, context, None)
-            ruling = book.decide(facts, "similar", personal=False)
+            ruling = self._decide_blank(book, time.time() if now is None else now, "similar", context, personal=False)
         picks = await self._choose(
             pool,
             ("similar", row),
@@ -402,7 +420,7 @@ class Recommender:
         book = self.book
         ruling = None
         if book is not None:
-            ruling = book.decide(self._facts(book, time.time(), context, None), "popular", personal=False)
+            ruling = self._decide_blank(book, time.time(), "popular", context, personal=False)
         picks = self._fallback(n=n, categories=categories, excluded=self.rows_of(exclude), ruling=ruling)
         answer = Answer(picks, None, "none")
         if ruling is None:

@@ -16,6 +16,7 @@ scores (1 for the first item, falling by 1/n), so they still read "higher is bet
 
 from __future__ import annotations
 
+import bisect
 import functools
 import zoneinfo
 from collections import OrderedDict
@@ -28,6 +29,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from gateway import conditions
 from gateway.conditions import Compiler, Condition, ContextMatch, Facts, Predicate, parse_duration
 from gateway.plans import (
     HOT_BYTES,
@@ -67,6 +69,9 @@ HEADROOM_MIN = 20
 # Distinct pages whose page-only rule groups a Book remembers: 20 MB at most (a page is up to 2,048
 # characters), usually far less; pages past these are scanned on each request, as before.
 PAGES_KEPT = 10_000
+# Request contexts whose decision for a visitor with an empty profile a Book remembers (see
+# Book.decide_blank): a few hundred bytes each; past these the memory starts again.
+BLANK_KEPT = 4_096
 
 
 @dataclass
@@ -215,6 +220,10 @@ class Book:
                     checks.append((index, group.when, group.starts, group.ends))
             self._checks[surface], self._pages[surface] = checks, pages
         self._page_groups: dict[tuple[str, str], tuple[tuple[int, float, float], ...]] = {}
+        # Every instant at which some group starts or stops being valid: between two of them the
+        # same groups are valid (see decide_blank).
+        self._boundaries = sorted({t for g in self.groups for t in (g.starts, g.ends) if np.isfinite(t)})
+        self._blank: dict[tuple[object, ...], tuple[list[str], tuple[int, ...]]] = {}
         self._plans: OrderedDict[tuple[int, ...], Plan] = OrderedDict()
         self._hot: OrderedDict[tuple[int, ...], Plan] = OrderedDict()  # those with combined arrays
         self._hot_kept = max(8, HOT_BYTES // (5 * max(len(snap.item_ids), 1)))
@@ -334,6 +343,10 @@ class Book:
     def fire(self, facts: Facts, surface: Surface) -> Plan | None:
         """What the rules that fire for this visitor and request do (None: nothing fires): the
         enabled rules for this surface, valid now, whose condition holds."""
+        return self._plan_of(self._fired(facts, surface))
+
+    def _fired(self, facts: Facts, surface: Surface) -> tuple[int, ...]:
+        """The indexes of the groups that fire, ascending."""
         now = facts.now
         found: list[int] = []
         for index, when, starts, ends in self._checks[surface]:
@@ -344,9 +357,12 @@ class Book:
             for index, starts, ends in self._on_page(surface, page):
                 if starts <= now < ends:
                     found.append(index)
-        if not found:
+        return tuple(sorted(found))
+
+    def _plan_of(self, fired: tuple[int, ...]) -> Plan | None:
+        """The plan of these fired groups, made once and kept (the most used with combined arrays)."""
+        if not fired:
             return None
-        fired = tuple(sorted(found))
         plan = self._plans.get(fired)
         if plan is None:
             plan = self._plans[fired] = Plan([self.groups[i] for i in fired])
@@ -382,6 +398,37 @@ class Book:
     def decide(self, facts: Facts, surface: Surface, *, personal: bool) -> Ruling:
         """The segments and the plan for one request (see Segmenter.assign on `personal`)."""
         return Ruling(self, self.segments(facts, personal=personal), self.fire(facts, surface))
+
+    def decide_blank(
+        self,
+        now: float,
+        surface: Surface,
+        *,
+        personal: bool,
+        device: str | None = None,
+        country: str | None = None,
+        referrer: str | None = None,
+        page: str | None = None,
+    ) -> Ruling:
+        """`decide` for a visitor with nothing in their profile (no recent events, no counters, no
+        last visit; or no profile read). Every condition then reads only the request's context,
+        the local hour and weekday, and which groups are valid: counters are 0, recency and
+        session facts have no event to read. So the segments and the fired groups are remembered
+        per those (about 10 µs a request: the facts, the segments and the conditions; cold
+        visitors, first page views and visitors without consent all get here). A property test
+        compares it with `decide`."""
+        local = conditions.local_time(now, self.zone)
+        epoch = bisect.bisect_right(self._boundaries, now)
+        key = (surface, personal, device, country, referrer, page, local.hour, local.weekday(), epoch)
+        found = self._blank.get(key)
+        if found is None:
+            facts = conditions.facts(now, self.zone, device=device, country=country, referrer=referrer, page=page)
+            found = (self.segments(facts, personal=personal), self._fired(facts, surface))
+            if len(self._blank) >= BLANK_KEPT:
+                self._blank.clear()
+            self._blank[key] = found
+        segments, fired = found
+        return Ruling(self, list(segments), self._plan_of(fired))
 
     def fired(self, facts: Facts, surface: Surface) -> list[CompiledRule]:
         """The rules that fire, by priority."""

@@ -3,6 +3,7 @@ every filter holds in the output, and pins land where asked."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from gateway import conditions
 from gateway.conditions import Compiler
 from gateway.plans import Pick
 from gateway.rules import Book
-from gateway.ruleset import parse
+from gateway.ruleset import SURFACES, Surface, parse
 from gateway.snapshot import Snapshot, load_current
 from gateway.store import Interaction, window_label
 from gateway.store.base import DEFAULT_WINDOWS
@@ -245,3 +246,63 @@ def test_the_compiled_selection_equals_the_numpy_one(snap: Snapshot, data: st.Da
     assert by_numpy.in_numpy(plan, rows, n) == compiled.compiled(plan, rows, n)
     assert by_numpy.applied.keys() == compiled.applied.keys()
     assert by_numpy.reordered == compiled.reordered
+
+
+@st.composite
+def timed_rule_sets(draw: st.DrawFn, snap: Snapshot) -> dict[str, Any]:
+    """rule_sets with validity windows and page, referrer, country, hour and weekday conditions as well."""
+    doc = draw(rule_sets(snap))
+    instants = st.floats(NOW - 3 * 86400, NOW + 3 * 86400).map(
+        lambda t: datetime.fromtimestamp(t, UTC).replace(tzinfo=None).isoformat()
+    )
+    contexts = st.one_of(
+        st.lists(st.sampled_from(["/c/a", "/c/b", "/p/"]), min_size=1, max_size=2).map(
+            lambda p: {"context": {"page": p}}
+        ),
+        st.lists(st.sampled_from(["DE", "FR"]), min_size=1).map(lambda c: {"context": {"country": c}}),
+        st.just({"context": {"referrer": ["google"]}}),
+        st.lists(st.integers(0, 23), min_size=1, max_size=12).map(lambda h: {"context": {"hours": h}}),
+        st.lists(st.sampled_from(["mon", "tue", "wed", "thu", "fri", "sat", "sun"]), min_size=1, max_size=4).map(
+            lambda d: {"context": {"weekdays": d}}
+        ),
+    )
+    for index in range(draw(st.integers(0, 4))):
+        start, end = sorted(draw(st.lists(instants, min_size=2, max_size=2, unique=True)))
+        rule: dict[str, Any] = {
+            "id": f"t{index}",
+            "actions": [{"type": "attach", "slot": "a", "content": {}}],
+            **({"valid_from": start} if draw(st.booleans()) else {}),
+            **({"valid_until": end} if draw(st.booleans()) else {}),
+        }
+        if draw(st.booleans()):
+            rule["when"] = draw(contexts)
+        doc["rules"].append(rule)
+    return doc
+
+
+@SETTINGS
+@given(data=st.data())
+def test_a_blank_visitors_remembered_decision_equals_the_full_one(snap: Snapshot, data: st.DataObject) -> None:
+    """Book.decide_blank (remembered per context, hour, weekday and validity epoch) gives the
+    segments and the plan `decide` gives on facts without a profile, call after call on one book."""
+    book = compile_book(snap, data.draw(timed_rule_sets(snap)))
+    times = st.one_of(
+        st.floats(NOW - 4 * 86400, NOW + 4 * 86400),
+        st.sampled_from(book._boundaries or [NOW]).map(lambda t: t + data.draw(st.sampled_from([-1.0, 0.0, 0.5]))),
+    )
+    # One request context at a time, asked again at other times: what the memory must tell apart.
+    surface: Surface = data.draw(st.sampled_from(SURFACES))
+    personal = data.draw(st.booleans())
+    device = data.draw(st.one_of(st.none(), st.sampled_from(["mobile", "Desktop"])))
+    country = data.draw(st.one_of(st.none(), st.sampled_from(["de", "FR"])))
+    referrer = data.draw(st.one_of(st.none(), st.just("https://google.com/")))
+    page = data.draw(st.one_of(st.none(), st.sampled_from(["/c/a/1", "/c/b", "/p/9", "/"])))
+    for _ in range(data.draw(st.integers(1, 16))):
+        now = data.draw(times)
+        facts = conditions.facts(now, book.zone, device=device, country=country, referrer=referrer, page=page)
+        full = book.decide(facts, surface, personal=personal)
+        blank = book.decide_blank(
+            now, surface, personal=personal, device=device, country=country, referrer=referrer, page=page
+        )
+        assert blank.segments == full.segments
+        assert blank.plan is full.plan
