@@ -22,6 +22,7 @@ from gateway import conditions, kernels
 from gateway.candidates import LRU, Candidates, LiveProfile, Offload, Pool
 from gateway.guard import GuardedStore
 from gateway.plans import Pick
+from gateway.popular import POPULAR, Popular
 from gateway.rules import HEADROOM_MIN, Book
 from gateway.ruleset import Content, Surface
 from gateway.ruling import Ruling
@@ -38,7 +39,6 @@ USER_VECTOR = "user-vector"
 RULED_KEPT = 2_000
 # Pools many visitors share, whose ruled answers are remembered (see Recommender._select).
 SHARED_SOURCES = frozenset({"popular", "similar"})
-POPULAR = "popular"
 # Added to each reason of an answer made without personalization consent.
 NO_CONSENT = "no-consent:personalization"
 
@@ -94,9 +94,7 @@ class Recommender:
         self.candidates = Candidates(snap, pool_size=pool_size, cache_entries=cache_entries, offload=offload)
         self.recent_limit = recent_limit
         self.max_age_s = max_age_s
-        # Popular picks overall and per single category, made on first use (and as pools, for rules).
-        self._popular: dict[tuple[str, ...], list[Pick]] = {}
-        self._popular_pools: dict[tuple[str, ...], Pool] = {}
+        self.popular = Popular(snap)
         # The active rules compiled for this snapshot, or None; replaced whole on every change.
         self.book: Book | None = None
         # What the rules made of a list, by plan and inputs: another request with the same ones gets
@@ -271,7 +269,7 @@ class Recommender:
             return row not in refused and (not wanted or not wanted.isdisjoint(category_sets[row]))
 
         def reserve() -> Iterator[Pick]:
-            return (pick for pick in self.ranked_popular(categories) if pick.row not in refused)
+            return (pick for pick in self.popular.ranked(categories) if pick.row not in refused)
 
         memo = ruling.memo
         if memo is not None and memo[0] is answer.picks and memo[1] is not None:
@@ -381,7 +379,7 @@ class Recommender:
     ) -> Answer:
         excluded = self.rows_of(exclude) | {row}
         if self.stale(time.time() if now is None else now):
-            return Answer(self.popular(n=n, categories=categories, excluded=excluded), "stale-snapshot", "none")
+            return Answer(self.popular.top(n=n, categories=categories, excluded=excluded), "stale-snapshot", "none")
         candidates = self.candidates
 
         def compute(within: Rows | None = None) -> Pool:
@@ -438,25 +436,12 @@ class Recommender:
     ) -> list[Pick]:
         """Popular items for an answer without a taste vector, through the rules' filters and boosts."""
         if ruling is not None and ruling.plan is not None:
-            pool = self.popular_pool(categories)
+            pool = self.popular.pool(categories)
             return self._select(
                 pool, ruling, ("popular", *sorted(categories)), reason=reason, n=n, categories=(), excluded=excluded
             )
-        picks = self.popular(n=n, categories=categories, excluded=excluded)
+        picks = self.popular.top(n=n, categories=categories, excluded=excluded)
         return picks if reason == POPULAR else [Pick(pick.row, pick.score, reason) for pick in picks]
-
-    def popular_pool(self, categories: Collection[str]) -> Pool:
-        """The popular list of these categories as a pool (made on first use, kept as `_popular` is)."""
-        key = tuple(sorted(categories))
-        pool = self._popular_pools.get(key)
-        if pool is None:
-            ranked = self.ranked_popular(key)
-            rows = np.fromiter((p.row for p in ranked), dtype=np.int32, count=len(ranked))
-            scores = np.fromiter((p.score for p in ranked), dtype=np.float32, count=len(ranked))
-            pool = Pool(rows, scores)
-            if len(key) <= 1:
-                self._popular_pools[key] = pool
-        return pool
 
     async def _choose(
         self,
@@ -490,7 +475,7 @@ class Recommender:
             return picks
         if len(picks) < n:
             taken = excluded | {p.row for p in picks}
-            picks += self.popular(n=n - len(picks), categories=categories, excluded=taken)
+            picks += self.popular.top(n=n - len(picks), categories=categories, excluded=taken)
         return picks
 
     def _select(
@@ -583,34 +568,3 @@ class Recommender:
         if not parts:
             return np.empty(0, dtype=np.intp)
         return parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
-
-    def ranked_popular(self, categories: Collection[str]) -> list[Pick]:
-        """Every item of these categories (all without), most popular first."""
-        key = tuple(sorted(categories))
-        ranked = self._popular.get(key)
-        if ranked is None:
-            ranked = self._rank_popular(key)
-            if len(key) <= 1:  # not every combination: a client could make up endless ones
-                self._popular[key] = ranked
-        return ranked
-
-    def popular(self, *, n: int, categories: Collection[str], excluded: set[int]) -> list[Pick]:
-        picks: list[Pick] = []
-        for pick in self.ranked_popular(categories):
-            if pick.row not in excluded:
-                picks.append(pick)
-                if len(picks) == n:
-                    break
-        return picks
-
-    def _rank_popular(self, categories: tuple[str, ...]) -> list[Pick]:
-        """The snapshot's popular list for these categories (merged, by popularity) as picks."""
-        snap = self.snap
-        if categories:
-            lists = [snap.popular[c] for c in categories if c in snap.popular]
-            merged = np.unique(np.concatenate(lists)) if lists else np.empty(0, dtype=np.intp)
-            rows = merged[np.argsort(-snap.popularity[merged], kind="stable")]
-        else:
-            rows = snap.popular[""]
-        scores = snap.popularity[rows].astype(np.float64).tolist()
-        return [Pick(row, round(score, 6), POPULAR) for row, score in zip(rows.tolist(), scores, strict=True)]
