@@ -70,7 +70,8 @@ HEADROOM_MIN = 20
 # characters), usually far less; pages past these are scanned on each request, as before.
 PAGES_KEPT = 10_000
 # Request contexts whose decision for a visitor with an empty profile a Book remembers (see
-# Book.decide_blank): a few hundred bytes each; past these the memory starts again.
+# Book.decide_blank): a few hundred bytes each, 18 MB at most (a page and a referrer may each be
+# 2,048 characters); past these the memory starts again.
 BLANK_KEPT = 4_096
 
 
