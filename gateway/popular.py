@@ -9,7 +9,7 @@ from collections.abc import Collection
 import numpy as np
 
 from gateway.candidates import Pool
-from gateway.plans import Pick
+from gateway.plans import Pick, rounded
 from gateway.snapshot import Snapshot
 
 POPULAR = "popular"
@@ -63,4 +63,4 @@ class Popular:
         else:
             rows = snap.popular[""]
         scores = snap.popularity[rows].astype(np.float64).tolist()
-        return [Pick(row, round(score, 6), POPULAR) for row, score in zip(rows.tolist(), scores, strict=True)]
+        return [Pick(row, rounded(score), POPULAR) for row, score in zip(rows.tolist(), scores, strict=True)]

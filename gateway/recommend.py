@@ -21,7 +21,7 @@ import numpy as np
 from gateway import conditions, kernels
 from gateway.candidates import LRU, Candidates, LiveProfile, Offload, Pool
 from gateway.guard import GuardedStore
-from gateway.plans import Pick
+from gateway.plans import Pick, rounded
 from gateway.popular import POPULAR, Popular
 from gateway.rules import HEADROOM_MIN, Book
 from gateway.ruleset import Content, Surface
@@ -553,8 +553,7 @@ class Recommender:
             for row, score in zip(rows, scores, strict=True):
                 if row in excluded or (wanted and wanted.isdisjoint(category_sets[row])):
                     continue
-                # gateway.plans.rounded, inlined: a call per pick showed in the served profile
-                picks.append(Pick(row, round(score * 1e6) / 1e6 if score - score == 0 else score, reason))
+                picks.append(Pick(row, rounded(score), reason))
                 if len(picks) == n:
                     return picks
             start, stop = stop, stop * 4
