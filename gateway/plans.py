@@ -77,8 +77,6 @@ HOT_PLAN = 4  # a plan not combined is combined on every HOT_PLAN-th use
 # Rows per plan whose boosting rules are remembered (about 65 bytes each). With PLANS_KEPT plans,
 # 10,000 could grow to 2.6 GB; the benchmark's busiest plan held 731 after 20,000 answers.
 BOOSTED_KEPT = 2_000
-# Combinations of dropping filters per plan whose rules are remembered.
-DECODED_KEPT = 1_024
 
 
 class Group:
@@ -133,11 +131,11 @@ class Group:
         bits = 0
         for row in rows:
             bits |= codes[row]
-        return self._decode(False, bits)[0] if bits else []
+        return self.dropped_by_bits(bits)
 
-    def filter_rules(self) -> list[CompiledRule]:
-        """The rule of each of the group's filters, in the order of their bits in `filter_codes`."""
-        return [c for c, _ in self._filters]
+    def dropped_by_bits(self, bits: int) -> list[tuple[str, CompiledRule]]:
+        """(ref, rule) of the group's filters whose bits (of `filter_codes`) are set."""
+        return self._decode(False, bits)[0] if bits else []
 
     def boosted_by(self, row: int) -> tuple[list[tuple[str, CompiledRule]], list[str]]:
         """(ref, rule) of the group's boosts that hold for `row`, and their refs."""
@@ -186,17 +184,14 @@ class Plan:
         self.weight: npt.NDArray[np.float32] | None = self.boosting[0].weight if len(self.boosting) == 1 else None
         self.dropping: memoryview | None = None if self.drop is None else self.drop.data
         self.weighing: memoryview | None = None if self.weight is None else self.weight.data
-        # Per row, which of the plan's filters drop it, as bits (the rule of bit i: _drop_rules[i]):
-        # the compiled selection ORs them over the rows it drops, and `dropped_by_bits` names the
-        # filters. The codes of a plan with one filtering group (its own); None for more groups
-        # (combining their codes as well took milliseconds, on the request that made a plan hot,
-        # and 8 more bytes an item), then the groups say which filters dropped the rows.
-        self.drop_codes: npt.NDArray[np.int64] | None = None
-        self._drop_rules: list[CompiledRule] = []
-        self._drop_decoded: dict[int, list[tuple[str, CompiledRule]]] = {}
-        if len(self.filtering) == 1 and self.filtering[0].filter_codes is not None:
-            self.drop_codes = self.filtering[0].filter_codes
-            self._drop_rules = self.filtering[0].filter_rules()
+        # Per row, which of the plan's filters drop it, as bits: the compiled selection ORs them
+        # over the rows it drops, and `dropped_by_bits` names the filters. The codes of a plan with
+        # one filtering group (its own); None for more groups (combining their codes as well took
+        # milliseconds, on the request that made a plan hot, and 8 more bytes an item), then the
+        # groups say which filters dropped the rows.
+        self.drop_codes: npt.NDArray[np.int64] | None = (
+            self.filtering[0].filter_codes if len(self.filtering) == 1 else None
+        )
         self.uses = 0
         self._boosted: dict[int, tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
         self._shared: dict[tuple[str, ...], tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
@@ -247,14 +242,7 @@ class Plan:
 
     def dropped_by_bits(self, bits: int) -> list[tuple[str, CompiledRule]]:
         """(ref, rule) of the filters whose bits (of `drop_codes`) are set."""
-        found = self._drop_decoded.get(bits)
-        if found is None:
-            rules = self._drop_rules
-            named = {rules[i].ref: (rules[i].ref, rules[i]) for i in range(len(rules)) if bits >> i & 1}
-            found = list(named.values())
-            if len(self._drop_decoded) < DECODED_KEPT:
-                self._drop_decoded[bits] = found
-        return found
+        return self.filtering[0].dropped_by_bits(bits)
 
     def hits(self, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_] | None:
         """Per row, whether a filter of the plan drops it; None without filters. One numpy
