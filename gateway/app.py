@@ -33,6 +33,7 @@ from gateway import kernels, privacy, tokens, wire
 from gateway import settings as config
 from gateway.access import Access, AccessError, Scope
 from gateway.access import key_of as access_key
+from gateway.conditions import NO_CONTEXT, Context
 from gateway.events_api import EventsApi
 from gateway.experimenting import OUTSIDE, Enrolment, ExperimentKeeper
 from gateway.experiments_api import ExperimentsApi
@@ -51,7 +52,7 @@ from gateway.metrics import Metrics
 from gateway.ops_api import OpsApi
 from gateway.pages_api import PagesApi
 from gateway.plans import with_reasons
-from gateway.recommend import NO_CONTEXT, Answer, Context, Recommender
+from gateway.recommend import Answer, Recommender
 from gateway.rulebook import RuleKeeper
 from gateway.rules import Book
 from gateway.rules_api import RulesApi

@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import msgspec
 
@@ -210,6 +210,18 @@ class Facts:
             if interaction.event == event:
                 return interaction.ts
         return None
+
+
+class Context(NamedTuple):
+    """The request's side of rule conditions."""
+
+    device: str | None = None
+    country: str | None = None
+    referrer: str | None = None
+    page: str | None = None
+
+
+NO_CONTEXT = Context()
 
 
 _last_local: tuple[tzinfo | None, int, datetime | None] = (None, 0, None)

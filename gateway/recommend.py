@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
 
 from gateway import conditions, kernels
 from gateway.candidates import LRU, Candidates, LiveProfile, Offload, Pool
+from gateway.conditions import NO_CONTEXT, Context
 from gateway.guard import GuardedStore
 from gateway.plans import Pick, rounded
 from gateway.popular import POPULAR, Popular
 from gateway.rules import HEADROOM_MIN, Book
-from gateway.ruleset import Content, Surface
+from gateway.ruleset import Content
 from gateway.ruling import Ruling
 from gateway.snapshot import Rows, Snapshot, Vectors
 from gateway.store import EMPTY_PROFILE, CounterKey, Interaction, Profile, Requirement
@@ -61,18 +62,6 @@ class Answer(msgspec.Struct, frozen=True):
 def _blank(profile: Profile) -> bool:
     """Nothing a rule condition could read: no recent events, no counters, no last visit."""
     return not profile.recent and not profile.counters and profile.last_seen is None
-
-
-class Context(NamedTuple):
-    """The request's side of rule conditions."""
-
-    device: str | None = None
-    country: str | None = None
-    referrer: str | None = None
-    page: str | None = None
-
-
-NO_CONTEXT = Context()
 
 
 class Recommender:
@@ -143,7 +132,7 @@ class Recommender:
                 personal = profile is not None and not profile.withheld
                 if profile is not None and personal and not _blank(profile):
                     return active.decide(self._facts(active, now, context, profile), "recommend", personal=True)
-                return self._decide_blank(active, now, "recommend", context, personal=personal)
+                return active.decide_blank(now, "recommend", context, personal=personal)
 
         answer, profile, ruling = await self._model_answer(
             key=key,
@@ -226,19 +215,6 @@ class Recommender:
             counters=known.counters,
             recent=known.recent,
             last_seen=known.last_seen,
-            device=context.device,
-            country=context.country,
-            referrer=context.referrer,
-            page=context.page,
-        )
-
-    @staticmethod
-    def _decide_blank(book: Book, now: float, surface: Surface, context: Context, *, personal: bool) -> Ruling:
-        """The rules for a visitor whose profile says nothing (or was not read): Book.decide_blank."""
-        return book.decide_blank(
-            now,
-            surface,
-            personal=personal,
             device=context.device,
             country=context.country,
             referrer=context.referrer,
@@ -396,7 +372,7 @@ class Recommender:
         book = self.book
         ruling = None
         if book is not None:
-            ruling = self._decide_blank(book, time.time() if now is None else now, "similar", context, personal=False)
+            ruling = book.decide_blank(time.time() if now is None else now, "similar", context, personal=False)
         picks = await self._choose(
             pool,
             ("similar", row),
@@ -418,7 +394,7 @@ class Recommender:
         book = self.book
         ruling = None
         if book is not None:
-            ruling = self._decide_blank(book, time.time(), "popular", context, personal=False)
+            ruling = book.decide_blank(time.time(), "popular", context, personal=False)
         picks = self._fallback(n=n, categories=categories, excluded=self.rows_of(exclude), ruling=ruling)
         answer = Answer(picks, None, "none")
         if ruling is None:

@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway import conditions
-from gateway.conditions import Compiler, Condition, ContextMatch, Facts, Predicate, parse_duration
+from gateway.conditions import Compiler, Condition, Context, ContextMatch, Facts, Predicate, parse_duration
 from gateway.plans import (
     HOT_BYTES,
     HOT_PLAN,
@@ -400,29 +400,20 @@ class Book:
         """The segments and the plan for one request (see Segmenter.assign on `personal`)."""
         return Ruling(self, self.segments(facts, personal=personal), self.fire(facts, surface))
 
-    def decide_blank(
-        self,
-        now: float,
-        surface: Surface,
-        *,
-        personal: bool,
-        device: str | None = None,
-        country: str | None = None,
-        referrer: str | None = None,
-        page: str | None = None,
-    ) -> Ruling:
+    def decide_blank(self, now: float, surface: Surface, context: Context, *, personal: bool) -> Ruling:
         """`decide` for a visitor with nothing in their profile (no recent events, no counters, no
         last visit; or no profile read). Every condition then reads only the request's context,
         the local hour and weekday, and which groups are valid: counters are 0, recency and
         session facts have no event to read. So the segments and the fired groups are remembered
-        per those (about 10 µs a request: the facts, the segments and the conditions; cold
+        per those (`context` whole; about 10 µs a request: the facts, the segments and the conditions; cold
         visitors, first page views and visitors without consent all get here). A property test
         compares it with `decide`."""
         local = conditions.local_time(now, self.zone)
         epoch = bisect.bisect_right(self._boundaries, now)
-        key = (surface, personal, device, country, referrer, page, local.hour, local.weekday(), epoch)
+        key = (surface, personal, context, local.hour, local.weekday(), epoch)
         found = self._blank.get(key)
         if found is None:
+            device, country, referrer, page = context
             facts = conditions.facts(now, self.zone, device=device, country=country, referrer=referrer, page=page)
             found = (self.segments(facts, personal=personal), self._fired(facts, surface))
             if len(self._blank) >= BLANK_KEPT:

@@ -23,8 +23,9 @@ from starlette.responses import Response
 
 from gateway import wire
 from gateway.access import Scope
+from gateway.conditions import Context
 from gateway.http import ApiError, field_of, json_response, parse_query, read_body
-from gateway.recommend import Answer, Context, Recommender
+from gateway.recommend import Answer, Recommender
 from gateway.rulebook import RuleKeeper
 from gateway.rules import Book
 from gateway.ruleset import RuleSet, RuleSetError, parse

@@ -27,7 +27,7 @@ import httpx2 as httpx
 
 from gateway import settings as config
 from gateway.app import create_app
-from gateway.recommend import Context
+from gateway.conditions import Context
 from loadtests.bench_rules import rule_set
 from loadtests.exact import Snapshot
 from loadtests.traffic import new_visitors

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import conditions
-from gateway.conditions import Compiler
+from gateway.conditions import Compiler, Context
 from gateway.plans import Pick
 from gateway.rules import Book
 from gateway.ruleset import SURFACES, Surface, parse
@@ -301,8 +301,6 @@ def test_a_blank_visitors_remembered_decision_equals_the_full_one(snap: Snapshot
         now = data.draw(times)
         facts = conditions.facts(now, book.zone, device=device, country=country, referrer=referrer, page=page)
         full = book.decide(facts, surface, personal=personal)
-        blank = book.decide_blank(
-            now, surface, personal=personal, device=device, country=country, referrer=referrer, page=page
-        )
+        blank = book.decide_blank(now, surface, Context(device, country, referrer, page), personal=personal)
         assert blank.segments == full.segments
         assert blank.plan is full.plan
