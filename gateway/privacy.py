@@ -95,7 +95,6 @@ class Pseudonyms:
     def __init__(self, key: bytes) -> None:
         if not key:
             raise ValueError("an empty key pseudonymises nothing")
-        self._key = key
         block = hashlib.sha256().block_size
         padded = (hashlib.sha256(key).digest() if len(key) > block else key).ljust(block, b"\0")
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))

@@ -65,7 +65,7 @@ from loadtests.harness import (
     say,
     start_gateway,
 )
-from loadtests.stream_push import bench_push
+from loadtests.stream_push import Json, bench_push
 from loadtests.traffic import counter_delta, gateway_counters
 
 STORES = ("memory", "redis")
@@ -73,8 +73,6 @@ EVENT_TYPES = ("view", "click", "add_to_cart")
 SECRET_ENV = "TAILOR_SECRET"
 # the small shop made when no snapshot exists yet (var/bench/stream-demo/)
 DEMO_SIZES = {"users": 2_000, "items": 5_000, "events": 100_000}
-
-Json = dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------------- data
