@@ -145,8 +145,11 @@ def _pin(
             if following is None:
                 break
             result.append(following)
-    # A pin below the end of a short list still lands, at the end.
-    result.extend(Pick(row, 0.0, (rule.ref,)) for at, (row, rule) in sorted(slots.items()) if at >= len(result))
+    # A pin below the end of a short list still lands, at the end (and changed the list as well).
+    for at, (row, rule) in sorted(slots.items()):
+        if at >= len(result):
+            result.append(Pick(row, 0.0, (rule.ref,)))
+            applied[rule.ref] = rule
     return result
 
 

@@ -207,6 +207,15 @@ def test_a_pin_lands_at_its_position(snap: Snapshot) -> None:
     assert len(outcome.picks) == 10 and len({p.row for p in outcome.picks}) == 10
 
 
+def test_a_pin_below_the_end_of_a_short_list_lands_last_and_is_named_among_the_rules(snap: Snapshot) -> None:
+    b = book(snap, {"rules": [rule("deep", {"type": "pin", "item": snap.item_ids[55], "position": 8})]})
+    ruling = b.decide(facts(), "recommend", personal=True)
+    outcome = b.apply(model_list(snap, 2), ruling, n=10, reserve=lambda: [], allowed=lambda row: True)
+    assert [p.row for p in outcome.picks] == [0, 1, 55]
+    assert outcome.picks[-1].reason == ("rule:deep@1",)
+    assert [r.ref for r in outcome.applied] == ["rule:deep@1"]
+
+
 def test_an_injected_item_takes_the_last_place_without_a_position(snap: Snapshot) -> None:
     items = [snap.item_ids[300], snap.item_ids[301]]
     outcome = run(book(snap, {"rules": [rule("xsell", {"type": "inject", "items": items})]}), snap)
