@@ -24,6 +24,8 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
+from gateway import placing
+
 
 def _fold_in(
     item_vectors: Any, gram_inverse: Any, items: Any, confidence: Any
@@ -170,6 +172,7 @@ def warm_up(
     confidence = np.ones(1, dtype=np.float64)
     fold_in(item_vectors, gram_inverse, items, confidence)
     select(np.zeros(1, dtype=np.int64), 1, drop=NO_DROP, weight=NO_WEIGHT, keys=NO_KEYS, limit=1, distinct=1)
+    placing.warm_up()
     if neighbour_rows is not None:
         marks = np.zeros(len(item_vectors), dtype=np.uint8)
         live_pool(

@@ -4,10 +4,11 @@ per distinct set of fired groups (gateway.rules.Book.fire caches them)."""
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
@@ -15,6 +16,9 @@ import numpy.typing as npt
 
 from gateway.conditions import Predicate
 from gateway.ruleset import Content, Rule
+
+if TYPE_CHECKING:
+    from gateway.placing import View
 
 
 class Pick(msgspec.Struct, frozen=True, gc=False):
@@ -46,6 +50,21 @@ def tagged(pick: Pick, more: Sequence[str]) -> Pick:
 def with_reasons(picks: Sequence[Pick], extra: tuple[str, ...]) -> list[Pick]:
     """Picks whose reasons end with `extra` (the visitor's experiments and arms)."""
     return [tagged(pick, extra) for pick in picks]
+
+
+@dataclass
+class Outcome:
+    """What the rules did to one list."""
+
+    picks: list[Pick]
+    applied: list[CompiledRule]  # fired and changed something, by priority
+    content: list[Content]
+
+
+@functools.cache
+def rank_scores(size: int) -> tuple[float, ...]:
+    """Scores of a list the rules re-ranked or placed into: 1 for the first, falling by 1/size."""
+    return tuple(round(1.0 - i / size, 6) for i in range(size))
 
 
 @dataclass(eq=False)
@@ -197,6 +216,7 @@ class Plan:
         self._shared: dict[tuple[str, ...], tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
         # Pins of items no filter drops (filters hold against pins), highest priority first.
         self.pins = [(c, row, at) for c in rules for row, at in c.pins if self.passes(row)]
+        self.view: View | None = None  # over the book's codes (gateway.placing), when it has them
 
     def combine(self) -> None:
         """Combine the groups' arrays (well under a millisecond for 100k items and a few groups)."""

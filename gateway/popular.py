@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import numpy as np
+import numpy.typing as npt
 
 from gateway.candidates import Pool
 from gateway.plans import Pick, rounded
@@ -20,6 +21,7 @@ class Popular:
         self.snap = snap
         self._ranked: dict[tuple[str, ...], list[Pick]] = {}
         self._pools: dict[tuple[str, ...], Pool] = {}
+        self._everything: tuple[list[Pick], npt.NDArray[np.int64]] | None = None
 
     def pool(self, categories: Collection[str]) -> Pool:
         """The popular list of these categories as a pool (made on first use, kept as `ranked` keeps its lists)."""
@@ -33,6 +35,15 @@ class Popular:
             if len(key) <= 1:
                 self._pools[key] = pool
         return pool
+
+    def everything(self) -> tuple[list[Pick], npt.NDArray[np.int64]]:
+        """The whole catalog's popular list (`ranked` of no category), and its rows as an array."""
+        if self._everything is None:
+            ranked = self.ranked(())
+            rows = np.fromiter((p.row for p in ranked), dtype=np.int64, count=len(ranked))
+            rows.setflags(write=False)
+            self._everything = (ranked, rows)
+        return self._everything
 
     def ranked(self, categories: Collection[str]) -> list[Pick]:
         """Every item of these categories (all without), most popular first."""

@@ -17,11 +17,9 @@ scores (1 for the first item, falling by 1/n), so they still read "higher is bet
 from __future__ import annotations
 
 import bisect
-import functools
 import zoneinfo
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import TYPE_CHECKING
 
@@ -29,7 +27,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from gateway import conditions
+from gateway import conditions, placing
 from gateway.conditions import Compiler, Condition, Context, ContextMatch, Facts, Predicate, parse_duration
 from gateway.plans import (
     HOT_BYTES,
@@ -37,16 +35,17 @@ from gateway.plans import (
     PLANS_KEPT,
     CompiledRule,
     Group,
+    Outcome,
     Pick,
     Plan,
     by_priority,
+    rank_scores,
     reasons_of,
 )
 from gateway.ruleset import (
     SURFACES,
     Boost,
     Cap,
-    Content,
     Filter,
     Inject,
     ItemMatch,
@@ -73,21 +72,6 @@ PAGES_KEPT = 10_000
 # Book.decide_blank): a few hundred bytes each, 18 MB at most (a page and a referrer may each be
 # 2,048 characters); past these the memory starts again.
 BLANK_KEPT = 4_096
-
-
-@dataclass
-class Outcome:
-    """What the rules did to one list."""
-
-    picks: list[Pick]
-    applied: list[CompiledRule]  # fired and changed something, by priority
-    content: list[Content]
-
-
-@functools.cache
-def _rank_scores(size: int) -> tuple[float, ...]:
-    """Scores of a list the rules re-ranked or placed into: 1 for the first, falling by 1/size."""
-    return tuple(round(1.0 - i / size, 6) for i in range(size))
 
 
 def _inject(
@@ -207,6 +191,7 @@ class Book:
         firsts = [group.rules[0] for group in self.groups]
         for group in self.groups:
             group.prepare(len(snap.item_ids))
+        self.codes = placing.book_codes(self.groups, len(snap.item_ids))
         # Per surface, what `fire` checks of each group: its condition and validity; groups whose
         # whole condition is a page prefix (a category page's rules, often most of a rule set) are
         # found by one scan of their prefixes instead of a call each.
@@ -370,6 +355,9 @@ class Book:
         plan = self._plans.get(fired)
         if plan is None:
             plan = self._plans[fired] = Plan([self.groups[i] for i in fired])
+            if self.codes is not None:
+                boosting = [i for i in fired if self.groups[i].weighing is not None]
+                plan.view = self.codes.view(fired, boosting, plan)
             while len(self._plans) > PLANS_KEPT:
                 self._hot.pop(self._plans.popitem(last=False)[0], None)
         else:
@@ -474,7 +462,7 @@ class Book:
             placed = _pin(placed, plan, n=n, passes=passes, allowed=allowed, applied=applied)
         final = placed[:n] if len(placed) > n else placed
         if reordered or placed is not chosen:
-            scores = _rank_scores(len(final))
+            scores = rank_scores(len(final))
             final = [Pick(p.row, score, p.reason) for p, score in zip(final, scores, strict=True)]
         for rule in plan.attaching:
             applied[rule.ref] = rule

@@ -7,15 +7,15 @@ attachments on what this selected.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from gateway import kernels
-from gateway.plans import CompiledRule, Pick, Plan
+from gateway import kernels, placing
+from gateway.plans import CompiledRule, Outcome, Pick, Plan, by_priority, rank_scores, rounded
 
 if TYPE_CHECKING:
     from gateway.rules import Book
@@ -110,6 +110,114 @@ class Ruling:
             self.applied[rule.ref] = rule
         positions: list[int] = kept.tolist()
         return positions
+
+    def place(
+        self,
+        every: npt.NDArray[np.integer],
+        scores: npt.NDArray[np.float32],
+        n: int,
+        *,
+        reason: str | tuple[str, ...],
+        refused: npt.NDArray[np.int64],
+        reserve: Sequence[Pick],
+        reserve_rows: npt.NDArray[np.int64],
+    ) -> Outcome | None:
+        """The whole answer the rules make of a model's candidates, in one compiled call
+        (gateway.placing.place): `every` (best first, `scores` theirs) without `refused`, through
+        `select`, then what Book.apply does (fill from `reserve`, the ranked picks whose rows are
+        `reserve_rows`; boosts named; injections, pins, attachments), for a request without a
+        category filter (`allowed` is then "not refused"). Picks are made once, at the end. None
+        when the book has no codes (more than 63 filter or boost actions; see gateway.placing):
+        then the steps run one by one. A property test compares the two."""
+        plan = self.plan
+        assert plan is not None
+        view = plan.view
+        if view is None:
+            return None
+        cap = plan.cap
+        if cap is not None and cap.cap is not None:
+            keys, distinct = self.book.cap_array(cap.cap[1])
+            limit = cap.cap[0]
+        else:
+            keys, distinct, limit = kernels.NO_KEYS, 0, 0
+        codes = view.codes
+        placed, bases, pins, sources, named, dropped, reordered, capped, changed, injected = placing.place(
+            np.asarray(every, dtype=np.int64),
+            refused,
+            n,
+            codes=codes,
+            view=view,
+            keys=keys,
+            limit=limit,
+            distinct=distinct,
+            reserve=reserve_rows,
+        )
+        self.ranked = True
+        applied = self.applied
+        if dropped:
+            applied.update(codes.dropped_by(dropped))
+        if capped and cap is not None:
+            applied[cap.ref] = cap
+        if reordered:
+            self.reordered = True
+        ranked = reordered or changed  # every pick then gets its rank's score (as Book.apply gives)
+        reasons: list[str | tuple[str, ...]] = []
+        values: list[float] = []
+        named_by = codes.boosted_by
+        for source, bits in zip(sources.tolist(), named.tolist(), strict=True):
+            if source >= 0:
+                why: str | tuple[str, ...] = reason
+                values.append(0.0 if ranked else rounded(scores.item(source)))
+            else:
+                pick = reserve[-1 - source]
+                why = pick.reason
+                values.append(pick.score)
+            if bits:
+                pairs, refs = named_by(bits)
+                applied.update(pairs)
+                why = (why, *refs) if isinstance(why, str) else (*why, *refs)
+            reasons.append(why)
+        if not changed:  # the chosen, as they are (Book.apply's usual case: no injection, no pin)
+            positions = rank_scores(len(placed)) if ranked else values
+            final = [Pick(row, score, why) for row, score, why in zip(placed.tolist(), positions, reasons, strict=True)]
+        else:
+            final = self._placed(plan, placed, bases, pins, reasons)
+        if injected:
+            for k in range(len(plan.injects)):
+                if injected >> k & 1:
+                    rule = plan.injects[k][0]
+                    applied[rule.ref] = rule
+        for rule in plan.attaching:
+            applied[rule.ref] = rule
+        return Outcome(final, sorted(applied.values(), key=by_priority), plan.content)
+
+    def _placed(
+        self,
+        plan: Plan,
+        placed: npt.NDArray[np.int64],
+        bases: npt.NDArray[np.int64],
+        pins: npt.NDArray[np.int64],
+        reasons: list[str | tuple[str, ...]],
+    ) -> list[Pick]:
+        """The picks of a list an injection or a pin changed (see gateway.placing.place), with
+        their ranks' scores."""
+        applied = self.applied
+        final: list[Pick] = []
+        scores = rank_scores(len(placed))
+        for at, (row, base, pin) in enumerate(zip(placed.tolist(), bases.tolist(), pins.tolist(), strict=True)):
+            why: str | tuple[str, ...]
+            if base >= 0:
+                why = reasons[base]
+            elif base == placing.NOTHING:
+                why = ()
+            else:
+                why = plan.injects[-1 - base][0].ref
+            if pin >= 0:
+                rule = plan.pins[pin][0]
+                why = (rule.ref,) if not why else (why, rule.ref) if isinstance(why, str) else (*why, rule.ref)
+                applied[rule.ref] = rule
+            final.append(Pick(row, scores[at], why))
+        return final
 
     def _credit_drops(self, plan: Plan, dropped: list[int]) -> None:
         """Count as applied the plan's filters that drop any of `dropped` (the rows dropped ahead

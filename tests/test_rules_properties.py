@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import conditions
 from gateway.conditions import Compiler, Context
-from gateway.plans import Pick
+from gateway.plans import Pick, rounded
 from gateway.rules import Book
 from gateway.ruleset import SURFACES, Surface, parse
 from gateway.snapshot import Snapshot, load_current
@@ -246,6 +247,100 @@ def test_the_compiled_selection_equals_the_numpy_one(snap: Snapshot, data: st.Da
     assert by_numpy.in_numpy(plan, rows, n) == compiled.compiled(plan, rows, n)
     assert by_numpy.applied.keys() == compiled.applied.keys()
     assert by_numpy.reordered == compiled.reordered
+
+
+def both_ways(
+    book: Book,
+    facts: conditions.Facts,
+    every: np.ndarray,
+    scores: np.ndarray,
+    *,
+    n: int,
+    refused: set[int],
+    reason: str | tuple[str, ...] = "user-vector",
+) -> tuple[Any, Any]:
+    """What selecting (Ruling.select, as Recommender._select does) and then Book.apply make of
+    the candidates `every`, and what Ruling.place (gateway.placing: in one call) makes of them."""
+    reserve = [Pick(int(row), round(0.9 - i / 1000, 6), "popular") for i, row in enumerate(snap_popular(book))]
+    stepwise = book.decide(facts, "recommend", personal=True)
+    admitted = [i for i, row in enumerate(every.tolist()) if row not in refused]
+    positions = [admitted[at] for at in stepwise.select(every[admitted], n)]
+    picks = [
+        Pick(int(every[at]), 0.0 if stepwise.reordered else rounded(float(scores[at])), reason) for at in positions
+    ]
+    expected = book.apply(
+        picks,
+        stepwise,
+        n=n,
+        reserve=lambda: (p for p in reserve if p.row not in refused),
+        allowed=lambda row: row not in refused,
+    )
+    compiled = book.decide(facts, "recommend", personal=True)
+    outcome = compiled.place(
+        every,
+        scores,
+        n,
+        reason=reason,
+        refused=np.array(sorted(refused), dtype=np.int64),
+        reserve=reserve,
+        reserve_rows=np.array([p.row for p in reserve], dtype=np.int64),
+    )
+    return expected, outcome
+
+
+def snap_popular(book: Book) -> list[int]:
+    return [int(row) for row in book.snap.popular[""]]
+
+
+@SETTINGS
+@given(data=st.data(), n=st.integers(1, 30), size=st.integers(0, 80))
+def test_the_compiled_answer_equals_the_stepwise_one(snap: Snapshot, data: st.DataObject, n: int, size: int) -> None:
+    """Ruling.place (gateway.placing: the whole answer in one call) makes what selecting and then
+    Book.apply make: the same picks, scores and reasons, the same rules credited, the same content."""
+    book = compile_book(snap, data.draw(rule_sets(snap)))
+    facts = data.draw(profiles(snap))
+    plan = book.decide(facts, "recommend", personal=True).plan
+    if plan is None:
+        return
+    if data.draw(st.booleans()):
+        plan.combine()  # the stepwise selection's arrays combined, or not: either way the same answer
+    # Candidates, and what the list refuses, drawn often from the rows the plan pins and injects.
+    placed = [row for _, row, _ in plan.pins] + [row for _, rows, _ in plan.injects for row in rows]
+    rows = st.one_of(st.integers(0, len(snap.item_ids) - 1), *([st.sampled_from(placed)] if placed else []))
+    every = np.array(data.draw(st.lists(rows, min_size=size, max_size=size, unique=True)), dtype=np.int64)
+    values = data.draw(st.lists(st.floats(-2, 2, width=32), min_size=size, max_size=size))
+    scores = np.sort(np.array(values, dtype=np.float32))[::-1]
+    refused = set(data.draw(st.lists(st.one_of(rows, st.sampled_from(every.tolist() or [0])), max_size=10)))
+    reasons: list[str | tuple[str, ...]] = ["user-vector", ("popular", "no-consent:personalization")]
+    reason = data.draw(st.sampled_from(reasons))
+    expected, outcome = both_ways(book, facts, every, scores, n=n, refused=refused, reason=reason)
+    assert outcome is not None  # a book of at most 8 rules has codes
+    assert outcome.picks == expected.picks
+    assert [rule.ref for rule in outcome.applied] == [rule.ref for rule in expected.applied]
+    assert outcome.content == expected.content
+
+
+def test_boosts_of_one_group_that_cancel_out_are_not_named_either_way(snap: Snapshot) -> None:
+    """A group's boosts whose product for an item is exactly 1 did not move it: neither way names them."""
+    item, other = snap.item_ids[3], snap.item_ids[5]
+    doc = {
+        "rules": [
+            {"id": "up", "actions": [{"type": "boost", "items": {"ids": [item]}, "weight": 2.0}]},
+            {"id": "down", "actions": [{"type": "boost", "items": {"ids": [item]}, "weight": 0.5}]},
+            {"id": "lift", "actions": [{"type": "boost", "items": {"ids": [other]}, "weight": 3.0}]},
+        ]
+    }
+    book = compile_book(snap, doc)
+    every = np.arange(20, dtype=np.int64)
+    scores = np.linspace(1, 0, 20, dtype=np.float32)
+    facts = conditions.facts(NOW, counters={}, recent=[], last_seen=None)
+    expected, outcome = both_ways(book, facts, every, scores, n=10, refused=set())
+    assert outcome is not None
+    assert outcome.picks == expected.picks
+    reasons = {p.row: p.reason for p in outcome.picks}
+    assert reasons[3] == "user-vector"
+    assert reasons[5] == ("user-vector", "rule:lift@1")
+    assert [rule.ref for rule in outcome.applied] == ["rule:lift@1"]
 
 
 @st.composite

@@ -1,0 +1,481 @@
+"""A rule plan's whole answer in one compiled call (`place`): what Recommender._select and
+Book.apply do step by step in Python (select the candidates through the plan's filters, boosts and
+cap, top up from the popular list, name the boosts, inject, pin), over rows and bits.
+
+It reads a book's per-row codes (`Codes`, built with the book): for each catalog row, which of the
+book's filter actions drop it and which of its boost actions hold, a bit each (63 of each at most;
+a larger book takes the step-by-step path). A plan is then a few masks over those bits (`View`):
+one array read per candidate tells everything the rules need to know of it, where the
+step-by-step path asks each group of the plan, and no plan needs a catalog-sized array of its own.
+The step-by-step path stays the definition: a property test compares the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import numba
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from gateway.plans import CompiledRule, Group, Plan
+
+NOTHING = -(2**62)  # `base` of a pinned item that was not in the list before (see `place`)
+NO_ROWS: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+NO_ROWS.setflags(write=False)
+
+
+def _or_bits(code: Any, mask: Any, bit: int) -> None:  # pragma: no cover - compiled below
+    value = np.int64(1) << np.int64(bit)
+    for row in range(len(mask)):
+        if mask[row]:
+            code[row] |= value
+
+
+_or_bits_compiled = numba.njit(cache=True, nogil=True)(_or_bits)
+
+
+def code_plan(size: int, masks: list[npt.NDArray[np.bool_]]) -> npt.NDArray[np.int64]:
+    """Per row, bit i set where masks[i] holds (at most 63 masks); compiled, without the GIL."""
+    code = np.zeros(size, dtype=np.int64)
+    for bit, mask in enumerate(masks):
+        _or_bits_compiled(code, mask, bit)
+    code.setflags(write=False)
+    return code
+
+
+def _among(values: Any, count: int, value: int) -> bool:  # pragma: no cover - compiled below
+    for i in range(count):  # noqa: SIM110 - numba compiles a loop, not a generator
+        if values[i] == value:
+            return True
+    return False
+
+
+_among_compiled = numba.njit(cache=True, nogil=True)(_among)
+
+
+# A plan's `View.spec` (int64): the plan's masks over the book's bits and how many boosting
+# groups it has, then its injections and pins (as Plan.injects and Plan.pins, in that order), then
+# each boost bit's group among the plan's boosting groups (-1: not the plan's).
+FILTER_MASK, BOOST_MASK, GROUPS, INJECTS, PINS, HEAD = 0, 1, 2, 3, 4, 5
+BITS = 63
+
+
+def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
+    every: Any,
+    refused: Any,
+    n: int,
+    drops: Any,
+    boosts: Any,
+    factors: Any,
+    keys: Any,
+    limit: int,
+    distinct: int,
+    reserve: Any,
+    spec: Any,
+) -> Any:  # pragma: no cover - compiled by `place`
+    """See `place`."""
+    among = _among_compiled
+    spurned = len(refused)
+    filter_mask, boost_mask, groups = spec[FILTER_MASK], spec[BOOST_MASK], spec[GROUPS]
+    injects, pins = spec[INJECTS], spec[PINS]
+    bounds = HEAD  # injection k's rows: spec[rows_at + spec[bounds + k] : rows_at + spec[bounds + k + 1]]
+    inject_at = bounds + injects + 1
+    pin_rows = inject_at + injects
+    pin_at = pin_rows + pins
+    group_of = pin_at + pins
+    rows_at = group_of + BITS
+    products = np.ones(max(groups, 1), dtype=np.float32)
+
+    def weight_of(row: int) -> Any:
+        """The product of the plan's boosts for `row` (as Plan.weight holds it: each group's
+        product, in float32, then the groups' in order)."""
+        bits = boosts[row] & boost_mask
+        if bits == 0:
+            return np.float32(1.0)
+        products[:] = 1.0
+        while bits:
+            b = _lowest(bits)
+            bits &= bits - 1
+            products[spec[group_of + b]] *= factors[b]
+        total = np.float32(1.0)
+        for g in range(groups):
+            total = np.float32(total * products[g])
+        return total
+
+    # Recommender._select: the candidates the request admits.
+    size = len(every)
+    rows = np.empty(size, dtype=np.int64)
+    admitted = np.empty(size, dtype=np.int64)
+    count = 0
+    for i in range(size):
+        if not among(refused, spurned, every[i]):
+            admitted[count] = i
+            rows[count] = every[i]
+            count += 1
+    # Ruling.select (gateway.kernels._select): without what the filters drop, the filters that
+    # dropped a row ahead of the n-th kept one named, re-ranked by the boosts, through the cap.
+    kept = np.empty(count, dtype=np.int64)
+    total = 0
+    for i in range(count):
+        if drops[rows[i]] & filter_mask:
+            continue
+        kept[total] = i
+        total += 1
+    dropped = np.int64(0)
+    if total < count:
+        last = kept[n - 1] if total >= n else count
+        for i in range(last):
+            dropped |= drops[rows[i]] & filter_mask
+    kept = kept[:total]
+    reordered = False
+    if boost_mask and total > 0:
+        values = np.empty(total, dtype=np.float64)
+        for j in range(total):
+            factor = weight_of(rows[kept[j]])
+            if factor != 1.0:
+                reordered = True
+            values[j] = -((1.0 - j / total) * np.float64(factor))
+        if reordered:
+            kept = kept[np.argsort(values, kind="mergesort")]
+    capped = False
+    counted = len(keys) > 0
+    counts = np.zeros(distinct if counted else 0, dtype=np.int64)
+    chosen = np.empty(n, dtype=np.int64)
+    source = np.empty(n, dtype=np.int64)  # >= 0: a position in `every`; < 0: -1 - a position in `reserve`
+    c = 0
+    for j in range(total):
+        if c >= n:
+            break
+        row = rows[kept[j]]
+        if counted:
+            if counts[keys[row]] >= limit:
+                capped = True
+                continue
+            counts[keys[row]] += 1
+        chosen[c] = row
+        source[c] = admitted[kept[j]]
+        c += 1
+    # Ruling.fill: topped up from the reserve, past what was chosen, what the filters drop, the cap.
+    if c < n:
+        taken = c
+        for at in range(len(reserve)):
+            if c >= n:
+                break
+            row = reserve[at]
+            if among(chosen, taken, row) or among(refused, spurned, row) or drops[row] & filter_mask:
+                continue
+            if counted:
+                if counts[keys[row]] >= limit:
+                    capped = True
+                    continue
+                counts[keys[row]] += 1
+            chosen[c] = row
+            source[c] = -1 - at
+            c += 1
+    # Book.apply: the boosts each chosen item is named for (Plan.boosted_by: a group's boosts when
+    # its product for the item is not 1), when a boost reordered the list.
+    named = np.zeros(c, dtype=np.int64)
+    if reordered:
+        for j in range(c):
+            bits = boosts[chosen[j]] & boost_mask
+            if bits == 0:
+                continue
+            products[:] = 1.0
+            rest = bits
+            while rest:
+                b = _lowest(rest)
+                rest &= rest - 1
+                products[spec[group_of + b]] *= factors[b]
+            rest = bits
+            while rest:
+                b = _lowest(rest)
+                rest &= rest - 1
+                if products[spec[group_of + b]] != 1.0:
+                    named[j] |= np.int64(1) << np.int64(b)
+    # The list as (row, base, pin): base >= 0 a position in `chosen`, -1 - k injection k, NOTHING
+    # for a pinned item that was not in it; pin k >= 0 for a pinned one.
+    injected_rows = spec[bounds + injects] if injects else 0
+    room = c + injected_rows + pins + n
+    result = np.empty(room, dtype=np.int64)
+    base = np.empty(room, dtype=np.int64)
+    m = c
+    for j in range(c):
+        result[j] = chosen[j]
+        base[j] = j
+    injected = np.int64(0)
+    place = np.empty(max(injected_rows, 1), dtype=np.int64)
+    kept_rows = np.empty(room, dtype=np.int64)
+    kept_base = np.empty(room, dtype=np.int64)
+    changed = False
+    for k in range(injects):  # _inject, lowest priority first
+        p = 0
+        shown = min(n, m)
+        for t in range(rows_at + spec[bounds + k], rows_at + spec[bounds + k + 1]):
+            row = spec[t]
+            if among(place, p, row) or among(result, shown, row):
+                continue
+            if drops[row] & filter_mask or among(refused, spurned, row):
+                continue
+            place[p] = row
+            p += 1
+        if p == 0:
+            continue
+        left = 0
+        for j in range(m):
+            if not among(place, p, result[j]):
+                kept_rows[left] = result[j]
+                kept_base[left] = base[j]
+                left += 1
+        wanted = spec[inject_at + k]
+        start = min(max(n - p, 0) if wanted < 0 else wanted, left)
+        m = 0
+        for j in range(start):
+            result[m] = kept_rows[j]
+            base[m] = kept_base[j]
+            m += 1
+        for j in range(p):
+            result[m] = place[j]
+            base[m] = -1 - k
+            m += 1
+        for j in range(start, left):
+            result[m] = kept_rows[j]
+            base[m] = kept_base[j]
+            m += 1
+        injected |= np.int64(1) << np.int64(k)
+        changed = True
+    pin = np.full(room, -1, dtype=np.int64)
+    slot_row = np.full(n, -1, dtype=np.int64)
+    slot_pin = np.full(n, -1, dtype=np.int64)
+    pinned = np.empty(max(pins, 1), dtype=np.int64)
+    slots = 0
+    for k in range(pins):  # _pin, highest priority first
+        at, row = spec[pin_at + k], spec[pin_rows + k]
+        if at >= n or slot_row[at] >= 0 or among(pinned, slots, row):
+            continue
+        if drops[row] & filter_mask or among(refused, spurned, row):
+            continue
+        slot_row[at] = row
+        slot_pin[at] = k
+        pinned[slots] = row
+        slots += 1
+    if slots:
+        changed = True
+        final = np.empty(room, dtype=np.int64)
+        final_base = np.empty(room, dtype=np.int64)
+        out = 0
+        following = 0
+        for index in range(max(n, m)):
+            if index < n and slot_row[index] >= 0:
+                row = slot_row[index]
+                held = NOTHING
+                for j in range(m - 1, -1, -1):
+                    if result[j] == row:
+                        held = base[j]
+                        break
+                final[out] = row
+                final_base[out] = held
+                pin[out] = slot_pin[index]
+                out += 1
+            else:
+                while following < m and among(pinned, slots, result[following]):
+                    following += 1
+                if following >= m:
+                    break
+                final[out] = result[following]
+                final_base[out] = base[following]
+                following += 1
+                out += 1
+        for at in range(n):  # a pin below the end of a short list still lands, at the end
+            if slot_row[at] >= 0 and at >= out:
+                final[out] = slot_row[at]
+                final_base[out] = NOTHING
+                pin[out] = slot_pin[at]
+                out += 1
+        result, base, m = final, final_base, out
+    m = min(m, n)
+    return (
+        result[:m].copy(),
+        base[:m].copy(),
+        pin[:m].copy(),
+        source[:c].copy(),
+        named,
+        dropped,
+        reordered,
+        capped,
+        changed,
+        injected,
+    )
+
+
+def _lowest_bit(bits: int) -> int:  # pragma: no cover - compiled below
+    """The position of the lowest set bit of a nonzero `bits`."""
+    b = 0
+    while not (bits >> b) & 1:
+        b += 1
+    return b
+
+
+_lowest = numba.njit(cache=True, nogil=True, inline="always")(_lowest_bit)
+_place_compiled: Any = None
+
+
+def place(
+    every: npt.NDArray[np.int64],
+    refused: npt.NDArray[np.int64],
+    n: int,
+    *,
+    codes: Codes,
+    view: View,
+    keys: npt.NDArray[np.int32],
+    limit: int,
+    distinct: int,
+    reserve: npt.NDArray[np.int64],
+) -> tuple[Any, ...]:
+    """One request's ruled answer: the candidates `every` (best first) without `refused`, without
+    the rows a filter of the plan (`view`) drops, re-ranked by its boosts, at most `limit` per
+    `keys` code (`select`), topped up from `reserve` (ranked), each chosen item's boosts named,
+    then the plan's injections (lowest priority first) and pins (highest priority first). An
+    empty `keys`: the plan has no cap.
+
+    Returns (rows, base, pin) of the at most n placed (see `_place`), the chosen items' sources
+    (>= 0: a position in `every`; < 0: -1 - a position in `reserve`), each chosen item's named
+    boost bits, the drop bits ORed over the rows dropped ahead of the n-th kept one, whether a
+    boost reordered, the cap skipped one, an injection or a pin changed the list, and the bits of
+    the injections that did."""
+    global _place_compiled  # noqa: PLW0603 - compiled on first use, once per process
+    if _place_compiled is None:
+        types: Any = numba.types
+
+        def ro(dtype: Any) -> Any:
+            return types.Array(dtype, 1, "C", readonly=True)
+
+        count = types.int64
+        rows = count[::1]
+        result = types.Tuple((rows, rows, rows, rows, rows, count, types.boolean, types.boolean, types.boolean, count))
+        signature = result(
+            ro(count),
+            ro(count),
+            count,
+            ro(count),
+            ro(count),
+            ro(types.float32),
+            ro(types.int32),
+            count,
+            count,
+            ro(count),
+            ro(count),
+        )
+        _place_compiled = numba.njit(signature, cache=True, nogil=True)(_place)
+    found = _place_compiled(
+        every, refused, n, codes.drops, codes.boosts, codes.factors, keys, limit, distinct, reserve, view.spec
+    )
+    return cast(tuple[Any, ...], found)
+
+
+@dataclass(frozen=True, eq=False)
+class Codes:
+    """A book's per-row codes (see the module): bit b of drops[row] when filter action b drops the
+    row, of boosts[row] when boost action b holds for it (factors[b] its weight); the actions are
+    numbered group by group, in each group's order (so each group's are consecutive)."""
+
+    drops: npt.NDArray[np.int64]
+    boosts: npt.NDArray[np.int64]
+    factors: npt.NDArray[np.float32]
+    filters: list[tuple[int, CompiledRule]]  # bit -> (group, rule)
+    boosting: list[tuple[int, CompiledRule]]  # bit -> (group, rule)
+    _dropped: dict[int, list[tuple[str, CompiledRule]]] = field(default_factory=dict, repr=False)
+    _boosted: dict[int, tuple[list[tuple[str, CompiledRule]], tuple[str, ...]]] = field(
+        default_factory=dict, repr=False
+    )
+
+    def view(self, fired: Sequence[int], boosting: Sequence[int], plan: Plan) -> View | None:
+        """A plan's view (None: it has more than 63 injections): `fired` its groups, `boosting`
+        those of them with boosts, in order."""
+        if len(plan.injects) > BITS:
+            return None
+        chosen = set(fired)
+        position = {group: at for at, group in enumerate(boosting)}
+        filter_mask = sum(1 << b for b, (group, _) in enumerate(self.filters) if group in chosen)
+        boost_mask = sum(1 << b for b, (group, _) in enumerate(self.boosting) if group in chosen)
+        group_of = [position.get(group, -1) for group, _ in self.boosting] + [-1] * (BITS - len(self.boosting))
+        bounds = [0]
+        for _, rows, _ in plan.injects:
+            bounds.append(bounds[-1] + len(rows))
+        spec = [filter_mask, boost_mask, len(boosting), len(plan.injects), len(plan.pins)]
+        spec += bounds
+        spec += [-1 if at is None else at for _, _, at in plan.injects]
+        spec += [row for _, row, _ in plan.pins]
+        spec += [at for _, _, at in plan.pins]
+        spec += group_of
+        spec += [row for _, rows, _ in plan.injects for row in rows]
+        array = np.array(spec, dtype=np.int64)
+        array.setflags(write=False)
+        return View(array, self)
+
+    def dropped_by(self, bits: int) -> list[tuple[str, CompiledRule]]:
+        return _rules_of(self.filters, bits, self._dropped)
+
+    def boosted_by(self, bits: int) -> tuple[list[tuple[str, CompiledRule]], tuple[str, ...]]:
+        found = self._boosted.get(bits)
+        if found is None:
+            pairs = _rules_of(self.boosting, bits, {})
+            found = self._boosted[bits] = (pairs, tuple(ref for ref, _ in pairs))
+        return found
+
+
+def _rules_of(
+    actions: list[tuple[int, CompiledRule]], bits: int, known: dict[int, list[tuple[str, CompiledRule]]]
+) -> list[tuple[str, CompiledRule]]:
+    """(ref, rule) of the actions whose bits are set, each rule once, in bit order."""
+    found = known.get(bits)
+    if found is None:
+        found = known[bits] = list({c.ref: (c.ref, c) for b, (_, c) in enumerate(actions) if bits >> b & 1}.values())
+    return found
+
+
+@dataclass(frozen=True, eq=False)
+class View:
+    """A plan over its book's codes: `spec` for `place` (see FILTER_MASK ...)."""
+
+    spec: npt.NDArray[np.int64]
+    codes: Codes
+
+
+def book_codes(groups: Sequence[Group], size: int) -> Codes | None:
+    """The codes of a book whose enabled rules are `groups` (None past 63 filter or boost actions)."""
+    filters = [(g, c, m) for g, group in enumerate(groups) for c in group.rules for m in c.filters]
+    boosting = [(g, c, m, f) for g, group in enumerate(groups) for c in group.rules for m, f in c.boosts]
+    if len(filters) > BITS or len(boosting) > BITS:
+        return None
+    factors = np.array([f for _, _, _, f in boosting], dtype=np.float32)
+    factors.setflags(write=False)
+    return Codes(
+        code_plan(size, [m for _, _, m in filters]),
+        code_plan(size, [m for _, _, m, _ in boosting]),
+        factors,
+        [(g, c) for g, c, _ in filters],
+        [(g, c) for g, c, _, _ in boosting],
+    )
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) `place` and `code_plan`, off the event loop."""
+    code_plan(1, [np.zeros(1, dtype=np.bool_)])
+    codes = Codes(NO_ROWS, NO_ROWS, np.zeros(0, dtype=np.float32), [], [])
+    spec = np.zeros(HEAD + 1 + BITS, dtype=np.int64)
+    spec.setflags(write=False)
+    place(
+        NO_ROWS,
+        NO_ROWS,
+        1,
+        codes=codes,
+        view=View(spec, codes),
+        keys=np.zeros(0, dtype=np.int32),
+        limit=0,
+        distinct=0,
+        reserve=NO_ROWS,
+    )
