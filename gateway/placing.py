@@ -62,6 +62,11 @@ _among_compiled = numba.njit(cache=True, nogil=True)(_among)
 # each boost bit's group among the plan's boosting groups (-1: not the plan's).
 FILTER_MASK, BOOST_MASK, GROUPS, INJECTS, PINS, HEAD = 0, 1, 2, 3, 4, 5
 BITS = 63
+# What `place` returns, in one array (one object to hand over, one tolist): m placed, c chosen,
+# the drop bits, the injection bits, the flags (REORDERED, CAPPED, CHANGED), then the placed rows,
+# their bases and pins (m each), the chosen ones' sources and named boost bits (c each).
+OUT = 5
+REORDERED, CAPPED, CHANGED = 1, 2, 4
 
 
 def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
@@ -297,18 +302,15 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
                 out += 1
         result, base, m = final, final_base, out
     m = min(m, n)
-    return (
-        result[:m].copy(),
-        base[:m].copy(),
-        pin[:m].copy(),
-        source[:c].copy(),
-        named,
-        dropped,
-        reordered,
-        capped,
-        changed,
-        injected,
-    )
+    packed = np.empty(OUT + 3 * m + 2 * c, dtype=np.int64)
+    packed[0], packed[1], packed[2], packed[3] = m, c, dropped, injected
+    packed[4] = (1 if reordered else 0) | (2 if capped else 0) | (4 if changed else 0)
+    packed[OUT : OUT + m] = result[:m]
+    packed[OUT + m : OUT + 2 * m] = base[:m]
+    packed[OUT + 2 * m : OUT + 3 * m] = pin[:m]
+    packed[OUT + 3 * m : OUT + 3 * m + c] = source[:c]
+    packed[OUT + 3 * m + c :] = named
+    return packed
 
 
 def _lowest_bit(bits: int) -> int:  # pragma: no cover - compiled below
@@ -324,7 +326,7 @@ _place_compiled: Any = None
 
 
 def place(
-    every: npt.NDArray[np.int64],
+    every: npt.NDArray[np.int32] | npt.NDArray[np.int64],
     refused: npt.NDArray[np.int64],
     n: int,
     *,
@@ -334,18 +336,18 @@ def place(
     limit: int,
     distinct: int,
     reserve: npt.NDArray[np.int64],
-) -> tuple[Any, ...]:
+) -> npt.NDArray[np.int64]:
     """One request's ruled answer: the candidates `every` (best first) without `refused`, without
     the rows a filter of the plan (`view`) drops, re-ranked by its boosts, at most `limit` per
     `keys` code (`select`), topped up from `reserve` (ranked), each chosen item's boosts named,
     then the plan's injections (lowest priority first) and pins (highest priority first). An
     empty `keys`: the plan has no cap.
 
-    Returns (rows, base, pin) of the at most n placed (see `_place`), the chosen items' sources
-    (>= 0: a position in `every`; < 0: -1 - a position in `reserve`), each chosen item's named
-    boost bits, the drop bits ORed over the rows dropped ahead of the n-th kept one, whether a
-    boost reordered, the cap skipped one, an injection or a pin changed the list, and the bits of
-    the injections that did."""
+    Returns, in one array (see OUT): the (row, base, pin) of the at most m <= n placed (see
+    `_place`), the c chosen items' sources (>= 0: a position in `every`; < 0: -1 - a position
+    in `reserve`) and named boost bits, the drop bits ORed over the rows dropped ahead of the
+    n-th kept one, the bits of the injections that changed the list, and whether a boost
+    reordered it, the cap skipped an item, an injection or a pin changed it."""
     global _place_compiled  # noqa: PLW0603 - compiled on first use, once per process
     if _place_compiled is None:
         types: Any = numba.types
@@ -354,26 +356,14 @@ def place(
             return types.Array(dtype, 1, "C", readonly=True)
 
         count = types.int64
-        rows = count[::1]
-        result = types.Tuple((rows, rows, rows, rows, rows, count, types.boolean, types.boolean, types.boolean, count))
-        signature = result(
-            ro(count),
-            ro(count),
-            count,
-            ro(count),
-            ro(count),
-            ro(types.float32),
-            ro(types.int32),
-            count,
-            count,
-            ro(count),
-            ro(count),
-        )
-        _place_compiled = numba.njit(signature, cache=True, nogil=True)(_place)
+        rest = (ro(count), ro(count), ro(types.float32), ro(types.int32), count, count, ro(count), ro(count))
+        # Candidate rows as pools hold them: int32 (the snapshot's and the live ones) or int64.
+        signatures = [count[::1](ro(rows), ro(count), count, *rest) for rows in (types.int32, count)]
+        _place_compiled = numba.njit(signatures, cache=True, nogil=True)(_place)
     found = _place_compiled(
         every, refused, n, codes.drops, codes.boosts, codes.factors, keys, limit, distinct, reserve, view.spec
     )
-    return cast(tuple[Any, ...], found)
+    return cast(npt.NDArray[np.int64], found)
 
 
 @dataclass(frozen=True, eq=False)

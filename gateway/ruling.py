@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from gateway.rules import Book
 
 
+# Candidate row types gateway.placing.place takes as they are.
+_ROW_TYPES = (np.dtype(np.int32), np.dtype(np.int64))
+
+
 @functools.cache
 def _standing(size: int) -> npt.NDArray[np.float64]:
     """A list's rank-based standing before boosts: 1 for the first, falling evenly towards 0."""
@@ -141,8 +145,9 @@ class Ruling:
         else:
             keys, distinct, limit = kernels.NO_KEYS, 0, 0
         codes = view.codes
-        placed, bases, pins, sources, named, dropped, reordered, capped, changed, injected = placing.place(
-            np.asarray(every, dtype=np.int64),
+        rows = every if every.dtype in _ROW_TYPES else every.astype(np.int64)
+        out = placing.place(
+            rows,  # type: ignore[arg-type]  # int32 or int64, as just checked
             refused,
             n,
             codes=codes,
@@ -151,20 +156,23 @@ class Ruling:
             limit=limit,
             distinct=distinct,
             reserve=reserve_rows,
-        )
+        ).tolist()
+        m, c, dropped, injected, flags = out[: placing.OUT]
+        reordered, changed = flags & placing.REORDERED, flags & placing.CHANGED
         self.ranked = True
         applied = self.applied
         if dropped:
             applied.update(codes.dropped_by(dropped))
-        if capped and cap is not None:
+        if flags & placing.CAPPED and cap is not None:
             applied[cap.ref] = cap
         if reordered:
             self.reordered = True
         ranked = reordered or changed  # every pick then gets its rank's score (as Book.apply gives)
+        start = placing.OUT + 3 * m
         reasons: list[str | tuple[str, ...]] = []
         values: list[float] = []
         named_by = codes.boosted_by
-        for source, bits in zip(sources.tolist(), named.tolist(), strict=True):
+        for source, bits in zip(out[start : start + c], out[start + c :], strict=True):
             if source >= 0:
                 why: str | tuple[str, ...] = reason
                 values.append(0.0 if ranked else rounded(scores.item(source)))
@@ -177,11 +185,12 @@ class Ruling:
                 applied.update(pairs)
                 why = (why, *refs) if isinstance(why, str) else (*why, *refs)
             reasons.append(why)
+        placed = out[placing.OUT : placing.OUT + m]
         if not changed:  # the chosen, as they are (Book.apply's usual case: no injection, no pin)
-            positions = rank_scores(len(placed)) if ranked else values
-            final = [Pick(row, score, why) for row, score, why in zip(placed.tolist(), positions, reasons, strict=True)]
+            positions = rank_scores(m) if ranked else values
+            final = [Pick(row, score, why) for row, score, why in zip(placed, positions, reasons, strict=True)]
         else:
-            final = self._placed(plan, placed, bases, pins, reasons)
+            final = self._placed(plan, placed, out[placing.OUT + m : start], reasons)
         if injected:
             for k in range(len(plan.injects)):
                 if injected >> k & 1:
@@ -192,19 +201,15 @@ class Ruling:
         return Outcome(final, sorted(applied.values(), key=by_priority), plan.content)
 
     def _placed(
-        self,
-        plan: Plan,
-        placed: npt.NDArray[np.int64],
-        bases: npt.NDArray[np.int64],
-        pins: npt.NDArray[np.int64],
-        reasons: list[str | tuple[str, ...]],
+        self, plan: Plan, placed: list[int], marks: list[int], reasons: list[str | tuple[str, ...]]
     ) -> list[Pick]:
-        """The picks of a list an injection or a pin changed (see gateway.placing.place), with
-        their ranks' scores."""
+        """The picks of a list an injection or a pin changed, with their ranks' scores: `marks`,
+        each placed item's base, then each one's pin (see gateway.placing.place)."""
         applied = self.applied
         final: list[Pick] = []
-        scores = rank_scores(len(placed))
-        for at, (row, base, pin) in enumerate(zip(placed.tolist(), bases.tolist(), pins.tolist(), strict=True)):
+        m = len(placed)
+        scores = rank_scores(m)
+        for at, (row, base, pin) in enumerate(zip(placed, marks[:m], marks[m:], strict=True)):
             why: str | tuple[str, ...]
             if base >= 0:
                 why = reasons[base]

@@ -92,6 +92,18 @@ class MemoryStore:
         self._due: list[tuple[float, int, str, str]] = []
         self._serial = 0
         self._message_listeners: list[MessageListener] = []
+        self._last_query: tuple[object, dict[tuple[str, float], list[str]]] = (None, {})
+
+    def _index_of(self, query: Sequence[CounterKey]) -> dict[tuple[str, float], list[str]]:
+        """The keys a counter query asks for by (name, window); the last query's is kept (one
+        rule set's query comes with every request)."""
+        last, index = self._last_query
+        if last is not query:
+            index = {}
+            for wanted in query:
+                index.setdefault((wanted.name, wanted.window), []).append(wanted.key)
+            self._last_query = (query, index)
+        return index
 
     def __len__(self) -> int:
         """Visitors held right now, including expired ones not yet retired."""
@@ -130,12 +142,13 @@ class MemoryStore:
         counts: dict[str, int] = {}
         if counters is not True:
             held_counters = state.counters
-            for wanted in counters:
-                held = held_counters.get((wanted.name, wanted.window))
-                if held is not None:
-                    count = sliding_count(*held, wanted.window, now)
-                    if count:
-                        counts[wanted.key] = count
+            index = self._index_of(counters)
+            # The visitor's few counters met with the query's many in C: a lookup per match only.
+            for pair in held_counters.keys() & index.keys():
+                count = sliding_count(*held_counters[pair], pair[1], now)
+                if count:
+                    for label in index[pair]:
+                        counts[label] = count
             return Profile(
                 recent=recent, counters=counts, last_seen=state.last_seen, consent=consent, messages=messages
             )
