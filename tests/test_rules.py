@@ -216,6 +216,27 @@ def test_a_pin_below_the_end_of_a_short_list_lands_last_and_is_named_among_the_r
     assert [r.ref for r in outcome.applied] == ["rule:deep@1"]
 
 
+def test_a_book_of_more_than_63_boosts_has_no_codes_and_answers_step_by_step(snap: Snapshot) -> None:
+    """gateway.placing numbers a book's boost actions in one 64-bit word: past 63 the book has no
+    codes, Ruling.place declines, and Book.apply makes the answer."""
+    doc = {
+        "rules": [
+            rule(f"b{i:02d}", {"type": "boost", "items": {"ids": [snap.item_ids[i]]}, "weight": 2.0}) for i in range(64)
+        ]
+    }
+    b = book(snap, doc)
+    assert b.codes is None
+    ruling = b.decide(facts(), "recommend", personal=True)
+    every = np.arange(60, dtype=np.int64)
+    scores = np.linspace(1, 0, 60, dtype=np.float32)
+    empty = np.zeros(0, dtype=np.int64)
+    assert ruling.place(every, scores, 10, reason="user-vector", refused=empty, reserve=[], reserve_rows=empty) is None
+    outcome = run(b, snap)
+    assert [p.row for p in outcome.picks][:3] == [0, 1, 2]
+    assert outcome.picks[0].reason == ("user-vector", "rule:b00@1")
+    assert len(book(snap, {"rules": doc["rules"][:63]}).codes.boosting) == 63  # type: ignore[union-attr]
+
+
 def test_an_injected_item_takes_the_last_place_without_a_position(snap: Snapshot) -> None:
     items = [snap.item_ids[300], snap.item_ids[301]]
     outcome = run(book(snap, {"rules": [rule("xsell", {"type": "inject", "items": items})]}), snap)
