@@ -89,6 +89,9 @@ class Recommender:
         # What the rules made of a list, by plan and inputs: another request with the same ones gets
         # the same answer without going through the rules again (see _select).
         self._ruled_answers: LRU[list[Any]] = LRU(RULED_KEPT)
+        # Whether a request without a category filter gets the rules' answer in one compiled call
+        # (see _select); False only to compare the two paths (loadtests/rules_in_process.py --paths).
+        self.compiled_answers = True
 
     def stale(self, now: float) -> bool:
         return self.max_age_s > 0 and self.snap.age(now) > self.max_age_s
@@ -502,7 +505,7 @@ class Recommender:
         if wanted:
             depth = 8 * n + len(excluded)
         every = pool.rows[:depth]
-        if whole:  # no category filter: the rules' whole answer in one call (Ruling.place)
+        if whole and self.compiled_answers:  # no category filter: the rules' answer in one call
             reserve, reserve_rows = self.popular.everything()
             refused = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
             outcome = ruling.place(

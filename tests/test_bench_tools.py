@@ -21,3 +21,16 @@ def test_rules_in_process_times_every_kind_of_visitor_with_and_without_rules(
     for line in lines:
         for kind in ("known p50", "new p50", "unknown p50", "all p99"):
             assert kind in line
+
+
+def test_rules_in_process_compares_the_compiled_answer_with_the_steps(
+    small_snapshots: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--snapshots", str(small_snapshots), "--paths", "--calls", "60", "--rounds", "1"]
+    code = rules_in_process.main([*args, "--visitors", "40", "--warmup", "30"])
+    assert code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("steps", "placed"))]
+    assert [line.split()[0] for line in lines] == ["steps", "placed"]
+    for line in lines:
+        for kind in ("known p50", "new p50", "unknown p50", "all p99"):
+            assert kind in line
