@@ -140,7 +140,7 @@ def fold_in(
 ) -> npt.NDArray[np.float32]:
     """A visitor's taste vector from their items (ascending, distinct, at least one) and the
     confidence of each: index_builder.model.fold_in_low_rank, compiled."""
-    return cast(npt.NDArray[np.float32], _fold_in_compiled(item_vectors, gram_inverse, items, confidence))
+    return cast("npt.NDArray[np.float32]", _fold_in_compiled(item_vectors, gram_inverse, items, confidence))
 
 
 def live_pool(

@@ -363,7 +363,7 @@ def place(
     found = _place_compiled(
         every, refused, n, codes.drops, codes.boosts, codes.factors, keys, limit, distinct, reserve, view.spec
     )
-    return cast(npt.NDArray[np.int64], found)
+    return cast("npt.NDArray[np.int64]", found)
 
 
 @dataclass(frozen=True, eq=False)
@@ -377,10 +377,8 @@ class Codes:
     factors: npt.NDArray[np.float32]
     filters: list[tuple[int, CompiledRule]]  # bit -> (group, rule)
     boosting: list[tuple[int, CompiledRule]]  # bit -> (group, rule)
-    _dropped: dict[int, list[tuple[str, CompiledRule]]] = field(default_factory=dict, repr=False)
-    _boosted: dict[int, tuple[list[tuple[str, CompiledRule]], tuple[str, ...]]] = field(
-        default_factory=dict, repr=False
-    )
+    _dropped: dict[int, int] = field(default_factory=dict, repr=False)
+    _boosted: dict[int, tuple[int, tuple[str, ...]]] = field(default_factory=dict, repr=False)
 
     def view(self, fired: Sequence[int], boosting: Sequence[int], plan: Plan) -> View | None:
         """A plan's view (None: it has more than 63 injections): `fired` its groups, `boosting`
@@ -406,25 +404,31 @@ class Codes:
         array.setflags(write=False)
         return View(array, self)
 
-    def dropped_by(self, bits: int) -> list[tuple[str, CompiledRule]]:
-        return _rules_of(self.filters, bits, self._dropped)
+    def dropped_by(self, bits: int) -> int:
+        """The rules of the filter actions whose bits are set, as a mask over their ranks (see
+        gateway.rules.Book.applied_of)."""
+        found = self._dropped.get(bits)
+        if found is None:
+            found = self._dropped[bits] = _ranks(self.filters, bits)
+        return found
 
-    def boosted_by(self, bits: int) -> tuple[list[tuple[str, CompiledRule]], tuple[str, ...]]:
+    def boosted_by(self, bits: int) -> tuple[int, tuple[str, ...]]:
+        """The rules of the boost actions whose bits are set, as a mask over their ranks, and their
+        refs (each rule once, in bit order)."""
         found = self._boosted.get(bits)
         if found is None:
-            pairs = _rules_of(self.boosting, bits, {})
-            found = self._boosted[bits] = (pairs, tuple(ref for ref, _ in pairs))
+            refs = {c.ref: None for b, (_, c) in enumerate(self.boosting) if bits >> b & 1}
+            found = self._boosted[bits] = (_ranks(self.boosting, bits), tuple(refs))
         return found
 
 
-def _rules_of(
-    actions: list[tuple[int, CompiledRule]], bits: int, known: dict[int, list[tuple[str, CompiledRule]]]
-) -> list[tuple[str, CompiledRule]]:
-    """(ref, rule) of the actions whose bits are set, each rule once, in bit order."""
-    found = known.get(bits)
-    if found is None:
-        found = known[bits] = list({c.ref: (c.ref, c) for b, (_, c) in enumerate(actions) if bits >> b & 1}.values())
-    return found
+def _ranks(actions: list[tuple[int, CompiledRule]], bits: int) -> int:
+    """Bit `rule.rank` set for the rule of each action whose bit is set."""
+    mask = 0
+    for b, (_, c) in enumerate(actions):
+        if bits >> b & 1:
+            mask |= 1 << c.rank
+    return mask
 
 
 @dataclass(frozen=True, eq=False)

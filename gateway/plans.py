@@ -57,8 +57,9 @@ class Outcome:
     """What the rules did to one list."""
 
     picks: list[Pick]
-    applied: list[CompiledRule]  # fired and changed something, by priority
+    applied: list[CompiledRule]  # fired and changed something, by priority (may be shared: not to be changed)
     content: list[Content]
+    refs: list[str] | None = None  # the refs of `applied`, when known (shared as well)
 
 
 @functools.cache
@@ -217,6 +218,7 @@ class Plan:
         # Pins of items no filter drops (filters hold against pins), highest priority first.
         self.pins = [(c, row, at) for c in rules for row, at in c.pins if self.passes(row)]
         self.view: View | None = None  # over the book's codes (gateway.placing), when it has them
+        self.attach_mask = sum(1 << c.rank for c in self.attaching)  # see Book.applied_of
 
     def combine(self) -> None:
         """Combine the groups' arrays (well under a millisecond for 100k items and a few groups)."""

@@ -68,6 +68,8 @@ HEADROOM_MIN = 20
 # Distinct pages whose page-only rule groups a Book remembers: 20 MB at most (a page is up to 2,048
 # characters), usually far less; pages past these are scanned on each request, as before.
 PAGES_KEPT = 10_000
+# Sets of applied rules whose sorted lists a Book remembers (see Book.applied_of); past these it starts again.
+APPLIED_KEPT = 10_000
 # Request contexts whose decision for a visitor with an empty profile a Book remembers (see
 # Book.decide_blank): a few hundred bytes each, 18 MB at most (a page and a referrer may each be
 # 2,048 characters); past these the memory starts again.
@@ -217,6 +219,7 @@ class Book:
         self._hot: OrderedDict[tuple[int, ...], Plan] = OrderedDict()  # those with combined arrays
         self._hot_kept = max(8, HOT_BYTES // (5 * max(len(snap.item_ids), 1)))
         self._cap_keys: dict[int, list[str]] = {}
+        self._applied: dict[int, tuple[list[CompiledRule], list[str]]] = {}
         self._cap_codes: dict[int, tuple[list[int], int]] = {}
         self._cap_arrays: dict[int, tuple[npt.NDArray[np.int32], int]] = {}
         for depth in {c.cap[1] for c in self.rules if c.cap is not None}:
@@ -467,6 +470,18 @@ class Book:
         for rule in plan.attaching:
             applied[rule.ref] = rule
         return Outcome(final, sorted(applied.values(), key=by_priority), plan.content)
+
+    def applied_of(self, ranks: int) -> tuple[list[CompiledRule], list[str]]:
+        """The rules whose `rank` bits are set, by priority, and their refs (remembered per mask;
+        shared by the answers that get them, so not to be changed)."""
+        found = self._applied.get(ranks)
+        if found is None:
+            rules = [c for c in self.rules if ranks >> c.rank & 1]
+            found = (rules, [c.ref for c in rules])
+            if len(self._applied) >= APPLIED_KEPT:
+                self._applied.clear()
+            self._applied[ranks] = found
+        return found
 
     def cap_codes(self, depth: int) -> tuple[list[int], int]:
         """Each row's cap category (see cap_keys) as a small number, and how many there are."""

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway import kernels, placing
-from gateway.plans import CompiledRule, Outcome, Pick, Plan, by_priority, rank_scores, rounded
+from gateway.plans import CompiledRule, Outcome, Pick, Plan, rank_scores, rounded
 
 if TYPE_CHECKING:
     from gateway.rules import Book
@@ -160,11 +160,12 @@ class Ruling:
         m, c, dropped, injected, flags = out[: placing.OUT]
         reordered, changed = flags & placing.REORDERED, flags & placing.CHANGED
         self.ranked = True
-        applied = self.applied
+        # The rules that changed the list, as a mask over their ranks (Book.applied_of).
+        applied = plan.attach_mask
         if dropped:
-            applied.update(codes.dropped_by(dropped))
+            applied |= codes.dropped_by(dropped)
         if flags & placing.CAPPED and cap is not None:
-            applied[cap.ref] = cap
+            applied |= 1 << cap.rank
         if reordered:
             self.reordered = True
         ranked = reordered or changed  # every pick then gets its rank's score (as Book.apply gives)
@@ -181,8 +182,8 @@ class Ruling:
                 why = pick.reason
                 values.append(pick.score)
             if bits:
-                pairs, refs = named_by(bits)
-                applied.update(pairs)
+                ranks, refs = named_by(bits)
+                applied |= ranks
                 why = (why, *refs) if isinstance(why, str) else (*why, *refs)
             reasons.append(why)
         placed = out[placing.OUT : placing.OUT + m]
@@ -190,23 +191,23 @@ class Ruling:
             positions = rank_scores(m) if ranked else values
             final = [Pick(row, score, why) for row, score, why in zip(placed, positions, reasons, strict=True)]
         else:
-            final = self._placed(plan, placed, out[placing.OUT + m : start], reasons)
+            final, pinned = self._placed(plan, placed, out[placing.OUT + m : start], reasons)
+            applied |= pinned
         if injected:
             for k in range(len(plan.injects)):
                 if injected >> k & 1:
-                    rule = plan.injects[k][0]
-                    applied[rule.ref] = rule
-        for rule in plan.attaching:
-            applied[rule.ref] = rule
-        return Outcome(final, sorted(applied.values(), key=by_priority), plan.content)
+                    applied |= 1 << plan.injects[k][0].rank
+        rules, names = self.book.applied_of(applied)
+        return Outcome(final, rules, plan.content, names)
 
     def _placed(
         self, plan: Plan, placed: list[int], marks: list[int], reasons: list[str | tuple[str, ...]]
-    ) -> list[Pick]:
-        """The picks of a list an injection or a pin changed, with their ranks' scores: `marks`,
-        each placed item's base, then each one's pin (see gateway.placing.place)."""
-        applied = self.applied
+    ) -> tuple[list[Pick], int]:
+        """The picks of a list an injection or a pin changed, with their ranks' scores, and the
+        ranks of the pins that landed as a mask: `marks` are each placed item's base, then each
+        one's pin (see gateway.placing.place)."""
         final: list[Pick] = []
+        pinned = 0
         m = len(placed)
         scores = rank_scores(m)
         for at, (row, base, pin) in enumerate(zip(placed, marks[:m], marks[m:], strict=True)):
@@ -220,9 +221,9 @@ class Ruling:
             if pin >= 0:
                 rule = plan.pins[pin][0]
                 why = (rule.ref,) if not why else (why, rule.ref) if isinstance(why, str) else (*why, rule.ref)
-                applied[rule.ref] = rule
+                pinned |= 1 << rule.rank
             final.append(Pick(row, scores[at], why))
-        return final
+        return final, pinned
 
     def _credit_drops(self, plan: Plan, dropped: list[int]) -> None:
         """Count as applied the plan's filters that drop any of `dropped` (the rows dropped ahead

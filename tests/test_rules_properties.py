@@ -317,6 +317,7 @@ def test_the_compiled_answer_equals_the_stepwise_one(snap: Snapshot, data: st.Da
     assert outcome is not None  # a book of at most 8 rules has codes
     assert outcome.picks == expected.picks
     assert [rule.ref for rule in outcome.applied] == [rule.ref for rule in expected.applied]
+    assert outcome.refs == [rule.ref for rule in outcome.applied]
     assert outcome.content == expected.content
 
 
