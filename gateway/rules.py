@@ -474,13 +474,19 @@ class Book:
     def applied_of(self, ranks: int) -> tuple[list[CompiledRule], list[str]]:
         """The rules whose `rank` bits are set, by priority, and their refs (remembered per mask;
         shared by the answers that get them, so not to be changed)."""
-        found = self._applied.get(ranks)
+        key = ranks
+        found = self._applied.get(key)
         if found is None:
-            rules = [c for c in self.rules if ranks >> c.rank & 1]
+            rules: list[CompiledRule] = []
+            every = self.rules
+            while ranks:  # the set bits, lowest (highest priority) first
+                low = ranks & -ranks
+                rules.append(every[low.bit_length() - 1])
+                ranks ^= low
             found = (rules, [c.ref for c in rules])
             if len(self._applied) >= APPLIED_KEPT:
                 self._applied.clear()
-            self._applied[ranks] = found
+            self._applied[key] = found
         return found
 
     def cap_codes(self, depth: int) -> tuple[list[int], int]:
