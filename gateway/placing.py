@@ -57,6 +57,17 @@ def _among(values: Any, count: int, value: int) -> bool:  # pragma: no cover - c
 _among_compiled = numba.njit(cache=True, nogil=True)(_among)
 
 
+def _admits(counts: Any, keys: Any, row: int, limit: int) -> bool:  # pragma: no cover - compiled below
+    """Whether the cap admits `row` (fewer than `limit` of its key so far); counted if so."""
+    if counts[keys[row]] >= limit:
+        return False
+    counts[keys[row]] += 1
+    return True
+
+
+_admits_compiled = numba.njit(cache=True, nogil=True)(_admits)
+
+
 # A plan's `View.spec` (int64): the plan's masks over the book's bits and how many boosting
 # groups it has, then its injections and pins (as Plan.injects and Plan.pins, in that order), then
 # each boost bit's group among the plan's boosting groups (-1: not the plan's).
@@ -83,7 +94,7 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
     spec: Any,
 ) -> Any:  # pragma: no cover - compiled by `place`
     """See `place`."""
-    among = _among_compiled
+    among, admits = _among_compiled, _admits_compiled
     spurned = len(refused)
     filter_mask, boost_mask, groups = spec[FILTER_MASK], spec[BOOST_MASK], spec[GROUPS]
     injects, pins = spec[INJECTS], spec[PINS]
@@ -156,11 +167,9 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
         if c >= n:
             break
         row = rows[kept[j]]
-        if counted:
-            if counts[keys[row]] >= limit:
-                capped = True
-                continue
-            counts[keys[row]] += 1
+        if counted and not admits(counts, keys, row, limit):
+            capped = True
+            continue
         chosen[c] = row
         source[c] = admitted[kept[j]]
         c += 1
@@ -173,11 +182,9 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
             row = reserve[at]
             if among(chosen, taken, row) or among(refused, spurned, row) or drops[row] & filter_mask:
                 continue
-            if counted:
-                if counts[keys[row]] >= limit:
-                    capped = True
-                    continue
-                counts[keys[row]] += 1
+            if counted and not admits(counts, keys, row, limit):
+                capped = True
+                continue
             chosen[c] = row
             source[c] = -1 - at
             c += 1

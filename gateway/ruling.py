@@ -88,11 +88,7 @@ class Ruling:
         """`select` in one compiled call (gateway.kernels.select), for a plan with at most one drop
         array and one weight array."""
         rule = plan.cap
-        if rule is not None and rule.cap is not None:
-            keys, distinct = self.book.cap_array(rule.cap[1])
-            limit = rule.cap[0]
-        else:
-            keys, distinct, limit = kernels.NO_KEYS, 0, 0
+        keys, distinct, limit = self._capping(plan)
         codes = plan.drop_codes
         kept, dropped, bits, reordered, capped = kernels.select(
             np.array(rows, dtype=np.int64),
@@ -139,11 +135,7 @@ class Ruling:
         if view is None:
             return None
         cap = plan.cap
-        if cap is not None and cap.cap is not None:
-            keys, distinct = self.book.cap_array(cap.cap[1])
-            limit = cap.cap[0]
-        else:
-            keys, distinct, limit = kernels.NO_KEYS, 0, 0
+        keys, distinct, limit = self._capping(plan)
         codes = view.codes
         rows = every if every.dtype in _ROW_TYPES else every.astype(np.int64)
         out = placing.place(
@@ -224,6 +216,15 @@ class Ruling:
                 pinned |= 1 << rule.rank
             final.append(Pick(row, scores[at], why))
         return final, pinned
+
+    def _capping(self, plan: Plan) -> tuple[npt.NDArray[np.int32], int, int]:
+        """The plan's cap for the compiled calls: each row's cap key, how many keys, how many per key
+        (no keys: no cap)."""
+        rule = plan.cap
+        if rule is None or rule.cap is None:
+            return kernels.NO_KEYS, 0, 0
+        keys, distinct = self.book.cap_array(rule.cap[1])
+        return keys, distinct, rule.cap[0]
 
     def _credit_drops(self, plan: Plan, dropped: list[int]) -> None:
         """Count as applied the plan's filters that drop any of `dropped` (the rows dropped ahead
