@@ -35,14 +35,18 @@ def _or_bits(code: Any, mask: Any, bit: int) -> None:  # pragma: no cover - comp
             code[row] |= value
 
 
-_or_bits_compiled = numba.njit(cache=True, nogil=True)(_or_bits)
+# One signature (a rule's masks are read-only, a combined one is not): compiled by `warm_up`, not
+# by the first rule book, whose compiling would hold the GIL for a second.
+_or_bits_compiled = numba.njit(
+    "void(int64[::1], Array(boolean, 1, 'C', readonly=True), int64)", cache=True, nogil=True
+)(_or_bits)
 
 
 def code_plan(size: int, masks: list[npt.NDArray[np.bool_]]) -> npt.NDArray[np.int64]:
     """Per row, bit i set where masks[i] holds (at most 63 masks); compiled, without the GIL."""
     code = np.zeros(size, dtype=np.int64)
     for bit, mask in enumerate(masks):
-        _or_bits_compiled(code, mask, bit)
+        _or_bits_compiled(code, np.ascontiguousarray(mask, dtype=np.bool_), bit)
     code.setflags(write=False)
     return code
 
@@ -78,14 +82,14 @@ BITS = 63
 # their bases and pins (m each), the chosen ones' sources and named boost bits (c each).
 OUT = 5
 REORDERED, CAPPED, CHANGED = 1, 2, 4
+DROPS, BOOSTS = 0, 1  # the columns of Codes.bits
 
 
 def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
     every: Any,
     refused: Any,
     n: int,
-    drops: Any,
-    boosts: Any,
+    codes: Any,
     factors: Any,
     keys: Any,
     limit: int,
@@ -109,7 +113,7 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
     def weight_of(row: int) -> Any:
         """The product of the plan's boosts for `row` (as Plan.weight holds it: each group's
         product, in float32, then the groups' in order)."""
-        bits = boosts[row] & boost_mask
+        bits = codes[row, BOOSTS] & boost_mask
         if bits == 0:
             return np.float32(1.0)
         products[:] = 1.0
@@ -137,7 +141,7 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
     kept = np.empty(count, dtype=np.int64)
     total = 0
     for i in range(count):
-        if drops[rows[i]] & filter_mask:
+        if codes[rows[i], DROPS] & filter_mask:
             continue
         kept[total] = i
         total += 1
@@ -145,7 +149,7 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
     if total < count:
         last = kept[n - 1] if total >= n else count
         for i in range(last):
-            dropped |= drops[rows[i]] & filter_mask
+            dropped |= codes[rows[i], DROPS] & filter_mask
     kept = kept[:total]
     reordered = False
     if boost_mask and total > 0:
@@ -180,7 +184,7 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
             if c >= n:
                 break
             row = reserve[at]
-            if among(chosen, taken, row) or among(refused, spurned, row) or drops[row] & filter_mask:
+            if among(chosen, taken, row) or among(refused, spurned, row) or codes[row, DROPS] & filter_mask:
                 continue
             if counted and not admits(counts, keys, row, limit):
                 capped = True
@@ -193,7 +197,7 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
     named = np.zeros(c, dtype=np.int64)
     if reordered:
         for j in range(c):
-            bits = boosts[chosen[j]] & boost_mask
+            bits = codes[chosen[j], BOOSTS] & boost_mask
             if bits == 0:
                 continue
             products[:] = 1.0
@@ -230,7 +234,7 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
             row = spec[t]
             if among(place, p, row) or among(result, shown, row):
                 continue
-            if drops[row] & filter_mask or among(refused, spurned, row):
+            if codes[row, DROPS] & filter_mask or among(refused, spurned, row):
                 continue
             place[p] = row
             p += 1
@@ -268,7 +272,7 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
         at, row = spec[pin_at + k], spec[pin_rows + k]
         if at >= n or slot_row[at] >= 0 or among(pinned, slots, row):
             continue
-        if drops[row] & filter_mask or among(refused, spurned, row):
+        if codes[row, DROPS] & filter_mask or among(refused, spurned, row):
             continue
         slot_row[at] = row
         slot_pin[at] = k
@@ -363,24 +367,22 @@ def place(
             return types.Array(dtype, 1, "C", readonly=True)
 
         count = types.int64
-        rest = (ro(count), ro(count), ro(types.float32), ro(types.int32), count, count, ro(count), ro(count))
+        bits = types.Array(count, 2, "C", readonly=True)
+        rest = (bits, ro(types.float32), ro(types.int32), count, count, ro(count), ro(count))
         # Candidate rows as pools hold them: int32 (the snapshot's and the live ones) or int64.
         signatures = [count[::1](ro(rows), ro(count), count, *rest) for rows in (types.int32, count)]
         _place_compiled = numba.njit(signatures, cache=True, nogil=True)(_place)
-    found = _place_compiled(
-        every, refused, n, codes.drops, codes.boosts, codes.factors, keys, limit, distinct, reserve, view.spec
-    )
+    found = _place_compiled(every, refused, n, codes.bits, codes.factors, keys, limit, distinct, reserve, view.spec)
     return cast("npt.NDArray[np.int64]", found)
 
 
 @dataclass(frozen=True, eq=False)
 class Codes:
-    """A book's per-row codes (see the module): bit b of drops[row] when filter action b drops the
-    row, of boosts[row] when boost action b holds for it (factors[b] its weight); the actions are
+    """A book's per-row codes (see the module): bit b of bits[row, DROPS] when filter action b drops
+    the row, of bits[row, BOOSTS] when boost action b holds for it (factors[b] its weight); the actions are
     numbered group by group, in each group's order (so each group's are consecutive)."""
 
-    drops: npt.NDArray[np.int64]
-    boosts: npt.NDArray[np.int64]
+    bits: npt.NDArray[np.int64]  # row -> (drops, boosts): side by side, one cache line per row
     factors: npt.NDArray[np.float32]
     filters: list[tuple[int, CompiledRule]]  # bit -> (group, rule)
     boosting: list[tuple[int, CompiledRule]]  # bit -> (group, rule)
@@ -454,9 +456,12 @@ def book_codes(groups: Sequence[Group], size: int) -> Codes | None:
         return None
     factors = np.array([f for _, _, _, f in boosting], dtype=np.float32)
     factors.setflags(write=False)
+    bits = np.stack(
+        [code_plan(size, [m for _, _, m in filters]), code_plan(size, [m for _, _, m, _ in boosting])], axis=1
+    )
+    bits.setflags(write=False)
     return Codes(
-        code_plan(size, [m for _, _, m in filters]),
-        code_plan(size, [m for _, _, m, _ in boosting]),
+        bits,
         factors,
         [(g, c) for g, c, _ in filters],
         [(g, c) for g, c, _, _ in boosting],
@@ -466,7 +471,7 @@ def book_codes(groups: Sequence[Group], size: int) -> Codes | None:
 def warm_up() -> None:
     """Compile (or load from numba's cache) `place` and `code_plan`, off the event loop."""
     code_plan(1, [np.zeros(1, dtype=np.bool_)])
-    codes = Codes(NO_ROWS, NO_ROWS, np.zeros(0, dtype=np.float32), [], [])
+    codes = Codes(np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.float32), [], [])
     spec = np.zeros(HEAD + 1 + BITS, dtype=np.int64)
     spec.setflags(write=False)
     place(
