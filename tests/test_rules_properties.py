@@ -258,10 +258,13 @@ def both_ways(
     n: int,
     refused: set[int],
     reason: str | tuple[str, ...] = "user-vector",
+    reserved: int | None = None,
 ) -> tuple[Any, Any]:
     """What selecting (Ruling.select, as Recommender._select does) and then Book.apply make of
-    the candidates `every`, and what Ruling.place (gateway.placing: in one call) makes of them."""
-    reserve = [Pick(int(row), round(0.9 - i / 1000, 6), "popular") for i, row in enumerate(snap_popular(book))]
+    the candidates `every`, and what Ruling.place (gateway.placing: in one call) makes of them;
+    the top-up from the first `reserved` popular items (all of them by default)."""
+    popular = snap_popular(book)[:reserved]
+    reserve = [Pick(int(row), round(0.9 - i / 1000, 6), "popular") for i, row in enumerate(popular)]
     stepwise = book.decide(facts, "recommend", personal=True)
     admitted = [i for i, row in enumerate(every.tolist()) if row not in refused]
     positions = [admitted[at] for at in stepwise.select(every[admitted], n)]
@@ -313,7 +316,8 @@ def test_the_compiled_answer_equals_the_stepwise_one(snap: Snapshot, data: st.Da
     refused = set(data.draw(st.lists(st.one_of(rows, st.sampled_from(every.tolist() or [0])), max_size=10)))
     reasons: list[str | tuple[str, ...]] = ["user-vector", ("popular", "no-consent:personalization")]
     reason = data.draw(st.sampled_from(reasons))
-    expected, outcome = both_ways(book, facts, every, scores, n=n, refused=refused, reason=reason)
+    reserved = data.draw(st.one_of(st.none(), st.integers(0, 30)))  # a popular list that runs out, or not
+    expected, outcome = both_ways(book, facts, every, scores, n=n, refused=refused, reason=reason, reserved=reserved)
     assert outcome is not None  # a book of at most 8 rules has codes
     assert outcome.picks == expected.picks
     assert [rule.ref for rule in outcome.applied] == [rule.ref for rule in expected.applied]
