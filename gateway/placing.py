@@ -110,17 +110,22 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
     rows_at = group_of + BITS
     products = np.ones(max(groups, 1), dtype=np.float32)
 
-    def weight_of(row: int) -> Any:
-        """The product of the plan's boosts for `row` (as Plan.weight holds it: each group's
-        product, in float32, then the groups' in order)."""
-        bits = codes[row, BOOSTS] & boost_mask
-        if bits == 0:
-            return np.float32(1.0)
+    def group_products(bits: int) -> None:
+        """`products`: each boosting group's product of the boosts among `bits`, in float32 and in
+        the group's order (as Group.weight holds it)."""
         products[:] = 1.0
         while bits:
             b = _lowest(bits)
             bits &= bits - 1
             products[spec[group_of + b]] *= factors[b]
+
+    def weight_of(row: int) -> Any:
+        """The product of the plan's boosts for `row` (as Plan.weight holds it: each group's
+        product, then the groups' in order)."""
+        bits = codes[row, BOOSTS] & boost_mask
+        if bits == 0:
+            return np.float32(1.0)
+        group_products(bits)
         total = np.float32(1.0)
         for g in range(groups):
             total = np.float32(total * products[g])
@@ -200,12 +205,7 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
             bits = codes[chosen[j], BOOSTS] & boost_mask
             if bits == 0:
                 continue
-            products[:] = 1.0
-            rest = bits
-            while rest:
-                b = _lowest(rest)
-                rest &= rest - 1
-                products[spec[group_of + b]] *= factors[b]
+            group_products(bits)
             rest = bits
             while rest:
                 b = _lowest(rest)

@@ -59,7 +59,7 @@ class Outcome:
     picks: list[Pick]
     applied: list[CompiledRule]  # fired and changed something, by priority (may be shared: not to be changed)
     content: list[Content]
-    refs: list[str] | None = None  # the refs of `applied`, when known (shared as well)
+    refs: list[str]  # the refs of `applied` (shared as well)
 
 
 @functools.cache

@@ -39,10 +39,9 @@ class Popular:
     def everything(self) -> tuple[list[Pick], npt.NDArray[np.int64]]:
         """The whole catalog's popular list (`ranked` of no category), and its rows as an array."""
         if self._everything is None:
-            ranked = self.ranked(())
-            rows = np.fromiter((p.row for p in ranked), dtype=np.int64, count=len(ranked))
+            rows = self.pool(()).rows.astype(np.int64)
             rows.setflags(write=False)
-            self._everything = (ranked, rows)
+            self._everything = (self.ranked(()), rows)
         return self._everything
 
     def ranked(self, categories: Collection[str]) -> list[Pick]:

@@ -265,7 +265,7 @@ class Recommender:
             answer.fallback,
             answer.profile,
             ruling.segments,
-            [rule.ref for rule in outcome.applied] if outcome.refs is None else list(outcome.refs),
+            list(outcome.refs),
             outcome.content,
             ruling.plan.refs,
             read=answer.read,

@@ -436,7 +436,7 @@ class Book:
         `exclude`), which injections and pins respect as well."""
         plan = ruling.plan
         if plan is None:
-            return Outcome(list(picks[:n]), [], [])
+            return Outcome(list(picks[:n]), [], [], [])
         applied = ruling.applied
         # The recommender reads its candidates through the ruling (Ruling.select); a list of picks
         # from elsewhere goes through it here.
@@ -469,24 +469,24 @@ class Book:
             final = [Pick(p.row, score, p.reason) for p, score in zip(final, scores, strict=True)]
         for rule in plan.attaching:
             applied[rule.ref] = rule
-        return Outcome(final, sorted(applied.values(), key=by_priority), plan.content)
+        rules = sorted(applied.values(), key=by_priority)
+        return Outcome(final, rules, plan.content, [rule.ref for rule in rules])
 
     def applied_of(self, ranks: int) -> tuple[list[CompiledRule], list[str]]:
         """The rules whose `rank` bits are set, by priority, and their refs (remembered per mask;
         shared by the answers that get them, so not to be changed)."""
-        key = ranks
-        found = self._applied.get(key)
+        found = self._applied.get(ranks)
         if found is None:
             rules: list[CompiledRule] = []
-            every = self.rules
-            while ranks:  # the set bits, lowest (highest priority) first
-                low = ranks & -ranks
+            every, rest = self.rules, ranks
+            while rest:  # the set bits, lowest (highest priority) first
+                low = rest & -rest
                 rules.append(every[low.bit_length() - 1])
-                ranks ^= low
+                rest ^= low
             found = (rules, [c.ref for c in rules])
             if len(self._applied) >= APPLIED_KEPT:
                 self._applied.clear()
-            self._applied[key] = found
+            self._applied[ranks] = found
         return found
 
     def cap_codes(self, depth: int) -> tuple[list[int], int]:

@@ -143,7 +143,7 @@ class MemoryStore:
         if counters is not True:
             held_counters = state.counters
             index = self._index_of(counters)
-            # The visitor's few counters met with the query's many in C: a lookup per match only.
+            # The two key sets met in C (walking the smaller): a Python step per match only.
             for pair in held_counters.keys() & index.keys():
                 count = sliding_count(*held_counters[pair], pair[1], now)
                 if count:
