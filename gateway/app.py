@@ -27,7 +27,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
-from threadpoolctl import threadpool_limits
 
 from gateway import kernels, privacy, tokens, wire
 from gateway import settings as config
@@ -577,21 +576,6 @@ def create_app(settings: config.Settings, *, store: Store | None = None) -> Star
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
     )
     app.state.gateway = gateway
-    return app
-
-
-def app_from_environment() -> Starlette:
-    """uvicorn's factory for `tailor serve`: settings come from the parent process or TAILOR_*."""
-    encoded = os.environ.get(config.SETTINGS_ENV)
-    settings = config.decode(encoded) if encoded else config.resolve()
-    # Candidate searches run on several threads at once; BLAS threads of their own would only
-    # fight them (and the event loop) for the same cores.
-    threadpool_limits(1, "blas")
-    # See gc_thresholds in tailor.toml.
-    gc.set_threshold(*settings.gc_thresholds)
-    app = create_app(settings)
-    app.state.gateway.metrics.watch_gc()  # the server's own process only: tests build many apps
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app
 
 

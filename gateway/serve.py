@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
 
 import uvicorn
+from threadpoolctl import threadpool_limits
 
 from gateway import privacy
+from gateway import settings as config
 from gateway.metrics import MULTIPROC_ENV
 from gateway.settings import SETTINGS_ENV, Settings, encode
 from gateway.store import open_store
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
 
 
 def serve(settings: Settings) -> None:
@@ -25,7 +33,7 @@ def serve(settings: Settings) -> None:
         os.environ[MULTIPROC_ENV] = metrics_dir
     try:
         uvicorn.run(
-            "gateway.app:app_from_environment",
+            "gateway.serve:app_from_environment",
             factory=True,
             host=settings.host,
             port=settings.port,
@@ -45,3 +53,21 @@ def serve(settings: Settings) -> None:
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def app_from_environment() -> Starlette:
+    """uvicorn's factory for `tailor serve` (in each worker): settings come from the parent process
+    or TAILOR_*."""
+    from gateway.app import create_app  # noqa: PLC0415 - the app (numba, numpy, the API) only in a worker, not in every CLI call
+
+    encoded = os.environ.get(config.SETTINGS_ENV)
+    settings = config.decode(encoded) if encoded else config.resolve()
+    # Candidate searches run on several threads at once; BLAS threads of their own would only
+    # fight them (and the event loop) for the same cores.
+    threadpool_limits(1, "blas")
+    # See gc_thresholds in tailor.toml.
+    gc.set_threshold(*settings.gc_thresholds)
+    app = create_app(settings)
+    app.state.gateway.metrics.watch_gc()  # the server's own process only: tests build many apps
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return app
