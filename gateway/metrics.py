@@ -83,7 +83,9 @@ class Metrics:
             ["rule"],
             registry=r,
         )
-        self._rule_hits: collections.Counter[str] = collections.Counter()
+        # Answers per list of rules that changed them, until `flush` sums them per rule: one dict
+        # update per answer (collections.Counter.update over the list cost about 2 µs an answer).
+        self._rule_hits: dict[tuple[str, ...], int] = {}
         self.rules_version = Gauge(
             "tailor_rules_version", "The active rule-set version (0: none)", registry=r, multiprocess_mode="max"
         )
@@ -120,12 +122,17 @@ class Metrics:
         """Count an answer's rules ("rule:<id>@<version>"): a dict update here, the Prometheus
         counters (a few µs per labelled increment) at `flush` time."""
         if refs:
-            self._rule_hits.update(refs)
+            pending, key = self._rule_hits, tuple(refs)
+            pending[key] = pending.get(key, 0) + 1
 
     def flush(self) -> None:
         """Hand what the hot path counted to Prometheus (every second, and at each scrape)."""
-        pending, self._rule_hits = self._rule_hits, collections.Counter()
-        for ref, count in pending.items():
+        pending, self._rule_hits = self._rule_hits, {}
+        hits: collections.Counter[str] = collections.Counter()
+        for refs, answers in pending.items():
+            for ref in refs:
+                hits[ref] += answers
+        for ref, count in hits.items():
             self.rule_hits.labels(ref.partition("@")[0].removeprefix("rule:")).inc(count)
 
     def watch_gc(self) -> None:

@@ -13,6 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
+from gateway.metrics import Metrics
 from gateway.settings import Settings
 from tests.apps import quiet_settings
 from tests.conftest import RedisServer
@@ -217,6 +218,24 @@ def test_rule_hits_are_counted_per_rule_in_metrics(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert 'tailor_rule_hits_total{rule="hero"} 3.0' in text
     assert "tailor_rules_version 1.0" in text
+
+
+def test_rule_hits_sum_each_rule_over_the_different_lists_it_was_in() -> None:
+    """The hot path counts answers per list of rules; a flush sums them per rule."""
+    metrics = Metrics()
+    for refs in (["rule:a@1", "rule:b@1"], ["rule:a@1", "rule:b@1"], ["rule:a@1"], [], ["rule:c@2", "rule:a@1"]):
+        metrics.rules_changed(refs)
+    metrics.flush()
+    metrics.rules_changed(["rule:b@1"])
+    metrics.flush()
+    hits = {
+        sample.labels["rule"]: sample.value
+        for family in metrics.registry.collect()
+        if family.name == "tailor_rule_hits"
+        for sample in family.samples
+        if sample.name == "tailor_rule_hits_total"
+    }
+    assert hits == {"a": 4.0, "b": 3.0, "c": 1.0}
 
 
 def test_versions_survive_a_restart_with_the_memory_store(root: Path, tmp_path: Path) -> None:
