@@ -27,7 +27,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from gateway import conditions, placing
+from gateway import conditions, kernels, placing
 from gateway.conditions import Compiler, Condition, Context, ContextMatch, Facts, Predicate, parse_duration
 from gateway.plans import (
     HOT_BYTES,
@@ -220,6 +220,17 @@ class Book:
         self._hot_kept = max(8, HOT_BYTES // (5 * max(len(snap.item_ids), 1)))
         self._cap_keys: dict[int, list[str]] = {}
         self._applied: dict[int, tuple[list[CompiledRule], list[str]]] = {}
+        # Per byte of a rank mask and per value of that byte, its rules and their refs (applied_of).
+        self._rank_bytes = [
+            [
+                (chunk, tuple(c.ref for c in chunk))
+                for chunk in (
+                    tuple(self.rules[8 * at + b] for b in range(8) if byte >> b & 1 and 8 * at + b < len(self.rules))
+                    for byte in range(256)
+                )
+            ]
+            for at in range((len(self.rules) + 7) // 8)
+        ]
         self._cap_codes: dict[int, tuple[list[int], int]] = {}
         self._cap_arrays: dict[int, tuple[npt.NDArray[np.int32], int]] = {}
         for depth in {c.cap[1] for c in self.rules if c.cap is not None}:
@@ -360,7 +371,7 @@ class Book:
             plan = self._plans[fired] = Plan([self.groups[i] for i in fired])
             if self.codes is not None:
                 boosting = [i for i in fired if self.groups[i].weighing is not None]
-                plan.view = self.codes.view(fired, boosting, plan)
+                plan.view = self.codes.view(fired, boosting, plan, self.capping(plan))
             while len(self._plans) > PLANS_KEPT:
                 self._hot.pop(self._plans.popitem(last=False)[0], None)
         else:
@@ -477,17 +488,30 @@ class Book:
         shared by the answers that get them, so not to be changed)."""
         found = self._applied.get(ranks)
         if found is None:
+            # Byte by byte, lowest (highest priority) first: most masks are new (they name the
+            # boosts of each pick), and a table lookup per byte costs less than one per bit.
             rules: list[CompiledRule] = []
-            every, rest = self.rules, ranks
-            while rest:  # the set bits, lowest (highest priority) first
-                low = rest & -rest
-                rules.append(every[low.bit_length() - 1])
-                rest ^= low
-            found = (rules, [c.ref for c in rules])
+            refs: list[str] = []
+            by_byte = self._rank_bytes
+            for at, byte in enumerate(ranks.to_bytes(len(by_byte), "little")):
+                if byte:
+                    chunk, names = by_byte[at][byte]
+                    rules += chunk
+                    refs += names
+            found = (rules, refs)
             if len(self._applied) >= APPLIED_KEPT:
                 self._applied.clear()
             self._applied[ranks] = found
         return found
+
+    def capping(self, plan: Plan) -> tuple[npt.NDArray[np.int32], int, int]:
+        """The plan's cap for the compiled calls: each row's cap key, how many keys, how many per key
+        (no keys: no cap)."""
+        rule = plan.cap
+        if rule is None or rule.cap is None:
+            return kernels.NO_KEYS, 0, 0
+        keys, distinct = self.cap_array(rule.cap[1])
+        return keys, distinct, rule.cap[0]
 
     def cap_codes(self, depth: int) -> tuple[list[int], int]:
         """Each row's cap category (see cap_keys) as a small number, and how many there are."""

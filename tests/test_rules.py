@@ -237,6 +237,27 @@ def test_a_book_of_more_than_63_boosts_has_no_codes_and_answers_step_by_step(sna
     assert len(book(snap, {"rules": doc["rules"][:63]}).codes.boosting) == 63  # type: ignore[union-attr]
 
 
+def test_applied_of_lists_the_rules_of_the_set_rank_bits_by_priority(snap: Snapshot) -> None:
+    """Book.applied_of decodes a mask over the rules' ranks a byte at a time: masks over 70 rules
+    (nine bytes, the last one partly used) give exactly the rules whose bits are set, in rank order."""
+    doc = {
+        "rules": [
+            rule(f"r{i:02d}", {"type": "attach", "slot": "top", "content": {"i": i}}, priority=i % 7) for i in range(70)
+        ]
+    }
+    b = book(snap, doc)
+    rng = np.random.default_rng(3)
+    masks = [0, 1, 1 << 69, (1 << 70) - 1, 0xFF << 8, 1 << 64 | 1 << 7]
+    drawn = (rng.choice(70, size=rng.integers(1, 20), replace=False) for _ in range(200))
+    masks += [sum(1 << int(i) for i in ranks) for ranks in drawn]
+    for mask in masks:
+        expected = [c for c in b.rules if mask >> c.rank & 1]
+        rules, refs = b.applied_of(mask)
+        assert rules == expected
+        assert refs == [c.ref for c in expected]
+    assert [c.rank for c in b.rules] == list(range(70))
+
+
 def test_an_injected_item_takes_the_last_place_without_a_position(snap: Snapshot) -> None:
     items = [snap.item_ids[300], snap.item_ids[301]]
     outcome = run(book(snap, {"rules": [rule("xsell", {"type": "inject", "items": items})]}), snap)
