@@ -18,7 +18,7 @@ from typing import Any, Literal
 import msgspec
 import numpy as np
 
-from gateway import conditions, kernels
+from gateway import conditions, kernels, placing
 from gateway.candidates import LRU, Candidates, LiveProfile, Offload, Pool
 from gateway.conditions import NO_CONTEXT, Context
 from gateway.guard import GuardedStore
@@ -507,7 +507,7 @@ class Recommender:
         every = pool.rows[:depth]
         if whole and self.compiled_answers:  # no category filter: the rules' answer in one call
             reserve, reserve_rows = self.popular.everything()
-            refused = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
+            refused = np.array(list(excluded), dtype=np.int64) if excluded else placing.NO_ROWS
             outcome = ruling.place(
                 every, pool.scores, n, reason=reason, refused=refused, reserve=reserve, reserve_rows=reserve_rows
             )

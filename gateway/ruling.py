@@ -88,7 +88,7 @@ class Ruling:
         """`select` in one compiled call (gateway.kernels.select), for a plan with at most one drop
         array and one weight array."""
         rule = plan.cap
-        keys, distinct, limit = self._capping(plan)
+        keys, distinct, limit = self.book.capping(plan)
         codes = plan.drop_codes
         kept, dropped, bits, reordered, capped = kernels.select(
             np.array(rows, dtype=np.int64),
@@ -134,21 +134,9 @@ class Ruling:
         view = plan.view
         if view is None:
             return None
-        cap = plan.cap
-        keys, distinct, limit = self._capping(plan)
-        codes = view.codes
+        cap, codes = plan.cap, view.codes
         rows = every if every.dtype in _ROW_TYPES else every.astype(np.int64)
-        out = placing.place(
-            rows,  # type: ignore[arg-type]  # int32 or int64, as just checked
-            refused,
-            n,
-            codes=codes,
-            view=view,
-            keys=keys,
-            limit=limit,
-            distinct=distinct,
-            reserve=reserve_rows,
-        ).tolist()
+        out = placing.place(rows, refused, n, view, reserve_rows).tolist()  # type: ignore[arg-type]  # as checked
         m, c, dropped, injected, flags = out[: placing.OUT]
         reordered, changed = flags & placing.REORDERED, flags & placing.CHANGED
         self.ranked = True
@@ -162,26 +150,30 @@ class Ruling:
             self.reordered = True
         ranked = reordered or changed  # every pick then gets its rank's score (as Book.apply gives)
         start = placing.OUT + 3 * m
-        reasons: list[str | tuple[str, ...]] = []
-        values: list[float] = []
-        named_by = codes.boosted_by
-        for source, bits in zip(out[start : start + c], out[start + c :], strict=True):
-            if source >= 0:
-                why: str | tuple[str, ...] = reason
-                values.append(0.0 if ranked else rounded(scores.item(source)))
-            else:
-                pick = reserve[-1 - source]
-                why = pick.reason
-                values.append(pick.score)
-            if bits:
-                ranks, refs = named_by(bits)
-                applied |= ranks
-                why = (why, *refs) if isinstance(why, str) else (*why, *refs)
-            reasons.append(why)
+        sources = out[start : start + c]
+        reasons: list[str | tuple[str, ...]]
+        if reordered:  # the kernel named each pick's boosts (bits): they join its reasons
+            reasons = []
+            named_by, known = codes.boosted_by, codes.named
+            for source, bits in zip(sources, out[start + c :], strict=True):
+                why = reason if source >= 0 else reserve[-1 - source].reason
+                if bits:
+                    ranks, refs = known.get(bits) or named_by(bits)
+                    applied |= ranks
+                    why = (why, *refs) if isinstance(why, str) else (*why, *refs)
+                reasons.append(why)
+        else:
+            reasons = [reason if source >= 0 else reserve[-1 - source].reason for source in sources]
         placed = out[placing.OUT : placing.OUT + m]
         if not changed:  # the chosen, as they are (Book.apply's usual case: no injection, no pin)
-            positions = rank_scores(m) if ranked else values
-            final = [Pick(row, score, why) for row, score, why in zip(placed, positions, reasons, strict=True)]
+            values: Sequence[float]
+            if ranked:
+                values = rank_scores(m)
+            else:
+                values = [
+                    rounded(scores.item(source)) if source >= 0 else reserve[-1 - source].score for source in sources
+                ]
+            final = [Pick(row, score, why) for row, score, why in zip(placed, values, reasons, strict=True)]
         else:
             final, pinned = self._placed(plan, placed, out[placing.OUT + m : start], reasons)
             applied |= pinned
@@ -216,15 +208,6 @@ class Ruling:
                 pinned |= 1 << rule.rank
             final.append(Pick(row, scores[at], why))
         return final, pinned
-
-    def _capping(self, plan: Plan) -> tuple[npt.NDArray[np.int32], int, int]:
-        """The plan's cap for the compiled calls: each row's cap key, how many keys, how many per key
-        (no keys: no cap)."""
-        rule = plan.cap
-        if rule is None or rule.cap is None:
-            return kernels.NO_KEYS, 0, 0
-        keys, distinct = self.book.cap_array(rule.cap[1])
-        return keys, distinct, rule.cap[0]
 
     def _credit_drops(self, plan: Plan, dropped: list[int]) -> None:
         """Count as applied the plan's filters that drop any of `dropped` (the rows dropped ahead
