@@ -72,6 +72,34 @@ def _admits(counts: Any, keys: Any, row: int, limit: int) -> bool:  # pragma: no
 _admits_compiled = numba.njit(cache=True, nogil=True)(_admits)
 
 
+INSERTION_MAX = 128  # longer lists are sorted by merging (see _stable_order)
+
+
+def _stable_order(kept: Any, values: Any) -> Any:  # pragma: no cover - compiled below
+    """`kept` ordered by `values` (one per entry), ties in their order: np.argsort(kind="mergesort")
+    for the long lists, an insertion sort for the usual few dozen, which are nearly in order already
+    (only boosted and buried rows move) and take far less machine code, fetched on every cold call."""
+    total = len(kept)
+    if total > INSERTION_MAX:
+        ordered: Any = kept[np.argsort(values, kind="mergesort")]
+        return ordered
+    order = np.empty(total, dtype=np.int64)
+    for j in range(total):
+        value = values[j]
+        i = j
+        while i > 0 and values[order[i - 1]] > value:
+            order[i] = order[i - 1]
+            i -= 1
+        order[i] = j
+    result = np.empty(total, dtype=np.int64)
+    for j in range(total):
+        result[j] = kept[order[j]]
+    return result
+
+
+_stable_order_compiled = numba.njit(cache=True, nogil=True)(_stable_order)
+
+
 # A plan's `View.spec` (int64): the plan's masks over the book's bits and how many boosting
 # groups it has, then its injections and pins (as Plan.injects and Plan.pins, in that order), then
 # each boost bit's group among the plan's boosting groups (-1: not the plan's).
@@ -98,7 +126,7 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
     spec: Any,
 ) -> Any:  # pragma: no cover - compiled by `place`
     """See `place`."""
-    among, admits = _among_compiled, _admits_compiled
+    among, admits, stable_order = _among_compiled, _admits_compiled, _stable_order_compiled
     spurned = len(refused)
     filter_mask, boost_mask, groups = spec[FILTER_MASK], spec[BOOST_MASK], spec[GROUPS]
     injects, pins = spec[INJECTS], spec[PINS]
@@ -113,7 +141,8 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
     def group_products(bits: int) -> None:
         """`products`: each boosting group's product of the boosts among `bits`, in float32 and in
         the group's order (as Group.weight holds it)."""
-        products[:] = 1.0
+        for g in range(groups):
+            products[g] = 1.0
         while bits:
             b = _lowest(bits)
             bits &= bits - 1
@@ -165,7 +194,7 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
                 reordered = True
             values[j] = -((1.0 - j / total) * np.float64(factor))
         if reordered:
-            kept = kept[np.argsort(values, kind="mergesort")]
+            kept = stable_order(kept, values)
     capped = False
     counted = len(keys) > 0
     counts = np.zeros(distinct if counted else 0, dtype=np.int64)
@@ -263,9 +292,12 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
             m += 1
         injected |= np.int64(1) << np.int64(k)
         changed = True
-    pin = np.full(room, -1, dtype=np.int64)
-    slot_row = np.full(n, -1, dtype=np.int64)
-    slot_pin = np.full(n, -1, dtype=np.int64)
+    pin = np.empty(room, dtype=np.int64)
+    pin[:] = -1
+    slot_row = np.empty(n, dtype=np.int64)
+    slot_row[:] = -1
+    slot_pin = np.empty(n, dtype=np.int64)
+    slot_pin[:] = -1
     pinned = np.empty(max(pins, 1), dtype=np.int64)
     slots = 0
     for k in range(pins):  # _pin, highest priority first
@@ -316,11 +348,13 @@ def _place(  # noqa: PLR0917 - the dispatcher takes arguments by position
     packed = np.empty(OUT + 3 * m + 2 * c, dtype=np.int64)
     packed[0], packed[1], packed[2], packed[3] = m, c, dropped, injected
     packed[4] = (1 if reordered else 0) | (2 if capped else 0) | (4 if changed else 0)
-    packed[OUT : OUT + m] = result[:m]
-    packed[OUT + m : OUT + 2 * m] = base[:m]
-    packed[OUT + 2 * m : OUT + 3 * m] = pin[:m]
-    packed[OUT + 3 * m : OUT + 3 * m + c] = source[:c]
-    packed[OUT + 3 * m + c :] = named
+    for j in range(m):  # loops, not slice assignments: less machine code to fetch on a cold call
+        packed[OUT + j] = result[j]
+        packed[OUT + m + j] = base[j]
+        packed[OUT + 2 * m + j] = pin[j]
+    for j in range(c):
+        packed[OUT + 3 * m + j] = source[j]
+        packed[OUT + 3 * m + c + j] = named[j]
     return packed
 
 
