@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +57,17 @@ class Outcome:
     """What the rules did to one list."""
 
     picks: list[Pick]
-    applied: list[CompiledRule]  # fired and changed something, by priority (may be shared: not to be changed)
+    # The rules that fired and changed something, by priority, as "rule:<id>@<version>" (may be
+    # shared: not to be changed). Refs, not the rules: an answer names them, and building a list of
+    # the rules themselves touched every one of them on every request.
+    refs: list[str]
     content: list[Content]
-    refs: list[str]  # the refs of `applied` (shared as well)
+    by_ref: Mapping[str, CompiledRule] = field(default_factory=dict, repr=False)  # the book's rules
+
+    @property
+    def applied(self) -> list[CompiledRule]:
+        """The rules of `refs`, by priority."""
+        return [self.by_ref[ref] for ref in self.refs]
 
 
 @functools.cache

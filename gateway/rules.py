@@ -68,7 +68,7 @@ HEADROOM_MIN = 20
 # Distinct pages whose page-only rule groups a Book remembers: 20 MB at most (a page is up to 2,048
 # characters), usually far less; pages past these are scanned on each request, as before.
 PAGES_KEPT = 10_000
-# Sets of applied rules whose sorted lists a Book remembers (see Book.applied_of); past these it starts again.
+# Sets of applied rules whose sorted refs a Book remembers (see Book.applied_of); past these it starts again.
 APPLIED_KEPT = 10_000
 # Request contexts whose decision for a visitor with an empty profile a Book remembers (see
 # Book.decide_blank): a few hundred bytes each, 18 MB at most (a page and a referrer may each be
@@ -219,15 +219,12 @@ class Book:
         self._hot: OrderedDict[tuple[int, ...], Plan] = OrderedDict()  # those with combined arrays
         self._hot_kept = max(8, HOT_BYTES // (5 * max(len(snap.item_ids), 1)))
         self._cap_keys: dict[int, list[str]] = {}
-        self._applied: dict[int, tuple[list[CompiledRule], list[str]]] = {}
-        # Per byte of a rank mask and per value of that byte, its rules and their refs (applied_of).
+        self._applied: dict[int, list[str]] = {}
+        # Per byte of a rank mask and per value of that byte, the refs of its rules (applied_of).
         self._rank_bytes = [
             [
-                (chunk, tuple(c.ref for c in chunk))
-                for chunk in (
-                    tuple(self.rules[8 * at + b] for b in range(8) if byte >> b & 1 and 8 * at + b < len(self.rules))
-                    for byte in range(256)
-                )
+                tuple(self.rules[8 * at + b].ref for b in range(8) if byte >> b & 1 and 8 * at + b < len(self.rules))
+                for byte in range(256)
             ]
             for at in range((len(self.rules) + 7) // 8)
         ]
@@ -447,7 +444,7 @@ class Book:
         `exclude`), which injections and pins respect as well."""
         plan = ruling.plan
         if plan is None:
-            return Outcome(list(picks[:n]), [], [], [])
+            return Outcome(list(picks[:n]), [], [])
         applied = ruling.applied
         # The recommender reads its candidates through the ruling (Ruling.select); a list of picks
         # from elsewhere goes through it here.
@@ -481,24 +478,20 @@ class Book:
         for rule in plan.attaching:
             applied[rule.ref] = rule
         rules = sorted(applied.values(), key=by_priority)
-        return Outcome(final, rules, plan.content, [rule.ref for rule in rules])
+        return Outcome(final, [rule.ref for rule in rules], plan.content, self.by_ref)
 
-    def applied_of(self, ranks: int) -> tuple[list[CompiledRule], list[str]]:
-        """The rules whose `rank` bits are set, by priority, and their refs (remembered per mask;
-        shared by the answers that get them, so not to be changed)."""
+    def applied_of(self, ranks: int) -> list[str]:
+        """The refs of the rules whose `rank` bits are set, by priority (remembered per mask; shared
+        by the answers that get them, so not to be changed)."""
         found = self._applied.get(ranks)
         if found is None:
             # Byte by byte, lowest (highest priority) first: most masks are new (they name the
             # boosts of each pick), and a table lookup per byte costs less than one per bit.
-            rules: list[CompiledRule] = []
-            refs: list[str] = []
+            found = []
             by_byte = self._rank_bytes
             for at, byte in enumerate(ranks.to_bytes(len(by_byte), "little")):
                 if byte:
-                    chunk, names = by_byte[at][byte]
-                    rules += chunk
-                    refs += names
-            found = (rules, refs)
+                    found += by_byte[at][byte]
             if len(self._applied) >= APPLIED_KEPT:
                 self._applied.clear()
             self._applied[ranks] = found

@@ -181,8 +181,8 @@ class Ruling:
             for k in range(len(plan.injects)):
                 if injected >> k & 1:
                     applied |= 1 << plan.injects[k][0].rank
-        rules, names = self.book.applied_of(applied)
-        return Outcome(final, rules, plan.content, names)
+        book = self.book
+        return Outcome(final, book.applied_of(applied), plan.content, book.by_ref)
 
     def _placed(
         self, plan: Plan, placed: list[int], marks: list[int], reasons: list[str | tuple[str, ...]]

@@ -252,9 +252,7 @@ def test_applied_of_lists_the_rules_of_the_set_rank_bits_by_priority(snap: Snaps
     masks += [sum(1 << int(i) for i in ranks) for ranks in drawn]
     for mask in masks:
         expected = [c for c in b.rules if mask >> c.rank & 1]
-        rules, refs = b.applied_of(mask)
-        assert rules == expected
-        assert refs == [c.ref for c in expected]
+        assert b.applied_of(mask) == [c.ref for c in expected]
     assert [c.rank for c in b.rules] == list(range(70))
 
 
