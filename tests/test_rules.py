@@ -12,7 +12,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from gateway import conditions, rules
+from gateway import conditions, placing, rules
 from gateway.conditions import Compiler
 from gateway.plans import Pick
 from gateway.rules import Book
@@ -254,6 +254,35 @@ def test_applied_of_lists_the_rules_of_the_set_rank_bits_by_priority(snap: Snaps
         expected = [c for c in b.rules if mask >> c.rank & 1]
         assert b.applied_of(mask) == [c.ref for c in expected]
     assert [c.rank for c in b.rules] == list(range(70))
+
+
+def test_the_compiled_answer_checks_what_it_hands_to_the_kernel_unchecked(snap: Snapshot) -> None:
+    """placing.place calls the kernel's entry point, which trusts its arguments: rows of another
+    type or layout go through numba's dispatcher instead (an answer or a TypeError, never a wrong
+    read), and a view is checked when it is made."""
+    doc = {
+        "rules": [
+            rule("lift", {"type": "boost", "items": {"ids": [snap.item_ids[7]]}, "weight": 3.0}),
+            rule("diverse", {"type": "cap", "per_category": 2}),
+        ]
+    }
+    plan = book(snap, doc).decide(facts(), "recommend", personal=True).plan
+    assert plan is not None and plan.view is not None
+    view, refused, reserve = plan.view, np.array([3], dtype=np.int64), np.arange(100, 200, dtype=np.int64)
+    every = np.arange(60, dtype=np.int64)
+    answer = placing.place(every, refused, 10, view, reserve)
+    assert answer[placing.OUT] == 7  # lifted to the top
+    for same in (every.astype(np.int32), np.repeat(every, 2)[::2], np.repeat(every.astype(np.int32), 3)[::3]):
+        np.testing.assert_array_equal(placing.place(same, refused, 10, view, reserve), answer)
+    np.testing.assert_array_equal(
+        placing.place(every, refused.astype(np.int32), 10, view, reserve.astype(np.int32)), answer
+    )
+    with pytest.raises(TypeError):
+        placing.place(every.astype(np.float64), refused, 10, view, reserve)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        placing.place(every.reshape(6, 10), refused, 10, view, reserve)
+    with pytest.raises(TypeError):
+        placing.View(view.spec, view.codes, view.keys.astype(np.int64), view.limit, view.distinct)
 
 
 def test_an_injected_item_takes_the_last_place_without_a_position(snap: Snapshot) -> None:
