@@ -31,7 +31,7 @@ def test_rules_in_process_times_every_kind_of_visitor_with_and_without_rules(
 def test_rules_in_process_compares_the_compiled_answer_with_the_steps(
     small_snapshots: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["--snapshots", str(small_snapshots), "--paths", "--calls", "60", "--rounds", "1"]
+    args = ["--snapshots", str(small_snapshots), "--paths", "--calls", "60", "--rounds", "1", "--evict", "0.5"]
     code = rules_in_process.main([*args, "--visitors", "40", "--warmup", "30"])
     assert code == 0
     assert_timed_runs(capsys, ["steps", "placed"])
