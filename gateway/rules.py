@@ -214,7 +214,7 @@ class Book:
         # Every instant at which some group starts or stops being valid: between two of them the
         # same groups are valid (see decide_blank).
         self._boundaries = sorted({t for g in self.groups for t in (g.starts, g.ends) if np.isfinite(t)})
-        self._blank: dict[tuple[object, ...], tuple[list[str], tuple[int, ...]]] = {}
+        self._blank: dict[tuple[object, ...], tuple[list[str], tuple[int, ...], Plan | None]] = {}
         self._plans: OrderedDict[tuple[int, ...], Plan] = OrderedDict()
         self._hot: OrderedDict[tuple[int, ...], Plan] = OrderedDict()  # those with combined arrays
         self._hot_kept = max(8, HOT_BYTES // (5 * max(len(snap.item_ids), 1)))
@@ -359,8 +359,9 @@ class Book:
                     found.append(index)
         return tuple(sorted(found))
 
-    def _plan_of(self, fired: tuple[int, ...]) -> Plan | None:
-        """The plan of these fired groups, made once and kept (the most used with combined arrays)."""
+    def _plan_of(self, fired: tuple[int, ...], *, counted: bool = False) -> Plan | None:
+        """The plan of these fired groups, made once and kept (the most used with combined arrays).
+        `counted`: the caller counted this use already (see decide_blank)."""
         if not fired:
             return None
         plan = self._plans.get(fired)
@@ -370,10 +371,13 @@ class Book:
                 boosting = [i for i in fired if self.groups[i].weighing is not None]
                 plan.view = self.codes.view(fired, boosting, plan, self.capping(plan))
             while len(self._plans) > PLANS_KEPT:
-                self._hot.pop(self._plans.popitem(last=False)[0], None)
+                dropped = self._hot.pop(self._plans.popitem(last=False)[0], None)
+                if dropped is not None:  # a remembered blank decision may still hold it
+                    dropped.separate()
         else:
             self._plans.move_to_end(fired)
-        plan.uses += 1
+        if not counted or not plan.uses:
+            plan.uses += 1
         if fired in self._hot:
             self._hot.move_to_end(fired)
         elif plan.uses % HOT_PLAN == 0 and (len(plan.filtering) > 1 or len(plan.boosting) > 1):
@@ -417,12 +421,24 @@ class Book:
         if found is None:
             device, country, referrer, page = context
             facts = conditions.facts(now, self.zone, device=device, country=country, referrer=referrer, page=page)
-            found = (self.segments(facts, personal=personal), self._fired(facts, surface))
+            segments = self.segments(facts, personal=personal)  # first: conditions may ask for them
+            fired = self._fired(facts, surface)
+            found = (segments, fired, self._plan_of(fired))
             if len(self._blank) >= BLANK_KEPT:
                 self._blank.clear()
             self._blank[key] = found
-        segments, fired = found
-        return Ruling(self, list(segments), self._plan_of(fired))
+            return Ruling(self, list(found[0]), found[2])
+        segments, fired, plan = found
+        # The plan is remembered with the decision: the bookkeeping of _plan_of (which plans are
+        # recent, which hot) is done on every HOT_PLAN-th use, not on each (a few µs when cold).
+        if plan is not None:
+            plan.uses += 1
+            if plan.uses % HOT_PLAN == 0:
+                kept = self._plan_of(fired, counted=True)
+                if kept is not plan:  # forgotten meanwhile and made again
+                    self._blank[key] = (segments, fired, kept)
+                    plan = kept
+        return Ruling(self, list(segments), plan)
 
     def fired(self, facts: Facts, surface: Surface) -> list[CompiledRule]:
         """The rules that fire, by priority."""

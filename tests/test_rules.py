@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from gateway import conditions, placing, rules
-from gateway.conditions import Compiler
-from gateway.plans import Pick
+from gateway.conditions import Compiler, Context
+from gateway.plans import HOT_PLAN, Pick
 from gateway.rules import Book
 from gateway.ruleset import RuleSetError, parse
 from gateway.snapshot import Snapshot, load_current
@@ -283,6 +283,39 @@ def test_the_compiled_answer_checks_what_it_hands_to_the_kernel_unchecked(snap: 
         placing.place(every.reshape(6, 10), refused, 10, view, reserve)
     with pytest.raises(TypeError):
         placing.View(view.spec, view.codes, view.keys.astype(np.int64), view.limit, view.distinct)
+
+
+def test_blank_decisions_keep_their_plan_among_the_recent_and_hot_ones(
+    snap: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """decide_blank remembers the plan with the decision and does _plan_of's bookkeeping on every
+    HOT_PLAN-th use: a plan of two boosting groups that blank visitors use often gets its combined
+    arrays; forgotten (past PLANS_KEPT) it lets them go, and the decision takes the plan made again."""
+    lift = {"type": "boost", "items": {"ids": [snap.item_ids[1]]}, "weight": 2.0}
+    more = {"type": "boost", "items": {"ids": [snap.item_ids[2]]}, "weight": 3.0}
+    doc = {
+        "rules": [
+            rule("a-page", lift, when={"context": {"page": ["/c/a"]}}),
+            rule("any-c-page", more, when={"context": {"page": ["/c/"]}}),
+        ]
+    }
+    b = book(snap, doc)
+    on_a, on_b = Context(page="/c/a/1"), Context(page="/c/b")
+
+    def plan_on(context: Context) -> Any:
+        return b.decide_blank(NOW, "recommend", context, personal=False).plan
+
+    used = {plan_on(on_a) for _ in range(2 * HOT_PLAN)}
+    assert len(used) == 1
+    plan = used.pop()
+    assert [r.ref for r in plan.rules] == ["rule:a-page@1", "rule:any-c-page@1"]
+    assert plan.weight is not None  # combined, as a plan this popular is
+    monkeypatch.setattr(rules, "PLANS_KEPT", 1)
+    assert [r.ref for r in plan_on(on_b).rules] == ["rule:any-c-page@1"]  # a new plan: plan_on(on_a)'s forgotten
+    assert plan.weight is None  # let go of its combined arrays
+    again = [plan_on(on_a) for _ in range(HOT_PLAN)]
+    assert again[-1] is not plan and [r.ref for r in again[-1].rules] == ["rule:a-page@1", "rule:any-c-page@1"]
+    assert b._plans[(0, 1)] is again[-1]
 
 
 def test_an_injected_item_takes_the_last_place_without_a_position(snap: Snapshot) -> None:
