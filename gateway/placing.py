@@ -391,6 +391,7 @@ def place(
     n-th kept one, the bits of the injections that changed the list, and whether a boost
     reordered it, the cap skipped an item, an injection or a pin changed it."""
     entry = _entries.get(every.dtype)
+    codes = view.codes
     if (
         entry is not None
         and every.ndim == 1
@@ -405,24 +406,21 @@ def place(
         # The compiled signature's entry point, past numba's type dispatch (3 µs of a cold call, 1 µs
         # warm). It does not check what it is given: the arrays that vary were checked just now,
         # the view's when it was made (View.__post_init__).
-        codes = view.codes
         found: Any = entry(
             every, refused, n, codes.bits, codes.factors, view.keys, view.limit, view.distinct, reserve, view.spec
         )
-        return cast("npt.NDArray[np.int64]", found)
-    return _dispatched(every, refused, n, view, reserve)
+    else:  # numba's dispatcher checks the types (a wrong one raises); other layouts and widths made right
+        rows: Any = np.ascontiguousarray(every)
+        refused, reserve = np.ascontiguousarray(refused, dtype=np.int64), np.ascontiguousarray(reserve, dtype=np.int64)
+        found = _dispatcher()(
+            rows, refused, n, codes.bits, codes.factors, view.keys, view.limit, view.distinct, reserve, view.spec
+        )
+    return cast("npt.NDArray[np.int64]", found)
 
 
-def _dispatched(
-    every: npt.NDArray[np.int32] | npt.NDArray[np.int64],
-    refused: npt.NDArray[np.int64],
-    n: int,
-    view: View,
-    reserve: npt.NDArray[np.int64],
-) -> npt.NDArray[np.int64]:
-    """`place` through numba's dispatcher, which checks the arguments' types (and raises on a wrong
-    one), compiling the kernel on first use: for arrays of another layout or integer width than
-    the compiled signature's, made contiguous and the refused and reserve rows int64 first."""
+def _dispatcher() -> Any:
+    """The kernel's dispatcher, compiled (or loaded from numba's cache) on first use, its signatures'
+    entry points noted for `place`."""
     global _place_compiled  # noqa: PLW0603 - compiled on first use, once per process
     if _place_compiled is None:
         types: Any = numba.types
@@ -438,13 +436,7 @@ def _dispatched(
         _place_compiled = numba.njit(signatures, cache=True, nogil=True)(_place)
         for signature, compiled in _place_compiled.overloads.items():
             _entries[np.dtype(str(signature[0].dtype))] = compiled.entry_point
-    codes = view.codes
-    rows: Any = np.ascontiguousarray(every)
-    refused, reserve = np.ascontiguousarray(refused, dtype=np.int64), np.ascontiguousarray(reserve, dtype=np.int64)
-    found = _place_compiled(
-        rows, refused, n, codes.bits, codes.factors, view.keys, view.limit, view.distinct, reserve, view.spec
-    )
-    return cast("npt.NDArray[np.int64]", found)
+    return _place_compiled
 
 
 @dataclass(frozen=True, eq=False)
