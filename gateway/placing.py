@@ -370,10 +370,11 @@ _lowest = numba.njit(cache=True, nogil=True, inline="always")(_lowest_bit)
 _place_compiled: Any = None
 _entries: dict[np.dtype[Any], Any] = {}  # candidate rows' dtype -> the entry point of its signature
 _INT64 = np.dtype(np.int64)
+ROW_TYPES = (np.dtype(np.int32), _INT64)  # the candidate rows the kernel is compiled for
 
 
 def place(
-    every: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+    every: npt.NDArray[np.integer],
     refused: npt.NDArray[np.int64],
     n: int,
     view: View,
@@ -411,6 +412,8 @@ def place(
         )
     else:  # numba's dispatcher checks the types (a wrong one raises); other layouts and widths made right
         rows: Any = np.ascontiguousarray(every)
+        if rows.dtype.kind in "iu" and rows.dtype not in ROW_TYPES:  # compiled for int32 and int64 rows
+            rows = rows.astype(np.int64)
         refused, reserve = np.ascontiguousarray(refused, dtype=np.int64), np.ascontiguousarray(reserve, dtype=np.int64)
         found = _dispatcher()(
             rows, refused, n, codes.bits, codes.factors, view.keys, view.limit, view.distinct, reserve, view.spec
@@ -431,7 +434,7 @@ def _dispatcher() -> Any:
         count = types.int64
         bits = types.Array(count, 2, "C", readonly=True)
         rest = (bits, ro(types.float32), ro(types.int32), count, count, ro(count), ro(count))
-        # Candidate rows as pools hold them: int32 (the snapshot's and the live ones) or int64.
+        # Candidate rows as pools hold them (ROW_TYPES): int32 (the snapshot's and the live ones) or int64.
         signatures = [count[::1](ro(rows), ro(count), count, *rest) for rows in (types.int32, count)]
         _place_compiled = numba.njit(signatures, cache=True, nogil=True)(_place)
         for signature, compiled in _place_compiled.overloads.items():

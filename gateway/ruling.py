@@ -21,10 +21,6 @@ if TYPE_CHECKING:
     from gateway.rules import Book
 
 
-# Candidate row types gateway.placing.place takes as they are.
-_ROW_TYPES = (np.dtype(np.int32), np.dtype(np.int64))
-
-
 @functools.cache
 def _standing(size: int) -> npt.NDArray[np.float64]:
     """A list's rank-based standing before boosts: 1 for the first, falling evenly towards 0."""
@@ -135,8 +131,7 @@ class Ruling:
         if view is None:
             return None
         cap, codes = plan.cap, view.codes
-        rows = every if every.dtype in _ROW_TYPES else every.astype(np.int64)
-        out = placing.place(rows, refused, n, view, reserve_rows).tolist()  # type: ignore[arg-type]  # as checked
+        out = placing.place(every, refused, n, view, reserve_rows).tolist()
         m, c, dropped, injected, flags = out[: placing.OUT]
         reordered, changed = flags & placing.REORDERED, flags & placing.CHANGED
         self.ranked = True

@@ -272,13 +272,18 @@ def test_the_compiled_answer_checks_what_it_hands_to_the_kernel_unchecked(snap: 
     every = np.arange(60, dtype=np.int64)
     answer = placing.place(every, refused, 10, view, reserve)
     assert answer[placing.OUT] == 7  # lifted to the top
-    for same in (every.astype(np.int32), np.repeat(every, 2)[::2], np.repeat(every.astype(np.int32), 3)[::3]):
+    for same in (
+        every.astype(np.int32),
+        every.astype(np.uint16),
+        np.repeat(every, 2)[::2],
+        np.repeat(every.astype(np.int32), 3)[::3],
+    ):
         np.testing.assert_array_equal(placing.place(same, refused, 10, view, reserve), answer)
     np.testing.assert_array_equal(
         placing.place(every, refused.astype(np.int32), 10, view, reserve.astype(np.int32)), answer
     )
     with pytest.raises(TypeError):
-        placing.place(every.astype(np.float64), refused, 10, view, reserve)  # type: ignore[arg-type]
+        placing.place(every.astype(np.float64), refused, 10, view, reserve)
     with pytest.raises(TypeError):
         placing.place(every.reshape(6, 10), refused, 10, view, reserve)
     with pytest.raises(TypeError):
