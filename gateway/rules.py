@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import zoneinfo
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, tzinfo
 from typing import TYPE_CHECKING
 
@@ -40,7 +40,6 @@ from gateway.plans import (
     Plan,
     by_priority,
     rank_scores,
-    reasons_of,
 )
 from gateway.ruleset import (
     SURFACES,
@@ -74,69 +73,6 @@ APPLIED_KEPT = 10_000
 # Book.decide_blank): a few hundred bytes each, 18 MB at most (a page and a referrer may each be
 # 2,048 characters); past these the memory starts again.
 BLANK_KEPT = 4_096
-
-
-def _inject(
-    picks: list[Pick],
-    plan: Plan,
-    *,
-    n: int,
-    passes: Callable[[int], bool],
-    allowed: Callable[[int], bool],
-    applied: dict[str, CompiledRule],
-) -> list[Pick]:
-    result = picks
-    for rule, rows, at in plan.injects:
-        shown = {p.row for p in result[:n]}
-        place = [row for row in dict.fromkeys(rows) if row not in shown and passes(row) and allowed(row)]
-        if not place:
-            continue
-        kept = [p for p in result if p.row not in place]
-        start = min(max(n - len(place), 0) if at is None else at, len(kept))
-        result = kept[:start] + [Pick(row, 0.0, rule.ref) for row in place] + kept[start:]
-        applied[rule.ref] = rule
-    return result
-
-
-def _pin(
-    picks: list[Pick],
-    plan: Plan,
-    *,
-    n: int,
-    passes: Callable[[int], bool],
-    allowed: Callable[[int], bool],
-    applied: dict[str, CompiledRule],
-) -> list[Pick]:
-    slots: dict[int, tuple[int, CompiledRule]] = {}
-    pinned_rows: set[int] = set()
-    for rule, row, at in plan.pins:
-        if at >= n or at in slots or row in pinned_rows or not passes(row) or not allowed(row):
-            continue
-        slots[at] = (row, rule)
-        pinned_rows.add(row)
-    if not slots:
-        return picks
-    by_row = {p.row: p for p in picks}
-    rest: Iterator[Pick] = (p for p in picks if p.row not in pinned_rows)
-    result: list[Pick] = []
-    for index in range(max(n, len(picks))):
-        if index in slots:
-            row, rule = slots[index]
-            held = by_row.get(row)
-            reasons = (*reasons_of(held), rule.ref) if held is not None else (rule.ref,)
-            result.append(Pick(row, 0.0, reasons))
-            applied[rule.ref] = rule
-        else:
-            following = next(rest, None)
-            if following is None:
-                break
-            result.append(following)
-    # A pin below the end of a short list still lands, at the end (and changed the list as well).
-    for at, (row, rule) in sorted(slots.items()):
-        if at >= len(result):
-            result.append(Pick(row, 0.0, (rule.ref,)))
-            applied[rule.ref] = rule
-    return result
 
 
 class Book:
@@ -484,9 +420,9 @@ class Book:
                     )
         placed = chosen
         if plan.injects:
-            placed = _inject(placed, plan, n=n, passes=passes, allowed=allowed, applied=applied)
+            placed = ruling.inject(placed, n, allowed)
         if plan.pins:
-            placed = _pin(placed, plan, n=n, passes=passes, allowed=allowed, applied=applied)
+            placed = ruling.pin(placed, n, allowed)
         final = placed[:n] if len(placed) > n else placed
         if reordered or placed is not chosen:
             scores = rank_scores(len(final))

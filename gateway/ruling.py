@@ -1,13 +1,14 @@
 """The rules of one request (`Ruling`): the plan that fires for it, and the model's candidates read
 through that plan's filters, boosts and cap, best first (`select`), topped up from a reserve when
-they leave too few (`fill`). gateway.rules.Book decides the plan and places pins, injections and
-attachments on what this selected.
+they leave too few (`fill`), with the plan's injections (`inject`) and pins (`pin`) placed; or all
+of that in one compiled call (`place`). gateway.rules.Book decides the plan and, step by step
+(Book.apply), takes these steps in order and attaches the plan's content.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway import kernels, placing
-from gateway.plans import CompiledRule, Outcome, Pick, Plan, rank_scores, rounded
+from gateway.plans import CompiledRule, Outcome, Pick, Plan, rank_scores, reasons_of, rounded
 
 if TYPE_CHECKING:
     from gateway.rules import Book
@@ -273,6 +274,62 @@ class Ruling:
         if capped and rule is not None:
             self.applied[rule.ref] = rule
         return chosen + more
+
+    def inject(self, picks: list[Pick], n: int, allowed: Callable[[int], bool]) -> list[Pick]:
+        """`picks` with the plan's injections placed, lowest priority first (a higher one placed
+        later lands exactly where it asks): the items the list does not show yet among its first n
+        that the filters pass and the request `allowed`, at the injection's position (without
+        one, at the end of the first n)."""
+        plan = self.plan
+        assert plan is not None
+        passes, result = plan.passes, picks
+        for rule, rows, at in plan.injects:
+            shown = {p.row for p in result[:n]}
+            place = [row for row in dict.fromkeys(rows) if row not in shown and passes(row) and allowed(row)]
+            if not place:
+                continue
+            kept = [p for p in result if p.row not in place]
+            start = min(max(n - len(place), 0) if at is None else at, len(kept))
+            result = kept[:start] + [Pick(row, 0.0, rule.ref) for row in place] + kept[start:]
+            self.applied[rule.ref] = rule
+        return result
+
+    def pin(self, picks: list[Pick], n: int, allowed: Callable[[int], bool]) -> list[Pick]:
+        """`picks` with the plan's pins placed, highest priority first (it takes the slot, and the
+        item): a pinned item keeps its reasons and gains the pin's."""
+        plan = self.plan
+        assert plan is not None
+        passes, applied = plan.passes, self.applied
+        slots: dict[int, tuple[int, CompiledRule]] = {}
+        pinned_rows: set[int] = set()
+        for rule, row, at in plan.pins:
+            if at >= n or at in slots or row in pinned_rows or not passes(row) or not allowed(row):
+                continue
+            slots[at] = (row, rule)
+            pinned_rows.add(row)
+        if not slots:
+            return picks
+        by_row = {p.row: p for p in picks}
+        rest: Iterator[Pick] = (p for p in picks if p.row not in pinned_rows)
+        result: list[Pick] = []
+        for index in range(max(n, len(picks))):
+            if index in slots:
+                row, rule = slots[index]
+                held = by_row.get(row)
+                reasons = (*reasons_of(held), rule.ref) if held is not None else (rule.ref,)
+                result.append(Pick(row, 0.0, reasons))
+                applied[rule.ref] = rule
+            else:
+                following = next(rest, None)
+                if following is None:
+                    break
+                result.append(following)
+        # A pin below the end of a short list still lands, at the end (and changed the list as well).
+        for at, (row, rule) in sorted(slots.items()):
+            if at >= len(result):
+                result.append(Pick(row, 0.0, (rule.ref,)))
+                applied[rule.ref] = rule
+        return result
 
     def _order(self, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.intp] | None:
         """The positions of `rows` (best first) re-ranked by the plan's boosts; None when no boost
