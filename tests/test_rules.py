@@ -12,9 +12,9 @@ import msgspec
 import numpy as np
 import pytest
 
-from gateway import conditions, placing, rules
-from gateway.conditions import Compiler, Context
-from gateway.plans import HOT_PLAN, Pick
+from gateway import conditions, rules
+from gateway.conditions import Compiler
+from gateway.plans import Pick
 from gateway.rules import Book
 from gateway.ruleset import RuleSetError, parse
 from gateway.snapshot import Snapshot, load_current
@@ -214,113 +214,6 @@ def test_a_pin_below_the_end_of_a_short_list_lands_last_and_is_named_among_the_r
     assert [p.row for p in outcome.picks] == [0, 1, 55]
     assert outcome.picks[-1].reason == ("rule:deep@1",)
     assert [r.ref for r in outcome.applied] == ["rule:deep@1"]
-
-
-def test_a_book_of_more_than_63_boosts_has_no_codes_and_answers_step_by_step(snap: Snapshot) -> None:
-    """gateway.placing numbers a book's boost actions in one 64-bit word: past 63 the book has no
-    codes, Ruling.place declines, and Book.apply makes the answer."""
-    doc = {
-        "rules": [
-            rule(f"b{i:02d}", {"type": "boost", "items": {"ids": [snap.item_ids[i]]}, "weight": 2.0}) for i in range(64)
-        ]
-    }
-    b = book(snap, doc)
-    assert b.codes is None
-    ruling = b.decide(facts(), "recommend", personal=True)
-    every = np.arange(60, dtype=np.int64)
-    scores = np.linspace(1, 0, 60, dtype=np.float32)
-    empty = np.zeros(0, dtype=np.int64)
-    assert ruling.place(every, scores, 10, reason="user-vector", refused=empty, reserve=[], reserve_rows=empty) is None
-    outcome = run(b, snap)
-    assert [p.row for p in outcome.picks][:3] == [0, 1, 2]
-    assert outcome.picks[0].reason == ("user-vector", "rule:b00@1")
-    assert len(book(snap, {"rules": doc["rules"][:63]}).codes.boosting) == 63  # type: ignore[union-attr]
-
-
-def test_applied_of_lists_the_rules_of_the_set_rank_bits_by_priority(snap: Snapshot) -> None:
-    """Book.applied_of decodes a mask over the rules' ranks a byte at a time: masks over 70 rules
-    (nine bytes, the last one partly used) give exactly the rules whose bits are set, in rank order."""
-    doc = {
-        "rules": [
-            rule(f"r{i:02d}", {"type": "attach", "slot": "top", "content": {"i": i}}, priority=i % 7) for i in range(70)
-        ]
-    }
-    b = book(snap, doc)
-    rng = np.random.default_rng(3)
-    masks = [0, 1, 1 << 69, (1 << 70) - 1, 0xFF << 8, 1 << 64 | 1 << 7]
-    drawn = (rng.choice(70, size=rng.integers(1, 20), replace=False) for _ in range(200))
-    masks += [sum(1 << int(i) for i in ranks) for ranks in drawn]
-    for mask in masks:
-        expected = [c for c in b.rules if mask >> c.rank & 1]
-        assert b.applied_of(mask) == [c.ref for c in expected]
-    assert [c.rank for c in b.rules] == list(range(70))
-
-
-def test_the_compiled_answer_checks_what_it_hands_to_the_kernel_unchecked(snap: Snapshot) -> None:
-    """placing.place calls the kernel's entry point, which trusts its arguments: rows of another
-    type or layout go through numba's dispatcher instead (an answer or a TypeError, never a wrong
-    read), and a view is checked when it is made."""
-    doc = {
-        "rules": [
-            rule("lift", {"type": "boost", "items": {"ids": [snap.item_ids[7]]}, "weight": 3.0}),
-            rule("diverse", {"type": "cap", "per_category": 2}),
-        ]
-    }
-    plan = book(snap, doc).decide(facts(), "recommend", personal=True).plan
-    assert plan is not None and plan.view is not None
-    view, refused, reserve = plan.view, np.array([3], dtype=np.int64), np.arange(100, 200, dtype=np.int64)
-    every = np.arange(60, dtype=np.int64)
-    answer = placing.place(every, refused, 10, view, reserve)
-    assert answer[placing.OUT] == 7  # lifted to the top
-    for same in (
-        every.astype(np.int32),
-        every.astype(np.uint16),
-        np.repeat(every, 2)[::2],
-        np.repeat(every.astype(np.int32), 3)[::3],
-    ):
-        np.testing.assert_array_equal(placing.place(same, refused, 10, view, reserve), answer)
-    np.testing.assert_array_equal(
-        placing.place(every, refused.astype(np.int32), 10, view, reserve.astype(np.int32)), answer
-    )
-    with pytest.raises(TypeError):
-        placing.place(every.astype(np.float64), refused, 10, view, reserve)
-    with pytest.raises(TypeError):
-        placing.place(every.reshape(6, 10), refused, 10, view, reserve)
-    with pytest.raises(TypeError):
-        placing.View(view.spec, view.codes, view.keys.astype(np.int64), view.limit, view.distinct)
-
-
-def test_blank_decisions_keep_their_plan_among_the_recent_and_hot_ones(
-    snap: Snapshot, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """decide_blank remembers the plan with the decision and does _plan_of's bookkeeping on every
-    HOT_PLAN-th use: a plan of two boosting groups that blank visitors use often gets its combined
-    arrays; forgotten (past PLANS_KEPT) it lets them go, and the decision takes the plan made again."""
-    lift = {"type": "boost", "items": {"ids": [snap.item_ids[1]]}, "weight": 2.0}
-    more = {"type": "boost", "items": {"ids": [snap.item_ids[2]]}, "weight": 3.0}
-    doc = {
-        "rules": [
-            rule("a-page", lift, when={"context": {"page": ["/c/a"]}}),
-            rule("any-c-page", more, when={"context": {"page": ["/c/"]}}),
-        ]
-    }
-    b = book(snap, doc)
-    on_a, on_b = Context(page="/c/a/1"), Context(page="/c/b")
-
-    def plan_on(context: Context) -> Any:
-        return b.decide_blank(NOW, "recommend", context, personal=False).plan
-
-    used = {plan_on(on_a) for _ in range(2 * HOT_PLAN)}
-    assert len(used) == 1
-    plan = used.pop()
-    assert [r.ref for r in plan.rules] == ["rule:a-page@1", "rule:any-c-page@1"]
-    assert plan.weight is not None  # combined, as a plan this popular is
-    monkeypatch.setattr(rules, "PLANS_KEPT", 1)
-    assert [r.ref for r in plan_on(on_b).rules] == ["rule:any-c-page@1"]  # a new plan: plan_on(on_a)'s forgotten
-    assert plan.weight is None  # let go of its combined arrays
-    again = [plan_on(on_a) for _ in range(HOT_PLAN)]
-    assert again[-1] is not plan and [r.ref for r in again[-1].rules] == ["rule:a-page@1", "rule:any-c-page@1"]
-    assert b._plans[(0, 1)] is again[-1]
 
 
 def test_an_injected_item_takes_the_last_place_without_a_position(snap: Snapshot) -> None:
