@@ -101,7 +101,7 @@ class CompiledRule:
 # their groups' arrays combined (5 bytes an item), in this much memory at most.
 PLANS_KEPT = 4096
 HOT_BYTES = 128 * 1024 * 1024
-HOT_PLAN = 4  # a plan not combined is combined on every HOT_PLAN-th use
+HOT_PLAN = 4  # a plan not combined is combined on every HOT_PLAN-th step-by-step use (Book.stepping)
 # Rows per plan whose boosting rules are remembered (about 65 bytes each). With PLANS_KEPT plans,
 # 10,000 could grow to 2.6 GB; the benchmark's busiest plan held 731 after 20,000 answers.
 BOOSTED_KEPT = 2_000
@@ -207,7 +207,7 @@ class Plan:
                         self.attaching.append(c)
 
         # All the groups' drops in one array, and all their weights, once the plan proves popular
-        # (see Book.fire): then a request checks one array, not one per group.
+        # (see Book.stepping): then a request checks one array, not one per group.
         self.drop: npt.NDArray[np.bool_] | None = self.filtering[0].drop if len(self.filtering) == 1 else None
         self.weight: npt.NDArray[np.float32] | None = self.boosting[0].weight if len(self.boosting) == 1 else None
         self.dropping: memoryview | None = None if self.drop is None else self.drop.data
@@ -220,7 +220,8 @@ class Plan:
         self.drop_codes: npt.NDArray[np.int64] | None = (
             self.filtering[0].filter_codes if len(self.filtering) == 1 else None
         )
-        self.uses = 0
+        self.uses = 0  # by remembered blank decisions (Book.decide_blank)
+        self.steps = 0  # step-by-step selections while not combined (Book.stepping)
         self._boosted: dict[int, tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
         self._shared: dict[tuple[str, ...], tuple[list[tuple[str, CompiledRule]], list[str]]] = {}
         # Pins of items no filter drops (filters hold against pins), highest priority first.

@@ -56,6 +56,7 @@ class Ruling:
         plan = self.plan
         assert plan is not None
         self.ranked = True
+        self.book.stepping(plan)
         if not len(rows):
             return []
         if (plan.drop is not None or not plan.filtering) and (plan.weight is not None or not plan.boosting):
@@ -64,7 +65,7 @@ class Ruling:
 
     def in_numpy(self, plan: Plan, rows: list[int] | npt.NDArray[np.integer], n: int) -> list[int]:
         """`select` with one numpy operation per group of the plan: for a plan whose groups' arrays
-        are not combined (see Book.fire)."""
+        are not combined (see Book.stepping)."""
         at = np.asarray(rows, dtype=np.intp)
         listed: list[int] = at.tolist()
         positions: npt.NDArray[np.intp] | None = None  # None: all of them, in order

@@ -97,12 +97,14 @@ def test_the_compiled_answer_checks_what_it_hands_to_the_kernel_unchecked(snap: 
         placing.View(view.spec, view.codes, view.keys.astype(np.int64), view.limit, view.distinct)
 
 
-def test_blank_decisions_keep_their_plan_among_the_recent_and_hot_ones(
+def test_plans_taken_step_by_step_combine_their_arrays_and_blank_decisions_keep_their_plan(
     snap: Snapshot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """decide_blank remembers the plan with the decision and does _plan_of's bookkeeping on every
-    HOT_PLAN-th use: a plan of two boosting groups that blank visitors use often gets its combined
-    arrays; forgotten (past PLANS_KEPT) it lets them go, and the decision takes the plan made again."""
+    """Only the step-by-step selection (Ruling.select) reads a plan's combined arrays: a plan of two
+    boosting groups gets them on its HOT_PLAN-th step-by-step use, never from the compiled answer
+    (Ruling.place) however often. decide_blank remembers the plan with the decision and does
+    _plan_of's bookkeeping on every HOT_PLAN-th use: forgotten (past PLANS_KEPT), the plan lets its
+    combined arrays go, and the decision takes the plan made again."""
     lift = {"type": "boost", "items": {"ids": [snap.item_ids[1]]}, "weight": 2.0}
     more = {"type": "boost", "items": {"ids": [snap.item_ids[2]]}, "weight": 3.0}
     doc = {
@@ -113,15 +115,30 @@ def test_blank_decisions_keep_their_plan_among_the_recent_and_hot_ones(
     }
     b = book(snap, doc)
     on_a, on_b = Context(page="/c/a/1"), Context(page="/c/b")
+    every = np.arange(30, dtype=np.int64)
+    scores = np.linspace(1, 0, 30, dtype=np.float32)
+    empty = np.zeros(0, dtype=np.int64)
+
+    def ruling_on(context: Context) -> Any:
+        return b.decide_blank(NOW, "recommend", context, personal=False)
 
     def plan_on(context: Context) -> Any:
-        return b.decide_blank(NOW, "recommend", context, personal=False).plan
+        return ruling_on(context).plan
 
-    used = {plan_on(on_a) for _ in range(2 * HOT_PLAN)}
-    assert len(used) == 1
-    plan = used.pop()
+    placed = [ruling_on(on_a) for _ in range(3 * HOT_PLAN)]
+    plan = placed[0].plan
+    assert all(r.plan is plan for r in placed)
     assert [r.ref for r in plan.rules] == ["rule:a-page@1", "rule:any-c-page@1"]
-    assert plan.weight is not None  # combined, as a plan this popular is
+    for ruling in placed:
+        outcome = ruling.place(every, scores, 10, reason="user-vector", refused=empty, reserve=[], reserve_rows=empty)
+        assert [p.row for p in outcome.picks][:2] == [2, 1]  # boosted 3x and 2x
+    assert plan.weight is None  # the compiled answer reads the book's codes: nothing combined for it
+    for _ in range(HOT_PLAN - 1):
+        assert ruling_on(on_a).select(every, 10)[:2] == [2, 1]
+    assert plan.weight is None
+    assert ruling_on(on_a).select(every, 10)[:2] == [2, 1]
+    assert plan.weight is not None  # combined, as a plan taken this often step by step is
+    assert ruling_on(on_a).select(every, 10)[:2] == [2, 1]  # and the same answer from the combined arrays
     monkeypatch.setattr(rules, "PLANS_KEPT", 1)
     assert [r.ref for r in plan_on(on_b).rules] == ["rule:any-c-page@1"]  # a new plan: plan_on(on_a)'s forgotten
     assert plan.weight is None  # let go of its combined arrays
