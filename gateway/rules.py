@@ -17,6 +17,7 @@ scores (1 for the first item, falling by 1/n), so they still read "higher is bet
 from __future__ import annotations
 
 import bisect
+import math
 import zoneinfo
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -149,6 +150,7 @@ class Book:
         # same groups are valid (see decide_blank).
         self._boundaries = sorted({t for g in self.groups for t in (g.starts, g.ends) if np.isfinite(t)})
         self._blank: dict[tuple[object, ...], tuple[list[str], tuple[int, ...], Plan | None]] = {}
+        self._clock: tuple[float, float, int] = (0.0, 0.0, 0)  # see _clock_at
         self._plans: OrderedDict[tuple[int, ...], Plan] = OrderedDict()
         self._hot: OrderedDict[Plan, None] = OrderedDict()  # plans with combined arrays (see stepping)
         self._hot_kept = max(8, HOT_BYTES // (5 * max(len(snap.item_ids), 1)))
@@ -356,9 +358,10 @@ class Book:
         per those (`context` whole; about 10 µs a request: the facts, the segments and the conditions; cold
         visitors, first page views and visitors without consent all get here). A property test
         compares it with `decide`."""
-        local = conditions.local_time(now, self.zone)
-        epoch = bisect.bisect_right(self._boundaries, now)
-        key = (surface, personal, context, local.hour, local.weekday(), epoch)
+        start, end, clock = self._clock
+        if not start <= now < end:
+            clock = self._clock_at(now)
+        key = (surface, personal, context, clock)
         found = self._blank.get(key)
         if found is None:
             device, country, referrer, page = context
@@ -381,6 +384,22 @@ class Book:
                     self._blank[key] = (segments, fired, kept)
                     plan = kept
         return Ruling(self, list(segments), plan)
+
+    def _clock_at(self, now: float) -> int:
+        """What of `now` a blank decision reads, as one number: the local hour and weekday, and
+        which groups are valid (the boundaries passed). It holds to the end of the second (the
+        local time is read to the second; zone offsets are whole seconds) or to the next boundary,
+        whichever comes first; kept for that span, so most requests compare two floats instead of
+        converting the time and searching the boundaries."""
+        local = conditions.local_time(now, self.zone)
+        boundaries = self._boundaries
+        epoch = bisect.bisect_right(boundaries, now)
+        second = float(math.floor(now))
+        start = max(second, boundaries[epoch - 1]) if epoch else second
+        end = min(second + 1.0, boundaries[epoch]) if epoch < len(boundaries) else second + 1.0
+        clock = (epoch * 7 + local.weekday()) * 24 + local.hour
+        self._clock = (start, end, clock)
+        return clock
 
     def fired(self, facts: Facts, surface: Surface) -> list[CompiledRule]:
         """The rules that fire, by priority."""

@@ -30,7 +30,7 @@ def _standing(size: int) -> npt.NDArray[np.float64]:
     return standing
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Ruling:
     """The rules of one request: the visitor's segments, the plan that fires (None: no rule), and
     what the plan's filters and boosts already did to the model's candidates (`rank`)."""
