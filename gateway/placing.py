@@ -23,6 +23,10 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     from gateway.plans import CompiledRule, Group, Plan
 
+Reason = str | tuple[str, ...]  # a pick's reasons (gateway.plans.Pick.reason)
+# (reason, boost bits) pairs whose reasons a book's codes remember (Codes.tagged): a few hundred
+# bytes each; "similar-to:<item>" reasons make as many as the catalog has items, times the boosts.
+TAGS_KEPT = 50_000
 NOTHING = -(2**62)  # `base` of a pinned item that was not in the list before (see `place`)
 NO_ROWS: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
 NO_ROWS.setflags(write=False)
@@ -453,8 +457,10 @@ class Codes:
     filters: list[tuple[int, CompiledRule]]  # bit -> (group, rule)
     boosting: list[tuple[int, CompiledRule]]  # bit -> (group, rule)
     _dropped: dict[int, int] = field(default_factory=dict, repr=False)
-    # boosted_by's answers so far: read directly by the hot path (one call less per boosted pick)
-    named: dict[int, tuple[int, tuple[str, ...]]] = field(default_factory=dict, repr=False)
+    _named: dict[int, tuple[int, tuple[str, ...]]] = field(default_factory=dict, repr=False)  # boosted_by's
+    # tagged's answers so far, by (reason, bits): read directly by the hot path (one call less per
+    # boosted pick); at most TAGS_KEPT, then it starts again
+    tags: dict[tuple[Reason, int], tuple[int, Reason]] = field(default_factory=dict, repr=False)
 
     def view(
         self, fired: Sequence[int], boosting: Sequence[int], plan: Plan, capping: tuple[npt.NDArray[np.int32], int, int]
@@ -494,10 +500,21 @@ class Codes:
     def boosted_by(self, bits: int) -> tuple[int, tuple[str, ...]]:
         """The rules of the boost actions whose bits are set, as a mask over their ranks, and their
         refs (each rule once, in bit order)."""
-        found = self.named.get(bits)
+        found = self._named.get(bits)
         if found is None:
             refs = {c.ref: None for b, (_, c) in enumerate(self.boosting) if bits >> b & 1}
-            found = self.named[bits] = (_ranks(self.boosting, bits), tuple(refs))
+            found = self._named[bits] = (_ranks(self.boosting, bits), tuple(refs))
+        return found
+
+    def tagged(self, reason: Reason, bits: int) -> tuple[int, Reason]:
+        """A pick's `reason` with the refs of the boost actions whose bits are set after it, and
+        their rules as a mask over their ranks: one tuple per (reason, bits), shared by the picks
+        that get it (the answers' encoder finds it by identity)."""
+        ranks, refs = self.boosted_by(bits)
+        found = (ranks, (reason, *refs) if isinstance(reason, str) else (*reason, *refs))
+        if len(self.tags) >= TAGS_KEPT:
+            self.tags.clear()
+        self.tags[(reason, bits)] = found
         return found
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway import kernels, placing
+from gateway.placing import Reason
 from gateway.plans import CompiledRule, Outcome, Pick, Plan, rank_scores, reasons_of, rounded
 
 if TYPE_CHECKING:
@@ -145,35 +146,42 @@ class Ruling:
             applied |= 1 << cap.rank
         if reordered:
             self.reordered = True
-        ranked = reordered or changed  # every pick then gets its rank's score (as Book.apply gives)
         start = placing.OUT + 3 * m
         sources = out[start : start + c]
-        reasons: list[str | tuple[str, ...]]
-        if reordered:  # the kernel named each pick's boosts (bits): they join its reasons
-            reasons = []
-            named_by, known = codes.boosted_by, codes.named
-            for source, bits in zip(sources, out[start + c :], strict=True):
+        placed = out[placing.OUT : placing.OUT + m]
+        # Re-ranked or placed into, every pick gets its rank's score (as Book.apply gives).
+        final: list[Pick]
+        if reordered and not changed:  # the usual case: re-ranked by boosts, then as chosen (m == c)
+            # The kernel named each pick's boosts (bits): they join its reasons (Codes.tagged).
+            final = []
+            append, tags, tagged = final.append, codes.tags, codes.tagged
+            for row, source, bits, score in zip(placed, sources, out[start + c :], rank_scores(m), strict=True):
                 why = reason if source >= 0 else reserve[-1 - source].reason
                 if bits:
-                    ranks, refs = known.get(bits) or named_by(bits)
+                    ranks, why = tags.get((why, bits)) or tagged(why, bits)
                     applied |= ranks
-                    why = (why, *refs) if isinstance(why, str) else (*why, *refs)
-                reasons.append(why)
+                append(Pick(row, score, why))
         else:
-            reasons = [reason if source >= 0 else reserve[-1 - source].reason for source in sources]
-        placed = out[placing.OUT : placing.OUT + m]
-        if not changed:  # the chosen, as they are (Book.apply's usual case: no injection, no pin)
-            values: Sequence[float]
-            if ranked:
-                values = rank_scores(m)
+            reasons: list[Reason]
+            if reordered:
+                reasons = []
+                tags, tagged = codes.tags, codes.tagged
+                for source, bits in zip(sources, out[start + c :], strict=True):
+                    why = reason if source >= 0 else reserve[-1 - source].reason
+                    if bits:
+                        ranks, why = tags.get((why, bits)) or tagged(why, bits)
+                        applied |= ranks
+                    reasons.append(why)
             else:
+                reasons = [reason if source >= 0 else reserve[-1 - source].reason for source in sources]
+            if not changed:  # the chosen, as they are, with their own scores
                 values = [
                     rounded(scores.item(source)) if source >= 0 else reserve[-1 - source].score for source in sources
                 ]
-            final = [Pick(row, score, why) for row, score, why in zip(placed, values, reasons, strict=True)]
-        else:
-            final, pinned = self._placed(plan, placed, out[placing.OUT + m : start], reasons)
-            applied |= pinned
+                final = [Pick(row, score, why) for row, score, why in zip(placed, values, reasons, strict=True)]
+            else:
+                final, pinned = self._placed(plan, placed, out[placing.OUT + m : start], reasons)
+                applied |= pinned
         if injected:
             for k in range(len(plan.injects)):
                 if injected >> k & 1:

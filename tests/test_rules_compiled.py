@@ -145,3 +145,39 @@ def test_plans_taken_step_by_step_combine_their_arrays_and_blank_decisions_keep_
     again = [plan_on(on_a) for _ in range(HOT_PLAN)]
     assert again[-1] is not plan and [r.ref for r in again[-1].rules] == ["rule:a-page@1", "rule:any-c-page@1"]
     assert b._plans[(0, 1)] is again[-1]
+
+
+def test_tagged_reasons_are_shared_and_the_same_past_the_memorys_bound(
+    snap: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Codes.tagged remembers a boosted pick's reasons per (reason, bits), so picks with the same
+    ones share one tuple; past TAGS_KEPT the memory starts again and the answers stay the same."""
+    doc = {
+        "rules": [
+            rule("lift", {"type": "boost", "items": {"ids": [snap.item_ids[3], snap.item_ids[5]]}, "weight": 4.0}),
+            rule("more", {"type": "boost", "items": {"ids": [snap.item_ids[5]]}, "weight": 2.0}),
+        ]
+    }
+    b = book(snap, doc)
+    every = np.arange(30, dtype=np.int64)
+    scores = np.linspace(1, 0, 30, dtype=np.float32)
+    empty = np.zeros(0, dtype=np.int64)
+
+    def answer() -> list[Any]:
+        ruling = b.decide(facts(), "recommend", personal=True)
+        outcome = ruling.place(every, scores, 10, reason="user-vector", refused=empty, reserve=[], reserve_rows=empty)
+        assert outcome is not None
+        return outcome.picks
+
+    first = answer()
+    assert [(p.row, p.reason) for p in first[:3]] == [
+        (5, ("user-vector", "rule:lift@1", "rule:more@1")),
+        (3, ("user-vector", "rule:lift@1")),
+        (0, "user-vector"),
+    ]
+    assert answer()[0].reason is first[0].reason  # one tuple, remembered
+    assert b.codes is not None and len(b.codes.tags) == 2
+    monkeypatch.setattr(placing, "TAGS_KEPT", 1)
+    b.codes.tags.clear()
+    assert answer() == first and len(b.codes.tags) == 1  # two to remember: started again at the bound
+    assert answer() == first
