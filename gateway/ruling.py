@@ -161,27 +161,18 @@ class Ruling:
                     ranks, why = tags.get((why, bits)) or tagged(why, bits)
                     applied |= ranks
                 append(Pick(row, score, why))
-        else:
-            reasons: list[Reason]
-            if reordered:
-                reasons = []
-                tags, tagged = codes.tags, codes.tagged
-                for source, bits in zip(sources, out[start + c :], strict=True):
-                    why = reason if source >= 0 else reserve[-1 - source].reason
-                    if bits:
-                        ranks, why = tags.get((why, bits)) or tagged(why, bits)
-                        applied |= ranks
-                    reasons.append(why)
-            else:
-                reasons = [reason if source >= 0 else reserve[-1 - source].reason for source in sources]
-            if not changed:  # the chosen, as they are, with their own scores
-                values = [
-                    rounded(scores.item(source)) if source >= 0 else reserve[-1 - source].score for source in sources
-                ]
-                final = [Pick(row, score, why) for row, score, why in zip(placed, values, reasons, strict=True)]
-            else:
-                final, pinned = self._placed(plan, placed, out[placing.OUT + m : start], reasons)
-                applied |= pinned
+        elif changed:  # an injection or a pin changed the list
+            if reordered:  # every chosen pick's boosts changed the answer, placed or pushed out (as Book.apply)
+                union = 0
+                for bits in out[start + c :]:
+                    union |= bits
+                applied |= codes.boosted_by(union)[0]
+            final, pinned = self._placed(plan, out, start, reason, reserve)
+            applied |= pinned
+        else:  # neither re-ranked nor placed into: the chosen, as they are, with their own scores
+            reasons = [reason if source >= 0 else reserve[-1 - source].reason for source in sources]
+            values = [rounded(scores.item(source)) if source >= 0 else reserve[-1 - source].score for source in sources]
+            final = [Pick(row, score, why) for row, score, why in zip(placed, values, reasons, strict=True)]
         if injected:
             for k in range(len(plan.injects)):
                 if injected >> k & 1:
@@ -190,19 +181,26 @@ class Ruling:
         return Outcome(final, book.applied_of(applied), plan.content, book.by_ref)
 
     def _placed(
-        self, plan: Plan, placed: list[int], marks: list[int], reasons: list[str | tuple[str, ...]]
+        self, plan: Plan, out: list[int], start: int, reason: Reason, reserve: Sequence[Pick]
     ) -> tuple[list[Pick], int]:
         """The picks of a list an injection or a pin changed, with their ranks' scores, and the
-        ranks of the pins that landed as a mask: `marks` are each placed item's base, then each
-        one's pin (see gateway.placing.place)."""
+        ranks of the pins that landed as a mask: `out` is the kernel's answer (see
+        gateway.placing.place), `start` where the chosen ones' sources begin; `reason` and
+        `reserve` as for `place`."""
+        assert plan.view is not None
+        m, c, first = out[0], out[1], placing.OUT
+        sources, named = out[start : start + c], out[start + c :]
+        tags, tagged = plan.view.codes.tags, plan.view.codes.tagged
         final: list[Pick] = []
         pinned = 0
-        m = len(placed)
-        scores = rank_scores(m)
-        for at, (row, base, pin) in enumerate(zip(placed, marks[:m], marks[m:], strict=True)):
-            why: str | tuple[str, ...]
-            if base >= 0:
-                why = reasons[base]
+        rows, bases, pins = out[first : first + m], out[first + m : first + 2 * m], out[first + 2 * m : start]
+        for row, base, pin, score in zip(rows, bases, pins, rank_scores(m), strict=True):
+            why: Reason
+            if base >= 0:  # a chosen one: its reasons and the boosts the kernel named (bits)
+                source, bits = sources[base], named[base]
+                why = reason if source >= 0 else reserve[-1 - source].reason
+                if bits:
+                    why = (tags.get((why, bits)) or tagged(why, bits))[1]
             elif base == placing.NOTHING:
                 why = ()
             else:
@@ -211,7 +209,7 @@ class Ruling:
                 rule = plan.pins[pin][0]
                 why = (rule.ref,) if not why else (why, rule.ref) if isinstance(why, str) else (*why, rule.ref)
                 pinned |= 1 << rule.rank
-            final.append(Pick(row, scores[at], why))
+            final.append(Pick(row, score, why))
         return final, pinned
 
     def _credit_drops(self, plan: Plan, dropped: list[int]) -> None:
