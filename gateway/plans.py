@@ -101,7 +101,9 @@ class CompiledRule:
 # their groups' arrays combined (5 bytes an item), in this much memory at most.
 PLANS_KEPT = 4096
 HOT_BYTES = 128 * 1024 * 1024
-HOT_PLAN = 4  # a plan not combined is combined on every HOT_PLAN-th step-by-step use (Book.stepping)
+# A plan not combined is combined on every HOT_PLAN-th step-by-step use (Book.stepping); a plan a
+# remembered blank decision holds is marked recent on every HOT_PLAN-th use (Book.decide_blank).
+HOT_PLAN = 4
 # Rows per plan whose boosting rules are remembered (about 65 bytes each). With PLANS_KEPT plans,
 # 10,000 could grow to 2.6 GB; the benchmark's busiest plan held 731 after 20,000 answers.
 BOOSTED_KEPT = 2_000

@@ -315,7 +315,7 @@ class Book:
 
     def stepping(self, plan: Plan) -> None:
         """`plan` is taken step by step (Ruling.select), which reads one drop array and one weight
-        array fastest: a plan of several filtering or boosting groups taken so often enough gets
+        array fastest: a plan of several filtering or boosting groups taken this way often enough gets
         its groups' arrays combined (every HOT_PLAN-th time until it is), and the _hot_kept most
         recent keep them. The compiled answer (Ruling.place, a request without a category filter)
         reads the book's codes instead: combining for it (a few hundred µs and a catalog-sized

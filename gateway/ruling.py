@@ -167,7 +167,7 @@ class Ruling:
                 for bits in out[start + c :]:
                     union |= bits
                 applied |= codes.boosted_by(union)[0]
-            final, pinned = self._placed(plan, out, start, reason, reserve)
+            final, pinned = self._placed(plan, codes, out, start, reason=reason, reserve=reserve)
             applied |= pinned
         else:  # neither re-ranked nor placed into: the chosen, as they are, with their own scores
             reasons = [reason if source >= 0 else reserve[-1 - source].reason for source in sources]
@@ -181,16 +181,15 @@ class Ruling:
         return Outcome(final, book.applied_of(applied), plan.content, book.by_ref)
 
     def _placed(
-        self, plan: Plan, out: list[int], start: int, reason: Reason, reserve: Sequence[Pick]
+        self, plan: Plan, codes: placing.Codes, out: list[int], start: int, *, reason: Reason, reserve: Sequence[Pick]
     ) -> tuple[list[Pick], int]:
         """The picks of a list an injection or a pin changed, with their ranks' scores, and the
-        ranks of the pins that landed as a mask: `out` is the kernel's answer (see
-        gateway.placing.place), `start` where the chosen ones' sources begin; `reason` and
-        `reserve` as for `place`."""
-        assert plan.view is not None
+        ranks of the pins that landed as a mask: `out` is the kernel's answer over the plan's
+        `codes` (see gateway.placing.place), `start` where the chosen ones' sources begin; `reason`
+        and `reserve` as for `place`."""
         m, c, first = out[0], out[1], placing.OUT
         sources, named = out[start : start + c], out[start + c :]
-        tags, tagged = plan.view.codes.tags, plan.view.codes.tagged
+        tags, tagged = codes.tags, codes.tagged
         final: list[Pick] = []
         pinned = 0
         rows, bases, pins = out[first : first + m], out[first + m : first + 2 * m], out[first + 2 * m : start]
