@@ -3,14 +3,17 @@
 One `tailor serve` worker (memory store by default) on the benchmark shop (the 100k-item snapshot
 bench_gateway.py builds), with new visitors seeded with 1-3 clicks. wrk drives the usual recommend
 mix (known users, seeded visitors, unknown visitors); every run gets visitors no earlier run asked
-for. Alternating, so drift of the shared machine hits both sides alike:
+for. Each side runs twice, in the order none, rules, rules, none (ABBA), so a drift of the shared
+machine in either direction hits both sides alike, and neither always runs second:
 
     none  full speed      no rule set active
     rules full speed      100 rules + 5 predicate segments active (PUT /admin/rules?activate=true)
-    none  full speed      again
     rules full speed      again
+    none  full speed      again
     none  paced           at half the with-rules maximum: latency when neither side is saturated
     rules paced           at the same rate
+    rules paced           again
+    none  paced           again
 
 Every switch is followed by `--settle` seconds (3) of unrecorded traffic at the next run's rate, so
 runs compare steady states (plans made, remembered answers, caches warm) rather than the first
@@ -22,7 +25,8 @@ some boosts, buries and filters), category-page ones (pins, cross-sell injection
 of day), plus 5 predicate segments, so every request reads the visitor's counters. Every request
 carries a page and a device, with and without rules alike. The ratios reported: none / rules for
 throughput (what the rules cost in CPU), rules / none for p50 and p99 at the paced rate (what a
-visitor waits). Results go to var/bench/rules.json.
+visitor waits), each side's two runs averaged; the ratio of each pair (first none and first rules,
+second and second) is reported as well. Results go to var/bench/rules.json.
 
     .venv/bin/python loadtests/bench_rules.py
     .venv/bin/python loadtests/bench_rules.py --duration 5 --stores memory,redis
@@ -36,7 +40,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,11 +171,18 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
             raise RuntimeError(f"PUT /admin/rules: {stored.status_code} {stored.text[:500]}")
         version = stored.json()["version"]
 
-        def use(rules: bool) -> None:
+        serving: list[bool | None] = [None]
+
+        def use(rules: bool) -> bool:
+            """Serve with the rule set or without; whether that switched."""
+            if serving[0] is rules:
+                return False
             answer = client.post(f"/admin/rules/{version}/activate" if rules else "/admin/rules/deactivate")
             answer.raise_for_status()
             if answer.json()["serving"] != (version if rules else None):
                 raise RuntimeError(f"the gateway does not serve what was activated: {answer.text[:300]}")
+            serving[0] = rules
+            return True
 
         def wrk(label: str, *, rate: float | None = None, duration: float = args.duration) -> dict[str, Any]:
             if server.poll() is not None:
@@ -201,13 +212,12 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
         use(False)
         say(f"{store}: warming up for {args.warmup:g}s")
         wrk("warmup", duration=args.warmup)
-        for round_number in (1, 2):
-            for rules in (False, True):
-                use(rules)
-                label = f"{'rules' if rules else 'none'}_full_{round_number}"
+        for label in sides("full"):
+            switched = use(label.startswith("rules"))
+            if switched:
                 settle(label)
-                runs[label] = wrk(label)
-                say(f"{store}: {label:14} {describe(runs[label])}")
+            runs[label] = wrk(label)
+            say(f"{store}: {label:14} {describe(runs[label])}")
         use(True)
         sample = client.get("/v1/recommend", params={"visitor": next(iter(visitors)), "device": "mobile"}).json()
         result["sample_answer"] = {k: sample[k] for k in ("rules", "segments", "content")}
@@ -220,21 +230,14 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
         # Latency is compared at one rate both sides sustain: half the with-rules maximum.
         rules_max = (runs["rules_full_1"]["rate"] + runs["rules_full_2"]["rate"]) / 2
         target = rules_max / 2
-        for rules in (False, True):
-            use(rules)
-            label = f"{'rules' if rules else 'none'}_paced"
-            settle(label, rate=target)
+        for label in sides("paced"):
+            if use(label.startswith("rules")):
+                settle(label, rate=target)
             runs[label] = wrk(label, rate=target)
             say(f"{store}: {label:14} {describe(runs[label])}")
         result["server_alive_at_end"] = server.poll() is None
-    rate = {side: (runs[f"{side}_full_1"]["rate"] + runs[f"{side}_full_2"]["rate"]) / 2 for side in ("none", "rules")}
-    paced = {side: runs[f"{side}_paced"]["latency_ms"] for side in ("none", "rules")}
     result["runs"] = runs
-    result["ratios"] = {
-        "throughput_none_over_rules": round(rate["none"] / rate["rules"], 3),
-        "p50_rules_over_none_paced": round(paced["rules"]["p50"] / paced["none"]["p50"], 3),
-        "p99_rules_over_none_paced": round(paced["rules"]["p99"] / paced["none"]["p99"], 3),
-    }
+    result["ratios"] = ratios(runs)
     result["bar"] = {
         f"latency with {RULES} rules <= {BAR_LATENCY_RATIO}x none (p50, paced)": (
             result["ratios"]["p50_rules_over_none_paced"] <= BAR_LATENCY_RATIO
@@ -245,6 +248,37 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
         "no errors": all(run["errors_total"] == 0 for run in runs.values()),
     }
     return result
+
+
+def sides(kind: str) -> list[str]:
+    """The runs of one kind ("full" or "paced") in the order they run: none, rules, rules, none."""
+    return [f"none_{kind}_1", f"rules_{kind}_1", f"rules_{kind}_2", f"none_{kind}_2"]
+
+
+def ratios(runs: dict[str, Any]) -> dict[str, Any]:
+    """The ratios of a store's runs (see the module): each side's two runs averaged."""
+
+    def mean(side: str, kind: str, read: Callable[[dict[str, Any]], float]) -> float:
+        return (read(runs[f"{side}_{kind}_1"]) + read(runs[f"{side}_{kind}_2"])) / 2
+
+    def rate(run: dict[str, Any]) -> float:
+        return float(run["rate"])
+
+    def latency(quantile: str) -> Callable[[dict[str, Any]], float]:
+        return lambda run: float(run["latency_ms"][quantile])
+
+    def paced(quantile: str) -> float:
+        return round(mean("rules", "paced", latency(quantile)) / mean("none", "paced", latency(quantile)), 3)
+
+    return {
+        "throughput_none_over_rules": round(mean("none", "full", rate) / mean("rules", "full", rate), 3),
+        "p50_rules_over_none_paced": paced("p50"),
+        "p99_rules_over_none_paced": paced("p99"),
+        "p50_rules_over_none_paced_pairs": [
+            round(runs[f"rules_paced_{k}"]["latency_ms"]["p50"] / runs[f"none_paced_{k}"]["latency_ms"]["p50"], 3)
+            for k in (1, 2)
+        ],
+    }
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -261,7 +295,9 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"{result['store']:7} ratios: throughput none/rules {ratios['throughput_none_over_rules']:.2f}x, "
             f"paced p50 rules/none {ratios['p50_rules_over_none_paced']:.2f}x, "
-            f"p99 {ratios['p99_rules_over_none_paced']:.2f}x; rules with hits: {result['rules_with_hits']}/{RULES}"
+            f"p99 {ratios['p99_rules_over_none_paced']:.2f}x (p50 per pair: "
+            f"{', '.join(f'{r:.2f}x' for r in ratios['p50_rules_over_none_paced_pairs'])}); "
+            f"rules with hits: {result['rules_with_hits']}/{RULES}"
         )
     return "\n".join(lines)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests import rules_in_process
+from loadtests import bench_rules, rules_in_process
 
 
 def assert_timed_runs(capsys: pytest.CaptureFixture[str], labels: list[str]) -> None:
@@ -35,3 +35,26 @@ def test_rules_in_process_compares_the_compiled_answer_with_the_steps(
     code = rules_in_process.main([*args, "--visitors", "40", "--warmup", "30"])
     assert code == 0
     assert_timed_runs(capsys, ["steps", "placed"])
+
+
+def test_rules_benchmark_runs_each_side_twice_in_abba_order_and_averages_them() -> None:
+    assert bench_rules.sides("paced") == ["none_paced_1", "rules_paced_1", "rules_paced_2", "none_paced_2"]
+
+    def run(rate: float, p50: float, p99: float) -> dict[str, object]:
+        return {"rate": rate, "latency_ms": {"p50": p50, "p99": p99}}
+
+    runs = {
+        "none_full_1": run(1000, 9, 20),
+        "rules_full_1": run(800, 11, 30),
+        "rules_full_2": run(700, 12, 30),
+        "none_full_2": run(900, 9, 20),
+        "none_paced_1": run(400, 1.0, 3.0),
+        "rules_paced_1": run(400, 1.1, 3.3),
+        "rules_paced_2": run(400, 1.5, 4.5),
+        "none_paced_2": run(400, 1.0, 3.0),
+    }
+    ratios = bench_rules.ratios(runs)
+    assert ratios["throughput_none_over_rules"] == round(950 / 750, 3)
+    assert ratios["p50_rules_over_none_paced"] == 1.3  # (1.1 + 1.5) / 2 against (1.0 + 1.0) / 2
+    assert ratios["p99_rules_over_none_paced"] == 1.3
+    assert ratios["p50_rules_over_none_paced_pairs"] == [1.1, 1.5]
