@@ -289,9 +289,9 @@ class Compiler:
         if condition.counter is not None:
             return self._counter(condition.counter)
         if condition.recency is not None:
-            return _recency(condition.recency)
+            return recency_check(condition.recency)
         if condition.session is not None:
-            return _session(condition.session)
+            return session_check(condition.session)
         assert condition.context is not None
         return _context(condition.context)
 
@@ -310,7 +310,7 @@ class Compiler:
         return lambda f: low <= f.counters.get(name, 0) <= high
 
 
-def _recency(recency: Recency) -> Predicate:
+def recency_check(recency: Recency) -> Predicate:
     event = recency.event
     if recency.within is not None:
         within = parse_duration(recency.within)
@@ -330,7 +330,7 @@ def _recency(recency: Recency) -> Predicate:
     return quiet_enough
 
 
-def _session(session: Session) -> Predicate:
+def session_check(session: Session) -> Predicate:
     inf = float("inf")
     pages = (session.pages_at_least or 0, inf if session.pages_at_most is None else session.pages_at_most)
     seconds = (session.seconds_at_least or 0, inf if session.seconds_at_most is None else session.seconds_at_most)

@@ -28,7 +28,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from gateway import conditions, kernels, placing
+from gateway import conditions, flat, kernels, placing
 from gateway.conditions import Compiler, Condition, Context, ContextMatch, Facts, Predicate, parse_duration
 from gateway.plans import (
     HOT_BYTES,
@@ -132,10 +132,12 @@ class Book:
         # Per surface, what `fire` checks of each group: its condition and validity; groups whose
         # whole condition is a page prefix (a category page's rules, often most of a rule set) are
         # found by one scan of their prefixes instead of a call each.
+        # The checks also as one generated function per surface (gateway.flat), when they compile.
         self._checks: dict[str, list[tuple[int, Predicate | None, float, float]]] = {}
+        self._fire: dict[str, Callable[[Facts], list[int]] | None] = {}
         self._pages: dict[str, list[tuple[tuple[str, ...], int, float, float]]] = {}
         for surface in SURFACES:
-            checks, pages = [], []
+            checks, conditions_of, pages = [], [], []
             for index, (group, first) in enumerate(zip(self.groups, firsts, strict=True)):
                 if surface not in group.surfaces:
                     continue
@@ -144,7 +146,9 @@ class Book:
                     pages.append((prefixes, index, group.starts, group.ends))
                 else:
                     checks.append((index, group.when, group.starts, group.ends))
+                    conditions_of.append((index, first.rule.when, group.starts, group.ends))
             self._checks[surface], self._pages[surface] = checks, pages
+            self._fire[surface] = flat.fired_function(conditions_of, compiler)
         self._page_groups: dict[tuple[str, str], tuple[tuple[int, float, float], ...]] = {}
         # Every instant at which some group starts or stops being valid: between two of them the
         # same groups are valid (see decide_blank).
@@ -283,10 +287,14 @@ class Book:
     def _fired(self, facts: Facts, surface: Surface) -> tuple[int, ...]:
         """The indexes of the groups that fire, ascending."""
         now = facts.now
-        found: list[int] = []
-        for index, when, starts, ends in self._checks[surface]:
-            if starts <= now < ends and (when is None or when(facts)):
-                found.append(index)
+        fire = self._fire[surface]
+        if fire is not None:
+            found = fire(facts)
+        else:
+            found = []
+            for index, when, starts, ends in self._checks[surface]:
+                if starts <= now < ends and (when is None or when(facts)):
+                    found.append(index)
         page = facts.page
         if page is not None:
             for index, starts, ends in self._on_page(surface, page):
