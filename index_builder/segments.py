@@ -100,12 +100,39 @@ class SegmentModel(msgspec.Struct, frozen=True, dict=True):  # dict: room for th
         """The visitor's features, unstandardised, as plain floats."""
         return _features_of(_raw_of(counters, last_seen, now, self._keys, len(self.affinity)), self.recency_cap_days)
 
+    @cached_property
+    def _blank_z(self) -> list[float]:
+        """The standardised features of a visitor with no activity: a start that `assign` changes
+        only where a visitor has some (a category's share of views is 0 for most categories)."""
+        raw = [math.inf] + [0.0] * (FIRST_CATEGORY - 1 + len(self.affinity))
+        features = _features_of(raw, self.recency_cap_days)
+        return [(x - m) / s for x, m, s in zip(features, self.mean, self.scale, strict=True)]
+
     def assign(self, counters: Mapping[str, int], last_seen: float | None, now: float) -> str:
         """The id of the segment whose centroid is nearest to the visitor's standardised features.
 
-        Plain Python: it runs on every request, and on vectors this short numpy's per-call
-        overhead costs more than the arithmetic."""
-        z = [(x - m) / s for x, m, s in zip(self.vector(counters, last_seen, now), self.mean, self.scale, strict=True)]
+        The features of `vector`, with the same arithmetic (a property test compares the two), in
+        one function: it runs on every request of a visitor with activity, where each call and
+        comprehension of `vector` cost a cold fetch. Plain Python: on vectors this short numpy's
+        per-call overhead costs more than the arithmetic."""
+        keys, mean, scale = self._keys, self.mean, self.scale
+        z = self._blank_z.copy()
+        get = counters.get
+        events = keys.events
+        views, clicks, purchases, carts = get(events[0], 0), get(events[1], 0), get(events[2], 0), get(events[3], 0)
+        days = math.inf if last_seen is None else (now - last_seen) / DAY
+        z[0] = (math.log1p(min(max(days, 0.0), self.recency_cap_days)) - mean[0]) / scale[0]
+        z[1] = (math.log1p(views + clicks) - mean[1]) / scale[1]
+        z[2] = (math.log1p(purchases) - mean[2]) / scale[2]
+        z[3] = (math.log1p(carts) - mean[3]) / scale[3]
+        if views > 0:  # no views, no shares (as _features_of)
+            seen: dict[int, int] = {}
+            for key in counters.keys() & keys.members:
+                at = keys.affinity_of[key]
+                seen[at] = seen.get(at, 0) + counters[key]
+            for at, count in seen.items():
+                column = len(BEHAVIOUR) + at
+                z[column] = (min(count / views, 1.0) - mean[column]) / scale[column]
         distances = [math.dist(z, centroid) for centroid in self.centroids]
         return self.segments[distances.index(min(distances))].id
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import conditions
 from gateway.conditions import Compiler
@@ -131,6 +133,30 @@ def test_the_gateway_puts_a_visitor_with_no_activity_where_the_model_does_at_any
     busy = conditions.facts(NOW, counters=active, last_seen=NOW - 3600)
     assert segmenter.assign(busy, personal=True) == [model.segments[labels[0]].id]
     assert segmenter.assign(conditions.facts(NOW), personal=False) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    views=st.dictionaries(
+        st.sampled_from(["shoes/boots", "shoes/sneakers", "books/fiction", "garden"]), st.integers(0, 40), max_size=4
+    ),
+    totals=st.tuples(*[st.integers(0, 60)] * 4),
+    ago=st.one_of(st.none(), st.floats(-DAY, 800 * DAY)),
+    k=st.integers(1, 4),
+)
+def test_assign_puts_a_visitor_in_the_cluster_nearest_to_their_vector(
+    views: dict[str, int], totals: tuple[int, int, int, int], ago: float | None, k: int
+) -> None:
+    """`assign` (one function, for speed) against its definition: the standardised `vector`'s
+    nearest centroid (the first of equally near ones)."""
+    model, _ = segments.fit(population(), AFFINITY, MEMBERS, k, seed=0)
+    counters = {f"{event}/30d": count for event, count in zip(segments.COUNTED_EVENTS, totals, strict=True) if count}
+    counters |= {f"view@category:{category}/30d": count for category, count in views.items() if count}
+    counters["click@item:i1/7d"] = 3  # counters the model does not read
+    last_seen = None if ago is None else NOW - ago
+    z = [(x - m) / s for x, m, s in zip(model.vector(counters, last_seen, NOW), model.mean, model.scale, strict=True)]
+    distances = [math.dist(z, centroid) for centroid in model.centroids]
+    assert model.assign(counters, last_seen, NOW) == model.segments[distances.index(min(distances))].id
 
 
 def test_segment_ids_are_model_k_numbered_by_size() -> None:
