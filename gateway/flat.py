@@ -130,12 +130,12 @@ def segments_function(
 
 def fired_function(
     checks: Sequence[tuple[int, Condition | None, float, float]], compiler: Compiler
-) -> Callable[[Facts], list[int]] | None:
-    """One function that lists the `index` of each check (index, condition, validity from,
-    until) valid at `f.now` whose condition holds (None: always), in the order given; None when
-    a condition nests too deeply."""
+) -> Callable[[Facts], int] | None:
+    """One function that gives, as a mask, bit `index` of each check (index, condition, validity
+    from, until) valid at `f.now` whose condition holds (None: always); None when a condition
+    nests too deeply."""
     source = Source(compiler)
-    lines = ["now = f.now", "found = []"]
+    lines = ["now = f.now", "found = 0"]
     try:
         for index, when, starts, ends in checks:
             # Always valid (most groups): no comparison (the time is a finite number of seconds).
@@ -146,7 +146,7 @@ def fired_function(
             )
             if when is not None:
                 tests.append(source.expression(when))
-            lines += [f"if {' and '.join(tests) or 'True'}:", f"    found.append({int(index)})"]
+            lines += [f"if {' and '.join(tests) or 'True'}:", f"    found |= {1 << int(index)}"]
         made = source.function("fired", [*lines, "return found"])
     except (TooDeepError, RecursionError, SyntaxError, MemoryError):
         return None

@@ -134,7 +134,7 @@ class Book:
         # found by one scan of their prefixes instead of a call each.
         # The checks also as one generated function per surface (gateway.flat), when they compile.
         self._checks: dict[str, list[tuple[int, Predicate | None, float, float]]] = {}
-        self._fire: dict[str, Callable[[Facts], list[int]] | None] = {}
+        self._fire: dict[str, Callable[[Facts], int] | None] = {}
         self._pages: dict[str, list[tuple[tuple[str, ...], int, float, float]]] = {}
         for surface in SURFACES:
             checks, conditions_of, pages = [], [], []
@@ -149,13 +149,13 @@ class Book:
                     conditions_of.append((index, first.rule.when, group.starts, group.ends))
             self._checks[surface], self._pages[surface] = checks, pages
             self._fire[surface] = flat.fired_function(conditions_of, compiler)
-        self._page_groups: dict[tuple[str, str], tuple[tuple[int, float, float], ...]] = {}
+        self._page_groups: dict[tuple[str, str], tuple[int, tuple[tuple[int, float, float], ...]]] = {}
         # Every instant at which some group starts or stops being valid: between two of them the
         # same groups are valid (see decide_blank).
         self._boundaries = sorted({t for g in self.groups for t in (g.starts, g.ends) if np.isfinite(t)})
-        self._blank: dict[tuple[object, ...], tuple[list[str], tuple[int, ...], Plan | None]] = {}
+        self._blank: dict[tuple[object, ...], tuple[list[str], int, Plan | None]] = {}
         self._clock: tuple[float, float, int] = (0.0, 0.0, 0)  # see _clock_at
-        self._plans: OrderedDict[tuple[int, ...], Plan] = OrderedDict()
+        self._plans: OrderedDict[int, Plan] = OrderedDict()  # by the mask of their groups (_fired)
         self._hot: OrderedDict[Plan, None] = OrderedDict()  # plans with combined arrays (see stepping)
         self._hot_kept = max(8, HOT_BYTES // (5 * max(len(snap.item_ids), 1)))
         self._cap_keys: dict[int, list[str]] = {}
@@ -284,34 +284,39 @@ class Book:
         enabled rules for this surface, valid now, whose condition holds."""
         return self._plan_of(self._fired(facts, surface))
 
-    def _fired(self, facts: Facts, surface: Surface) -> tuple[int, ...]:
-        """The indexes of the groups that fire, ascending."""
+    def _fired(self, facts: Facts, surface: Surface) -> int:
+        """The groups that fire, as a mask: bit i for group i (an int hashes and combines faster
+        than a sorted tuple of indexes)."""
         now = facts.now
         fire = self._fire[surface]
         if fire is not None:
             found = fire(facts)
         else:
-            found = []
+            found = 0
             for index, when, starts, ends in self._checks[surface]:
                 if starts <= now < ends and (when is None or when(facts)):
-                    found.append(index)
+                    found |= 1 << index
         page = facts.page
         if page is not None:
-            for index, starts, ends in self._on_page(surface, page):
+            always, timed = self._on_page(surface, page)
+            found |= always
+            for bit, starts, ends in timed:
                 if starts <= now < ends:
-                    found.append(index)
-        return tuple(sorted(found))
+                    found |= bit
+        return found
 
-    def _plan_of(self, fired: tuple[int, ...]) -> Plan | None:
-        """The plan of these fired groups, made once and kept (the PLANS_KEPT most recent)."""
+    def _plan_of(self, fired: int) -> Plan | None:
+        """The plan of these fired groups (a mask, see _fired), made once and kept (the
+        PLANS_KEPT most recent)."""
         if not fired:
             return None
         plan = self._plans.get(fired)
         if plan is None:
-            plan = self._plans[fired] = Plan([self.groups[i] for i in fired])
+            indexes = [i for i in range(fired.bit_length()) if fired >> i & 1]
+            plan = self._plans[fired] = Plan([self.groups[i] for i in indexes])
             if self.codes is not None:
-                boosting = [i for i in fired if self.groups[i].weighing is not None]
-                plan.view = self.codes.view(fired, boosting, plan, self.capping(plan))
+                boosting = [i for i in indexes if self.groups[i].weighing is not None]
+                plan.view = self.codes.view(indexes, boosting, plan, self.capping(plan))
             while len(self._plans) > PLANS_KEPT:
                 dropped = self._plans.popitem(last=False)[1]
                 if dropped in self._hot:  # a remembered blank decision may still hold it
@@ -339,17 +344,21 @@ class Book:
             while len(hot) > self._hot_kept:
                 hot.popitem(last=False)[0].separate()
 
-    def _on_page(self, surface: Surface, page: str) -> tuple[tuple[int, float, float], ...]:
-        """The page-only groups (index, validity) whose prefixes `page` starts with: one scan per
-        distinct page, then a lookup (a shop has a bounded set of pages; past PAGES_KEPT of them,
-        the others are scanned each time rather than remembered)."""
+    def _on_page(self, surface: Surface, page: str) -> tuple[int, tuple[tuple[int, float, float], ...]]:
+        """The page-only groups whose prefixes `page` starts with, as the mask of those always
+        valid and (bit, validity) of the others: one scan per distinct page, then a lookup (a shop
+        has a bounded set of pages; past PAGES_KEPT of them, the others are scanned each time
+        rather than remembered)."""
         found = self._page_groups.get((surface, page))
         if found is None:
-            found = tuple(
-                (index, starts, ends)
-                for prefixes, index, starts, ends in self._pages[surface]
-                if page.startswith(prefixes)
-            )
+            always, timed = 0, []
+            for prefixes, index, starts, ends in self._pages[surface]:
+                if page.startswith(prefixes):
+                    if starts == -math.inf and ends == math.inf:
+                        always |= 1 << index
+                    else:
+                        timed.append((1 << index, starts, ends))
+            found = (always, tuple(timed))
             if len(self._page_groups) < PAGES_KEPT:
                 self._page_groups[(surface, page)] = found
         return found

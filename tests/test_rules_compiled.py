@@ -144,7 +144,7 @@ def test_plans_taken_step_by_step_combine_their_arrays_and_blank_decisions_keep_
     assert plan.weight is None  # let go of its combined arrays
     again = [plan_on(on_a) for _ in range(HOT_PLAN)]
     assert again[-1] is not plan and [r.ref for r in again[-1].rules] == ["rule:a-page@1", "rule:any-c-page@1"]
-    assert b._plans[(0, 1)] is again[-1]
+    assert b._plans[0b11] is again[-1]  # groups 0 and 1
 
 
 def test_tagged_reasons_are_shared_and_the_same_past_the_memorys_bound(
