@@ -291,12 +291,12 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"{result['store']:7} {label:14} {run['rate']:8,.0f} {latency['p50']:8.2f} {latency['p99']:8.2f}"
                 + (f"  (asked again: {', '.join(again)})" if again else "")
             )
-        ratios = result["ratios"]
+        found = result["ratios"]
         lines.append(
-            f"{result['store']:7} ratios: throughput none/rules {ratios['throughput_none_over_rules']:.2f}x, "
-            f"paced p50 rules/none {ratios['p50_rules_over_none_paced']:.2f}x, "
-            f"p99 {ratios['p99_rules_over_none_paced']:.2f}x (p50 per pair: "
-            f"{', '.join(f'{r:.2f}x' for r in ratios['p50_rules_over_none_paced_pairs'])}); "
+            f"{result['store']:7} ratios: throughput none/rules {found['throughput_none_over_rules']:.2f}x, "
+            f"paced p50 rules/none {found['p50_rules_over_none_paced']:.2f}x, "
+            f"p99 {found['p99_rules_over_none_paced']:.2f}x (p50 per pair: "
+            f"{', '.join(f'{r:.2f}x' for r in found['p50_rules_over_none_paced_pairs'])}); "
             f"rules with hits: {result['rules_with_hits']}/{RULES}"
         )
     return "\n".join(lines)
