@@ -122,7 +122,7 @@ def segments_function(
     try:
         for ident, when in definitions:
             lines += [f"if {source.expression(when)}:", f"    segments.add({source.bind(ident)})"]
-        made = source.function("segments", [*lines, "return None"])
+        made = source.function("segments", lines)
     except (TooDeepError, RecursionError, SyntaxError, MemoryError):
         return None
     return made  # type: ignore[return-value]

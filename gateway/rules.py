@@ -76,8 +76,9 @@ BLANK_KEPT = 4_096
 
 class Book:
     """One rule-set version compiled against one snapshot: item matches become boolean masks over
-    the catalog, conditions become closures. Rebuilt on every activation, flag change and snapshot
-    swap (off the event loop), so a request only evaluates closures and indexes masks."""
+    the catalog, conditions become closures and, per surface, one generated function (gateway.flat).
+    Rebuilt on every activation, flag change and snapshot swap (off the event loop), so a request
+    only evaluates compiled conditions and indexes masks."""
 
     def __init__(
         self,

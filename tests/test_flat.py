@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -89,21 +90,6 @@ def facts(draw: st.DrawFn, snap: Snapshot) -> conditions.Facts:
     return found
 
 
-def copy(facts: conditions.Facts) -> conditions.Facts:
-    return conditions.Facts(
-        facts.now,
-        facts.local,
-        facts.counters,
-        facts.recent,
-        facts.last_seen,
-        facts.device,
-        facts.country,
-        facts.referrer,
-        facts.page,
-        set(facts.segments),
-    )
-
-
 @SETTINGS
 @given(data=st.data())
 def test_generated_segments_and_fired_groups_equal_the_closures(snap: Snapshot, data: st.DataObject) -> None:
@@ -125,7 +111,7 @@ def test_generated_segments_and_fired_groups_equal_the_closures(snap: Snapshot, 
     compiled = [(index, None if when is None else COMPILER.compile(when), s, e) for index, when, s, e in checks]
     for _ in range(data.draw(st.integers(1, 6))):
         given_facts = data.draw(facts(snap))
-        one, other = copy(given_facts), copy(given_facts)
+        one, other = (dataclasses.replace(given_facts, segments=set(given_facts.segments)) for _ in range(2))
         for ident, predicate in closures:
             if predicate(one):
                 one.segments.add(ident)
