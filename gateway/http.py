@@ -40,10 +40,11 @@ class ApiError(Exception):
         headers: dict[str, str] | None = None,
         rule: str | None = None,
         experiment: str | None = None,
+        stored: list[int] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.body = wire.ErrorBody(wire.ErrorDetail(code, message, field, problems, rule, experiment))
+        self.body = wire.ErrorBody(wire.ErrorDetail(code, message, field, problems, rule, experiment, stored))
         self.headers = headers
 
 

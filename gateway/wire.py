@@ -465,6 +465,13 @@ class ErrorDetail(msgspec.Struct, frozen=True, omit_defaults=True):
     experiment: Annotated[
         str | None, msgspec.Meta(description="The experiment an invalid experiment plan is wrong in.")
     ] = None
+    stored: Annotated[
+        list[int] | None,
+        msgspec.Meta(
+            description="store-unavailable on `POST /v1/events`: the positions in the batch of the events that are "
+            "stored (now, or before with the same id); a retry of the batch with the same event ids stores the rest."
+        ),
+    ] = None
 
 
 class ErrorBody(msgspec.Struct, frozen=True):

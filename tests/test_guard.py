@@ -49,6 +49,17 @@ class Scripted:
     ) -> list[bool] | None:
         return [True] * len(events)
 
+    async def record_many(
+        self,
+        batch: Sequence[tuple[str, Sequence[Recorded]]],
+        *,
+        retention: Retention,
+        now: float,
+        requires: Requirement | None = None,
+        timeout: float | None = None,
+    ) -> list[list[bool] | None]:
+        return [[True] * len(events) for _, events in batch]
+
     async def forget(self, visitor: str) -> Forgotten:
         return Forgotten(profile=False, log_events=0)
 

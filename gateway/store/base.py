@@ -30,6 +30,17 @@ class StoreTimeoutError(StoreError, TimeoutError):
     """The store did not answer in time."""
 
 
+class PartlyStoredError(StoreError):
+    """`record_many` failed part-way. `outcomes` maps the position in the batch of each visitor whose
+    outcome is known to it (what `record` returns); every other visitor's events are not stored, or,
+    when the connection failed mid-way, may be: a retry with the same event ids stores exactly what
+    is missing (the rest come back as duplicates)."""
+
+    def __init__(self, message: str, outcomes: dict[int, list[bool] | None]) -> None:
+        super().__init__(message)
+        self.outcomes = outcomes
+
+
 class Interaction(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """One remembered interaction, stored compactly as [item, event, ts].
 
@@ -283,6 +294,21 @@ class Store(Protocol):
         in every window, move `last_seen`, append them to the event log, and let the visitor's
         state expire `retention.ttl` after `now`. An event whose `id` was recorded before for this
         visitor is a duplicate and changes nothing. Returns, per event, whether it was stored."""
+        ...
+
+    async def record_many(
+        self,
+        batch: Sequence[tuple[str, Sequence[Recorded]]],
+        *,
+        retention: Retention,
+        now: float,
+        requires: Requirement | None = None,
+        timeout: float | None = None,
+    ) -> list[list[bool] | None]:
+        """`record` for many visitors (each visitor's events all or nothing, as there), in a bounded
+        number of round trips however many visitors there are; the outcome per visitor. Raises
+        PartlyStoredError, with the outcomes it knows, when any visitor's events could not be
+        stored, or when `timeout` seconds passed."""
         ...
 
     async def forget(self, visitor: str) -> Forgotten:

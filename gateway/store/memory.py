@@ -164,6 +164,18 @@ class MemoryStore:
             del state.counters[key]
         return Profile(recent=recent, counters=counts, last_seen=state.last_seen, consent=consent, messages=messages)
 
+    async def record_many(
+        self,
+        batch: Sequence[tuple[str, Sequence[Recorded]]],
+        *,
+        retention: Retention,
+        now: float,
+        requires: Requirement | None = None,
+        timeout: float | None = None,
+    ) -> list[list[bool] | None]:
+        # In process and without an await that yields, so it never fails part-way nor runs long.
+        return [await self.record(v, events, retention=retention, now=now, requires=requires) for v, events in batch]
+
     async def record(
         self,
         visitor: str,

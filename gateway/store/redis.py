@@ -21,6 +21,7 @@ Triggers (see `Store.schedule` and the rest):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -28,10 +29,10 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.asyncio.connection import BlockingConnectionPool, Connection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.store.base import (
     PURPOSES,
@@ -43,6 +44,7 @@ from gateway.store.base import (
     Listener,
     LogLine,
     MessageListener,
+    PartlyStoredError,
     Profile,
     Recorded,
     Requirement,
@@ -71,12 +73,14 @@ from gateway.store.scripts import (
     PROFILE_SCRIPT,
     PROFILE_SHA,
     RECORD_SCRIPT,
+    RECORD_SHA,
     SCHEDULE_SCRIPT,
     TRIGGER_STATE_SCRIPT,
 )
 
 log = logging.getLogger("tailor.store")
 
+RECORD_CHUNK = 100  # visitors per pipelined round trip of `record_many`
 AUDIT_MAX = 10_000_000  # consent changes kept in the audit stream (approximately)
 LOG_PAGE = 1000
 
@@ -94,8 +98,10 @@ class RedisStore:
     Timeouts are short because a caller on the hot path would rather degrade than wait. `retries` covers
     a connection that died since its last use (say, the server restarted): the command is retried once on
     a fresh connection, so the same object keeps working without being recreated. After a StoreError from
-    `record` the write may or may not have happened (a hung server can still apply it when it wakes), and a
-    retried `record` whose first attempt got through counts twice: counters are approximate under faults.
+    `record` the write may or may not have happened (a hung server can still apply it when it wakes); a
+    retry finds the events with ids that got through (duplicates), but counts those without ids twice:
+    counters are approximate under faults. `record_many` takes a whole batch in one round trip per
+    RECORD_CHUNK visitors on one connection, so however large, a batch never empties the pool.
     A connection idle for `health_check_interval` seconds is PINGed before reuse, an extra round trip
     that a busy gateway never pays.
     """
@@ -109,14 +115,23 @@ class RedisStore:
         timeout: float = 1.0,
         health_check_interval: int = 30,
         retries: int = 1,
+        max_connections: int = 50,
+        pool_timeout: float = 5.0,
     ) -> None:
         self.prefix = prefix
-        self._redis: Redis = Redis.from_url(
-            url,
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=timeout,
-            health_check_interval=health_check_interval,
-            retry=Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), retries),
+        # A blocking pool: past `max_connections` a command waits (up to `pool_timeout` seconds) for a
+        # connection instead of failing at once, as redis-py's default pool does, which turned a burst
+        # (timers firing, a large event batch) into errors for everyone sharing the pool.
+        self._redis: Redis = Redis.from_pool(
+            BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=pool_timeout,
+                socket_connect_timeout=connect_timeout,
+                socket_timeout=timeout,
+                health_check_interval=health_check_interval,
+                retry=Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), retries),
+            )
         )
         # redis-py hands URL query options to each new connection, so a misspelt one would only surface as a
         # TypeError on the first command; building one unconnected connection surfaces it here instead.
@@ -148,7 +163,6 @@ class RedisStore:
         self.timers_key = f"{prefix}timers"  # every pending trigger timer, by due time
         self.message_channel = f"{prefix}messages"
         self._message_channel_bytes = self.message_channel.encode()
-        self._record = self._redis.register_script(RECORD_SCRIPT)
         self._profile_script = self._redis.register_script(PROFILE_SCRIPT)
         self._schedule = self._redis.register_script(SCHEDULE_SCRIPT)
         self._cancel = self._redis.register_script(CANCEL_SCRIPT)
@@ -279,8 +293,59 @@ class RedisStore:
         now: float,
         requires: Requirement | None = None,
     ) -> list[bool] | None:
-        if not events and requires is None:
-            return []
+        (stored,) = await self.record_many([(visitor, events)], retention=retention, now=now, requires=requires)
+        return stored
+
+    async def record_many(
+        self,
+        batch: Sequence[tuple[str, Sequence[Recorded]]],
+        *,
+        retention: Retention,
+        now: float,
+        requires: Requirement | None = None,
+        timeout: float | None = None,
+    ) -> list[list[bool] | None]:
+        # One pipeline of RECORD_SCRIPT calls per RECORD_CHUNK visitors, one after the other: a batch
+        # holds one pooled connection at a time, so no batch can take the pool from everyone else.
+        # Each script is atomic, so a visitor's outcome is all or nothing; a chunk whose connection
+        # failed mid-way is unknown (its scripts may have run), which the id de-duplication absorbs.
+        outcomes: dict[int, list[bool] | None] = {}
+        calls: list[tuple[int, list[str], list[bytes | str | int | float]]] = []
+        for position, (visitor, events) in enumerate(batch):
+            if not events and requires is None:
+                outcomes[position] = []
+            else:
+                calls.append((position, *self._record_call(visitor, events, retention, now, requires)))
+        failures: list[str] = []
+        try:
+            async with asyncio.timeout(timeout):
+                for start in range(0, len(calls), RECORD_CHUNK):
+                    chunk = calls[start : start + RECORD_CHUNK]
+                    replies = await self._evalsha_all(RECORD_SCRIPT, RECORD_SHA, [(k, a) for _, k, a in chunk])
+                    for (position, _, _), reply in zip(chunk, replies, strict=True):
+                        if isinstance(reply, Exception):
+                            failures.append(f"{type(reply).__name__}: {reply}")
+                        else:
+                            outcomes[position] = None if reply == -1 else [bool(flag) for flag in reply]
+        except TimeoutError as exc:
+            raise PartlyStoredError(f"redis record failed: timed out after {timeout} s", outcomes) from exc
+        except _FAILURES as exc:
+            raise PartlyStoredError(str(_failure("record", exc)), outcomes) from exc
+        if failures:
+            raise PartlyStoredError(
+                f"redis record failed for {len(failures)} of {len(batch)} visitors: {failures[0]}", outcomes
+            )
+        return [outcomes[position] for position in range(len(batch))]
+
+    def _record_call(
+        self,
+        visitor: str,
+        events: Sequence[Recorded],
+        retention: Retention,
+        now: float,
+        requires: Requirement | None,
+    ) -> tuple[list[str], list[bytes | str | int | float]]:
+        """RECORD_SCRIPT's KEYS and ARGV for one visitor's events."""
         keys = [*self._keys(visitor), self._ids_key(visitor), self.log_key]
         args: list[bytes | str | int | float] = [
             repr(now),
@@ -309,13 +374,30 @@ class RedisStore:
                 len(names),
                 *names,
             ]
-        try:
-            stored = await self._record(keys=keys, args=args)
-        except _FAILURES as exc:
-            raise _failure("record", exc) from exc
-        if stored == -1:
-            return None
-        return [bool(flag) for flag in stored]
+        return keys, args
+
+    async def _evalsha_all(
+        self, script: str, sha: str, calls: Sequence[tuple[list[str], list[bytes | str | int | float]]]
+    ) -> list[Any]:
+        """Run `script` once per (KEYS, ARGV) in one pipelined round trip; the replies in order, an
+        exception in place of each call that failed. The script is loaded (and the calls it was
+        missing for run again) when the server does not know it: NOSCRIPT means nothing ran."""
+        replies = await self._pipelined(sha, calls)
+        missing = [at for at, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            await self._redis.script_load(script)
+            for at, reply in zip(missing, await self._pipelined(sha, [calls[at] for at in missing]), strict=True):
+                replies[at] = reply
+        return replies
+
+    async def _pipelined(
+        self, sha: str, calls: Sequence[tuple[list[str], list[bytes | str | int | float]]]
+    ) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     async def forget(self, visitor: str) -> Forgotten:
         keys = [*self._keys(visitor), self._ids_key(visitor), *self._trigger_keys(visitor), self.timers_key]

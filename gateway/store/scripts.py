@@ -91,6 +91,7 @@ end
 return stored
 """
 )
+RECORD_SHA = hashlib.sha1(RECORD_SCRIPT.encode()).hexdigest()
 
 # A visitor's profile, consent first. KEYS: recent list, counters hash, inbox list. ARGV: limit,
 # counters ("1" for all of them), the position in HEAD_FIELDS of the consent the read needs (0:
