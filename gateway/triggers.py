@@ -22,8 +22,13 @@ timer runs stops it.
 
 Timers are durable with a Redis store: any gateway process claims them when due (atomically, so
 each fires once), including one started after the process that set them stopped. With the memory
-store they live and die with the process. A claimed timer whose firing fails is not retried: a
-missed reminder is better than a repeated one.
+store they live and die with the process. A firing that fails (the store failed or timed out),
+of a due timer or on an event, is set as a timer due `retry_s` later, doubling per failure, up to
+`attempts` firings in all; one the store cannot take either is held by the process and set on a
+later round.
+A retry cannot repeat a message: a firing that got through despite the failure marks the trigger
+fired for its `period`, and the retry finds the mark. A timer that exhausts its attempts is dropped
+with a warning in the log.
 
 Store round trips, per event batch of one visitor, besides its `record`: none when no active
 trigger concerns the batch's event types; else one read of the counters when a trigger with a
@@ -123,10 +128,12 @@ class Delivered(msgspec.Struct, frozen=True, tag_field="type", tag="message"):
 
 
 class _Armed(msgspec.Struct, frozen=True, array_like=True):
-    """A timer's payload in the store: which version set it, at the time of which event."""
+    """A timer's payload in the store: which version set it, at the time of which event, and how many
+    firings of it failed so far."""
 
     version: int
     at: float
+    failed: int = 0
 
 
 _encode = msgspec.json.Encoder().encode
@@ -154,7 +161,8 @@ class TriggerEngine:
     store's counter windows (seconds); fired messages go to inboxes of `inbox_keep` messages that
     expire `inbox_ttl_s` after the last. The background task looks for due timers every `poll_s`
     seconds, up to `batch` at a time, and claims nothing before `use` gave it definitions (so a
-    restarting gateway does not take the timers due while it loads its rule set)."""
+    restarting gateway does not take the timers due while it loads its rule set). A timer whose
+    firing fails is retried `retry_s` later (doubling), `attempts` firings in all (see the module)."""
 
     def __init__(
         self,
@@ -164,6 +172,8 @@ class TriggerEngine:
         windows: Sequence[float],
         poll_s: float = 1.0,
         batch: int = 100,
+        retry_s: float = 30.0,
+        attempts: int = 5,
         inbox_keep: int = 10,
         inbox_ttl_s: float = 7 * DAY,
         clock: Callable[[], float] = time.time,
@@ -176,6 +186,11 @@ class TriggerEngine:
         self.windows = tuple(windows)
         self.poll_s = poll_s
         self.batch = batch
+        self.retry_s = retry_s
+        self.attempts = attempts
+        # Timers whose firing failed and that the store could not take back either; put back first thing
+        # on the next round, so a store outage delays them rather than losing them.
+        self._held: list[tuple[str, Timer]] = []
         self.inbox_keep = inbox_keep
         self.inbox_ttl_s = inbox_ttl_s
         self._clock = clock
@@ -282,28 +297,52 @@ class TriggerEngine:
                 if was_set and self._on_scheduled is not None:
                     self._on_scheduled(timer.trigger)
         if fire:
-            await asyncio.gather(*(self._fire(key, active, version, now) for active in fire))
+            # Fired as a timer due now, so one whose firing fails is retried like one.
+            payload = _encode(_Armed(version, now))
+            await asyncio.gather(
+                *(self._fire_timer(key, Timer(a.trigger.id, now, payload), a, version, now) for a in fire)
+            )
 
-    async def _fire(self, key: str, active: _Active, version: int, now: float) -> bool:
+    async def _deliver(self, key: str, active: _Active, version: int, now: float) -> bool:
+        """Fire the trigger for the visitor; whether it fired; StoreError when the store failed."""
         trigger = active.trigger
         delivered = Delivered(trigger.id, version, trigger.message, uuid.uuid4().hex, now)
-        try:
-            fired = await self.store.fire(
-                key,
-                trigger.id,
-                _encode(delivered),
-                period=active.period,
-                keep=self.inbox_keep,
-                ttl=self.inbox_ttl_s,
-                now=now,
-                requires=self.requires,
-            )
-        except StoreError as exc:
-            log.warning("trigger %s not fired: %s", trigger.id, exc)
-            return False
+        fired = await self.store.fire(
+            key,
+            trigger.id,
+            _encode(delivered),
+            period=active.period,
+            keep=self.inbox_keep,
+            ttl=self.inbox_ttl_s,
+            now=now,
+            requires=self.requires,
+        )
         if fired and self._on_fired is not None:
             self._on_fired(trigger.id)
         return bool(fired)
+
+    async def _fire_timer(self, key: str, timer: Timer, active: _Active, version: int, now: float) -> None:
+        try:
+            await self._deliver(key, active, version, now)
+        except StoreError as exc:
+            armed = _armed_payload(timer.payload, version, now)
+            failed = armed.failed + 1
+            if failed >= self.attempts:
+                log.warning("trigger %s dropped after %d failed firings: %s", timer.trigger, failed, exc)
+                return
+            log.warning("trigger %s not fired (attempt %d), retried later: %s", timer.trigger, failed, exc)
+            due = now + self.retry_s * 2 ** (failed - 1)
+            again = Timer(timer.trigger, due, _encode(msgspec.structs.replace(armed, failed=failed)))
+            await self._put_back([(key, again)], now)
+
+    async def _put_back(self, timers: Sequence[tuple[str, Timer]], now: float) -> None:
+        """Set these timers again (a timer set since for the same trigger stays as it is); the ones the
+        store does not take are held for the next round."""
+        for key, timer in timers:
+            try:
+                await self.store.schedule(key, [timer], now=now, requires=self.requires)
+            except StoreError:
+                self._held.append((key, timer))
 
     # -- timers ------------------------------------------------------------------------------------
     async def fire_due(self, now: float | None = None) -> int:
@@ -313,16 +352,21 @@ class TriggerEngine:
         if definitions is None:
             return 0
         now = self._clock() if now is None else now
+        if self._held:
+            held, self._held = self._held, []
+            await self._put_back(held, now)
         claimed = await self.store.claim_due(now=now, limit=self.batch)
         firing = []
         for visitor, timer in claimed:
             active = definitions.by_id.get(timer.trigger)
-            if active is None or active.trigger.unless is None:
+            # A trigger without `unless` has a timer only to retry a failed firing.
+            retry = active is not None and _armed_payload(timer.payload, definitions.version, now).failed > 0
+            if active is None or (active.trigger.unless is None and not retry):
                 log.info(
                     "due timer of trigger %s dropped: not active in version %d", timer.trigger, definitions.version
                 )
                 continue
-            firing.append(self._fire(visitor, active, definitions.version, now))
+            firing.append(self._fire_timer(visitor, timer, active, definitions.version, now))
         await asyncio.gather(*firing)
         return len(claimed)
 
@@ -344,6 +388,14 @@ class TriggerEngine:
             except Exception:
                 log.exception("trigger timers")
             await asyncio.sleep(self.poll_s)
+
+
+def _armed_payload(payload: bytes, version: int, now: float) -> _Armed:
+    """A timer's payload; one this version cannot read counts as set by `version` at `now`, never failed."""
+    try:
+        return msgspec.json.decode(payload, type=_Armed)
+    except msgspec.DecodeError:
+        return _Armed(version, now)
 
 
 def _last(events: Sequence[Recorded], event_type: str) -> int | None:

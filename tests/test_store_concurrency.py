@@ -15,16 +15,20 @@ import httpx2
 import msgspec
 import pytest
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from starlette.testclient import TestClient
 
 from gateway.app import Gateway, create_app
-from gateway.store import RedisStore, Timer
+from gateway.store import Recorded, RedisStore, Requirement, Timer
 from gateway.store.base import decode_log
-from gateway.triggers import Trigger, TriggerMessage
+from gateway.triggers import Trigger, TriggerEngine, TriggerMessage
 from tests.conftest import RedisServer
 from tests.gateways import settings
 
 T = TypeVar("T")
+HOUR = 3600.0
+DAY = 24 * HOUR
+ANYONE = Requirement("marketing", default=True)  # the opt-out model
 CART = Trigger(id="cart-abandon", on="add_to_cart", unless="purchase", wait="30m", message=TriggerMessage("Hi"))
 
 
@@ -148,3 +152,60 @@ def test_400_due_timers_are_all_delivered(shop: Shop) -> None:
         time.sleep(0.05)
     assert pending == 0
     assert delivered == [1] * 400
+
+
+@pytest.mark.anyio
+async def test_a_timer_whose_firing_fails_is_retried_until_it_is_delivered(
+    redis_store: RedisStore, raw: AsyncRedis
+) -> None:
+    engine = TriggerEngine(redis_store, requires=ANYONE, windows=(HOUR, DAY), retry_s=60)
+    engine.use([CART], version=1)
+    now = time.time()
+    prefix = redis_store.prefix
+    for visitor in ("a", "b"):
+        assert await redis_store.schedule(visitor, [Timer(CART.id, now, b"")], now=now) == [True]
+    # Keys of the wrong type make the store's scripts fail for these visitors, before they write:
+    # a's counters fail its firing and the store's taking the timer back (the process holds it);
+    # b's fired marks fail its firing only (the timer goes back into the store).
+    await raw.set(f"{prefix}v:a:counters", "not a hash")
+    await raw.set(f"{prefix}v:b:fired", "not a hash")
+    assert await engine.fire_due(now) == 2
+    assert await raw.zrange(f"{prefix}timers", 0, -1, withscores=True) == [
+        (msgspec.json.encode(["b", CART.id]), now + 60)
+    ]
+    await raw.delete(f"{prefix}v:a:counters", f"{prefix}v:b:fired")
+    assert await engine.fire_due(now + 59) == 0
+    assert await engine.fire_due(now + 60) == 2
+    assert [await raw.llen(f"{prefix}v:{visitor}:inbox") for visitor in ("a", "b")] == [1, 1]
+    assert await engine.fire_due(now + DAY) == 0  # delivered once
+
+
+@pytest.mark.anyio
+async def test_a_timer_is_dropped_with_a_warning_after_its_last_attempt(
+    redis_store: RedisStore, raw: AsyncRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = TriggerEngine(redis_store, requires=ANYONE, windows=(HOUR, DAY), retry_s=60, attempts=2)
+    engine.use([CART], version=1)
+    now = time.time()
+    assert await redis_store.schedule("b", [Timer(CART.id, now, b"")], now=now) == [True]
+    await raw.set(f"{redis_store.prefix}v:b:fired", "not a hash")
+    assert await engine.fire_due(now) == 1
+    assert await engine.fire_due(now + 60) == 1
+    assert await raw.zcard(f"{redis_store.prefix}timers") == 0
+    assert "trigger cart-abandon dropped after 2 failed firings" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_a_trigger_whose_firing_on_an_event_fails_is_retried_as_a_timer(
+    redis_store: RedisStore, raw: AsyncRedis
+) -> None:
+    welcome = Trigger(id="welcome", on="view", message=TriggerMessage("Welcome!"))
+    engine = TriggerEngine(redis_store, requires=ANYONE, windows=(HOUR, DAY), retry_s=60)
+    engine.use([welcome], version=1)
+    now = time.time()
+    await raw.set(f"{redis_store.prefix}v:w:fired", "not a hash")
+    await engine.on_recorded("w", [Recorded("view", now, item="i1")], now)
+    assert await raw.llen(f"{redis_store.prefix}v:w:inbox") == 0
+    await raw.delete(f"{redis_store.prefix}v:w:fired")
+    assert await engine.fire_due(now + 60) == 1
+    assert await raw.llen(f"{redis_store.prefix}v:w:inbox") == 1
