@@ -18,6 +18,7 @@ from gateway.store.base import (
     Consent,
     ConsentChange,
     CounterKey,
+    ErasureListener,
     Forgotten,
     Interaction,
     Listener,
@@ -124,6 +125,7 @@ class MemoryStore:
         self._due: list[tuple[float, int, str, str]] = []
         self._serial = 0
         self._message_listeners: list[MessageListener] = []
+        self._erasure_listeners: list[ErasureListener] = []
         self._last_query: tuple[object, dict[tuple[str, float], list[str]]] = (None, {})
 
     def _index_of(self, query: Sequence[CounterKey]) -> dict[tuple[str, float], list[str]]:
@@ -278,6 +280,12 @@ class MemoryStore:
     def subscribe_messages(self, listener: MessageListener) -> None:
         self._message_listeners.append(listener)
 
+    def subscribe_erasures(self, listener: ErasureListener) -> None:
+        self._erasure_listeners.append(listener)
+
+    async def announce_erasure(self, visitor: str, *, wait: float) -> int:
+        return sum([await listener(visitor) for listener in self._erasure_listeners])
+
     def _consent(self, visitor: str, now: float) -> dict[str, Consent]:
         state = self._visitors.get(visitor)
         return state.consent if state is not None and state.expires_at > now else {}
@@ -417,5 +425,6 @@ class MemoryStore:
         self.bytes = 0
         self._listeners.clear()
         self._message_listeners.clear()
+        self._erasure_listeners.clear()
         self._timers.clear()
         self._due.clear()
