@@ -49,10 +49,11 @@ def _imported(module: str, path: Path, known: set[str]) -> Iterator[str]:
         else:
             continue
         for name in names:
-            while name and name not in known:
-                name = name.rpartition(".")[0]
-            if name and name != module:
-                yield name
+            target = name
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != module:
+                yield target
 
 
 def graph(root: Path = ROOT, packages: Iterable[str] = PACKAGES) -> Graph:
