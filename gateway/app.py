@@ -192,6 +192,7 @@ class Gateway:
         self._flusher = asyncio.create_task(self._flush_metrics(), name="metrics-flush")
         self.store.subscribe(self.hub.changed)  # events taken here or by another process on the same store
         self.store.subscribe_messages(self.hub.deliver)  # triggers fired here or by another process
+        self.store.subscribe_erasures(self.hub.disconnect)  # erasures taken here or by another process
         self.triggers.start()
 
     async def stop(self) -> None:

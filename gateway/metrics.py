@@ -45,6 +45,18 @@ class Metrics:
         self.stream_drops = Counter(
             "tailor_stream_refusals", "Sockets refused or dropped, by reason", ["reason"], registry=r
         )
+        self.store_visitors = Gauge(
+            "tailor_store_visitors",
+            "Visitors the memory store of this process holds (memory:// only)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.store_bytes = Gauge(
+            "tailor_store_bytes",
+            "Estimated resident bytes of the visitors the memory store holds (bounded by ?max_mb)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.streams = Gauge("tailor_streams_open", "Open WebSocket streams", registry=r, multiprocess_mode="livesum")
         self.gc_pauses = Histogram(
             "tailor_gc_pause_seconds",

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from gateway import wire
 from gateway.http import ApiError, json_response
 from gateway.snapshot import SnapshotRefusedError
+from gateway.store import MemoryStore
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -53,6 +54,9 @@ class OpsApi:
             gateway.metrics.cache_lookups.labels("hit").set(cache.hits)
             gateway.metrics.cache_lookups.labels("miss").set(cache.misses)
             gateway.metrics.cache_entries.set(len(cache))
+        if isinstance(gateway.store, MemoryStore):
+            gateway.metrics.store_visitors.set(len(gateway.store))
+            gateway.metrics.store_bytes.set(gateway.store.bytes)
         text = gateway.metrics.exposition(lambda: rec.snap.age() if rec is not None else None)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 log = logging.getLogger("tailor.gateway")
+ERASURE_WAIT_S = 2.0  # how long an erasure waits for the other processes to close the visitor's sockets
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -47,7 +48,13 @@ class VisitorsApi:
             raise ApiError(
                 503, "store-unavailable", f"nothing erased: {exc}; retry", headers={"retry-after": "1"}
             ) from None
+        # This process closes the visitor's sockets first (whether or not its subscription is up), then
+        # tells every process sharing the store to close theirs, waiting a moment for their counts.
         closed = await self.gateway.hub.disconnect(key)
+        try:
+            closed += await self.gateway.store.announce_erasure(key, wait=ERASURE_WAIT_S)
+        except StoreError as exc:
+            log.warning("erasure not announced to other processes (%s): only this one closed sockets", exc)
         receipt = wire.ErasureReceipt(
             receipt=uuid.uuid4().hex,
             visitor=visitor,

@@ -377,6 +377,18 @@ def test_metrics_count_latency_per_route_and_fallbacks_by_cause(client: TestClie
     assert 'tailor_candidate_cache_lookups{result="miss"}' in text
 
 
+def test_metrics_show_how_many_visitors_the_memory_store_holds(client: TestClient) -> None:
+    app: Any = client.app
+    item_ids = app.state.gateway.recommender.snap.item_ids
+    post_events(client, "metrics-a", [(item_ids[0], "view")])
+    post_events(client, "metrics-b", [(item_ids[1], "view"), (item_ids[2], "add_to_cart")])
+    store = app.state.gateway.store
+    text = client.get("/metrics").text
+    assert f"tailor_store_visitors {float(len(store))}" in text
+    assert len(store) >= 2
+    assert f"tailor_store_bytes {float(store.bytes)}" in text
+
+
 def test_openapi_documents_every_route_with_its_parameters(client: TestClient) -> None:
     doc = client.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.")

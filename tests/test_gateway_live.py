@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from gateway import tokens
@@ -245,3 +246,28 @@ def _streams_open(server: Server) -> float:
         if line.startswith("tailor_streams_open "):
             return float(line.split()[1])
     raise AssertionError("no tailor_streams_open in /metrics")
+
+
+def test_an_erasure_on_one_gateway_closes_the_visitors_sockets_on_another(
+    root: Path, tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `tailor serve` processes on one real Redis: the visitor's sockets are on B, the erasure goes to A."""
+    secret = "erasure-test-secret"
+    monkeypatch.setenv("TAILOR_SECRET", secret)
+    node_a = Server(root, tmp_path / "a.log", "--store", redis_server.url)
+    node_b = Server(root, tmp_path / "b.log", "--store", redis_server.url)
+    try:
+        token = tokens.mint(secret.encode(), "leaving", 60)
+        url = f"ws://127.0.0.1:{node_b.port}/v1/stream?token={token}"
+        with ws_connect(url, open_timeout=10) as first, ws_connect(url, open_timeout=10) as second:
+            for ws in (first, second):
+                assert json.loads(ws.recv(timeout=10))["cause"] == "connect"
+            receipt = httpx.delete(f"{node_a.url}/v1/visitors/leaving", timeout=10).json()
+            assert receipt["streams_closed"] == 2
+            for ws in (first, second):
+                with pytest.raises(ConnectionClosed) as closed:
+                    ws.recv(timeout=10)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 4410
+    finally:
+        node_a.stop()
+        node_b.stop()

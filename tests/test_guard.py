@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import pytest
 
@@ -99,6 +99,11 @@ class Scripted:
     def subscribe_messages(self, listener: Callable[[str, bytes], None]) -> None: ...
 
     def subscribe(self, listener: Callable[[str], None]) -> None: ...
+
+    def subscribe_erasures(self, listener: Callable[[str], Awaitable[int]]) -> None: ...
+
+    async def announce_erasure(self, visitor: str, *, wait: float) -> int:
+        return 0
 
     async def ping(self) -> None: ...
 

@@ -318,6 +318,33 @@ async def test_memory_evicts_the_least_recently_used_visitor_beyond_max_visitors
     assert items(await store.profile("c", limit=10, now=T0)) == ["3"]
 
 
+async def test_memory_evicts_the_least_recently_used_visitors_beyond_its_byte_budget(anyio_backend: str) -> None:
+    store = MemoryStore(max_mb=0.01)  # about 10 KB: a handful of visitors with a few events each
+    for number in range(100):
+        await remember(store, f"v{number}", *(f"item-{n}" for n in range(5)))
+    held = len(store)
+    assert 1 < held < 100
+    assert store.bytes <= 0.01 * 1024 * 1024
+    assert await store.profile("v0", limit=10, now=T0) == EMPTY_PROFILE
+    assert len(items(await store.profile("v99", limit=10, now=T0))) == 5
+    # One visitor larger than the whole budget is still kept: it is the one just written.
+    await remember(store, "big", *(f"item-{n}" for n in range(100)))
+    assert len(store) == 1
+    assert len(items(await store.profile("big", limit=100, now=T0))) == 100
+
+
+async def test_memory_byte_estimate_follows_writes_and_erasures(anyio_backend: str) -> None:
+    store = MemoryStore()
+    await remember(store, "a", "1")
+    one = store.bytes
+    await remember(store, "a", "2", "3")
+    await remember(store, "b", "4")
+    assert store.bytes > one
+    await store.forget("a")
+    await store.forget("b")
+    assert store.bytes == 0
+
+
 async def test_memory_retires_expired_visitors_that_are_never_read_again(anyio_backend: str) -> None:
     store = MemoryStore()
     for visitor in "abcd":
@@ -480,6 +507,13 @@ async def test_open_store_honours_max_visitors() -> None:
     assert items(await store.profile("b", limit=10, now=T0)) == ["2"]
 
 
+def test_open_store_bounds_a_memory_store_by_default_and_honours_max_mb() -> None:
+    assert isinstance(default := open_store("memory://"), MemoryStore)
+    assert default.max_mb == 512
+    assert isinstance(chosen := open_store("memory://?max_mb=64.5&max_visitors=10"), MemoryStore)
+    assert (chosen.max_mb, chosen.max_visitors) == (64.5, 10)
+
+
 async def test_open_store_gives_a_working_redis_store_with_the_prefix_asked_for(
     redis_server: RedisServer, raw: Redis
 ) -> None:
@@ -510,6 +544,8 @@ async def test_open_store_accepts_tls_and_unix_socket_redis_urls(url: str) -> No
         ("memory://somewhere", "no host or path"),
         ("memory://?max_visitors=many", "integer"),
         ("memory://?max_visitors=0", "at least 1"),
+        ("memory://?max_mb=lots", "a number"),
+        ("memory://?max_mb=0", "positive"),
         ("memory://?size=10", "unknown option"),
         ("redis://127.0.0.1:6379/0?sockettimeout=1", "does not know"),
     ],

@@ -258,3 +258,30 @@ async def test_redis_hot_path_commands_leave_out_none_arguments(redis_server: Re
     finally:
         fast.close()
         await asyncio.sleep(0.01)  # the transport closes on a later turn of the loop
+
+
+async def test_redis_an_erasure_is_answered_by_every_store_sharing_the_redis(redis_server: RedisServer) -> None:
+    redis_server.start()
+    prefix = unique_prefix()
+    here, there, elsewhere = (RedisStore(redis_server.url, prefix=prefix) for _ in range(3))
+    heard: list[tuple[str, str]] = []
+
+    def closer(name: str, sockets: int) -> Any:
+        async def close(visitor: str) -> int:
+            heard.append((name, visitor))
+            return sockets
+
+        return close
+
+    here.subscribe_erasures(closer("here", 0))
+    there.subscribe_erasures(closer("there", 2))
+    elsewhere.subscribe_erasures(closer("elsewhere", 1))
+    try:
+        async with asyncio.timeout(10):
+            for store in (here, there, elsewhere):
+                await store.subscribed.wait()
+        assert await here.announce_erasure("gone", wait=5) == 3
+        assert sorted(heard) == [("elsewhere", "gone"), ("here", "gone"), ("there", "gone")]
+    finally:
+        for store in (here, there, elsewhere):
+            await store.close()

@@ -2,8 +2,9 @@
 
 Accepted URLs:
 
-- `memory://` (also `memory:` or the empty string): this process only. Query option
-  `max_visitors` (default 1000000) bounds it, e.g. `memory://?max_visitors=100000`.
+- `memory://` (also `memory:` or the empty string): this process only. Query options `max_mb`
+  (default 512: the visitors' estimated resident megabytes) and `max_visitors` (default 1000000)
+  bound it, least recently used visitors going first, e.g. `memory://?max_mb=2048`.
 - `redis://[user:password@]host:port/db`, `rediss://...` (TLS), `unix:///path/to/redis.sock?db=0`:
   shared. Query option `prefix` (default `tailor:`) namespaces the keys; redis-py's own options
   (`socket_timeout`, `socket_connect_timeout`, `health_check_interval`, `max_connections`, ...) pass
@@ -36,7 +37,7 @@ from gateway.store.base import (
 from gateway.store.documents import Documents, LocalDocuments
 from gateway.store.ledger import ArmTotals, Attributed, Exposure, Ledger, MemoryLedger
 from gateway.store.log import FileLog
-from gateway.store.memory import MemoryStore
+from gateway.store.memory import DEFAULT_MAX_MB, DEFAULT_MAX_VISITORS, MemoryStore
 from gateway.store.redis import RedisStore
 
 __all__ = [
@@ -83,6 +84,7 @@ def open_store(url: str, *, event_log: str = "", event_log_keep_s: float = 0.0) 
             directory = Path(event_log)
             store = MemoryStore(
                 max_visitors=store.max_visitors,
+                max_mb=store.max_mb,
                 log=FileLog(directory, keep_s=event_log_keep_s),
                 audit=FileLog(directory, prefix="consent"),
             )
@@ -94,18 +96,19 @@ def open_store(url: str, *, event_log: str = "", event_log_keep_s: float = 0.0) 
 
 def _open_memory(url: str, netloc: str, path: str, query: str) -> MemoryStore:
     if netloc or path:
-        raise ValueError(f"store URL {url!r}: memory:// takes no host or path, only ?max_visitors=N")
+        raise ValueError(f"store URL {url!r}: memory:// takes no host or path, only ?max_mb=M&max_visitors=N")
     options = dict(parse_qsl(query, keep_blank_values=True))
-    unknown = options.keys() - {"max_visitors"}
+    unknown = options.keys() - {"max_visitors", "max_mb"}
     if unknown:
-        raise ValueError(f"store URL {url!r}: unknown option(s) {sorted(unknown)}; memory:// accepts max_visitors")
-    if "max_visitors" not in options:
-        return MemoryStore()
+        raise ValueError(
+            f"store URL {url!r}: unknown option(s) {sorted(unknown)}; memory:// accepts max_mb and max_visitors"
+        )
     try:
-        max_visitors = int(options["max_visitors"])
+        max_visitors = int(options.get("max_visitors", DEFAULT_MAX_VISITORS))
+        max_mb = float(options.get("max_mb", DEFAULT_MAX_MB))
     except ValueError:
-        raise ValueError(f"store URL {url!r}: max_visitors must be an integer") from None
-    return MemoryStore(max_visitors=max_visitors)
+        raise ValueError(f"store URL {url!r}: max_visitors must be an integer and max_mb a number") from None
+    return MemoryStore(max_visitors=max_visitors, max_mb=max_mb)
 
 
 def _open_redis(scheme: str, netloc: str, path: str, query: str, fragment: str) -> RedisStore:

@@ -13,13 +13,14 @@ timers, fired marks and an inbox per visitor here too: timers are durable with a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal, NamedTuple, Protocol
 
 import msgspec
 
 Listener = Callable[[str], None]
 MessageListener = Callable[[str, bytes], None]  # (visitor, message) of `fire`
+ErasureListener = Callable[[str], Awaitable[int]]  # closes what this process holds of the visitor; how many sockets
 
 
 class StoreError(Exception):
@@ -378,6 +379,16 @@ class Store(Protocol):
         for a shared backend, by any process using the same one. Listeners run on the event loop
         and must not block. Announcements are best effort: a shared backend's subscriber that lost
         its connection misses what was recorded until it is back."""
+        ...
+
+    def subscribe_erasures(self, listener: ErasureListener) -> None:
+        """Call `listener(visitor)` whenever any process using the same store (this one included)
+        announces the visitor's erasure; it answers how many of the visitor's sockets it closed."""
+        ...
+
+    async def announce_erasure(self, visitor: str, *, wait: float) -> int:
+        """Tell every process using the same store that the visitor was erased, and add up the sockets
+        their erasure listeners closed, as far as they answered within `wait` seconds."""
         ...
 
     async def ping(self) -> None:

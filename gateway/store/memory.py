@@ -18,6 +18,7 @@ from gateway.store.base import (
     Consent,
     ConsentChange,
     CounterKey,
+    ErasureListener,
     Forgotten,
     Interaction,
     Listener,
@@ -37,6 +38,16 @@ from gateway.store.base import (
 from gateway.store.log import FileLog
 
 DEFAULT_MAX_VISITORS = 1_000_000
+# What the visitors may take by default: a small machine's share, about 20,000 visitors of 20 events
+# each, or 400,000 of one event (docs/operations: memory per visitor; loadtests/store_memory.py).
+DEFAULT_MAX_MB = 512.0
+# Resident bytes a visitor's parts take (measured by loadtests/store_memory.py's calibration on CPython
+# 3.11, event ids of 36 characters): the estimate the byte budget is held to, within about 10%.
+VISITOR_BYTES = 800
+INTERACTION_BYTES = 128
+EVENT_ID_BYTES = 128
+COUNTER_BYTES = 210
+CONSENT_BYTES = 200
 WITHHELD = Profile(recent=[], counters={}, withheld=True)  # no choice made, and the model is opt-in
 
 
@@ -58,6 +69,17 @@ class _Visitor(msgspec.Struct, gc=False):
     fired: dict[str, float] = {}  # trigger -> until when it may not fire again
     inbox: tuple[bytes, ...] = ()
     inbox_expires_at: float = 0.0
+    weight: int = 0  # estimated resident bytes, as last weighed (MemoryStore._settle)
+
+    def weigh(self) -> int:
+        return (
+            VISITOR_BYTES
+            + INTERACTION_BYTES * len(self.recent)
+            + EVENT_ID_BYTES * len(self.ids)
+            + COUNTER_BYTES * len(self.counters)
+            + CONSENT_BYTES * len(self.consent)
+            + sum(len(message) for message in self.inbox)
+        )
 
     def take_inbox(self, now: float) -> list[bytes]:
         messages = list(self.inbox) if self.inbox_expires_at > now else []
@@ -68,20 +90,31 @@ class _Visitor(msgspec.Struct, gc=False):
 class MemoryStore:
     """Implements `Store` with plain dict work and no awaits, so a call never yields to the event loop.
 
-    At most `max_visitors` visitors are kept; past that the least recently used (read or written) one goes.
-    Expiry is judged against the `now` each call passes in, never the wall clock.
+    At most `max_visitors` visitors are kept, taking at most about `max_mb` megabytes (by an estimate
+    from each visitor's sizes, see `_Visitor.weigh`); past either the least recently used (read or
+    written) visitors go. Expiry is judged against the `now` each call passes in, never the wall clock.
     """
 
     # Tells the hot path it needs no timeout around this store: a call cannot wait on anything.
     in_process: ClassVar[bool] = True
 
     def __init__(
-        self, *, max_visitors: int = DEFAULT_MAX_VISITORS, log: FileLog | None = None, audit: FileLog | None = None
+        self,
+        *,
+        max_visitors: int = DEFAULT_MAX_VISITORS,
+        max_mb: float = DEFAULT_MAX_MB,
+        log: FileLog | None = None,
+        audit: FileLog | None = None,
     ) -> None:
         if max_visitors < 1:
             raise ValueError(f"max_visitors must be at least 1, not {max_visitors}")
+        if not max_mb > 0:
+            raise ValueError(f"max_mb must be positive, not {max_mb}")
         self.max_visitors = max_visitors
+        self.max_mb = max_mb
+        self._max_bytes = int(max_mb * 1024 * 1024)
         self._visitors: OrderedDict[str, _Visitor] = OrderedDict()
+        self.bytes = 0  # the estimated resident bytes of every visitor held (see _Visitor.weigh)
         self._listeners: list[Listener] = []
         self._log = log  # the event log: JSONL files, for `tailor build --event-log`
         self._audit = audit  # the consent audit log: JSONL files
@@ -92,6 +125,7 @@ class MemoryStore:
         self._due: list[tuple[float, int, str, str]] = []
         self._serial = 0
         self._message_listeners: list[MessageListener] = []
+        self._erasure_listeners: list[ErasureListener] = []
         self._last_query: tuple[object, dict[tuple[str, float], list[str]]] = (None, {})
 
     def _index_of(self, query: Sequence[CounterKey]) -> dict[tuple[str, float], list[str]]:
@@ -123,7 +157,7 @@ class MemoryStore:
             raise ValueError(f"limit must not be negative, not {limit}")
         state = self._visitors.get(visitor)
         if state is not None and state.expires_at <= now:
-            del self._visitors[visitor]
+            self._drop(visitor)
             state = None
         if state is None:
             return EMPTY_PROFILE if requires is None or requires.default else WITHHELD
@@ -229,7 +263,7 @@ class MemoryStore:
         while len(ids) > retention.ids:
             del ids[next(iter(ids))]
 
-        self._retire(now)
+        self._settle(state, now)
         if any(stored):
             for listener in self._listeners:
                 listener(visitor)
@@ -247,7 +281,7 @@ class MemoryStore:
             for purpose, choice in choices.items():
                 change = ConsentChange(visitor, purpose, choice.state, choice.at, choice.source, choice.expires_at)
                 self._audit.append(encode_consent(change))
-        self._retire(now)
+        self._settle(state, now)
         if choices:
             for listener in self._listeners:
                 listener(visitor)
@@ -257,6 +291,12 @@ class MemoryStore:
 
     def subscribe_messages(self, listener: MessageListener) -> None:
         self._message_listeners.append(listener)
+
+    def subscribe_erasures(self, listener: ErasureListener) -> None:
+        self._erasure_listeners.append(listener)
+
+    async def announce_erasure(self, visitor: str, *, wait: float) -> int:
+        return sum([await listener(visitor) for listener in self._erasure_listeners])
 
     def _consent(self, visitor: str, now: float) -> dict[str, Consent]:
         state = self._visitors.get(visitor)
@@ -338,7 +378,7 @@ class MemoryStore:
         inbox = (*state.inbox, message) if state.inbox_expires_at > now else (message,)
         state.inbox = inbox[-keep:] if len(inbox) > keep else inbox
         state.inbox_expires_at = now + ttl
-        self._retire(now)
+        self._settle(state, now)
         for listener in self._message_listeners:
             listener(visitor, message)
         return True
@@ -353,20 +393,32 @@ class MemoryStore:
             timers=timers, fired=fired, messages=list(state.inbox) if state.inbox_expires_at > now else []
         )
 
-    def _retire(self, now: float) -> None:
+    def _settle(self, written: _Visitor, now: float) -> None:
+        """Weigh the visitor just written (the most recently used), then evict from the least recently
+        used end while over either bound; the visitor just written stays, whatever its size."""
+        weight = written.weigh()
+        self.bytes += weight - written.weight
+        written.weight = weight
         visitors = self._visitors
-        while len(visitors) > self.max_visitors:
-            visitors.popitem(last=False)
+        while len(visitors) > 1 and (len(visitors) > self.max_visitors or self.bytes > self._max_bytes):
+            self.bytes -= visitors.popitem(last=False)[1].weight
         # Visitors that expire and are never read again would otherwise wait for LRU eviction; they gather at
         # the least recently used end, so retiring up to two per write keeps up at O(1) cost. The visitor just
         # written sits at the other end and has not expired, so the loop always stops before it.
         for _ in range(2):
             if next(iter(visitors.values())).expires_at > now:
                 break
-            visitors.popitem(last=False)
+            self.bytes -= visitors.popitem(last=False)[1].weight
+
+    def _drop(self, visitor: str) -> bool:
+        state = self._visitors.pop(visitor, None)
+        if state is None:
+            return False
+        self.bytes -= state.weight
+        return True
 
     async def forget(self, visitor: str) -> Forgotten:
-        had = self._visitors.pop(visitor, None) is not None
+        had = self._drop(visitor)
         had = self._timers.pop(visitor, None) is not None or had  # their heap entries are stale now
         removed = await self._log.erase(visitor) if self._log is not None else 0
         return Forgotten(profile=had, log_events=removed)
@@ -382,7 +434,9 @@ class MemoryStore:
             if log is not None:
                 await log.close()
         self._visitors.clear()
+        self.bytes = 0
         self._listeners.clear()
         self._message_listeners.clear()
+        self._erasure_listeners.clear()
         self._timers.clear()
         self._due.clear()
