@@ -64,7 +64,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     secret_file: str = "var/secret"
     pseudonym_key: str = ""
     token_ttl_s: Positive = 3600.0
-    token_renew_s: NonNegative = 30 * 24 * 3600.0
+    token_renew_s: NonNegative = 600.0
     cors_origins: list[str] = []
     demo: bool = True
     public_keys: list[str] = []
