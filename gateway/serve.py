@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import shutil
 import tempfile
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 from threadpoolctl import threadpool_limits
 
-from gateway import privacy
+from gateway import logs, privacy
 from gateway import settings as config
 from gateway.metrics import MULTIPROC_ENV
 from gateway.settings import SETTINGS_ENV, Settings, encode
@@ -41,6 +40,7 @@ def serve(settings: Settings) -> None:
             loop="uvloop",
             http="httptools",
             log_level=settings.log_level,
+            log_config=logs.config(settings),
             access_log=settings.access_log,
             lifespan="on",
             # The sans-I/O websockets protocol: the least memory per socket here (PERF_NOTES), and
@@ -69,5 +69,4 @@ def app_from_environment() -> Starlette:
     gc.set_threshold(*settings.gc_thresholds)
     app = create_app(settings)
     app.state.gateway.metrics.watch_gc()  # the server's own process only: tests build many apps
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app
