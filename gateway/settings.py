@@ -31,6 +31,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     workers: Count = 1
+    header_timeout_s: Positive = 10.0
     log_level: str = "info"
     access_log: bool = False
     store_timeout_ms: Positive = 50.0
