@@ -26,6 +26,7 @@ demo: install $(SNAPSHOTS)/CURRENT serve
 
 serve: install
 	$(BIN)/tailor snapshots list --root $(SNAPSHOTS)
+	$(BIN)/tailor warm --snapshots $(SNAPSHOTS)
 	@echo "Gateway on http://$(HOST):$(PORT)  (demo shop: http://$(HOST):$(PORT)/demo; API page: http://$(HOST):$(PORT)/docs; Ctrl-C stops)"
 	$(BIN)/tailor serve --snapshots $(SNAPSHOTS) --host $(HOST) --port $(PORT)
 

@@ -13,11 +13,16 @@ The numpy versions stay the definition: `index_builder.model.fold_in_low_rank`, 
 tests/test_kernels.py spells out and `Ruling.in_numpy`; the tests compare the kernels with them.
 Kernels compile on first use and are cached on disk (numba's `cache=True`: a second process loads
 them in well under a second); `warm_up` compiles them in the thread that loads a snapshot, so no
-request pays for it.
+request pays for it, and says so while it does. `tailor warm` (which `make serve` runs) compiles them
+before the gateway starts; the cache sits in `__pycache__` beside this file, or NUMBA_CACHE_DIR.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import numba
@@ -25,6 +30,12 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway import placing
+
+log = logging.getLogger("tailor.kernels")
+
+# Said only when a warm-up outlasts this: loading every kernel from numba's cache takes well under it.
+SLOW_WARM_UP_S = 1.0
+COMPILING = "compiling kernels (first start only, up to a minute here; later starts load them from numba's cache)…"
 
 
 def _fold_in(
@@ -164,10 +175,45 @@ def live_pool(
     return rows, scores
 
 
+def compiled() -> int:
+    """How many kernel signatures this process has compiled rather than loaded from numba's cache."""
+    dispatchers = [
+        value
+        for module in (globals(), vars(placing))
+        for value in module.values()
+        if isinstance(value, numba.core.dispatcher.Dispatcher)
+    ]
+    return sum(sum(dispatcher.stats.cache_misses.values()) for dispatcher in dispatchers)
+
+
 def warm_up(
+    item_vectors: npt.NDArray[np.float32],
+    gram_inverse: npt.NDArray[np.floating[Any]],
+    neighbour_rows: Any,
+    *,
+    say: Callable[[str], None] = log.info,
+) -> int:
+    """Compile (or load from numba's cache) the kernels for these arrays' types, off the event loop;
+    how many had to be compiled. A first start compiles for about a minute: `say` tells so when it
+    takes more than SLOW_WARM_UP_S, and again when done, so nobody waits on a silent process."""
+    before = compiled()
+    started = time.monotonic()
+    notice = threading.Timer(SLOW_WARM_UP_S, say, (COMPILING,))
+    notice.daemon = True
+    notice.start()
+    try:
+        _warm_up(item_vectors, gram_inverse, neighbour_rows)
+    finally:
+        notice.cancel()
+    fresh = compiled() - before
+    if fresh:
+        say(f"compiled {fresh} kernels in {time.monotonic() - started:.0f} s; cached for later starts")
+    return fresh
+
+
+def _warm_up(
     item_vectors: npt.NDArray[np.float32], gram_inverse: npt.NDArray[np.floating[Any]], neighbour_rows: Any
 ) -> None:
-    """Compile (or load from numba's cache) the kernels for these arrays' types, off the event loop."""
     items = np.zeros(1, dtype=np.int64)
     confidence = np.ones(1, dtype=np.float64)
     fold_in(item_vectors, gram_inverse, items, confidence)

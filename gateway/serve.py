@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import gc
-import logging
 import os
 import shutil
 import tempfile
@@ -11,8 +12,9 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 from threadpoolctl import threadpool_limits
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway import privacy
+from gateway import logs, privacy
 from gateway import settings as config
 from gateway.metrics import MULTIPROC_ENV
 from gateway.settings import SETTINGS_ENV, Settings, encode
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 
 
 def serve(settings: Settings) -> None:
+    """Run the gateway until interrupted: uvicorn with the fast loop and parser, our log
+    configuration, and the header deadline."""
     open_store(settings.store)  # a bad URL fails here, with its message, not inside every worker
     privacy.keys(settings)  # an unreadable secret_file fails here; a missing one is made before workers race for it
     # Workers are separate processes: they read the resolved settings from the environment.
@@ -39,8 +43,9 @@ def serve(settings: Settings) -> None:
             port=settings.port,
             workers=settings.workers,
             loop="uvloop",
-            http="httptools",
+            http=HeaderDeadlineProtocol,
             log_level=settings.log_level,
+            log_config=logs.config(settings),
             access_log=settings.access_log,
             lifespan="on",
             # The sans-I/O websockets protocol: the least memory per socket here (PERF_NOTES), and
@@ -69,5 +74,48 @@ def app_from_environment() -> Starlette:
     gc.set_threshold(*settings.gc_thresholds)
     app = create_app(settings)
     app.state.gateway.metrics.watch_gc()  # the server's own process only: tests build many apps
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app
+
+
+@functools.cache
+def _header_timeout_s() -> float:
+    encoded = os.environ.get(SETTINGS_ENV)
+    return (config.decode(encoded) if encoded else config.resolve()).header_timeout_s
+
+
+class HeaderDeadlineProtocol(HttpToolsProtocol):
+    """httptools' HTTP protocol, closing a connection whose request headers are not complete
+    `header_timeout_s` after it opened (or after the request's first byte on a kept-alive
+    connection). uvicorn times only the idle gap between requests: a client that opens a socket
+    and sends part of a request, or nothing, holds it forever."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._header_deadline: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_deadline is None:
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._header_deadline = self.loop.call_later(_header_timeout_s(), self._expired)
+
+    def _disarm(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _expired(self) -> None:
+        self._header_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()

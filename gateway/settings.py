@@ -31,6 +31,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     workers: Count = 1
+    header_timeout_s: Positive = 10.0
     log_level: str = "info"
     access_log: bool = False
     store_timeout_ms: Positive = 50.0
@@ -64,7 +65,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     secret_file: str = "var/secret"
     pseudonym_key: str = ""
     token_ttl_s: Positive = 3600.0
-    token_renew_s: NonNegative = 30 * 24 * 3600.0
+    token_renew_s: NonNegative = 600.0
     cors_origins: list[str] = []
     demo: bool = True
     public_keys: list[str] = []

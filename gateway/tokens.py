@@ -1,9 +1,19 @@
-"""Signed, expiring stream tokens: what lets a browser's WebSocket receive one visitor's updates.
+"""Signed, encrypted, expiring visitor tokens: what lets a browser act for one visitor (its stream,
+consent and events).
 
-A token is `v1.<visitor, base64url>.<expires, Unix seconds>.<signature, base64url>`, where the
-signature is HMAC-SHA256 over `v1.<visitor>.<expires>` with the server secret. The visitor id is
-inside the signed part, so a token minted for visitor A cannot be turned into one for B, and the
-gateway never has to look anything up to check one.
+A token is `v2.<payload, base64url>.<tag, base64url>`. The payload is a random 16-byte nonce and
+the expiry (8 bytes, Unix seconds) with the visitor id, both encrypted; the tag is HMAC-SHA256 over
+`v2.<payload>`. Both keys are derived from the token key (the server secret), so only the gateway
+can read a token or make one: the browser, the logs and anything in between see an opaque string
+that differs on every mint, even for the same visitor (only its length follows the id's). A token
+minted for visitor A cannot be turned into one for B, and the gateway never has to look anything up
+to check one.
+
+The cipher is HMAC-SHA256 in counter mode over the nonce (a PRF used as a stream cipher, then
+encrypt-then-MAC), so the standard library is all it needs.
+
+v1 tokens (`v1.<visitor, base64url>.<expires>.<sig>`) carried the visitor id readable by anyone;
+they are refused as `bad-token`, and the browser snippet then asks for a new one.
 
 Who mints them:
 
@@ -17,13 +27,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import secrets
 import time
 
-VERSION = "v1"
+VERSION = "v2"
 MAX_VISITOR_LENGTH = 256
+_NONCE = 16
+_EXPIRES = 8
+_BLOCK = hashlib.sha256().digest_size
 
 
 class TokenError(Exception):
@@ -42,8 +56,24 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _signature(secret: bytes, signed: str) -> str:
-    return _b64(hmac.new(secret, signed.encode("ascii"), hashlib.sha256).digest())
+@functools.lru_cache(maxsize=8)
+def _keys(secret: bytes) -> tuple[bytes, bytes]:
+    """(encryption key, MAC key): separate keys, so neither use can help an attack on the other."""
+    return (
+        hmac.digest(secret, b"tailor/token-encryption/v2", "sha256"),
+        hmac.digest(secret, b"tailor/token-mac/v2", "sha256"),
+    )
+
+
+def _xor_keystream(key: bytes, nonce: bytes, data: bytes) -> bytes:
+    blocks = (len(data) + _BLOCK - 1) // _BLOCK
+    stream = b"".join(hmac.digest(key, nonce + i.to_bytes(4, "big"), "sha256") for i in range(blocks))
+    size = len(data)
+    return (int.from_bytes(data, "big") ^ int.from_bytes(stream[:size], "big")).to_bytes(size, "big")
+
+
+def _tag(key: bytes, signed: str) -> str:
+    return _b64(hmac.digest(key, signed.encode("ascii"), "sha256"))
 
 
 def mint(secret: bytes, visitor: str, ttl_s: float, *, now: float | None = None) -> str:
@@ -55,22 +85,32 @@ def mint(secret: bytes, visitor: str, ttl_s: float, *, now: float | None = None)
     if ttl_s <= 0:
         raise ValueError(f"ttl_s must be positive, not {ttl_s}")
     expires = int((time.time() if now is None else now) + ttl_s)
-    signed = f"{VERSION}.{_b64(visitor.encode())}.{expires}"
-    return f"{signed}.{_signature(secret, signed)}"
+    encryption, mac = _keys(secret)
+    nonce = secrets.token_bytes(_NONCE)
+    sealed = _xor_keystream(encryption, nonce, expires.to_bytes(_EXPIRES, "big") + visitor.encode())
+    signed = f"{VERSION}.{_b64(nonce + sealed)}"
+    return f"{signed}.{_tag(mac, signed)}"
 
 
 def verify(secret: bytes, token: str, *, now: float | None = None, grace_s: float = 0.0) -> tuple[str, int]:
     """The visitor id and expiry (Unix seconds) of a valid token; TokenError otherwise. With
     `grace_s`, a token expired less than that long ago still passes (for renewing it)."""
     parts = token.split(".")
-    if len(parts) != 4 or parts[0] != VERSION:
-        raise TokenError("bad-token", "not a stream token")
-    signed = ".".join(parts[:3])
-    if not hmac.compare_digest(_signature(secret, signed), parts[3]):
+    if parts[0] == "v1" and len(parts) == 4:
+        raise TokenError("bad-token", "a v1 token (it shows the visitor id) is no longer accepted; ask for a new one")
+    if len(parts) != 3 or parts[0] != VERSION:
+        raise TokenError("bad-token", "not a visitor token")
+    encryption, mac = _keys(secret)
+    signed = f"{parts[0]}.{parts[1]}"
+    if not hmac.compare_digest(_tag(mac, signed), parts[2]):
         raise TokenError("bad-token", "signature does not match")
     try:
-        visitor = _unb64(parts[1]).decode()
-        expires = int(parts[2])
+        payload = _unb64(parts[1])
+        if len(payload) <= _NONCE + _EXPIRES:
+            raise ValueError("no visitor")
+        plain = _xor_keystream(encryption, payload[:_NONCE], payload[_NONCE:])
+        expires = int.from_bytes(plain[:_EXPIRES], "big")
+        visitor = plain[_EXPIRES:].decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise TokenError("bad-token", "malformed token") from None
     if expires + grace_s <= (time.time() if now is None else now):

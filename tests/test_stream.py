@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,8 +59,9 @@ def click(client: TestClient, visitor: str, item: str) -> None:
 def test_token_round_trip_and_tampering() -> None:
     token = token_for("visitor-a")
     assert tokens.verify(SECRET.encode(), token)[0] == "visitor-a"
-    version, _, expires, signature = token.split(".")
-    forged = ".".join([version, tokens._b64(b"visitor-b"), expires, signature])  # A's signature on B's id
+    version, _, tag = token.split(".")
+    other = token_for("visitor-b").split(".")[1]
+    forged = ".".join([version, other, tag])  # A's tag on B's payload
     with pytest.raises(tokens.TokenError, match="signature") as refused:
         tokens.verify(SECRET.encode(), forged)
     assert refused.value.code == "bad-token"
@@ -68,9 +71,28 @@ def test_token_round_trip_and_tampering() -> None:
     with pytest.raises(tokens.TokenError) as expired:
         tokens.verify(SECRET.encode(), token_for("visitor-a", ttl=10, now=time.time() - 20))
     assert expired.value.code == "expired-token"
-    for garbage in ("", "v1.a.b", "v2.x.1.y", "v1.!!.notanumber.sig"):
+    for garbage in ("", "v1.a.b", "v2.x.1.y", "v1.!!.notanumber.sig", "v2.!!.sig", "v2..sig"):
         with pytest.raises(tokens.TokenError):
             tokens.verify(SECRET.encode(), garbage)
+
+
+def test_a_token_does_not_show_its_visitor() -> None:
+    visitor = "user-42@shop.example"
+    first, second = token_for(visitor), token_for(visitor)
+    assert first != second  # a fresh nonce each time: two tokens of one visitor cannot be linked
+    for token in (first, second):
+        assert tokens.verify(SECRET.encode(), token)[0] == visitor
+        readable = [token, *(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)) for part in token.split("."))]
+        for encoding in (visitor.encode(), base64.urlsafe_b64encode(visitor.encode()).rstrip(b"=")):
+            assert not any(encoding in (text.encode() if isinstance(text, str) else text) for text in readable)
+
+
+def test_a_v1_token_with_a_readable_visitor_is_refused() -> None:
+    signed = "v1." + base64.urlsafe_b64encode(b"visitor-a").rstrip(b"=").decode() + f".{int(time.time()) + 60}"
+    signature = base64.urlsafe_b64encode(hmac.digest(SECRET.encode(), signed.encode(), "sha256")).rstrip(b"=")
+    with pytest.raises(tokens.TokenError, match="v1") as refused:
+        tokens.verify(SECRET.encode(), f"{signed}.{signature.decode()}")
+    assert refused.value.code == "bad-token"
 
 
 def test_anonymous_token_names_a_fresh_visitor(client: TestClient) -> None:
@@ -267,14 +289,29 @@ def test_a_token_is_renewed_for_the_same_visitor_even_shortly_after_it_expired(c
     grant = client.post("/v1/token").json()
     renewed = client.post("/v1/token", json={"token": grant["token"]}).json()
     assert renewed["visitor"] == grant["visitor"]
-    stale = token_for(grant["visitor"], ttl=10, now=time.time() - 3600)  # expired an hour ago
+    stale = token_for(grant["visitor"], ttl=10, now=time.time() - 300)  # expired five minutes ago
     assert client.post("/v1/token", json={"token": stale}).json()["visitor"] == grant["visitor"]
-    ancient = token_for(grant["visitor"], ttl=10, now=time.time() - 40 * 24 * 3600)
-    response = client.post("/v1/token", json={"token": ancient})
+    old = token_for(grant["visitor"], ttl=10, now=time.time() - 3600)  # an hour ago: past token_renew_s
+    response = client.post("/v1/token", json={"token": old})
     assert (response.status_code, response.json()["error"]["code"]) == (401, "expired-token")
     forged = tokens.mint(b"not our secret", grant["visitor"], 60)
     assert client.post("/v1/token", json={"token": forged}).json()["error"]["code"] == "bad-token"
     assert client.post("/v1/token", content=b"{not json").status_code == 400
+
+
+def test_a_public_key_renews_an_expired_token_only_within_the_grace(root: Path) -> None:
+    public = {"x-tailor-key": "pk_test_renewal"}
+    keyed = settings(root, public_keys=["pk_test_renewal"], admin_keys=["ak_test_renewal"])
+    assert keyed.token_renew_s <= 3600  # the default: a short grace, not the month it once was
+    with TestClient(create_app(keyed)) as client:
+        grace = keyed.token_renew_s
+        within = token_for("visitor-r", ttl=10, now=time.time() - 10 - grace / 2)
+        renewed = client.post("/v1/token", json={"token": within}, headers=public)
+        assert (renewed.status_code, renewed.json()["visitor"]) == (200, "visitor-r")
+        for days in (1, 29):
+            past = token_for("visitor-r", ttl=10, now=time.time() - 10 - grace - days * 24 * 3600)
+            refused = client.post("/v1/token", json={"token": past}, headers=public)
+            assert (refused.status_code, refused.json()["error"]["code"]) == (401, "expired-token")
 
 
 def test_cors_only_for_configured_origins(root: Path) -> None:
