@@ -1,0 +1,108 @@
+"""Bounds on what callers send, through the real app: how deep a JSON body nests, ..."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.http import MAX_JSON_DEPTH, nesting_exceeds
+from tests.apps import quiet_settings
+
+BODY_ROUTES = [
+    ("POST", "/v1/events"),
+    ("PUT", "/admin/rules"),
+    ("POST", "/admin/rules/preview"),
+    ("PUT", "/admin/experiments"),
+]
+# Routes whose bodies may be only a few KB (4 KB for a flag): deep, yet under their limit.
+SMALL_BODY_ROUTES = [("PUT", "/v1/consent"), ("POST", "/v1/token"), ("PUT", "/admin/rules/flags/hero")]
+
+
+@pytest.fixture
+def client(root: Path) -> Iterator[TestClient]:
+    # A 500 must come back as a 500 here, not as the exception it was raised by.
+    with TestClient(create_app(quiet_settings(root, "limits")), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def nested(levels: int, inner: str = "1") -> str:
+    return '{"a":' * levels + inner + "}" * levels
+
+
+def rules_when(condition: str) -> str:
+    return attach("{}", ',"when":' + condition)
+
+
+def attach(content: str, more: str = "") -> str:
+    return '{"rules":[{"id":"r","actions":[{"type":"attach","slot":"s","content":' + content + "}]" + more + "}]}"
+
+
+DEEP = 5000
+DEEP_BODIES = {
+    "array": "[" * DEEP + "]" * DEEP,
+    "object": nested(DEEP),
+    "events": '{"events":[' + "[" * DEEP + "]" * DEEP + "]}",
+    "condition": rules_when('{"not":' * DEEP + '{"segment":"x"}' + "}" * DEEP),
+    "content": attach(nested(DEEP)),
+    "preview": '{"visitors":["v"],"rules":' + rules_when('{"any":[' * DEEP + '{"segment":"x"}' + "]}" * DEEP) + "}",
+}
+
+
+@pytest.mark.parametrize(("method", "path"), BODY_ROUTES)
+@pytest.mark.parametrize("shape", DEEP_BODIES)
+def test_a_body_nested_5000_levels_deep_is_a_400(client: TestClient, method: str, path: str, shape: str) -> None:
+    answer = client.request(method, path, content=DEEP_BODIES[shape], headers={"content-type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == {
+        "code": "invalid-body",
+        "message": f"JSON nested more than {MAX_JSON_DEPTH} levels deep",
+    }
+
+
+@pytest.mark.parametrize(("method", "path"), SMALL_BODY_ROUTES)
+def test_a_small_body_nested_1500_levels_deep_is_a_400(client: TestClient, method: str, path: str) -> None:
+    answer = client.request(method, path, content="[" * 1500 + "]" * 1500)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["code"] == "invalid-body"
+
+
+def test_conditions_nested_as_deep_as_allowed_are_stored(client: TestClient) -> None:
+    # rules[0].when is three levels down, each `not` one more, the innermost condition three.
+    levels = MAX_JSON_DEPTH - 6
+    condition = '{"not":' * levels + '{"context":{"device":["mobile"]}}' + "}" * levels
+    answer = client.put("/admin/rules", content=rules_when(condition))
+    assert answer.status_code == 201, answer.text
+
+
+def depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(depth, value.values()), default=0)
+    return 0
+
+
+def test_nesting_is_measured_outside_strings_only() -> None:
+    # Brackets, quotes and backslashes inside strings (keys too) are text, not structure.
+    tricky = ['a"[{\\', "x\\\\", "]]}}", '\\"[', "[[[[", "", 1, None]
+    rnd = random.Random(7)
+
+    def value(levels: int) -> Any:
+        if levels == 0 or rnd.random() < 0.2:
+            return rnd.choice(tricky)
+        if rnd.random() < 0.5:
+            return [value(levels - 1) for _ in range(rnd.randint(0, 3))]
+        return {f"{rnd.choice(tricky)}{i}": value(levels - 1) for i in range(rnd.randint(0, 3))}
+
+    for _ in range(500):
+        document = value(rnd.randint(0, 10))
+        body = json.dumps(document).encode()
+        for limit in range(12):
+            assert nesting_exceeds(body, limit) == (depth(document) > limit), (body, limit)
