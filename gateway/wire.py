@@ -281,7 +281,8 @@ Timestamp = Annotated[
     msgspec.Meta(
         description="When it happened: Unix seconds, Unix milliseconds (as `Date.now()` gives, any number "
         "above 1e11), or ISO 8601 (`2026-11-22T09:30:00Z`; without an offset it is UTC). Default: when "
-        "received. More than 5 minutes ahead of the gateway's clock is refused."
+        "received. Refused before 2000-01-01T00:00:00Z (`ts-too-old`) and more than 5 minutes ahead of the "
+        "gateway's clock (`ts-in-future`)."
     ),
 ]
 
@@ -332,7 +333,10 @@ class EventBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Rejected(msgspec.Struct, frozen=True, omit_defaults=True):
     index: Annotated[int, msgspec.Meta(description="Position of the event in the batch.")]
     code: Annotated[
-        str, msgspec.Meta(description="invalid-event, unknown-event, missing-item, ts-in-future, not-your-visitor")
+        str,
+        msgspec.Meta(
+            description="invalid-event, unknown-event, missing-item, ts-too-old, ts-in-future, not-your-visitor"
+        ),
     ]
     message: str
     field: str | None = None

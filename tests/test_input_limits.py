@@ -1,9 +1,11 @@
-"""Bounds on what callers send, through the real app: how deep a JSON body nests, ..."""
+"""Bounds on what callers send, through the real app: how deep a JSON body nests, when an event may
+have happened, ..."""
 
 from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,3 +108,32 @@ def test_nesting_is_measured_outside_strings_only() -> None:
         body = json.dumps(document).encode()
         for limit in range(12):
             assert nesting_exceeds(body, limit) == (depth(document) > limit), (body, limit)
+
+
+@pytest.mark.parametrize(
+    ("ts", "code"),
+    [
+        (0, "ts-too-old"),
+        (-5, "ts-too-old"),
+        (946_684_799, "ts-too-old"),  # 1999-12-31T23:59:59Z
+        (946_684_799_999, "ts-too-old"),  # the same in milliseconds
+        ("1999-12-31T23:59:59Z", "ts-too-old"),
+        ("0001-01-01T00:00:00", "ts-too-old"),
+        ("9999-12-31T23:59:59Z", "ts-in-future"),
+        (time.time() + 86_400, "ts-in-future"),
+        ((time.time() + 86_400) * 1000, "ts-in-future"),
+    ],
+)
+def test_an_event_outside_the_time_window_is_rejected_naming_the_window(
+    client: TestClient, ts: float | str, code: str
+) -> None:
+    item = client.get("/v1/popular").json()["items"][0]["id"]
+    sane = {"visitor": "v", "item": item, "event": "view", "ts": "2000-01-01T00:00:00Z"}
+    answer = client.post("/v1/events", json=[sane, {**sane, "ts": ts}])
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    assert body["accepted"] == 1
+    (rejected,) = body["rejected"]
+    assert (rejected["index"], rejected["code"], rejected["field"]) == (1, code, "ts")
+    window = "2000-01-01T00:00:00Z" if code == "ts-too-old" else "5 minutes ahead"
+    assert window in rejected["message"]
