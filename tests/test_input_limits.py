@@ -1,10 +1,11 @@
 """Bounds on what callers send, through the real app: how deep a JSON body nests, when an event may
-have happened, ..."""
+have happened, where CURRENT may point, ..."""
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,9 @@ from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.http import MAX_JSON_DEPTH, nesting_exceeds
+from index_builder import snapshot
 from tests.apps import quiet_settings
+from tests.snapshots import republish
 
 BODY_ROUTES = [
     ("POST", "/v1/events"),
@@ -137,3 +140,40 @@ def test_an_event_outside_the_time_window_is_rejected_naming_the_window(
     assert (rejected["index"], rejected["code"], rejected["field"]) == (1, code, "ts")
     window = "2000-01-01T00:00:00Z" if code == "ts-too-old" else "5 minutes ahead"
     assert window in rejected["message"]
+
+
+def point_outside(root: Path, how: str) -> str:
+    """Publish a good new version outside `root` and point CURRENT at it `how`; its version."""
+    version = republish(root, make_current=False)
+    outside = root.parent / "outside"
+    outside.mkdir()
+    shutil.move(root / version, outside / version)
+    if how == "parent":
+        pointer = f"../outside/{version}"
+    elif how == "absolute":
+        pointer = str(outside / version)
+    else:  # a symlink in the root leading out of it
+        (root / "escape").symlink_to(outside / version, target_is_directory=True)
+        pointer = "escape"
+    (root / snapshot.POINTER).write_text(pointer + "\n")
+    return version
+
+
+@pytest.mark.parametrize("how", ["parent", "absolute", "symlink"])
+def test_current_pointing_outside_the_root_is_refused_and_the_old_snapshot_serves(root: Path, how: str) -> None:
+    with TestClient(create_app(quiet_settings(root, "limits"))) as client:
+        serving = client.get("/v1/popular").json()["snapshot"]
+        outside = point_outside(root, how)
+        answer = client.post("/admin/reload")
+        assert answer.status_code == 409, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "snapshot-refused"
+        assert any("not a version directory under" in problem for problem in error["problems"])
+        assert client.get("/v1/popular").json()["snapshot"] == serving != outside
+
+
+def test_a_gateway_started_on_a_current_outside_the_root_serves_nothing(root: Path) -> None:
+    point_outside(root, "parent")
+    with TestClient(create_app(quiet_settings(root, "limits"))) as client:
+        answer = client.get("/v1/popular")
+        assert (answer.status_code, answer.json()["error"]["code"]) == (503, "no-snapshot")
