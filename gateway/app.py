@@ -309,9 +309,15 @@ class Gateway:
         return asyncio.get_running_loop().run_in_executor(self.executor, compute)
 
     def request_id(self, request: Request) -> str:
+        """The caller's X-Request-ID (UTF-8, so that it is echoed in the header byte for byte and in
+        the body as the same text), or a new id when it is absent, over 128 characters, not UTF-8
+        or not printable."""
         for name, value in request.scope["headers"]:  # ASGI lower-cases header names
             if name == b"x-request-id":
-                given: str = value.decode("latin-1")
+                try:
+                    given: str = value.decode()
+                except UnicodeDecodeError:
+                    break
                 if given and len(given) <= 128 and given.isprintable():
                     return given
                 break

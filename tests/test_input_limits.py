@@ -1,8 +1,9 @@
 """Bounds on what callers send, through the real app: how deep a JSON body nests, when an event may
-have happened, where CURRENT may point, ..."""
+have happened, where CURRENT may point, what X-Request-ID may say."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
 import shutil
@@ -19,6 +20,7 @@ from gateway.http import MAX_JSON_DEPTH, nesting_exceeds
 from index_builder import snapshot
 from tests.apps import quiet_settings
 from tests.snapshots import republish
+from tests.test_gateway_live import Server
 
 BODY_ROUTES = [
     ("POST", "/v1/events"),
@@ -177,3 +179,35 @@ def test_a_gateway_started_on_a_current_outside_the_root_serves_nothing(root: Pa
     with TestClient(create_app(quiet_settings(root, "limits"))) as client:
         answer = client.get("/v1/popular")
         assert (answer.status_code, answer.json()["error"]["code"]) == (503, "no-snapshot")
+
+
+def get_with_request_id(port: int, given: bytes) -> tuple[str, bytes]:
+    """The body's request_id and the X-Request-ID header's bytes of GET /v1/popular."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.putrequest("GET", "/v1/popular")
+        connection.putheader("X-Request-ID", given)
+        connection.endheaders()
+        response = connection.getresponse()
+        assert response.status == 200
+        body = json.loads(response.read())
+        header = response.getheader("x-request-id")
+        assert header is not None
+        return body["request_id"], header.encode("latin-1")  # http.client reads header bytes as latin-1
+    finally:
+        connection.close()
+
+
+def test_a_non_ascii_request_id_is_echoed_intact_or_replaced(root: Path, tmp_path: Path) -> None:
+    # Over a real server: the test client cannot carry a header that is not ASCII.
+    server = Server(root, tmp_path / "gateway.log")
+    try:
+        for given in ["état-42", "请求-7", "🙂"]:
+            assert get_with_request_id(server.port, given.encode()) == (given, given.encode())
+        # Not UTF-8, not printable (a no-break space; control characters the server itself refuses), too long.
+        for bad in [b"\xe9t\xe9", "a\u00a0b".encode(), b"x" * 129]:
+            rid, header = get_with_request_id(server.port, bad)
+            assert rid.encode() == header != bad
+            assert rid.isascii() and rid.isprintable()
+    finally:
+        server.stop()
