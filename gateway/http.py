@@ -23,6 +23,8 @@ JSON = "application/json"
 LIST_PARAMETERS = frozenset({"category", "exclude"})
 # Read by the access check (gateway.access), not by the routes.
 IGNORED_PARAMETERS = frozenset({"key"})
+# The body limit of the routes that take a small document (a consent change, a token request).
+SMALL_BODY_BYTES = 16 * 1024
 # Arrays and objects in a body may nest this deep. msgspec decodes nested values by recursion, so an
 # unbounded depth ends in RecursionError (a 500); no document the API takes needs more than a few
 # dozen levels (a rule's conditions nest two JSON levels per `all`/`any`/`not`).

@@ -28,7 +28,23 @@ VisitorId = Annotated[
     msgspec.Meta(min_length=1, max_length=256, description="An anonymous visitor's id (e.g. a first-party cookie)."),
 ]
 Text = Annotated[str, msgspec.Meta(max_length=2048)]
-Count = Annotated[int, msgspec.Meta(ge=1, le=1000, description="How many items to return.")]
+# A bound that is a gateway setting: gateway.openapi writes `{keyword: <the setting's value>}` in
+# its place, so the document states the limit this gateway enforces.
+BOUND = "x-tailor-bound"
+
+
+def bounded_by(keyword: str, setting: str) -> dict[str, object]:
+    return {BOUND: {keyword: setting}}
+
+
+Count = Annotated[
+    int,
+    msgspec.Meta(
+        ge=1,
+        description="How many items to return: at most the gateway's `max_n`.",
+        extra_json_schema=bounded_by("maximum", "max_n"),
+    ),
+]
 Categories = Annotated[
     list[Id],
     msgspec.Meta(
@@ -326,7 +342,14 @@ class EventIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class EventBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The body of `POST /v1/events`: this, a bare JSON array of events, or one event object."""
 
-    events: Annotated[list[EventIn], msgspec.Meta(min_length=1, max_length=10_000)]
+    events: Annotated[
+        list[EventIn],
+        msgspec.Meta(
+            min_length=1,
+            description="At most the gateway's `max_events_per_batch` (413 `batch-too-large` beyond).",
+            extra_json_schema=bounded_by("maxItems", "max_events_per_batch"),
+        ),
+    ]
     token: VisitorToken | None = None
 
 

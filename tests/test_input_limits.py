@@ -1,11 +1,13 @@
 """Bounds on what callers send, through the real app: how deep a JSON body nests, when an event may
-have happened, where CURRENT may point, what X-Request-ID may say."""
+have happened, where CURRENT may point, what X-Request-ID may say, how many items and events, and
+that the OpenAPI document states these limits as the server enforces them."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import random
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -211,3 +213,53 @@ def test_a_non_ascii_request_id_is_echoed_intact_or_replaced(root: Path, tmp_pat
             assert rid.isascii() and rid.isprintable()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("path", ["/v1/popular", "/v1/recommend?visitor=v", "/v1/items/{item}/similar"])
+def test_n_over_the_maximum_names_the_configured_maximum(root: Path, path: str) -> None:
+    with TestClient(create_app(quiet_settings(root, "limits", max_n=7, default_n=5))) as client:
+        item = client.get("/v1/popular").json()["items"][0]["id"]
+        url = path.format(item=item) + ("&" if "?" in path else "?")
+        assert client.get(url + "n=7").status_code == 200
+        for n in (8, 5000):
+            answer = client.get(url + f"n={n}")
+            assert answer.status_code == 400
+            assert answer.json()["error"] == {
+                "code": "invalid-parameter",
+                "message": "n must be at most 7",
+                "field": "n",
+            }
+        documented = client.get("/openapi.json").json()
+        (parameter,) = [p for p in documented["paths"]["/v1/popular"]["get"]["parameters"] if p["name"] == "n"]
+        assert (parameter["schema"]["minimum"], parameter["schema"]["maximum"]) == (1, 7)
+
+
+def test_the_documented_batch_size_is_the_one_enforced(root: Path) -> None:
+    with TestClient(create_app(quiet_settings(root, "limits", max_events_per_batch=3))) as client:
+        documented = client.get("/openapi.json").json()
+        assert documented["components"]["schemas"]["EventBatch"]["properties"]["events"]["maxItems"] == 3
+        item = client.get("/v1/popular").json()["items"][0]["id"]
+        events = [{"visitor": "v", "item": item, "event": "view"}] * 4
+        assert client.post("/v1/events", json={"events": events[:3]}).status_code == 202
+        answer = client.post("/v1/events", json={"events": events})
+        assert (answer.status_code, answer.json()["error"]["code"]) == (413, "batch-too-large")
+
+
+def test_every_documented_body_limit_is_the_one_enforced(client: TestClient) -> None:
+    documented = client.get("/openapi.json").json()
+    checked = 0
+    for path, methods in documented["paths"].items():
+        for method, operation in methods.items():
+            if "requestBody" not in operation:
+                continue
+            found = re.search(r"JSON of at most ([\d,]+) bytes \(413", operation["description"])
+            assert found, f"{method.upper()} {path} does not state its body limit"
+            limit = int(found[1].replace(",", ""))
+            assert "413" in operation["responses"]
+            url = path.replace("{rule_id}", "hero")
+            over = client.request(method, url, content=b" " * (limit + 1), headers={"content-type": "application/json"})
+            assert (over.status_code, over.json()["error"]["code"]) == (413, "body-too-large"), (path, over.text)
+            at = client.request(method, url, content=b" " * limit, headers={"content-type": "application/json"})
+            assert at.status_code != 413, path
+            checked += 1
+    assert checked == 7
