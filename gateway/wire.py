@@ -28,6 +28,8 @@ VisitorId = Annotated[
     msgspec.Meta(min_length=1, max_length=256, description="An anonymous visitor's id (e.g. a first-party cookie)."),
 ]
 Text = Annotated[str, msgspec.Meta(max_length=2048)]
+# A value of a list parameter: a comma separates values, so none can contain one.
+ListedId = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^,]+$")]
 # A bound that is a gateway setting: gateway.openapi writes `{keyword: <the setting's value>}` in
 # its place, so the document states the limit this gateway enforces.
 BOUND = "x-tailor-bound"
@@ -46,7 +48,7 @@ Count = Annotated[
     ),
 ]
 Categories = Annotated[
-    list[Id],
+    list[ListedId],
     msgspec.Meta(
         max_length=50,
         description="Only items in any of these categories (a parent such as `fashion` covers "
@@ -54,7 +56,8 @@ Categories = Annotated[
     ),
 ]
 Excluded = Annotated[
-    list[Id], msgspec.Meta(max_length=500, description="Item ids never to return. Repeat or separate with commas.")
+    list[ListedId],
+    msgspec.Meta(max_length=500, description="Item ids never to return. Repeat or separate with commas."),
 ]
 
 
