@@ -56,7 +56,7 @@ from gateway.rulebook import RuleKeeper
 from gateway.rules import Book
 from gateway.rules_api import RulesApi
 from gateway.ruleset import RuleSet
-from gateway.snapshot import Snapshot, SnapshotRefusedError, load, load_current
+from gateway.snapshot import Snapshot, SnapshotRefusedError, current_version, load, load_current
 from gateway.store import PURPOSES, Requirement, Retention, Store, open_documents, open_ledger, open_store
 from gateway.stream import Hub
 from gateway.stream_api import StreamApi
@@ -248,7 +248,7 @@ class Gateway:
     async def reload(self) -> wire.ReloadResult:
         """Load what CURRENT names and swap it in; raise SnapshotRefusedError and keep serving if it fails."""
         async with self._reload_lock:
-            version = await asyncio.to_thread(published.current_version, self.root)
+            version = await asyncio.to_thread(current_version, self.root)
             if version is None:
                 raise SnapshotRefusedError(None, [f"no {published.POINTER} pointer under {self.root}"])
             serving = self.recommender.snap.version if self.recommender is not None else None
@@ -277,7 +277,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.settings.watch_interval_s)
             try:
-                version = await asyncio.to_thread(published.current_version, self.root)
+                version = await asyncio.to_thread(current_version, self.root)
                 serving = self.recommender.snap.version if self.recommender is not None else None
                 if version is not None and version != serving and version not in self.refused:
                     await self.reload()
@@ -310,9 +310,15 @@ class Gateway:
         return asyncio.get_running_loop().run_in_executor(self.executor, compute)
 
     def request_id(self, request: Request) -> str:
+        """The caller's X-Request-ID (UTF-8, so that it is echoed in the header byte for byte and in
+        the body as the same text), or a new id when it is absent, over 128 characters, not UTF-8
+        or not printable."""
         for name, value in request.scope["headers"]:  # ASGI lower-cases header names
             if name == b"x-request-id":
-                given: str = value.decode("latin-1")
+                try:
+                    given: str = value.decode()
+                except UnicodeDecodeError:
+                    break
                 if given and len(given) <= 128 and given.isprintable():
                     return given
                 break

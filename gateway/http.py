@@ -4,11 +4,13 @@ query strings parsed into declared types (gateway.wire)."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 import msgspec
+import numpy as np
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,6 +23,12 @@ JSON = "application/json"
 LIST_PARAMETERS = frozenset({"category", "exclude"})
 # Read by the access check (gateway.access), not by the routes.
 IGNORED_PARAMETERS = frozenset({"key"})
+# The body limit of the routes that take a small document (a consent change, a token request).
+SMALL_BODY_BYTES = 16 * 1024
+# Arrays and objects in a body may nest this deep. msgspec decodes nested values by recursion, so an
+# unbounded depth ends in RecursionError (a 500); no document the API takes needs more than a few
+# dozen levels (a rule's conditions nest two JSON levels per `all`/`any`/`not`).
+MAX_JSON_DEPTH = 64
 
 _encoder = msgspec.json.Encoder()
 log = logging.getLogger("tailor.gateway")
@@ -68,7 +76,8 @@ class JSONBytes(Response):
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes (never read whole into memory)."""
+    """The (JSON) body, refused with 413 as soon as it passes `limit` bytes (never read whole into
+    memory), and with 400 `invalid-body` when it nests deeper than MAX_JSON_DEPTH."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "body-too-large", f"at most {limit} bytes per request")
@@ -79,7 +88,35 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise ApiError(413, "body-too-large", f"at most {limit} bytes per request")
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    if nesting_exceeds(body, MAX_JSON_DEPTH):
+        raise ApiError(400, "invalid-body", f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    return body
+
+
+_STRING = re.compile(rb'"[^"]*"')
+_NOT_BRACKETS = bytes(set(range(256)) - set(b'"[]{}'))
+
+
+def nesting_exceeds(body: bytes, limit: int) -> bool:
+    """Whether the JSON in `body` nests arrays and objects more than `limit` levels deep (for
+    malformed JSON, which the decoder reports, any answer will do). Byte operations done in C, about
+    as fast as decoding the body; bodies with few brackets are not even scanned."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    # Outside strings valid JSON has no backslash, so escapes pair up left to right: drop `\\`
+    # first, then `\"`; every quote left opens or closes a string.
+    if b"\\" in body:
+        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    skeleton = body.translate(None, _NOT_BRACKETS)
+    # Two adjacent quotes are an empty string or the end and start of two strings: dropping them
+    # leaves every string's brackets inside a string still (and most strings hold none).
+    skeleton = skeleton.replace(b'""', b"")
+    if b'"' in skeleton:
+        skeleton = _STRING.sub(b"", skeleton)
+    # `[` and `{` have bit 1 set, `]` and `}` clear: +1 and -1 steps, the depth their running sum.
+    steps = (np.frombuffer(skeleton, np.uint8) & 2).astype(np.int32) - 1
+    return bool(steps.size) and int(np.cumsum(steps).max()) > limit
 
 
 def field_of(message: str) -> str | None:

@@ -12,6 +12,10 @@ from gateway.snapshot import Snapshot
 from gateway.store import Recorded
 from index_builder.schema import ITEMLESS_EVENTS
 
+# The window an event's `ts` must fall in: from 2000-01-01T00:00:00Z (earlier is a client bug, such
+# as seconds sent where milliseconds were meant, or an unset clock) to 5 minutes past the gateway's
+# clock (devices' clocks drift; beyond that the event would outlive windows it has not lived in).
+OLDEST_TS = datetime(2000, 1, 1, tzinfo=UTC).timestamp()
 FUTURE_SLACK_S = 300.0
 # navigator.sendBeacon sends a string body as text/plain (a CORS-safe type); no type at all is accepted too.
 EVENT_MEDIA_TYPES = frozenset({"", "application/json", "text/plain"})
@@ -48,7 +52,8 @@ def decode_events(body: bytes) -> tuple[list[object], str | None]:
 
 
 def timestamp(value: float | str) -> float | None:
-    """Unix seconds (UTC) of an event's `ts`: seconds, milliseconds or ISO 8601; None if unreadable."""
+    """Unix seconds (UTC) of an event's `ts`: seconds, milliseconds or ISO 8601; None for a string
+    that is no ISO 8601 time. (Whether it is a sane time is check_event's question.)"""
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value)
@@ -57,8 +62,6 @@ def timestamp(value: float | str) -> float | None:
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
         return parsed.timestamp()
-    if value < 0:
-        return None
     return value / 1000.0 if value > MILLISECONDS_ABOVE else float(value)
 
 
@@ -96,6 +99,8 @@ def check_event(  # noqa: PLR0911 - one return per reason to reject
     ts = now if event.ts is None else timestamp(event.ts)
     if ts is None:
         return wire.Rejected(index, "invalid-event", "`ts` is neither a number nor an ISO 8601 time", "ts")
+    if ts < OLDEST_TS:
+        return wire.Rejected(index, "ts-too-old", "`ts` is before 2000-01-01T00:00:00Z", "ts")
     if ts > now + FUTURE_SLACK_S:
         return wire.Rejected(index, "ts-in-future", "`ts` is more than 5 minutes ahead of the gateway", "ts")
     categories: tuple[str, ...] = ()

@@ -12,10 +12,11 @@ from typing import Any
 
 import msgspec
 
-from gateway import demo, wire
+from gateway import demo, events_api, http, rules_api, wire
 from gateway import experiments_api as xapi
 from gateway.experiments import ExperimentPlan
 from gateway.ruleset import RuleSet
+from gateway.settings import Settings
 
 REF = "#/components/schemas/{name}"
 JSON = "application/json"
@@ -34,6 +35,7 @@ class Operation(msgspec.Struct, frozen=True):
     path_parameters: tuple[str, ...] = ()
     media_type: str = JSON
     scope: str = "open"  # gateway.access: "public" and "admin" routes need a key once keys are configured
+    body_limit: int = 0  # bytes; a larger body is a 413
 
 
 OPERATIONS = (
@@ -80,6 +82,7 @@ OPERATIONS = (
         status=202,
         errors=(400, 413, 415, 422, 503),
         scope="public",
+        body_limit=events_api.MAX_BODY_BYTES,
     ),
     Operation(
         "post",
@@ -91,8 +94,9 @@ OPERATIONS = (
         body=wire.TokenRequest,
         body_required=False,
         answer=wire.StreamToken,
-        errors=(400, 401, 413),
+        errors=(400, 401, 403, 413),
         scope="public",
+        body_limit=http.SMALL_BODY_BYTES,
     ),
     Operation(
         "get",
@@ -114,6 +118,7 @@ OPERATIONS = (
         answer=wire.ConsentView,
         errors=(400, 403, 413, 503),
         scope="public",
+        body_limit=http.SMALL_BODY_BYTES,
     ),
     Operation(
         "get",
@@ -183,6 +188,7 @@ OPERATIONS = (
         status=201,
         errors=(400, 413, 422, 503),
         scope="admin",
+        body_limit=rules_api.MAX_RULES_BODY,
     ),
     Operation(
         "get",
@@ -218,6 +224,7 @@ OPERATIONS = (
         answer=wire.Preview,
         errors=(400, 413, 422, 503),
         scope="admin",
+        body_limit=rules_api.MAX_RULES_BODY,
     ),
     Operation(
         "put",
@@ -225,9 +232,10 @@ OPERATIONS = (
         "Switch a rule on or off on every node at runtime (`null`: back to the rule's own `enabled`).",
         body=wire.FlagUpdate,
         answer=wire.RulesOverview,
-        errors=(400, 503),
+        errors=(400, 413, 503),
         path_parameters=("rule_id",),
         scope="admin",
+        body_limit=rules_api.MAX_FLAG_BODY,
     ),
     Operation(
         "get",
@@ -260,6 +268,7 @@ OPERATIONS = (
         status=201,
         errors=(400, 413, 422, 503),
         scope="admin",
+        body_limit=xapi.MAX_PLAN_BODY,
     ),
     Operation(
         "get",
@@ -361,12 +370,41 @@ OPERATIONS = (
 )
 
 
+Bounds = tuple[tuple[str, Any], ...]  # (setting, value) for every setting the schemas name
+
+
+@functools.cache
 def _schemas() -> tuple[dict[type[msgspec.Struct], dict[str, Any]], dict[str, Any]]:
     types: list[Any] = [wire.ErrorBody]
     for op in OPERATIONS:
         types.extend(t for t in (op.query, op.body, op.answer) if t is not None)
     refs, components = msgspec.json.schema_components(types, ref_template=REF)
     return dict(zip(types, refs, strict=True)), components
+
+
+def _named_settings(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        found = set(node.get(wire.BOUND, {}).values())
+        return found.union(*(_named_settings(value) for value in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_named_settings(value) for value in node))
+    return set()
+
+
+def _bounds(settings: Settings | None) -> Bounds:
+    chosen = Settings() if settings is None else settings
+    return tuple((name, getattr(chosen, name)) for name in sorted(_named_settings(_schemas()[1])))
+
+
+def _resolved(node: Any, bounds: dict[str, Any]) -> Any:
+    """`node` with each wire.bounded_by placeholder replaced by the setting's value."""
+    if isinstance(node, dict):
+        out = {key: _resolved(value, bounds) for key, value in node.items() if key != wire.BOUND}
+        out.update((keyword, bounds[setting]) for keyword, setting in node.get(wire.BOUND, {}).items())
+        return out
+    if isinstance(node, list):
+        return [_resolved(value, bounds) for value in node]
+    return node
 
 
 def _parameters(op: Operation, components: dict[str, Any]) -> list[dict[str, Any]]:
@@ -396,9 +434,16 @@ def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
     return {**variants[0], **{k: v for k, v in schema.items() if k not in ("anyOf", "default")}}
 
 
+def document(settings: Settings | None = None) -> dict[str, Any]:
+    """The document of a gateway with `settings` (default: the defaults), stating the limits it
+    enforces."""
+    return _document(_bounds(settings))
+
+
 @functools.cache
-def document() -> dict[str, Any]:
-    refs, components = _schemas()
+def _document(bounds: Bounds) -> dict[str, Any]:
+    refs, raw = _schemas()
+    components = _resolved(raw, dict(bounds))
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         content: dict[str, Any] = {op.media_type: {"schema": refs[op.answer]} if op.answer else {}}
@@ -406,9 +451,15 @@ def document() -> dict[str, Any]:
         refused = {"public": (401, 429), "admin": (401, 403, 429)}.get(op.scope, ())
         for status in (*op.errors, *refused):
             responses[str(status)] = {"description": "Error", "content": {JSON: {"schema": refs[wire.ErrorBody]}}}
+        description = op.summary
+        if op.body_limit:
+            description += (
+                f" The body is JSON of at most {op.body_limit:,} bytes (413 `body-too-large` beyond), nested at "
+                f"most {http.MAX_JSON_DEPTH} levels deep (400 `invalid-body` beyond)."
+            )
         operation: dict[str, Any] = {
             "summary": op.summary.split(". ")[0].rstrip("."),
-            "description": op.summary,
+            "description": description,
             "parameters": _parameters(op, components),
             "responses": responses,
         }
@@ -423,7 +474,8 @@ def document() -> dict[str, Any]:
         "info": {
             "title": "Tailor gateway",
             "version": "1",
-            "description": "Personalised recommendations in milliseconds from your own data.",
+            "description": "Personalised recommendations in milliseconds from your own data. A request line "
+            "(path and query) over 64 KB is refused by the HTTP server itself (400, plain text).",
         },
         "paths": paths,
         "components": {
@@ -436,9 +488,13 @@ def document() -> dict[str, Any]:
     }
 
 
+def document_bytes(settings: Settings | None = None) -> bytes:
+    return _document_bytes(_bounds(settings))
+
+
 @functools.cache
-def document_bytes() -> bytes:
-    return msgspec.json.encode(document())
+def _document_bytes(bounds: Bounds) -> bytes:
+    return msgspec.json.encode(_document(bounds))
 
 
 def _type_text(schema: dict[str, Any]) -> str:
@@ -450,13 +506,17 @@ def _type_text(schema: dict[str, Any]) -> str:
         return " | ".join(repr(v) for v in schema["enum"])
     if schema.get("type") == "array":
         return f"list of {_type_text(schema.get('items', {}))}"
-    bounds = [f"{k} {schema[k]}" for k in ("minimum", "maximum", "minLength", "maxLength") if k in schema]
-    return str(schema.get("type", "any")) + (f" ({', '.join(bounds)})" if bounds else "")
+    limits = [f"{k} {schema[k]}" for k in ("minimum", "maximum", "minLength", "maxLength") if k in schema]
+    return str(schema.get("type", "any")) + (f" ({', '.join(limits)})" if limits else "")
+
+
+def html_page(settings: Settings | None = None) -> str:
+    return _html_page(_bounds(settings))
 
 
 @functools.cache
-def html_page() -> str:
-    doc = document()
+def _html_page(bounds: Bounds) -> str:
+    doc = _document(bounds)
     out = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Tailor gateway API</title>",
         "<style>body{font:15px/1.5 system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"

@@ -57,7 +57,7 @@ class PagesApi:
         return Response(script, media_type="text/javascript", headers={"cache-control": "public, max-age=300"})
 
     async def openapi_json(self, request: Request) -> Response:
-        return Response(openapi.document_bytes(), media_type=JSON)
+        return Response(openapi.document_bytes(self.gateway.settings), media_type=JSON)
 
     async def docs(self, request: Request) -> Response:
-        return HTMLResponse(openapi.html_page())
+        return HTMLResponse(openapi.html_page(self.gateway.settings))

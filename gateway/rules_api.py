@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 MAX_RULES_BODY = 2 * 1024 * 1024
+MAX_FLAG_BODY = 4096
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -126,7 +127,7 @@ class RulesApi(VersionsApi[RuleKeeper]):
     async def flag(self, request: Request) -> Response:
         rule_id = request.path_params["rule_id"]
         try:
-            update = msgspec.json.decode(await read_body(request, 4096), type=wire.FlagUpdate)
+            update = msgspec.json.decode(await read_body(request, MAX_FLAG_BODY), type=wire.FlagUpdate)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise ApiError(400, "invalid-body", str(exc), field=field_of(str(exc))) from None
         try:

@@ -254,10 +254,19 @@ def _read(directory: Path) -> Snapshot:
     )
 
 
+def current_version(root: Path) -> str | None:
+    """The version CURRENT names (None without the pointer); SnapshotRefusedError when it points
+    outside the root."""
+    try:
+        return published.current_version(root)
+    except published.SnapshotError as exc:
+        raise SnapshotRefusedError(None, [str(exc)]) from None
+
+
 def load_current(root: Path, *, verify: bool = True) -> tuple[Snapshot, list[SnapshotRefusedError]]:
     """The snapshot CURRENT names; if it is refused, the newest older one that loads, so a bad
     publish never keeps a restarted gateway down. Also returns what was refused on the way."""
-    version = published.current_version(root)
+    version = current_version(root)  # a pointer out of the root is refused like a missing one
     if version is None:
         raise SnapshotRefusedError(None, [f"no {published.POINTER} pointer under {root}; run `tailor build` first"])
     try:

@@ -13,7 +13,7 @@ from starlette.websockets import WebSocket
 
 from gateway import tokens, wire
 from gateway.access import AccessError
-from gateway.http import ApiError, field_of, json_response, parse_query, read_body
+from gateway.http import SMALL_BODY_BYTES, ApiError, field_of, json_response, parse_query, read_body
 from gateway.plans import with_reasons
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class StreamApi:
 
     async def token(self, request: Request) -> Response:
         gateway = self.gateway
-        body = await read_body(request, 16384)  # a token is at most 1 KB: larger is a 400 up to here
+        body = await read_body(request, SMALL_BODY_BYTES)  # a token is at most 1 KB: larger is a 400 up to here
         renew: str | None = None
         named: str | None = None
         if body:  # no body: a new anonymous visitor; anything else must be a TokenRequest

@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from gateway import wire
 from gateway.access import Scope
-from gateway.http import ApiError, field_of, json_response, parse_query, read_body
+from gateway.http import SMALL_BODY_BYTES, ApiError, field_of, json_response, parse_query, read_body
 from gateway.store import Consent, StoreError
 from gateway.triggers import Delivered
 
@@ -135,7 +135,7 @@ class VisitorsApi:
 
     async def put_consent(self, request: Request) -> Response:
         try:
-            update = msgspec.json.decode(await read_body(request, 16384), type=wire.ConsentUpdate)
+            update = msgspec.json.decode(await read_body(request, SMALL_BODY_BYTES), type=wire.ConsentUpdate)
         except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
             raise ApiError(400, "invalid-body", str(exc), field=field_of(str(exc))) from None
         token = self.gateway.token_of(request, update.token)

@@ -28,9 +28,27 @@ VisitorId = Annotated[
     msgspec.Meta(min_length=1, max_length=256, description="An anonymous visitor's id (e.g. a first-party cookie)."),
 ]
 Text = Annotated[str, msgspec.Meta(max_length=2048)]
-Count = Annotated[int, msgspec.Meta(ge=1, le=1000, description="How many items to return.")]
+# A value of a list parameter: a comma separates values, so none can contain one.
+ListedId = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^,]+$")]
+# A bound that is a gateway setting: gateway.openapi writes `{keyword: <the setting's value>}` in
+# its place, so the document states the limit this gateway enforces.
+BOUND = "x-tailor-bound"
+
+
+def bounded_by(keyword: str, setting: str) -> dict[str, object]:
+    return {BOUND: {keyword: setting}}
+
+
+Count = Annotated[
+    int,
+    msgspec.Meta(
+        ge=1,
+        description="How many items to return: at most the gateway's `max_n`.",
+        extra_json_schema=bounded_by("maximum", "max_n"),
+    ),
+]
 Categories = Annotated[
-    list[Id],
+    list[ListedId],
     msgspec.Meta(
         max_length=50,
         description="Only items in any of these categories (a parent such as `fashion` covers "
@@ -38,7 +56,8 @@ Categories = Annotated[
     ),
 ]
 Excluded = Annotated[
-    list[Id], msgspec.Meta(max_length=500, description="Item ids never to return. Repeat or separate with commas.")
+    list[ListedId],
+    msgspec.Meta(max_length=500, description="Item ids never to return. Repeat or separate with commas."),
 ]
 
 
@@ -281,7 +300,8 @@ Timestamp = Annotated[
     msgspec.Meta(
         description="When it happened: Unix seconds, Unix milliseconds (as `Date.now()` gives, any number "
         "above 1e11), or ISO 8601 (`2026-11-22T09:30:00Z`; without an offset it is UTC). Default: when "
-        "received. More than 5 minutes ahead of the gateway's clock is refused."
+        "received. Refused before 2000-01-01T00:00:00Z (`ts-too-old`) and more than 5 minutes ahead of the "
+        "gateway's clock (`ts-in-future`)."
     ),
 ]
 
@@ -325,14 +345,24 @@ class EventIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class EventBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The body of `POST /v1/events`: this, a bare JSON array of events, or one event object."""
 
-    events: Annotated[list[EventIn], msgspec.Meta(min_length=1, max_length=10_000)]
+    events: Annotated[
+        list[EventIn],
+        msgspec.Meta(
+            min_length=1,
+            description="At most the gateway's `max_events_per_batch` (413 `batch-too-large` beyond).",
+            extra_json_schema=bounded_by("maxItems", "max_events_per_batch"),
+        ),
+    ]
     token: VisitorToken | None = None
 
 
 class Rejected(msgspec.Struct, frozen=True, omit_defaults=True):
     index: Annotated[int, msgspec.Meta(description="Position of the event in the batch.")]
     code: Annotated[
-        str, msgspec.Meta(description="invalid-event, unknown-event, missing-item, ts-in-future, not-your-visitor")
+        str,
+        msgspec.Meta(
+            description="invalid-event, unknown-event, missing-item, ts-too-old, ts-in-future, not-your-visitor"
+        ),
     ]
     message: str
     field: str | None = None

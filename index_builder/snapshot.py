@@ -105,10 +105,25 @@ def set_current(root: Path, version: str) -> None:
 
 
 def current_version(root: Path) -> str | None:
+    """The version CURRENT names; SnapshotError when it names anything but a directory directly
+    under `root` (a path such as `../x` or `/x`, or a symlink leading out of the root)."""
     try:
-        return (root / POINTER).read_text(encoding="utf-8").strip() or None
+        version = (root / POINTER).read_text(encoding="utf-8").strip() or None
     except FileNotFoundError:
         return None
+    if version is not None and not _inside(root, version):
+        raise SnapshotError(f"{root / POINTER} names {version!r}, which is not a version directory under {root}")
+    return version
+
+
+def _inside(root: Path, name: str) -> bool:
+    """Whether `name` is one directory name whose directory (symlinks followed) is in `root` itself."""
+    if Path(name).name != name or name in (".", "..") or "\\" in name or "\0" in name:
+        return False
+    try:
+        return (root / name).resolve().parent == root.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
 
 
 def load_manifest(directory: Path) -> Manifest:
@@ -148,7 +163,7 @@ def verify(directory: Path) -> list[str]:
 def list_versions(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _inside(root, p.name))
 
 
 def remove_stale_staging(root: Path) -> None:

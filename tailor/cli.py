@@ -347,7 +347,11 @@ def _build(args: argparse.Namespace, events: list[Path], say: Stopwatch) -> int:
 
 def _run_snapshots(args: argparse.Namespace) -> int:
     root: Path = args.root
-    current = snapshot.current_version(root)
+    try:
+        current = snapshot.current_version(root)
+    except snapshot.SnapshotError as exc:  # the versions are still worth listing, or pointing at
+        print(f"tailor snapshots: warning: {exc}", file=sys.stderr)
+        current = None
     if args.action == "list":
         versions = snapshot.list_versions(root)
         if not versions:
