@@ -1,8 +1,8 @@
 """The ASGI application: routes, lifespan (store, snapshot, watcher) and the handlers.
 
 Everything here is translation between HTTP and the domain: parse and validate the query or body
-into a declared type (`gateway.wire`, with `gateway.http` and `gateway.ingest`), call the pipeline
-(`gateway.recommend`), encode the answer.
+into a declared type (`gateway.api.wire`, with `gateway.api.http` and `gateway.api.ingest`), call the pipeline
+(`gateway.recommend.pipeline`), encode the answer.
 """
 
 from __future__ import annotations
@@ -28,16 +28,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from gateway import kernels, privacy, tokens, wire
 from gateway import settings as config
-from gateway.access import Access, AccessError, Scope
-from gateway.access import key_of as access_key
-from gateway.conditions import NO_CONTEXT, Context
-from gateway.events_api import EventsApi
-from gateway.experimenting import OUTSIDE, Enrolment, ExperimentKeeper
-from gateway.experiments_api import ExperimentsApi
-from gateway.guard import GuardedStore
-from gateway.http import (
+from gateway.api import wire
+from gateway.api.events import EventsApi
+from gateway.api.experiments import ExperimentsApi
+from gateway.api.http import (
     ApiError,
     JSONBytes,
     by_method,
@@ -47,22 +42,30 @@ from gateway.http import (
     parse_query,
     unexpected_error,
 )
+from gateway.api.ops import OpsApi
+from gateway.api.pages import PagesApi
+from gateway.api.push import Hub
+from gateway.api.rules import RulesApi
+from gateway.api.stream import StreamApi
+from gateway.api.visitors import VisitorsApi
+from gateway.experiments.keeper import OUTSIDE, Enrolment, ExperimentKeeper
 from gateway.metrics import Metrics
-from gateway.ops_api import OpsApi
-from gateway.pages_api import PagesApi
-from gateway.plans import with_reasons
-from gateway.recommend import Answer, Recommender
-from gateway.rulebook import RuleKeeper
-from gateway.rules import Book
-from gateway.rules_api import RulesApi
-from gateway.ruleset import RuleSet
+from gateway.privacy import keys as privacy
+from gateway.privacy import tokens
+from gateway.privacy.access import Access, AccessError, Scope
+from gateway.privacy.access import key_of as access_key
+from gateway.recommend import kernels
+from gateway.recommend.pipeline import Answer, Recommender
+from gateway.rules.book import Book
+from gateway.rules.conditions import NO_CONTEXT, Context
+from gateway.rules.document import RuleSet
+from gateway.rules.keeper import RuleKeeper
+from gateway.rules.plans import with_reasons
+from gateway.rules.triggers import TriggerEngine
 from gateway.snapshot import Snapshot, SnapshotRefusedError, current_version, load, load_current
 from gateway.store import PURPOSES, Requirement, Retention, Store, open_documents, open_ledger, open_store
-from gateway.stream import Hub
-from gateway.stream_api import StreamApi
+from gateway.store.guard import GuardedStore
 from gateway.tasks import stop as stop_task
-from gateway.triggers import TriggerEngine
-from gateway.visitors_api import VisitorsApi
 from index_builder import snapshot as published
 
 log = logging.getLogger("tailor.gateway")

@@ -14,9 +14,10 @@ import uvicorn
 from threadpoolctl import threadpool_limits
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway import logs, privacy
+from gateway import logs
 from gateway import settings as config
 from gateway.metrics import MULTIPROC_ENV
+from gateway.privacy import keys as privacy
 from gateway.settings import SETTINGS_ENV, Settings, encode
 from gateway.store import open_store
 

@@ -64,7 +64,7 @@ class Snapshot:
     params: ModelParams
     event_weights: dict[str, float]
     gram: npt.NDArray[np.float64]
-    gram_inverse: npt.NDArray[np.floating[Any]]  # for the fold-in (gateway.kernels.fold_in)
+    gram_inverse: npt.NDArray[np.floating[Any]]  # for the fold-in (gateway.recommend.kernels.fold_in)
     method: str
     search_k: int
     annoy: AnnoyIndex | None = field(default=None)
@@ -84,7 +84,7 @@ class Snapshot:
     tag_rows: dict[str, Rows] = field(default_factory=dict)  # tag -> the rows that carry it
     prices: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0, dtype=np.float64))
     stock: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    # Filled by the HTTP layer as rows are served (gateway.wire.encode_recommendations): a row's
+    # Filled by the HTTP layer as rows are served (gateway.api.wire.encode_recommendations): a row's
     # encoded id, title and categories (by row: a list index is a third of a dict lookup's cache
     # misses on a 100k-item catalog), and each reason list, encoded once per snapshot.
     encoded_items: list[bytes | None] = field(default_factory=list)

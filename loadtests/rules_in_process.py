@@ -36,7 +36,7 @@ import numpy as np
 
 from gateway import settings as config
 from gateway.app import create_app
-from gateway.conditions import Context
+from gateway.rules.conditions import Context
 from loadtests.bench_rules import rule_set
 from loadtests.exact import Snapshot
 from loadtests.traffic import new_visitors
@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
         "--paths",
         action="store_true",
         help="with the rules active throughout, alternate the answer made in one compiled call "
-        "(gateway.placing, `placed`) and step by step (Ruling.select + Book.apply, `steps`)",
+        "(gateway.rules.placing, `placed`) and step by step (Ruling.select + Book.apply, `steps`)",
     )
     p.add_argument("--warmup", type=int, default=3000, help="calls before the first timed run with --paths (3000)")
     p.add_argument(

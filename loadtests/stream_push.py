@@ -27,7 +27,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from gateway.tokens import mint
+from gateway.privacy.tokens import mint
 from loadtests.harness import (
     cpu_seconds,
     free_port,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import msgspec
 
-from gateway import privacy, tokens
+from gateway.privacy import keys as privacy
+from gateway.privacy import tokens
 from gateway.serve import serve
 from gateway.settings import FIELDS, Settings, SettingsError, resolve
 from index_builder import snapshot
@@ -231,7 +232,7 @@ def _add_warm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _run_warm(args: argparse.Namespace) -> int:
-    from gateway import kernels  # noqa: PLC0415 - numba only for the commands that need it
+    from gateway.recommend import kernels  # noqa: PLC0415 - numba only for the commands that need it
     from gateway.snapshot import SnapshotRefusedError, load_current  # noqa: PLC0415
 
     try:

@@ -10,9 +10,9 @@ import pytest
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from gateway import tokens
-from gateway.access import Access, AccessError
 from gateway.app import create_app
+from gateway.privacy import tokens
+from gateway.privacy.access import Access, AccessError
 from gateway.settings import Settings
 
 PUBLIC, ADMIN = "pk_public_123", "ak_admin_456"
@@ -114,6 +114,6 @@ def test_key_comparison_does_not_stop_at_the_first_match(monkeypatch: pytest.Mon
         compared.append(b)
         return original(a, b)
 
-    monkeypatch.setattr(hmac, "compare_digest", counting)  # the module gateway.access calls
+    monkeypatch.setattr(hmac, "compare_digest", counting)  # the module gateway.privacy.access calls
     Access(public_keys=["k1", "k2", "k3"]).check("public", "k1")
     assert compared == [b"k1", b"k2", b"k3"]

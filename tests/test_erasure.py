@@ -13,8 +13,8 @@ from redis import Redis
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from gateway import tokens
 from gateway.app import create_app
+from gateway.privacy import tokens
 from gateway.settings import Settings
 from tests.conftest import RedisServer
 

@@ -11,8 +11,8 @@ import msgspec
 import pytest
 from starlette.testclient import TestClient
 
-from gateway import privacy
 from gateway.app import create_app
+from gateway.privacy import keys as privacy
 from gateway.settings import Settings
 from index_builder import snapshot
 from tailor.cli import main

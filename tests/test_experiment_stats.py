@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gateway.experiment_stats import (
+from gateway.experiments.stats import (
     REVENUE_PER_VISITOR,
     Comparison,
     Report,

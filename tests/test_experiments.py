@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import settings as gateway_settings
-from gateway.experiments import (
+from gateway.experiments.plan import (
     Allocation,
     Experiment,
     ExperimentError,

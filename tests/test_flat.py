@@ -1,4 +1,4 @@
-"""Conditions as generated code (gateway.flat) decide exactly what their closures decide."""
+"""Conditions as generated code (gateway.rules.flat) decide exactly what their closures decide."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import conditions, flat
-from gateway.conditions import Compiler, Condition
-from gateway.segments import SegmentDefinition, Segmenter
+from gateway.rules import conditions, flat
+from gateway.rules.conditions import Compiler, Condition
+from gateway.rules.segments import SegmentDefinition, Segmenter
 from gateway.snapshot import Snapshot, load_current
 from gateway.store import window_label
 from gateway.store.base import DEFAULT_WINDOWS

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, reject, settings
 from schemathesis import checks
 from starlette.testclient import TestClient
 
-from gateway import openapi
+from gateway.api import openapi
 from gateway.app import create_app
 from gateway.settings import Settings
 

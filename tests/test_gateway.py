@@ -14,7 +14,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.candidates import LIVE_CATEGORY_POPULAR, LIVE_NEIGHBOURS, LIVE_POPULAR
+from gateway.recommend.candidates import LIVE_CATEGORY_POPULAR, LIVE_NEIGHBOURS, LIVE_POPULAR
 from gateway.snapshot import Snapshot, load
 from gateway.store import Interaction, MemoryStore
 from index_builder.model import fold_in, profile_confidence

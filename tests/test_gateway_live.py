@@ -18,7 +18,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from gateway import tokens
+from gateway.privacy import tokens
 from index_builder import snapshot
 from tests.conftest import RedisServer, free_port
 from tests.snapshots import corrupt, republish

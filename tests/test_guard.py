@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import pytest
 
-from gateway.guard import TRIP_AFTER, GuardedStore
 from gateway.store import EMPTY_PROFILE, Consent, CounterKey, Profile, Recorded, Requirement, Retention, StoreError
 from gateway.store.base import Forgotten, LogLine, Timer, TriggerState
+from gateway.store.guard import TRIP_AFTER, GuardedStore
 
 
 class Scripted:

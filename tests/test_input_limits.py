@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from gateway.api.http import MAX_JSON_DEPTH, nesting_exceeds
 from gateway.app import create_app
-from gateway.http import MAX_JSON_DEPTH, nesting_exceeds
 from index_builder import snapshot
 from tests.apps import quiet_settings
 from tests.snapshots import republish

@@ -1,4 +1,4 @@
-"""The compiled kernels (gateway.kernels) against the numpy definitions they replace."""
+"""The compiled kernels (gateway.recommend.kernels) against the numpy definitions they replace."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from gateway import kernels, placing
+from gateway.recommend import kernels
+from gateway.rules import placing
 from index_builder.model import ModelParams, fold_in_low_rank, profile_confidence, regularized_gram
 
 ITEMS, FACTORS, NEIGHBOURS = 800, 16, 30

@@ -9,7 +9,7 @@ import hmac
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import privacy
+from gateway.privacy import keys as privacy
 
 
 def expected(key: bytes, raw: str) -> str:

@@ -12,11 +12,12 @@ import msgspec
 import numpy as np
 import pytest
 
-from gateway import conditions, rules
-from gateway.conditions import Compiler
-from gateway.plans import Pick
-from gateway.rules import Book
-from gateway.ruleset import RuleSetError, parse
+from gateway.rules import book as rules
+from gateway.rules import conditions
+from gateway.rules.book import Book
+from gateway.rules.conditions import Compiler
+from gateway.rules.document import RuleSetError, parse
+from gateway.rules.plans import Pick
 from gateway.snapshot import Snapshot, load_current
 from gateway.store import Interaction, window_label
 from gateway.store.base import DEFAULT_WINDOWS

@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway import placing, rules
-from gateway.conditions import Context
-from gateway.plans import HOT_PLAN
+from gateway.rules import book as rules
+from gateway.rules import placing
+from gateway.rules.conditions import Context
+from gateway.rules.plans import HOT_PLAN
 from gateway.snapshot import Snapshot, load_current
 from tests.test_rules import NOW, book, facts, rule, run
 
@@ -24,7 +25,7 @@ def snap(small_snapshots: Path) -> Snapshot:
 
 
 def test_a_book_of_more_than_63_boosts_has_no_codes_and_answers_step_by_step(snap: Snapshot) -> None:
-    """gateway.placing numbers a book's boost actions in one 64-bit word: past 63 the book has no
+    """gateway.rules.placing numbers a book's boost actions in one 64-bit word: past 63 the book has no
     codes, Ruling.place declines, and Book.apply makes the answer."""
     doc = {
         "rules": [

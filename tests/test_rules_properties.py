@@ -13,11 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import conditions
-from gateway.conditions import Compiler, Context
-from gateway.plans import Pick, rounded
-from gateway.rules import Book
-from gateway.ruleset import SURFACES, Surface, parse
+from gateway.rules import conditions
+from gateway.rules.book import Book
+from gateway.rules.conditions import Compiler, Context
+from gateway.rules.document import SURFACES, Surface, parse
+from gateway.rules.plans import Pick, rounded
 from gateway.snapshot import Snapshot, load_current
 from gateway.store import Interaction, window_label
 from gateway.store.base import DEFAULT_WINDOWS
@@ -233,7 +233,7 @@ def test_pins_land_where_asked(snap: Snapshot, data: st.DataObject, n: int, size
 @SETTINGS
 @given(data=st.data(), n=st.integers(1, 30), size=st.integers(1, 80))
 def test_the_compiled_selection_equals_the_numpy_one(snap: Snapshot, data: st.DataObject, n: int, size: int) -> None:
-    """Ruling.compiled (gateway.kernels.select) and Ruling.in_numpy keep the same candidates, in
+    """Ruling.compiled (gateway.recommend.kernels.select) and Ruling.in_numpy keep the same candidates, in
     the same order, and credit the same rules, with the plan's arrays combined or not."""
     book = compile_book(snap, data.draw(rule_sets(snap)))
     facts = data.draw(profiles(snap))
@@ -261,7 +261,7 @@ def both_ways(
     reserved: int | None = None,
 ) -> tuple[Any, Any]:
     """What selecting (Ruling.select, as Recommender._select does) and then Book.apply make of
-    the candidates `every`, and what Ruling.place (gateway.placing: in one call) makes of them;
+    the candidates `every`, and what Ruling.place (gateway.rules.placing: in one call) makes of them;
     the top-up from the first `reserved` popular items (all of them by default)."""
     popular = snap_popular(book)[:reserved]
     reserve = [Pick(int(row), round(0.9 - i / 1000, 6), "popular") for i, row in enumerate(popular)]
@@ -298,7 +298,7 @@ def snap_popular(book: Book) -> list[int]:
 @SETTINGS
 @given(data=st.data(), n=st.integers(1, 30), size=st.integers(0, 80))
 def test_the_compiled_answer_equals_the_stepwise_one(snap: Snapshot, data: st.DataObject, n: int, size: int) -> None:
-    """Ruling.place (gateway.placing: the whole answer in one call) makes what selecting and then
+    """Ruling.place (gateway.rules.placing: the whole answer in one call) makes what selecting and then
     Book.apply make: the same picks, scores and reasons, the same rules credited, the same content."""
     book = compile_book(snap, data.draw(rule_sets(snap)))
     facts = data.draw(profiles(snap))

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import conditions
-from gateway.conditions import Compiler
-from gateway.segments import Segmenter
+from gateway.rules import conditions
+from gateway.rules.conditions import Compiler
+from gateway.rules.segments import Segmenter
 from gateway.snapshot import Snapshot, SnapshotRefusedError, load
 from gateway.store import Recorded, window_label
 from gateway.store.base import DEFAULT_WINDOWS

@@ -11,7 +11,7 @@ import httpx2 as httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from gateway import tokens
+from gateway.privacy import tokens
 from tests.test_gateway_live import Server
 
 PUBLIC, ADMIN, SECRET = "pk_logtest_public_0123456789", "ak_logtest_admin_9876543210", "log-test-secret-abcdef"

@@ -12,7 +12,7 @@ import httpx2 as httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from gateway import tokens
+from gateway.privacy import tokens
 from tests.test_gateway_live import Server
 
 SLOW = 50

@@ -19,9 +19,9 @@ from redis.asyncio import Redis as AsyncRedis
 from starlette.testclient import TestClient
 
 from gateway.app import Gateway, create_app
+from gateway.rules.triggers import Trigger, TriggerEngine, TriggerMessage
 from gateway.store import Recorded, RedisStore, Requirement, Timer
 from gateway.store.base import decode_log
-from gateway.triggers import Trigger, TriggerEngine, TriggerMessage
 from tests.conftest import RedisServer
 from tests.gateways import settings
 

@@ -1,4 +1,4 @@
-"""The store contract on triggers: timers, fired marks and the inbox (gateway.triggers). For both
+"""The store contract on triggers: timers, fired marks and the inbox (gateway.rules.triggers). For both
 backends (the `store` fixture), and Redis on its own where processes share it."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tests.stores import DAY, HOUR, T0, Elapse, unique_prefix
 pytestmark = pytest.mark.anyio
 
 
-# Triggers: timers, fired marks and the inbox (gateway.triggers).
+# Triggers: timers, fired marks and the inbox (gateway.rules.triggers).
 
 MARKETING = Requirement("marketing", default=False)
 ANYONE = Requirement("marketing", default=True)  # the opt-out model: no choice made allows

@@ -14,10 +14,10 @@ import pytest
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from gateway import tokens
+from gateway.api.push import TOO_SLOW, Hub
 from gateway.app import create_app
+from gateway.privacy import tokens
 from gateway.settings import Settings
-from gateway.stream import TOO_SLOW, Hub
 from tests.snapshots import republish
 
 SECRET = "test-secret"

@@ -17,13 +17,13 @@ from redis import Redis
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from gateway import wire
+from gateway.api import wire
 from gateway.app import Gateway, create_app
-from gateway.plans import Pick
+from gateway.rules.plans import Pick
+from gateway.rules.triggers import Delivered, Trigger, TriggerEngine, TriggerMessage, parse_duration
 from gateway.settings import Settings
 from gateway.snapshot import load
 from gateway.store import Consent, MemoryStore, Recorded, RedisStore, Requirement, Retention, Store
-from gateway.triggers import Delivered, Trigger, TriggerEngine, TriggerMessage, parse_duration
 from tests.conftest import RedisServer
 from tests.snapshots import current_dir
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import kernels
+from gateway.recommend import kernels
 from tests.test_gateway_live import REPO, Server
 
 

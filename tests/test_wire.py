@@ -8,9 +8,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from gateway import wire
-from gateway.plans import Pick
-from gateway.recommend import Fallback
+from gateway.api import wire
+from gateway.recommend.pipeline import Fallback
+from gateway.rules.plans import Pick
 from gateway.snapshot import Snapshot, load
 from tests.snapshots import current_dir
 

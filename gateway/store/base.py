@@ -5,7 +5,7 @@ state in this process; `redis://host:port/db` shares it between processes and ho
 tests in `tests/test_store_contract.py` run the same behaviours against both.
 
 Every method is at most one round trip to the backend: `profile` is what a recommendation request
-reads, `record` is what an event batch writes (for one visitor). Triggers (gateway.triggers) keep
+reads, `record` is what an event batch writes (for one visitor). Triggers (gateway.rules.triggers) keep
 timers, fired marks and an inbox per visitor here too: timers are durable with a shared backend
 (they outlive the process that set them), in-process only with the memory store.
 """

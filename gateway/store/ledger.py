@@ -1,6 +1,6 @@
 """The experiment ledger: who was exposed to which arm of an A/B experiment, and what they did after.
 
-An experiment's report (gateway.experiment_stats) reads running totals per arm, never per-visitor rows:
+An experiment's report (gateway.experiments.stats) reads running totals per arm, never per-visitor rows:
 visitors exposed, visitors who converted on each metric, and the sum and sum of squares of the revenue
 per visitor (what Welch's t-test needs: mean and variance follow from n, sum and sum of squares). So
 the ledger keeps those totals as counters, and per visitor only what it takes to keep them right:
@@ -18,7 +18,7 @@ arm: the ledger does not judge which experiment caused it, the comparison betwee
 
 Per-visitor state expires `ttl` after the visitor's latest exposure or conversion and goes on an
 erasure (`forget`); the totals stay, as they name nobody. Phases are kept apart because a phase
-changes the split (see gateway.experiments): a visitor drawn again in phase 2 is exposed again.
+changes the split (see gateway.experiments.plan): a visitor drawn again in phase 2 is exposed again.
 
 Two backends, as for the store: `MemoryLedger` in this process, `RedisLedger` shared by every node
 (`RedisStore.ledger()`; `open_ledger` in gateway.store picks). The contract tests in
@@ -46,7 +46,7 @@ DEFAULT_MAX_VISITORS = 1_000_000
 class Exposure(NamedTuple):
     """A visitor shown an arm of an experiment in a phase."""
 
-    visitor: str  # the visitor's pseudonym (gateway.privacy), never the raw id
+    visitor: str  # the visitor's pseudonym (gateway.privacy.keys), never the raw id
     experiment: str  # the experiment's id
     phase: int
     arm: str  # the arm, or a factorial cell ("ranker=A,banner=on")

@@ -1,0 +1,1 @@
+"""Experiments: plans, assignment and keeping them, outcome statistics."""

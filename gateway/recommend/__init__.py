@@ -1,0 +1,1 @@
+"""The recommendation pipeline: candidates from the snapshot, popular fallbacks, compiled kernels."""

@@ -1,0 +1,1 @@
+"""Business rules: the rule-set document, conditions, segments, the compiled book and applying it, triggers."""
