@@ -23,6 +23,8 @@ DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
     "rating": 1.0,
 }
 
+# The event types the gateway knows without configuration (a shop declares others: `custom_events`).
+BUILT_IN_EVENTS = ("view", "click", "add_to_cart", "remove_from_cart", "purchase", "search")
 # Event types that carry no item: a missing item_id is valid for them and not for the others.
 ITEMLESS_EVENTS = frozenset({"search"})
 

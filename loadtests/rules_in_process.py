@@ -35,6 +35,7 @@ import httpx2 as httpx
 import numpy as np
 
 from gateway import settings as config
+from gateway.api.recommend import serving_for
 from gateway.app import create_app
 from gateway.rules.conditions import Context
 from loadtests.bench_rules import rule_set
@@ -122,7 +123,7 @@ async def run(args: argparse.Namespace) -> None:
                 for kind, raw, context in planned:
                     if len(evicting):
                         np.add(evicting, 1, out=evicting)  # written through: the per-core caches now hold it
-                    rec = gateway.serving_for([])
+                    rec = serving_for(gateway, [])
                     started = time.perf_counter()
                     await gateway.recommendation(
                         rec, gateway.pseudonym(raw), raw, n=10, categories=[], exclude=[], context=context
@@ -145,7 +146,7 @@ async def run(args: argparse.Namespace) -> None:
                 await timed("warm", calls(args.warmup), show=False)
                 for _ in range(args.rounds):
                     for compiled in (False, True):
-                        gateway.serving_for([]).compiled_answers = compiled
+                        serving_for(gateway, []).compiled_answers = compiled
                         await timed("placed" if compiled else "steps", calls(args.calls))
                 return
             for _ in range(args.rounds):

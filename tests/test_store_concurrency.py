@@ -18,8 +18,9 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from starlette.testclient import TestClient
 
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
 from gateway.rules.triggers import Trigger, TriggerEngine, TriggerMessage
+from gateway.runtime import Gateway
 from gateway.store import Recorded, RedisStore, Requirement, Timer
 from gateway.store.base import decode_log
 from tests.conftest import RedisServer

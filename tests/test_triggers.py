@@ -18,9 +18,10 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from gateway.api import wire
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
 from gateway.rules.plans import Pick
 from gateway.rules.triggers import Delivered, Trigger, TriggerEngine, TriggerMessage, parse_duration
+from gateway.runtime import Gateway
 from gateway.settings import Settings
 from gateway.snapshot import load
 from gateway.store import Consent, MemoryStore, Recorded, RedisStore, Requirement, Retention, Store

@@ -13,9 +13,9 @@ import msgspec
 
 from gateway.snapshot import Snapshot
 
-ROOT = Path(__file__).resolve().parent
-PAGE = ROOT / "static" / "demo.html"
-CLIENT_DIST = ROOT.parent / "client_js" / "dist"
+PACKAGE = Path(__file__).resolve().parent.parent  # gateway/
+PAGE = PACKAGE / "static" / "demo.html"
+CLIENT_DIST = PACKAGE.parent / "client_js" / "dist"
 CLIENT_FILES = ("tailor.min.js", "tailor.esm.min.js")
 PER_CATEGORY = 24
 

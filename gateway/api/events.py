@@ -7,19 +7,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.api import wire
+from gateway.api.callers import acting_for
 from gateway.api.http import ApiError, json_response, read_body
 from gateway.api.ingest import EVENT_MEDIA_TYPES, check_event, decode_events
-from gateway.privacy.access import Scope
+from gateway.runtime import Gateway
 from gateway.store import PartlyStoredError, Recorded, StoreError
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 MAX_BODY_BYTES = 4 << 20
 Handler = Callable[[Request], Awaitable[Response]]
@@ -29,9 +26,6 @@ class EventsApi:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
-    def table(self) -> list[tuple[str, str, Handler, str, Scope]]:
-        return [("/v1/events", "events", self.events, "POST", "public")]
-
     async def events(self, request: Request) -> Response:
         gateway = self.gateway
         media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
@@ -39,7 +33,7 @@ class EventsApi:
             raise ApiError(415, "unsupported-media-type", f"send JSON as application/json or text/plain, not {media!r}")
         raw, token = decode_events(await read_body(request, MAX_BODY_BYTES))
         # With a token, every event is its visitor's; a public key must send one.
-        owner = gateway.acting_for(request, None, token, required=True)
+        owner = acting_for(gateway, request, None, token, required=True)
         if len(raw) > gateway.settings.max_events_per_batch:
             raise ApiError(
                 413,

@@ -22,7 +22,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import msgspec
 from starlette.requests import Request
@@ -34,14 +34,11 @@ from gateway.api.versions import VersionsApi
 from gateway.experiments import stats as experiment_stats
 from gateway.experiments.keeper import REVENUE, ExperimentKeeper, advanced, design, history, rule_versions
 from gateway.experiments.plan import Experiment, ExperimentError, ExperimentPlan, Overrides, arms, parse
-from gateway.privacy.access import Scope
 from gateway.rules.document import RuleSetError
 from gateway.rules.document import parse as parse_rules
+from gateway.runtime import Gateway
 from gateway.store import StoreError
 from gateway.store.documents import Activation
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 MAX_PLAN_BODY = 1024 * 1024
 Handler = Callable[[Request], Awaitable[Response]]
@@ -119,19 +116,6 @@ class ExperimentsApi(VersionsApi[ExperimentKeeper]):
 
     async def check(self, body: bytes, number: int) -> None:
         await self._check(parse(body))  # the rule sets or the catalog may have changed since it was stored
-
-    def table(self) -> list[tuple[str, str, Handler, str, Scope]]:
-        return [
-            ("/admin/experiments", "experiments", self.overview, "GET", "admin"),
-            ("/admin/experiments", "experiments", self.put, "PUT", "admin"),
-            ("/admin/experiments/rollback", "experiments", self.rollback, "POST", "admin"),
-            ("/admin/experiments/deactivate", "experiments", self.deactivate, "POST", "admin"),
-            ("/admin/experiments/versions/{version}", "experiments", self.version, "GET", "admin"),
-            ("/admin/experiments/versions/{version}/activate", "experiments", self.activate, "POST", "admin"),
-            ("/admin/experiments/{experiment_id}/start", "experiments", self.start, "POST", "admin"),
-            ("/admin/experiments/{experiment_id}/stop", "experiments", self.stop, "POST", "admin"),
-            ("/admin/experiments/{experiment_id}/report", "experiments-report", self.report, "GET", "admin"),
-        ]
 
     # -- storing ------------------------------------------------------------------------------------
     async def _check(self, plan: ExperimentPlan) -> None:

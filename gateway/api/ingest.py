@@ -10,7 +10,7 @@ from gateway.api import wire
 from gateway.api.http import ApiError, field_of
 from gateway.snapshot import Snapshot
 from gateway.store import Recorded
-from index_builder.schema import ITEMLESS_EVENTS
+from index_builder.schema import BUILT_IN_EVENTS, ITEMLESS_EVENTS
 
 # The window an event's `ts` must fall in: from 2000-01-01T00:00:00Z (earlier is a client bug, such
 # as seconds sent where milliseconds were meant, or an unset clock) to 5 minutes past the gateway's
@@ -20,7 +20,7 @@ FUTURE_SLACK_S = 300.0
 # navigator.sendBeacon sends a string body as text/plain (a CORS-safe type); no type at all is accepted too.
 EVENT_MEDIA_TYPES = frozenset({"", "application/json", "text/plain"})
 # Built-in types that are about an item (custom types may or may not be).
-ITEM_EVENTS = frozenset(wire.BUILT_IN_EVENTS) - ITEMLESS_EVENTS
+ITEM_EVENTS = frozenset(BUILT_IN_EVENTS) - ITEMLESS_EVENTS
 MILLISECONDS_ABOVE = 1e11  # a larger number is Unix milliseconds: seconds would be beyond the year 5000
 
 

@@ -4,18 +4,15 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.api import wire
 from gateway.api.http import ApiError, json_response
+from gateway.runtime import Gateway
 from gateway.snapshot import SnapshotRefusedError
 from gateway.store import MemoryStore
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 
 class OpsApi:
@@ -63,7 +60,8 @@ class OpsApi:
     async def admin_reload(self, request: Request) -> Response:
         gateway = self.gateway
         try:
-            return json_response(await gateway.reload())
+            reloaded = await gateway.reload()
+            return json_response(wire.ReloadResult(reloaded.changed, reloaded.version, reloaded.previous))
         except SnapshotRefusedError as refused:
             raise ApiError(
                 409, "snapshot-refused", str(refused), problems=refused.problems, field=refused.version

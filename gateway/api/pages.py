@@ -4,7 +4,6 @@ document and the human-readable API page."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import msgspec
 from starlette.requests import Request
@@ -12,10 +11,8 @@ from starlette.responses import HTMLResponse, Response
 
 from gateway.api import demo, openapi
 from gateway.api.http import JSON, ApiError
-from gateway.privacy.access import Scope
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.api.recommend import serving
+from gateway.runtime import Gateway
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -26,15 +23,6 @@ class PagesApi:
         self._demo_page, self._scripts = demo.read_files()
         self._demo_catalog: tuple[str, bytes] | None = None
 
-    def table(self) -> list[tuple[str, str, Handler, str, Scope]]:
-        return [
-            ("/openapi.json", "openapi", self.openapi_json, "GET", "open"),
-            ("/demo", "demo", self.demo_page, "GET", "open"),
-            ("/demo/catalog.json", "demo", self.demo_catalog, "GET", "open"),
-            ("/client/{name}", "client", self.client_script, "GET", "open"),
-            ("/docs", "docs", self.docs, "GET", "open"),
-        ]
-
     async def demo_page(self, request: Request) -> Response:
         if not self.gateway.settings.demo:
             raise ApiError(404, "not-found", "the demo page is off (setting demo)")
@@ -43,7 +31,7 @@ class PagesApi:
     async def demo_catalog(self, request: Request) -> Response:
         if not self.gateway.settings.demo:
             raise ApiError(404, "not-found", "the demo page is off (setting demo)")
-        rec = self.gateway.serving()
+        rec = serving(self.gateway)
         cached = self._demo_catalog
         if cached is None or cached[0] != rec.snap.version:
             cached = self._demo_catalog = (rec.snap.version, msgspec.json.encode(demo.catalog(rec.snap)))

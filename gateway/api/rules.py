@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import msgspec
 from starlette.requests import Request
@@ -23,17 +22,15 @@ from starlette.responses import Response
 
 from gateway.api import wire
 from gateway.api.http import ApiError, field_of, json_response, parse_query, read_body
+from gateway.api.recommend import n_of, serving_for
 from gateway.api.versions import VersionsApi
-from gateway.privacy.access import Scope
 from gateway.recommend.pipeline import Answer, Recommender
 from gateway.rules.book import Book
 from gateway.rules.conditions import Context
 from gateway.rules.document import RuleSet, RuleSetError, parse
 from gateway.rules.keeper import RuleKeeper
+from gateway.runtime import Gateway
 from gateway.store import StoreError
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 MAX_RULES_BODY = 2 * 1024 * 1024
 MAX_FLAG_BODY = 4096
@@ -49,18 +46,6 @@ class RulesApi(VersionsApi[RuleKeeper]):
 
     async def check(self, body: bytes, number: int) -> None:
         await self._checked(parse(body), number)  # the catalog may have changed since it was stored
-
-    def table(self) -> list[tuple[str, str, Handler, str, Scope]]:
-        return [
-            ("/admin/rules", "rules", self.overview, "GET", "admin"),
-            ("/admin/rules", "rules", self.put, "PUT", "admin"),
-            ("/admin/rules/rollback", "rules", self.rollback, "POST", "admin"),
-            ("/admin/rules/deactivate", "rules", self.deactivate, "POST", "admin"),
-            ("/admin/rules/preview", "rules-preview", self.preview, "POST", "admin"),
-            ("/admin/rules/flags/{rule_id}", "rules", self.flag, "PUT", "admin"),
-            ("/admin/rules/{version}", "rules", self.version, "GET", "admin"),
-            ("/admin/rules/{version}/activate", "rules", self.activate, "POST", "admin"),
-        ]
 
     def _check(self, ruleset: RuleSet, version: int | None) -> Book | None:
         """Compile against the snapshot being served (unknown items, windows, segments and time
@@ -155,11 +140,11 @@ class RulesApi(VersionsApi[RuleKeeper]):
         except msgspec.DecodeError as exc:
             raise ApiError(400, "invalid-body", f"not JSON: {exc}") from None
         gateway = self.gateway
-        rec = gateway.serving_for(asked.category)
+        rec = serving_for(gateway, asked.category)
         candidate = await self._checked(asked.rules, None)
         c = asked.context
         context = Context(c.device, c.country, c.referrer, c.page)
-        n = gateway.n_of(asked.n)
+        n = n_of(gateway, asked.n)
         visitors = []
         for visitor in asked.visitors:
             lists = []

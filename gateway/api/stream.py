@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Hashable
-from typing import TYPE_CHECKING
 
 import msgspec
 from starlette.requests import Request
@@ -12,46 +11,50 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 
 from gateway.api import wire
+from gateway.api.callers import admit, binds
 from gateway.api.http import SMALL_BODY_BYTES, ApiError, field_of, json_response, parse_query, read_body
+from gateway.api.push import Hub
+from gateway.api.recommend import n_of, serving, serving_for
 from gateway.privacy import tokens
 from gateway.privacy.access import AccessError
 from gateway.rules.plans import with_reasons
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.runtime import Gateway
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class StreamApi:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+async def live_answer(
+    gateway: Gateway, key: str, user: str, n: int | None, categories: list[str]
+) -> tuple[Hashable, bytes]:
+    """What the hub pushes to a visitor: their recommendations, and what tells whether they changed."""
+    rec = serving(gateway)
+    answer, enrolment = await gateway.recommendation(
+        rec, key, user, n=n_of(gateway, n), categories=categories, exclude=()
+    )
+    if answer.fallback is not None:
+        gateway.metrics.fallbacks.labels(answer.fallback).inc()
+    # A new snapshot always counts as a change: its rows are other rows, and clients learn its version.
+    picks = with_reasons(answer.picks, enrolment.reasons) if enrolment is not None else answer.picks
+    same = (rec.snap.version, tuple((pick.row, pick.reason) for pick in picks))
+    gateway.metrics.rules_changed(answer.rules)
+    body = wire.encode_recommendations(
+        rec.snap,
+        gateway.new_request_id(),
+        picks,
+        answer.fallback,
+        answer.profile,
+        segments=answer.segments,
+        rules=answer.rules,
+        content=answer.content,
+        experiments=enrolment.reasons if enrolment is not None else (),
+    )
+    return same, body
 
-    async def answer(self, key: str, user: str, n: int | None, categories: list[str]) -> tuple[Hashable, bytes]:
-        """What the hub pushes to a visitor: their recommendations, and what tells whether they changed."""
-        gateway = self.gateway
-        rec = gateway.serving()
-        answer, enrolment = await gateway.recommendation(
-            rec, key, user, n=gateway.n_of(n), categories=categories, exclude=()
-        )
-        if answer.fallback is not None:
-            gateway.metrics.fallbacks.labels(answer.fallback).inc()
-        # A new snapshot always counts as a change: its rows are other rows, and clients learn its version.
-        picks = with_reasons(answer.picks, enrolment.reasons) if enrolment is not None else answer.picks
-        same = (rec.snap.version, tuple((pick.row, pick.reason) for pick in picks))
-        gateway.metrics.rules_changed(answer.rules)
-        body = wire.encode_recommendations(
-            rec.snap,
-            gateway.new_request_id(),
-            picks,
-            answer.fallback,
-            answer.profile,
-            segments=answer.segments,
-            rules=answer.rules,
-            content=answer.content,
-            experiments=enrolment.reasons if enrolment is not None else (),
-        )
-        return same, body
+
+class StreamApi:
+    def __init__(self, gateway: Gateway, hub: Hub) -> None:
+        self.gateway = gateway
+        self.hub = hub
 
     async def token(self, request: Request) -> Response:
         gateway = self.gateway
@@ -67,7 +70,7 @@ class StreamApi:
             if renew is not None and named is not None:
                 raise ApiError(400, "invalid-body", "give `token` or `visitor`, not both", field="visitor")
         if named is not None:  # the site's backend signs its user in
-            if gateway.binds(request):
+            if binds(gateway, request):
                 raise ApiError(
                     403, "forbidden", "only an admin key may mint a token for a named visitor", field="visitor"
                 )
@@ -90,11 +93,11 @@ class StreamApi:
         await websocket.accept()
         try:
             if gateway.access.active:
-                gateway.admit("public", websocket)
+                admit(gateway, "public", websocket)
             q = parse_query(websocket, wire.StreamQuery)
             visitor, _ = tokens.verify(gateway.secret, q.token)
-            rec = gateway.serving_for(q.category)
-            gateway.n_of(q.n)
+            rec = serving_for(gateway, q.category)
+            n_of(gateway, q.n)
         except tokens.TokenError as refused:
             gateway.metrics.stream_drops.labels(refused.code).inc()
             await websocket.close(4401, refused.code)
@@ -108,4 +111,4 @@ class StreamApi:
             await websocket.close(code, f"{error.body.error.code}: {error.body.error.message}"[:120])
             return
         del rec
-        await gateway.hub.serve(websocket, gateway.pseudonym(visitor), user=visitor, n=q.n, categories=q.category)
+        await self.hub.serve(websocket, gateway.pseudonym(visitor), user=visitor, n=q.n, categories=q.category)

@@ -6,20 +6,18 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.api import wire
+from gateway.api.callers import acting_for, token_of
 from gateway.api.http import SMALL_BODY_BYTES, ApiError, field_of, json_response, parse_query, read_body
-from gateway.privacy.access import Scope
+from gateway.api.push import Hub
 from gateway.rules.triggers import Delivered
+from gateway.runtime import Gateway
 from gateway.store import Consent, StoreError
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 log = logging.getLogger("tailor.gateway")
 ERASURE_WAIT_S = 2.0  # how long an erasure waits for the other processes to close the visitor's sockets
@@ -27,16 +25,9 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class VisitorsApi:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, hub: Hub) -> None:
         self.gateway = gateway
-
-    def table(self) -> list[tuple[str, str, Handler, str, Scope]]:
-        return [
-            ("/v1/consent", "consent", self.get_consent, "GET", "public"),
-            ("/v1/consent", "consent", self.put_consent, "PUT", "public"),
-            ("/v1/visitors/{visitor_id}", "erase", self.erase_visitor, "DELETE", "admin"),
-            ("/v1/visitors/{visitor_id}/export", "export", self.export_visitor, "GET", "admin"),
-        ]
+        self.hub = hub
 
     async def erase_visitor(self, request: Request) -> Response:
         visitor = request.path_params["visitor_id"]
@@ -50,7 +41,7 @@ class VisitorsApi:
             ) from None
         # This process closes the visitor's sockets first (whether or not its subscription is up), then
         # tells every process sharing the store to close theirs, waiting a moment for their counts.
-        closed = await self.gateway.hub.disconnect(key)
+        closed = await self.hub.disconnect(key)
         try:
             closed += await self.gateway.store.announce_erasure(key, wait=ERASURE_WAIT_S)
         except StoreError as exc:
@@ -114,7 +105,7 @@ class VisitorsApi:
         return wire.ConsentView(visitor=visitor, mode=self.gateway.settings.consent_mode, purposes=purposes)
 
     def _consent_subject(self, request: Request, visitor: str | None, token: str | None) -> str:
-        subject = self.gateway.acting_for(request, visitor, token)
+        subject = acting_for(self.gateway, request, visitor, token)
         if subject is None:
             raise ApiError(
                 400, "invalid-parameter", "name the visitor: `token` (or, with an admin key, `visitor`)", field="token"
@@ -138,7 +129,7 @@ class VisitorsApi:
             update = msgspec.json.decode(await read_body(request, SMALL_BODY_BYTES), type=wire.ConsentUpdate)
         except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
             raise ApiError(400, "invalid-body", str(exc), field=field_of(str(exc))) from None
-        token = self.gateway.token_of(request, update.token)
+        token = token_of(request, update.token)
         visitor = self._consent_subject(request, update.visitor, token)
         now = time.time()
         if update.expires_at is not None and update.expires_at <= now:

@@ -284,7 +284,6 @@ def prepare(snap: Snapshot) -> Snapshot:
     return snap
 
 
-BUILT_IN_EVENTS = ("view", "click", "add_to_cart", "remove_from_cart", "purchase", "search")
 EventType = Annotated[
     str,
     msgspec.Meta(
