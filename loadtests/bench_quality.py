@@ -110,7 +110,7 @@ def main() -> int:
     args = p.parse_args()
     fmt: Format = args.format or ("movielens" if args.events.name == "ratings.csv" else "auto")
     if not args.events.exists():
-        print(f"{args.events}: not found. See the README's 'Data' section for MovieLens.", file=sys.stderr)
+        print(f"{args.events}: not found. See docs/quality.md for getting MovieLens.", file=sys.stderr)
         return 1
     rows = run(args.events, args.items, fmt, Stopwatch())
     print(table(rows))
