@@ -46,3 +46,8 @@ def test_the_configuration_page_names_every_setting() -> None:
     settings = tomllib.loads((REPO / "tailor.toml").read_text())["gateway"]
     page = (REPO / "docs" / "configuration.md").read_text()
     assert [name for name in settings if f"`{name}`" not in page] == []
+
+
+def test_the_readme_stub_is_the_tested_one() -> None:
+    stub = (REPO / "client_js" / "src" / "stub.js").read_text().strip()
+    assert stub in (REPO / "README.md").read_text()

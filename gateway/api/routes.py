@@ -216,7 +216,7 @@ ENDPOINTS = (
         "/admin/rules",
         "rules.put",
         "rules",
-        "Store a rule set (rules, segments; see the README's Rules section) as a new version, after checking it "
+        "Store a rule set (rules, segments; see docs/rules.md) as a new version, after checking it "
         "against the served snapshot: 422 `invalid-rules` names the rule (`rule`) and the field (`field`). "
         "`?activate=true` serves it at once on every node.",
         query=wire.RulesQuery,
@@ -311,8 +311,8 @@ ENDPOINTS = (
         "/admin/experiments",
         "experiments.put",
         "experiments",
-        "Store an experiment plan (experiments with variants or factors, layers, coverage, status; see the "
-        "README's Experiments section) as a new version. An experiment whose design (weights, arms, overrides) "
+        "Store an experiment plan (experiments with variants or factors, layers, coverage, status; see "
+        "docs/experiments.md) as a new version. An experiment whose design (weights, arms, overrides) "
         "differs from its last stored one gets the next phase. 422 `invalid-experiments` names the experiment "
         "(`experiment`) and the field (`field`). `?activate=true` runs it at once on every node.",
         query=xapi.ExperimentsQuery,

@@ -1,4 +1,4 @@
-"""The routes about one visitor's data: erasure, export, and consent (see README: Consent and privacy)."""
+"""The routes about one visitor's data: erasure, export, and consent (see docs/privacy.md)."""
 
 from __future__ import annotations
 

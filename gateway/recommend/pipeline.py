@@ -36,8 +36,8 @@ Fallback = Literal["cold-start", "no-consent", "stale-snapshot", "store-timeout"
 ProfileKind = Literal["snapshot", "live", "none"]
 
 USER_VECTOR = "user-vector"
-# Ruled answers remembered (Recommender._select): a few KB each. More (10,000) measured a higher
-# hit rate but 200-280 ms garbage-collector pauses in bench_rules once full; 2,000 kept them under 200 ms.
+# Ruled answers remembered (Recommender._select): a few KB each. Many more add few hits, and once
+# full their survivors make the garbage collector's older generations pause for hundreds of ms.
 RULED_KEPT = 2_000
 # Pools many visitors share, whose ruled answers are remembered (see Recommender._select).
 SHARED_SOURCES = frozenset({"popular", "similar"})
@@ -484,13 +484,13 @@ class Recommender:
         with the plan and the other inputs it decides the answer. Where many visitors share the
         pool (SHARED_SOURCES: every cold visitor on the same page, everyone viewing one item), the
         picks, and later what Book.apply makes of them (Ruling.memo), are remembered for the next
-        request like it. A personal pool's answer is not: among the last RULED_KEPT answers the
-        same visitor with the same plan came back once in 8,000 requests of the benchmark mix, so
-        remembering it only cost time and garbage-collector work.
+        request like it. A personal pool's answer is not: the same visitor seldom comes back
+        with the same plan while the answer is still among the last RULED_KEPT, so remembering it
+        would cost time and garbage-collector work for next to no hits.
 
         `whole`: the request has no category filter, so the rules' whole answer is made here, in
         one compiled call (Ruling.place, gateway.rules.placing), and what Book.apply would make of the
-        picks goes with them (Ruling.memo): about 25 µs less per request than the steps."""
+        picks goes with them (Ruling.memo): cheaper than taking the steps one by one in Python."""
         plan = ruling.plan
         assert plan is not None
         memo_key = None

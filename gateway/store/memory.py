@@ -39,7 +39,7 @@ from gateway.store.log import FileLog
 
 DEFAULT_MAX_VISITORS = 1_000_000
 # What the visitors may take by default: a small machine's share, about 20,000 visitors of 20 events
-# each, or 400,000 of one event (docs/operations: memory per visitor; loadtests/store_memory.py).
+# each, or 400,000 of one event (docs/stores.md; loadtests/store_memory.py measures them).
 DEFAULT_MAX_MB = 512.0
 # Resident bytes a visitor's parts take (measured by loadtests/store_memory.py's calibration on CPython
 # 3.11, event ids of 36 characters): the estimate the byte budget is held to, within about 10%.

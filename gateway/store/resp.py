@@ -1,7 +1,7 @@
 """One Redis connection shared by every concurrent caller, for the read on the hot path.
 
-redis-py's asyncio client spends 130-150 µs of CPU per pipelined round trip on the machines this
-was measured on, as much as the rest of a recommendation. Here each call packs its commands with
+redis-py's asyncio client spends about as much CPU on one pipelined round trip (130-150 µs) as the
+rest of a recommendation costs. Here each call packs its commands with
 hiredis and queues them; the commands of every call made in one turn of the event loop go out in
 one write at the end of that turn (automatic pipelining: under load, one system call on each side
 for many requests instead of one each). hiredis parses replies as they arrive; Redis answers in
