@@ -266,11 +266,13 @@ def erasure(run: Run) -> dict[str, Any]:
             for ws in (first, second):
                 ws.recv(timeout=10)
             receipt = httpx.delete(f"{node_a}/v1/visitors/leaving").json()
-            codes: list[int | None] = []
+            codes: list[int | str | None] = []
             for ws in (first, second):
                 try:
                     ws.recv(timeout=10)
-                    codes.append(None)
+                    codes.append("a message, not a close")
+                except TimeoutError:
+                    codes.append("still open after 10 s")
                 except ConnectionClosed as closed:
                     codes.append(closed.rcvd.code if closed.rcvd is not None else None)
     return {
