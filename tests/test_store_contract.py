@@ -245,10 +245,6 @@ async def test_forget_deletes_that_visitor_only(store: Store) -> None:
     assert await remember(store, "v", "a", ids=["e1"]) == [True]
 
 
-async def test_ping_answers(store: Store) -> None:
-    await store.ping()
-
-
 async def test_odd_visitor_ids_neither_collide_nor_break(store: Store) -> None:
     visitors = ["a", "a:recent", "a:counters", "a:ids", "v:a", "a b", "", " ", "🙂", "a|b", "a\nb", "{a}", "x" * 1000]
     for number, visitor in enumerate(visitors):
