@@ -1,8 +1,9 @@
 // Build the two minified bundles from src/tailor.js:
-//   dist/tailor.esm.min.js  an ES module (`import Tailor from ...`; also exports createClient, render helpers)
-//   dist/tailor.min.js      a classic script (an IIFE) that becomes window.Tailor and drains the stub's queue
-// `node build.mjs [outdir]` (default dist/). Output is deterministic: test/build.test.mjs rebuilds into a
-// temporary directory and fails if dist/ differs, so the committed files are always what the source gives.
+//   tailor.esm.min.js  an ES module (`import Tailor from ...`; also exports createClient, render helpers)
+//   tailor.min.js      a classic script (an IIFE) that becomes window.Tailor and drains the stub's queue
+// `node build.mjs [outdir]`, by default into ../gateway/static/client/: the files are the Python package's
+// data, so an installed wheel serves them at /client/. Output is deterministic: test/build.test.mjs
+// rebuilds into a temporary directory and fails if the committed files differ from what the source gives.
 import { build as esbuild } from "esbuild";
 import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
@@ -14,7 +15,9 @@ export const OUTPUTS = { esm: "tailor.esm.min.js", iife: "tailor.min.js" };
 // async/await, ** and Promise#finally, Array#flatMap: every browser since 2019-2020.
 const TARGET = ["es2019"];
 
-export async function build(outdir = path.join(here, "dist")) {
+export const OUTDIR = path.join(here, "..", "gateway", "static", "client");
+
+export async function build(outdir = OUTDIR) {
   const { version } = JSON.parse(readFileSync(path.join(here, "package.json"), "utf8"));
   for (const [format, file] of Object.entries(OUTPUTS)) {
     await esbuild({

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import msgspec
 
+from gateway import __version__
 from gateway.privacy import keys as privacy
 from gateway.privacy import tokens
 from gateway.serve import serve
@@ -251,6 +252,7 @@ def parser() -> argparse.ArgumentParser:
         prog="tailor",
         description="Tailor: a self-hosted personalization gateway. Run `tailor COMMAND --help` for details.",
     )
+    p.add_argument("--version", action="version", version=f"tailor {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth(sub)
     _add_build(sub)

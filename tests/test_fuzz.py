@@ -21,7 +21,7 @@ from gateway.app import create_app
 from gateway.settings import Settings
 
 # The document the gateway serves at /openapi.json (a test elsewhere checks it lists every route).
-schema = schemathesis.openapi.from_dict(openapi.document()).exclude(path="/v1/stream")  # WebSocket: test_stream.py
+schema = schemathesis.openapi.from_dict(openapi.document()).exclude(path="/v1/stream")  # WebSocket: test_api_stream.py
 # Invalid data must be rejected. A body over a route's size limit (the experiment plan's 1 MB, the
 # events' 4 MB) is, with 413 `body-too-large` before it is read: schemathesis' list of rejecting
 # statuses leaves 413 out.

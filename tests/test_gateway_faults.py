@@ -17,6 +17,7 @@ from index_builder import snapshot
 from tests.conftest import RedisServer
 from tests.gateways import ids, post_events, settings
 from tests.snapshots import corrupt, current_dir, republish
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ class SlowStore(MemoryStore):
         requires: Requirement | None = None,
         inbox: Requirement | None = None,
     ) -> Profile:
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # the behaviour under test: a store slower than the gateway's timeout
         return await super().profile(visitor, limit=limit, now=now, requires=requires, inbox=inbox)
 
 
@@ -89,11 +90,11 @@ def test_redis_down_means_popular_items_then_recovery_by_itself(
         assert not_ready.status_code == 503
         assert not_ready.json()["store"] == "unreachable"
         assert (events.status_code, events.json()["error"]["code"]) == (503, "store-unavailable")
-        for _ in range(50):  # the guard retries after store_retry_after_s
-            body = client.get("/v1/recommend", params={"user": user}).json()
-            if body["fallback"] is None:
-                break
-            asyncio.run(asyncio.sleep(0.05))
+        wait_until(  # the guard retries after store_retry_after_s
+            lambda: client.get("/v1/recommend", params={"user": user}).json()["fallback"] is None,
+            what="the guard to try the store again",
+        )
+        body = client.get("/v1/recommend", params={"user": user}).json()
         assert body["fallback"] is None
         assert body["profile"] == "snapshot"
         assert client.get("/readyz").status_code == 200
@@ -158,10 +159,7 @@ def test_a_corrupt_snapshot_is_refused_and_the_old_one_keeps_serving(root: Path)
 def test_the_watcher_picks_up_a_new_pointer_by_itself(root: Path) -> None:
     with TestClient(create_app(settings(root, watch_interval_s=0.05))) as client:
         new = republish(root)
-        for _ in range(100):
-            if client.get("/v1/popular").json()["snapshot"] == new:
-                break
-            asyncio.run(asyncio.sleep(0.02))
+        wait_until(lambda: client.get("/v1/popular").json()["snapshot"] == new, what="the watcher")
         assert client.get("/v1/popular").json()["snapshot"] == new
 
 

@@ -22,6 +22,7 @@ from gateway.privacy import tokens
 from index_builder import snapshot
 from tests.conftest import RedisServer, free_port
 from tests.snapshots import corrupt, republish
+from tests.waiting import wait_until, wait_until_async
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -97,18 +98,30 @@ def test_snapshot_swaps_under_continuous_load_fail_no_request(server: Server, ro
         workers = [asyncio.create_task(_hammer(server.url, stop, outcomes, versions)) for _ in range(8)]
         published: list[str] = []
         async with httpx.AsyncClient(base_url=server.url) as admin:
-            await asyncio.sleep(0.5)
+
+            async def served(version: str, more: int = 50) -> None:
+                """Until `version` is served, and then `more` requests have been answered."""
+                await wait_until_async(lambda: versions and versions[-1] == version, what=f"{version} served")
+                done = sum(outcomes.values())
+                await wait_until_async(lambda: sum(outcomes.values()) >= done + more, what=f"{more} requests")
+
+            await wait_until_async(lambda: sum(outcomes.values()) >= 50, what="the load to start")
             published.append(await asyncio.to_thread(republish, root))  # picked up by the watcher
-            await asyncio.sleep(0.8)
+            await served(published[-1])
             published.append(await asyncio.to_thread(republish, root, make_current=False))
             await asyncio.to_thread(snapshot.set_current, root, published[-1])
             assert (await admin.post("/admin/reload")).json()["changed"] in (True, False)
-            await asyncio.sleep(0.8)
+            await served(published[-1])
             # Corrupted before the pointer names it, so the watcher cannot load it while still intact.
             bad = await asyncio.to_thread(republish, root, make_current=False)
             await asyncio.to_thread(corrupt, root / bad)
             await asyncio.to_thread(snapshot.set_current, root, bad)
-            await asyncio.sleep(0.8)
+
+            async def refused() -> bool:
+                return any(bad in p for p in (await admin.get("/readyz")).json()["problems"])
+
+            await wait_until_async(refused, what=f"{bad} refused")
+            await served(published[-1])
         stop.set()
         await asyncio.gather(*workers)
         return outcomes, versions, published
@@ -233,11 +246,8 @@ def test_a_dead_client_is_dropped_by_the_heartbeat(root: Path, tmp_path: Path, m
             raw.sendall(("\r\n".join(handshake) + "\r\n\r\n").encode())
             assert raw.recv(4096).startswith(b"HTTP/1.1 101")
             assert _streams_open(server) == 1.0
-            for _ in range(50):  # ping timeout 0.3 s after the first unanswered ping at 0.3 s
-                time.sleep(0.1)
-                if _streams_open(server) == 0.0:
-                    break
-            assert _streams_open(server) == 0.0
+            # ping timeout 0.3 s after the first unanswered ping at 0.3 s
+            wait_until(lambda: _streams_open(server) == 0.0, interval=0.1, what="the silent stream to be dropped")
     finally:
         server.stop()
 

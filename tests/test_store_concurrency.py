@@ -25,6 +25,7 @@ from gateway.store import Recorded, RedisStore, Requirement, Timer
 from gateway.store.base import decode_log
 from tests.conftest import RedisServer
 from tests.gateways import settings
+from tests.waiting import wait_until
 
 T = TypeVar("T")
 HOUR = 3600.0
@@ -141,16 +142,19 @@ def test_400_due_timers_are_all_delivered(shop: Shop) -> None:
 
     shop.run(schedule_all)
     inboxes = [f"{shop.prefix}v:{visitor}:inbox" for visitor in visitors]
-    deadline = time.monotonic() + 30
-    while True:
-        pending = shop.redis.zcard(f"{shop.prefix}timers")
+
+    def state() -> tuple[int, list[int]]:
         pipe = shop.redis.pipeline(transaction=False)
         for inbox in inboxes:
             pipe.llen(inbox)
-        delivered = pipe.execute()
-        if (pending == 0 and all(delivered)) or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+        return shop.redis.zcard(f"{shop.prefix}timers"), pipe.execute()
+
+    def all_delivered() -> bool:
+        pending, delivered = state()
+        return pending == 0 and all(delivered)
+
+    wait_until(all_delivered, timeout=30, interval=0.05, what="every timer")
+    pending, delivered = state()
     assert pending == 0
     assert delivered == [1] * 400
 

@@ -7,7 +7,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import anyio
 import msgspec
 import pytest
 from redis.asyncio import Redis
@@ -26,6 +25,7 @@ from gateway.store import (
 from gateway.store.log import FileLog
 from tests.conftest import RedisServer
 from tests.stores import DAY, HOUR, T0, Elapse, items, remember, unique_prefix
+from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.anyio
 
@@ -145,8 +145,5 @@ async def test_a_consent_change_is_announced_to_subscribers(store: Store) -> Non
     if isinstance(store, RedisStore):
         await asyncio.wait_for(store.subscribed.wait(), 5)
     await store.set_consent("v", {"personalization": Consent("granted", T0, "banner")}, ttl=DAY, now=T0)
-    for _ in range(100):
-        if heard:
-            break
-        await anyio.sleep(0.02)
+    await wait_until_async(lambda: heard, what="the announcement")
     assert heard == ["v"]

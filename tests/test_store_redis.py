@@ -257,7 +257,7 @@ async def test_redis_hot_path_commands_leave_out_none_arguments(redis_server: Re
         assert await fast.execute(("SET", key, "two"), ("GET", key), ("DEL", key)) == [b"OK", b"two", 1]
     finally:
         fast.close()
-        await asyncio.sleep(0.01)  # the transport closes on a later turn of the loop
+        await asyncio.sleep(0)  # the transport's close is the next callback of the loop (call_soon)
 
 
 async def test_redis_an_erasure_is_answered_by_every_store_sharing_the_redis(redis_server: RedisServer) -> None:

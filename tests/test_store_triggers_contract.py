@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import anyio
 import pytest
 
 from gateway.store import (
@@ -19,6 +18,7 @@ from gateway.store import (
 )
 from tests.conftest import RedisServer
 from tests.stores import DAY, HOUR, T0, Elapse, unique_prefix
+from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.anyio
 
@@ -142,12 +142,9 @@ async def test_a_fired_message_is_announced_to_message_subscribers(store: Store)
         await asyncio.wait_for(store.subscribed.wait(), 5)
     await fire(store, "v\n1", "t", b'{"m": 1}')
     await fire(store, "v\n1", "t", b'{"m": 2}')  # within the period: neither fired nor announced
-    for _ in range(200):
-        if heard:
-            break
-        await anyio.sleep(0.01)
-    await anyio.sleep(0.05)
-    assert heard == [("v\n1", b'{"m": 1}')]
+    await fire(store, "w\n1", "t", b'{"m": 3}')  # a barrier: announcements arrive in order, so once it is
+    await wait_until_async(lambda: len(heard) >= 2, what="two announcements")  # heard, m 2 would have been
+    assert heard == [("v\n1", b'{"m": 1}'), ("w\n1", b'{"m": 3}')]
 
 
 async def test_forget_takes_the_timers_fired_marks_and_inbox_too(store: Store) -> None:

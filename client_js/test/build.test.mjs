@@ -1,16 +1,17 @@
-// The committed bundles: what `npm run build` makes from src/ right now, within the size budget,
-// and working: the classic script drains the stub and becomes window.Tailor.
+// The committed bundles (gateway/static/client/, the Python package's data): what `npm run build` makes
+// from src/ right now, within the size budget, and working: the classic script drains the stub and becomes window.Tailor.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
+import { pathToFileURL } from "node:url";
 import vm from "node:vm";
 import { gzipSync } from "node:zlib";
-import { build, OUTPUTS } from "../build.mjs";
+import { build, OUTDIR, OUTPUTS } from "../build.mjs";
 import { fakeWindow, runStub, GW } from "./helpers.mjs";
 
-const DIST = new URL("../dist/", import.meta.url);
+const DIST = pathToFileURL(OUTDIR + path.sep);
 const BUDGET = 6 * 1024; // bytes, minified + gzipped
 let fresh;
 let tmp;
@@ -22,12 +23,12 @@ before(async () => {
 after(() => rmSync(tmp, { recursive: true, force: true }));
 
 for (const [format, file] of Object.entries(OUTPUTS)) {
-  test(`dist/${file} is up to date (run npm run build)`, () => {
+  test(`${file} is up to date (run npm run build)`, () => {
     const committed = readFileSync(new URL(file, DIST));
-    assert.ok(committed.equals(readFileSync(fresh[format])), `dist/${file} differs from a fresh build of src/`);
+    assert.ok(committed.equals(readFileSync(fresh[format])), `${file} differs from a fresh build of src/`);
   });
 
-  test(`dist/${file} is within the ${BUDGET}-byte budget (minified + gzipped)`, (t) => {
+  test(`${file} is within the ${BUDGET}-byte budget (minified + gzipped)`, (t) => {
     const code = readFileSync(fresh[format]);
     const gz = gzipSync(code, { level: 9 }).length;
     t.diagnostic(`${file}: ${code.length} bytes minified, ${gz} bytes gzipped`);

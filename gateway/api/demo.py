@@ -15,7 +15,7 @@ from gateway.snapshot import Snapshot
 
 PACKAGE = Path(__file__).resolve().parent.parent  # gateway/
 PAGE = PACKAGE / "static" / "demo.html"
-CLIENT_DIST = PACKAGE.parent / "client_js" / "dist"
+CLIENT_DIST = PACKAGE / "static" / "client"  # package data: client_js/build.mjs writes it
 CLIENT_FILES = ("tailor.min.js", "tailor.esm.min.js")
 PER_CATEGORY = 24
 
@@ -47,7 +47,7 @@ def catalog(snap: Snapshot) -> DemoCatalog:
 
 
 def read_files() -> tuple[bytes, dict[str, bytes]]:
-    """The page, and the snippet builds that exist (client_js/dist is committed; a checkout without
-    it serves the page with a note that the script is missing)."""
+    """The page, and the snippet builds that exist (committed, and package data of a wheel; a tree
+    without them serves the page with a note that the script is missing)."""
     scripts = {name: (CLIENT_DIST / name).read_bytes() for name in CLIENT_FILES if (CLIENT_DIST / name).is_file()}
     return PAGE.read_bytes(), scripts

@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from gateway import __version__
 from gateway.api import http, wire
 from gateway.api.routes import ENDPOINTS, JSON, Endpoint
 from gateway.settings import Settings
@@ -122,7 +123,7 @@ def _document(bounds: Bounds) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {
             "title": "Tailor gateway",
-            "version": "1",
+            "version": __version__,  # the gateway's release; the API's own version is in its paths (/v1)
             "description": "Personalised recommendations in milliseconds from your own data. A request line "
             "(path and query) over 64 KB is refused by the HTTP server itself (400, plain text).",
         },

@@ -90,7 +90,7 @@ class Pseudonyms:
     The HMAC is computed from two SHA-256 states keyed once (RFC 2104's inner and outer pads):
     copying them costs 0.6 µs a pseudonym where hmac.digest, which keys OpenSSL anew on every
     call, costs 1.5 µs alone and more inside a request, where it is on every read and write.
-    tests/test_privacy.py checks the result equals hmac.digest's."""
+    tests/test_privacy_keys.py checks the result equals hmac.digest's."""
 
     def __init__(self, key: bytes) -> None:
         if not key:

@@ -22,7 +22,7 @@ changes the split (see gateway.experiments.plan): a visitor drawn again in phase
 
 Two backends, as for the store: `MemoryLedger` in this process, `RedisLedger` shared by every node
 (`RedisStore.ledger()`; `open_ledger` in gateway.store picks). The contract tests in
-tests/test_ledger.py run the same behaviours against both.
+tests/test_store_ledger.py run the same behaviours against both.
 """
 
 from __future__ import annotations

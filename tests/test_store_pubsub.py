@@ -10,6 +10,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from gateway.store.pubsub import Subscription
+from tests.waiting import wait_until_async
 
 
 class SwallowingPubSub:
@@ -56,7 +57,7 @@ async def test_a_subscription_ends_on_close_even_when_its_cancellation_is_swallo
     )
     subscription.start()
     await asyncio.wait_for(subscription.subscribed.wait(), 1)
-    await asyncio.sleep(0.01)
+    await wait_until_async(lambda: heard, what="the message")  # and now it reads again, into the swallowing timeout
     started = time.monotonic()
     await subscription.close()
     assert time.monotonic() - started < 3  # the next read timeout (1 s), not the 5 s give-up of tasks.stop

@@ -26,6 +26,7 @@ from gateway.store import (
 )
 from gateway.store.ledger import RedisLedger
 from tests.conftest import RedisServer
+from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.anyio
 
@@ -205,7 +206,11 @@ async def test_forget_removes_the_visitor_but_not_the_totals(ledger: Ledger) -> 
 async def test_visitor_state_expires_after_its_ttl(ledger: Ledger) -> None:
     await ledger.expose(exposed("v"), ttl=0.05)
     await ledger.expose(exposed("w"), ttl=DAY)
-    await anyio.sleep(0.15)
+
+    async def expired() -> bool:
+        return await ledger.marks("v") == {}
+
+    await wait_until_async(expired, what="v's state to expire")
     assert await ledger.marks("v") == {}
     assert await ledger.convert("v", ["click"], ttl=DAY) == []
     assert await ledger.forget("v") is False
@@ -214,6 +219,8 @@ async def test_visitor_state_expires_after_its_ttl(ledger: Ledger) -> None:
 
 
 async def test_exposures_and_conversions_refresh_the_ttl(ledger: Ledger) -> None:
+    # These sleeps are the behaviour under test: Redis expires keys by its own clock, which no fake
+    # clock reaches, so real time passes (each 0.3 s, under the 0.5 s TTL it refreshes).
     await ledger.expose(exposed("v"), ttl=0.5)
     await anyio.sleep(0.3)
     assert await ledger.expose(exposed("v"), ttl=0.5) == [False]  # not new, but the visitor is still around

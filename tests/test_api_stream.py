@@ -19,6 +19,7 @@ from gateway.app import create_app
 from gateway.privacy import tokens
 from gateway.settings import Settings
 from tests.snapshots import republish
+from tests.waiting import wait_until_async
 
 SECRET = "test-secret"
 
@@ -256,12 +257,13 @@ async def test_a_slow_socket_is_dropped_without_delaying_the_others() -> None:
         asyncio.create_task(hub.serve(slow, "slow", n=None, categories=[])),  # type: ignore[arg-type]
         asyncio.create_task(hub.serve(fast, "fast", n=None, categories=[])),  # type: ignore[arg-type]
     ]
-    await asyncio.sleep(0.01)
+    await wait_until_async(lambda: len(fast.sent) == 1, what="the connect message")
     for change in range(1, 6):
         version = change
         hub.changed("slow")
         hub.changed("fast")
-        await asyncio.sleep(0.01)
+        await wait_until_async(lambda: len(fast.sent) == 1 + change, what=f"change {change}")  # noqa: B023
+    await wait_until_async(lambda: slow.closed is not None, what="the stuck socket to be dropped")
     assert slow.closed == (TOO_SLOW, "too-slow")
     assert "slow" not in hub and hub.open == 1
     assert len(fast.sent) == 6  # connect + five changes, none held up by the stuck one
@@ -279,7 +281,7 @@ async def test_streams_beyond_the_limit_are_refused() -> None:
     hub = Hub(answer, debounce_s=0, queue_size=3, heartbeat_s=60, max_streams=1)
     first, second = FakeSocket(), FakeSocket()
     serving = asyncio.create_task(hub.serve(first, "a", n=None, categories=[]))  # type: ignore[arg-type]
-    await asyncio.sleep(0.01)
+    await wait_until_async(lambda: hub.open == 1, what="the first stream")
     await hub.serve(second, "b", n=None, categories=[])  # type: ignore[arg-type]
     assert second.closed is not None and second.closed[0] == 1013
     await first.close()

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from gateway.store.documents import Follower, LocalDocuments
+from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.anyio
 
@@ -32,11 +33,9 @@ async def test_an_announcement_during_a_refresh_brings_one_more_refresh() -> Non
     follower.changed()
     follower.changed()  # folded into the same second refresh
     follower.release.set()
-    for _ in range(10):
-        await asyncio.sleep(0)
+    await wait_until_async(lambda: follower.refreshes >= 2, what="the second refresh")
     assert follower.refreshes == 2
     follower.changed()
-    for _ in range(10):
-        await asyncio.sleep(0)
+    await wait_until_async(lambda: follower.refreshes >= 3, what="the third refresh")
     assert follower.refreshes == 3
     await follower.stop()
