@@ -224,21 +224,6 @@ class Context(NamedTuple):
 NO_CONTEXT = Context()
 
 
-_last_local: tuple[tzinfo | None, int, datetime | None] = (None, 0, None)
-
-
-def local_time(now: float, zone: tzinfo) -> datetime:
-    """`now` in `zone`, to the second: the same for every request in one second (conditions read
-    only its hour and weekday, and zone offsets are whole seconds), so it is made once a second."""
-    global _last_local  # noqa: PLW0603 - a one-entry cache; a race only makes it twice
-    second = math.floor(now)
-    cached_zone, cached_second, local = _last_local
-    if local is None or cached_zone is not zone or cached_second != second:
-        local = datetime.fromtimestamp(second, zone)
-        _last_local = (zone, second, local)
-    return local
-
-
 def facts(
     now: float,
     zone: tzinfo = UTC,
@@ -253,7 +238,7 @@ def facts(
 ) -> Facts:
     return Facts(
         now,
-        local_time(now, zone),
+        datetime.fromtimestamp(math.floor(now), zone),  # to the second: its hour and weekday are read
         {} if counters is None else counters,
         recent,
         last_seen,
