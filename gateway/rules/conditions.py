@@ -260,11 +260,9 @@ class Compiler:
 
     def compile(self, condition: Condition) -> Predicate:  # noqa: PLR0911 - one return per kind
         if condition.all is not None:
-            parts = [self.compile(c) for c in condition.all]
-            return lambda f: all(p(f) for p in parts)
+            return _every([self.compile(c) for c in condition.all])
         if condition.any is not None:
-            parts = [self.compile(c) for c in condition.any]
-            return lambda f: any(p(f) for p in parts)
+            return _some([self.compile(c) for c in condition.any])
         if condition.not_ is not None:
             inner = self.compile(condition.not_)
             return lambda f: not inner(f)
@@ -327,6 +325,26 @@ def session_check(session: Session) -> Predicate:
     return in_session
 
 
+def _every(checks: list[Predicate]) -> Predicate:
+    def every(f: Facts) -> bool:
+        for check in checks:  # noqa: SIM110 - a loop is twice as fast as all() over a generator
+            if not check(f):
+                return False
+        return True
+
+    return every
+
+
+def _some(checks: list[Predicate]) -> Predicate:
+    def some(f: Facts) -> bool:
+        for check in checks:  # noqa: SIM110 - a loop is twice as fast as any() over a generator
+            if check(f):
+                return True
+        return False
+
+    return some
+
+
 def _context(match: ContextMatch) -> Predicate:
     checks: list[Predicate] = []
     if match.device:
@@ -347,13 +365,4 @@ def _context(match: ContextMatch) -> Predicate:
     if match.weekdays:
         days = frozenset(WEEKDAYS.index(d) for d in match.weekdays)
         checks.append(lambda f: f.local.weekday() in days)
-    if len(checks) == 1:
-        return checks[0]
-
-    def every(f: Facts) -> bool:
-        for check in checks:  # noqa: SIM110 - a loop is twice as fast as all() over a generator
-            if not check(f):
-                return False
-        return True
-
-    return every
+    return checks[0] if len(checks) == 1 else _every(checks)
