@@ -74,7 +74,7 @@ def answer(
     weights = [weight(rows[at]) for at in kept]
     reordered = any(w != 1.0 for w in weights)
     if reordered:
-        standing = [(1.0 - j / len(kept)) * float(w) for j, w in enumerate(weights)]
+        standing = [(len(kept) - j) * float(w) for j, w in enumerate(weights)]  # rank standing times boosts
         kept = [kept[j] for j in sorted(range(len(kept)), key=lambda j: -standing[j])]
     chosen: list[Pick] = []
     for at in kept:

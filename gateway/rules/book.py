@@ -216,8 +216,7 @@ class Book:
         return Actions(
             bits,
             [c for c, _ in found],
-            np.array([a.weight if isinstance(a, Boost) else 1.0 for _, a in found], dtype=np.float32),
-            np.array([isinstance(a, Filter) for _, a in found], dtype=np.bool_),
+            np.array([a.weight if isinstance(a, Boost) else np.nan for _, a in found], dtype=np.float32),
             cap_keys,
         )
 

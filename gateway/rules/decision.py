@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -33,10 +34,15 @@ from gateway.rules.document import Content, Rule
 from gateway.rules.picks import Pick, reasons_of
 
 Bits = npt.NDArray[np.uint8]  # action bits, little-endian: bit b of byte b // 8 is action b
+Ints = npt.NDArray[np.intp]
+BITS_OF = [tuple(b for b in range(8) if value >> b & 1) for value in range(256)]  # a byte's set bits
 
 
 @dataclass(eq=False)
 class CompiledRule:
+    """A rule compiled against a snapshot: its condition a closure, its validity instants, its
+    pins, injections, cap and content in rows (its filters and boosts are bits of `Actions`)."""
+
     rule: Rule
     ref: str  # "rule:<id>@<version>": how answers name it
     when: Predicate | None
@@ -54,21 +60,38 @@ class CompiledRule:
         return self.rule.id
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class Actions:
     """A book's filter and boost actions over its catalog, numbered in priority order: bits[row]
     says which hold for the row (a filter drops it, a boost weighs it), one bit each."""
 
     bits: Bits  # rows x bytes
     rules: list[CompiledRule]  # action -> its rule
-    factors: npt.NDArray[np.float32]  # action -> its weight (1 for a filter)
-    filtering: npt.NDArray[np.bool_]  # action -> whether it is a filter
+    # action -> a boost's weight, NaN for a filter: a row's product of the actions that hold for it
+    # is then its weight, or NaN when a filter drops it (boosts are finite and positive)
+    factors: npt.NDArray[np.float32]
     cap_keys: dict[int, npt.NDArray[np.int32]]  # depth -> each row's category for caps, as a number
+    # Per byte of the bits and per value of that byte, the product of its actions' factors: a row's
+    # product is then one lookup per byte, not an unpacking of its bits.
+    products: npt.NDArray[np.float32] = field(init=False)
+    columns: npt.NDArray[np.intp] = field(init=False)  # 0, 1, ... one per byte
 
-    def decoded(self, bits: Bits) -> list[CompiledRule]:
-        """The rules of the actions whose bits are set, each once, by priority."""
-        found = np.flatnonzero(np.unpackbits(bits, count=len(self.rules), bitorder="little"))
-        return list({id(rule): rule for rule in (self.rules[b] for b in found.tolist())}.values())
+    def __post_init__(self) -> None:
+        factors = np.ones(self.bits.shape[1] * 8, dtype=np.float32)
+        factors[: len(self.factors)] = self.factors
+        held = (np.arange(256)[:, None] >> np.arange(8) & 1).astype(np.bool_)
+        self.products = np.where(held, factors.reshape(-1, 1, 8), np.float32(1.0)).prod(axis=2)
+        self.columns = np.arange(self.bits.shape[1])
+
+    def decoded(self, bits: list[int]) -> list[CompiledRule]:
+        """The rules of the actions whose bits (the bytes of one row) are set, each once, by priority."""
+        found: list[CompiledRule] = []
+        for at, byte in enumerate(bits):
+            for b in BITS_OF[byte]:
+                rule = self.rules[8 * at + b]
+                if rule not in found:
+                    found.append(rule)
+        return found
 
 
 class Plan:
@@ -78,10 +101,11 @@ class Plan:
         self.rules = rules
         self.refs = [c.ref for c in rules]
         self.actions = actions
-        ranks = np.array([c.rank for c in actions.rules], dtype=np.int64)
-        own = np.isin(ranks, [c.rank for c in rules])
-        self.drop = _mask(own & actions.filtering)  # None: no filter
-        self.lift = _mask(own & ~actions.filtering)  # None: no boost
+        own = np.isin([c.rank for c in actions.rules], [c.rank for c in rules])
+        filtering = np.isnan(actions.factors)
+        self.acts = _mask(own)  # None: neither filter nor boost
+        self.drop = _mask(own & filtering)  # None: no filter
+        self.lift = _mask(own & ~filtering)  # None: no boost
         # The highest-priority cap: its rule, how many per category, each row's category.
         self.capping: tuple[CompiledRule, int, npt.NDArray[np.int32]] | None = next(
             ((c, c.cap[0], actions.cap_keys[c.cap[1]]) for c in rules if c.cap is not None), None
@@ -106,23 +130,21 @@ class Plan:
         return self.drop is None or not np.bitwise_and(self.actions.bits[row], self.drop).any()
 
     def weights(self, held: Bits) -> npt.NDArray[np.float32]:
-        """Per row of action bits, the product of the plan's boosts that hold (1 where none does)."""
-        weight = np.ones(len(held), dtype=np.float32)
-        if self.lift is None:
-            return weight
-        lifts = held & self.lift
-        some = lifts.any(axis=1)
-        if some.any():
-            on = np.unpackbits(lifts[some], axis=1, count=len(self.actions.rules), bitorder="little")
-            weight[some] = np.where(on.astype(np.bool_), self.actions.factors, np.float32(1.0)).prod(axis=1)
+        """Per row of action bits, the product of the plan's boosts that hold (1 where none does),
+        NaN where a filter of the plan holds."""
+        actions = self.actions
+        if self.acts is None:
+            return np.ones(len(held), dtype=np.float32)
+        weight: npt.NDArray[np.float32] = actions.products[actions.columns, held & self.acts].prod(axis=1)
         return weight
 
-    def boosts_of(self, rows: Sequence[int]) -> list[list[CompiledRule]]:
-        """Per row, the rules of the plan's boosts that moved it (none where they cancel out)."""
-        held = self.actions.bits[np.asarray(rows, dtype=np.intp)]
-        weight = self.weights(held)
-        assert self.lift is not None
-        return [self.actions.decoded(held[at] & self.lift) if weight[at] != 1.0 else [] for at in range(len(rows))]
+    def named(self, rows: list[int], held: Bits, weight: npt.NDArray[np.float32]) -> dict[int, list[CompiledRule]]:
+        """The rules of the plan's boosts that moved each of `rows` (`held` their action bits,
+        `weight` their boosts' product), by priority; rows whose boosts cancel out are not moved."""
+        if self.lift is None:
+            return {}
+        moving, lifted = (weight != 1.0).tolist(), (held & self.lift).tolist()
+        return {row: self.actions.decoded(lifted[at]) for at, row in enumerate(rows) if moving[at]}
 
 
 def _mask(actions: npt.NDArray[np.bool_]) -> Bits | None:
@@ -153,13 +175,14 @@ def rank_scores(size: int) -> list[float]:
 class Ruling:
     """The rules of one request: the visitor's segments, the plan that fires (None: no rule), and
     what the plan did so far (the rules `applied`, whether the candidates were `ranked` through
-    `select` and a boost `reordered` them)."""
+    `select`, whether a boost `reordered` them, and which boosts moved each row)."""
 
     segments: list[str]
     plan: Plan | None
     applied: dict[str, CompiledRule] = field(default_factory=dict)
     ranked: bool = False
     reordered: bool = False
+    named: dict[int, list[CompiledRule]] = field(default_factory=dict)  # row -> the boosts that moved it
     # The recommender's remembered [selected picks, final outcome] for this plan and these inputs
     # (Recommender._select); the outcome is filled in by the first request that gets that far.
     memo: list[Any] | None = None
@@ -173,40 +196,42 @@ class Ruling:
         at = np.asarray(rows, dtype=np.intp)
         if not len(at):
             return []
-        held = plan.actions.bits[at]
-        positions = np.arange(len(at))
-        if plan.drop is not None:
-            drops = held & plan.drop
-            hit = drops.any(axis=1)
-            if hit.any():
-                positions = np.flatnonzero(~hit)
+        positions, held, weight = np.arange(len(at)), None, None
+        if plan.acts is not None:
+            held = plan.actions.bits[at]
+            weight = plan.weights(held)
+            positions = np.flatnonzero(weight == weight)  # noqa: PLR0124 - NaN where a filter drops the row
+            if len(positions) < len(at) and plan.drop is not None:
                 # The filters that changed the answer: those dropping a row ahead of the n-th kept.
                 last = int(positions[n - 1]) if len(positions) >= n else len(at)
-                for rule in plan.actions.decoded(np.bitwise_or.reduce(drops[:last], axis=0)):
+                for rule in plan.actions.decoded(np.bitwise_or.reduce(held[:last] & plan.drop, axis=0).tolist()):
                     self.applied[rule.ref] = rule
-                held = held[positions]
-        if plan.lift is not None and len(positions):
-            weight = plan.weights(held)
-            if (weight != 1.0).any():
+            factors = weight[positions]
+            if plan.lift is not None and (factors != 1.0).any():
                 self.reordered = True
-                standing = (1.0 - np.arange(len(positions)) / len(positions)) * weight
-                positions = positions[np.argsort(-standing, kind="stable")]  # stable: ties keep their order
-        if plan.capping is None:
-            kept: list[int] = positions[:n].tolist()
-            return kept
-        # Each candidate's place among those of its cap category: admitted while under the limit.
-        rule, limit, keys = plan.capping[0], plan.capping[1], plan.capping[2][at[positions]]
+                # Rank standing (k for the first of k, falling by 1) times the boosts, exact in
+                # float64; a stable sort keeps ties in their order.
+                positions = positions[np.argsort(np.arange(-len(positions), 0) * factors, kind="stable")]
+        chosen = positions[:n] if plan.capping is None else positions[self._capped(plan.capping, at[positions], n)]
+        if self.reordered and held is not None and weight is not None:
+            self.named.update(plan.named(at[chosen].tolist(), held[chosen], weight[chosen]))
+        kept: list[int] = chosen.tolist()
+        return kept
+
+    def _capped(self, capping: tuple[CompiledRule, int, npt.NDArray[np.int32]], rows: Ints, n: int) -> Ints:
+        """The positions of the first n of `rows` the cap admits: each row's place among those of
+        its cap category (a stable sort on the category, its position there less its category's
+        first) under the limit."""
+        rule, limit, keys = capping[0], capping[1], capping[2][rows]
         order = np.argsort(keys, kind="stable")
         grouped = keys[order]
-        starts = np.flatnonzero(np.concatenate(([True], grouped[1:] != grouped[:-1])))
         place = np.empty(len(keys), dtype=np.intp)
-        place[order] = np.arange(len(keys)) - np.repeat(starts, np.diff(np.append(starts, len(keys))))
+        place[order] = np.arange(len(keys)) - np.searchsorted(grouped, grouped)
         admitted = np.flatnonzero(place < limit)[:n]
         looked = int(admitted[-1]) + 1 if len(admitted) == n else len(keys)  # how far the cap looked
         if looked > len(admitted):
             self.applied[rule.ref] = rule
-        kept = positions[admitted].tolist()
-        return kept
+        return admitted
 
     def apply(
         self,
@@ -227,11 +252,11 @@ class Ruling:
         chosen = [picks[at] for at in kept]
         if len(chosen) < n:
             chosen = self._fill(plan, chosen, reserve(), n, taken={p.row for p in picks})
-        if self.reordered and plan.lift is not None:
-            for at, rules in enumerate(plan.boosts_of([p.row for p in chosen])):
+        if self.reordered:
+            for at, pick in enumerate(chosen):
+                rules = self.named.get(pick.row)
                 if rules:
                     self.applied.update((rule.ref, rule) for rule in rules)
-                    pick = chosen[at]
                     chosen[at] = Pick(pick.row, pick.score, (*reasons_of(pick), *(rule.ref for rule in rules)))
         placed = self._inject(plan, chosen, n, allowed) if plan.injects else chosen
         if plan.pins:
@@ -247,22 +272,35 @@ class Ruling:
         self, plan: Plan, chosen: list[Pick], reserve: Iterable[Pick], n: int, *, taken: Container[int]
     ) -> list[Pick]:
         """`chosen` and, up to n, the picks of `reserve` not `taken` that pass the filters and the
-        plan's cap still admits."""
+        plan's cap still admits. The reserve is read a slice at a time (growing: a cap or a strict
+        filter may make it skip many), its filters checked in one gather per slice."""
         more: list[Pick] = []
-        counts = Counter(int(plan.capping[2][pick.row]) for pick in chosen) if plan.capping else Counter[int]()
-        for pick in reserve:
-            if len(more) >= n - len(chosen):
-                break
-            if pick.row in taken or not plan.passes(pick.row):
-                continue
-            if plan.capping is not None:
-                rule, limit, keys = plan.capping
-                key = int(keys[pick.row])
-                if counts[key] >= limit:
-                    self.applied[rule.ref] = rule
+        rule, limit, keys = plan.capping or (None, 0, None)
+        counts = Counter(keys[[p.row for p in chosen]].tolist() if keys is not None else [])
+        room = n - len(chosen)
+        picks, size = iter(reserve), 8 * room
+        while len(more) < room and (batch := list(islice(picks, size))):
+            size *= 2
+            rows = np.array([p.row for p in batch], dtype=np.intp)
+            held = plan.actions.bits[rows]
+            weight = plan.weights(held)
+            passing = (weight == weight).tolist()  # noqa: PLR0124 - NaN where a filter drops the row
+            categories = keys[rows].tolist() if keys is not None else []
+            added: list[int] = []
+            for at, pick in enumerate(batch):
+                if len(more) >= room:
+                    break
+                if pick.row in taken or not passing[at]:
                     continue
-                counts[key] += 1
-            more.append(pick)
+                if rule is not None:
+                    if counts[categories[at]] >= limit:
+                        self.applied[rule.ref] = rule
+                        continue
+                    counts[categories[at]] += 1
+                more.append(pick)
+                added.append(at)
+            if self.reordered:
+                self.named.update(plan.named([batch[at].row for at in added], held[added], weight[added]))
         return chosen + more
 
     def _inject(self, plan: Plan, picks: list[Pick], n: int, allowed: Callable[[int], bool]) -> list[Pick]:
