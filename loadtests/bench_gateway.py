@@ -175,10 +175,11 @@ def code_version() -> dict[str, Any]:
 
 
 def pin_snapshot(snap: Snapshot, root: Path) -> Path:
-    """A private snapshot root whose CURRENT names `snap` (a symlink to its directory), so the gateway
-    under test keeps serving the same version even if someone publishes a new one meanwhile."""
+    """A private snapshot root whose CURRENT names `snap`, so the gateway under test keeps serving the
+    same version even if someone publishes a new one meanwhile. Its files are hard links (no copy):
+    a gateway refuses a version directory that is a symlink out of its root."""
     root.mkdir(parents=True)
-    (root / snap.version).symlink_to(snap.directory.resolve(), target_is_directory=True)
+    shutil.copytree(snap.directory.resolve(), root / snap.version, copy_function=os.link)
     (root / "CURRENT").write_text(snap.version + "\n")
     return root
 

@@ -16,7 +16,6 @@ served (bench_rules.py), where back to back it is about half of that.
     .venv/bin/python loadtests/rules_in_process.py
     .venv/bin/python loadtests/rules_in_process.py --calls 6000 --rounds 3
     .venv/bin/python loadtests/rules_in_process.py --evict 4
-    .venv/bin/python loadtests/rules_in_process.py --paths --rounds 3 --calls 4000 --visitors 30000
 """
 
 from __future__ import annotations
@@ -54,13 +53,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="rounds of (no rules, rules) (default 2)")
     p.add_argument("--visitors", type=int, default=20_000, help="new visitors seeded (default 20000)")
     p.add_argument("--seed", type=int, default=11, help="random seed (default 11)")
-    p.add_argument(
-        "--paths",
-        action="store_true",
-        help="with the rules active throughout, alternate the answer made in one compiled call "
-        "(gateway.rules.placing, `placed`) and step by step (Ruling.select + Book.apply, `steps`)",
-    )
-    p.add_argument("--warmup", type=int, default=3000, help="calls before the first timed run with --paths (3000)")
     p.add_argument(
         "--evict",
         type=float,
@@ -141,14 +133,6 @@ async def run(args: argparse.Namespace) -> None:
                 p99 = every[int(len(every) * 0.99)] * 1e6
                 print(f"{label:6} {' | '.join(parts)} | all p99 {p99:.0f} us, slowest {slowest} ms", flush=True)
 
-            if args.paths:  # the rules active throughout; their answer made in one call, or step by step
-                (await client.post(f"/admin/rules/{version}/activate")).raise_for_status()
-                await timed("warm", calls(args.warmup), show=False)
-                for _ in range(args.rounds):
-                    for compiled in (False, True):
-                        serving_for(gateway, []).compiled_answers = compiled
-                        await timed("placed" if compiled else "steps", calls(args.calls))
-                return
             for _ in range(args.rounds):
                 for rules in (False, True):
                     path = f"/admin/rules/{version}/activate" if rules else "/admin/rules/deactivate"

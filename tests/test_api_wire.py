@@ -10,7 +10,7 @@ import pytest
 
 from gateway.api import wire
 from gateway.recommend.pipeline import Fallback
-from gateway.rules.plans import Pick
+from gateway.rules.picks import Pick
 from gateway.snapshot import Snapshot, load
 from tests.snapshots import current_dir
 

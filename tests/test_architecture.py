@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ast
 
-from tests.architecture import graph, modules
+from tests.architecture import cycles, graph, modules
 
 EDGE = ("gateway.api", "gateway.app", "gateway.serve")  # the HTTP edge and what runs it
 HTTP_LIBRARIES = ("starlette", "uvicorn", "httptools", "websockets")
@@ -56,3 +56,7 @@ def test_the_graph_sees_imports_under_type_checking_and_inside_functions() -> No
     edges = graph()
     assert "gateway.app" in edges["gateway.serve"]  # imported inside app_from_environment
     assert "gateway.runtime" in edges["gateway.app"]
+
+
+def test_there_are_no_import_cycles() -> None:
+    assert cycles(graph()) == []

@@ -9,7 +9,6 @@ import numpy.typing as npt
 import pytest
 
 from gateway.recommend import kernels
-from gateway.rules import placing
 from index_builder.model import ModelParams, fold_in_low_rank, profile_confidence, regularized_gram
 
 ITEMS, FACTORS, NEIGHBOURS = 800, 16, 30
@@ -143,18 +142,3 @@ def test_live_pool_leaves_out_the_visitors_items_and_handles_no_candidates() -> 
     )
     assert sorted(rows.tolist()) == sorted(set(range(ITEMS)) - {4, 9})
     assert not marks.any()
-
-
-@pytest.mark.parametrize("size", [0, 1, 7, 50, placing.INSERTION_MAX, placing.INSERTION_MAX + 1, 400])
-def test_the_rules_stable_order_is_a_stable_argsort(size: int) -> None:
-    """placing._stable_order (an insertion sort up to INSERTION_MAX entries, a merge sort past it)
-    orders like np.argsort(kind="stable"), ties in their order: values drawn from a few levels so
-    that most have equals, as the boosted standings of a list do."""
-    rng = np.random.default_rng(size)
-    kept = rng.permutation(10 * size + 1)[:size].astype(np.int64)
-    for values in (
-        rng.integers(0, 5, size).astype(np.float64),
-        -np.linspace(1, 0, size) * rng.choice([0.5, 1, 2], size),
-    ):
-        expected = kept[np.argsort(values, kind="stable")]
-        np.testing.assert_array_equal(placing._stable_order_compiled(kept, values), expected)

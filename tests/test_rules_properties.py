@@ -3,6 +3,7 @@ every filter holds in the output, and pins land where asked."""
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,12 @@ from hypothesis import strategies as st
 from gateway.rules import conditions
 from gateway.rules.book import Book
 from gateway.rules.conditions import Compiler, Context
-from gateway.rules.document import SURFACES, Surface, parse
-from gateway.rules.plans import Pick, rounded
+from gateway.rules.document import SURFACES, Filter, Surface, parse
+from gateway.rules.picks import Pick, rounded
 from gateway.snapshot import Snapshot, load_current
 from gateway.store import Interaction, window_label
 from gateway.store.base import DEFAULT_WINDOWS
+from tests import rules_reference
 
 NOW = 1_795_000_000.0
 EVENTS = ("view", "click", "add_to_cart", "purchase")
@@ -166,7 +168,7 @@ def evaluate(book: Book, snap: Snapshot, facts: conditions.Facts, n: int, size: 
     picks = [Pick(row, 1.0 - row / 1000, "user-vector") for row in range(size)]
     popular = [Pick(int(row), 0.1, "popular") for row in snap.popular[""]]
     fired = [] if ruling.plan is None else ruling.plan.rules
-    return fired, book.apply(picks, ruling, n=n, reserve=lambda: popular, allowed=lambda row: True)
+    return fired, ruling.apply(picks, n=n, reserve=lambda: popular, allowed=lambda row: True)
 
 
 @SETTINGS
@@ -189,7 +191,7 @@ def test_every_fired_filter_holds_in_the_output(snap: Snapshot, data: st.DataObj
     book = compile_book(snap, data.draw(rule_sets(snap)))
     fired, outcome = evaluate(book, snap, data.draw(profiles(snap)), n, size)
     for rule in fired:
-        for mask in rule.filters:
+        for mask in [book.mask(action.items) for action in rule.rule.actions if isinstance(action, Filter)]:
             assert not any(mask[p.row] for p in outcome.picks), f"{rule.ref} let a filtered item through"
 
 
@@ -230,26 +232,7 @@ def test_pins_land_where_asked(snap: Snapshot, data: st.DataObject, n: int, size
         assert rows[position - 1] == snap.row_of[item], f"{item} is not at {position}"
 
 
-@SETTINGS
-@given(data=st.data(), n=st.integers(1, 30), size=st.integers(1, 80))
-def test_the_compiled_selection_equals_the_numpy_one(snap: Snapshot, data: st.DataObject, n: int, size: int) -> None:
-    """Ruling.compiled (gateway.recommend.kernels.select) and Ruling.in_numpy keep the same candidates, in
-    the same order, and credit the same rules, with the plan's arrays combined or not."""
-    book = compile_book(snap, data.draw(rule_sets(snap)))
-    facts = data.draw(profiles(snap))
-    plan = book.decide(facts, "recommend", personal=True).plan
-    if plan is None:
-        return
-    rows = data.draw(st.lists(st.integers(0, len(snap.item_ids) - 1), min_size=size, max_size=size, unique=True))
-    plan.combine()  # one drop array and one weight array: what the compiled path needs
-    by_numpy = book.decide(facts, "recommend", personal=True)
-    compiled = book.decide(facts, "recommend", personal=True)
-    assert by_numpy.in_numpy(plan, rows, n) == compiled.compiled(plan, rows, n)
-    assert by_numpy.applied.keys() == compiled.applied.keys()
-    assert by_numpy.reordered == compiled.reordered
-
-
-def both_ways(
+def selected(
     book: Book,
     facts: conditions.Facts,
     every: np.ndarray,
@@ -259,36 +242,34 @@ def both_ways(
     refused: set[int],
     reason: str | tuple[str, ...] = "user-vector",
     reserved: int | None = None,
-) -> tuple[Any, Any]:
-    """What selecting (Ruling.select, as Recommender._select does) and then Book.apply make of
-    the candidates `every`, and what Ruling.place (gateway.rules.placing: in one call) makes of them;
-    the top-up from the first `reserved` popular items (all of them by default)."""
+) -> tuple[Any, rules_reference.Answer]:
+    """What selecting (Ruling.select, as Recommender._select does) and then Ruling.apply make of the
+    candidates `every` the request does not refuse, and what the reference makes of them; the top-up
+    from the first `reserved` popular items (all of them by default)."""
     popular = snap_popular(book)[:reserved]
     reserve = [Pick(int(row), round(0.9 - i / 1000, 6), "popular") for i, row in enumerate(popular)]
-    stepwise = book.decide(facts, "recommend", personal=True)
+    ruling = book.decide(facts, "recommend", personal=True)
+    assert ruling.plan is not None
     admitted = [i for i, row in enumerate(every.tolist()) if row not in refused]
-    positions = [admitted[at] for at in stepwise.select(every[admitted], n)]
-    picks = [
-        Pick(int(every[at]), 0.0 if stepwise.reordered else rounded(float(scores[at])), reason) for at in positions
-    ]
-    expected = book.apply(
+    positions = [admitted[at] for at in ruling.select(every[admitted], n)]
+    picks = [Pick(int(every[at]), 0.0 if ruling.reordered else rounded(float(scores[at])), reason) for at in positions]
+    outcome = ruling.apply(
         picks,
-        stepwise,
         n=n,
         reserve=lambda: (p for p in reserve if p.row not in refused),
         allowed=lambda row: row not in refused,
     )
-    compiled = book.decide(facts, "recommend", personal=True)
-    outcome = compiled.place(
-        every,
-        scores,
-        n,
-        reason=reason,
-        refused=np.array(sorted(refused), dtype=np.int64),
-        reserve=reserve,
-        reserve_rows=np.array([p.row for p in reserve], dtype=np.int64),
+    candidates = [Pick(int(every[at]), rounded(float(scores[at])), reason) for at in admitted]
+    expected = rules_reference.answer(
+        book,
+        ruling.plan,
+        candidates,
+        n=n,
+        reserve=[p for p in reserve if p.row not in refused],
+        allowed=lambda row: row not in refused,
     )
-    return expected, outcome
+    assert ruling.reordered == expected.reordered
+    return outcome, expected
 
 
 def snap_popular(book: Book) -> list[int]:
@@ -297,16 +278,15 @@ def snap_popular(book: Book) -> list[int]:
 
 @SETTINGS
 @given(data=st.data(), n=st.integers(1, 30), size=st.integers(0, 80))
-def test_the_compiled_answer_equals_the_stepwise_one(snap: Snapshot, data: st.DataObject, n: int, size: int) -> None:
-    """Ruling.place (gateway.rules.placing: the whole answer in one call) makes what selecting and then
-    Book.apply make: the same picks, scores and reasons, the same rules credited, the same content."""
+def test_the_answer_equals_the_reference(snap: Snapshot, data: st.DataObject, n: int, size: int) -> None:
+    """Selecting over the action bits and then Ruling.apply make what the rules spelled out one row
+    at a time (tests/rules_reference.py) make: the same picks, scores and reasons, the same rules
+    credited, the same content."""
     book = compile_book(snap, data.draw(rule_sets(snap)))
     facts = data.draw(profiles(snap))
     plan = book.decide(facts, "recommend", personal=True).plan
     if plan is None:
         return
-    if data.draw(st.booleans()):
-        plan.combine()  # the stepwise selection's arrays combined, or not: either way the same answer
     # Candidates, and what the list refuses, drawn often from the rows the plan pins and injects.
     placed = [row for _, row, _ in plan.pins] + [row for _, rows, _ in plan.injects for row in rows]
     rows = st.one_of(st.integers(0, len(snap.item_ids) - 1), *([st.sampled_from(placed)] if placed else []))
@@ -317,16 +297,14 @@ def test_the_compiled_answer_equals_the_stepwise_one(snap: Snapshot, data: st.Da
     reasons: list[str | tuple[str, ...]] = ["user-vector", ("popular", "no-consent:personalization")]
     reason = data.draw(st.sampled_from(reasons))
     reserved = data.draw(st.one_of(st.none(), st.integers(0, 30)))  # a popular list that runs out, or not
-    expected, outcome = both_ways(book, facts, every, scores, n=n, refused=refused, reason=reason, reserved=reserved)
-    assert outcome is not None  # a book of at most 8 rules has codes
+    outcome, expected = selected(book, facts, every, scores, n=n, refused=refused, reason=reason, reserved=reserved)
     assert outcome.picks == expected.picks
-    assert [rule.ref for rule in outcome.applied] == [rule.ref for rule in expected.applied]
-    assert outcome.refs == [rule.ref for rule in outcome.applied]
+    assert outcome.refs == expected.refs
     assert outcome.content == expected.content
 
 
-def test_boosts_of_one_group_that_cancel_out_are_not_named_either_way(snap: Snapshot) -> None:
-    """A group's boosts whose product for an item is exactly 1 did not move it: neither way names them."""
+def test_boosts_that_cancel_out_are_not_named(snap: Snapshot) -> None:
+    """Boosts whose product for an item is exactly 1 did not move it: they are not named."""
     item, other = snap.item_ids[3], snap.item_ids[5]
     doc = {
         "rules": [
@@ -339,13 +317,12 @@ def test_boosts_of_one_group_that_cancel_out_are_not_named_either_way(snap: Snap
     every = np.arange(20, dtype=np.int64)
     scores = np.linspace(1, 0, 20, dtype=np.float32)
     facts = conditions.facts(NOW, counters={}, recent=[], last_seen=None)
-    expected, outcome = both_ways(book, facts, every, scores, n=10, refused=set())
-    assert outcome is not None
+    outcome, expected = selected(book, facts, every, scores, n=10, refused=set())
     assert outcome.picks == expected.picks
     reasons = {p.row: p.reason for p in outcome.picks}
     assert reasons[3] == "user-vector"
     assert reasons[5] == ("user-vector", "rule:lift@1")
-    assert [rule.ref for rule in outcome.applied] == ["rule:lift@1"]
+    assert outcome.refs == ["rule:lift@1"]
 
 
 @st.composite
@@ -383,15 +360,14 @@ def timed_rule_sets(draw: st.DrawFn, snap: Snapshot) -> dict[str, Any]:
 @SETTINGS
 @given(data=st.data())
 def test_a_blank_visitors_remembered_decision_equals_the_full_one(snap: Snapshot, data: st.DataObject) -> None:
-    """Book.decide_blank (remembered per context, hour, weekday and validity epoch) gives the
-    segments and the plan `decide` gives on facts without a profile, call after call on one book."""
+    """Book.decide_blank gives the segments and the plan `decide` gives on facts without a profile,
+    call after call on one book, also at the instants rules start and stop being valid."""
     book = compile_book(snap, data.draw(timed_rule_sets(snap)))
+    boundaries = sorted({t for c in book.rules for t in (c.starts, c.ends) if math.isfinite(t)})
     times = st.one_of(
         st.floats(NOW - 4 * 86400, NOW + 4 * 86400),
         # Just before a boundary and at it: mostly the same second, which the memory's clock must split.
-        st.sampled_from(book._boundaries or [NOW]).map(
-            lambda t: t + data.draw(st.sampled_from([-1.0, -0.001, 0.0, 0.5]))
-        ),
+        st.sampled_from(boundaries or [NOW]).map(lambda t: t + data.draw(st.sampled_from([-1.0, -0.001, 0.0, 0.5]))),
     )
     # One request context at a time, asked again at other times: what the memory must tell apart.
     surface: Surface = data.draw(st.sampled_from(SURFACES))

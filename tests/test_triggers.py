@@ -19,7 +19,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from gateway.api import wire
 from gateway.app import create_app
-from gateway.rules.plans import Pick
+from gateway.rules.picks import Pick
 from gateway.rules.triggers import Delivered, Trigger, TriggerEngine, TriggerMessage, parse_duration
 from gateway.runtime import Gateway
 from gateway.settings import Settings

@@ -12,7 +12,7 @@ from gateway.api.http import ApiError, JSONBytes, country_of, parse_query
 from gateway.experiments.keeper import Enrolment
 from gateway.recommend.pipeline import Answer, Recommender
 from gateway.rules.conditions import Context
-from gateway.rules.plans import with_reasons
+from gateway.rules.picks import with_reasons
 from gateway.runtime import Gateway
 
 

@@ -17,7 +17,7 @@ from gateway.api.push import Hub
 from gateway.api.recommend import n_of, serving, serving_for
 from gateway.privacy import tokens
 from gateway.privacy.access import AccessError
-from gateway.rules.plans import with_reasons
+from gateway.rules.picks import with_reasons
 from gateway.runtime import Gateway
 
 Handler = Callable[[Request], Awaitable[Response]]

@@ -13,7 +13,7 @@ import msgspec
 
 from gateway.recommend.pipeline import Fallback, ProfileKind
 from gateway.rules.document import Content, RuleSet
-from gateway.rules.plans import Pick
+from gateway.rules.picks import Pick
 from gateway.rules.triggers import Delivered
 from gateway.snapshot import Snapshot
 from gateway.store.base import Consent, ConsentState, LogLine

@@ -1,16 +1,13 @@
 """Compiled kernels (numba) for the steps of a request that numpy can only do as dozens of small
-calls: a new visitor's candidate pool (`fold_in`, `live_pool`) and a rule plan's selection over the
-candidates (`select`, see gateway.rules.decision).
+calls: a new visitor's candidate pool (`fold_in`, `live_pool`).
 
-A new visitor's pool took about 45 numpy calls: fold the visitor in, gather the candidate rows,
+In numpy a new visitor's pool is about 45 calls: fold the visitor in, gather the candidate rows,
 sort and deduplicate them, score, sort the scores, cut. Each costs a microsecond or more of call
-overhead, several once the interpreter's own work has pushed the arrays out of the CPU caches, so
-the pool took 80-100 µs inside a request for about 15 µs of arithmetic. Here it is two compiled
-calls around one numpy sort: about 10 µs alone, 30 µs inside a request (measured on the benchmark
-shop; see the README's "Serving performance").
+overhead, several once the interpreter's own work has pushed the arrays out of the CPU caches, for
+little arithmetic; here it is two compiled calls around one numpy sort.
 
-The numpy versions stay the definition: `index_builder.model.fold_in_low_rank`, the pipeline
-tests/test_kernels.py spells out and `Ruling.in_numpy`; the tests compare the kernels with them.
+The numpy versions stay the definition: `index_builder.model.fold_in_low_rank` and the pipeline
+tests/test_kernels.py spells out; the tests compare the kernels with them.
 Kernels compile on first use and are cached on disk (numba's `cache=True`: a second process loads
 them in well under a second); `warm_up` compiles them in the thread that loads a snapshot, so no
 request pays for it, and says so while it does. `tailor warm` (which `make serve` runs) compiles them
@@ -28,8 +25,6 @@ from typing import Any, cast
 import numba
 import numpy as np
 import numpy.typing as npt
-
-from gateway.rules import placing
 
 log = logging.getLogger("tailor.kernels")
 
@@ -177,12 +172,7 @@ def live_pool(
 
 def compiled() -> int:
     """How many kernel signatures this process has compiled rather than loaded from numba's cache."""
-    dispatchers = [
-        value
-        for module in (globals(), vars(placing))
-        for value in module.values()
-        if isinstance(value, numba.core.dispatcher.Dispatcher)
-    ]
+    dispatchers = [value for value in globals().values() if isinstance(value, numba.core.dispatcher.Dispatcher)]
     return sum(sum(dispatcher.stats.cache_misses.values()) for dispatcher in dispatchers)
 
 
@@ -217,8 +207,6 @@ def _warm_up(
     items = np.zeros(1, dtype=np.int64)
     confidence = np.ones(1, dtype=np.float64)
     fold_in(item_vectors, gram_inverse, items, confidence)
-    select(np.zeros(1, dtype=np.int64), 1, drop=NO_DROP, weight=NO_WEIGHT, keys=NO_KEYS, limit=1, distinct=1)
-    placing.warm_up()
     if neighbour_rows is not None:
         marks = np.zeros(len(item_vectors), dtype=np.uint8)
         live_pool(
@@ -232,105 +220,3 @@ def _warm_up(
             size=1,
             marks=marks,
         )
-
-
-def _select(  # noqa: PLR0917 - numba's dispatcher takes arguments by position
-    rows: Any, n: int, drop: Any, weight: Any, keys: Any, limit: int, distinct: int, codes: Any
-) -> Any:  # pragma: no cover - compiled by `select`
-    """gateway.rules.decision.Ruling.select over one plan's arrays (an empty array: the plan has none)."""
-    size = len(rows)
-    kept = np.empty(size, dtype=np.int64)
-    count = 0
-    filtering = len(drop) > 0
-    for i in range(size):
-        if filtering and drop[rows[i]]:
-            continue
-        kept[count] = i
-        count += 1
-    # The rows a filter dropped ahead of the n-th kept one: those filters changed the answer.
-    dropped = np.empty(size - count, dtype=np.int64)
-    found = 0
-    bits = np.int64(0)
-    coded = len(codes) > 0
-    if count < size:
-        last = kept[n - 1] if count >= n else size
-        for i in range(last):
-            if drop[rows[i]]:
-                dropped[found] = rows[i]
-                found += 1
-                if coded:
-                    bits |= codes[rows[i]]
-    kept = kept[:count]
-    reordered = False
-    if len(weight) > 0 and count > 0:
-        # Rank-based standing (1 for the first, falling evenly towards 0) times the boosts.
-        values = np.empty(count, dtype=np.float64)
-        for j in range(count):
-            factor = weight[rows[kept[j]]]
-            if factor != 1.0:
-                reordered = True
-            values[j] = -((1.0 - j / count) * np.float64(factor))
-        if reordered:
-            kept = kept[np.argsort(values, kind="mergesort")]  # stable: equal standings keep their order
-    capped = False
-    if len(keys) > 0:
-        counts = np.zeros(distinct, dtype=np.int64)
-        chosen = np.empty(min(n, count), dtype=np.int64)
-        taken = 0
-        for j in range(count):
-            if taken >= n:
-                break
-            code = keys[rows[kept[j]]]
-            if counts[code] >= limit:
-                capped = True
-                continue
-            counts[code] += 1
-            chosen[taken] = kept[j]
-            taken += 1
-        kept = chosen[:taken]
-    else:
-        kept = kept[:n]
-    return kept, dropped[:found], bits, reordered, capped
-
-
-NO_DROP: npt.NDArray[np.bool_] = np.zeros(0, dtype=np.bool_)
-NO_WEIGHT: npt.NDArray[np.float32] = np.zeros(0, dtype=np.float32)
-NO_KEYS: npt.NDArray[np.int32] = np.zeros(0, dtype=np.int32)
-NO_CODES: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
-
-_select_compiled: Any = None
-
-
-def select(
-    rows: npt.NDArray[np.int64],
-    n: int,
-    *,
-    drop: npt.NDArray[np.bool_],
-    weight: npt.NDArray[np.float32],
-    keys: npt.NDArray[np.int32],
-    limit: int,
-    distinct: int,
-    codes: npt.NDArray[np.int64] = NO_CODES,
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int, bool, bool]:
-    """One request's candidates (`rows`, best first) through a plan: the positions of the at most
-    n kept (without what `drop` marks, re-ranked by `weight`, at most `limit` per `keys` code), the
-    dropped rows ahead of the n-th kept and their `codes` ORed (which filters dropped them, see
-    Plan.drop_codes; 0 without codes), whether a boost held, whether the cap skipped one. An
-    empty `drop`, `weight`, `keys` or `codes`: the plan has no filter, boost or cap, or no codes."""
-    global _select_compiled  # noqa: PLW0603 - compiled on first use, once per process
-    if _select_compiled is None:
-        # One signature for every plan: masks are read-only arrays, combined ones writable, and
-        # numba would compile each mix of the two separately (seconds each).
-        types: Any = numba.types
-
-        def ro(dtype: Any) -> Any:
-            return types.Array(dtype, 1, "C", readonly=True)
-
-        result = types.Tuple((types.int64[::1], types.int64[::1], types.int64, types.boolean, types.boolean))
-        count = types.int64
-        signature = result(
-            ro(count), count, ro(types.boolean), ro(types.float32), ro(types.int32), count, count, ro(count)
-        )
-        _select_compiled = numba.njit(signature, cache=True, nogil=True)(_select)
-    kept, dropped, bits, reordered, capped = _select_compiled(rows, n, drop, weight, keys, limit, distinct, codes)
-    return kept, dropped, int(bits), bool(reordered), bool(capped)

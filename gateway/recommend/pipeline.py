@@ -21,12 +21,12 @@ import numpy as np
 from gateway.recommend import kernels
 from gateway.recommend.candidates import LRU, Candidates, LiveProfile, Offload, Pool
 from gateway.recommend.popular import POPULAR, Popular
-from gateway.rules import conditions, placing
+from gateway.rules import conditions
 from gateway.rules.book import HEADROOM_MIN, Book
 from gateway.rules.conditions import NO_CONTEXT, Context
-from gateway.rules.decision import Ruling
+from gateway.rules.decision import Outcome, Ruling
 from gateway.rules.document import Content
-from gateway.rules.plans import Outcome, Pick, rounded
+from gateway.rules.picks import Pick, rounded
 from gateway.snapshot import Rows, Snapshot, Vectors
 from gateway.store import EMPTY_PROFILE, CounterKey, Interaction, Profile, Requirement
 from gateway.store.guard import GuardedStore
@@ -36,8 +36,8 @@ Fallback = Literal["cold-start", "no-consent", "stale-snapshot", "store-timeout"
 ProfileKind = Literal["snapshot", "live", "none"]
 
 USER_VECTOR = "user-vector"
-# Ruled answers remembered (Recommender._select): a few KB each. Many more add few hits, and once
-# full their survivors make the garbage collector's older generations pause for hundreds of ms.
+# Ruled answers remembered (Recommender._select): a few KB each, and objects the garbage collector
+# walks, so few enough that its pauses stay short.
 RULED_KEPT = 2_000
 # Pools many visitors share, whose ruled answers are remembered (see Recommender._select).
 SHARED_SOURCES = frozenset({"popular", "similar"})
@@ -92,9 +92,6 @@ class Recommender:
         # What the rules made of a list, by plan and inputs: another request with the same ones gets
         # the same answer without going through the rules again (see _select).
         self._ruled_answers: LRU[list[Any]] = LRU(RULED_KEPT)
-        # Whether a request without a category filter gets the rules' answer in one compiled call
-        # (see _select); False only to compare the two paths (loadtests/rules_in_process.py --paths).
-        self.compiled_answers = True
 
     def stale(self, now: float) -> bool:
         return self.max_age_s > 0 and self.snap.age(now) > self.max_age_s
@@ -256,7 +253,7 @@ class Recommender:
         def reserve() -> Iterator[Pick]:
             return (pick for pick in self.popular.ranked(categories) if pick.row not in refused)
 
-        outcome = ruling.book.apply(answer.picks, ruling, n=n, reserve=reserve, allowed=allowed)
+        outcome = ruling.apply(answer.picks, n=n, reserve=reserve, allowed=allowed)
         if memo is not None and memo[0] is answer.picks:
             memo[1] = outcome
         return self._outcome(ruling, answer, outcome)
@@ -268,7 +265,7 @@ class Recommender:
             answer.fallback,
             answer.profile,
             ruling.segments,
-            list(outcome.refs),
+            outcome.refs,
             outcome.content,
             ruling.plan.refs,
             read=answer.read,
@@ -421,8 +418,7 @@ class Recommender:
         if ruling is not None and ruling.plan is not None:
             pool = self.popular.pool(categories)
             source = ("popular", *sorted(categories))
-            whole = not categories
-            return self._select(pool, ruling, source, reason=reason, n=n, categories=(), excluded=excluded, whole=whole)
+            return self._select(pool, ruling, source, reason=reason, n=n, categories=(), excluded=excluded)
         picks = self.popular.top(n=n, categories=categories, excluded=excluded)
         return picks if reason == POPULAR else [Pick(pick.row, pick.score, reason) for pick in picks]
 
@@ -440,13 +436,10 @@ class Recommender:
     ) -> list[Pick]:
         """Filter the pool; if a category filter leaves too few, search within the categories;
         if still short, pad with popular items. With `ruling`, its filters and boosts go first, and
-        padding is left to the rules (Book.apply), which filter what they pad with."""
+        padding is left to the rules (Ruling.apply), which filter what they pad with."""
         ruled = ruling if ruling is not None and ruling.plan is not None else None
         if ruled is not None:
-            whole = not categories
-            picks = self._select(
-                pool, ruled, key, reason=reason, n=n, categories=categories, excluded=excluded, whole=whole
-            )
+            picks = self._select(pool, ruled, key, reason=reason, n=n, categories=categories, excluded=excluded)
         else:
             picks = self._filter(pool, reason=reason, n=n, categories=categories, excluded=excluded)
         if len(picks) < n and categories:
@@ -474,23 +467,18 @@ class Recommender:
         n: int,
         categories: Collection[str],
         excluded: set[int],
-        whole: bool = False,
     ) -> list[Pick]:
         """`_filter` with the rules' filters and boosts: the first candidates the request and the
         filters admit (as deep as the answer could need, and some), re-ranked by the boosts; n of
-        them as picks. Plain Python over a few dozen rows: numpy's per-call overhead would cost more.
+        them as picks (Ruling.select).
 
         `source` names the pool (("user", row), ("live", profile), ("popular", *categories), ...):
         with the plan and the other inputs it decides the answer. Where many visitors share the
         pool (SHARED_SOURCES: every cold visitor on the same page, everyone viewing one item), the
-        picks, and later what Book.apply makes of them (Ruling.memo), are remembered for the next
-        request like it. A personal pool's answer is not: the same visitor seldom comes back
-        with the same plan while the answer is still among the last RULED_KEPT, so remembering it
-        would cost time and garbage-collector work for next to no hits.
-
-        `whole`: the request has no category filter, so the rules' whole answer is made here, in
-        one compiled call (Ruling.place, gateway.rules.placing), and what Book.apply would make of the
-        picks goes with them (Ruling.memo): cheaper than taking the steps one by one in Python."""
+        picks, and later what Ruling.apply makes of them (Ruling.memo), are remembered for the next
+        request like it. A personal pool's answer is not: the same visitor rarely comes back with
+        the same plan before it is forgotten, so remembering it would only cost time and
+        garbage-collector work."""
         plan = ruling.plan
         assert plan is not None
         memo_key = None
@@ -504,21 +492,10 @@ class Recommender:
         category_sets = self.snap.category_sets
         wanted = frozenset(categories)
         # as deep as the answer could need: a cap skips more than filters drop
-        depth = (3 if plan.cap is not None else 1) * n + len(excluded) + HEADROOM_MIN
+        depth = (3 if plan.capping is not None else 1) * n + len(excluded) + HEADROOM_MIN
         if wanted:
             depth = 8 * n + len(excluded)
         every = pool.rows[:depth]
-        if whole and self.compiled_answers:  # no category filter: the rules' answer in one call
-            reserve, reserve_rows = self.popular.everything()
-            refused = np.array(list(excluded), dtype=np.int64) if excluded else placing.NO_ROWS
-            outcome = ruling.place(
-                every, pool.scores, n, reason=reason, refused=refused, reserve=reserve, reserve_rows=reserve_rows
-            )
-            if outcome is not None:
-                ruling.memo = [outcome.picks, outcome]
-                if memo_key is not None:
-                    self._ruled_answers.put(memo_key, ruling.memo)
-                return outcome.picks
         if excluded or wanted:
             listed = every.tolist()
             admitted = [
@@ -530,7 +507,7 @@ class Recommender:
         else:  # a known user without recent events: every candidate is admitted
             kept = ruling.select(every, n)
         rows = every[kept].tolist()
-        if ruling.reordered:  # Book.apply gives a re-ranked list rank scores: these are never shown
+        if ruling.reordered:  # Ruling.apply gives a re-ranked list rank scores: these are never shown
             picks = [Pick(row, 0.0, reason) for row in rows]
         else:
             rounded = pool.scores[kept].astype(np.float64).round(6).tolist()

@@ -7,10 +7,9 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import numpy as np
-import numpy.typing as npt
 
 from gateway.recommend.candidates import Pool
-from gateway.rules.plans import Pick, rounded
+from gateway.rules.picks import Pick, rounded
 from gateway.snapshot import Snapshot
 
 POPULAR = "popular"
@@ -21,7 +20,6 @@ class Popular:
         self.snap = snap
         self._ranked: dict[tuple[str, ...], list[Pick]] = {}
         self._pools: dict[tuple[str, ...], Pool] = {}
-        self._everything: tuple[list[Pick], npt.NDArray[np.int64]] | None = None
 
     def pool(self, categories: Collection[str]) -> Pool:
         """The popular list of these categories as a pool (made on first use, kept as `ranked` keeps its lists)."""
@@ -35,14 +33,6 @@ class Popular:
             if len(key) <= 1:
                 self._pools[key] = pool
         return pool
-
-    def everything(self) -> tuple[list[Pick], npt.NDArray[np.int64]]:
-        """The whole catalog's popular list (`ranked` of no category), and its rows as an array."""
-        if self._everything is None:
-            rows = self.pool(()).rows.astype(np.int64)
-            rows.setflags(write=False)
-            self._everything = (self.ranked(()), rows)
-        return self._everything
 
     def ranked(self, categories: Collection[str]) -> list[Pick]:
         """Every item of these categories (all without), most popular first."""

@@ -224,21 +224,6 @@ class Context(NamedTuple):
 NO_CONTEXT = Context()
 
 
-_last_local: tuple[tzinfo | None, int, datetime | None] = (None, 0, None)
-
-
-def local_time(now: float, zone: tzinfo) -> datetime:
-    """`now` in `zone`, to the second: the same for every request in one second (conditions read
-    only its hour and weekday, and zone offsets are whole seconds), so it is made once a second."""
-    global _last_local  # noqa: PLW0603 - a one-entry cache; a race only makes it twice
-    second = math.floor(now)
-    cached_zone, cached_second, local = _last_local
-    if local is None or cached_zone is not zone or cached_second != second:
-        local = datetime.fromtimestamp(second, zone)
-        _last_local = (zone, second, local)
-    return local
-
-
 def facts(
     now: float,
     zone: tzinfo = UTC,
@@ -253,7 +238,7 @@ def facts(
 ) -> Facts:
     return Facts(
         now,
-        local_time(now, zone),
+        datetime.fromtimestamp(math.floor(now), zone),  # to the second: its hour and weekday are read
         {} if counters is None else counters,
         recent,
         last_seen,
@@ -275,11 +260,9 @@ class Compiler:
 
     def compile(self, condition: Condition) -> Predicate:  # noqa: PLR0911 - one return per kind
         if condition.all is not None:
-            parts = [self.compile(c) for c in condition.all]
-            return lambda f: all(p(f) for p in parts)
+            return _every([self.compile(c) for c in condition.all])
         if condition.any is not None:
-            parts = [self.compile(c) for c in condition.any]
-            return lambda f: any(p(f) for p in parts)
+            return _some([self.compile(c) for c in condition.any])
         if condition.not_ is not None:
             inner = self.compile(condition.not_)
             return lambda f: not inner(f)
@@ -342,6 +325,26 @@ def session_check(session: Session) -> Predicate:
     return in_session
 
 
+def _every(checks: list[Predicate]) -> Predicate:
+    def every(f: Facts) -> bool:
+        for check in checks:  # noqa: SIM110 - a loop is twice as fast as all() over a generator
+            if not check(f):
+                return False
+        return True
+
+    return every
+
+
+def _some(checks: list[Predicate]) -> Predicate:
+    def some(f: Facts) -> bool:
+        for check in checks:  # noqa: SIM110 - a loop is twice as fast as any() over a generator
+            if check(f):
+                return True
+        return False
+
+    return some
+
+
 def _context(match: ContextMatch) -> Predicate:
     checks: list[Predicate] = []
     if match.device:
@@ -362,13 +365,4 @@ def _context(match: ContextMatch) -> Predicate:
     if match.weekdays:
         days = frozenset(WEEKDAYS.index(d) for d in match.weekdays)
         checks.append(lambda f: f.local.weekday() in days)
-    if len(checks) == 1:
-        return checks[0]
-
-    def every(f: Facts) -> bool:
-        for check in checks:  # noqa: SIM110 - a loop is twice as fast as all() over a generator
-            if not check(f):
-                return False
-        return True
-
-    return every
+    return checks[0] if len(checks) == 1 else _every(checks)

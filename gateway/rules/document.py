@@ -11,7 +11,7 @@ an optional validity window, an enabled flag, the surfaces it applies to, and ac
     cap      at most `per_category` items of one category (its first category, `depth` levels deep)
     attach   add content (a banner, an offer) to the answer, in a named slot
 
-How they combine is gateway.rules.book' business.
+How they combine is gateway.rules.decision's business.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from gateway.rules.triggers import Trigger
 Surface = Literal["recommend", "similar", "popular"]
 SURFACES: tuple[Surface, ...] = ("recommend", "similar", "popular")
 Position = Annotated[int, msgspec.Meta(ge=1, le=1000)]
-# Candidates the rules read beyond what the answer needs, for filters to drop and boosts to lift.
 
 
 class ItemMatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):

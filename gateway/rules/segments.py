@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from gateway.rules import flat
 from gateway.rules.conditions import Compiler, Condition, Facts, Name, Predicate, Slug
 
 if TYPE_CHECKING:
@@ -37,8 +36,6 @@ class Segmenter:
         self, definitions: Sequence[SegmentDefinition], compiler: Compiler, model: SegmentModel | None = None
     ) -> None:
         self.predicates: list[tuple[str, Predicate]] = [(d.id, compiler.compile(d.when)) for d in definitions]
-        # The same, as one generated function (gateway.rules.flat), when the conditions compile to one.
-        self._flat = flat.segments_function([(d.id, d.when) for d in definitions], compiler)
         self.model = model
         # A visitor with no counters and no last visit always lands in the same model segment.
         self._nobody = model.assign({}, None, 0.0) if model is not None else None
@@ -52,10 +49,7 @@ class Segmenter:
                 found.add(self._nobody)
             else:
                 found.add(self.model.assign(facts.counters, facts.last_seen, facts.now))
-        if self._flat is not None:
-            self._flat(facts)
-        else:
-            for name, predicate in self.predicates:
-                if predicate(facts):
-                    found.add(name)
+        for name, predicate in self.predicates:
+            if predicate(facts):
+                found.add(name)
         return sorted(found)

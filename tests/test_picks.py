@@ -1,4 +1,4 @@
-"""gateway.rules.plans.rounded: round(score, 6) for the float32 scores answers carry."""
+"""gateway.rules.picks.rounded: round(score, 6) for the float32 scores answers carry."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.rules.plans import rounded
+from gateway.rules.picks import rounded
 
 
 @given(st.floats(width=32, allow_nan=False, allow_infinity=False))
