@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from gateway import crossfield
 from gateway.recommend.pipeline import Fallback, ProfileKind
 from gateway.rules.document import Content, RuleSet
 from gateway.rules.plans import Pick
@@ -257,6 +258,13 @@ class TokenRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     token: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
     visitor: VisitorId | None = None  # mint a token for this id (admin key; or no keys configured)
+
+
+# What the handlers refuse across fields, for the OpenAPI document (gateway.crossfield). Not stated:
+# PUT /v1/consent's `token` or `visitor` (the token may come in the X-Tailor-Token header instead).
+STATED: dict[type[msgspec.Struct], crossfield.Schema] = {
+    TokenRequest: {"anyOf": [crossfield.absent("token"), crossfield.absent("visitor")]},  # not both
+}
 
 
 class StreamToken(msgspec.Struct, frozen=True):
