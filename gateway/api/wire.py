@@ -76,8 +76,20 @@ VisitorToken = Annotated[
 class RecommendQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Query of `GET /v1/recommend`."""
 
-    user: UserId | None = None
-    visitor: VisitorId | None = None
+    # Parameters cannot state "not both" in the document: the descriptions say it.
+    user: (
+        Annotated[
+            UserId, msgspec.Meta(description="A signed-in user's id (as in your interaction logs); not with `visitor`.")
+        ]
+        | None
+    ) = None
+    visitor: (
+        Annotated[
+            VisitorId,
+            msgspec.Meta(description="An anonymous visitor's id (e.g. a first-party cookie); not with `user`."),
+        ]
+        | None
+    ) = None
     token: VisitorToken | None = None
     n: Count | None = None
     category: Categories = []
@@ -466,7 +478,12 @@ class ConsentQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Query of `GET /v1/consent`: a token, or with an admin key a visitor id."""
 
     token: VisitorToken | None = None
-    visitor: VisitorId | None = None
+    visitor: (
+        Annotated[
+            VisitorId, msgspec.Meta(description="With an admin key, the visitor instead of a `token` (one is needed).")
+        ]
+        | None
+    ) = None
 
 
 class PurposeConsent(msgspec.Struct, frozen=True, omit_defaults=True):
