@@ -1,4 +1,5 @@
-"""The OpenAPI 3.1 document and the human-readable API page, both generated from `gateway.api.wire`.
+"""The OpenAPI 3.1 document and the human-readable API page, both generated from `gateway.api.wire`,
+with the rules across fields that the types' modules state in JSON Schema (gateway.crossfield).
 
 Query parameters come from the query Structs' own JSON Schema, so a field added to a Struct shows
 up here without another edit.
@@ -15,6 +16,9 @@ import msgspec
 from gateway import __version__
 from gateway.api import http, wire
 from gateway.api.routes import ENDPOINTS, JSON, Endpoint
+from gateway.experiments import plan
+from gateway.rules import document as rule_document
+from gateway.rules import triggers
 from gateway.settings import Settings
 
 REF = "#/components/schemas/{name}"
@@ -29,6 +33,13 @@ def _schemas() -> tuple[dict[type[msgspec.Struct], dict[str, Any]], dict[str, An
     for op in ENDPOINTS:
         types.extend(t for t in (op.query, op.body, op.answer) if t is not None)
     refs, components = msgspec.json.schema_components(types, ref_template=REF)
+    for stated in (wire.STATED, rule_document.STATED, triggers.STATED, plan.STATED):
+        for struct, rule in stated.items():
+            component = components[struct.__name__]
+            clash = component.keys() & rule.keys()
+            if clash:
+                raise ValueError(f"{struct.__name__}: the stated rules would replace its {sorted(clash)}")
+            component.update(rule)
     return dict(zip(types, refs, strict=True)), components
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from gateway import crossfield
 from gateway.recommend.pipeline import Fallback, ProfileKind
 from gateway.rules.document import Content, RuleSet
 from gateway.rules.picks import Pick
@@ -75,8 +76,20 @@ VisitorToken = Annotated[
 class RecommendQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Query of `GET /v1/recommend`."""
 
-    user: UserId | None = None
-    visitor: VisitorId | None = None
+    # Parameters cannot state "not both" in the document: the descriptions say it.
+    user: (
+        Annotated[
+            UserId, msgspec.Meta(description="A signed-in user's id (as in your interaction logs); not with `visitor`.")
+        ]
+        | None
+    ) = None
+    visitor: (
+        Annotated[
+            VisitorId,
+            msgspec.Meta(description="An anonymous visitor's id (e.g. a first-party cookie); not with `user`."),
+        ]
+        | None
+    ) = None
     token: VisitorToken | None = None
     n: Count | None = None
     category: Categories = []
@@ -257,6 +270,13 @@ class TokenRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     token: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
     visitor: VisitorId | None = None  # mint a token for this id (admin key; or no keys configured)
+
+
+# What the handlers refuse across fields, for the OpenAPI document (gateway.crossfield). Not stated:
+# PUT /v1/consent's `token` or `visitor` (the token may come in the X-Tailor-Token header instead).
+STATED: dict[type[msgspec.Struct], crossfield.Schema] = {
+    TokenRequest: {"anyOf": [crossfield.absent("token"), crossfield.absent("visitor")]},  # not both
+}
 
 
 class StreamToken(msgspec.Struct, frozen=True):
@@ -458,7 +478,12 @@ class ConsentQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Query of `GET /v1/consent`: a token, or with an admin key a visitor id."""
 
     token: VisitorToken | None = None
-    visitor: VisitorId | None = None
+    visitor: (
+        Annotated[
+            VisitorId, msgspec.Meta(description="With an admin key, the visitor instead of a `token` (one is needed).")
+        ]
+        | None
+    ) = None
 
 
 class PurposeConsent(msgspec.Struct, frozen=True, omit_defaults=True):

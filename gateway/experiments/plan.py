@@ -44,13 +44,14 @@ from typing import Annotated, Any, Literal, NoReturn
 
 import msgspec
 
+from gateway import crossfield
 from gateway.rules.conditions import Slug, entry_id
 from gateway.settings import Count
 
 # Arm names end up in cell names ("ranker=A,banner=on") and reasons, so they keep out `,`, `=`, `:`.
 ArmName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 Weight = Annotated[float, msgspec.Meta(gt=0, le=1_000_000)]
-Moment = Annotated[datetime, msgspec.Meta(tz=True)]
+Moment = Annotated[datetime, msgspec.Meta(tz=True, extra_json_schema={"pattern": crossfield.DATETIME_WITH_OFFSET})]
 MetricName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_.:-]*$", max_length=64)]
 Text = Annotated[str, msgspec.Meta(max_length=2000)]
 Status = Literal["draft", "running", "stopped"]
@@ -108,6 +109,19 @@ class Experiment(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_d
     @property
     def seed(self) -> str:
         return phase_seed(self.id, self.phase)
+
+
+# What _check_arms refuses across fields, for the OpenAPI document (gateway.crossfield): exactly one
+# of `variants` (two or more) and `factors`. Not stated: names used twice, more than MAX_CELLS cells,
+# a setting overridden by two factors, `end` before `start` (JSON Schema cannot compare values).
+STATED: dict[type[msgspec.Struct], crossfield.Schema] = {
+    Experiment: {
+        "oneOf": [
+            {"required": ["variants"], "properties": {"variants": {"minItems": 2}, "factors": {"maxItems": 0}}},
+            {"required": ["factors"], "properties": {"factors": {"minItems": 1}, "variants": {"maxItems": 0}}},
+        ]
+    }
+}
 
 
 class ExperimentPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):

@@ -21,13 +21,21 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from gateway.rules.conditions import Condition, Name, Slug, entry_id
+from gateway import crossfield
+from gateway.rules.conditions import Condition, Counter, Name, Recency, Slug, entry_id
 from gateway.rules.segments import SegmentDefinition
 from gateway.rules.triggers import Trigger
 
 Surface = Literal["recommend", "similar", "popular"]
 SURFACES: tuple[Surface, ...] = ("recommend", "similar", "popular")
 Position = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+Moment = Annotated[
+    datetime,
+    msgspec.Meta(
+        description="RFC 3339; without an offset, in the rule set's time zone.",
+        extra_json_schema={"pattern": crossfield.DATETIME},
+    ),
+]
 
 
 class ItemMatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -85,8 +93,8 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_default
     when: Condition | None = None  # None: always
     priority: Annotated[int, msgspec.Meta(ge=-1_000_000, le=1_000_000)] = 0
     enabled: bool = True
-    valid_from: datetime | None = None  # without an offset: in the rule set's time zone
-    valid_until: datetime | None = None
+    valid_from: Moment | None = None  # without an offset: in the rule set's time zone
+    valid_until: Moment | None = None
     surfaces: Annotated[list[Surface], msgspec.Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: list(SURFACES)
     )
@@ -98,6 +106,24 @@ class RuleSet(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defa
     segments: Annotated[list[SegmentDefinition], msgspec.Meta(max_length=200)] = []
     rules: Annotated[list[Rule], msgspec.Meta(max_length=2000)] = []
     triggers: Annotated[list[Trigger], msgspec.Meta(max_length=200)] = []
+
+
+# What the types' checks refuse across fields, for the OpenAPI document (gateway.crossfield). The
+# conditions' are here rather than beside them: the document is this module's business.
+STATED: dict[type[msgspec.Struct], crossfield.Schema] = {
+    Condition: crossfield.exactly_one(f.encode_name for f in msgspec.structs.fields(Condition)),
+    Counter: crossfield.merged(
+        {"anyOf": [crossfield.given("at_least"), crossfield.given("at_most")]},
+        {"anyOf": [crossfield.absent("item"), crossfield.absent("category")]},
+    ),
+    Recency: crossfield.exactly_one(["within", "not_within"]),
+    ItemMatch: {
+        "anyOf": [
+            *(crossfield.non_empty(name) for name in ("ids", "categories", "tags")),
+            *(crossfield.given(name) for name in ("price_at_least", "price_at_most", "in_stock")),
+        ]
+    },
+}
 
 
 class RuleSetError(ValueError):

@@ -49,6 +49,7 @@ from typing import Annotated
 
 import msgspec
 
+from gateway import crossfield
 from gateway.rules.conditions import Duration, Slug, parse_duration
 from gateway.store import Recorded, Requirement, Store, StoreError, Timer, window_label
 from gateway.tasks import stop as stop_task
@@ -107,6 +108,21 @@ class Trigger(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
             raise ValueError(
                 f"trigger {self.id!r}: `same_item` counts `on` per item; a trigger with `unless` is per visitor"
             )
+
+
+# A Duration other than zero ("0s", "0.0h"): what `window`, `wait` and `period` must be.
+LONGER_THAN_NOTHING = r"^(?:[0-9]*[1-9][0-9]*(?:\.[0-9]+)?|[0-9]+\.[0-9]*[1-9][0-9]*)[smhdw]$"
+# What Trigger.__post_init__ refuses across fields, for the OpenAPI document (gateway.crossfield).
+# Not stated: `unless` the same event type as `on` (JSON Schema cannot compare two values).
+STATED: dict[type[msgspec.Struct], crossfield.Schema] = {
+    Trigger: crossfield.merged(
+        {"properties": {name: {"pattern": LONGER_THAN_NOTHING} for name in ("window", "wait", "period")}},
+        # `unless` and `wait` together, or neither
+        {"anyOf": [crossfield.given("unless", "wait"), crossfield.absent("unless", "wait")]},
+        # no `same_item` with `unless`
+        {"anyOf": [{"properties": {"same_item": {"const": False}}}, crossfield.absent("unless")]},
+    )
+}
 
 
 def _seconds(trigger: str, name: str, value: str) -> float:
