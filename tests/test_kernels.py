@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -142,3 +143,21 @@ def test_live_pool_leaves_out_the_visitors_items_and_handles_no_candidates() -> 
     )
     assert sorted(rows.tolist()) == sorted(set(range(ITEMS)) - {4, 9})
     assert not marks.any()
+
+
+def test_warm_up_says_how_far_it_got_while_it_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    said: list[str] = []
+    enough = threading.Event()
+
+    def say(line: str) -> None:
+        said.append(line)
+        if len(said) >= 3:
+            enough.set()
+
+    monkeypatch.setattr(kernels, "SLOW_WARM_UP_S", 0.01)
+    monkeypatch.setattr(kernels, "PROGRESS_EVERY_S", 0.01)
+    monkeypatch.setattr(kernels, "_warm_up", lambda *arrays: enough.wait(30))  # a compile that lasts
+    kernels.warm_up(np.zeros((2, 2), dtype=np.float32), np.eye(2), None, say=say)
+    assert enough.is_set()
+    assert said[0] == kernels.COMPILING
+    assert said[1].startswith("still compiling kernels: 0 so far, ")

@@ -30,6 +30,7 @@ log = logging.getLogger("tailor.kernels")
 
 # Said only when a warm-up outlasts this: loading every kernel from numba's cache takes well under it.
 SLOW_WARM_UP_S = 1.0
+PROGRESS_EVERY_S = 10.0  # while compiling, a line this often: a long wait is never a silent one
 COMPILING = "compiling kernels (first start only, up to a minute here; later starts load them from numba's cache)…"
 
 
@@ -185,16 +186,26 @@ def warm_up(
 ) -> int:
     """Compile (or load from numba's cache) the kernels for these arrays' types, off the event loop;
     how many had to be compiled. A first start compiles for about a minute: `say` tells so when it
-    takes more than SLOW_WARM_UP_S, and again when done, so nobody waits on a silent process."""
+    takes more than SLOW_WARM_UP_S, how far it got every PROGRESS_EVERY_S, and when it is done, so
+    nobody waits on a silent process."""
     before = compiled()
     started = time.monotonic()
-    notice = threading.Timer(SLOW_WARM_UP_S, say, (COMPILING,))
-    notice.daemon = True
-    notice.start()
+    done = threading.Event()
+
+    def progress() -> None:
+        if done.wait(SLOW_WARM_UP_S):
+            return
+        say(COMPILING)
+        while not done.wait(PROGRESS_EVERY_S):
+            say(f"still compiling kernels: {compiled() - before} so far, {time.monotonic() - started:.0f} s")
+
+    reporter = threading.Thread(target=progress, name="kernel-warm-up-progress", daemon=True)
+    reporter.start()
     try:
         _warm_up(item_vectors, gram_inverse, neighbour_rows)
     finally:
-        notice.cancel()
+        done.set()
+        reporter.join()
     fresh = compiled() - before
     if fresh:
         say(f"compiled {fresh} kernels in {time.monotonic() - started:.0f} s; cached for later starts")
