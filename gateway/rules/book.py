@@ -212,11 +212,11 @@ class Book:
             keys = [
                 "/".join(categories[0].split("/")[:depth]) if categories else "" for categories in self.snap.categories
             ]
-            cap_keys[depth] = np.array([numbers.setdefault(key, len(numbers)) for key in keys], dtype=np.int32)
+            cap_keys[depth] = [numbers.setdefault(key, len(numbers)) for key in keys]
         return Actions(
             bits,
             [c for c, _ in found],
-            np.array([a.weight if isinstance(a, Boost) else np.nan for _, a in found], dtype=np.float32),
+            np.array([a.weight if isinstance(a, Boost) else np.nan for _, a in found], dtype=np.float32).tolist(),
             cap_keys,
         )
 

@@ -4,8 +4,9 @@ A `Plan` is what one set of fired rules does: which of its book's filter and boo
 own (masks over the per-item action bits the book computes once, `Actions`), its cap, pins,
 injections and content. A `Ruling` takes one request through its plan:
 
-    select  the candidates' action bits gathered, then, vectorised: drop what a filter matches,
-            re-rank by the boosts (a stable sort of rank standing times the boosts' product), cap
+    select  the candidates' action bits (a Python int per row) read, then drop what a filter
+            matches, re-rank by the boosts (a stable sort of rank standing times the boosts'
+            product, remembered per plan by the bits), cap (plain Python over a few dozen rows)
     apply   top up from a reserve when the rules leave too few, name each boosted pick's boosts,
             inject and pin (plain Python over the first n), score and explain the answer
 
@@ -21,9 +22,9 @@ become rank scores (1 for the first item, falling by 1/n), so they still read "h
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -34,8 +35,14 @@ from gateway.rules.document import Content, Rule
 from gateway.rules.picks import Pick, reasons_of
 
 Bits = npt.NDArray[np.uint8]  # action bits, little-endian: bit b of byte b // 8 is action b
-Ints = npt.NDArray[np.intp]
-BITS_OF = [tuple(b for b in range(8) if value >> b & 1) for value in range(256)]  # a byte's set bits
+
+
+def _set_bits(mask: int) -> Iterator[int]:
+    """The numbers of the bits set in `mask`, lowest first."""
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
 
 
 @dataclass(eq=False)
@@ -63,35 +70,31 @@ class CompiledRule:
 @dataclass(eq=False)
 class Actions:
     """A book's filter and boost actions over its catalog, numbered in priority order: bits[row]
-    says which hold for the row (a filter drops it, a boost weighs it), one bit each."""
+    says which hold for the row (a filter drops it, a boost weighs it), one bit each. A request
+    works on a few dozen rows, so it reads them as Python ints (`held`), not numpy arrays: a numpy
+    call costs more than a loop over that many rows does."""
 
     bits: Bits  # rows x bytes
     rules: list[CompiledRule]  # action -> its rule
-    # action -> a boost's weight, NaN for a filter: a row's product of the actions that hold for it
-    # is then its weight, or NaN when a filter drops it (boosts are finite and positive)
-    factors: npt.NDArray[np.float32]
-    cap_keys: dict[int, npt.NDArray[np.int32]]  # depth -> each row's category for caps, as a number
-    # Per byte of the bits and per value of that byte, the product of its actions' factors: a row's
-    # product is then one lookup per byte, not an unpacking of its bits.
-    products: npt.NDArray[np.float32] = field(init=False)
-    columns: npt.NDArray[np.intp] = field(init=False)  # 0, 1, ... one per byte
+    factors: list[float]  # action -> a boost's weight (a float32), NaN for a filter
+    cap_keys: dict[int, list[int]]  # depth -> each row's category for caps, as a number
+    held: list[int] = field(init=False)  # row -> its action bits as one int: bit b is action b
+    filters: int = field(init=False)  # the bits of the filter actions
 
     def __post_init__(self) -> None:
-        factors = np.ones(self.bits.shape[1] * 8, dtype=np.float32)
-        factors[: len(self.factors)] = self.factors
-        held = (np.arange(256)[:, None] >> np.arange(8) & 1).astype(np.bool_)
-        self.products = np.where(held, factors.reshape(-1, 1, 8), np.float32(1.0)).prod(axis=2)
-        self.columns = np.arange(self.bits.shape[1])
+        words = np.zeros((len(self.bits), max(-(-self.bits.shape[1] // 8), 1) * 8), dtype=np.uint8)
+        words[:, : self.bits.shape[1]] = self.bits
+        columns = words.view("<u8").T.tolist()  # 64 actions a column
+        self.held = (
+            columns[0]
+            if len(columns) == 1
+            else [sum(w << 64 * k for k, w in enumerate(ws)) for ws in zip(*columns, strict=True)]
+        )
+        self.filters = sum(1 << b for b, factor in enumerate(self.factors) if factor != factor)  # noqa: PLR0124
 
-    def decoded(self, bits: list[int]) -> list[CompiledRule]:
-        """The rules of the actions whose bits (the bytes of one row) are set, each once, by priority."""
-        found: list[CompiledRule] = []
-        for at, byte in enumerate(bits):
-            for b in BITS_OF[byte]:
-                rule = self.rules[8 * at + b]
-                if rule not in found:
-                    found.append(rule)
-        return found
+    def decoded(self, mask: int) -> list[CompiledRule]:
+        """The rules of the actions set in `mask`, each once, by priority."""
+        return list(dict.fromkeys(self.rules[b] for b in _set_bits(mask)))
 
 
 class Plan:
@@ -101,13 +104,12 @@ class Plan:
         self.rules = rules
         self.refs = [c.ref for c in rules]
         self.actions = actions
-        own = np.isin([c.rank for c in actions.rules], [c.rank for c in rules])
-        filtering = np.isnan(actions.factors)
-        self.acts = _mask(own)  # None: neither filter nor boost
-        self.drop = _mask(own & filtering)  # None: no filter
-        self.lift = _mask(own & ~filtering)  # None: no boost
+        ranks = {c.rank for c in rules}
+        own = sum(1 << b for b, c in enumerate(actions.rules) if c.rank in ranks)
+        self.drop = own & actions.filters  # 0: no filter
+        self.lift = own & ~actions.filters  # 0: no boost
         # The highest-priority cap: its rule, how many per category, each row's category.
-        self.capping: tuple[CompiledRule, int, npt.NDArray[np.int32]] | None = next(
+        self.capping: tuple[CompiledRule, int, list[int]] | None = next(
             ((c, c.cap[0], actions.cap_keys[c.cap[1]]) for c in rules if c.cap is not None), None
         )
         # Injections lowest priority first (a higher one placed later lands exactly where it asks);
@@ -124,31 +126,24 @@ class Plan:
                     self.content.append(Content(slot, c.ref, body))
                     if not self.attaching or self.attaching[-1] is not c:
                         self.attaching.append(c)
+        # Per boost bits (a row's action bits and lift) met so far, their product and rules (`boosts`).
+        self.boosted: dict[int, tuple[float, list[CompiledRule]]] = {0: (1.0, [])}
 
     def passes(self, row: int) -> bool:
         """Whether no filter of the plan drops `row`."""
-        return self.drop is None or not np.bitwise_and(self.actions.bits[row], self.drop).any()
+        return not self.actions.held[row] & self.drop
 
-    def weights(self, held: Bits) -> npt.NDArray[np.float32]:
-        """Per row of action bits, the product of the plan's boosts that hold (1 where none does),
-        NaN where a filter of the plan holds."""
-        actions = self.actions
-        if self.acts is None:
-            return np.ones(len(held), dtype=np.float32)
-        weight: npt.NDArray[np.float32] = actions.products[actions.columns, held & self.acts].prod(axis=1)
-        return weight
-
-    def named(self, rows: list[int], held: Bits, weight: npt.NDArray[np.float32]) -> dict[int, list[CompiledRule]]:
-        """The rules of the plan's boosts that moved each of `rows` (`held` their action bits,
-        `weight` their boosts' product), by priority; rows whose boosts cancel out are not moved."""
-        if self.lift is None:
-            return {}
-        moving, lifted = (weight != 1.0).tolist(), (held & self.lift).tolist()
-        return {row: self.actions.decoded(lifted[at]) for at, row in enumerate(rows) if moving[at]}
-
-
-def _mask(actions: npt.NDArray[np.bool_]) -> Bits | None:
-    return np.packbits(actions, bitorder="little") if actions.any() else None
+    def boosts(self, held: int) -> tuple[float, list[CompiledRule]]:
+        """For a row's action bits, the product of the plan's boosts that hold (a float32, taken in
+        action order) and the rules of those boosts, by priority; remembered by the bits."""
+        lifted = held & self.lift
+        found = self.boosted.get(lifted)
+        if found is None:
+            product = np.float32(1.0)
+            for b in _set_bits(lifted):
+                product = np.float32(product * np.float32(self.actions.factors[b]))
+            found = self.boosted[lifted] = (float(product), self.actions.decoded(lifted))
+        return found
 
 
 @dataclass(frozen=True)
@@ -166,9 +161,10 @@ class Outcome:
         return [rule.ref for rule in self.applied]
 
 
-def rank_scores(size: int) -> list[float]:
+@cache
+def rank_scores(size: int) -> tuple[float, ...]:
     """Scores of a list the rules re-ranked or placed into: 1 for the first, falling by 1/size."""
-    return [round(1.0 - i / size, 6) for i in range(size)]
+    return tuple(round(1.0 - i / size, 6) for i in range(size))
 
 
 @dataclass(eq=False, slots=True)
@@ -193,44 +189,56 @@ class Ruling:
         plan = self.plan
         assert plan is not None
         self.ranked = True
-        at = np.asarray(rows, dtype=np.intp)
-        if not len(at):
-            return []
-        positions, held, weight = np.arange(len(at)), None, None
-        if plan.acts is not None:
-            held = plan.actions.bits[at]
-            weight = plan.weights(held)
-            positions = np.flatnonzero(weight == weight)  # noqa: PLR0124 - NaN where a filter drops the row
-            if len(positions) < len(at) and plan.drop is not None:
+        rows = rows.tolist() if isinstance(rows, np.ndarray) else list(rows)
+        held_of = plan.actions.held
+        held = [held_of[row] for row in rows]
+        positions = list(range(len(rows)))
+        if plan.drop:
+            drop = plan.drop
+            positions = [at for at in positions if not held[at] & drop]
+            if len(positions) < len(rows):
                 # The filters that changed the answer: those dropping a row ahead of the n-th kept.
-                last = int(positions[n - 1]) if len(positions) >= n else len(at)
-                for rule in plan.actions.decoded(np.bitwise_or.reduce(held[:last] & plan.drop, axis=0).tolist()):
+                dropped = 0
+                for h in held[: positions[n - 1] if len(positions) >= n else len(rows)]:
+                    dropped |= h
+                for rule in plan.actions.decoded(dropped & drop):
                     self.applied[rule.ref] = rule
-            factors = weight[positions]
-            if plan.lift is not None and (factors != 1.0).any():
+        if plan.lift:
+            lift, boosted = plan.lift, plan.boosted
+            weights = [(boosted.get(held[at] & lift) or plan.boosts(held[at]))[0] for at in positions]
+            if weights.count(1.0) < len(weights):
                 self.reordered = True
                 # Rank standing (k for the first of k, falling by 1) times the boosts, exact in
                 # float64; a stable sort keeps ties in their order.
-                positions = positions[np.argsort(np.arange(-len(positions), 0) * factors, kind="stable")]
-        chosen = positions[:n] if plan.capping is None else positions[self._capped(plan.capping, at[positions], n)]
-        if self.reordered and held is not None and weight is not None:
-            self.named.update(plan.named(at[chosen].tolist(), held[chosen], weight[chosen]))
-        kept: list[int] = chosen.tolist()
-        return kept
+                k = len(positions)
+                standing = [(j - k) * weight for j, weight in enumerate(weights)]
+                positions = [positions[j] for j in sorted(range(k), key=standing.__getitem__)]
+        chosen = positions[:n] if plan.capping is None else self._capped(plan.capping, rows, positions, n)
+        if self.reordered:
+            for at in chosen:
+                weight, rules = plan.boosts(held[at])
+                if weight != 1.0:
+                    self.named[rows[at]] = rules
+        return chosen
 
-    def _capped(self, capping: tuple[CompiledRule, int, npt.NDArray[np.int32]], rows: Ints, n: int) -> Ints:
-        """The positions of the first n of `rows` the cap admits: each row's place among those of
-        its cap category (a stable sort on the category, its position there less its category's
-        first) under the limit."""
-        rule, limit, keys = capping[0], capping[1], capping[2][rows]
-        order = np.argsort(keys, kind="stable")
-        grouped = keys[order]
-        place = np.empty(len(keys), dtype=np.intp)
-        place[order] = np.arange(len(keys)) - np.searchsorted(grouped, grouped)
-        admitted = np.flatnonzero(place < limit)[:n]
-        looked = int(admitted[-1]) + 1 if len(admitted) == n else len(keys)  # how far the cap looked
-        if looked > len(admitted):
-            self.applied[rule.ref] = rule
+    def _capped(
+        self, capping: tuple[CompiledRule, int, list[int]], rows: list[int], positions: list[int], n: int
+    ) -> list[int]:
+        """The first n of `positions` (in `rows`) the cap admits: those of whose cap category fewer
+        than its limit came before."""
+        rule, limit, keys = capping
+        counts: dict[int, int] = {}
+        admitted: list[int] = []
+        for at in positions:
+            if len(admitted) >= n:
+                break
+            key = keys[rows[at]]
+            seen = counts.get(key, 0)
+            if seen >= limit:
+                self.applied[rule.ref] = rule
+                continue
+            counts[key] = seen + 1
+            admitted.append(at)
         return admitted
 
     def apply(
@@ -272,35 +280,26 @@ class Ruling:
         self, plan: Plan, chosen: list[Pick], reserve: Iterable[Pick], n: int, *, taken: Container[int]
     ) -> list[Pick]:
         """`chosen` and, up to n, the picks of `reserve` not `taken` that pass the filters and the
-        plan's cap still admits. The reserve is read a slice at a time (growing: a cap or a strict
-        filter may make it skip many), its filters checked in one gather per slice."""
+        plan's cap still admits, read one at a time (a cap or a strict filter may make it skip many)."""
         more: list[Pick] = []
-        rule, limit, keys = plan.capping or (None, 0, None)
-        counts = Counter(keys[[p.row for p in chosen]].tolist() if keys is not None else [])
-        room = n - len(chosen)
-        picks, size = iter(reserve), 8 * room
-        while len(more) < room and (batch := list(islice(picks, size))):
-            size *= 2
-            rows = np.array([p.row for p in batch], dtype=np.intp)
-            held = plan.actions.bits[rows]
-            weight = plan.weights(held)
-            passing = (weight == weight).tolist()  # noqa: PLR0124 - NaN where a filter drops the row
-            categories = keys[rows].tolist() if keys is not None else []
-            added: list[int] = []
-            for at, pick in enumerate(batch):
-                if len(more) >= room:
-                    break
-                if pick.row in taken or not passing[at]:
+        rule, limit, keys = plan.capping or (None, 0, [])
+        counts = Counter(keys[p.row] for p in chosen) if rule is not None else Counter[int]()
+        held, room = plan.actions.held, n - len(chosen)
+        for pick in reserve:
+            if len(more) >= room:
+                break
+            if pick.row in taken or held[pick.row] & plan.drop:
+                continue
+            if rule is not None:
+                if counts[keys[pick.row]] >= limit:
+                    self.applied[rule.ref] = rule
                     continue
-                if rule is not None:
-                    if counts[categories[at]] >= limit:
-                        self.applied[rule.ref] = rule
-                        continue
-                    counts[categories[at]] += 1
-                more.append(pick)
-                added.append(at)
+                counts[keys[pick.row]] += 1
+            more.append(pick)
             if self.reordered:
-                self.named.update(plan.named([batch[at].row for at in added], held[added], weight[added]))
+                weight, rules = plan.boosts(held[pick.row])
+                if weight != 1.0:
+                    self.named[pick.row] = rules
         return chosen + more
 
     def _inject(self, plan: Plan, picks: list[Pick], n: int, allowed: Callable[[int], bool]) -> list[Pick]:
