@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,7 +18,6 @@ from gateway.runtime import Gateway
 from gateway.store import PartlyStoredError, Recorded, StoreError
 
 MAX_BODY_BYTES = 4 << 20
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 class EventsApi:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 import msgspec
@@ -41,7 +40,6 @@ from gateway.store import StoreError
 from gateway.store.documents import Activation
 
 MAX_PLAN_BODY = 1024 * 1024
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 class ExperimentsQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

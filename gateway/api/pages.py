@@ -3,8 +3,6 @@ document and the human-readable API page."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import msgspec
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -13,8 +11,6 @@ from gateway.api import demo, openapi
 from gateway.api.http import JSON, ApiError
 from gateway.api.recommend import serving
 from gateway.runtime import Gateway
-
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 class PagesApi:

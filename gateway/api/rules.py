@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 import msgspec
 from starlette.requests import Request
@@ -34,7 +33,6 @@ from gateway.store import StoreError
 
 MAX_RULES_BODY = 2 * 1024 * 1024
 MAX_FLAG_BODY = 4096
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 class RulesApi(VersionsApi[RuleKeeper]):

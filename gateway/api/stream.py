@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Hashable
 
 import msgspec
 from starlette.requests import Request
@@ -19,8 +19,6 @@ from gateway.privacy import tokens
 from gateway.privacy.access import AccessError
 from gateway.rules.picks import with_reasons
 from gateway.runtime import Gateway
-
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 async def live_answer(

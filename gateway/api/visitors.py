@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 
 import msgspec
 from starlette.requests import Request
@@ -21,7 +20,6 @@ from gateway.store import Consent, StoreError
 
 log = logging.getLogger("tailor.gateway")
 ERASURE_WAIT_S = 2.0  # how long an erasure waits for the other processes to close the visitor's sockets
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 class VisitorsApi:
