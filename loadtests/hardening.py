@@ -90,19 +90,12 @@ class Run:
         log = directory / "serve.log"
         command = [sys.executable, "-m", "tailor", "serve", "--snapshots", str(self.snapshots), "--store", store]
         command += ["--port", str(port)]
-        saved = dict(os.environ)
-        os.environ.update({"TAILOR_SECRET": SECRET, **(env or {})})
-        try:
-            with running(command, log, f"tailor serve ({name})") as server:
-                os.environ.clear()
-                os.environ.update(saved)
-                base = f"http://127.0.0.1:{port}"
-                with httpx.Client(base_url=base, timeout=30) as client:
-                    wait_ready(client, server, log, 180)
-                yield base, log
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        environment = {"TAILOR_SECRET": SECRET, **(env or {})}
+        with running(command, log, f"tailor serve ({name})", environment) as server:
+            base = f"http://127.0.0.1:{port}"
+            with httpx.Client(base_url=base, timeout=30) as client:
+                wait_ready(client, server, log, 180)
+            yield base, log
 
     @contextlib.contextmanager
     def redis(self) -> Iterator[str]:

@@ -58,7 +58,10 @@ def stop(proc: subprocess.Popen[bytes], name: str) -> None:
 
 
 @contextlib.contextmanager
-def running(command: Sequence[str], log: Path, name: str) -> Iterator[subprocess.Popen[bytes]]:
+def running(
+    command: Sequence[str], log: Path, name: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`command` in its own session, logging to `log`, with `env` over the environment; stopped on exit."""
     say(f"starting {name}: {shlex.join(command)}  (log: {log})")
     with log.open("wb") as out:
         # own session: a Ctrl-C reaches only this harness, which then stops the children in order
@@ -66,16 +69,17 @@ def running(command: Sequence[str], log: Path, name: str) -> Iterator[subprocess
         # Every simulated visitor counts as consenting (opt-out with no choice made): the store checks
         # the consent field on every read and write either way, so the work measured is the same as
         # for visitors who granted it under the default opt-in.
-        env = {
+        environment = {
             "TAILOR_SECRET_FILE": str(log.parent / "secret"),
             "TAILOR_CONSENT_MODE": "opt-out",
             **os.environ,
             "TAILOR_EVENT_LOG": str(log.parent / "events"),
             "TAILOR_RULES_DIR": str(log.parent / "rules"),
             "TAILOR_EXPERIMENTS_DIR": str(log.parent / "experiments"),
+            **(env or {}),
         }
         proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=env
+            command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=environment
         )
     try:
         yield proc
