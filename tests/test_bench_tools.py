@@ -49,3 +49,26 @@ def test_rules_benchmark_runs_each_side_twice_in_abba_order_and_averages_them() 
     assert ratios["p50_rules_over_none_paced"] == 1.3  # (1.1 + 1.5) / 2 against (1.0 + 1.0) / 2
     assert ratios["p99_rules_over_none_paced"] == 1.3
     assert ratios["p50_rules_over_none_paced_pairs"] == [1.1, 1.5]
+
+
+def test_rules_benchmark_repeats_abba_for_more_pairs_and_averages_all_of_them() -> None:
+    assert bench_rules.sides("full", 4) == [
+        "none_full_1",
+        "rules_full_1",
+        "rules_full_2",
+        "none_full_2",
+        "none_full_3",
+        "rules_full_3",
+        "rules_full_4",
+        "none_full_4",
+    ]
+    runs = {
+        f"{side}_{kind}_{k}": {"rate": 1000 if side == "none" else 500, "latency_ms": {"p50": p50, "p99": 2 * p50}}
+        for kind in ("full", "paced")
+        for k, (none_p50, rules_p50) in enumerate([(1.0, 1.2), (1.0, 1.0), (2.0, 2.0), (1.0, 1.8)], start=1)
+        for side, p50 in (("none", none_p50), ("rules", rules_p50))
+    }
+    ratios = bench_rules.ratios(runs, 4)
+    assert ratios["throughput_none_over_rules"] == 2.0
+    assert ratios["p50_rules_over_none_paced"] == 1.2  # 6.0 / 4 against 5.0 / 4
+    assert ratios["p50_rules_over_none_paced_pairs"] == [1.2, 1.0, 1.0, 1.8]
