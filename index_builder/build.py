@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from index_builder import ann, segments, snapshot
 from index_builder.clean import Catalog, CleanReport, assemble, clean_interactions, clean_items
+from index_builder.content import content_vectors
 from index_builder.dataset import Interactions, temporal_split
 from index_builder.evaluate import Metrics, evaluate
 from index_builder.model import ModelParams
@@ -23,7 +24,6 @@ from index_builder.readers import Format, InputError, interaction_rows, item_row
 from index_builder.schema import DEFAULT_EVENT_WEIGHTS, Interaction, Item
 from index_builder.train import (
     TuneResult,
-    content_vectors,
     dot_scorer,
     fit_item_vectors,
     popularity_scorer,
@@ -176,6 +176,10 @@ def _categories_with_parents(item: Item) -> set[str]:
     return found
 
 
+def _contents(items: list[Item]) -> list[tuple[list[str], list[str]]]:
+    return [(item.categories, item.tags) for item in items]
+
+
 def _most_active(data: Interactions, limit: int) -> npt.NDArray[np.int32]:
     """Rows of the `limit` users with the most interactions, in row order."""
     counts = np.bincount(data.user, minlength=data.n_users)
@@ -203,7 +207,7 @@ def evaluate_shipped(
     """The model exactly as it will ship (content vectors for cold items included), on the hold-out."""
     item_vectors = fit_item_vectors(train, params, seed)
     warm = np.bincount(train.item, minlength=train.n_items) > 0
-    item_vectors = content_vectors(items, item_vectors, warm)
+    item_vectors, _ = content_vectors(_contents(items), item_vectors, warm)
     scorer = dot_scorer(user_vectors(train, item_vectors, params), item_vectors)
     return evaluate(scorer, train, test, max_users=max_users, seed=seed)
 
@@ -254,7 +258,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     say("training the final model on all interactions")
     item_vectors = fit_item_vectors(data, tuning.best, config.seed)
     warm = np.bincount(data.item, minlength=data.n_items) > 0
-    item_vectors = content_vectors(items, item_vectors, warm)
+    item_vectors, content_model = content_vectors(_contents(items), item_vectors, warm)
     users = user_vectors(data, item_vectors, tuning.best)
     popularity = popularity_scores(data, tuning.popularity_half_life_days)
     say(f"{int((~warm).sum()):,} cold items got vectors from their categories and tags")
@@ -312,6 +316,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     np.save(staging / "pool_scores.npy", pool_scores)
     (staging / "popular.json").write_bytes(msgspec.json.encode(_popular_lists(popularity, items)))
     ann.save_annoy(index, staging / "items.ann")
+    content_model.save(staging)
     if segment_model is not None:
         (staging / "segments.json").write_bytes(msgspec.json.encode(segment_model))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

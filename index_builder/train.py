@@ -1,11 +1,11 @@
-"""Training: ALS item vectors, recency-weighted user vectors, content vectors for cold items,
+"""Training: ALS item vectors, recency-weighted user vectors (content vectors for cold items: index_builder.content),
 time-decayed popularity, and the hyperparameter search on a validation split of the training data.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import msgspec
 import numpy as np
@@ -18,7 +18,6 @@ from threadpoolctl import threadpool_limits
 from index_builder.dataset import Interactions, history_positions, temporal_split
 from index_builder.evaluate import Metrics, Scorer, evaluate
 from index_builder.model import ModelParams, recency_decay
-from index_builder.schema import Item
 
 Vectors = npt.NDArray[np.float32]
 Progress = Callable[[str], None]
@@ -183,36 +182,3 @@ def _along(current: Setting, axis: int) -> list[Setting]:
     if axis == 1:
         return [(factors, value, alpha) for value in REGULARIZATION]
     return [(factors, regularization, value) for value in ALPHA]
-
-
-def _content_features(items: Sequence[Item]) -> sp.csr_matrix:
-    vocabulary: dict[str, int] = {}
-    rows: list[int] = []
-    cols: list[int] = []
-    for row, item in enumerate(items):
-        tokens = {f"c:{c}" for c in item.categories} | {f"t:{t}" for t in item.tags}
-        # A sub-category also says something about its parent ("electronics/phones" -> "electronics").
-        tokens |= {f"c:{c.split('/')[0]}" for c in item.categories}
-        for token in tokens:
-            rows.append(row)
-            cols.append(vocabulary.setdefault(token, len(vocabulary)))
-    values = np.ones(len(rows), dtype=np.float32)
-    return sp.csr_matrix((values, (rows, cols)), shape=(len(items), max(len(vocabulary), 1)))
-
-
-def content_vectors(
-    items: Sequence[Item], item_vectors: Vectors, warm: npt.NDArray[np.bool_], ridge: float = 1.0
-) -> Vectors:
-    """Vectors for cold items from their categories and tags.
-
-    A ridge regression learns, on items that have interactions, how content maps to the
-    collaborative vectors; cold items get the mapped vector of their content.
-    """
-    features = _content_features(items)
-    x = features[warm]
-    y = item_vectors[warm].astype(np.float64)
-    gram = (x.T @ x).toarray().astype(np.float64)
-    gram[np.diag_indices_from(gram)] += ridge
-    weights = np.linalg.solve(gram, np.asarray(x.T @ y))
-    mapped = np.asarray(features @ weights, dtype=np.float32)
-    return np.where(warm[:, None], item_vectors, mapped).astype(np.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from index_builder.content import content_vectors
 from index_builder.dataset import Interactions
 from index_builder.model import (
     ModelParams,
@@ -15,7 +16,7 @@ from index_builder.model import (
     regularized_gram,
 )
 from index_builder.schema import Item
-from index_builder.train import content_vectors, fit_item_vectors, popularity_scores, user_vectors
+from index_builder.train import fit_item_vectors, popularity_scores, user_vectors
 
 
 def clustered(n_users: int = 60, n_items: int = 40, seed: int = 3) -> Interactions:
@@ -91,7 +92,7 @@ def test_cold_items_get_vectors_near_items_with_the_same_content() -> None:
     warm_vectors = fit_item_vectors(data, params)
     vectors = np.vstack([warm_vectors, np.zeros((1, 8), np.float32)])
     warm = np.r_[np.ones(40, bool), False]
-    mixed = content_vectors(catalog, vectors, warm)
+    mixed, _ = content_vectors([(i.categories, i.tags) for i in catalog], vectors, warm)
     np.testing.assert_array_equal(mixed[:40], warm_vectors)
     cosine = mixed[:40] @ mixed[40] / (np.linalg.norm(mixed[:40], axis=1) * np.linalg.norm(mixed[40]))
     assert int(np.argmax(cosine)) // 10 == 2
