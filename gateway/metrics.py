@@ -130,6 +130,39 @@ class Metrics:
             "tailor_snapshot_age_seconds", "Age of the served snapshot", registry=r, multiprocess_mode="max"
         )
 
+        self.catalog_items = Gauge(
+            "tailor_catalog_items",
+            "Items the served catalog holds (the snapshot's and those added live), withheld ones included",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.catalog_withheld = Gauge(
+            "tailor_catalog_withheld",
+            "Items of the served catalog no route serves (retired, unavailable, out of stock)",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.catalog_live = Gauge(
+            "tailor_catalog_live_items",
+            "Items with a live record newer than the snapshot (changed through the catalog API)",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.catalog_changes = Counter(
+            "tailor_catalog_changes_applied", "Live catalog changes this node applied", registry=r
+        )
+        self.catalog_lag = Histogram(
+            "tailor_catalog_lag_seconds",
+            "From a catalog change taken (on any node) to this node serving it",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
+
+    def catalog_applied(self, lags: list[float]) -> None:
+        self.catalog_changes.inc(len(lags))
+        for lag in lags:
+            self.catalog_lag.observe(max(lag, 0.0))
+
     def rules_changed(self, refs: list[str]) -> None:
         """Count an answer's rules ("rule:<id>@<version>"): a dict update here, the Prometheus
         counters (a few µs per labelled increment) at `flush` time."""

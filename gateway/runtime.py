@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 from gateway import settings as config
+from gateway.catalog.keeper import CatalogKeeper
+from gateway.catalog.records import LiveItem
+from gateway.catalog.view import derive
 from gateway.experiments.keeper import OUTSIDE, Enrolment, ExperimentKeeper
 from gateway.metrics import Metrics
 from gateway.privacy import keys as privacy
@@ -29,7 +32,16 @@ from gateway.rules.document import RuleSet
 from gateway.rules.keeper import RuleKeeper
 from gateway.rules.triggers import TriggerEngine
 from gateway.snapshot import Snapshot, SnapshotRefusedError, current_version, load, load_current
-from gateway.store import PURPOSES, Requirement, Retention, Store, open_documents, open_ledger, open_store
+from gateway.store import (
+    PURPOSES,
+    Requirement,
+    Retention,
+    Store,
+    open_catalog,
+    open_documents,
+    open_ledger,
+    open_store,
+)
 from gateway.store.guard import GuardedStore
 from gateway.tasks import stop as stop_task
 from index_builder import snapshot as published
@@ -99,6 +111,15 @@ class Gateway:
         )
         self.executor = ThreadPoolExecutor(settings.compute_threads, thread_name_prefix="tailor-compute")
         self.recommender: Recommender | None = None
+        self.base: Snapshot | None = None  # the snapshot as loaded; the one served is the live catalog over it
+        self.catalog = CatalogKeeper(
+            open_catalog(self.store, settings.catalog_file),
+            apply=self._apply_catalog,
+            poll_s=settings.catalog_poll_s,
+            on_applied=self.metrics.catalog_applied,
+        )
+        # Told the ids of items withheld by a catalog change that were served before it.
+        self._on_catalog: list[Callable[[frozenset[str]], None]] = []
         self.refused: dict[str, list[str]] = {}
         self.rules = RuleKeeper(
             open_documents(self.store, "rules", settings.rules_dir),
@@ -140,13 +161,15 @@ class Gateway:
         )
 
     async def start(self) -> None:
+        await self.catalog.start()  # the live records first: the first snapshot is served with them
+        records = self.catalog.ordered()
         try:
-            snap, refusals = await asyncio.to_thread(self._load_current)
+            base, snap, refusals = await asyncio.to_thread(self._load_current, records)
         except SnapshotRefusedError as refused:
             refusals = [refused]
             log.error("no snapshot to serve yet: %s", refused)
         else:
-            self._install(snap)
+            self._install(base, snap)
         await self.rules.start()
         await self.experiments.start()
         for refusal in refusals:
@@ -164,27 +187,54 @@ class Gateway:
         await self.triggers.stop()
         await self.experiments.stop()
         await self.rules.stop()
+        await self.catalog.stop()
         await stop_task(self._flusher)
         await stop_task(self._watcher)
         await self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # Run in a worker thread: reading, verifying and preparing a snapshot takes a while.
-    def _load_current(self) -> tuple[Snapshot, list[SnapshotRefusedError]]:
+    def _load_current(
+        self, records: list[tuple[int, LiveItem]]
+    ) -> tuple[Snapshot, Snapshot, list[SnapshotRefusedError]]:
         snap, refusals = load_current(self.root, verify=self.settings.verify_snapshots)
-        return self._prepared(snap), refusals
+        base = self._prepared(snap)
+        return base, self._view(base, records), refusals
 
-    def _load(self, directory: Path) -> Snapshot:
-        return self._prepared(load(directory, verify=self.settings.verify_snapshots))
+    def _load(self, directory: Path, records: list[tuple[int, LiveItem]]) -> tuple[Snapshot, Snapshot]:
+        base = self._prepared(load(directory, verify=self.settings.verify_snapshots))
+        return base, self._view(base, records)
+
+    def _view(self, base: Snapshot, records: list[tuple[int, LiveItem]]) -> Snapshot:
+        """What to serve of `base`: the live records newer than it applied (gateway.catalog.view)."""
+        return derive(base, records, serve_out_of_stock=self.settings.serve_out_of_stock)
 
     def _prepared(self, snap: Snapshot) -> Snapshot:
         """`snap` ready to serve: the kernels compiled for its arrays, then `prepare`."""
         kernels.warm_up(snap.item_vectors, snap.gram_inverse, snap.neighbour_rows)
         return self._prepare(snap)
 
-    def _install(self, snap: Snapshot, book: Book | None = None) -> str | None:
-        """Serve `snap`, with `book` (the active rules compiled for it) from its first request."""
+    def _install(self, base: Snapshot, snap: Snapshot, book: Book | None = None) -> str | None:
+        """Serve `snap` (the live catalog over `base`, a newly loaded snapshot), with `book` (the
+        active rules compiled for it) from its first request."""
         previous = self.recommender.snap.version if self.recommender is not None else None
+        self.base = base
+        self._serve(snap, book)
+        # Types the build weighs (say, `rating`) are accepted too.
+        self.event_types = (
+            frozenset(BUILT_IN_EVENTS) | frozenset(self.settings.custom_events) | snap.event_weights.keys()
+        )
+        self.metrics.serving(snap.version, snap.created, previous)
+        self.metrics.reloads.labels("ok").inc()
+        if previous is not None:
+            for swapped in self._on_swap:
+                swapped()
+        log.info("serving snapshot %s (%d items, index %s)", snap.version, len(snap.item_ids), snap.method)
+        return previous
+
+    def _serve(self, snap: Snapshot, book: Book | None) -> None:
+        """Answer from `snap` from the next request on: a new recommender, so nothing cached of the
+        one before (another snapshot, or the same one before a catalog change) is served again."""
         s = self.settings
         recommender = Recommender(
             snap,
@@ -203,17 +253,32 @@ class Gateway:
         # of milliseconds. Frozen, the cyclic collector skips them; reference counting still frees
         # them when a reload drops the old snapshot. (O(1): no collection runs here.)
         gc.freeze()
-        # Types the build weighs (say, `rating`) are accepted too.
-        self.event_types = (
-            frozenset(BUILT_IN_EVENTS) | frozenset(self.settings.custom_events) | snap.event_weights.keys()
-        )
-        self.metrics.serving(snap.version, snap.created, previous)
-        self.metrics.reloads.labels("ok").inc()
-        if previous is not None:
-            for swapped in self._on_swap:
-                swapped()
-        log.info("serving snapshot %s (%d items, index %s)", snap.version, len(snap.item_ids), snap.method)
-        return previous
+        self.metrics.catalog_items.set(len(snap.item_ids))
+        self.metrics.catalog_withheld.set(len(snap.withheld))
+        self.metrics.catalog_live.set(sum(item.changed > snap.created for _, item in self.catalog.items.values()))
+
+    async def _apply_catalog(self) -> None:
+        """Serve the live records as they are now (the catalog keeper calls this after changes):
+        the view made again over the loaded snapshot, the rules compiled for it, swapped in whole."""
+        async with self._reload_lock:
+            base, rec = self.base, self.recommender
+            if base is None or rec is None:
+                return  # applied with the first snapshot
+            records = self.catalog.ordered()
+            snap = await asyncio.to_thread(self._view, base, records)
+            book = await asyncio.to_thread(self.rules.compile_for, snap)
+            arm_books = await asyncio.to_thread(self.experiments.books_for, snap)
+            before = rec.snap
+            self._serve(snap, book)
+            self.experiments.adopt(arm_books)
+        withdrawn = _ids(snap, snap.withheld) - _ids(before, before.withheld)
+        if withdrawn:
+            for told in self._on_catalog:
+                told(withdrawn)
+
+    def on_catalog(self, withdrawn: Callable[[frozenset[str]], None]) -> None:
+        """Call `withdrawn(item ids)` whenever a catalog change stops serving items that were served."""
+        self._on_catalog.append(withdrawn)
 
     async def reload(self) -> Reloaded:
         """Load what CURRENT names and swap it in; raise SnapshotRefusedError and keep serving if it fails."""
@@ -225,7 +290,7 @@ class Gateway:
             if version == serving:
                 return Reloaded(changed=False, version=version, previous=serving)
             try:
-                snap = await asyncio.to_thread(self._load, self.root / version)
+                base, snap = await asyncio.to_thread(self._load, self.root / version, self.catalog.ordered())
             except SnapshotRefusedError as refused:
                 self.metrics.reloads.labels("refused").inc()
                 self.refused[version] = refused.problems
@@ -234,7 +299,7 @@ class Gateway:
             self.refused.pop(version, None)
             book = await asyncio.to_thread(self.rules.compile_for, snap)
             arm_books = await asyncio.to_thread(self.experiments.books_for, snap)
-            previous = self._install(snap, book)
+            previous = self._install(base, snap, book)
             self.experiments.adopt(arm_books)
             return Reloaded(changed=True, version=version, previous=previous)
 
@@ -323,3 +388,8 @@ class Gateway:
     def on_swap(self, swapped: Callable[[], None]) -> None:
         """Call `swapped()` whenever a new snapshot replaces the one being served."""
         self._on_swap.append(swapped)
+
+
+def _ids(snap: Snapshot, rows: frozenset[int]) -> frozenset[str]:
+    item_ids = snap.item_ids
+    return frozenset(item_ids[row] for row in rows)

@@ -22,6 +22,7 @@ import numpy.typing as npt
 from annoy import AnnoyIndex
 
 from index_builder import snapshot as published
+from index_builder.content import TOKENS_FILE, WEIGHTS_FILE, ContentModel
 from index_builder.model import ModelParams, regularized_gram
 from index_builder.schema import Item
 from index_builder.segments import SegmentModel
@@ -84,6 +85,15 @@ class Snapshot:
     tag_rows: dict[str, Rows] = field(default_factory=dict)  # tag -> the rows that carry it
     prices: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0, dtype=np.float64))
     stock: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    # The build's categories/tags -> vector regression (absent in older snapshots): items created
+    # after the build get their vectors from it (gateway.catalog.view).
+    content: ContentModel | None = None
+    # The live catalog over the build's (gateway.catalog.view): rows never served (retired,
+    # unavailable, out of stock), how many rows the build itself had (rows past it were added live,
+    # and the build's neighbour lists and Annoy index do not know them), and the last change applied.
+    withheld: frozenset[int] = frozenset()
+    built_rows: int = -1  # -1: every row (set in __post_init__)
+    live_seq: int = 0
     # Filled by the HTTP layer as rows are served (gateway.api.wire.encode_recommendations): a row's
     # encoded id, title and categories (by row: a list index is a third of a dict lookup's cache
     # misses on a 100k-item catalog), and each reason list, encoded once per snapshot.
@@ -91,6 +101,8 @@ class Snapshot:
     encoded_reasons: dict[str | tuple[str, ...], bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.built_rows < 0:
+            self.built_rows = len(self.item_ids)
         if len(self.encoded_items) != len(self.item_ids):
             self.encoded_items = [None] * len(self.item_ids)
         if self.pool_users is not None and not self.pool_of_user:
@@ -121,7 +133,7 @@ class Snapshot:
         return self.seen_indices[self.seen_indptr[user_row] : self.seen_indptr[user_row + 1]]
 
 
-def _categories_with_parents(categories: list[str]) -> frozenset[str]:
+def categories_with_parents(categories: list[str]) -> frozenset[str]:
     found = set(categories)
     for category in categories:
         parts = category.split("/")
@@ -186,7 +198,7 @@ def _read(directory: Path) -> Snapshot:
     params = msgspec.convert(manifest.parameters["model"], ModelParams)
     weights = msgspec.convert(manifest.parameters["event_weights"], dict[str, float])
 
-    category_sets = [_categories_with_parents(item.categories) for item in items]
+    category_sets = [categories_with_parents(item.categories) for item in items]
     members: dict[str, list[int]] = {}
     for row, found in enumerate(category_sets):
         for category in found:
@@ -209,6 +221,10 @@ def _read(directory: Path) -> Snapshot:
     segment_model = None
     if "segments.json" in manifest.files:
         segment_model = msgspec.json.decode((directory / "segments.json").read_bytes(), type=SegmentModel)
+
+    content = None
+    if {TOKENS_FILE, WEIGHTS_FILE} <= manifest.files.keys():
+        content = ContentModel.load(directory)
 
     gram = regularized_gram(np.asarray(item_vectors), params.regularization)
     index = manifest.index
@@ -251,6 +267,7 @@ def _read(directory: Path) -> Snapshot:
         tag_rows={tag: np.asarray(rows, dtype=np.intp) for tag, rows in _rows_by_tag(items).items()},
         prices=np.array([math.nan if item.price is None else item.price for item in items], dtype=np.float64),
         stock=np.array([-1 if item.stock is None else item.stock for item in items], dtype=np.int64),
+        content=content,
     )
 
 

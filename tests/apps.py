@@ -17,6 +17,7 @@ def quiet_settings(root: Path, secret: str, **changes: Any) -> Settings:
         "secret": secret,
         "consent_mode": "opt-out",
         "rules_dir": "",
+        "catalog_file": "",
         "experiments_dir": "",
         "rules_poll_s": 0,
     }

@@ -27,6 +27,7 @@ def settings(root: Path, **changes: Any) -> Settings:
         "secret": "gw",
         "consent_mode": "opt-out",
         "rules_dir": "",
+        "catalog_file": "",
         "experiments_dir": "",
     }
     return Settings(**{**values, **changes})

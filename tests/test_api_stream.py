@@ -32,6 +32,7 @@ def settings(root: Path, **changes: Any) -> Settings:
         "push_debounce_ms": 10,
         "event_log": "",
         "rules_dir": "",
+        "catalog_file": "",
         "experiments_dir": "",
         "consent_mode": "opt-out",  # pushes here; consent and the stream: test_consent.py
     }

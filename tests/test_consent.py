@@ -53,6 +53,7 @@ def settings(root: Path, tmp_path: Path, **changes: Any) -> Settings:
         "secret": SECRET,
         "event_log": str(tmp_path / "events"),
         "rules_dir": "",
+        "catalog_file": "",
         "experiments_dir": "",
         "push_debounce_ms": 10,
     }

@@ -37,6 +37,7 @@ def setup(request: pytest.FixtureRequest, root: Path, tmp_path: Path) -> Iterato
         secret="erase",
         consent_mode="opt-out",
         rules_dir="",
+        catalog_file="",
         experiments_dir="",
         **changes,
     )

@@ -48,6 +48,7 @@ def test_the_event_log_rebuilds_the_same_model_as_the_original_history(
         "secret": "log",
         "consent_mode": "opt-out",
         "rules_dir": "",
+        "catalog_file": "",
         "experiments_dir": "",
     }
     if backend == "memory":

@@ -37,6 +37,7 @@ def fuzz_client(root: Path) -> Iterator[TestClient]:
         secret="fuzz",
         event_log=str(root.parent / "events"),
         rules_dir="",
+        catalog_file="",
         experiments_dir="",
     )
     with TestClient(create_app(settings)) as client:

@@ -36,6 +36,7 @@ def client(root: Path) -> Iterator[TestClient]:
 def exact_top(snap: Snapshot, vector: np.ndarray[Any, Any], excluded: set[int], n: int) -> list[str]:
     scores = np.asarray(snap.item_vectors @ vector, dtype=np.float64)
     scores[list(excluded)] = -np.inf
+    scores[snap.stock == 0] = -np.inf  # out of stock: not served (setting serve_out_of_stock)
     order = np.argsort(-scores, kind="stable")[:n]
     return [snap.item_ids[row] for row in order]
 
@@ -118,6 +119,7 @@ def test_without_precomputed_neighbours_a_new_visitor_is_searched_over_the_whole
     assert ids(body) == exact_top(snap, live_vector(snap, [8], ["purchase"]), {8}, 8)
     scores = snap.unit_vectors @ snap.unit_vectors[3]
     scores[3] = -np.inf
+    scores[snap.stock == 0] = -np.inf
     assert ids(similar) == [snap.item_ids[r] for r in np.argsort(-scores, kind="stable")[:5]]
 
 
@@ -170,6 +172,7 @@ def test_similar_items_are_the_nearest_by_cosine_and_exclude_the_item(client: Te
     body = client.get(f"/v1/items/{item}/similar", params={"n": 6}).json()
     scores = snap.unit_vectors @ snap.unit_vectors[3]
     scores[3] = -np.inf
+    scores[snap.stock == 0] = -np.inf
     expected = [snap.item_ids[r] for r in np.argsort(-scores, kind="stable")[:6]]
     assert ids(body) == expected
     assert all(entry["reasons"] == [f"similar-to:{item}"] for entry in body["items"])

@@ -25,6 +25,7 @@ def app_with(root: Path, **changes: Any) -> TestClient:
         "secret": "s",
         "event_log": "",
         "rules_dir": "",
+        "catalog_file": "",
         "experiments_dir": "",
     }
     return TestClient(create_app(Settings(**{**base, **changes})))

@@ -106,7 +106,8 @@ class Candidates:
             rows = np.asarray(found, dtype=np.int64)
             if len(excluded):
                 rows = rows[~np.isin(rows, excluded)]
-            return _best(rows, snap.item_vectors[rows] @ vector, k)  # re-rank the over-fetched ones exactly
+            pool = _best(rows, snap.item_vectors[rows] @ vector, k)  # re-rank the over-fetched ones exactly
+            return self.with_added(pool, snap.item_vectors, vector, excluded)
         scores = snap.item_vectors @ vector
         scores[excluded] = -np.inf
         return _best_of_all(scores, k)
@@ -143,15 +144,38 @@ class Candidates:
         return Pool(rows, scores)
 
     def _popular_around(self, categories: frozenset[str]) -> npt.NDArray[np.int64]:
-        """The popular items overall and in these categories: shared by every item of the same
-        categories, so only a few hundred of these exist."""
+        """The popular items overall and in these categories, and the items added to these
+        categories since the build (the newest, as many as of the popular ones): shared by every
+        item of the same categories, so only a few hundred of these exist."""
         found = self._popular_in.get(categories)
         if found is None:
-            popular = self.snap.popular
+            snap = self.snap
+            popular = snap.popular
             sources = [popular[""][:LIVE_POPULAR]]
             sources.extend(popular[c][:LIVE_CATEGORY_POPULAR] for c in categories if c in popular)
+            if snap.built_rows < len(snap.item_ids):
+                for c in categories:
+                    rows = snap.category_rows.get(c)
+                    if rows is not None:
+                        sources.append(rows[np.searchsorted(rows, snap.built_rows) :][-LIVE_CATEGORY_POPULAR:])
             found = self._popular_in[categories] = _distinct(np.concatenate(sources).astype(np.int64))
         return found
+
+    def with_added(self, pool: Pool, vectors: Vectors, query: Vectors, exclude: npt.NDArray[np.integer]) -> Pool:
+        """`pool`, found by the build's index or neighbour lists (which know only the rows the build
+        made), merged with the best of the rows added since (gateway.catalog.view), scored exactly
+        against `query` over `vectors`, `exclude` left out. This is the one place where added items
+        join a search of the build's index: an index that takes additions (`add_items`) makes it a
+        no-op."""
+        snap = self.snap
+        if snap.built_rows >= len(snap.item_ids):
+            return pool
+        added = np.arange(snap.built_rows, len(snap.item_ids), dtype=np.int64)
+        if len(exclude):
+            added = added[~np.isin(added, exclude)]
+        rows = np.concatenate([pool.rows.astype(np.int64), added])
+        scores = np.concatenate([pool.scores, (vectors[added] @ query).astype(np.float32)])
+        return _best(rows, scores, self.pool_size)
 
     def similar_top(self, row: int, *, within: Rows | None = None) -> Pool:
         snap = self.snap

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
 from gateway.recommend import kernels
 from gateway.recommend.candidates import LRU, Candidates, LiveProfile, Offload, Pool
@@ -41,6 +42,9 @@ USER_VECTOR = "user-vector"
 RULED_KEPT = 2_000
 # Pools many visitors share, whose ruled answers are remembered (see Recommender._select).
 SHARED_SOURCES = frozenset({"popular", "similar"})
+# Up to this many items added since the build, merging them into a similar-items list is done on the
+# event loop (a few hundred microseconds); past it, in a worker thread.
+ADDED_INLINE = 2_000
 # Added to each reason of an answer made without personalization consent.
 NO_CONSENT = "no-consent:personalization"
 
@@ -92,6 +96,11 @@ class Recommender:
         # What the rules made of a list, by plan and inputs: another request with the same ones gets
         # the same answer without going through the rules again (see _select).
         self._ruled_answers: LRU[list[Any]] = LRU(RULED_KEPT)
+        # Per row, whether it may be served (None: every row may).
+        self._serves: npt.NDArray[np.bool_] | None = None
+        if snap.withheld:
+            self._serves = np.ones(len(snap.item_ids), dtype=bool)
+            self._serves[list(snap.withheld)] = False
 
     def stale(self, now: float) -> bool:
         return self.max_age_s > 0 and self.snap.age(now) > self.max_age_s
@@ -366,10 +375,19 @@ class Recommender:
             return candidates.similar_top(row, within=within)
 
         snap = self.snap
-        if snap.neighbour_rows is not None and snap.neighbour_scores is not None:
+        if snap.neighbour_rows is not None and snap.neighbour_scores is not None and row < snap.built_rows:
             scores = snap.neighbour_scores[row]
             keep = np.isfinite(scores)  # a catalog smaller than the list pads with -inf
             pool = Pool(snap.neighbour_rows[row][keep], scores[keep])
+            if snap.built_rows < len(snap.item_ids):  # items added since the build join the build's list
+                listed = pool
+                pool = await candidates.cached(
+                    ("similar", row),
+                    lambda: candidates.with_added(
+                        listed, snap.unit_vectors, snap.unit_vectors[row], np.array([row], dtype=np.int64)
+                    ),
+                    bounded=len(snap.item_ids) - snap.built_rows <= ADDED_INLINE,
+                )
         else:
             pool = await candidates.cached(("similar", row), compute)
         reason = f"similar-to:{self.snap.item_ids[row]}"
@@ -437,6 +455,7 @@ class Recommender:
         """Filter the pool; if a category filter leaves too few, search within the categories;
         if still short, pad with popular items. With `ruling`, its filters and boosts go first, and
         padding is left to the rules (Ruling.apply), which filter what they pad with."""
+        pool = self._servable(pool)
         ruled = ruling if ruling is not None and ruling.plan is not None else None
         if ruled is not None:
             picks = self._select(pool, ruled, key, reason=reason, n=n, categories=categories, excluded=excluded)
@@ -445,6 +464,7 @@ class Recommender:
         if len(picks) < n and categories:
             within = self.category_rows(categories)
             narrow = await self.candidates.cached((*key, tuple(sorted(categories))), lambda: compute(within))
+            narrow = self._servable(narrow)
             if ruled is not None:
                 narrowed = (*key, tuple(sorted(categories)))
                 picks = self._select(narrow, ruled, narrowed, reason=reason, n=n, categories=(), excluded=excluded)
@@ -456,6 +476,15 @@ class Recommender:
             taken = excluded | {p.row for p in picks}
             picks += self.popular.top(n=n - len(picks), categories=categories, excluded=taken)
         return picks
+
+    def _servable(self, pool: Pool) -> Pool:
+        """`pool` without the rows no route may serve (Snapshot.withheld: retired, unavailable, out
+        of stock): every candidate list passes here, whatever found it or cached it."""
+        serves = self._serves
+        if serves is None:
+            return pool
+        keep = serves[pool.rows]
+        return pool if keep.all() else Pool(pool.rows[keep], pool.scores[keep])
 
     def _select(
         self,

@@ -137,7 +137,8 @@ class Book:
                         field=f"{where}.actions[{number}].item",
                         rule=rule.id,
                     )
-                compiled.pins.append((row_of[action.item], action.position - 1))
+                if row_of[action.item] not in self.snap.withheld:  # retired, unavailable, out of stock
+                    compiled.pins.append((row_of[action.item], action.position - 1))
             elif isinstance(action, Inject):
                 missing = [item for item in action.items if item not in row_of]
                 if missing and not self.strict:
@@ -152,7 +153,9 @@ class Book:
                         rule=rule.id,
                     )
                 at = None if action.position is None else action.position - 1
-                compiled.injects.append(([row_of[item] for item in action.items if item in row_of], at))
+                withheld = self.snap.withheld
+                rows = [row_of[item] for item in action.items if item in row_of]
+                compiled.injects.append(([row for row in rows if row not in withheld], at))
             elif isinstance(action, Cap):
                 if compiled.cap is None:  # a rule's first cap: one cap per rule makes sense
                     compiled.cap = (action.per_category, action.depth)

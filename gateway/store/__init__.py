@@ -34,6 +34,7 @@ from gateway.store.base import (
     TriggerState,
     window_label,
 )
+from gateway.store.catalog import CatalogChanges, LocalCatalog
 from gateway.store.documents import Documents, LocalDocuments
 from gateway.store.ledger import ArmTotals, Attributed, Exposure, Ledger, MemoryLedger
 from gateway.store.log import FileLog
@@ -45,6 +46,7 @@ __all__ = [
     "PURPOSES",
     "ArmTotals",
     "Attributed",
+    "CatalogChanges",
     "Consent",
     "CounterKey",
     "Exposure",
@@ -63,6 +65,7 @@ __all__ = [
     "StoreTimeoutError",
     "Timer",
     "TriggerState",
+    "open_catalog",
     "open_documents",
     "open_ledger",
     "open_store",
@@ -133,6 +136,14 @@ def open_documents(store: Store, kind: str, directory: str) -> Documents:
     if isinstance(store, RedisStore):
         return store.documents(kind)
     return LocalDocuments(kind, Path(directory) if directory else None)
+
+
+def open_catalog(store: Store, path: str) -> CatalogChanges:
+    """Live catalog changes beside `store`: in Redis for a Redis store (shared by every node), else in
+    the file `path` ("" keeps them in memory, lost on restart)."""
+    if isinstance(store, RedisStore):
+        return store.catalog()
+    return LocalCatalog(Path(path) if path else None)
 
 
 def open_ledger(store: Store) -> Ledger:

@@ -65,6 +65,7 @@ from gateway.store.base import (
     sliding_count,
     window_label,
 )
+from gateway.store.catalog import RedisCatalog
 from gateway.store.documents import RedisDocuments
 from gateway.store.ledger import RedisLedger
 from gateway.store.pubsub import Subscription
@@ -196,6 +197,10 @@ class RedisStore:
     def documents(self, kind: str) -> RedisDocuments:
         """Versioned documents (rule sets, ...) in this Redis, under this store's prefix."""
         return RedisDocuments(kind, self._redis, prefix=self.prefix)
+
+    def catalog(self) -> RedisCatalog:
+        """Live catalog changes in this Redis, under this store's prefix."""
+        return RedisCatalog(self._redis, prefix=self.prefix)
 
     def ledger(self) -> RedisLedger:
         """The experiment ledger in this Redis, under this store's prefix, on this store's client (so
