@@ -23,6 +23,7 @@ from gateway.api.callers import observed
 from gateway.api.events import EventsApi
 from gateway.api.experiments import ExperimentsApi
 from gateway.api.http import by_method, http_error, unexpected_error
+from gateway.api.items import ItemsApi
 from gateway.api.ops import OpsApi
 from gateway.api.pages import PagesApi
 from gateway.api.push import Hub
@@ -56,6 +57,7 @@ def routes(gateway: Gateway, hub: Hub) -> list[BaseRoute]:
         "ops": OpsApi(gateway),
         "recommend": RecommendApi(gateway),
         "events": EventsApi(gateway),
+        "items": ItemsApi(gateway),
         "stream": stream.StreamApi(gateway, hub),
         "visitors": VisitorsApi(gateway, hub),
         "rules": RulesApi(gateway, gateway.rules),
@@ -89,6 +91,7 @@ def create_app(settings: config.Settings, *, store: Store | None = None) -> Star
         gateway.store.subscribe_messages(hub.deliver)  # triggers fired here or by another process
         gateway.store.subscribe_erasures(hub.disconnect)  # erasures taken here or by another process
         gateway.on_swap(hub.snapshot_swapped)
+        gateway.on_catalog(hub.withdrawn)
         await gateway.start()
         try:
             yield

@@ -249,8 +249,10 @@ class FakeSocket:
 async def test_a_slow_socket_is_dropped_without_delaying_the_others() -> None:
     version = 0
 
-    async def answer(visitor: str, user: str, n: int | None, categories: list[str]) -> tuple[object, bytes]:
-        return version, b'{"items": [], "v": %d}' % version
+    async def answer(
+        visitor: str, user: str, n: int | None, categories: list[str]
+    ) -> tuple[object, bytes, frozenset[str]]:
+        return version, b'{"items": [], "v": %d}' % version, frozenset()
 
     hub = Hub(answer, debounce_s=0, queue_size=3, heartbeat_s=60, max_streams=10)
     slow, fast = FakeSocket(stuck=True), FakeSocket()
@@ -276,8 +278,10 @@ async def test_a_slow_socket_is_dropped_without_delaying_the_others() -> None:
 
 @pytest.mark.anyio
 async def test_streams_beyond_the_limit_are_refused() -> None:
-    async def answer(visitor: str, user: str, n: int | None, categories: list[str]) -> tuple[object, bytes]:
-        return 0, b"{}"
+    async def answer(
+        visitor: str, user: str, n: int | None, categories: list[str]
+    ) -> tuple[object, bytes, frozenset[str]]:
+        return 0, b"{}", frozenset()
 
     hub = Hub(answer, debounce_s=0, queue_size=3, heartbeat_s=60, max_streams=1)
     first, second = FakeSocket(), FakeSocket()

@@ -128,7 +128,8 @@ def _document(bounds: Bounds) -> dict[str, Any]:
             # Required once the gateway has keys (public_keys, admin_keys); without any, routes are open.
             operation["security"] = [{"apiKey": []}, {"bearer": []}, {}]
         if op.body is not None:
-            operation["requestBody"] = {"required": op.body_required, "content": {JSON: {"schema": refs[op.body]}}}
+            schema = {"type": "array", "items": refs[op.body]} if op.body_array else refs[op.body]
+            operation["requestBody"] = {"required": op.body_required, "content": {JSON: {"schema": schema}}}
         paths.setdefault(op.path, {})[op.method] = operation
     return {
         "openapi": "3.1.0",

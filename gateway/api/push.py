@@ -14,14 +14,16 @@ current list.
 
 Messages (JSON text frames, server to client):
 
-    {"type": "recommendations", "cause": "connect" | "events" | "snapshot", "seq": 1, "recommendations": {...}}
+    {"type": "recommendations", "cause": "connect" | "events" | "snapshot" | "catalog", "seq": 1,
+     "recommendations": {...}}
     {"type": "message", "trigger": "cart-abandon", "version": 3, "message": {...}, "id": "...", "at": 1763800000.0}
     {"type": "ping", "ts": 1763800000.0}
 
 `recommendations` is the body of GET /v1/recommend; `seq` counts the socket's pushes. A `message` is
 a trigger's (gateway.rules.triggers.Delivered), sent as the store announces it (`deliver`), on every open
 socket of its visitor. A ping goes out after 3/4 to all of `heartbeat_s` without other messages
-(jittered), so a browser can tell a quiet socket from a dead one.
+(jittered), so a browser can tell a quiet socket from a dead one. A catalog change that stops
+serving items (gateway.catalog) recomputes the sockets whose last list held one (cause "catalog").
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ from gateway.tasks import stop as stop_task
 
 log = logging.getLogger("tailor.stream")
 
-Cause = Literal["connect", "events", "snapshot"]
+Cause = Literal["connect", "events", "snapshot", "catalog"]
 # A socket's answer, from (visitor, user, n, categories): a key that changes when the list does,
-# and the encoded answer. `visitor` is what the hub knows the socket by (the store's name for the
+# the encoded answer and the ids of its items. `visitor` is what the hub knows the socket by (the store's name for the
 # visitor, which `changed` announces); `user`, the id the socket's token names.
-Answer = Callable[[str, str, int | None, list[str]], Awaitable[tuple[Hashable, bytes]]]
+Answer = Callable[[str, str, int | None, list[str]], Awaitable[tuple[Hashable, bytes, frozenset[str]]]]
 
 TOO_SLOW = 4429
 ERASED = 4410
@@ -71,7 +73,7 @@ _encode = msgspec.json.Encoder().encode
 class Subscriber:
     """One open socket."""
 
-    __slots__ = ("categories", "closing", "last_key", "n", "queue", "seq", "user", "visitor", "websocket")
+    __slots__ = ("categories", "closing", "items", "last_key", "n", "queue", "seq", "user", "visitor", "websocket")
 
     def __init__(
         self, websocket: WebSocket, visitor: str, *, user: str, n: int | None, categories: list[str], size: int
@@ -83,6 +85,7 @@ class Subscriber:
         self.categories = categories
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(size)
         self.last_key: Hashable = None
+        self.items: frozenset[str] = frozenset()  # the ids in the last list sent
         self.seq = 0
         self.closing = False
 
@@ -190,10 +193,10 @@ class Hub:
             self._spawn(self._close(sub, TOO_SLOW, "too-slow"))
 
     async def _refresh(self, sub: Subscriber, cause: Cause) -> None:
-        key, body = await self._answer(sub.visitor, sub.user, sub.n, sub.categories)
+        key, body, items = await self._answer(sub.visitor, sub.user, sub.n, sub.categories)
         if sub.closing or (cause != "connect" and key == sub.last_key):
             return
-        sub.last_key = key
+        sub.last_key, sub.items = key, items
         sub.seq += 1
         self._enqueue(sub, _encode(RecommendationsMessage(cause, sub.seq, msgspec.Raw(body))))
         if self._on_push is not None:
@@ -234,8 +237,16 @@ class Hub:
         if self._by_visitor:
             self._spawn(self._push_all("snapshot"))
 
-    async def _push_all(self, cause: Cause) -> None:
-        for number, sub in enumerate([sub for subs in self._by_visitor.values() for sub in subs]):
+    def withdrawn(self, items: frozenset[str]) -> None:
+        """Items stopped being served (retired, unavailable, out of stock): recompute the sockets
+        whose last list held one of them, a batch at a time."""
+        held = [sub for subs in self._by_visitor.values() for sub in subs if not sub.items.isdisjoint(items)]
+        if held:
+            self._spawn(self._push_all("catalog", held))
+
+    async def _push_all(self, cause: Cause, subs: list[Subscriber] | None = None) -> None:
+        every = [sub for subs in self._by_visitor.values() for sub in subs] if subs is None else subs
+        for number, sub in enumerate(every):
             if number and number % SWAP_BATCH == 0:
                 await asyncio.sleep(0)
             try:

@@ -14,7 +14,9 @@ import msgspec
 from gateway.api import demo, http, wire
 from gateway.api import events as events_api
 from gateway.api import experiments as xapi
+from gateway.api import items as items_api
 from gateway.api import rules as rules_api
+from gateway.catalog.records import ItemFields
 from gateway.experiments.plan import ExperimentPlan
 from gateway.privacy.access import Scope
 from gateway.rules.document import RuleSet
@@ -41,6 +43,7 @@ class Endpoint(msgspec.Struct, frozen=True):
     media_type: str = JSON
     scope: Scope = "open"  # "public" and "admin" routes need a key once keys are configured
     body_limit: int = 0  # bytes; a larger body is a 413
+    body_array: bool = False  # the body is a JSON array of `body`
 
     @property
     def websocket(self) -> bool:
@@ -83,6 +86,77 @@ ENDPOINTS = (
         errors=(400, 404, 503),
         path_parameters=("item_id",),
         scope="public",
+    ),
+    Endpoint(
+        "post",
+        "/v1/items",
+        "items.bulk",
+        "items",
+        "Create or replace many items (at most max_items_per_call): a JSON array of items, or JSON lines (one "
+        "item per line), each with its `item_id` and the fields of `PUT /v1/items/{item_id}`. Each row is checked "
+        "on its own: the valid ones are stored, in one change, and the others listed in `rejected` (with the "
+        "field); 422 `invalid-items` when no row is valid. Every node serves the change within about a second.",
+        body=items_api.BulkItem,
+        body_array=True,
+        answer=items_api.ItemsStored,
+        errors=(400, 413, 422, 503),
+        scope="admin",
+        body_limit=items_api.MAX_BULK_BODY,
+    ),
+    Endpoint(
+        "get",
+        "/v1/items/{item_id}",
+        "items.get",
+        "items",
+        "One item as this node knows it: its last live change (source `live`, changed through this API after the "
+        "snapshot was built) or the snapshot's, and whether it is served now.",
+        answer=items_api.ItemView,
+        errors=(400, 404),
+        path_parameters=("item_id",),
+        scope="admin",
+    ),
+    Endpoint(
+        "put",
+        "/v1/items/{item_id}",
+        "items.put",
+        "items",
+        "Create or replace an item: `title`, `categories`, `tags`, `price`, `stock`, `available` "
+        "(false: never served) and any other field, kept in `attributes`. Every node serves it within about a "
+        "second: a new item gets a vector from the snapshot's content model (its categories and tags), so it "
+        "is among similar items and category lists at once. 422 `invalid-item` names a field of the wrong type; "
+        "400 for an id over 256 characters.",
+        body=ItemFields,
+        answer=items_api.ItemStored,
+        errors=(400, 413, 422, 503),
+        path_parameters=("item_id",),
+        scope="admin",
+        body_limit=items_api.MAX_ITEM_BODY,
+    ),
+    Endpoint(
+        "patch",
+        "/v1/items/{item_id}",
+        "items.patch",
+        "items",
+        'Change some fields of an item (`{"stock": 0}`; null clears price or stock; attributes are merged). '
+        "404 for an item that does not exist or is retired.",
+        body=ItemFields,
+        answer=items_api.ItemStored,
+        errors=(400, 404, 413, 422, 503),
+        path_parameters=("item_id",),
+        scope="admin",
+        body_limit=items_api.MAX_ITEM_BODY,
+    ),
+    Endpoint(
+        "delete",
+        "/v1/items/{item_id}",
+        "items.delete",
+        "items",
+        "Retire an item: no route serves it again (answers cached before included), and the next build leaves "
+        "it out when it reads the live catalog. Pushes go to visitors whose list held it.",
+        answer=items_api.ItemStored,
+        errors=(400, 404, 503),
+        path_parameters=("item_id",),
+        scope="admin",
     ),
     Endpoint(
         "get",
@@ -159,9 +233,10 @@ ENDPOINTS = (
         "stream.stream",
         "stream",
         "WebSocket (upgrade with `GET`): live recommendations for the token's visitor. The server sends JSON "
-        'text frames: `{"type": "recommendations", "cause": "connect"|"events"|"snapshot", "seq": N, '
+        'text frames: `{"type": "recommendations", "cause": "connect"|"events"|"snapshot"|"catalog", "seq": N, '
         '"recommendations": <the body of GET /v1/recommend>}` on connect, after the visitor\'s events when the '
-        'list changed (debounced), and after a snapshot swap; `{"type": "message", "trigger", "version", '
+        "list changed (debounced), after a snapshot swap, and when a catalog change stops serving an item of "
+        'the list; `{"type": "message", "trigger", "version", '
         '"message", "id", "at"}` when one of the visitor\'s triggers fires (the same object as in the next '
         'recommendation\'s `messages`); `{"type": "ping", "ts": <unix seconds>}` when '
         "quiet for heartbeat_s. Refusals close the socket after the handshake: 4401 (reason `bad-token` or "

@@ -23,7 +23,7 @@ from gateway.runtime import Gateway
 
 async def live_answer(
     gateway: Gateway, key: str, user: str, n: int | None, categories: list[str]
-) -> tuple[Hashable, bytes]:
+) -> tuple[Hashable, bytes, frozenset[str]]:
     """What the hub pushes to a visitor: their recommendations, and what tells whether they changed."""
     rec = serving(gateway)
     answer, enrolment = await gateway.recommendation(
@@ -46,7 +46,8 @@ async def live_answer(
         content=answer.content,
         experiments=enrolment.reasons if enrolment is not None else (),
     )
-    return same, body
+    item_ids = rec.snap.item_ids
+    return same, body, frozenset(item_ids[pick.row] for pick in picks)
 
 
 class StreamApi:

@@ -32,8 +32,9 @@ class InvalidItemError(ValueError):
         self.field = field
 
 
-class ItemFields(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    """The known fields of an item body, each optional (a PATCH gives some)."""
+class ItemFields(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An item's fields, each optional (a PATCH gives some); any other field is kept in `attributes`
+    (a string, number, boolean or null)."""
 
     title: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
     categories: Annotated[list[Name], msgspec.Meta(max_length=MAX_NAMES)] | None = None
