@@ -18,7 +18,6 @@ from typing import NamedTuple, TypeVar
 
 from gateway import settings as config
 from gateway.catalog.keeper import CatalogKeeper
-from gateway.catalog.records import LiveItem
 from gateway.catalog.view import derive
 from gateway.experiments.keeper import OUTSIDE, Enrolment, ExperimentKeeper
 from gateway.metrics import Metrics
@@ -45,7 +44,7 @@ from gateway.store import (
 from gateway.store.guard import GuardedStore
 from gateway.tasks import stop as stop_task
 from index_builder import snapshot as published
-from index_builder.schema import BUILT_IN_EVENTS
+from index_builder.schema import BUILT_IN_EVENTS, LiveItem
 
 log = logging.getLogger("tailor.gateway")
 

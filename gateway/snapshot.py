@@ -92,6 +92,7 @@ class Snapshot:
     # unavailable, out of stock), how many rows the build itself had (rows past it were added live,
     # and the build's neighbour lists and Annoy index do not know them), and the last change applied.
     withheld: frozenset[int] = frozenset()
+    unavailable: frozenset[int] = frozenset()  # rows the build's catalog marks `available: false`
     built_rows: int = -1  # -1: every row (set in __post_init__)
     live_seq: int = 0
     # Filled by the HTTP layer as rows are served (gateway.api.wire.encode_recommendations): a row's
@@ -268,6 +269,7 @@ def _read(directory: Path) -> Snapshot:
         prices=np.array([math.nan if item.price is None else item.price for item in items], dtype=np.float64),
         stock=np.array([-1 if item.stock is None else item.stock for item in items], dtype=np.int64),
         content=content,
+        unavailable=frozenset(row for row, item in enumerate(items) if not item.available),
     )
 
 

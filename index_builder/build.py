@@ -19,6 +19,7 @@ from index_builder.clean import Catalog, CleanReport, assemble, clean_interactio
 from index_builder.content import content_vectors
 from index_builder.dataset import Interactions, temporal_split
 from index_builder.evaluate import Metrics, evaluate
+from index_builder.live_catalog import overlay, read_live
 from index_builder.model import ModelParams
 from index_builder.readers import Format, InputError, interaction_rows, item_rows
 from index_builder.schema import DEFAULT_EVENT_WEIGHTS, Interaction, Item
@@ -58,6 +59,8 @@ class BuildConfig(msgspec.Struct, frozen=True):
     neighbours_max_items: int = 300_000
     # K-Means clusters of users by behaviour, shipped as segments.json for the gateway; 0 = none.
     segments: int = 5
+    # The gateway's live catalog (its catalog_file, or its Redis), laid over `items`.
+    catalog: list[str] = []
 
 
 class QualityGateError(Exception):
@@ -107,11 +110,19 @@ def read_events(
         items, report = clean_items(item_rows(config.items, config.format), str(config.items))
         reports.append(report)
     events = []
+    retired: set[str] = set()
+    if config.catalog:
+        live = [record for source in config.catalog for record in read_live(source, say)]
+        items, retired = overlay(items, live)
     for path in config.events:
         say(f"reading interactions from {path}")
         kept, report = clean_interactions(interaction_rows(path, config.format), str(path), config.weights, say)
         events.extend(kept)
         reports.append(report)
+    if retired:  # a retired item's interactions would bring it back as a bare catalog entry
+        before = len(events)
+        events = [event for event in events if event.item_id not in retired]
+        say(f"{before - len(events):,} interactions with retired items left out")
     for report in reports:
         say(
             f"{report.file}: {report.accepted:,} accepted, {report.rejected:,} rejected, "
@@ -225,7 +236,8 @@ def quality_gate(model: Metrics, popularity: Metrics, force: bool) -> bool:
 
 def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     started = time.perf_counter()
-    inputs = [_file_input(p) for p in [*config.events, *([config.items] if config.items else [])] if p.exists()]
+    files = [*config.events, *([config.items] if config.items else []), *map(Path, config.catalog)]
+    inputs = [_file_input(p) for p in files if p.is_file()]
     events, given_items, reports = read_events(config, say)
     data, catalog, missing = assemble_inputs(events, given_items, config, say)
     items, user_ids = catalog.items, catalog.user_ids

@@ -41,8 +41,12 @@ class Interaction(msgspec.Struct, forbid_unknown_fields=False):
     query: str | None = None
 
 
-class Item(msgspec.Struct, forbid_unknown_fields=False):
-    """One catalog entry; attributes not named here are kept in `attributes`."""
+Attribute = str | int | float | bool | None
+
+
+class Item(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=True):
+    """One catalog entry; attributes not named here are kept in `attributes`. An item that is not
+    `available` stays in the catalog (its interactions still teach the model) but is never served."""
 
     item_id: Id
     title: str = ""
@@ -50,4 +54,23 @@ class Item(msgspec.Struct, forbid_unknown_fields=False):
     tags: list[str] = []
     price: NonNegative | None = None
     stock: int | None = None
-    attributes: dict[str, str | int | float | bool | None] = {}
+    attributes: dict[str, Attribute] = {}
+    available: bool = True
+
+
+class LiveItem(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
+    """An item as the gateway's catalog API last set it (gateway.catalog): the whole item, not the
+    change. `changed` is when the node that took the change took it (Unix seconds); `retired`:
+    deleted, never served again and left out of the next build. The gateway stores these records and
+    `tailor build --catalog` reads them (index_builder.live_catalog)."""
+
+    item_id: str
+    changed: float
+    title: str = ""
+    categories: list[str] = []
+    tags: list[str] = []
+    price: float | None = None
+    stock: int | None = None
+    available: bool = True
+    attributes: dict[str, Attribute] = {}
+    retired: bool = False

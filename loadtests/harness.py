@@ -76,6 +76,7 @@ def running(
             "TAILOR_EVENT_LOG": str(log.parent / "events"),
             "TAILOR_RULES_DIR": str(log.parent / "rules"),
             "TAILOR_EXPERIMENTS_DIR": str(log.parent / "experiments"),
+            "TAILOR_CATALOG_FILE": str(log.parent / "catalog.jsonl"),
             **(env or {}),
         }
         proc = subprocess.Popen(

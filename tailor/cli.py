@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from index_builder.event_log import collect
 from index_builder.readers import FORMATS, InputError
 from index_builder.schema import DEFAULT_EVENT_WEIGHTS
 from index_builder.synth import generate
+from tailor import catalog_import
 
 DEFAULT_SNAPSHOTS = Path("var/snapshots")
 
@@ -90,6 +92,15 @@ def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=Path,
         help="items file (CSV or JSONL: item_id,title,categories,tags,price,...); "
         "with --format movielens, movies.csv (tags.csv beside it is used too)",
+    )
+    p.add_argument(
+        "--catalog",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="the gateway's live catalog (items changed through /v1/items), laid over --items: its "
+        "catalog_file (memory:// store, e.g. var/catalog.jsonl) or its Redis, e.g. redis://127.0.0.1:6379/0 "
+        "(add ?prefix=... for another key prefix); retired items and their interactions are left out",
     )
     p.add_argument("--format", choices=FORMATS, default="auto", help="input format; auto goes by file extension")
     p.add_argument("--out", type=Path, default=DEFAULT_SNAPSHOTS, help="snapshot root directory")
@@ -222,6 +233,24 @@ def _run_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_catalog(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("catalog", help="change a running gateway's live catalog")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = actions.add_parser(
+        "import",
+        help="create or replace the items of a file through POST /v1/items",
+        description="Send a catalog file (CSV or JSONL, the formats of `tailor build --items`) to a running "
+        "gateway's POST /v1/items, a batch at a time, with a progress line; every node serves the items within "
+        "about a second. Exits 1 when a row was refused (each is named) or a call failed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    q.add_argument("file", type=Path, help="items file (CSV or JSONL: item_id,title,categories,tags,price,stock,...)")
+    q.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway")
+    q.add_argument("--key", default=os.environ.get("TAILOR_ADMIN_KEY"), help="an admin key (env TAILOR_ADMIN_KEY)")
+    q.add_argument("--format", choices=("auto", "csv", "jsonl"), default="auto", help="file format")
+    q.add_argument("--batch", type=_positive, default=1000, help="items per call (at most max_items_per_call)")
+
+
 def _add_warm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "warm",
@@ -260,6 +289,7 @@ def parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_token(sub)
     _add_warm(sub)
+    _add_catalog(sub)
     return p
 
 
@@ -333,6 +363,7 @@ def _build(args: argparse.Namespace, events: list[Path], say: Stopwatch) -> int:
         pool_size=args.pool_size,
         neighbours=max(0, args.neighbours),
         segments=max(0, args.segments),
+        catalog=args.catalog,
     )
     try:
         result = build(config, say)
@@ -412,19 +443,22 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_catalog(args: argparse.Namespace) -> int:
+    return catalog_import.run(args.file, args.url, args.key, fmt=args.format, batch=args.batch, say=Stopwatch())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "serve":
-        return _run_serve(args)
-    if args.command == "synth":
-        return _run_synth(args)
-    if args.command == "build":
-        return _run_build(args)
-    if args.command == "token":
-        return _run_token(args)
-    if args.command == "warm":
-        return _run_warm(args)
-    return _run_snapshots(args)
+    commands = {
+        "serve": _run_serve,
+        "synth": _run_synth,
+        "build": _run_build,
+        "token": _run_token,
+        "warm": _run_warm,
+        "catalog": _run_catalog,
+        "snapshots": _run_snapshots,
+    }
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

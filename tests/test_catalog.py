@@ -14,6 +14,8 @@ from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.snapshot import Snapshot, load
+from tailor.catalog_import import import_file
+from tailor.cli import main
 from tests.gateways import ids, post_events, settings
 from tests.snapshots import current_dir, republish
 from tests.waiting import wait_until
@@ -244,3 +246,49 @@ def test_a_snapshot_swap_keeps_the_changes_newer_than_the_snapshot(root: Path) -
         republish(root)  # built after it: it has the catalog the change made (`tailor build` reads it)
         assert client.post("/admin/reload").json()["changed"] is True
         assert served_row(client, "swapped") is None
+
+
+# -- import and the next build -------------------------------------------------------------------
+
+
+def test_a_catalog_file_is_imported_in_batches_and_its_bad_rows_named(client: TestClient, tmp_path: Path) -> None:
+    catalog = tmp_path / "items.csv"
+    rows = ["item_id,title,categories,price,stock,colour"]
+    rows += [f"imported-{n},Item {n},shoes,{n}.5,{n % 3},red" for n in range(7)]
+    rows.append("imported-bad,Bad,shoes,-3,1,red")  # a negative price: the file reader refuses it
+    catalog.write_text("\n".join(rows) + "\n")
+    lines: list[str] = []
+
+    def send(url: str, key: str | None, body: bytes) -> dict[str, object]:
+        answer: dict[str, object] = client.post("/v1/items", content=body).json()
+        return answer
+
+    report = import_file(catalog, "http://gateway", None, batch=3, say=lines.append, send=send)
+    assert (report.read, report.stored, report.unreadable, report.rejected) == (8, 7, 1, 0)
+    assert lines[-1].startswith("7/7 items sent")
+    item = client.get("/v1/items/imported-4").json()
+    assert (item["price"], item["stock"], item["attributes"]) == (4.5, 1, {"colour": "red"})
+    wait_until(lambda: served_row(client, "imported-4") is not None)
+    assert served_row(client, "imported-3") is None  # stock 0
+
+
+def test_the_next_build_takes_the_live_catalog_retired_items_left_out(
+    root: Path, tmp_path: Path, small_shop: Path, snap: Snapshot
+) -> None:
+    kept = settings(root, catalog_file=str(tmp_path / "catalog.jsonl"))
+    retired = snap.item_ids[3]
+    with TestClient(create_app(kept)) as client:
+        client.put("/v1/items/built-new", json={"title": "Next build", "categories": snap.categories[0], "stock": 2})
+        client.delete(f"/v1/items/{retired}")
+        client.patch(f"/v1/items/{snap.item_ids[5]}", json={"available": False, "title": "Renamed"})
+    out = tmp_path / "rebuilt"
+    build = ["build", "--events", str(small_shop / "events.csv"), "--items", str(small_shop / "items.jsonl")]
+    catalog = ["--catalog", str(tmp_path / "catalog.jsonl"), "--out", str(out), "--quiet", "--max-trials", "1"]
+    assert main([*build, *catalog, "--force"]) == 0
+    rebuilt = load(current_dir(out))
+    assert "built-new" in rebuilt.row_of and retired not in rebuilt.row_of
+    renamed = rebuilt.row_of[snap.item_ids[5]]
+    assert rebuilt.titles[renamed] == "Renamed" and renamed in rebuilt.unavailable
+    with TestClient(create_app(settings(out))) as client:
+        assert served_row(client, snap.item_ids[5]) is None  # unavailable in the build's catalog
+        assert served_row(client, "built-new") is not None

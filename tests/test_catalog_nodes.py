@@ -17,6 +17,7 @@ from websockets.sync.client import connect as ws_connect
 
 from gateway.privacy import tokens
 from gateway.snapshot import Snapshot, load
+from tailor.cli import main
 from tests.conftest import RedisServer
 from tests.snapshots import current_dir
 from tests.test_gateway_live import Server
@@ -150,7 +151,9 @@ def test_a_restarted_node_replays_the_changes_over_its_snapshot(
     node_a, node_b, store = nodes
     node_b.stop()
     rows = [{"item_id": f"while-away-{n}", "title": "Away", "stock": 1} for n in range(3)]
-    assert httpx.post(f"{node_a.url}/v1/items", json=rows).json()["stored"] == 3
+    catalog = tmp_path / "away.jsonl"
+    catalog.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["catalog", "import", str(catalog), "--url", node_a.url, "--batch", "2"]) == 0
     again = Server(root, tmp_path / "b2.log", "--store", store)
     try:
         for row in rows:

@@ -19,10 +19,11 @@ from starlette.responses import Response
 
 from gateway.api.http import ApiError, json_response, read_body
 from gateway.catalog import records
-from gateway.catalog.records import MAX_ID_LENGTH, InvalidItemError, ItemFields, LiveItem
+from gateway.catalog.records import MAX_ID_LENGTH, InvalidItemError, ItemFields
 from gateway.runtime import Gateway
 from gateway.snapshot import Snapshot
 from gateway.store import StoreError
+from index_builder.schema import Attribute, LiveItem
 
 MAX_ITEM_BODY = 256 * 1024
 MAX_BULK_BODY = 32 * 1024 * 1024
@@ -45,7 +46,7 @@ class ItemView(msgspec.Struct, frozen=True):
     stock: Annotated[int | None, msgspec.Meta(description="null: unknown (served, and matches no in_stock rule).")]
     available: bool
     attributes: Annotated[
-        dict[str, records.Attribute],
+        dict[str, Attribute],
         msgspec.Meta(description="The fields not named above, as last set through this API (the snapshot keeps none)."),
     ]
     retired: bool

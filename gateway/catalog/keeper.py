@@ -16,10 +16,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from gateway.catalog import records
-from gateway.catalog.records import LiveItem
 from gateway.store import StoreError
 from gateway.store.catalog import READ_CHUNK, CatalogChanges
 from gateway.tasks import stop as stop_task
+from index_builder.schema import LiveItem
 
 log = logging.getLogger("tailor.catalog")
 

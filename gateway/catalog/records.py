@@ -14,12 +14,13 @@ from typing import Annotated, Any
 
 import msgspec
 
+from index_builder.schema import Attribute, LiveItem
+
 # An item id is at most this long (index_builder.schema.Id says the same for the builder's input).
 MAX_ID_LENGTH = 256
 MAX_NAMES = 100  # categories or tags per item
 MAX_ATTRIBUTES = 100
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-Attribute = str | int | float | bool | None
 
 KNOWN = ("title", "categories", "tags", "price", "stock", "available", "attributes")
 
@@ -43,28 +44,6 @@ class ItemFields(msgspec.Struct, frozen=True, omit_defaults=True):
     stock: Annotated[int, msgspec.Meta(ge=0)] | None = None
     available: bool | None = None
     attributes: Annotated[dict[Name, Attribute], msgspec.Meta(max_length=MAX_ATTRIBUTES)] | None = None
-
-
-class LiveItem(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
-    """An item as the catalog API last set it (the whole item, not the change). `changed` is when
-    the node that took the change took it (Unix seconds); `retired`: deleted, never served again."""
-
-    item_id: str
-    changed: float
-    title: str = ""
-    categories: list[str] = []
-    tags: list[str] = []
-    price: float | None = None
-    stock: int | None = None
-    available: bool = True
-    attributes: dict[str, Attribute] = {}
-    retired: bool = False
-
-    def servable(self, *, serve_out_of_stock: bool) -> bool:
-        """Whether any route may show it: not retired, available, and in stock (unknown stock is
-        served) unless out-of-stock items are served too."""
-        in_stock = self.stock is None or self.stock > 0 or serve_out_of_stock
-        return not self.retired and self.available and in_stock
 
 
 def check_id(item_id: object) -> str:

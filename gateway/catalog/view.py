@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gateway.catalog.records import LiveItem
 from gateway.snapshot import Rows, Snapshot, categories_with_parents
+from index_builder.schema import LiveItem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ def derive(base: Snapshot, records: Iterable[tuple[int, LiveItem]], *, serve_out
     encoded = list(base.encoded_items)
     row_of = base.row_of
     prices, stock = base.prices.copy(), base.stock.copy()
-    off: set[int] = set()
+    off = set(base.unavailable)
     added: list[LiveItem] = []
     moved: dict[tuple[str, str], tuple[list[int], list[int]]] = {}  # (index, name) -> rows out, rows in
     grown_prices: list[float] = []
