@@ -59,11 +59,11 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     event_log_ttl_s: NonNegative = 90 * 24 * 3600.0
     rules_dir: str = "var/rules"
     rules_poll_s: NonNegative = 5.0
-    experiments_dir: str = "var/experiments"
     catalog_file: str = "var/catalog.jsonl"
     catalog_poll_s: NonNegative = 5.0
     serve_out_of_stock: bool = False
     max_items_per_call: Count = 10_000
+    experiments_dir: str = "var/experiments"
     experiment_ttl_s: Positive = 90 * 24 * 3600.0
     secret: str = ""
     secret_file: str = "var/secret"
