@@ -159,6 +159,14 @@ def test_rules_see_the_live_stock_and_may_pin_a_new_item(client: TestClient, sna
     wait_until(lambda: "pinned" not in ids(client.get("/v1/popular", params={"n": 10}).json()))
 
 
+def test_a_node_knows_its_own_change_before_it_serves_it(client: TestClient) -> None:
+    for n in range(20):  # no wait between: each call must find what the one before stored
+        assert client.put(f"/v1/items/quick-{n}", json={"title": "Quick", "stock": 1}).status_code == 200
+        assert client.patch(f"/v1/items/quick-{n}", json={"price": n}).status_code == 200
+        assert client.delete(f"/v1/items/quick-{n}").status_code == 200
+        assert client.get(f"/v1/items/quick-{n}").json()["retired"] is True
+
+
 # -- input -------------------------------------------------------------------------------------
 
 

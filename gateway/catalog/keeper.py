@@ -53,6 +53,7 @@ class CatalogKeeper:
         self.changes.watch(self.changed)
         try:
             await self._read()
+            self.applied_seq = self.seq  # served with the first snapshot (gateway.runtime)
         except StoreError as exc:
             log.warning("catalog: cannot read the live changes yet (%s); serving the snapshot's catalog", exc)
         if self.poll_s > 0:
@@ -74,9 +75,18 @@ class CatalogKeeper:
     async def put(self, items: Iterable[LiveItem]) -> int:
         """Store the records (all or none; StoreError) and have them served here at once (other
         nodes follow the announcement); the last sequence number given."""
-        seq = await self.changes.put([(item.item_id, records.encode(item)) for item in items])
+        stored = list(items)
+        seq = await self.changes.put([(item.item_id, records.encode(item)) for item in stored])
+        # Known here at once (a PATCH or DELETE right after must find it), served with the next view.
+        for number, item in enumerate(stored, seq - len(stored) + 1):
+            self._keep(number, item)
         self.changed()
         return seq
+
+    def _keep(self, seq: int, item: LiveItem) -> None:
+        known = self.items.get(item.item_id)
+        if known is None or known[0] < seq:  # a read that raced a newer put must not undo it
+            self.items[item.item_id] = (seq, item)
 
     def changed(self) -> None:
         """An announcement: read and apply soon; one heard while that runs gets another after it."""
@@ -121,7 +131,7 @@ class CatalogKeeper:
                 except ValueError:
                     log.error("catalog: change %d of an item is unreadable; skipped", seq)
                     continue
-                self.items[item_id] = (seq, item)
+                self._keep(seq, item)
                 fresh.append(item)
             if found:
                 self.seq = max(self.seq, found[-1][0])

@@ -29,13 +29,6 @@ from gateway.snapshot import Rows, Snapshot, categories_with_parents
 from index_builder.schema import LiveItem
 
 
-@dataclasses.dataclass(frozen=True)
-class Applied:
-    """What a view changed against the one served before it."""
-
-    withdrawn: frozenset[int]  # rows served before and withheld now
-
-
 def derive(base: Snapshot, records: Iterable[tuple[int, LiveItem]], *, serve_out_of_stock: bool) -> Snapshot:
     """`base` (a snapshot as loaded) with `records` ((seq, item), oldest change first) applied: only
     those changed after the snapshot was made (it may already hold the older ones)."""
@@ -119,7 +112,6 @@ def derive(base: Snapshot, records: Iterable[tuple[int, LiveItem]], *, serve_out
         stock=stock,
         popular=popular,
         encoded_items=encoded,
-        encoded_reasons={},
         withheld=withheld,
         built_rows=base.built_rows,
         live_seq=max((seq for seq, _ in fresh), default=0),

@@ -31,7 +31,8 @@ READ_CHUNK = 5_000
 
 class CatalogChanges(Protocol):
     async def put(self, records: Sequence[tuple[str, bytes]]) -> int:
-        """Store each (item id, record), in order, all or none; the last sequence number given."""
+        """Store each (item id, record), all or none, numbered in order (the next numbers of the
+        sequence); the last number given."""
         ...
 
     async def since(self, seq: int, limit: int = READ_CHUNK) -> list[Change]:
