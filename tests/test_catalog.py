@@ -53,7 +53,7 @@ def closest_built_item(snap: Snapshot, vector: np.ndarray[Any, Any]) -> int:
     assert snap.neighbour_scores is not None
     unit = vector / np.linalg.norm(vector)
     cosine = snap.unit_vectors @ unit
-    beats = cosine > snap.neighbour_scores[:, 2]
+    beats = cosine > snap.neighbour_scores[:, 2] + 1e-3
     assert beats.any()
     return int(np.flatnonzero(beats)[np.argmax(cosine[beats])])
 

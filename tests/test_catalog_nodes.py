@@ -69,7 +69,7 @@ def related_to(snap: Snapshot, categories: list[str], tags: list[str]) -> str:
     assert snap.content is not None and snap.neighbour_scores is not None
     vector = snap.content.vectors([(categories, tags)])[0]
     cosine = snap.unit_vectors @ (vector / np.linalg.norm(vector))
-    beats = np.flatnonzero(cosine > snap.neighbour_scores[:, 2])
+    beats = np.flatnonzero(cosine > snap.neighbour_scores[:, 2] + 1e-3)
     return snap.item_ids[int(beats[np.argmax(cosine[beats])])]
 
 

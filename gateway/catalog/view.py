@@ -186,12 +186,13 @@ def _popular(
     joined = {name: into for (kind, name), (_, into) in moved.items() if kind == "category" and into}
     if len(added):
         joined[""] = list(added)
-    out = np.fromiter(withheld, dtype=np.intp, count=len(withheld))
+    served = np.ones(added.stop, dtype=bool)  # by row: one mask, not a set operation per list
+    served[list(withheld)] = False
     popular: dict[str, Rows] = {}
     for name in base.popular.keys() | joined.keys():
         rows = base.popular.get(name, np.empty(0, dtype=np.intp))
-        if len(out):
-            rows = rows[~np.isin(rows, out)]
+        if withheld:
+            rows = rows[served[rows]]
         if name in left:
             rows = rows[~np.isin(rows, left[name])]
         more = [row for row in joined.get(name, ()) if row not in withheld]
