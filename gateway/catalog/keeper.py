@@ -125,7 +125,7 @@ class CatalogKeeper:
         fresh: list[LiveItem] = []
         while True:
             found = await self.changes.since(self.seq)
-            for seq, item_id, raw in found:
+            for seq, _, raw in found:
                 try:
                     item = records.decode(raw)
                 except ValueError:
