@@ -161,9 +161,9 @@ class Gateway:
 
     async def start(self) -> None:
         await self.catalog.start()  # the live records first: the first snapshot is served with them
-        records = self.catalog.ordered()
+        records, read = self.catalog.pending(), self.catalog.seq
         try:
-            base, snap, refusals = await asyncio.to_thread(self._load_current, records)
+            base, snap, refusals = await asyncio.to_thread(self._load_current, records, read)
         except SnapshotRefusedError as refused:
             refusals = [refused]
             log.error("no snapshot to serve yet: %s", refused)
@@ -194,19 +194,20 @@ class Gateway:
 
     # Run in a worker thread: reading, verifying and preparing a snapshot takes a while.
     def _load_current(
-        self, records: list[tuple[int, LiveItem]]
+        self, records: list[tuple[int, LiveItem]], read: int
     ) -> tuple[Snapshot, Snapshot, list[SnapshotRefusedError]]:
         snap, refusals = load_current(self.root, verify=self.settings.verify_snapshots)
         base = self._prepared(snap)
-        return base, self._view(base, records), refusals
+        return base, self._view(base, records, read), refusals
 
-    def _load(self, directory: Path, records: list[tuple[int, LiveItem]]) -> tuple[Snapshot, Snapshot]:
+    def _load(self, directory: Path, records: list[tuple[int, LiveItem]], read: int) -> tuple[Snapshot, Snapshot]:
         base = self._prepared(load(directory, verify=self.settings.verify_snapshots))
-        return base, self._view(base, records)
+        return base, self._view(base, records, read)
 
-    def _view(self, base: Snapshot, records: list[tuple[int, LiveItem]]) -> Snapshot:
-        """What to serve of `base`: the live records newer than it applied (gateway.catalog.view)."""
-        return derive(base, records, serve_out_of_stock=self.settings.serve_out_of_stock)
+    def _view(self, prev: Snapshot, records: list[tuple[int, LiveItem]], read: int) -> Snapshot:
+        """What to serve: `prev` (a loaded snapshot, or the view of it served now) with the live
+        records after it applied, every change up to `read` among them (gateway.catalog.view)."""
+        return derive(prev, records, read_upto=read, serve_out_of_stock=self.settings.serve_out_of_stock)
 
     def _prepared(self, snap: Snapshot) -> Snapshot:
         """`snap` ready to serve: the kernels compiled for its arrays, then `prepare`."""
@@ -260,14 +261,14 @@ class Gateway:
         """Serve the live records as they are now (the catalog keeper calls this after changes):
         the view made again over the loaded snapshot, the rules compiled for it, swapped in whole."""
         async with self._reload_lock:
-            base, rec = self.base, self.recommender
-            if base is None or rec is None:
+            rec = self.recommender
+            if rec is None:
                 return  # applied with the first snapshot
-            records = self.catalog.ordered()
-            snap = await asyncio.to_thread(self._view, base, records)
+            before = rec.snap
+            records, read = self.catalog.pending(before.live_seq), self.catalog.seq
+            snap = await asyncio.to_thread(self._view, before, records, read)
             book = await asyncio.to_thread(self.rules.compile_for, snap)
             arm_books = await asyncio.to_thread(self.experiments.books_for, snap)
-            before = rec.snap
             self._serve(snap, book)
             self.experiments.adopt(arm_books)
         withdrawn = _ids(snap, snap.withheld) - _ids(before, before.withheld)
@@ -289,7 +290,8 @@ class Gateway:
             if version == serving:
                 return Reloaded(changed=False, version=version, previous=serving)
             try:
-                base, snap = await asyncio.to_thread(self._load, self.root / version, self.catalog.ordered())
+                records, read = self.catalog.pending(), self.catalog.seq
+                base, snap = await asyncio.to_thread(self._load, self.root / version, records, read)
             except SnapshotRefusedError as refused:
                 self.metrics.reloads.labels("refused").inc()
                 self.refused[version] = refused.problems

@@ -88,11 +88,13 @@ class Snapshot:
     # The build's categories/tags -> vector regression (absent in older snapshots): items created
     # after the build get their vectors from it (gateway.catalog.view).
     content: ContentModel | None = None
-    # The live catalog over the build's (gateway.catalog.view): rows never served (retired,
-    # unavailable, out of stock), how many rows the build itself had (rows past it were added live,
-    # and the build's neighbour lists and Annoy index do not know them), and the last change applied.
+    # The live catalog over the build's (gateway.catalog.view): rows never served (unavailable or
+    # out of stock), rows not available (the build's catalog says `available: false`, or a live
+    # record retired them or says so), how many rows the build itself had (rows past it were added
+    # live, and the build's neighbour lists and Annoy index do not know them), and the number up to
+    # which every live change is applied.
     withheld: frozenset[int] = frozenset()
-    unavailable: frozenset[int] = frozenset()  # rows the build's catalog marks `available: false`
+    unavailable: frozenset[int] = frozenset()
     built_rows: int = -1  # -1: every row (set in __post_init__)
     live_seq: int = 0
     # Filled by the HTTP layer as rows are served (gateway.api.wire.encode_recommendations): a row's

@@ -207,10 +207,15 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                     answer = client.post("/v1/items", content=body, headers={"content-type": "application/json"})
                     assert answer.status_code == 200 and not answer.json()["rejected"], answer.text[:300]
                 timing["stored_s"] = time.perf_counter() - started
+                say(f"import: {args.bulk:,} items stored in {timing['stored_s']:.1f} s")
                 last = f"bulk-{args.bulk - 1}"
-                while not b.get(f"/v1/items/{last}").json()["served"]:
+                while True:
+                    seen = b.get(f"/v1/items/{last}")
+                    if seen.status_code == 200 and seen.json()["served"]:
+                        break
                     time.sleep(0.01)
                 timing["served_on_b_s"] = time.perf_counter() - started
+                say(f"import: all served on node B after {timing['served_on_b_s']:.1f} s")
             done.set()
 
         say(f"recommend on node A while {args.bulk:,} items are imported")
@@ -243,7 +248,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bench-dir", type=Path, default=Path("var/bench-catalog"), help="working directory")
     p.add_argument("--changes", type=int, default=1000, help="new items for the lag (default 1000)")
     p.add_argument("--bulk", type=int, default=50_000, help="items imported in bulk (default 50000)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
     p.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--out", type=Path, help="also write the JSON report here")

@@ -64,9 +64,9 @@ class CatalogKeeper:
             await stop_task(task)
         await self.changes.close()
 
-    def ordered(self) -> list[tuple[int, LiveItem]]:
-        """Every record, oldest change first (the order to apply them in)."""
-        return sorted(self.items.values(), key=lambda pair: pair[0])
+    def pending(self, after: int = 0) -> list[tuple[int, LiveItem]]:
+        """The records numbered after `after`, oldest change first (the order to apply them in)."""
+        return sorted((pair for pair in self.items.values() if pair[0] > after), key=lambda pair: pair[0])
 
     def get(self, item_id: str) -> LiveItem | None:
         found = self.items.get(item_id)

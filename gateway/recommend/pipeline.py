@@ -90,7 +90,6 @@ class Recommender:
         self.candidates = Candidates(snap, pool_size=pool_size, cache_entries=cache_entries, offload=offload)
         self.recent_limit = recent_limit
         self.max_age_s = max_age_s
-        self.popular = Popular(snap)
         # The active rules compiled for this snapshot, or None; replaced whole on every change.
         self.book: Book | None = None
         # What the rules made of a list, by plan and inputs: another request with the same ones gets
@@ -101,6 +100,7 @@ class Recommender:
         if snap.withheld:
             self._serves = np.ones(len(snap.item_ids), dtype=bool)
             self._serves[list(snap.withheld)] = False
+        self.popular = Popular(snap, self._serves)
 
     def stale(self, now: float) -> bool:
         return self.max_age_s > 0 and self.snap.age(now) > self.max_age_s

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import numpy as np
+import numpy.typing as npt
 
 from gateway.recommend.candidates import Pool
 from gateway.rules.picks import Pick, rounded
@@ -16,8 +17,10 @@ POPULAR = "popular"
 
 
 class Popular:
-    def __init__(self, snap: Snapshot) -> None:
+    def __init__(self, snap: Snapshot, serves: npt.NDArray[np.bool_] | None = None) -> None:
+        """`serves`: per row, whether it may be served (None: every row may)."""
         self.snap = snap
+        self.serves = serves
         self._ranked: dict[tuple[str, ...], list[Pick]] = {}
         self._pools: dict[tuple[str, ...], Pool] = {}
 
@@ -62,5 +65,7 @@ class Popular:
             rows = merged[np.argsort(-snap.popularity[merged], kind="stable")]
         else:
             rows = snap.popular[""]
+        if self.serves is not None:
+            rows = rows[self.serves[rows]]
         scores = snap.popularity[rows].astype(np.float64).tolist()
         return [Pick(row, rounded(score), POPULAR) for row, score in zip(rows.tolist(), scores, strict=True)]
