@@ -3,7 +3,8 @@ as it changes, and applied over the snapshot being served (gateway.catalog.view)
 
 Each change is announced (Redis pub/sub, or in process); the node then reads what changed after
 the last sequence number it has and has the view made again, one at a time: changes that arrive
-meanwhile wait for the next one, so a burst (a bulk import) costs a few views, not one per item. A
+meanwhile wait for the next one, so a burst (a bulk import) costs a few views, not one per item,
+and views take at most VIEW_SHARE of the node's time while a burst lasts. A
 poll every `poll_s` catches what a lost announcement missed; a restarted node reads every record
 before it serves (`start`).
 """
@@ -22,6 +23,11 @@ from gateway.tasks import stop as stop_task
 from index_builder.schema import LiveItem
 
 log = logging.getLogger("tailor.catalog")
+
+# The most of a node's time that making views may take while changes keep coming (a bulk import):
+# the next view waits until the last one's share of the time since it began is down to this. A
+# change after a quiet spell is served at once.
+VIEW_SHARE = 0.25
 
 
 class CatalogKeeper:
@@ -47,6 +53,8 @@ class CatalogKeeper:
         self._poller: asyncio.Task[None] | None = None
         self._again = False
         self._lock = asyncio.Lock()
+        self._view_started = 0.0  # when the last view began to be made (monotonic seconds)
+        self._view_took = 0.0  # and how long it took
 
     async def start(self) -> None:
         """Read every stored record (served with the first snapshot), then follow the changes."""
@@ -106,8 +114,12 @@ class CatalogKeeper:
                 return
 
     async def refresh(self) -> None:
-        """Read what changed since the last change read and serve it."""
+        """Read what changed since the last change read and serve it (during a burst, once the
+        last view's share of the time since it began is down to VIEW_SHARE)."""
         async with self._lock:
+            pause = self._view_started + self._view_took / VIEW_SHARE - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
             try:
                 fresh = await self._read()
             except StoreError as exc:
@@ -116,7 +128,9 @@ class CatalogKeeper:
             if not fresh and self.applied_seq == self.seq:
                 return
             started_seq = self.seq
+            self._view_started = time.monotonic()
             await self._apply()
+            self._view_took = time.monotonic() - self._view_started
             self.applied_seq = started_seq
             now = time.time()
             self._on_applied([now - item.changed for item in fresh])
