@@ -4,7 +4,7 @@ as it changes, and applied over the snapshot being served (gateway.catalog.view)
 Each change is announced (Redis pub/sub, or in process); the node then reads what changed after
 the last sequence number it has and has the view made again, one at a time: changes that arrive
 meanwhile wait for the next one, so a burst (a bulk import) costs a few views, not one per item,
-and views take at most VIEW_SHARE of the node's time while a burst lasts. A
+and views take at most VIEW_SHARE of the node's time while a burst lasts (BURST). A
 poll every `poll_s` catches what a lost announcement missed; a restarted node reads every record
 before it serves (`start`).
 """
@@ -24,10 +24,12 @@ from index_builder.schema import LiveItem
 
 log = logging.getLogger("tailor.catalog")
 
-# The most of a node's time that making views may take while changes keep coming (a bulk import):
-# the next view waits until the last one's share of the time since it began is down to this. A
-# change after a quiet spell is served at once.
+# The most of a node's time that making views may take while many changes keep coming (a bulk
+# import): after a view of at least BURST changes, the next one waits until the last one's share of
+# the time since it began is down to VIEW_SHARE. Views of fewer changes (single edits, however
+# frequent) are made at once.
 VIEW_SHARE = 0.25
+BURST = 100
 
 
 class CatalogKeeper:
@@ -114,8 +116,8 @@ class CatalogKeeper:
                 return
 
     async def refresh(self) -> None:
-        """Read what changed since the last change read and serve it (during a burst, once the
-        last view's share of the time since it began is down to VIEW_SHARE)."""
+        """Read what changed since the last change read and serve it (after a view of a burst, once
+        that view's share of the time since it began is down to VIEW_SHARE)."""
         async with self._lock:
             pause = self._view_started + self._view_took / VIEW_SHARE - time.monotonic()
             if pause > 0:
@@ -130,7 +132,7 @@ class CatalogKeeper:
             started_seq = self.seq
             self._view_started = time.monotonic()
             await self._apply()
-            self._view_took = time.monotonic() - self._view_started
+            self._view_took = time.monotonic() - self._view_started if len(fresh) >= BURST else 0.0
             self.applied_seq = started_seq
             now = time.time()
             self._on_applied([now - item.changed for item in fresh])
