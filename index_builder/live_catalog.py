@@ -9,8 +9,8 @@ the latest of each item):
   the hash `<prefix>catalog:items`, read in pages.
 
 The records are laid over the items of `--items` (`overlay`): a changed item takes the record's
-fields, a new one joins the catalog, a retired one leaves it, and its interactions are left out, so
-it is no candidate of the next snapshot.
+fields (its attributes are merged into the file's), a new one joins the catalog, a retired one
+leaves it, and its interactions are left out, so it is no candidate of the next snapshot.
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ def overlay(items: Iterable[Item], live: Iterable[LiveItem]) -> tuple[list[Item]
             retired.add(record.item_id)
             continue
         retired.discard(record.item_id)
+        given = catalog.get(record.item_id)
         catalog[record.item_id] = Item(
             record.item_id,
             title=record.title,
@@ -114,7 +115,9 @@ def overlay(items: Iterable[Item], live: Iterable[LiveItem]) -> tuple[list[Item]
             tags=record.tags,
             price=record.price,
             stock=record.stock,
-            attributes=record.attributes,
+            # The gateway does not hold the file's attributes of a snapshot item, so a record of a
+            # change to one (a PATCH of its stock) has none of them: merged, not replaced.
+            attributes={**(given.attributes if given is not None else {}), **record.attributes},
             available=record.available,
         )
     return list(catalog.values()), retired
