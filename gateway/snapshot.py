@@ -12,6 +12,7 @@ import logging
 import math
 import mmap
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from annoy import AnnoyIndex
 from index_builder import snapshot as published
 from index_builder.content import TOKENS_FILE, WEIGHTS_FILE, ContentModel
 from index_builder.model import ModelParams, regularized_gram
-from index_builder.schema import Item
+from index_builder.schema import Attribute, Item
 from index_builder.segments import SegmentModel
 
 log = logging.getLogger("tailor.snapshot")
@@ -83,6 +84,10 @@ class Snapshot:
     # Item attributes by row, for rules and filters: tags, price (nan: unknown), stock (-1: unknown).
     item_tags: list[frozenset[str]] = field(default_factory=list)
     tag_rows: dict[str, Rows] = field(default_factory=dict)  # tag -> the rows that carry it
+    # Each row's other attributes (one shared empty dict where it has none), and the rows that carry
+    # each attribute value, by attribute_key(name, value): what rules' attribute matches select.
+    item_attributes: list[Mapping[str, Attribute]] = field(default_factory=list)
+    attribute_rows: dict[str, Rows] = field(default_factory=dict)
     prices: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0, dtype=np.float64))
     stock: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     # The build's categories/tags -> vector regression (absent in older snapshots): items created
@@ -144,12 +149,29 @@ def categories_with_parents(categories: list[str]) -> frozenset[str]:
     return frozenset(found)
 
 
-def _rows_by_tag(items: list[Item]) -> dict[str, list[int]]:
+NO_ATTRIBUTES: Mapping[str, Attribute] = {}
+
+
+def attribute_key(name: str, value: Attribute) -> str:
+    """How an attribute's value is indexed: `name=<JSON value>`, a whole number the same whether
+    it was written 2 or 2.0."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"{name}={msgspec.json.encode(value).decode()}"
+
+
+def attribute_keys(attributes: Mapping[str, Attribute]) -> frozenset[str]:
+    """The index keys of an item's attributes (a null value is no value)."""
+    return frozenset(attribute_key(name, value) for name, value in attributes.items() if value is not None)
+
+
+def rows_by_name(names_by_row: list[frozenset[str]]) -> dict[str, Rows]:
+    """name -> the ascending rows whose set holds it."""
     found: dict[str, list[int]] = {}
-    for row, item in enumerate(items):
-        for tag in set(item.tags):
-            found.setdefault(tag, []).append(row)
-    return found
+    for row, names in enumerate(names_by_row):
+        for name in names:
+            found.setdefault(name, []).append(row)
+    return {name: np.asarray(rows, dtype=np.intp) for name, rows in found.items()}
 
 
 def load(directory: Path, *, verify: bool = True) -> Snapshot:
@@ -235,6 +257,8 @@ def _read(directory: Path) -> Snapshot:
     if index["method"] == "annoy":
         annoy = AnnoyIndex(item_vectors.shape[1], "dot")
         annoy.load(str(directory / "items.ann"))  # memory-mapped by Annoy itself
+    tags = [frozenset(item.tags) for item in items]
+    attributes = [item.attributes or NO_ATTRIBUTES for item in items]
     return Snapshot(
         version=manifest.version,
         directory=directory,
@@ -266,8 +290,10 @@ def _read(directory: Path) -> Snapshot:
         neighbour_rows=pools.get("neighbour_rows"),
         neighbour_scores=pools.get("neighbour_scores"),
         segment_model=segment_model,
-        item_tags=[frozenset(item.tags) for item in items],
-        tag_rows={tag: np.asarray(rows, dtype=np.intp) for tag, rows in _rows_by_tag(items).items()},
+        item_tags=tags,
+        tag_rows=rows_by_name(tags),
+        item_attributes=attributes,
+        attribute_rows=rows_by_name([attribute_keys(a) for a in attributes]),
         prices=np.array([math.nan if item.price is None else item.price for item in items], dtype=np.float64),
         stock=np.array([-1 if item.stock is None else item.stock for item in items], dtype=np.int64),
         content=content,

@@ -159,6 +159,20 @@ def test_rules_see_the_live_stock_and_may_pin_a_new_item(client: TestClient, sna
     wait_until(lambda: "pinned" not in ids(client.get("/v1/popular", params={"n": 10}).json()))
 
 
+def test_rules_match_the_live_attributes_and_a_patch_keeps_the_others(client: TestClient) -> None:
+    rules = {
+        "rules": [{"id": "no-acme", "actions": [{"type": "filter", "items": {"attributes": {"brand": ["acme"]}}}]}]
+    }
+    assert client.put("/admin/rules", params={"activate": "true"}, json=rules).status_code == 201
+    first = ids(client.get("/v1/popular", params={"n": 3}).json())[0]
+    assert client.patch(f"/v1/items/{first}", json={"brand": "acme", "colour": "red"}).status_code == 200
+    wait_until(lambda: first not in ids(client.get("/v1/popular", params={"n": 10}).json()))
+    assert client.get(f"/v1/items/{first}").json()["attributes"] == {"brand": "acme", "colour": "red"}
+    client.patch(f"/v1/items/{first}", json={"brand": "zeta"})  # the other attribute stays
+    wait_until(lambda: first in ids(client.get("/v1/popular", params={"n": 10}).json()))
+    assert client.get(f"/v1/items/{first}").json()["attributes"] == {"brand": "zeta", "colour": "red"}
+
+
 def test_a_node_knows_its_own_change_before_it_serves_it(client: TestClient) -> None:
     for n in range(20):  # no wait between: each call must find what the one before stored
         assert client.put(f"/v1/items/quick-{n}", json={"title": "Quick", "stock": 1}).status_code == 200

@@ -3,7 +3,9 @@ documented conflict resolution, on the session's small snapshot."""
 
 from __future__ import annotations
 
+import dataclasses
 import zoneinfo
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,12 @@ import pytest
 from gateway.rules import conditions
 from gateway.rules.book import Book
 from gateway.rules.conditions import Compiler
-from gateway.rules.document import RuleSetError, parse
+from gateway.rules.document import Filter, RuleSetError, parse
 from gateway.rules.picks import Pick
-from gateway.snapshot import Snapshot, load_current
+from gateway.snapshot import Snapshot, attribute_keys, load_current, rows_by_name
 from gateway.store import Interaction, window_label
 from gateway.store.base import DEFAULT_WINDOWS
+from index_builder.schema import Attribute
 
 NOW = datetime(2026, 11, 20, 15, 30, tzinfo=UTC).timestamp()  # a Friday, 15:30 UTC
 
@@ -181,6 +184,32 @@ def test_filters_by_price_stock_and_tags(snap: Snapshot) -> None:
         assert not snap.prices[pick.row] <= 20
         assert snap.stock[pick.row] != 0
         assert "premium" not in snap.item_tags[pick.row]
+
+
+def test_filters_and_boosts_by_the_catalogs_other_attributes(snap: Snapshot) -> None:
+    brands = ["acme", "zeta", "acme"]  # rows 0-2; a whole-number value matches however it is written
+    given: list[Mapping[str, Attribute]] = [{"brand": brand, "pack": 6.0} for brand in brands]
+    given += [{}] * (len(snap.item_ids) - 3)
+    keys = [attribute_keys(attributes) for attributes in given]
+    branded = dataclasses.replace(snap, item_attributes=given, attribute_rows=rows_by_name(keys))
+    doc = {"rules": [rule("no-acme", {"type": "filter", "items": {"attributes": {"brand": ["acme"], "pack": [6]}}})]}
+    action = parse(msgspec.json.encode(doc)).rules[0].actions[0]
+    assert isinstance(action, Filter)
+    mask = book(branded, doc).mask(action.items)
+    assert np.flatnonzero(mask).tolist() == [0, 2]
+    picks = [Pick(row, 1.0 - row / 100, "test") for row in range(12)]
+    outcome = (
+        book(branded, doc)
+        .decide(facts(), "recommend", personal=True)
+        .apply(picks, n=10, reserve=lambda: iter(()), allowed=lambda row: True)
+    )
+    assert [p.row for p in outcome.picks] == [1, *range(3, 12)]
+    assert [r.ref for r in outcome.applied] == ["rule:no-acme@1"]
+    lift = {"type": "boost", "items": {"attributes": {"brand": ["zeta", "none-such"]}}, "weight": 100}
+    boosted = book(branded, {"rules": [rule("zeta-first", lift)]}).decide(facts(), "recommend", personal=True)
+    assert boosted.apply(picks, n=10, reserve=lambda: iter(()), allowed=lambda row: True).picks[0].row == 1
+    with pytest.raises(RuleSetError):
+        parse(msgspec.json.encode({"rules": [rule("empty", {"type": "filter", "items": {"attributes": {}}})]}))
 
 
 def test_a_boost_moves_matching_items_up_and_names_the_rule(snap: Snapshot) -> None:

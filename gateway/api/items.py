@@ -220,6 +220,8 @@ def _from_snapshot(snap: Snapshot, row: int) -> LiveItem:
         tags=sorted(snap.item_tags[row]) if len(snap.item_tags) > row else [],
         price=None if price != price else price,  # noqa: PLR0124 - NaN: unknown
         stock=None if stock < 0 else stock,
+        available=row not in snap.unavailable,
+        attributes=dict(snap.item_attributes[row]) if len(snap.item_attributes) > row else {},
     )
 
 

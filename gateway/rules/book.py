@@ -35,6 +35,7 @@ from gateway.rules.document import (
     Surface,
 )
 from gateway.rules.segments import MODEL_PREFIX, SegmentDefinition, Segmenter
+from gateway.snapshot import attribute_key
 from gateway.store import CounterKey
 from gateway.store.base import DAY
 
@@ -199,6 +200,13 @@ class Book:
             selected &= snap.prices <= match.price_at_most
         if match.in_stock is not None:
             selected &= (snap.stock >= 0) & ((snap.stock > 0) == match.in_stock)
+        for name, values in match.attributes.items():
+            only = np.zeros(size, dtype=bool)
+            for value in values:
+                rows = snap.attribute_rows.get(attribute_key(name, value))
+                if rows is not None:
+                    only[rows] = True
+            selected &= only
         return selected
 
     def _actions(self) -> Actions:

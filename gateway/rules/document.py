@@ -4,7 +4,8 @@ declared types, and parsing with errors that name the rule and the field.
 A rule has a condition on the visitor and the request (`when`, see gateway.rules.conditions), a priority,
 an optional validity window, an enabled flag, the surfaces it applies to, and actions:
 
-    filter   drop the items that match (`items`: ids, categories, tags, price range, stock)
+    filter   drop the items that match (`items`: ids, categories, tags, price range, stock,
+             other attributes)
     boost    multiply the standing of matching items by `weight` (below 1 buries them)
     pin      put one item at a 1-based position
     inject   bring specific items into the list (at a position, or in the last place)
@@ -38,9 +39,14 @@ Moment = Annotated[
 ]
 
 
+Value = Annotated[str, msgspec.Meta(max_length=1000)] | int | float | bool
+
+
 class ItemMatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """Items with every attribute given (a list: any of its values). Categories match their
-    subcategories too; an item of unknown price or stock matches no price or stock condition."""
+    subcategories too; an item of unknown price or stock matches no price or stock condition.
+    `attributes` names the catalog's other attributes (`{"brand": ["acme"], "organic": [true]}`):
+    an item matches when each named attribute has one of the values listed."""
 
     ids: list[Name] = []
     categories: list[Name] = []
@@ -48,11 +54,22 @@ class ItemMatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_de
     price_at_least: Annotated[float, msgspec.Meta(ge=0)] | None = None
     price_at_most: Annotated[float, msgspec.Meta(ge=0)] | None = None
     in_stock: bool | None = None
+    attributes: Annotated[
+        dict[Name, Annotated[list[Value], msgspec.Meta(min_length=1, max_length=100)]], msgspec.Meta(max_length=20)
+    ] = {}
 
     def __post_init__(self) -> None:
-        given = (self.ids, self.categories, self.tags, self.price_at_least, self.price_at_most, self.in_stock)
+        given = (
+            self.ids,
+            self.categories,
+            self.tags,
+            self.price_at_least,
+            self.price_at_most,
+            self.in_stock,
+            self.attributes or None,
+        )
         if all(value is None or value == [] for value in given):
-            raise ValueError("an item match needs at least one of ids, categories, tags, price_*, in_stock")
+            raise ValueError("an item match needs at least one of ids, categories, tags, price_*, in_stock, attributes")
 
 
 class Filter(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="filter", tag_field="type"):
