@@ -68,3 +68,20 @@ def temporal_split(data: Interactions, test_fraction: float = 0.2) -> tuple[Inte
     is_test = np.zeros(len(data), dtype=bool)
     is_test[order] = events_after < n_test
     return data.take(~is_test), data.take(is_test)
+
+
+def random_split(data: Interactions, test_fraction: float = 0.2, seed: int = 0) -> tuple[Interactions, Interactions]:
+    """A seeded random `test_fraction` of each user's interactions form the test set, whenever they
+    happened: the hold-out of benchmarks that ignore time. The same rounding as `temporal_split`."""
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(len(data)), data.user))
+    users = data.user[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    counts = np.diff(np.r_[starts, len(users)])
+    position = np.arange(len(users)) - np.repeat(starts, counts)
+    per_row = np.repeat(counts, counts)
+    n_test = np.floor(per_row * test_fraction).astype(np.int64)
+    n_test[(n_test == 0) & (per_row >= 2)] = 1
+    is_test = np.zeros(len(data), dtype=bool)
+    is_test[order] = position < n_test
+    return data.take(~is_test), data.take(is_test)

@@ -1,9 +1,11 @@
 """The recommender's math that both the builder and the gateway use: recency weights and fold-in.
 
-A visitor is represented by folding their recent interactions into the item-vector space with
-implicit's ALS least-squares step, where each interaction's confidence decays with how many
-events ago it happened. The builder computes stored user vectors this way; the gateway does the
-same on the fly for visitors the snapshot does not know, so both paths rank alike.
+A visitor is represented by folding their interactions into the item-vector space with implicit's
+ALS least-squares step. Each interaction's confidence has two parts: a lasting one (long-term
+taste, `long_term_share` of it, never decays) and a recent one (short-term intent, the rest, halves
+every `half_life_events` events back). The builder's tuner chooses the blend on its validation
+splits; the builder computes stored user vectors this way and the gateway does the same on the fly
+for visitors the snapshot does not know (`recent_confidence`), so both paths rank alike.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ class ModelParams(msgspec.Struct, frozen=True):
     iterations: int = 15
     # Confidence halves every `half_life_events` events back in a visitor's history; 0 = no decay.
     half_life_events: float = 3.0
+    # The share of each event's confidence that never decays: 1 = taste only (no recency), 0 =
+    # recency only. Snapshots from before the blend existed have none, hence the default 0.
+    long_term_share: float = 0.0
 
 
 def recency_decay(events_ago: npt.NDArray[np.int64], half_life: float) -> npt.NDArray[np.float32]:
@@ -30,6 +35,15 @@ def recency_decay(events_ago: npt.NDArray[np.int64], half_life: float) -> npt.ND
     if half_life <= 0:
         return np.ones(events_ago.shape, dtype=np.float32)
     return np.power(0.5, events_ago / half_life).astype(np.float32)
+
+
+def recency_weights(events_ago: npt.NDArray[np.int64], params: ModelParams) -> npt.NDArray[np.float32]:
+    """Each event's weight in the profile: long_term_share + (1 - long_term_share) * decay."""
+    share = params.long_term_share
+    decayed = recency_decay(events_ago, params.half_life_events)
+    if share <= 0:
+        return decayed
+    return (share + (1.0 - share) * decayed).astype(np.float32)
 
 
 def regularized_gram(item_vectors: npt.NDArray[np.float32], regularization: float) -> npt.NDArray[np.float64]:
@@ -101,9 +115,12 @@ def recent_confidence(
     """`profile_confidence` in plain Python, for a history of a few dozen events at most, where
     numpy's per-call overhead would cost more than the arithmetic: distinct items ascending."""
     half_life, alpha, last = params.half_life_events, params.alpha, len(items) - 1
+    share = params.long_term_share
     total: dict[int, float] = {}
     for position, (item, weight) in enumerate(zip(items, weights, strict=True)):
         decay = 0.5 ** ((last - position) / half_life) if half_life > 0 else 1.0
+        if share > 0:
+            decay = share + (1.0 - share) * decay
         total[item] = total.get(item, 0.0) + weight * decay * alpha
     distinct = sorted(total)
     return distinct, [total[item] for item in distinct]
@@ -114,7 +131,7 @@ def profile_confidence(
 ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float32]]:
     """Distinct items and their confidence from one visitor's history, oldest event first."""
     events_ago = np.arange(len(items) - 1, -1, -1, dtype=np.int64)
-    contribution = weights * recency_decay(events_ago, params.half_life_events) * params.alpha
+    contribution = weights * recency_weights(events_ago, params) * params.alpha
     distinct, inverse = np.unique(items, return_inverse=True)
     confidence = np.zeros(len(distinct), dtype=np.float32)
     np.add.at(confidence, inverse, contribution)

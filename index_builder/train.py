@@ -5,7 +5,7 @@ time-decayed popularity, and the hyperparameter search on a validation split of 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 import numpy as np
@@ -15,19 +15,21 @@ from implicit.cpu import _als
 from implicit.cpu.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
-from index_builder.dataset import Interactions, history_positions, temporal_split
+from index_builder.dataset import Interactions, history_positions, random_split, temporal_split
 from index_builder.evaluate import Metrics, Scorer, evaluate
-from index_builder.model import ModelParams, recency_decay
+from index_builder.model import ModelParams, recency_weights
 
 Vectors = npt.NDArray[np.float32]
 Progress = Callable[[str], None]
 
-# The search space. Half-lives are cheap to try (only the fold-in changes), so every ALS fit
-# is scored with each of them.
+# The search space. The user model (recency blend) is cheap to try, as only the fold-in changes,
+# so every ALS fit is scored with several of them. A half-life of 0 means no decay at all (the
+# long-term share is then moot): the plain ALS fold-in, each split's own tuned-ALS baseline.
 FACTORS: tuple[int, ...] = (32, 64, 128)
 REGULARIZATION = (1.0, 10.0, 30.0)
 ALPHA = (1.0, 5.0, 20.0)
-HALF_LIVES = (0.0, 2.0, 3.0, 5.0, 10.0)
+HALF_LIVES = (2.0, 5.0, 15.0)
+LONG_TERM_SHARES = (0.0, 0.2, 0.5)
 Setting = tuple[int, float, float]  # factors, regularization, alpha
 
 
@@ -38,10 +40,11 @@ def confidence_matrix(data: Interactions) -> sp.csr_matrix:
     return matrix
 
 
-def profile_matrix(data: Interactions, half_life: float) -> sp.csr_matrix:
-    """Users x items, event weights decayed by how many events ago each happened in the user's history."""
+def profile_matrix(data: Interactions, params: ModelParams) -> sp.csr_matrix:
+    """Users x items, event weights blended of a lasting and a decaying part by how many events ago
+    each happened in the user's history (`model.recency_weights`)."""
     order, _, events_ago = history_positions(data)
-    decayed = data.weight[order] * recency_decay(events_ago, half_life)
+    decayed = data.weight[order] * recency_weights(events_ago, params)
     matrix = sp.csr_matrix((decayed, (data.user[order], data.item[order])), shape=(data.n_users, data.n_items))
     matrix.sum_duplicates()
     return matrix
@@ -63,7 +66,7 @@ def fit_item_vectors(data: Interactions, params: ModelParams, seed: int = 0) -> 
 
 def user_vectors(data: Interactions, item_vectors: Vectors, params: ModelParams) -> Vectors:
     """Every user's vector folded in from their recency-weighted history (see `model.fold_in`)."""
-    profile = profile_matrix(data, params.half_life_events)
+    profile = profile_matrix(data, params)
     profile.data *= params.alpha
     users = np.zeros((data.n_users, item_vectors.shape[1]), dtype=np.float32)
     gram = (item_vectors.T @ item_vectors).astype(np.float32)
@@ -102,16 +105,45 @@ def popularity_scorer(data: Interactions, half_life_days: float) -> Scorer:
 
 
 class Trial(msgspec.Struct, frozen=True):
+    """One configuration scored on one validation split."""
+
     params: ModelParams
+    split: str  # "temporal" or "random"
     ndcg_at_10: float
     seconds: float
 
 
+class Pins(msgspec.Struct, frozen=True):
+    """Choices an expert fixed (`tailor build --factors ...`); None = the tuner chooses."""
+
+    factors: int | None = None
+    regularization: float | None = None
+    alpha: float | None = None
+    half_life_events: float | None = None
+    long_term_share: float | None = None
+
+
 class TuneResult(msgspec.Struct, frozen=True):
     best: ModelParams
-    best_metrics: Metrics
+    best_metrics: Metrics  # the chosen configuration on the temporal validation split
     trials: list[Trial]
     popularity_half_life_days: float
+    # Per split: the chosen configuration's nDCG@10 over the best plain-ALS one's (tuned ALS).
+    ratios: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+UserModel = tuple[float, float]  # half_life_events, long_term_share
+PLAIN: UserModel = (0.0, 0.0)  # no decay: implicit's own ALS user vectors, the baseline
+
+
+def user_models(pins: Pins) -> list[UserModel]:
+    """The recency blends the tuner tries: plain ALS first, then each half-life and share."""
+    if pins.half_life_events is not None:
+        shares = LONG_TERM_SHARES if pins.long_term_share is None else (pins.long_term_share,)
+        return list(dict.fromkeys((pins.half_life_events, share) for share in shares))
+    if pins.long_term_share is not None:
+        return [(half_life, pins.long_term_share) for half_life in HALF_LIVES]
+    return [PLAIN, *((half_life, share) for half_life in HALF_LIVES for share in LONG_TERM_SHARES)]
 
 
 def tune(
@@ -122,63 +154,128 @@ def tune(
     seed: int = 0,
     progress: Progress | None = None,
     max_eval_users: int = 3000,
+    pins: Pins | None = None,
 ) -> TuneResult:
-    """Pick ALS settings and the recency half-life by nDCG@10 on each user's latest 20% of `train`.
+    """Pick ALS settings and the user model's recency blend on two validation splits of `train`.
 
-    Coordinate search: starting from the defaults, sweep one setting at a time over its values
-    and keep the best, repeating until a full round changes nothing or the trial budget is
-    spent. It finds what the full grid finds on MovieLens with a third of the fits.
+    One split holds out each user's latest 20% (what comes next), the other a random 20% (what
+    else they like, whenever): a choice that fits only one shape of hold-out loses on the other.
+    Each configuration's score is the smaller of its two ratios to that split's tuned ALS (the best
+    plain, decay-free fold-in found there), so the winner is the one best on both.
+
+    Coordinate search over the ALS settings: starting from the defaults, sweep one setting at a
+    time over its values and keep the best, until a round changes nothing or `max_trials` ALS fits
+    (two per setting, one per split) are spent. The first setting is scored with every user model,
+    later ones with plain ALS and the first's two best, and the winner again with all of them.
     """
-    fit, validation = temporal_split(train)
+    pins = pins or Pins()
+    splits = {"temporal": temporal_split(train), "random": random_split(train, seed=seed)}
     trials: list[Trial] = []
-    scores: dict[Setting, tuple[float, ModelParams, Metrics]] = {}
+    ndcg: dict[str, dict[tuple[Setting, UserModel], float]] = {name: {} for name in splits}
+    fitted: dict[Setting, dict[str, Vectors]] = {}  # item vectors kept only for the best setting so far
+    metrics_of: dict[tuple[Setting, UserModel], Metrics] = {}
+    all_models = user_models(pins)
 
-    def trial(key: Setting) -> float:
+    def baseline(split: str) -> float:
+        plain = [value for (_, model), value in ndcg[split].items() if model == PLAIN]
+        return max(plain) if plain else max(ndcg[split].values(), default=0.0)
+
+    def ratio(config: tuple[Setting, UserModel]) -> float:
+        ratios = [
+            ndcg[name][config] / baseline(name) if baseline(name) > 0 else 1.0
+            for name in splits
+            if config in ndcg[name]
+        ]
+        return min(ratios) if len(ratios) == len(splits) else float("-inf")
+
+    def score(key: Setting, models: list[UserModel]) -> None:
+        if all((key, model) in ndcg[name] for model in models for name in splits):
+            return
+        if key not in fitted:
+            if 2 * len(fitted) >= max_trials:
+                return
+            fitted[key] = {}
         factors, regularization, alpha = key
-        if key not in scores and len(scores) < max_trials:
-            started = time.perf_counter()
-            base = ModelParams(factors, regularization, alpha, iterations)
-            items = fit_item_vectors(fit, base, seed)
-            fit_seconds = time.perf_counter() - started
-            for half_life in HALF_LIVES:
-                params = msgspec.structs.replace(base, half_life_events=half_life)
+        for name, (fit, validation) in splits.items():
+            if name not in fitted[key]:
+                started = time.perf_counter()
+                fitted[key][name] = fit_item_vectors(fit, ModelParams(factors, regularization, alpha, iterations), seed)
+                fit_seconds = time.perf_counter() - started
+            else:
+                fit_seconds = 0.0
+            items = fitted[key][name]
+            for half_life, share in models:
+                if (key, (half_life, share)) in ndcg[name]:
+                    continue
+                params = ModelParams(factors, regularization, alpha, iterations, half_life, share)
                 scored_at = time.perf_counter()
                 scorer = dot_scorer(user_vectors(fit, items, params), items)
                 metrics = evaluate(scorer, fit, validation, max_users=max_eval_users, seed=seed)
-                trials.append(Trial(params, metrics.ndcg_at_10, fit_seconds + time.perf_counter() - scored_at))
-                if key not in scores or metrics.ndcg_at_10 > scores[key][0]:
-                    scores[key] = (metrics.ndcg_at_10, params, metrics)
-            if progress is not None:
-                best_so_far = max(score for score, _, _ in scores.values())
-                progress(
-                    f"tuning: trial {len(scores)}/{max_trials} factors={factors} reg={regularization:g} "
-                    f"alpha={alpha:g} nDCG@10 {scores[key][0]:.4f} ({fit_seconds:.1f}s fit); best {best_so_far:.4f}"
-                )
-        return scores[key][0] if key in scores else float("-inf")
+                ndcg[name][(key, (half_life, share))] = metrics.ndcg_at_10
+                if name == "temporal":
+                    metrics_of[(key, (half_life, share))] = metrics
+                trials.append(Trial(params, name, metrics.ndcg_at_10, fit_seconds + time.perf_counter() - scored_at))
+                fit_seconds = 0.0
+        leader = max(fitted, key=setting_score)
+        for other, vectors in fitted.items():
+            if other != leader:
+                vectors.clear()  # at a million events, 20 fits' vectors would not fit the memory budget
+        if progress is not None:
+            best = max((ratio(config), config) for config in ndcg["temporal"])
+            mine = max(ratio((key, model)) for model in models)
+            progress(
+                f"tuning: trial {2 * len(fitted)}/{max_trials} factors={factors} reg={regularization:g} "
+                f"alpha={alpha:g}: {mine:.3f}x tuned ALS on the worse split; best {best[0]:.3f}x "
+                f"(temporal {ndcg['temporal'][best[1]]:.4f}, random {ndcg['random'][best[1]]:.4f} nDCG@10)"
+            )
 
-    current: Setting = (64, 10.0, 5.0)
-    trial(current)
-    changed = True
-    while changed and len(scores) < max_trials:
+    def setting_score(key: Setting) -> float:
+        return max((ratio((key, model)) for model in all_models if (key, model) in ndcg["temporal"]), default=-1e9)
+
+    axes = (
+        FACTORS if pins.factors is None else (pins.factors,),
+        REGULARIZATION if pins.regularization is None else (pins.regularization,),
+        ALPHA if pins.alpha is None else (pins.alpha,),
+    )
+    start: Setting = (
+        64 if pins.factors is None else pins.factors,
+        10.0 if pins.regularization is None else pins.regularization,
+        5.0 if pins.alpha is None else pins.alpha,
+    )
+    score(start, all_models)
+    ranked = sorted(all_models, key=lambda model: ratio((start, model)), reverse=True)
+    searched = list(dict.fromkeys([PLAIN, *ranked[:2]])) if PLAIN in all_models else ranked[:3]
+    current, changed = start, True
+    while changed and 2 * len(fitted) < max_trials:
         changed = False
         for axis in range(3):
-            for candidate in _along(current, axis):
-                if trial(candidate) > trial(current):
+            for candidate in _along(current, axis, axes):
+                score(candidate, searched)
+                if setting_score(candidate) > setting_score(current):
                     current, changed = candidate, True
-    best = max(scores.values(), key=lambda entry: entry[0])
+    score(max(fitted, key=setting_score), all_models)  # baselines moved since: the leader now
+    chosen = max(
+        ((ratio((key, model)), (key, model)) for key, model in ndcg["temporal"] if model in all_models),
+        key=lambda entry: entry[0],
+    )[1]
+    (factors, regularization, alpha), (half_life, share) = chosen
+    best = ModelParams(factors, regularization, alpha, iterations, half_life, share)
+    fit, validation = splits["temporal"]
     popularity_half_life = max(
         (7.0, 30.0, 0.0),
         key=lambda days: (
             evaluate(popularity_scorer(fit, days), fit, validation, max_users=max_eval_users, seed=seed).ndcg_at_10
         ),
     )
-    return TuneResult(best[1], best[2], trials, popularity_half_life)
+    ratios = {name: ndcg[name][chosen] / baseline(name) if baseline(name) > 0 else 1.0 for name in splits}
+    return TuneResult(best, metrics_of[chosen], trials, popularity_half_life, ratios)
 
 
-def _along(current: Setting, axis: int) -> list[Setting]:
-    factors, regularization, alpha = current
-    if axis == 0:
-        return [(value, regularization, alpha) for value in FACTORS]
-    if axis == 1:
-        return [(factors, value, alpha) for value in REGULARIZATION]
-    return [(factors, regularization, value) for value in ALPHA]
+def _along(current: Setting, axis: int, axes: tuple[Sequence[float], ...]) -> list[Setting]:
+    values = list(current)
+    found: list[Setting] = []
+    for value in axes[axis]:
+        values[axis] = value
+        found.append((int(values[0]), float(values[1]), float(values[2])))
+    return found
+

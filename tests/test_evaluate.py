@@ -6,7 +6,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from index_builder.dataset import Interactions, temporal_split
+from index_builder.dataset import Interactions, random_split, temporal_split
 from index_builder.evaluate import evaluate, top_k_unseen
 
 
@@ -81,3 +81,16 @@ def test_items_already_seen_in_training_are_not_relevant() -> None:
     m = evaluate(constant([0, 0, 1, 0]), train, test)  # type: ignore[arg-type]
     assert m.users == 1  # user 0's only held-out item was seen in training
     assert m.ndcg_at_10 == pytest.approx(1.0)
+
+
+def test_random_split_holds_out_a_seeded_share_of_each_user_whenever_it_happened() -> None:
+    data = interactions([0] * 20 + [1] * 3 + [2], [*range(20), 0, 1, 2, 5], list(range(24)), 20)
+    train, test = random_split(data, 0.25, seed=4)
+    assert np.bincount(test.user, minlength=3).tolist() == [5, 1, 0]  # 25% of 20; at least one of 3; one stays
+    assert len(train) + len(test) == len(data)
+    again, _ = random_split(data, 0.25, seed=4)
+    assert again.item.tolist() == train.item.tolist()
+    held = {tuple(sorted(random_split(data, 0.25, seed=s)[1].item[:5].tolist())) for s in range(8)}
+    assert len(held) > 1  # the seed chooses which ones
+    newest = set(range(15, 20))
+    assert any(set(random_split(data, 0.25, seed=s)[1].item[:5].tolist()) != newest for s in range(8))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gateway.recommend import kernels
 from index_builder.content import content_vectors
 from index_builder.dataset import Interactions
 from index_builder.model import (
@@ -12,6 +13,7 @@ from index_builder.model import (
     fold_in_low_rank,
     profile_confidence,
     recency_decay,
+    recency_weights,
     recent_confidence,
     regularized_gram,
 )
@@ -143,3 +145,49 @@ def test_recent_confidence_equals_profile_confidence() -> None:
         assert items == expected_items.tolist()
         np.testing.assert_allclose(confidence, expected, rtol=1e-6)
     assert recent_confidence([], [], ModelParams()) == ([], [])
+
+
+def test_the_long_term_share_never_decays() -> None:
+    params = ModelParams(alpha=1.0, half_life_events=1.0, long_term_share=0.5)
+    items, confidence = profile_confidence(np.array([5, 7, 9]), np.ones(3, np.float32), params)
+    assert items.tolist() == [5, 7, 9]
+    assert confidence.tolist() == [0.625, 0.75, 1.0]  # 0.5 + 0.5 * (0.25, 0.5, 1)
+    old = recency_weights(np.array([1000]), params)
+    assert old.tolist() == [0.5]  # taste stays however long ago it was shown
+    plain = recency_weights(np.array([0, 7]), ModelParams(half_life_events=0.0, long_term_share=0.3))
+    assert plain.tolist() == [1.0, 1.0]
+
+
+def test_recent_confidence_equals_profile_confidence_for_every_blend() -> None:
+    rng = np.random.default_rng(7)
+    for half_life, share in ((2.0, 0.2), (5.0, 0.5), (15.0, 1.0), (0.0, 0.5)):
+        params = ModelParams(alpha=3.0, half_life_events=half_life, long_term_share=share)
+        history = rng.integers(0, 6, size=15)
+        weights = rng.choice([0.5, 1.0, 4.0], size=15)
+        expected_items, expected = profile_confidence(history.astype(np.intp), weights.astype(np.float32), params)
+        items, confidence = recent_confidence(history.tolist(), weights.tolist(), params)
+        assert items == expected_items.tolist()
+        np.testing.assert_allclose(confidence, expected, rtol=1e-6)
+
+
+def test_gateway_live_fold_in_gives_the_builders_user_vector_and_list() -> None:
+    """A visitor with the same history gets the same vector, hence the same list, whether the
+    builder stored it or the gateway folds it in live (its recent_confidence and compiled kernel)."""
+    data = clustered()
+    params = ModelParams(
+        factors=8, regularization=1.0, alpha=5.0, iterations=10, half_life_events=2.0, long_term_share=0.3
+    )
+    items = fit_item_vectors(data, params)
+    stored = user_vectors(data, items, params)
+    inverse = np.linalg.inv(regularized_gram(items, params.regularization))
+    for u in (0, 5, 42):
+        mask = data.user == u
+        order = np.argsort(data.ts[mask], kind="stable")
+        history = data.item[mask][order].tolist()
+        distinct, confidence = recent_confidence(history, data.weight[mask][order].tolist(), params)
+        live = kernels.fold_in(items, inverse, np.array(distinct, np.int64), np.array(confidence, np.float64))
+        np.testing.assert_allclose(live, stored[u], rtol=1e-3, atol=1e-4)
+        seen = set(history)
+        ranked = [int(i) for i in np.argsort(-(items @ live), kind="stable") if int(i) not in seen][:10]
+        builder = [int(i) for i in np.argsort(-(items @ stored[u]), kind="stable") if int(i) not in seen][:10]
+        assert ranked == builder

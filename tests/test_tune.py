@@ -1,0 +1,63 @@
+"""The builder's tuner: two validation splits, every trial recorded, expert pins respected."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from index_builder.dataset import Interactions
+from index_builder.model import ModelParams
+from index_builder.train import Pins, tune, user_models
+
+
+def taste_and_intent(n_users: int = 80, n_items: int = 60, seed: int = 2) -> Interactions:
+    """Users keep one lasting cluster of items and drift into a second one late in their history."""
+    rng = np.random.default_rng(seed)
+    user, item, ts = [], [], []
+    for u in range(n_users):
+        home, late = u % 6, (u + 1 + u // 6) % 6
+        picks = [*rng.choice(10, 8, replace=False) + 10 * home, *rng.choice(10, 4, replace=False) + 10 * late]
+        user += [u] * len(picks)
+        item += picks
+        ts += list(range(100 * u, 100 * u + len(picks)))
+    return Interactions(
+        np.array(user, np.int32),
+        np.array(item, np.int32),
+        np.ones(len(user), np.float32),
+        np.array(ts, np.int64),
+        n_users,
+        n_items,
+    )
+
+
+def test_every_configuration_is_scored_on_both_splits_and_the_choice_is_the_best_on_both() -> None:
+    result = tune(taste_and_intent(), max_trials=4, iterations=5)
+    by_split: dict[str, dict[ModelParams, float]] = {"temporal": {}, "random": {}}
+    for trial in result.trials:
+        by_split[trial.split][trial.params] = trial.ndcg_at_10
+    assert by_split["temporal"].keys() == by_split["random"].keys()
+    assert len(by_split["temporal"]) >= len(user_models(Pins()))
+
+    def plain_best(split: str) -> float:
+        return max(score for params, score in by_split[split].items() if params.half_life_events == 0)
+
+    def worse_ratio(params: ModelParams) -> float:
+        return min(by_split[split][params] / plain_best(split) for split in by_split)
+
+    assert worse_ratio(result.best) == max(worse_ratio(params) for params in by_split["temporal"])
+    assert result.ratios == {split: by_split[split][result.best] / plain_best(split) for split in by_split}
+    assert {trial.params.half_life_events for trial in result.trials} == {0.0, 2.0, 5.0, 15.0}
+    assert {trial.params.long_term_share for trial in result.trials} == {0.0, 0.2, 0.5}
+
+
+def test_pinned_choices_are_kept_and_the_rest_is_tuned() -> None:
+    pins = Pins(factors=8, half_life_events=5.0)
+    result = tune(taste_and_intent(), max_trials=4, iterations=5, pins=pins)
+    assert result.best.factors == 8 and result.best.half_life_events == 5.0
+    assert {trial.params.factors for trial in result.trials} == {8}
+    assert {trial.params.half_life_events for trial in result.trials} == {5.0}
+    assert len({trial.params.long_term_share for trial in result.trials}) > 1
+
+
+def test_the_trial_budget_counts_one_als_fit_per_split() -> None:
+    result = tune(taste_and_intent(), max_trials=2, iterations=5)
+    assert len({(t.params.factors, t.params.regularization, t.params.alpha) for t in result.trials}) == 1
