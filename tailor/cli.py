@@ -21,7 +21,8 @@ from index_builder.build import BuildConfig, BuildResult, QualityGateError, Stop
 from index_builder.event_log import collect
 from index_builder.readers import FORMATS, InputError
 from index_builder.schema import DEFAULT_EVENT_WEIGHTS
-from index_builder.synth import generate
+from index_builder.synth import SHAPES, generate
+from index_builder.train import Pins
 from tailor import catalog_import
 
 DEFAULT_SNAPSHOTS = Path("var/snapshots")
@@ -44,6 +45,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = _non_negative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def _add_synth(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "synth",
@@ -57,6 +72,13 @@ def _add_synth(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--events", type=_positive, default=100_000, help="number of events")
     p.add_argument("--days", type=_positive, default=90, help="time span of the events")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files")
+    p.add_argument(
+        "--shape",
+        choices=SHAPES,
+        default="sessions",
+        help="sessions: a behaviour log (views, clicks, carts, purchases); purchases: orders only, most "
+        "customers ordering once, repeat purchases, seasonal demand",
+    )
 
 
 def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -113,7 +135,22 @@ def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="weight of an event type (repeatable; adds custom types). Defaults: "
         + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_EVENT_WEIGHTS.items()),
     )
-    p.add_argument("--max-trials", type=_positive, default=20, help="ALS fits the hyperparameter search may spend")
+    p.add_argument(
+        "--max-trials",
+        type=_positive,
+        default=20,
+        help="ALS fits the hyperparameter search may spend (two per setting: one per validation split)",
+    )
+    pin = p.add_argument_group(
+        "expert pins", "fix a choice the tuner otherwise makes on its validation splits (it still chooses the rest)"
+    )
+    pin.add_argument("--factors", type=_positive, help="ALS latent factors")
+    pin.add_argument("--regularization", type=_non_negative, help="ALS regularization")
+    pin.add_argument("--alpha", type=_non_negative, help="ALS confidence scale")
+    pin.add_argument("--half-life", type=_non_negative, help="recency half-life in events (0: no decay)")
+    pin.add_argument(
+        "--long-term-share", type=_share, help="share of an event's weight that never decays (0..1; the rest decays)"
+    )
     p.add_argument("--iterations", type=_positive, default=15, help="ALS iterations")
     p.add_argument("--target-recall", type=float, default=0.95, help="Annoy recall@10 the index tuner must reach")
     p.add_argument(
@@ -320,6 +357,8 @@ def print_report(result: BuildResult) -> None:
         f"quality gate {'passed' if m.quality_gate['passed'] else 'FAILED'}"
     )
     print(f"  model: {msgspec.json.encode(result.tuning.best).decode()}")
+    ratios = ", ".join(f"{split} {ratio:.3f}x" for split, ratio in result.tuning.ratios.items())
+    print(f"  validation nDCG@10 over each split's tuned ALS: {ratios}")
     index = m.index
     print(
         f"  index: {index['method']} (annoy n_trees={index['n_trees']} search_k={index['search_k']}), "
@@ -355,6 +394,7 @@ def _build(args: argparse.Namespace, events: list[Path], say: Stopwatch) -> int:
         out=args.out,
         weights={**DEFAULT_EVENT_WEIGHTS, **dict(args.weight)},
         max_trials=args.max_trials,
+        pins=Pins(args.factors, args.regularization, args.alpha, args.half_life, args.long_term_share),
         iterations=args.iterations,
         target_recall=args.target_recall,
         seed=args.seed,
@@ -422,7 +462,14 @@ def _run_snapshots(args: argparse.Namespace) -> int:
 def _run_synth(args: argparse.Namespace) -> int:
     say = Stopwatch()
     summary = generate(
-        args.out, users=args.users, items=args.items, events=args.events, seed=args.seed, days=args.days, progress=say
+        args.out,
+        users=args.users,
+        items=args.items,
+        events=args.events,
+        seed=args.seed,
+        days=args.days,
+        progress=say,
+        shape=args.shape,
     )
     print(msgspec.json.format(msgspec.json.encode(summary), indent=2).decode())
     return 0

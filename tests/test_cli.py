@@ -59,7 +59,7 @@ def test_build_prints_the_quality_report_and_progress(
     captured = capsys.readouterr()
     assert "nDCG@10 lift over popularity" in captured.out
     assert "quality gate passed" in captured.out
-    assert "tuning: trial 1/2" in captured.err
+    assert "tuning: trial 2/2" in captured.err
     assert "writing snapshot" in captured.err
 
 
