@@ -2,7 +2,9 @@
 
 The data is meant to be learnable in the ways real shop logs are: popularity is long-tailed, visitors stick
 to a few categories, consecutive items of a session resemble each other, and tastes and item trends drift,
-so recent behaviour predicts the next step better than old behaviour does.
+so recent behaviour predicts the next step better than old behaviour does. The "purchases" shape is
+shaped instead like a shop's order export: purchases only, most customers ordering once, re-bought
+consumables, a long tail and seasonal demand (see `_purchases`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import numpy as np
@@ -22,6 +25,8 @@ Floats = npt.NDArray[np.float64]
 Bools = npt.NDArray[np.bool_]
 Say = Callable[[str], None]
 
+Shape = Literal["sessions", "purchases"]
+SHAPES: tuple[Shape, ...] = ("sessions", "purchases")
 EVENT_NAMES = ("view", "click", "add_to_cart", "remove_from_cart", "purchase", "search")
 VIEW, CLICK, ADD, REMOVE, PURCHASE, SEARCH = range(6)
 
@@ -343,6 +348,89 @@ def _join(batches: list[_Batch], events: int, days: int, epoch0: float) -> tuple
     return _Rows(user[sess[order]], item, event, variant, ts[order]), sess[order]
 
 
+# The purchase-only shape: what a shop's order export holds. Most customers order once, a few come
+# back often; consumables are bought again; demand follows the seasons (each top category peaks at
+# its own time of year) on top of the long-tailed, trending popularity of the catalog.
+ONE_ORDER_SHARE = 0.6  # customers who never come back
+REPEAT_SHARE = 0.25  # lines of a returning customer's order that re-buy something they bought before
+SEASON_STRENGTH = 0.8  # a category sells up to (1 + s) / (1 - s) times as well in season as out of it
+HISTORY = 16  # earlier purchases a re-buy may pick from (the latest ones)
+
+
+def _purchases(
+    rng: np.random.Generator, cat: _Catalog, people: _People, events: int, epoch0: float, margin: float
+) -> tuple[_Rows, Ints]:
+    """Purchase rows (user, item, time) in time order and each row's order number: at most
+    `events`, about `events` * `margin` before the surplus is cut."""
+    n_users = len(people.ids)
+    n_top = len(cat.share)
+    top_of = np.searchsorted(cat.top_lo, np.argsort(cat.order), side="right") - 1
+    phase = rng.random(n_top)
+    lines_per_order = 1.0 / 0.6
+    # Returning customers' extra orders, lognormal: a long tail of regulars. Scaled to the target.
+    returning = rng.random(n_users) >= ONE_ORDER_SHARE
+    spread = rng.lognormal(0.0, 1.0, n_users) * people.activity * n_users
+    wanted_orders = events / lines_per_order * margin
+    extra_mean = np.where(returning, spread, 0.0)
+    extra_mean *= max(wanted_orders - n_users, 0.0) / max(extra_mean.sum(), 1e-9)
+    orders = 1 + rng.poisson(extra_mean)
+    span = cat.days * DAY
+    # Each customer's order times, uniform over the span and sorted: the k-th order of customer u
+    # is at times[start[u] + k].
+    owner = np.repeat(np.arange(n_users), orders)
+    times = rng.random(len(owner)) * span
+    times = times[np.lexsort((times, owner))]
+    start = np.r_[0, np.cumsum(orders)[:-1]]
+    history = np.full((n_users, HISTORY), -1, dtype=np.int64)
+    bought = np.zeros(n_users, dtype=np.int64)
+    users_out: list[Ints] = []
+    items_out: list[Ints] = []
+    times_out: list[Ints] = []
+    orders_out: list[Ints] = []
+    order_id = 0
+    for k in range(int(orders.max())):
+        act = np.flatnonzero(orders > k)
+        lines = rng.geometric(0.6, len(act))
+        user = np.repeat(act, lines)
+        when = np.repeat(times[start[act] + k], lines)
+        number = np.repeat(order_id + np.arange(len(act)), lines)
+        order_id += len(act)
+        frac = (when / span)[:, None]
+        season = 1.0 + SEASON_STRENGTH * np.sin(2 * np.pi * (when[:, None] / (365.0 * DAY) + phase[None, :]))
+        pref = ((1 - frac) * people.pref0[user] + frac * people.pref1[user]) * season
+        focus = _pick_rows(rng, pref)
+        period = np.minimum((frac[:, 0] * PERIODS).astype(np.int64), PERIODS - 1)
+        cand = _sample(rng, cat, period, cat.top_lo[focus], cat.top_hi[focus])
+        taste = _unit((1 - frac) * people.vec0[user] + frac * people.vec1[user])
+        score = 2.5 * np.einsum("akd,ad->ak", cat.vec[cand], taste) + rng.gumbel(size=cand.shape)
+        score += np.log(season[np.arange(len(user))[:, None], top_of[cand]])
+        item = cand[np.arange(len(user)), np.argmax(score, axis=1)]
+        known = np.minimum(bought[user], HISTORY)
+        again = (known > 0) & (rng.random(len(user)) < REPEAT_SHARE)
+        pick = (rng.random(len(user)) * np.maximum(known, 1)).astype(np.int64)
+        item = np.where(again, history[user, pick], item)
+        line = np.arange(len(user)) - np.repeat(np.cumsum(lines) - lines, lines)
+        for j in range(int(lines.max())):  # one line per customer at a time: no lost updates
+            these = user[line == j]
+            history[these, bought[these] % HISTORY] = item[line == j]
+            bought[these] += 1
+        users_out.append(user)
+        items_out.append(item)
+        times_out.append(when.astype(np.int64))
+        orders_out.append(number)
+    user, item, ts, number = (np.concatenate(parts) for parts in (users_out, items_out, times_out, orders_out))
+    if len(user) > events:  # cut the surplus: random lines, so no stretch of time thins out
+        keep = np.sort(rng.choice(len(user), events, replace=False))
+        user, item, ts, number = user[keep], item[keep], ts[keep], number[keep]
+    order = np.lexsort((number, ts.astype(np.int64)))
+    first_second = math.ceil(epoch0)
+    rows = _Rows(
+        user[order], item[order], np.full(len(order), PURCHASE, dtype=np.int64),
+        np.zeros(len(order), dtype=np.int64), first_second + ts[order],
+    )  # fmt: skip
+    return rows, number[order]
+
+
 def _write_events(path: Path, cat: _Catalog, people: _People, rows: _Rows, say: Say) -> None:
     """CSV lines built column-wise per chunk; a csv.writer or per-row validation would dominate the run."""
     user_col = np.array(people.ids, dtype=object)
@@ -380,13 +468,18 @@ def generate(
     days: int = 90,
     start: datetime = datetime(2026, 1, 1, tzinfo=UTC),
     progress: Callable[[str], None] | None = None,
+    shape: Shape = "sessions",
 ) -> SynthSummary:
     """Write items.jsonl, users.csv (favourite_category indexes the top categories) and events.csv.
 
-    events.csv holds exactly `events` rows in time order; naive `start` is taken as UTC.
+    events.csv holds exactly `events` rows in time order; naive `start` is taken as UTC. The
+    "sessions" shape is a shop's behaviour log (searches, views, clicks, carts, purchases); the
+    "purchases" shape only its orders (see `_purchases`).
     """
     if users < 1 or items < 1 or events < 0 or days < 1:
         raise ValueError("users, items and days must be positive and events non-negative")
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {', '.join(SHAPES)}")
 
     def say(message: str) -> None:
         if progress is not None:
@@ -403,6 +496,15 @@ def generate(
     lines = [f"{u},{f}\n" for u, f in zip(people.ids, people.favourite.tolist(), strict=True)]
     (out_dir / "users.csv").write_text("user_id,favourite_category\n" + "".join(lines), encoding="utf-8")
 
+    epoch0 = (start if start.tzinfo else start.replace(tzinfo=UTC)).timestamp()
+    if shape == "purchases":
+        say(f"orders: {events:,} purchase lines")
+        margin = 1.2
+        rows, sess = _purchases(rng, cat, people, events, epoch0, margin)
+        while len(rows.user) < events:  # the orders came short of the target: draw more
+            margin *= 1.5
+            rows, sess = _purchases(rng, cat, people, events, epoch0, margin)
+        return _written(out_dir, items_path, cat, people, rows, sess, say)
     # Batches of sessions until there are enough rows; the surplus, at most part of a batch, is cut.
     batches: list[_Batch] = []
     done, per_session, shown = 0, 8.0, 0
@@ -419,8 +521,14 @@ def generate(
         done += len(batches[-1].sess)
         per_session = max(1.0, len(batches[-1].sess) / n)
     say("timestamps: ordering sessions")
-    epoch0 = (start if start.tzinfo else start.replace(tzinfo=UTC)).timestamp()
     rows, sess = _join(batches, events, days, epoch0)
+    return _written(out_dir, items_path, cat, people, rows, sess, say)
+
+
+def _written(
+    out_dir: Path, items_path: Path, cat: _Catalog, people: _People, rows: _Rows, sess: Ints, say: Say
+) -> SynthSummary:
+    """events.csv written from `rows`, and the summary of what was generated."""
     events_path = out_dir / "events.csv"
     _write_events(events_path, cat, people, rows, say)
 
@@ -430,4 +538,6 @@ def generate(
     bought = np.bincount(sess[rows.event == PURCHASE], minlength=n_sess) > 0
     event_counts = dict(zip(EVENT_NAMES, counts, strict=True))
     abandoned = int((carted & ~bought).sum())
-    return SynthSummary(items, users, events, str(items_path), str(events_path), event_counts, abandoned)
+    return SynthSummary(
+        len(cat.ids), len(people.ids), len(rows.user), str(items_path), str(events_path), event_counts, abandoned
+    )
