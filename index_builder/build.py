@@ -14,7 +14,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from index_builder import ann, segments, snapshot
+from index_builder import ann, ease, segments, snapshot
 from index_builder.clean import Catalog, CleanReport, assemble, clean_interactions, clean_items
 from index_builder.content import content_vectors
 from index_builder.dataset import Interactions, temporal_split
@@ -30,6 +30,7 @@ from index_builder.train import (
     fit_item_vectors,
     popularity_scorer,
     popularity_scores,
+    profile_matrix,
     tune,
     user_vectors,
 )
@@ -218,6 +219,9 @@ def evaluate_shipped(
     max_users: int | None = None,
 ) -> Metrics:
     """The model exactly as it will ship (content vectors for cold items included), on the hold-out."""
+    if params.ease_regularization > 0:  # known users are served EASE's lists (see `build`)
+        scorer = ease.ease_scorer(train, params.ease_regularization, profile_matrix(train, params))
+        return evaluate(scorer, train, test, max_users=max_users, seed=seed)
     item_vectors = fit_item_vectors(train, params, seed)
     warm = np.bincount(train.item, minlength=train.n_items) > 0
     item_vectors, _ = content_vectors(_contents(items), item_vectors, warm)
@@ -250,7 +254,10 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
 
     say("splitting: each user's last 20% of interactions by time are held out for evaluation")
     train, test = temporal_split(data)
-    say(f"tuning on a temporal and a random validation split of the training part ({config.max_trials} ALS fits at most)")
+    say(
+        "tuning on a temporal and a random validation split of the training part "
+        f"(at most {config.max_trials} ALS fits)"
+    )
     tuning = tune(
         train,
         max_trials=config.max_trials,
@@ -258,6 +265,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         seed=config.seed,
         progress=say,
         pins=config.pins,
+        ease_allowed=data.n_users <= config.precompute_users,  # EASE serves known users from pools only
     )
     say(
         f"chosen: {msgspec.json.encode(tuning.best).decode()}, popularity half-life "
@@ -294,15 +302,19 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     seen_indptr, seen_indices = _seen_csr(data)
     pool_users = _most_active(data, config.precompute_users)
     say(f"precomputing the best {config.pool_size} unseen items for {len(pool_users):,} known users")
-    pool_rows, pool_scores = ann.precompute_pools(
-        item_vectors,
-        users[pool_users],
-        seen_indptr,
-        seen_indices,
-        size=config.pool_size,
-        progress=say,
-        user_rows=pool_users,
-    )
+    if tuning.best.ease_regularization > 0:  # the tuner chose EASE, which allowed it only if all are pooled
+        scorer = ease.ease_scorer(data, tuning.best.ease_regularization, profile_matrix(data, tuning.best))
+        pool_rows, pool_scores = ease.pools(scorer, data.seen_matrix().tocsr(), pool_users, config.pool_size)
+    else:
+        pool_rows, pool_scores = ann.precompute_pools(
+            item_vectors,
+            users[pool_users],
+            seen_indptr,
+            seen_indices,
+            size=config.pool_size,
+            progress=say,
+            user_rows=pool_users,
+        )
 
     neighbours: tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]] | None = None
     if config.neighbours > 0 and data.n_items <= config.neighbours_max_items:

@@ -28,6 +28,9 @@ class ModelParams(msgspec.Struct, frozen=True):
     # The share of each event's confidence that never decays: 1 = taste only (no recency), 0 =
     # recency only. Snapshots from before the blend existed have none, hence the default 0.
     long_term_share: float = 0.0
+    # > 0: the builder ranked known users with EASE of this λ (index_builder.ease) into the
+    # snapshot's precomputed pools; the ALS vectors above still serve everyone else. 0: ALS only.
+    ease_regularization: float = 0.0
 
 
 def recency_decay(events_ago: npt.NDArray[np.int64], half_life: float) -> npt.NDArray[np.float32]:

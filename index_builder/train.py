@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import msgspec
 import numpy as np
@@ -15,6 +16,7 @@ from implicit.cpu import _als
 from implicit.cpu.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
+from index_builder import ease
 from index_builder.dataset import Interactions, history_positions, random_split, temporal_split
 from index_builder.evaluate import Metrics, Scorer, evaluate
 from index_builder.model import ModelParams, recency_weights
@@ -29,7 +31,8 @@ FACTORS: tuple[int, ...] = (32, 64, 128)
 REGULARIZATION = (1.0, 10.0, 30.0)
 ALPHA = (1.0, 5.0, 20.0)
 HALF_LIVES = (2.0, 5.0, 15.0)
-LONG_TERM_SHARES = (0.0, 0.2, 0.5)
+LONG_TERM_SHARES = (0.0, 0.1, 0.2, 0.5)
+EASE_REGULARIZATION = (10.0, 50.0, 200.0, 1000.0, 5000.0)
 Setting = tuple[int, float, float]  # factors, regularization, alpha
 
 
@@ -121,6 +124,7 @@ class Pins(msgspec.Struct, frozen=True):
     alpha: float | None = None
     half_life_events: float | None = None
     long_term_share: float | None = None
+    item_model: Literal["als", "ease"] | None = None
 
 
 class TuneResult(msgspec.Struct, frozen=True):
@@ -155,6 +159,7 @@ def tune(
     progress: Progress | None = None,
     max_eval_users: int = 3000,
     pins: Pins | None = None,
+    ease_allowed: bool = True,
 ) -> TuneResult:
     """Pick ALS settings and the user model's recency blend on two validation splits of `train`.
 
@@ -167,6 +172,10 @@ def tune(
     time over its values and keep the best, until a round changes nothing or `max_trials` ALS fits
     (two per setting, one per split) are spent. The first setting is scored with every user model,
     later ones with plain ALS and the first's two best, and the winner again with all of them.
+
+    Where EASE fits (`ease.fits`, and `ease_allowed`), it is scored on both splits with each λ of
+    EASE_REGULARIZATION and the chosen user model, and chosen instead if its smaller ratio is
+    higher; the ALS part of the result then still serves visitors the build did not know.
     """
     pins = pins or Pins()
     splits = {"temporal": temporal_split(train), "random": random_split(train, seed=seed)}
@@ -260,6 +269,32 @@ def tune(
     )[1]
     (factors, regularization, alpha), (half_life, share) = chosen
     best = ModelParams(factors, regularization, alpha, iterations, half_life, share)
+    ratios = {name: ndcg[name][chosen] / baseline(name) if baseline(name) > 0 else 1.0 for name in splits}
+    best_metrics = metrics_of[chosen]
+    if pins.item_model != "als" and ease_allowed and ease.fits(train):
+        lambdas: dict[float, dict[str, tuple[float, Metrics]]] = {}
+        for name, (fit, validation) in splits.items():
+            profile = profile_matrix(fit, best)
+            for value in EASE_REGULARIZATION:
+                started = time.perf_counter()
+                params = msgspec.structs.replace(best, ease_regularization=value)
+                metrics = evaluate(
+                    ease.ease_scorer(fit, value, profile), fit, validation, max_users=max_eval_users, seed=seed
+                )
+                trials.append(Trial(params, name, metrics.ndcg_at_10, time.perf_counter() - started))
+                found = lambdas.setdefault(value, {})
+                found[name] = (metrics.ndcg_at_10 / baseline(name) if baseline(name) > 0 else 1.0, metrics)
+            if progress is not None:
+                progress(
+                    f"tuning: EASE on the {name} split, λ "
+                    + ", ".join(f"{value:g}: {lambdas[value][name][0]:.3f}x" for value in EASE_REGULARIZATION)
+                    + " tuned ALS"
+                )
+        value = max(lambdas, key=lambda value: min(ratio for ratio, _ in lambdas[value].values()))
+        if pins.item_model == "ease" or min(r for r, _ in lambdas[value].values()) > min(ratios.values()):
+            best = msgspec.structs.replace(best, ease_regularization=value)
+            ratios = {name: ratio for name, (ratio, _) in lambdas[value].items()}
+            best_metrics = lambdas[value]["temporal"][1]
     fit, validation = splits["temporal"]
     popularity_half_life = max(
         (7.0, 30.0, 0.0),
@@ -267,8 +302,7 @@ def tune(
             evaluate(popularity_scorer(fit, days), fit, validation, max_users=max_eval_users, seed=seed).ndcg_at_10
         ),
     )
-    ratios = {name: ndcg[name][chosen] / baseline(name) if baseline(name) > 0 else 1.0 for name in splits}
-    return TuneResult(best, metrics_of[chosen], trials, popularity_half_life, ratios)
+    return TuneResult(best, best_metrics, trials, popularity_half_life, ratios)
 
 
 def _along(current: Setting, axis: int, axes: tuple[Sequence[float], ...]) -> list[Setting]:

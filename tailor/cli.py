@@ -151,6 +151,11 @@ def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     pin.add_argument(
         "--long-term-share", type=_share, help="share of an event's weight that never decays (0..1; the rest decays)"
     )
+    pin.add_argument(
+        "--item-model",
+        choices=("als", "ease"),
+        help="rank known users with ALS or with EASE (EASE only where it fits: see docs/builder.md)",
+    )
     p.add_argument("--iterations", type=_positive, default=15, help="ALS iterations")
     p.add_argument("--target-recall", type=float, default=0.95, help="Annoy recall@10 the index tuner must reach")
     p.add_argument(
@@ -394,7 +399,7 @@ def _build(args: argparse.Namespace, events: list[Path], say: Stopwatch) -> int:
         out=args.out,
         weights={**DEFAULT_EVENT_WEIGHTS, **dict(args.weight)},
         max_trials=args.max_trials,
-        pins=Pins(args.factors, args.regularization, args.alpha, args.half_life, args.long_term_share),
+        pins=Pins(args.factors, args.regularization, args.alpha, args.half_life, args.long_term_share, args.item_model),
         iterations=args.iterations,
         target_recall=args.target_recall,
         seed=args.seed,

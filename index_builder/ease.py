@@ -1,0 +1,114 @@
+"""EASE (Steck 2019): the closed-form linear item-item model, B = I - P diag(1/diag P) with
+P = (XᵀX + λI)⁻¹ over the binary users x items matrix X; a user's scores are their row of X times B.
+
+P is dense items x items, so the item count bounds where EASE fits. When there are fewer users
+than items the same B follows from a users x users inverse (Woodbury):
+
+    P = (I - Xᵀ K X) / λ,   K = (XXᵀ + λI)⁻¹,
+
+so the dense work is min(users, items) squared in memory and cubed in time (MAX_DENSE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+import scipy.linalg
+import scipy.linalg.lapack
+import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
+
+from index_builder.dataset import Interactions
+from index_builder.evaluate import Scorer, top_k_unseen
+
+# The largest min(users, items) EASE is fitted for: the dense float64 inverse then takes about
+# 0.5 GB and a minute on one core (docs/quality.md, "EASE").
+MAX_DENSE = 8_000
+
+
+def fits(data: Interactions) -> bool:
+    return min(data.n_users, data.n_items) <= MAX_DENSE
+
+
+def _binary(data: Interactions) -> sp.csr_matrix:
+    matrix = data.seen_matrix().tocsr()
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    return matrix.astype(np.float64)
+
+
+def _inverse(gram: npt.NDArray[np.float64], regularization: float) -> npt.NDArray[np.float64]:
+    """(gram + λI)⁻¹ of a symmetric positive definite matrix, in place: LAPACK's Cholesky
+    (potrf) and inverse from it (potri), a third of the work of solving against the identity."""
+    gram[np.diag_indices_from(gram)] += regularization
+    factor, info = scipy.linalg.lapack.dpotrf(gram, lower=False, overwrite_a=True, clean=False)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"EASE gram matrix not positive definite (potrf info {info})")
+    inverse, info = scipy.linalg.lapack.dpotri(factor, lower=False, overwrite_c=True)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"EASE inverse failed (potri info {info})")
+    full: npt.NDArray[np.float64] = inverse
+    for start in range(0, len(full), 512):  # potri fills the upper triangle: mirror it, in place
+        stop = start + 512
+        full[start:stop, :start] = full[:start, start:stop].T
+        block = np.triu(full[start:stop, start:stop])
+        full[start:stop, start:stop] = block + np.triu(block, 1).T
+    return full
+
+
+Apply = Callable[[sp.csr_matrix], npt.NDArray[np.float32]]
+
+
+def fit(train: Interactions, regularization: float) -> Apply:
+    """EASE fitted to `train`: a function from profile rows (users x items, sparse) to their
+    scores, the rows times B."""
+    x = _binary(train)
+    with threadpool_limits(2, "blas"):
+        if train.n_items <= train.n_users:
+            p = _inverse((x.T @ x).toarray(), regularization)
+            p /= -np.diag(p)  # B = I - P diag(1/diag P), as float32 to halve what is kept
+            p[np.diag_indices_from(p)] = 0.0
+            b = p.astype(np.float32)
+            del p
+            return lambda rows: np.asarray(rows.astype(np.float32) @ b, dtype=np.float32)
+        k = _inverse((x @ x.T).toarray(), regularization)
+        kx = np.asarray(x.T @ k).T  # K X, users x items (K is symmetric)
+        del k
+    diag_p = (1.0 - np.asarray(x.multiply(kx).sum(axis=0)).ravel()) / regularization
+
+    def apply(rows: sp.csr_matrix) -> npt.NDArray[np.float32]:
+        dense = rows.toarray().astype(np.float64)
+        rp = (dense - np.asarray((rows @ x.T) @ kx)) / regularization  # R P
+        return np.asarray(dense - rp / diag_p, dtype=np.float32)  # R (I - P diag(1/diag P))
+
+    return apply
+
+
+def ease_scorer(train: Interactions, regularization: float, profile: sp.csr_matrix | None = None) -> Scorer:
+    """Scores of the EASE model fitted to `train` for batches of its users: each user's row of
+    `profile` (e.g. recency-weighted; default the binary matrix) times B."""
+    apply = fit(train, regularization)
+    rows = (_binary(train) if profile is None else profile).tocsr()
+    return lambda batch: apply(rows[batch])
+
+
+def pools(
+    score: Scorer, seen: sp.csr_matrix, users: npt.NDArray[np.int32], size: int, batch: int = 512
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    """Each of `users`' `size` best unseen items by `score`, best first, and their scores: the
+    snapshot's precomputed pools, from which the gateway serves known users."""
+    size = min(size, seen.shape[1])
+    rows = np.empty((len(users), size), dtype=np.int32)
+    scores = np.empty((len(users), size), dtype=np.float32)
+    for start in range(0, len(users), batch):
+        chunk = users[start : start + batch]
+        block = score(chunk)
+        top = top_k_unseen(block, seen[chunk], size)
+        picked = np.take_along_axis(block, top, axis=1)
+        # A catalog with fewer unseen items than `size` fills the rest with seen ones, scored -inf.
+        picked[np.asarray(seen[chunk][np.arange(len(chunk))[:, None], top].todense()) > 0] = -np.inf
+        rows[start : start + len(chunk)] = top
+        scores[start : start + len(chunk)] = picked
+    return rows, scores
