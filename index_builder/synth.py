@@ -358,7 +358,7 @@ HISTORY = 16  # earlier purchases a re-buy may pick from (the latest ones)
 
 
 def _purchases(
-    rng: np.random.Generator, cat: _Catalog, people: _People, events: int, epoch0: float, margin: float
+    rng: np.random.Generator, cat: _Catalog, people: _People, *, events: int, epoch0: float, margin: float
 ) -> tuple[_Rows, Ints]:
     """Purchase rows (user, item, time) in time order and each row's order number: at most
     `events`, about `events` * `margin` before the surplus is cut."""
@@ -500,11 +500,11 @@ def generate(
     if shape == "purchases":
         say(f"orders: {events:,} purchase lines")
         margin = 1.2
-        rows, sess = _purchases(rng, cat, people, events, epoch0, margin)
+        rows, sess = _purchases(rng, cat, people, events=events, epoch0=epoch0, margin=margin)
         while len(rows.user) < events:  # the orders came short of the target: draw more
             margin *= 1.5
-            rows, sess = _purchases(rng, cat, people, events, epoch0, margin)
-        return _written(out_dir, items_path, cat, people, rows, sess, say)
+            rows, sess = _purchases(rng, cat, people, events=events, epoch0=epoch0, margin=margin)
+        return _written(out_dir, items_path, cat, people, rows=rows, sess=sess, say=say)
     # Batches of sessions until there are enough rows; the surplus, at most part of a batch, is cut.
     batches: list[_Batch] = []
     done, per_session, shown = 0, 8.0, 0
@@ -522,11 +522,11 @@ def generate(
         per_session = max(1.0, len(batches[-1].sess) / n)
     say("timestamps: ordering sessions")
     rows, sess = _join(batches, events, days, epoch0)
-    return _written(out_dir, items_path, cat, people, rows, sess, say)
+    return _written(out_dir, items_path, cat, people, rows=rows, sess=sess, say=say)
 
 
 def _written(
-    out_dir: Path, items_path: Path, cat: _Catalog, people: _People, rows: _Rows, sess: Ints, say: Say
+    out_dir: Path, items_path: Path, cat: _Catalog, people: _People, *, rows: _Rows, sess: Ints, say: Say
 ) -> SynthSummary:
     """events.csv written from `rows`, and the summary of what was generated."""
     events_path = out_dir / "events.csv"

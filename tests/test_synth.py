@@ -151,3 +151,34 @@ def test_progress_names_each_phase(tmp_path: Path) -> None:
     generate(tmp_path, users=USERS, items=ITEMS, events=EVENTS, progress=messages.append)
     for phase in ("catalog", "users", "timestamps", "events.csv"):
         assert any(message.startswith(phase) for message in messages)
+
+
+def test_the_purchases_shape_is_an_order_export_with_one_time_buyers_repeats_and_seasons(tmp_path: Path) -> None:
+    summary = generate(tmp_path, users=3000, items=800, events=12_000, seed=2, days=365, start=START, shape="purchases")
+    rows = _rows(tmp_path)
+    assert summary.events == len(rows) == 12_000
+    assert {row["event"] for row in rows} == {"purchase"}
+    assert all(row["value"] for row in rows)
+    orders: defaultdict[str, set[str]] = defaultdict(set)
+    bought: Counter[tuple[str, str]] = Counter()
+    for row in rows:
+        orders[row["user_id"]].add(row["timestamp"])
+        bought[row["user_id"], row["item_id"]] += 1
+    one_order = sum(1 for times in orders.values() if len(times) == 1) / len(orders)
+    assert one_order > 0.5  # most customers order once
+    assert max(len(times) for times in orders.values()) >= 10  # and a few are regulars
+    assert sum(count - 1 for count in bought.values()) / len(rows) > 0.05  # re-bought items
+    per_item = sorted(Counter(row["item_id"] for row in rows).values(), reverse=True)
+    assert sum(per_item[: len(per_item) // 10]) > 0.4 * len(rows)  # a long tail
+    top = _top_category(tmp_path)
+    quarter_sales: defaultdict[str, Counter[int]] = defaultdict(Counter)
+    for row in rows:
+        month = int(row["timestamp"][5:7])
+        quarter_sales[top[row["item_id"]]][(month - 1) // 3] += 1
+    swings = [max(q.values()) / max(min(q.values()), 1) for q in quarter_sales.values() if sum(q.values()) > 300]
+    assert max(swings) > 2.0  # some category sells far better in its season
+
+
+def test_an_unknown_shape_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="shape"):
+        generate(tmp_path, users=2, items=2, events=2, shape="clicks")  # type: ignore[arg-type]
