@@ -1,17 +1,23 @@
-"""Side-by-side quality benchmark on one temporal split, in one run.
+"""Side-by-side quality benchmark on three hold-outs, in one run.
 
-Rows: popularity, implicit's ALS with default parameters, implicit's ALS tuned by grid search on
-the validation split, and `tailor build` as shipped (its own tuner, recency-weighted fold-in,
-content vectors for cold items). All rows train on the same 80% and are scored on the same 20%.
+Protocols (see docs/quality.md): MovieLens ml-latest-small with each user's last 20% by time held
+out ("temporal") and with a seeded random 25% of each user's ratings held out ("random"), and a
+purchase-only synthetic shop (`tailor synth --shape purchases`) with the temporal hold-out
+("purchases"). Rows per protocol: popularity; implicit's ALS with default parameters; implicit's
+ALS grid-tuned on a validation split of that protocol's training part carved the protocol's own
+way; EASE with its λ tuned the same way; and `tailor build`'s model as shipped, chosen by its own
+tuner with no per-protocol setting. Within a protocol every row trains on the same part and is
+scored on the same hold-out.
 
-    .venv/bin/python loadtests/bench_quality.py                      # MovieLens small
-    .venv/bin/python loadtests/bench_quality.py --events var/shop/events.csv --items var/shop/items.jsonl
+    .venv/bin/python loadtests/bench_quality.py                     # all three protocols
+    .venv/bin/python loadtests/bench_quality.py --protocols temporal random
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -22,12 +28,18 @@ from implicit.cpu.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
 from index_builder.build import BuildConfig, Stopwatch, evaluate_shipped, read_inputs
-from index_builder.dataset import Interactions, temporal_split
+from index_builder.dataset import Interactions, random_split, temporal_split
+from index_builder.ease import ease_scorer
 from index_builder.evaluate import Metrics, Scorer, evaluate
-from index_builder.readers import Format
+from index_builder.schema import Item
+from index_builder.synth import generate
 from index_builder.train import ALPHA, FACTORS, REGULARIZATION, confidence_matrix, popularity_scorer, tune
 
 MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+PROTOCOLS = ("temporal", "random", "purchases")
+EASE_LAMBDAS = (20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
+# The purchase-shaped shop: many one-order customers, so more customers than items.
+SHOP = {"users": 20_000, "items": 5_000, "events": 60_000, "days": 365, "seed": 1, "shape": "purchases"}
 
 
 class Row(msgspec.Struct):
@@ -35,6 +47,16 @@ class Row(msgspec.Struct):
     metrics: Metrics
     train_seconds: float
     parameters: dict[str, object]
+
+
+class Result(msgspec.Struct):
+    protocol: str
+    description: str
+    counts: dict[str, int]
+    rows: list[Row]
+
+
+Split = Callable[[Interactions], tuple[Interactions, Interactions]]
 
 
 def als_scorer(train: Interactions, **params: float) -> Scorer:
@@ -51,39 +73,50 @@ def timed(make: Callable[[], Scorer]) -> tuple[Scorer, float]:
     return scorer, time.perf_counter() - started
 
 
-def run(events: Path, items: Path, fmt: Format, say: Callable[[str], None]) -> list[Row]:
-    data, catalog, _, _, _ = read_inputs(BuildConfig(events=[events], items=items, format=fmt), say)
-    train, test = temporal_split(data)
-    fit, validation = temporal_split(train)
+def tuned(
+    candidates: list[dict[str, float]],
+    make: Callable[..., Scorer],
+    fit: Interactions,
+    validation: Interactions,
+) -> dict[str, float]:
+    """The candidate parameters whose model, trained on `fit`, ranks best on `validation`."""
+    scored = [(evaluate(make(fit, **params), fit, validation).ndcg_at_10, i) for i, params in enumerate(candidates)]
+    return candidates[max(scored)[1]]
+
+
+def run(data: Interactions, catalog: list[Item], split: Split, say: Callable[[str], None]) -> list[Row]:
+    train, test = split(data)
+    fit, validation = split(train)
     rows: list[Row] = []
 
     scorer, seconds = timed(lambda: popularity_scorer(train, 0.0))
     rows.append(Row("popularity", evaluate(scorer, train, test), seconds, {}))
-    say("popularity done")
 
     scorer, seconds = timed(lambda: als_scorer(train))
     rows.append(Row("implicit ALS, defaults", evaluate(scorer, train, test), seconds, {}))
-    say("ALS defaults done")
+    say("  popularity and ALS defaults done")
 
-    # Grid search on the validation split carved from training, the same grid Tailor's tuner walks.
+    # The full grid Tailor's tuner walks, on this protocol's own validation split.
     started = time.perf_counter()
-    best: tuple[float, dict[str, float]] | None = None
-    for factors, regularization, alpha in itertools.product(FACTORS, REGULARIZATION, ALPHA):
-        params = {"factors": factors, "regularization": regularization, "alpha": alpha}
-        ndcg = evaluate(als_scorer(fit, **params), fit, validation).ndcg_at_10
-        if best is None or ndcg > best[0]:
-            best = (ndcg, params)
-    assert best is not None
-    scorer = als_scorer(train, **best[1])
-    seconds = time.perf_counter() - started
-    rows.append(Row("implicit ALS, grid-tuned", evaluate(scorer, train, test), seconds, dict(best[1])))
-    say(f"ALS grid search done: {best[1]}")
+    grid = [
+        {"factors": f, "regularization": r, "alpha": a} for f, r, a in itertools.product(FACTORS, REGULARIZATION, ALPHA)
+    ]
+    best = tuned(grid, als_scorer, fit, validation)
+    scorer = als_scorer(train, **best)
+    rows.append(Row("implicit ALS, grid-tuned", evaluate(scorer, train, test), time.perf_counter() - started, {**best}))
+    say(f"  ALS grid search done: {best}")
+
+    started = time.perf_counter()
+    best = tuned([{"regularization": value} for value in EASE_LAMBDAS], ease_scorer, fit, validation)
+    scorer = ease_scorer(train, **best)
+    rows.append(Row("EASE, λ tuned", evaluate(scorer, train, test), time.perf_counter() - started, {**best}))
+    say(f"  EASE done: {best}")
 
     started = time.perf_counter()
     tuning = tune(train, progress=say)
     metrics = evaluate_shipped(train, test, catalog, tuning.best, seed=0)
     seconds = time.perf_counter() - started  # includes its tuning, like the grid-tuned row
-    rows.append(Row("tailor build", metrics, seconds, msgspec.to_builtins(tuning.best)))
+    rows.append(Row("tailor build", metrics, seconds, {**msgspec.to_builtins(tuning.best), "ratios": tuning.ratios}))
     return rows
 
 
@@ -101,25 +134,57 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def ratios(rows: list[Row]) -> str:
+    ndcg = {row.name: row.metrics.ndcg_at_10 for row in rows}
+    tailor = ndcg["tailor build"]
+    return (
+        f"tailor nDCG@10: {tailor / ndcg['implicit ALS, grid-tuned']:.3f}x grid-tuned ALS, "
+        f"{tailor / ndcg['EASE, λ tuned']:.3f}x EASE, {tailor / ndcg['popularity']:.2f}x popularity"
+    )
+
+
+def commit() -> str:
+    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    return found.stdout.strip() or "unknown"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--events", type=Path, default=MOVIELENS / "ratings.csv")
-    p.add_argument("--items", type=Path, default=MOVIELENS / "movies.csv")
-    p.add_argument("--format", default=None, help="input format (default: movielens for the default paths)")
-    p.add_argument("--json", type=Path, default=Path("var/bench/quality.json"), help="where to write the rows")
+    p.add_argument("--movielens", type=Path, default=MOVIELENS, help="ml-latest-small directory")
+    p.add_argument("--shop", type=Path, default=Path("var/bench/purchases"), help="where the synthetic shop goes")
+    p.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    p.add_argument("--json", type=Path, default=Path("var/bench/quality.json"), help="where to write the results")
     args = p.parse_args()
-    fmt: Format = args.format or ("movielens" if args.events.name == "ratings.csv" else "auto")
-    if not args.events.exists():
-        print(f"{args.events}: not found. See docs/quality.md for getting MovieLens.", file=sys.stderr)
-        return 1
-    rows = run(args.events, args.items, fmt, Stopwatch())
-    print(table(rows))
-    tuned = next(r for r in rows if r.name == "implicit ALS, grid-tuned").metrics.ndcg_at_10
-    tailor = rows[-1].metrics.ndcg_at_10
-    popularity = rows[0].metrics.ndcg_at_10
-    print(f"\ntailor / tuned ALS nDCG@10: {tailor / tuned:.2f}x; tuned ALS / popularity: {tuned / popularity:.2f}x")
+    say = Stopwatch()
+    results: list[Result] = []
+    for protocol in args.protocols:
+        if protocol == "purchases":
+            if not (args.shop / "events.csv").exists():
+                say(f"generating the purchase-shaped shop in {args.shop}: {SHOP}")
+                generate(args.shop, **SHOP)  # type: ignore[arg-type]
+            config = BuildConfig(events=[args.shop / "events.csv"], items=args.shop / "items.jsonl")
+            description = f"tailor synth --shape purchases {SHOP}; each user's last 20% by time held out"
+        else:
+            if not (args.movielens / "ratings.csv").exists():
+                print(f"{args.movielens}: not found. See docs/quality.md for getting MovieLens.", file=sys.stderr)
+                return 1
+            config = BuildConfig(
+                events=[args.movielens / "ratings.csv"], items=args.movielens / "movies.csv", format="movielens"
+            )
+            description = (
+                "ml-latest-small; each user's last 20% by time held out"
+                if protocol == "temporal"
+                else "ml-latest-small; a seeded random 25% of each user's ratings held out"
+            )
+        data, catalog, _, _, _ = read_inputs(config, lambda _: None)
+        split: Split = temporal_split if protocol != "random" else lambda d: random_split(d, 0.25, seed=0)
+        say(f"{protocol}: {description}")
+        rows = run(data, catalog, split, say)
+        counts = {"interactions": len(data), "users": data.n_users, "items": data.n_items}
+        results.append(Result(protocol, description, counts, rows))
+        print(f"\n{protocol}: {description}\n{table(rows)}\n{ratios(rows)}\n", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_bytes(msgspec.json.format(msgspec.json.encode(rows), indent=2))
+    args.json.write_bytes(msgspec.json.format(msgspec.json.encode({"commit": commit(), "results": results}), indent=2))
     return 0
 
 
