@@ -23,9 +23,10 @@ from threadpoolctl import threadpool_limits
 from index_builder.dataset import Interactions
 from index_builder.evaluate import Scorer, top_k_unseen
 
-# The largest min(users, items) EASE is fitted for: the dense float64 inverse then takes about
-# 0.5 GB and a minute on one core (docs/quality.md, "EASE").
-MAX_DENSE = 8_000
+# The largest min(users, items) EASE is fitted for. Measured (docs/builder.md, "EASE"): n = 2,000
+# takes 1.6 s of CPU and 126 MB at peak, n = 4,000 6.0 s and 278 MB; time grows with n³ and memory
+# with n², so n = 5,000 is about 12 s and 400 MB per fit, and the tuner fits it ten times.
+MAX_DENSE = 5_000
 
 
 def fits(data: Interactions) -> bool:

@@ -272,29 +272,16 @@ def tune(
     ratios = {name: ndcg[name][chosen] / baseline(name) if baseline(name) > 0 else 1.0 for name in splits}
     best_metrics = metrics_of[chosen]
     if pins.item_model != "als" and ease_allowed and ease.fits(train):
-        lambdas: dict[float, dict[str, tuple[float, Metrics]]] = {}
-        for name, (fit, validation) in splits.items():
-            profile = profile_matrix(fit, best)
-            for value in EASE_REGULARIZATION:
-                started = time.perf_counter()
-                params = msgspec.structs.replace(best, ease_regularization=value)
-                metrics = evaluate(
-                    ease.ease_scorer(fit, value, profile), fit, validation, max_users=max_eval_users, seed=seed
-                )
-                trials.append(Trial(params, name, metrics.ndcg_at_10, time.perf_counter() - started))
-                found = lambdas.setdefault(value, {})
-                found[name] = (metrics.ndcg_at_10 / baseline(name) if baseline(name) > 0 else 1.0, metrics)
-            if progress is not None:
-                progress(
-                    f"tuning: EASE on the {name} split, λ "
-                    + ", ".join(f"{value:g}: {lambdas[value][name][0]:.3f}x" for value in EASE_REGULARIZATION)
-                    + " tuned ALS"
-                )
-        value = max(lambdas, key=lambda value: min(ratio for ratio, _ in lambdas[value].values()))
-        if pins.item_model == "ease" or min(r for r, _ in lambdas[value].values()) > min(ratios.values()):
-            best = msgspec.structs.replace(best, ease_regularization=value)
-            ratios = {name: ratio for name, (ratio, _) in lambdas[value].items()}
-            best_metrics = lambdas[value]["temporal"][1]
+        baselines = {name: baseline(name) for name in splits}
+        found = _score_ease(splits, best, all_models, baselines, trials, max_eval_users, seed, progress)
+        value, (half_life, share) = max(found, key=lambda key: min(r for r, _ in found[key].values()))
+        scored = found[(value, (half_life, share))]
+        if pins.item_model == "ease" or min(r for r, _ in scored.values()) > min(ratios.values()):
+            best = msgspec.structs.replace(
+                best, half_life_events=half_life, long_term_share=share, ease_regularization=value
+            )
+            ratios = {name: ratio for name, (ratio, _) in scored.items()}
+            best_metrics = scored["temporal"][1]
     fit, validation = splits["temporal"]
     popularity_half_life = max(
         (7.0, 30.0, 0.0),
@@ -303,6 +290,50 @@ def tune(
         ),
     )
     return TuneResult(best, best_metrics, trials, popularity_half_life, ratios)
+
+
+def _score_ease(  # noqa: PLR0917 - the tuner's state, passed on once
+    splits: dict[str, tuple[Interactions, Interactions]],
+    best: ModelParams,
+    models: list[UserModel],
+    baselines: dict[str, float],
+    trials: list[Trial],
+    max_eval_users: int,
+    seed: int,
+    progress: Progress | None,
+) -> dict[tuple[float, UserModel], dict[str, tuple[float, Metrics]]]:
+    """EASE with each λ and user model on each split: its ratio to the split's tuned ALS, and its
+    metrics. One fit per λ and split; the user models only change the profile rows it scores."""
+    found: dict[tuple[float, UserModel], dict[str, tuple[float, Metrics]]] = {}
+    for name, (fit, validation) in splits.items():
+        profiles = {
+            (half_life, share): profile_matrix(
+                fit, msgspec.structs.replace(best, half_life_events=half_life, long_term_share=share)
+            ).tocsr()
+            for half_life, share in models
+        }
+        for value in EASE_REGULARIZATION:
+            started = time.perf_counter()
+            apply = ease.fit(fit, value)
+            for model, rows in profiles.items():
+
+                def scorer(
+                    batch: npt.NDArray[np.int32], rows: sp.csr_matrix = rows, apply: ease.Apply = apply
+                ) -> Vectors:
+                    return apply(rows[batch])
+
+                metrics = evaluate(scorer, fit, validation, max_users=max_eval_users, seed=seed)
+                params = msgspec.structs.replace(
+                    best, half_life_events=model[0], long_term_share=model[1], ease_regularization=value
+                )
+                trials.append(Trial(params, name, metrics.ndcg_at_10, time.perf_counter() - started))
+                started = time.perf_counter()
+                ratio = metrics.ndcg_at_10 / baselines[name] if baselines[name] > 0 else 1.0
+                found.setdefault((value, model), {})[name] = (ratio, metrics)
+            if progress is not None:
+                top = max(ratio for (v, _), by in found.items() if v == value for ratio, _ in [by[name]])
+                progress(f"tuning: EASE λ={value:g} on the {name} split: best {top:.3f}x tuned ALS")
+    return found
 
 
 def _along(current: Setting, axis: int, axes: tuple[Sequence[float], ...]) -> list[Setting]:

@@ -6,7 +6,7 @@ import numpy as np
 
 from index_builder.dataset import Interactions
 from index_builder.model import ModelParams
-from index_builder.train import Pins, tune, user_models
+from index_builder.train import EASE_REGULARIZATION, Pins, tune, user_models
 
 
 def taste_and_intent(n_users: int = 80, n_items: int = 60, seed: int = 2) -> Interactions:
@@ -38,7 +38,12 @@ def test_every_configuration_is_scored_on_both_splits_and_the_choice_is_the_best
     assert len(by_split["temporal"]) >= len(user_models(Pins()))
 
     def plain_best(split: str) -> float:
-        return max(score for params, score in by_split[split].items() if params.half_life_events == 0)
+        plain = [
+            score
+            for params, score in by_split[split].items()
+            if params.half_life_events == 0 and params.ease_regularization == 0
+        ]
+        return max(plain)
 
     def worse_ratio(params: ModelParams) -> float:
         return min(by_split[split][params] / plain_best(split) for split in by_split)
@@ -46,16 +51,18 @@ def test_every_configuration_is_scored_on_both_splits_and_the_choice_is_the_best
     assert worse_ratio(result.best) == max(worse_ratio(params) for params in by_split["temporal"])
     assert result.ratios == {split: by_split[split][result.best] / plain_best(split) for split in by_split}
     assert {trial.params.half_life_events for trial in result.trials} == {0.0, 2.0, 5.0, 15.0}
-    assert {trial.params.long_term_share for trial in result.trials} == {0.0, 0.2, 0.5}
+    assert {trial.params.ease_regularization for trial in result.trials} == {0.0, *EASE_REGULARIZATION}
+    assert {trial.params.long_term_share for trial in result.trials} == {0.0, 0.1, 0.2, 0.5}
 
 
 def test_pinned_choices_are_kept_and_the_rest_is_tuned() -> None:
-    pins = Pins(factors=8, half_life_events=5.0)
+    pins = Pins(factors=8, half_life_events=5.0, item_model="als")
     result = tune(taste_and_intent(), max_trials=4, iterations=5, pins=pins)
     assert result.best.factors == 8 and result.best.half_life_events == 5.0
     assert {trial.params.factors for trial in result.trials} == {8}
     assert {trial.params.half_life_events for trial in result.trials} == {5.0}
     assert len({trial.params.long_term_share for trial in result.trials}) > 1
+    assert {trial.params.ease_regularization for trial in result.trials} == {0.0}
 
 
 def test_the_trial_budget_counts_one_als_fit_per_split() -> None:
