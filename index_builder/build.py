@@ -267,6 +267,11 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         pins=config.pins,
         ease_allowed=data.n_users <= config.precompute_users,  # EASE serves known users from pools only
     )
+    if config.pins.item_model == "ease" and tuning.best.ease_regularization == 0:
+        say(
+            f"EASE was pinned but does not fit here (min(users, items) > {ease.MAX_DENSE:,}, or more users "
+            "than --precompute-users): ALS it is"
+        )
     say(
         f"chosen: {msgspec.json.encode(tuning.best).decode()}, popularity half-life "
         f"{tuning.popularity_half_life_days} days; x tuned ALS: "
