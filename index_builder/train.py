@@ -343,4 +343,3 @@ def _along(current: Setting, axis: int, axes: tuple[Sequence[float], ...]) -> li
         values[axis] = value
         found.append((int(values[0]), float(values[1]), float(values[2])))
     return found
-
