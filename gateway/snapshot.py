@@ -1,6 +1,6 @@
 """A published snapshot loaded for serving, and the holder that swaps it atomically.
 
-Vectors, the seen-items matrix and the Annoy index are memory-mapped, so `--workers N` processes
+Vectors, the seen-items matrix and the nearest-neighbour graph are memory-mapped, so `--workers N` processes
 share one copy in the page cache. Loading runs in a worker thread (it reads and checksums files);
 the swap itself is one attribute assignment on the event loop, so a request that already holds the
 old snapshot finishes on it and the next one sees the new one.
@@ -20,9 +20,9 @@ from typing import Any
 import msgspec
 import numpy as np
 import numpy.typing as npt
-from annoy import AnnoyIndex
 
 from index_builder import snapshot as published
+from index_builder.ann import ItemIndex
 from index_builder.content import TOKENS_FILE, WEIGHTS_FILE, ContentModel
 from index_builder.model import ModelParams, regularized_gram
 from index_builder.schema import Attribute, Item
@@ -67,9 +67,7 @@ class Snapshot:
     event_weights: dict[str, float]
     gram: npt.NDArray[np.float64]
     gram_inverse: npt.NDArray[np.floating[Any]]  # for the fold-in (gateway.recommend.kernels.fold_in)
-    method: str
-    search_k: int
-    annoy: AnnoyIndex | None = field(default=None)
+    index: ItemIndex  # nearest items by inner product (the manifest's choice), items added since included
     # Precomputed best unseen items of the most active known users (absent in older snapshots).
     pool_users: npt.NDArray[np.int32] | None = None
     pool_rows: npt.NDArray[np.int32] | None = None
@@ -133,6 +131,10 @@ class Snapshot:
             keep = np.isfinite(scores)
             return rows[keep], scores[keep]
         return rows, scores
+
+    @property
+    def method(self) -> str:
+        return self.index.method
 
     def age(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.created
@@ -252,11 +254,7 @@ def _read(directory: Path) -> Snapshot:
         content = ContentModel.load(directory)
 
     gram = regularized_gram(np.asarray(item_vectors), params.regularization)
-    index = manifest.index
-    annoy: AnnoyIndex | None = None
-    if index["method"] == "annoy":
-        annoy = AnnoyIndex(item_vectors.shape[1], "dot")
-        annoy.load(str(directory / "items.ann"))  # memory-mapped by Annoy itself
+    index = ItemIndex.load(directory, manifest.index, item_vectors)
     tags = [frozenset(item.tags) for item in items]
     attributes = [item.attributes or NO_ATTRIBUTES for item in items]
     return Snapshot(
@@ -281,9 +279,7 @@ def _read(directory: Path) -> Snapshot:
         event_weights=weights,
         gram=gram,
         gram_inverse=np.linalg.inv(gram),
-        method=str(index["method"]),
-        search_k=int(index["search_k"]),
-        annoy=annoy,
+        index=index,
         pool_users=pools.get("pool_users"),
         pool_rows=pools.get("pool_rows"),
         pool_scores=pools.get("pool_scores"),

@@ -1,44 +1,64 @@
-"""Nearest-neighbour index over item vectors: Annoy tuned to a recall target, or exact search
-when measurement says exact is at least as fast for this catalog.
+"""Nearest items by inner product, shared by the builder and the gateway: the snapshot's index (an
+HNSW graph over the item vectors, or exact search where measurement says exact is as fast), its
+tuning to a recall target, and items added after the build.
+
+The graph is faiss's `IndexHNSWFlat` with the inner-product metric: it ranks by the very dot product
+the model scores with (no angular stand-in) and returns exact scores, since it keeps the vectors
+uncompressed. Chosen on `loadtests/bench_index.py`'s measurements (docs/performance.md): at 1M
+64-d items it reaches recall@10 0.95+ in about a tenth of a millisecond, where Annoy needed 56 ms for
+0.94; faiss memory-maps the saved graph (`IO_FLAG_MMAP_IFC`), so gateway workers share one copy in
+the page cache, which hnswlib's loader (a private copy per process) cannot.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import faiss
 import msgspec
 import numpy as np
 import numpy.typing as npt
 from annoy import AnnoyIndex
 
 Vectors = npt.NDArray[np.float32]
-METRIC: Literal["dot"] = "dot"  # scores are dot products (ALS), so the index ranks by the same number
+Rows = npt.NDArray[np.int64]
+Method = Literal["hnsw", "exact"]
 K = 10
-N_TREES = (10, 25, 50, 100)
-SEARCH_K_PER_TREE = (10, 20, 40, 80, 160, 320, 640)  # × K × n_trees; Annoy's default is n_trees × K
+HNSW_FILE = "items.hnsw"
+ANNOY_FILE = "items.ann"  # snapshots of builds before the HNSW index
+# Graph degree and construction breadth: M 32 reached the recall target at a smaller efSearch than
+# M 16 on ALS-shaped vectors (loadtests/bench_index.py); efConstruction 64 keeps a 1M-item build
+# within a few minutes on two cores.
+HNSW_M = 32
+EF_CONSTRUCTION = 64
+EF_SEARCH = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+EXACT_TIMING_QUERIES = 50  # exact search costs ~10 ms a query at 1M items; its median settles early
 
 
-class AnnTrial(msgspec.Struct, frozen=True):
-    n_trees: int
-    search_k: int
+class IndexTrial(msgspec.Struct, frozen=True):
+    ef_search: int
     recall_at_10: float
     median_query_us: float
 
 
-class AnnChoice(msgspec.Struct, frozen=True):
-    method: Literal["annoy", "exact"]
-    n_trees: int
-    search_k: int
+class IndexChoice(msgspec.Struct, frozen=True):
+    """What the tuner measured and chose; recorded as the manifest's `index`."""
+
+    method: Method
+    ef_search: int
+    m: int
+    ef_construction: int
     recall_at_10: float
     median_query_us: float
     exact_median_query_us: float
     target_recall: float
     queries: int
-    trials: list[AnnTrial]
+    build_seconds: float
+    trials: list[IndexTrial]
 
 
 def exact_top_k(items: Vectors, query: Vectors, k: int = K) -> npt.NDArray[np.intp]:
@@ -48,13 +68,14 @@ def exact_top_k(items: Vectors, query: Vectors, k: int = K) -> npt.NDArray[np.in
     return top[np.argsort(-scores[top], kind="stable")]
 
 
-def build_annoy(items: Vectors, n_trees: int, seed: int = 0) -> AnnoyIndex:
-    index = AnnoyIndex(items.shape[1], METRIC)
-    index.set_seed(seed)
-    for row, vector in enumerate(items):
-        index.add_item(row, vector.tolist())
-    index.build(n_trees, n_jobs=1)
-    return index
+def build_hnsw(items: Vectors, *, m: int = HNSW_M, ef_construction: int = EF_CONSTRUCTION) -> Any:
+    """An inner-product HNSW graph over `items` (row i has id i). faiss inserts in parallel over all
+    cores, so two builds may link a few nodes differently; tuning measures the graph it ships."""
+    graph = faiss.IndexHNSWFlat(items.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    graph.hnsw.efConstruction = ef_construction
+    for start in range(0, len(items), 100_000):  # faiss copies what it is given: bound the copy
+        graph.add(np.ascontiguousarray(items[start : start + 100_000], dtype=np.float32))
+    return graph
 
 
 def _median_us(run: Callable[[Vectors], object], queries: Vectors) -> float:
@@ -66,75 +87,201 @@ def _median_us(run: Callable[[Vectors], object], queries: Vectors) -> float:
     return float(np.median(times)) / 1000.0
 
 
-def _annoy_query(index: AnnoyIndex, k: int, search_k: int, query: Vectors) -> list[int]:
-    return index.get_nns_by_vector(query.tolist(), k, search_k=search_k)
+def _graph_search(graph: Any, queries: Vectors, k: int, ef: int) -> tuple[npt.NDArray[np.float32], Rows]:
+    params = faiss.SearchParametersHNSW(efSearch=max(ef, k))  # type: ignore[attr-defined]
+    scores, rows = graph.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+    return scores, rows
 
 
 def tune_index(
     items: Vectors,
     queries: Vectors,
     target_recall: float = 0.95,
-    seed: int = 0,
     progress: Callable[[str], None] | None = None,
-) -> tuple[AnnChoice, AnnoyIndex]:
-    """The fewest trees and smallest search_k reaching `target_recall`@10 on real user queries.
-
-    Returns the choice and the Annoy index it was measured on (built even when exact search
-    wins, so a gateway can still be switched to it). Recall is against exact dot-product search.
-    """
+) -> tuple[IndexChoice, Any]:
+    """The smallest efSearch whose recall@10 against exact inner-product search reaches
+    `target_recall` on real user queries, and whichever of that graph and exact search has the
+    lower median query time. Returns the choice and the graph (None when exact search wins)."""
     k = min(K, len(items))
-    truth = [set(exact_top_k(items, q, k).tolist()) for q in queries]
-    exact_us = _median_us(lambda q: exact_top_k(items, q, k), queries)
-    trials: list[AnnTrial] = []
-    chosen: tuple[AnnTrial, AnnoyIndex] | None = None
-    last: tuple[AnnTrial, AnnoyIndex] | None = None
-    for n_trees in N_TREES:
-        index = build_annoy(items, n_trees, seed)
-        for per_tree in SEARCH_K_PER_TREE:
-            search_k = per_tree * k * n_trees
-            found = [set(index.get_nns_by_vector(q.tolist(), k, search_k=search_k)) for q in queries]
-            recall = float(np.mean([len(f & t) / len(t) for f, t in zip(found, truth, strict=True)]))
-            latency = _median_us(partial(_annoy_query, index, k, search_k), queries)
-            trial = AnnTrial(n_trees, search_k, recall, latency)
-            trials.append(trial)
-            last = (trial, index)
-            if progress is not None:
-                progress(
-                    f"annoy: n_trees={n_trees} search_k={search_k} recall@10={recall:.3f} "
-                    f"median {latency:.0f}µs (exact {exact_us:.0f}µs)"
-                )
-            if recall >= target_recall:
-                if chosen is None or latency < chosen[0].median_query_us:
-                    chosen = (trial, index)
-                break
-        if chosen is not None and chosen[0].n_trees < n_trees:
-            break  # more trees only cost memory once a smaller forest reached the target
-    assert last is not None
-    trial, index = chosen if chosen is not None else last
-    # Exact search wins when Annoy cannot reach the target or is not faster on this catalog.
-    use_annoy = chosen is not None and trial.median_query_us < exact_us
-    return (
-        AnnChoice(
-            method="annoy" if use_annoy else "exact",
-            n_trees=trial.n_trees,
-            search_k=trial.search_k,
-            recall_at_10=trial.recall_at_10 if use_annoy else 1.0,
-            median_query_us=trial.median_query_us if use_annoy else exact_us,
-            exact_median_query_us=exact_us,
-            target_recall=target_recall,
-            queries=len(queries),
-            trials=trials,
-        ),
-        index,
+    truth = np.stack([exact_top_k(items, q, k) for q in queries]) if len(queries) else np.empty((0, k), np.intp)
+    exact_us = _median_us(lambda q: exact_top_k(items, q, k), queries[:EXACT_TIMING_QUERIES])
+    started = time.perf_counter()
+    graph = build_hnsw(items)
+    build_seconds = time.perf_counter() - started
+    if progress is not None:
+        progress(f"index: HNSW graph over {len(items):,} items built in {build_seconds:.0f}s (M {HNSW_M})")
+    trials: list[IndexTrial] = []
+    chosen: IndexTrial | None = None
+    for ef in EF_SEARCH:
+        _, found = _graph_search(graph, queries, k, ef)
+        recall = float(np.mean([len(set(f.tolist()) & set(t.tolist())) / k for f, t in zip(found, truth, strict=True)]))
+        latency = _median_us(lambda q, ef=ef: _graph_search(graph, q[None, :], k, ef), queries)  # type: ignore[misc]
+        trial = IndexTrial(ef, recall, latency)
+        trials.append(trial)
+        if progress is not None:
+            progress(f"index: efSearch {ef}: recall@10 {recall:.3f}, median {latency:.0f}µs (exact {exact_us:.0f}µs)")
+        if recall >= target_recall:
+            chosen = trial
+            break
+    # Exact search wins when the graph cannot reach the target or is not faster on this catalog.
+    use_graph = chosen is not None and chosen.median_query_us < exact_us
+    final = chosen if chosen is not None else trials[-1]
+    choice = IndexChoice(
+        method="hnsw" if use_graph else "exact",
+        ef_search=final.ef_search,
+        m=HNSW_M,
+        ef_construction=EF_CONSTRUCTION,
+        recall_at_10=final.recall_at_10 if use_graph else 1.0,
+        median_query_us=final.median_query_us if use_graph else exact_us,
+        exact_median_query_us=exact_us,
+        target_recall=target_recall,
+        queries=len(queries),
+        build_seconds=round(build_seconds, 2),
+        trials=trials,
     )
+    return choice, graph if use_graph else None
 
 
-def save_annoy(index: AnnoyIndex, path: Path) -> None:
-    index.save(str(path))
+def save_hnsw(graph: Any, path: Path) -> None:
+    faiss.write_index(graph, str(path))
+
+
+class ItemIndex:
+    """The best rows by inner product with a query: the snapshot's graph, memory-mapped and shared
+    by every process that loads it (or exact search over the vectors, or an older build's Annoy
+    forest), plus the items added since the build.
+
+    Added items go into a small graph of this process's own (faiss cannot grow a memory-mapped
+    one); a search asks both and merges by score. A rebuild folds them into the main graph.
+    """
+
+    def __init__(
+        self,
+        vectors: Vectors,
+        *,
+        method: str = "exact",
+        graph: Any = None,
+        ef_search: int = 0,
+        annoy: Any = None,
+        search_k: int = 0,
+    ) -> None:
+        self.vectors = vectors
+        self.method = method
+        self.graph = graph
+        self.ef_search = ef_search
+        self.annoy = annoy
+        self.search_k = search_k
+        self._added: Any = None  # faiss graph of added items, made on the first addition
+        self._added_rows = np.empty(0, dtype=np.int64)
+        self._lock = threading.Lock()  # additions arrive on the event loop, searches in worker threads
+
+    @classmethod
+    def load(cls, directory: Path, index: dict[str, Any], vectors: Vectors) -> ItemIndex:
+        """The index a manifest's `index` entry describes, over the snapshot's (mapped) vectors."""
+        method = str(index["method"])
+        if method == "hnsw":
+            graph = faiss.read_index(str(directory / HNSW_FILE), faiss.IO_FLAG_MMAP_IFC)
+            if graph.ntotal != len(vectors) or graph.d != vectors.shape[1]:
+                raise ValueError(f"{HNSW_FILE} holds {graph.ntotal} vectors of {graph.d}, not the item table's")
+            return cls(vectors, method=method, graph=graph, ef_search=int(index["ef_search"]))
+        if method == "annoy":
+            annoy = AnnoyIndex(vectors.shape[1], "dot")
+            annoy.load(str(directory / ANNOY_FILE))  # memory-mapped by Annoy itself
+            return cls(vectors, method=method, annoy=annoy, search_k=int(index["search_k"]))
+        if method == "exact":
+            return cls(vectors)
+        raise ValueError(f"unknown index method {method!r} (this gateway serves hnsw, exact and annoy)")
+
+    @property
+    def added(self) -> int:
+        return len(self._added_rows)
+
+    def add_items(self, rows: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
+        """Make items searchable after the build: `rows` are the rows they have in the gateway's item
+        table (not in the snapshot's), `vectors` their vectors, one per row."""
+        ids = np.asarray(rows, dtype=np.int64).reshape(-1)
+        added = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), -1)
+        if added.shape[1] != self.vectors.shape[1]:
+            raise ValueError(f"vectors have {added.shape[1]} dimensions, the index {self.vectors.shape[1]}")
+        if not len(ids):
+            return
+        with self._lock:
+            if self._added is None:
+                self._added = faiss.IndexHNSWFlat(added.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+                self._added.hnsw.efConstruction = EF_CONSTRUCTION
+            self._added.add(added)
+            self._added_rows = np.concatenate([self._added_rows, ids])
+
+    def search(
+        self, query: Vectors, k: int, exclude: npt.NDArray[np.integer] | None = None
+    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+        """The `k` best rows (fewer if the catalog is smaller) and their scores, best first,
+        never one of `exclude`."""
+        excluded = np.empty(0, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
+        if self.method == "exact":
+            scores = self.vectors @ query
+            if len(excluded):
+                excluded = excluded[excluded < len(scores)]
+                scores[excluded] = -np.inf
+            rows = _top(scores, k)
+            rows = rows[np.isfinite(scores[rows])]
+            found, found_scores = rows.astype(np.int64), scores[rows]
+        elif self.method == "hnsw":
+            fetch = min(k + len(excluded), self.graph.ntotal)
+            hits, ids = _graph_search(self.graph, query[None, :], fetch, self.ef_search)
+            keep = ids[0] >= 0  # faiss pads with -1 when it finds fewer
+            found, found_scores = ids[0][keep], hits[0][keep]
+        else:
+            fetch = k + len(excluded)
+            found = np.asarray(
+                self.annoy.get_nns_by_vector(query.tolist(), fetch, search_k=max(self.search_k, fetch)), dtype=np.int64
+            )
+            found_scores = self.vectors[found] @ query  # re-rank the over-fetched rows exactly
+        if self._added is not None:
+            found, found_scores = self._with_added(query, found, found_scores, k + len(excluded))
+        if len(excluded) and self.method != "exact":
+            keep = ~np.isin(found, excluded)
+            found, found_scores = found[keep], found_scores[keep]
+        order = np.argsort(-found_scores, kind="stable")[:k]
+        return found[order].astype(np.int32), found_scores[order].astype(np.float32)
+
+    def search_many(
+        self, queries: Vectors, k: int, *, threads: int = 0
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """The `k` best rows of each query, best first (the builder's batch form: -1 pads a row
+        with fewer). Graph searches run on `threads` cores (0: all)."""
+        k = min(k, len(self.vectors))
+        if self.method == "hnsw":
+            if threads:
+                faiss.omp_set_num_threads(threads)
+            hits, ids = _graph_search(self.graph, queries, k, self.ef_search)
+            return ids.astype(np.int64), hits
+        scores = queries @ self.vectors.T
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.argsort(-scores, axis=1)
+        picked = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-picked, axis=1, kind="stable")
+        return np.take_along_axis(top, order, axis=1).astype(np.int64), np.take_along_axis(picked, order, axis=1)
+
+    def _with_added(
+        self, query: Vectors, found: Rows, scores: npt.NDArray[np.float32], fetch: int
+    ) -> tuple[Rows, npt.NDArray[np.float32]]:
+        with self._lock:
+            hits, ids = _graph_search(self._added, query[None, :], min(fetch, self._added.ntotal), self.ef_search or 64)
+            rows = self._added_rows[ids[0][ids[0] >= 0]]
+            hits = hits[0][ids[0] >= 0]
+        return np.concatenate([found, rows]), np.concatenate([scores.astype(np.float32), hits])
+
+
+def _top(scores: npt.NDArray[np.floating], k: int) -> npt.NDArray[np.intp]:
+    k = min(k, len(scores))
+    if k <= 0:
+        return np.empty(0, dtype=np.intp)
+    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    return top[np.argsort(-scores[top], kind="stable")]
 
 
 def precompute_pools(
-    items: Vectors,
+    index: ItemIndex,
     users: Vectors,
     seen_indptr: npt.NDArray[np.int64],
     seen_indices: npt.NDArray[np.int32],
@@ -146,29 +293,37 @@ def precompute_pools(
     label: str = "candidate pools",
     unit: str = "users",
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
-    """Each user's `size` best unseen items by exact dot product, best first.
+    """Each user's `size` best unseen items by the index, best first (-inf scores pad a user who has
+    seen nearly everything).
 
-    One matrix product per batch of users reads the item matrix once for the whole batch, where
-    answering users one at a time online reads it once per user; the gateway then serves known
-    users from these rows and spends its own CPU only on visitors the build did not know.
+    Users go in batches of similar history length, each asking the index for `size` plus the
+    longest history in the batch and dropping what they have seen: one batched search (a matrix
+    product for exact search, all cores for the graph) instead of one query per user.
     """
-    size = min(size, items.shape[0])
-    rows = np.empty((len(users), size), dtype=np.int32)
-    scores = np.empty((len(users), size), dtype=np.float32)
+    n_items = len(index.vectors)
+    size = min(size, n_items)
+    if user_rows is None:
+        user_rows = np.arange(len(users), dtype=np.int32)
+    history = seen_indptr[user_rows + 1] - seen_indptr[user_rows]
+    by_history = np.argsort(history, kind="stable")
+    if index.method == "exact":  # a dense block of batch x items scores: keep it under ~256 MB
+        batch = max(1, min(batch, (1 << 26) // max(n_items, 1)))
+    rows = np.zeros((len(users), size), dtype=np.int32)
+    scores = np.full((len(users), size), -np.inf, dtype=np.float32)
     started = time.perf_counter()
-    for start in range(0, len(users), batch):
+    for done, start in enumerate(range(0, len(users), batch), start=1):
+        members = by_history[start : start + batch]
+        found, found_scores = index.search_many(users[members], size + int(history[members].max()))
+        for at, member in enumerate(members):
+            user = int(user_rows[member])
+            seen = seen_indices[seen_indptr[user] : seen_indptr[user + 1]]
+            keep = (found[at] >= 0) & ~np.isin(found[at], seen)
+            picked, picked_scores = found[at][keep][:size], found_scores[at][keep][:size]
+            rows[member, : len(picked)] = picked
+            scores[member, : len(picked)] = picked_scores
         stop = min(start + batch, len(users))
-        block = users[start:stop] @ items.T
-        for offset, position in enumerate(range(start, stop)):
-            user = position if user_rows is None else int(user_rows[position])
-            block[offset, seen_indices[seen_indptr[user] : seen_indptr[user + 1]]] = -np.inf
-        top = np.argpartition(-block, size - 1, axis=1)[:, :size] if size < block.shape[1] else None
-        if top is None:
-            top = np.broadcast_to(np.arange(block.shape[1]), block.shape).copy()
-        picked = np.take_along_axis(block, top, axis=1)
-        order = np.argsort(-picked, axis=1, kind="stable")
-        rows[start:stop] = np.take_along_axis(top, order, axis=1)
-        scores[start:stop] = np.take_along_axis(picked, order, axis=1)
-        if progress is not None and (stop == len(users) or (start // batch) % 20 == 19):
-            progress(f"{label}: {stop:,}/{len(users):,} {unit} ({time.perf_counter() - started:.0f}s)")
+        if progress is not None and (stop == len(users) or done % 20 == 0):
+            elapsed = time.perf_counter() - started
+            remaining = elapsed / stop * (len(users) - stop)
+            progress(f"{label}: {stop:,}/{len(users):,} {unit} ({elapsed:.0f}s, about {remaining:.0f}s to go)")
     return rows, scores

@@ -301,8 +301,9 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     say("tuning the nearest-neighbour index")
     rng = np.random.default_rng(config.seed)
     sample = rng.choice(data.n_users, size=min(ANN_QUERIES, data.n_users), replace=False)
-    choice, index = ann.tune_index(item_vectors, users[sample], config.target_recall, config.seed, say)
+    choice, graph = ann.tune_index(item_vectors, users[np.sort(sample)], config.target_recall, say)
     say(f"index: {choice.method}, recall@10 {choice.recall_at_10:.3f}, median {choice.median_query_us:.0f}µs")
+    index = ann.ItemIndex(item_vectors, method=choice.method, graph=graph, ef_search=choice.ef_search)
 
     seen_indptr, seen_indices = _seen_csr(data)
     pool_users = _most_active(data, config.precompute_users)
@@ -312,7 +313,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         pool_rows, pool_scores = ease.pools(scorer, data.seen_matrix().tocsr(), pool_users, config.pool_size)
     else:
         pool_rows, pool_scores = ann.precompute_pools(
-            item_vectors,
+            index,
             users[pool_users],
             seen_indptr,
             seen_indices,
@@ -327,7 +328,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         unit = item_vectors / np.maximum(np.linalg.norm(item_vectors, axis=1, keepdims=True), 1e-12)
         itself = np.arange(data.n_items, dtype=np.int32)
         neighbours = ann.precompute_pools(
-            unit,
+            ann.ItemIndex(unit),
             unit,
             np.arange(data.n_items + 1, dtype=np.int64),
             itself,
@@ -354,7 +355,8 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     np.save(staging / "pool_rows.npy", pool_rows)
     np.save(staging / "pool_scores.npy", pool_scores)
     (staging / "popular.json").write_bytes(msgspec.json.encode(_popular_lists(popularity, items)))
-    ann.save_annoy(index, staging / "items.ann")
+    if graph is not None:
+        ann.save_hnsw(graph, staging / ann.HNSW_FILE)
     content_model.save(staging)
     if segment_model is not None:
         (staging / "segments.json").write_bytes(msgspec.json.encode(segment_model))

@@ -366,8 +366,9 @@ def print_report(result: BuildResult) -> None:
     print(f"  validation nDCG@10 over each split's tuned ALS: {ratios}")
     index = m.index
     print(
-        f"  index: {index['method']} (annoy n_trees={index['n_trees']} search_k={index['search_k']}), "
-        f"recall@10 {index['recall_at_10']:.3f}, median query {index['median_query_us']:.0f}µs "
+        f"  index: {index['method']}"
+        + (f" (HNSW M {index['m']}, efSearch {index['ef_search']})" if index["method"] == "hnsw" else "")
+        + f", recall@10 {index['recall_at_10']:.3f}, median query {index['median_query_us']:.0f}µs "
         f"(exact {index['exact_median_query_us']:.0f}µs)"
     )
     build_stats = m.parameters["build"]

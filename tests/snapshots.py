@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 
 from index_builder import snapshot
 from tailor.cli import main
@@ -27,8 +31,16 @@ def current_dir(root: Path) -> Path:
     return root / version
 
 
-def republish(root: Path, *, age: timedelta = timedelta(0), make_current: bool = True) -> str:
-    """Publish a copy of the current snapshot as a new version (optionally back-dated)."""
+def republish(
+    root: Path,
+    *,
+    age: timedelta = timedelta(0),
+    make_current: bool = True,
+    index: Callable[[Path, npt.NDArray[np.float32]], dict[str, Any]] | None = None,
+) -> str:
+    """Publish a copy of the current snapshot as a new version (optionally back-dated; with `index`,
+    which writes an index file into the staging directory for the item vectors and returns the
+    manifest's `index` entry, with that index instead of the build's)."""
     source = current_dir(root)
     manifest = snapshot.load_manifest(source)
     created = datetime.now(UTC) - age
@@ -41,6 +53,8 @@ def republish(root: Path, *, age: timedelta = timedelta(0), make_current: bool =
     for generated in ("format", "files"):
         fields.pop(generated)
     fields.update(version=version, created=created)
+    if index is not None:
+        fields["index"] = index(staging, np.load(staging / "item_vectors.npy"))
     snapshot.publish(root, staging, fields, make_current=make_current)
     return version
 

@@ -1,21 +1,28 @@
-"""The index tuner reaches its recall target, measured against exact search."""
+"""The nearest-neighbour index: the tuner reaches its recall target against exact inner-product
+search, the serving index answers by true inner product, excludes what it is told to, and takes
+items added after the build."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import numpy.typing as npt
+from annoy import AnnoyIndex
 
-from index_builder.ann import build_annoy, exact_top_k, precompute_pools, tune_index
+from index_builder.ann import HNSW_FILE, ItemIndex, build_hnsw, exact_top_k, precompute_pools, save_hnsw, tune_index
 
 
-def clustered_vectors(n: int, dim: int, seed: int) -> npt.NDArray[np.float32]:
+def clustered_vectors(n: int, dim: int, seed: int, spread: float = 0.0) -> npt.NDArray[np.float32]:
+    """Clustered vectors; with `spread`, lengths vary as popularity makes ALS vectors' lengths vary."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(20, dim))
-    return (centres[rng.integers(0, 20, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+    vectors = centres[rng.integers(0, 20, n)] + 0.3 * rng.normal(size=(n, dim))
+    return (vectors * rng.lognormal(0.0, spread, size=(n, 1))).astype(np.float32)
 
 
-def recall(index_result: list[int], truth: npt.NDArray[np.intp]) -> float:
-    return len(set(index_result) & set(truth.tolist())) / len(truth)
+def recall(found: npt.ArrayLike, truth: npt.NDArray[np.intp]) -> float:
+    return len(set(np.asarray(found).tolist()) & set(truth.tolist())) / len(truth)
 
 
 def test_exact_top_k_is_sorted_by_dot_product() -> None:
@@ -23,40 +30,82 @@ def test_exact_top_k_is_sorted_by_dot_product() -> None:
     assert exact_top_k(items, np.array([1, 0.1], np.float32), k=3).tolist() == [2, 3, 0]
 
 
-def test_tuned_annoy_reaches_the_target_recall_on_fresh_queries() -> None:
-    items = clustered_vectors(3000, 16, seed=1)
-    choice, index = tune_index(items, clustered_vectors(100, 16, seed=2), target_recall=0.95)
+def test_the_tuned_graph_reaches_the_target_recall_on_fresh_queries() -> None:
+    items = clustered_vectors(5000, 16, seed=1, spread=0.5)
+    choice, graph = tune_index(items, clustered_vectors(100, 16, seed=2), target_recall=0.95)
     assert any(t.recall_at_10 >= 0.95 for t in choice.trials)
+    graph = build_hnsw(items) if graph is None else graph
+    index = ItemIndex(items, method="hnsw", graph=graph, ef_search=choice.ef_search)
     fresh = clustered_vectors(100, 16, seed=3)
-    achieved = np.mean(
-        [
-            recall(index.get_nns_by_vector(q.tolist(), 10, search_k=choice.search_k), exact_top_k(items, q))
-            for q in fresh
-        ]
-    )
+    achieved = np.mean([recall(index.search(q, 10)[0], exact_top_k(items, q)) for q in fresh])
     assert achieved >= 0.9  # a new sample of queries lands near the tuned recall
 
 
 def test_the_choice_is_consistent_with_its_measurements() -> None:
     items = clustered_vectors(300, 8, seed=4)
-    choice, _ = tune_index(items, clustered_vectors(50, 8, seed=5))
+    choice, graph = tune_index(items, clustered_vectors(50, 8, seed=5))
     if choice.method == "exact":
+        assert graph is None
         assert choice.recall_at_10 == 1.0
         assert choice.median_query_us == choice.exact_median_query_us
     else:
+        assert graph is not None
         assert choice.recall_at_10 >= choice.target_recall
         assert choice.median_query_us < choice.exact_median_query_us
 
 
-def test_annoy_index_is_deterministic_for_a_seed() -> None:
-    items = clustered_vectors(500, 8, seed=6)
-    query = items[0].tolist()
-    first = build_annoy(items, 5, seed=9).get_nns_by_vector(query, 10)
-    second = build_annoy(items, 5, seed=9).get_nns_by_vector(query, 10)
-    assert first == second
+def test_the_graph_ranks_by_inner_product_not_by_angle() -> None:
+    # The longest vector wins an inner product though another points closer to the query.
+    items = np.array([[1.0, 0.0], [3.0, 3.0], [0.0, 1.0]], np.float32)
+    index = ItemIndex(items, method="hnsw", graph=build_hnsw(items), ef_search=16)
+    rows, scores = index.search(np.array([1.0, 0.1], np.float32), 2)
+    assert rows.tolist() == [1, 0]
+    np.testing.assert_allclose(scores, [3.3, 1.0], rtol=1e-6)
 
 
-def test_precomputed_pools_are_each_users_exact_best_unseen_items() -> None:
+def test_every_method_leaves_out_excluded_rows_and_agrees_with_exact_search(tmp_path: Path) -> None:
+    items = clustered_vectors(400, 8, seed=7, spread=0.5)
+    annoy = AnnoyIndex(8, "dot")
+    for row, vector in enumerate(items):
+        annoy.add_item(row, vector.tolist())
+    annoy.build(20)
+    query = clustered_vectors(1, 8, seed=8)[0]
+    truth = exact_top_k(items, query, 15)
+    exclude = truth[:5]
+    for index in (
+        ItemIndex(items),
+        ItemIndex(items, method="hnsw", graph=build_hnsw(items), ef_search=400),
+        ItemIndex(items, method="annoy", annoy=annoy, search_k=40_000),
+    ):
+        rows, scores = index.search(query, 10, exclude)
+        assert rows.tolist() == truth[5:].tolist(), index.method
+        np.testing.assert_allclose(scores, items[truth[5:]] @ query, rtol=1e-5)
+
+
+def test_added_items_are_found_next_to_the_built_ones(tmp_path: Path) -> None:
+    items = clustered_vectors(2000, 8, seed=9)
+    save_hnsw(build_hnsw(items), tmp_path / HNSW_FILE)
+    index = ItemIndex.load(tmp_path, {"method": "hnsw", "ef_search": 200}, items)
+    query = clustered_vectors(1, 8, seed=10)[0]
+    best = items[exact_top_k(items, query, 1)[0]]
+    index.add_items([2000, 2001], np.stack([best * 2, -best]))  # one better than any, one worst
+    rows, _ = index.search(query, 5)
+    assert rows[0] == 2000
+    assert 2001 not in rows.tolist()
+    assert index.search(query, 5, np.array([2000]))[0][0] != 2000
+    assert index.added == 2
+
+
+def test_the_loaded_graph_is_memory_mapped_not_copied(tmp_path: Path) -> None:
+    items = clustered_vectors(3000, 16, seed=11)
+    save_hnsw(build_hnsw(items), tmp_path / HNSW_FILE)
+    index = ItemIndex.load(tmp_path, {"method": "hnsw", "ef_search": 64}, items)
+    maps = Path("/proc/self/maps").read_text()
+    assert str(tmp_path / HNSW_FILE) in maps
+    assert index.search(items[0], 1)[0].tolist() == exact_top_k(items, items[0], 1).tolist()
+
+
+def test_precomputed_pools_are_each_users_best_unseen_items() -> None:
     rng = np.random.default_rng(4)
     items = rng.normal(size=(300, 8)).astype(np.float32)
     users = rng.normal(size=(40, 8)).astype(np.float32)
@@ -64,11 +113,22 @@ def test_precomputed_pools_are_each_users_exact_best_unseen_items() -> None:
     indptr = np.concatenate([[0], np.cumsum([len(s) for s in seen])]).astype(np.int64)
     indices = np.concatenate(seen).astype(np.int32)
     user_rows = np.arange(10, 50, dtype=np.int32)  # pools for seen-matrix rows 10..49 only
-    rows, scores = precompute_pools(items, users, indptr, indices, size=25, batch=7, user_rows=user_rows)
-    for i, user in enumerate(user_rows):
-        all_scores = items @ users[i]
-        all_scores[seen[user]] = -np.inf
-        expected = np.argsort(-all_scores, kind="stable")[:25]
-        assert rows[i].tolist() == expected.tolist()
-        np.testing.assert_allclose(scores[i], all_scores[expected], rtol=1e-5)
-        assert not set(rows[i].tolist()) & set(seen[user].tolist())
+    graph = ItemIndex(items, method="hnsw", graph=build_hnsw(items), ef_search=300)
+    for index in (ItemIndex(items), graph):
+        rows, scores = precompute_pools(index, users, indptr, indices, size=25, batch=7, user_rows=user_rows)
+        for i, user in enumerate(user_rows):
+            all_scores = items @ users[i]
+            all_scores[seen[user]] = -np.inf
+            expected = np.argsort(-all_scores, kind="stable")[:25]
+            assert rows[i].tolist() == expected.tolist(), index.method
+            np.testing.assert_allclose(scores[i], all_scores[expected], rtol=1e-5)
+            assert not set(rows[i].tolist()) & set(seen[user].tolist())
+
+
+def test_a_pool_longer_than_the_unseen_catalog_is_padded_with_minus_infinity() -> None:
+    items = np.eye(4, dtype=np.float32)
+    rows, scores = precompute_pools(
+        ItemIndex(items), np.ones((1, 4), np.float32), np.array([0, 3]), np.array([0, 1, 2], np.int32), size=3
+    )
+    assert rows[0, 0] == 3
+    assert np.isneginf(scores[0, 1:]).all()

@@ -46,8 +46,9 @@ def test_build_publishes_a_verified_snapshot_with_metrics(built: Path) -> None:
     manifest = snapshot.load_manifest(built / version)
     assert manifest.quality_gate["passed"] is True
     assert manifest.metrics["model"]["ndcg_at_10"] > manifest.metrics["popularity"]["ndcg_at_10"]
-    assert manifest.index["method"] in ("annoy", "exact")
-    assert {"items.json", "item_vectors.npy", "user_vectors.npy", "items.ann", "popular.json"} <= set(manifest.files)
+    assert manifest.index["method"] in ("hnsw", "exact")
+    assert {"items.json", "item_vectors.npy", "user_vectors.npy", "popular.json"} <= set(manifest.files)
+    assert ("items.hnsw" in manifest.files) == (manifest.index["method"] == "hnsw")
     assert len(manifest.inputs) == 2 and all(len(i.sha256) == 64 for i in manifest.inputs)
 
 

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 import pytest
+from annoy import AnnoyIndex
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.recommend.candidates import LIVE_CATEGORY_POPULAR, LIVE_NEIGHBOURS, LIVE_POPULAR
 from gateway.snapshot import Snapshot, load
 from gateway.store import Interaction, MemoryStore
+from index_builder.ann import HNSW_FILE, build_hnsw, save_hnsw
 from index_builder.model import fold_in, profile_confidence
 from tests.gateways import ids, post_events, pseudonym, settings
-from tests.snapshots import current_dir
+from tests.snapshots import current_dir, republish
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +120,8 @@ def test_without_precomputed_neighbours_a_new_visitor_is_searched_over_the_whole
         body = client.get("/v1/recommend", params={"visitor": "fresh", "n": 8}).json()
         similar = client.get(f"/v1/items/{snap.item_ids[3]}/similar", params={"n": 5}).json()
     assert ids(body) == exact_top(snap, live_vector(snap, [8], ["purchase"]), {8}, 8)
-    scores = snap.unit_vectors @ snap.unit_vectors[3]
+    unit = snap.item_vectors / np.linalg.norm(snap.item_vectors, axis=1, keepdims=True)
+    scores = unit @ unit[3]
     scores[3] = -np.inf
     scores[snap.stock == 0] = -np.inf
     assert ids(similar) == [snap.item_ids[r] for r in np.argsort(-scores, kind="stable")[:5]]
@@ -170,7 +174,8 @@ def test_a_narrow_category_is_filled_by_searching_within_it_then_by_popular(clie
 def test_similar_items_are_the_nearest_by_cosine_and_exclude_the_item(client: TestClient, snap: Snapshot) -> None:
     item = snap.item_ids[3]
     body = client.get(f"/v1/items/{item}/similar", params={"n": 6}).json()
-    scores = snap.unit_vectors @ snap.unit_vectors[3]
+    unit = snap.item_vectors / np.linalg.norm(snap.item_vectors, axis=1, keepdims=True)
+    scores = unit @ unit[3]
     scores[3] = -np.inf
     scores[snap.stock == 0] = -np.inf
     expected = [snap.item_ids[r] for r in np.argsort(-scores, kind="stable")[:6]]
@@ -426,3 +431,33 @@ def test_events_are_stored_oldest_first_with_their_own_timestamps(root: Path) ->
     totals = {name: n for name, n in profile.counters.items() if "@" not in name and name.endswith("/1h")}
     assert totals == {"view/1h": 1, "click/1h": 1, "search/1h": 1}
     assert profile.counters["view@item:i00003/7d"] == 1
+
+
+def hnsw_index(staging: Path, vectors: npt.NDArray[np.float32]) -> dict[str, Any]:
+    save_hnsw(build_hnsw(vectors), staging / HNSW_FILE)
+    return {"method": "hnsw", "ef_search": 400}
+
+
+def annoy_index(staging: Path, vectors: npt.NDArray[np.float32]) -> dict[str, Any]:
+    """What builds before the HNSW graph shipped: an Annoy forest over the dot product."""
+    forest = AnnoyIndex(vectors.shape[1], "dot")
+    for row, vector in enumerate(vectors):
+        forest.add_item(row, vector.tolist())
+    forest.build(20)
+    forest.save(str(staging / "items.ann"))
+    return {"method": "annoy", "n_trees": 20, "search_k": 40_000}
+
+
+@pytest.mark.parametrize(("index", "method"), [(hnsw_index, "hnsw"), (annoy_index, "annoy")], ids=["hnsw", "annoy"])
+def test_new_visitors_are_answered_from_the_snapshots_index(
+    root: Path, index: Callable[[Path, npt.NDArray[np.float32]], dict[str, Any]], method: str
+) -> None:
+    republish(root, index=index)
+    with TestClient(create_app(settings(root))) as client:
+        recommender = client.app.state.gateway.recommender  # type: ignore[attr-defined]
+        snap = recommender.snap
+        assert snap.method == method
+        snap.neighbour_rows = snap.neighbour_scores = None  # as in a huge catalog: the index answers
+        post_events(client, "fresh", [(snap.item_ids[8], "purchase")])
+        body = client.get("/v1/recommend", params={"visitor": "fresh", "n": 8}).json()
+    assert ids(body) == exact_top(snap, live_vector(snap, [8], ["purchase"]), {8}, 8)

@@ -93,24 +93,14 @@ class Candidates:
         """The `pool_size` best rows by dot product with `vector`, without `exclude`."""
         snap, k = self.snap, self.pool_size
         excluded = np.empty(0, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
-        if within is not None:
-            rows = within.astype(np.int64)
-            scores = snap.item_vectors[rows] @ vector
-            if len(excluded):
-                keep = ~np.isin(rows, excluded)
-                rows, scores = rows[keep], scores[keep]
-            return _best(rows, scores, k)
-        if snap.annoy is not None:
-            fetch = k + len(excluded)
-            found = snap.annoy.get_nns_by_vector(vector.tolist(), fetch, search_k=max(snap.search_k, fetch))
-            rows = np.asarray(found, dtype=np.int64)
-            if len(excluded):
-                rows = rows[~np.isin(rows, excluded)]
-            pool = _best(rows, snap.item_vectors[rows] @ vector, k)  # re-rank the over-fetched ones exactly
-            return self.with_added(pool, snap.item_vectors, vector, excluded)
-        scores = snap.item_vectors @ vector
-        scores[excluded] = -np.inf
-        return _best_of_all(scores, k)
+        if within is None:
+            return self.with_added(Pool(*snap.index.search(vector, k, excluded)), snap.item_vectors, vector, excluded)
+        rows = within.astype(np.int64)
+        scores = snap.item_vectors[rows] @ vector
+        if len(excluded):
+            keep = ~np.isin(rows, excluded)
+            rows, scores = rows[keep], scores[keep]
+        return _best(rows, scores, k)
 
     def around(self, live: LiveProfile) -> Pool:
         """The best rows for a new visitor (their taste vector folded in from `live`) among the
