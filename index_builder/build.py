@@ -17,7 +17,7 @@ import numpy.typing as npt
 from index_builder import ann, ease, segments, snapshot
 from index_builder.clean import Catalog, CleanReport, assemble, clean_interactions, clean_items
 from index_builder.content import content_vectors
-from index_builder.dataset import Interactions, temporal_split
+from index_builder.dataset import Interactions, temporal_split, user_sample
 from index_builder.evaluate import Metrics, evaluate
 from index_builder.live_catalog import overlay, read_live
 from index_builder.model import ModelParams
@@ -37,7 +37,14 @@ from index_builder.train import (
 
 POPULAR_LIST_LENGTH = 200
 ANN_QUERIES = 300
-MAX_TEST_USERS = 5000  # a seeded sample beyond this; the manifest records how many were scored
+# Evaluation scores every sampled user against the whole catalog: the sample shrinks as the catalog
+# grows (a seeded sample; the manifest records how many were scored and the 95% interval).
+MAX_TEST_USERS = 5000
+MIN_TEST_USERS = 1000
+TEST_SCORES = 2_000_000_000  # users x items scored per evaluation at most, above MIN_TEST_USERS
+# Tuning compares settings on the whole histories of a sample of users: about this many interactions.
+TUNING_INTERACTIONS = 500_000
+TUNING_SCORES = 300_000_000  # users x items per validation score during tuning, above 500 users
 
 
 class BuildConfig(msgspec.Struct, frozen=True):
@@ -229,6 +236,13 @@ def evaluate_shipped(
     return evaluate(scorer, train, test, max_users=max_users, seed=seed)
 
 
+def sample_sizes(n_items: int) -> tuple[int, int]:
+    """How many users the hold-out evaluation and each tuning score rank a catalog of `n_items` for."""
+    test_users = int(np.clip(TEST_SCORES // max(n_items, 1), MIN_TEST_USERS, MAX_TEST_USERS))
+    tuning_users = int(np.clip(TUNING_SCORES // max(n_items, 1), 500, 3000))
+    return test_users, tuning_users
+
+
 def quality_gate(model: Metrics, popularity: Metrics, force: bool) -> bool:
     """Whether the model beats popularity; raises unless `force` when it does not."""
     passed = model.ndcg_at_10 >= popularity.ndcg_at_10
@@ -254,19 +268,24 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
 
     say("splitting: each user's last 20% of interactions by time are held out for evaluation")
     train, test = temporal_split(data)
+    tuning_data = user_sample(train, TUNING_INTERACTIONS, config.seed)
+    test_users, tuning_users = sample_sizes(data.n_items)[0], sample_sizes(tuning_data.n_items)[1]
     say(
         "tuning on a temporal and a random validation split of the training part "
-        f"(at most {config.max_trials} ALS fits)"
+        f"(at most {config.max_trials} ALS fits) of {tuning_data.n_users:,} users' histories "
+        f"({len(tuning_data):,} interactions, {tuning_data.n_items:,} items; {tuning_users:,} users scored per setting)"
     )
     tuning = tune(
-        train,
+        tuning_data,
         max_trials=config.max_trials,
         iterations=config.iterations,
         seed=config.seed,
         progress=say,
+        max_eval_users=tuning_users,
         pins=config.pins,
         ease_allowed=data.n_users <= config.precompute_users,  # EASE serves known users from pools only
     )
+    del tuning_data
     if config.pins.item_model == "ease" and tuning.best.ease_regularization == 0:
         say(
             f"EASE was pinned but does not fit here (min(users, items) > {ease.MAX_DENSE:,}, or more users "
@@ -278,16 +297,20 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         + ", ".join(f"{split} {ratio:.3f}" for split, ratio in tuning.ratios.items())
     )
 
-    say("evaluating on the hold-out: model vs popularity")
-    model_metrics = evaluate_shipped(train, test, items, tuning.best, seed=config.seed, max_users=MAX_TEST_USERS)
+    say(f"evaluating on the hold-out: model vs popularity, {test_users:,} users at most")
+    model_metrics = evaluate_shipped(train, test, items, tuning.best, seed=config.seed, max_users=test_users)
     popularity_metrics = evaluate(
         popularity_scorer(train, tuning.popularity_half_life_days),
         train,
         test,
-        max_users=MAX_TEST_USERS,
+        max_users=test_users,
         seed=config.seed,
     )
-    say(f"nDCG@10 model {model_metrics.ndcg_at_10:.4f} vs popularity {popularity_metrics.ndcg_at_10:.4f}")
+    say(
+        f"nDCG@10 model {model_metrics.ndcg_at_10:.4f} ± {model_metrics.ndcg_ci95:.4f} vs popularity "
+        f"{popularity_metrics.ndcg_at_10:.4f} ± {popularity_metrics.ndcg_ci95:.4f} "
+        f"(95% intervals over {model_metrics.users:,} users)"
+    )
     passed = quality_gate(model_metrics, popularity_metrics, config.force)
 
     say("training the final model on all interactions")

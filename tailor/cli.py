@@ -356,6 +356,10 @@ def print_report(result: BuildResult) -> None:
             f"    {name:12} {metrics.ndcg_at_10:8.4f} {metrics.recall_at_10:9.4f} {metrics.precision_at_10:8.4f} "
             f"{metrics.map_at_10:8.4f} {metrics.coverage:8.4f}"
         )
+    print(
+        f"    nDCG@10 95% intervals over {result.model.users:,} sampled users: tailor ±{result.model.ndcg_ci95:.4f}, "
+        f"popularity ±{result.popularity.ndcg_ci95:.4f}"
+    )
     lift = result.model.ndcg_at_10 / result.popularity.ndcg_at_10 if result.popularity.ndcg_at_10 else float("inf")
     print(
         f"    nDCG@10 lift over popularity: {lift:.2f}x; "

@@ -51,7 +51,7 @@ def test_the_choice_is_consistent_with_its_measurements() -> None:
     else:
         assert graph is not None
         assert choice.recall_at_10 >= choice.target_recall
-        assert choice.median_query_us < choice.exact_median_query_us
+        assert choice.median_query_us < 0.5 * choice.exact_median_query_us
 
 
 def test_the_graph_ranks_by_inner_product_not_by_angle() -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from index_builder.dataset import Interactions, random_split, temporal_split
+from index_builder.dataset import Interactions, random_split, temporal_split, user_sample
 from index_builder.evaluate import evaluate, top_k_unseen
 
 
@@ -94,3 +95,44 @@ def test_random_split_holds_out_a_seeded_share_of_each_user_whenever_it_happened
     assert len(held) > 1  # the seed chooses which ones
     newest = set(range(15, 20))
     assert any(set(random_split(data, 0.25, seed=s)[1].item[:5].tolist()) != newest for s in range(8))
+
+
+def test_the_confidence_interval_is_students_t_over_per_user_ndcg() -> None:
+    # Users 0 and 1 each hold out one item: ranked first (nDCG 1) and past the top 10 (nDCG 0).
+    train = interactions([0, 1], [0, 0], [1, 1], 12)
+    test = interactions([0, 1], [1, 11], [2, 2], 12)
+    scores = [0.0] + [float(12 - i) for i in range(1, 12)]
+    m = evaluate(constant(scores), train, test)  # type: ignore[arg-type]
+    assert m.ndcg_at_10 == pytest.approx(0.5)
+    # t(0.975, 1 degree of freedom) x standard error of [1, 0] (std 0.7071 / sqrt 2 = 0.5)
+    assert m.ndcg_ci95 == pytest.approx(12.7062 * 0.5, rel=1e-4)
+
+
+def test_large_catalogs_are_scored_in_batches_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    train = interactions(list(range(40)), rng.integers(0, 30, 40).tolist(), [1] * 40, 30)
+    test = interactions(list(range(40)), rng.integers(0, 30, 40).tolist(), [2] * 40, 30)
+    table = rng.normal(size=(40, 30)).astype(np.float32)
+    whole = evaluate(lambda batch: table[batch], train, test)
+    monkeypatch.setattr("index_builder.evaluate.SCORES_PER_BATCH", 30 * 7)  # batches of 7 users
+    batched = evaluate(lambda batch: table[batch], train, test)
+    assert msgspec.structs.asdict(batched) == pytest.approx(msgspec.structs.asdict(whole))
+
+
+def test_a_tuning_sample_keeps_whole_histories_of_some_users() -> None:
+    rng = np.random.default_rng(5)
+    user = np.repeat(np.arange(100), 10)
+    data = Interactions(
+        user.astype(np.int32),
+        rng.integers(0, 500, len(user)).astype(np.int32),
+        np.ones(len(user), np.float32),
+        np.arange(len(user), dtype=np.int64),
+        n_users=100,
+        n_items=500,
+    )
+    sample = user_sample(data, 300, seed=1)
+    assert 300 <= len(sample) < 320  # whole histories of 10: the first users past the budget
+    assert sample.n_users == len(np.unique(sample.user)) == len(sample) // 10
+    assert sample.n_items == len(np.unique(sample.item)) == sample.item.max() + 1
+    assert np.bincount(sample.user).tolist() == [10] * sample.n_users
+    assert user_sample(data, 5000) is data
