@@ -41,10 +41,10 @@ ANN_QUERIES = 300
 # grows (a seeded sample; the manifest records how many were scored and the 95% interval).
 MAX_TEST_USERS = 5000
 MIN_TEST_USERS = 1000
-TEST_SCORES = 2_000_000_000  # users x items scored per evaluation at most, above MIN_TEST_USERS
+TEST_SCORES = 1_000_000_000  # users x items scored per evaluation at most, above MIN_TEST_USERS
 # Tuning compares settings on the whole histories of a sample of users: about this many interactions.
 TUNING_INTERACTIONS = 500_000
-TUNING_SCORES = 300_000_000  # users x items per validation score during tuning, above 500 users
+TUNING_SCORES = 100_000_000  # users x items per validation score during tuning, above 500 users
 
 
 class BuildConfig(msgspec.Struct, frozen=True):
@@ -95,6 +95,35 @@ class Stopwatch:
     def __call__(self, message: str) -> None:
         if not self.quiet:
             print(f"[{time.perf_counter() - self.started:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# Each step's share of a whole build's time, measured on the synthetic 1M-item, 3M-event shop
+# (docs/performance.md). At each step the time left is estimated as the time spent so far times
+# what the remaining steps weigh over what the finished ones weighed.
+STEP_SHARES = {
+    "read": 0.40,
+    "tune": 0.20,
+    "evaluate": 0.10,
+    "train": 0.10,
+    "index": 0.15,
+    "write": 0.05,
+}
+
+
+class TimeLeft:
+    """`(about N min left)` for the message that starts a step of `STEP_SHARES`."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.done = 0.0
+
+    def __call__(self, step: str) -> str:
+        elapsed = time.perf_counter() - self.started
+        left = elapsed * (1.0 - self.done) / self.done if self.done > 0 else None
+        self.done += STEP_SHARES[step]
+        if left is None:
+            return ""
+        return f" (about {left / 60:.1f} min left)" if left >= 90 else f" (about {left:.0f}s left)"
 
 
 def _file_input(path: Path) -> snapshot.InputFile:
@@ -256,6 +285,8 @@ def quality_gate(model: Metrics, popularity: Metrics, force: bool) -> bool:
 
 def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     started = time.perf_counter()
+    left = TimeLeft()
+    left("read")
     files = [*config.events, *([config.items] if config.items else []), *map(Path, config.catalog)]
     inputs = [_file_input(p) for p in files if p.is_file()]
     events, given_items, reports = read_events(config, say)
@@ -266,7 +297,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         segment_model, _ = fit_segments(events, data, catalog, say, k=config.segments, seed=config.seed)
     del events, given_items  # the largest thing held so far; nothing below needs it
 
-    say("splitting: each user's last 20% of interactions by time are held out for evaluation")
+    say("splitting: each user's last 20% of interactions by time are held out for evaluation" + left("tune"))
     train, test = temporal_split(data)
     tuning_data = user_sample(train, TUNING_INTERACTIONS, config.seed)
     test_users, tuning_users = sample_sizes(data.n_items)[0], sample_sizes(tuning_data.n_items)[1]
@@ -297,7 +328,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         + ", ".join(f"{split} {ratio:.3f}" for split, ratio in tuning.ratios.items())
     )
 
-    say(f"evaluating on the hold-out: model vs popularity, {test_users:,} users at most")
+    say(f"evaluating on the hold-out: model vs popularity, {test_users:,} users at most" + left("evaluate"))
     model_metrics = evaluate_shipped(train, test, items, tuning.best, seed=config.seed, max_users=test_users)
     popularity_metrics = evaluate(
         popularity_scorer(train, tuning.popularity_half_life_days),
@@ -313,7 +344,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     )
     passed = quality_gate(model_metrics, popularity_metrics, config.force)
 
-    say("training the final model on all interactions")
+    say("training the final model on all interactions" + left("train"))
     item_vectors = fit_item_vectors(data, tuning.best, config.seed)
     warm = np.bincount(data.item, minlength=data.n_items) > 0
     item_vectors, content_model = content_vectors(_contents(items), item_vectors, warm)
@@ -321,7 +352,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     popularity = popularity_scores(data, tuning.popularity_half_life_days)
     say(f"{int((~warm).sum()):,} cold items got vectors from their categories and tags")
 
-    say("tuning the nearest-neighbour index")
+    say("tuning the nearest-neighbour index" + left("index"))
     rng = np.random.default_rng(config.seed)
     sample = rng.choice(data.n_users, size=min(ANN_QUERIES, data.n_users), replace=False)
     choice, graph = ann.tune_index(item_vectors, users[np.sort(sample)], config.target_recall, say)
@@ -363,7 +394,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
 
     version = snapshot.new_version()
     staging = snapshot.staging_dir(config.out, version)
-    say(f"writing snapshot {version}")
+    say(f"writing snapshot {version}" + left("write"))
     (staging / "items.json").write_bytes(msgspec.json.encode(items))
     (staging / "users.json").write_bytes(msgspec.json.encode(user_ids))
     np.save(staging / "item_vectors.npy", item_vectors)
