@@ -51,6 +51,7 @@ def test_the_choice_is_consistent_with_its_measurements() -> None:
     else:
         assert graph is not None
         assert choice.recall_at_10 >= choice.target_recall
+        assert any(t.recall_low >= choice.target_recall and t.ef_search == choice.ef_search for t in choice.trials)
         assert choice.median_query_us < 0.5 * choice.exact_median_query_us
 
 
