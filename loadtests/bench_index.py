@@ -35,7 +35,7 @@ QUERIES = 500
 DIM = 64
 Vectors = npt.NDArray[np.float32]
 
-EF_CONSTRUCTION = 64
+EF_CONSTRUCTION = 64  # --ef-construction
 # (backend, build parameter: trees, M or nlist (0: 4 sqrt(n)), search parameters swept)
 CONFIGS: list[tuple[str, int, tuple[int, ...]]] = [
     ("exact", 0, (0,)),
@@ -85,7 +85,9 @@ def _median_us(run: Any, queries: Vectors) -> float:
     return float(np.median(times)) / 1000
 
 
-def run_backend(backend: str, build_param: int, searches: tuple[int, ...], data: Path) -> dict[str, Any]:
+def run_backend(
+    backend: str, build_param: int, searches: tuple[int, ...], data: Path, ef_construction: int = EF_CONSTRUCTION
+) -> dict[str, Any]:
     """In the child: build, save, reload, then sweep the search parameter."""
     items = np.load(data / "items.npy")
     queries = np.load(data / "queries.npy")
@@ -93,6 +95,7 @@ def run_backend(backend: str, build_param: int, searches: tuple[int, ...], data:
     n = len(items)
     path = str(data / f"{backend}-{build_param}.index")
     started = time.perf_counter()
+    started_cpu = time.process_time()  # all threads: comparable across runs on a busy machine
     built: Any
     index: Any = items
     if backend == "exact":
@@ -107,12 +110,12 @@ def run_backend(backend: str, build_param: int, searches: tuple[int, ...], data:
         import hnswlib  # noqa: PLC0415  (a comparison only: `pip install hnswlib` to include it)
 
         built = hnswlib.Index(space="ip", dim=DIM)
-        built.init_index(max_elements=n, M=build_param, ef_construction=EF_CONSTRUCTION, random_seed=0)
+        built.init_index(max_elements=n, M=build_param, ef_construction=ef_construction, random_seed=0)
         built.add_items(items, np.arange(n), num_threads=2)
         built.save_index(path)
     elif backend == "faiss-hnsw":
         built = faiss.IndexHNSWFlat(DIM, build_param, faiss.METRIC_INNER_PRODUCT)
-        built.hnsw.efConstruction = EF_CONSTRUCTION
+        built.hnsw.efConstruction = ef_construction
         built.add(items)
         faiss.write_index(built, path)
     elif backend == "faiss-ivf":
@@ -127,6 +130,7 @@ def run_backend(backend: str, build_param: int, searches: tuple[int, ...], data:
     else:
         raise ValueError(backend)
     build_seconds = time.perf_counter() - started
+    build_cpu_seconds = time.process_time() - started_cpu
     if backend != "exact":
         del built
     baseline = _status_kb("VmRSS") * 1024
@@ -183,6 +187,7 @@ def run_backend(backend: str, build_param: int, searches: tuple[int, ...], data:
         "backend": backend,
         "build_param": build_param,
         "build_seconds": round(build_seconds, 1),
+        "build_cpu_seconds": round(build_cpu_seconds, 1),
         "file_mb": round(os.path.getsize(path) / 2**20, 1) if backend != "exact" else round(items.nbytes / 2**20, 1),
         "memory_mb": round((rss - baseline) / 2**20, 1) if backend != "exact" else round(items.nbytes / 2**20, 1),
         "private_mb": round(anon_mb - baseline_anon_mb, 1),
@@ -204,13 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--snapshot", type=Path, help="use this snapshot root's vectors instead of synthetic ones")
     parser.add_argument("--backends", nargs="*", help="only these (exact annoy hnswlib faiss-hnsw faiss-ivf)")
     parser.add_argument("--queries", type=int, default=QUERIES)
+    parser.add_argument("--ef-construction", type=int, default=EF_CONSTRUCTION, help="graphs' build breadth")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("var/bench/index.json"))
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         backend, build_param, searches, data = args.child
-        result = run_backend(backend, int(build_param), tuple(int(s) for s in searches.split(",")), Path(data))
+        searched = tuple(int(s) for s in searches.split(","))
+        result = run_backend(backend, int(build_param), searched, Path(data), args.ef_construction)
         print(json.dumps(result))
         return 0
     runs = []
@@ -237,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                     sys.executable,
                     "-m",
                     "loadtests.bench_index",
+                    "--ef-construction",
+                    str(args.ef_construction),
                     "--child",
                     backend,
                     str(build_param),
@@ -251,7 +260,13 @@ def main(argv: list[str] | None = None) -> int:
                 result["items"] = int(np.load(data / "items.npy", mmap_mode="r").shape[0])
                 runs.append(result)
                 print(json.dumps(result), file=sys.stderr, flush=True)
-    report = {"k": K, "queries": args.queries, "source": str(args.snapshot or "synthetic"), "runs": runs}
+    report = {
+        "k": K,
+        "queries": args.queries,
+        "ef_construction": args.ef_construction,
+        "source": str(args.snapshot or "synthetic"),
+        "runs": runs,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
