@@ -133,3 +133,11 @@ def test_a_pool_longer_than_the_unseen_catalog_is_padded_with_minus_infinity() -
     )
     assert rows[0, 0] == 3
     assert np.isneginf(scores[0, 1:]).all()
+
+
+def test_items_tied_with_the_tenth_best_count_as_found() -> None:
+    # Twenty copies of one vector tie for the best score: any ten of them are a right answer.
+    rng = np.random.default_rng(12)
+    items = np.vstack([np.tile([[10.0, 0.0]], (20, 1)), rng.normal(size=(500, 2))]).astype(np.float32)
+    choice, _ = tune_index(items, np.tile([[1.0, 0.0]], (20, 1)).astype(np.float32))
+    assert choice.trials[0].recall_at_10 == 1.0
