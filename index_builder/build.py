@@ -113,12 +113,13 @@ STEP_SHARES = {
 class TimeLeft:
     """`(about N min left)` for the message that starts a step of `STEP_SHARES`."""
 
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.started = clock()
         self.done = 0.0
 
     def __call__(self, step: str) -> str:
-        elapsed = time.perf_counter() - self.started
+        elapsed = self.clock() - self.started
         left = elapsed * (1.0 - self.done) / self.done if self.done > 0 else None
         self.done += STEP_SHARES[step]
         if left is None:
