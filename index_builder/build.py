@@ -101,12 +101,12 @@ class Stopwatch:
 # (docs/performance.md). At each step the time left is estimated as the time spent so far times
 # what the remaining steps weigh over what the finished ones weighed.
 STEP_SHARES = {
-    "read": 0.17,
-    "tune": 0.21,
-    "evaluate": 0.15,
-    "train": 0.03,
-    "index": 0.43,
-    "write": 0.01,
+    "read": 0.12,
+    "tune": 0.11,
+    "evaluate": 0.20,
+    "train": 0.10,
+    "index": 0.45,
+    "write": 0.02,
 }
 
 
