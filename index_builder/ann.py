@@ -47,7 +47,8 @@ class IndexTrial(msgspec.Struct, frozen=True):
     recall_at_10: float
     median_query_us: float
     # The lower end of recall@10's 95% confidence interval over the queries (Student's t): the
-    # target must hold there, so that queries the tuner never saw reach it too.
+    # target must hold there, so that queries the tuner never saw reach it too. Both figures are
+    # the worst group's (known users, new visitors).
     recall_low: float = 0.0
 
 
@@ -99,16 +100,32 @@ def _graph_search(graph: Any, queries: Vectors, k: int, ef: int) -> tuple[npt.ND
     return scores, rows
 
 
+def _recall(per_query: npt.NDArray[np.float64], groups: npt.NDArray[np.intp]) -> tuple[float, float]:
+    """The worst group's mean recall, and the worst lower end of a group's 95% confidence interval
+    (Student's t over its queries)."""
+    means, lows = [], []
+    for group in np.unique(groups):
+        values = per_query[groups == group]
+        mean = float(values.mean())
+        spread = float(stats.t.ppf(0.975, len(values) - 1) * stats.sem(values)) if len(values) > 1 else 0.0
+        means.append(mean)
+        lows.append(mean - spread if np.isfinite(spread) else mean)
+    return min(means), min(lows)
+
+
 def tune_index(
     items: Vectors,
     queries: Vectors,
     target_recall: float = 0.95,
     progress: Callable[[str], None] | None = None,
+    groups: npt.NDArray[np.intp] | None = None,
 ) -> tuple[IndexChoice, Any]:
     """The smallest efSearch whose recall@10 against exact inner-product search reaches
-    `target_recall` on real user queries (at the lower end of its 95% confidence interval), and
-    whichever of that graph and exact search has the lower median query time. Returns the choice
-    and the graph (None when exact search wins)."""
+    `target_recall` on real queries, in every group of them (`groups`: one label per query, such
+    as known users' vectors and new visitors' fold-ins; one group without), at the lower end of its
+    95% confidence interval; and whichever of that graph and exact search has the lower median
+    query time. Returns the choice and the graph (None when exact search wins)."""
+    groups = np.zeros(len(queries), dtype=np.intp) if groups is None else np.asarray(groups)
     k = min(K, len(items))
     # The k-th best exact score of each query: a found item scoring at least that is one of the
     # best k. Items with equal vectors (cold items with the same categories and tags) tie, and
@@ -126,14 +143,9 @@ def tune_index(
         scores, _ = _graph_search(graph, queries, k, ef)
         tolerance = 1e-5 * np.maximum(np.abs(kth), 1.0)
         per_query = (scores >= (kth - tolerance)[:, None]).sum(axis=1) / k
-        recall = float(per_query.mean())
-        low = (
-            recall - float(stats.t.ppf(0.975, len(per_query) - 1) * stats.sem(per_query))
-            if len(per_query) > 1
-            else recall
-        )
+        recall, low = _recall(per_query, groups)
         latency = _median_us(lambda q, ef=ef: _graph_search(graph, q[None, :], k, ef), queries)  # type: ignore[misc]
-        trial = IndexTrial(ef, recall, latency, round(low, 4) if np.isfinite(low) else recall)
+        trial = IndexTrial(ef, recall, latency, round(low, 4))
         trials.append(trial)
         if progress is not None:
             progress(

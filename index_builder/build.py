@@ -20,7 +20,7 @@ from index_builder.content import content_vectors
 from index_builder.dataset import Interactions, temporal_split, user_sample
 from index_builder.evaluate import Metrics, evaluate
 from index_builder.live_catalog import overlay, read_live
-from index_builder.model import ModelParams
+from index_builder.model import ModelParams, fold_in, profile_confidence, regularized_gram
 from index_builder.readers import Format, InputError, interaction_rows, item_rows
 from index_builder.schema import DEFAULT_EVENT_WEIGHTS, Interaction, Item
 from index_builder.train import (
@@ -266,6 +266,30 @@ def evaluate_shipped(
     return evaluate(scorer, train, test, max_users=max_users, seed=seed)
 
 
+def new_visitor_vectors(
+    items: npt.NDArray[np.float32],
+    warm: npt.NDArray[np.bool_],
+    params: ModelParams,
+    weights: dict[str, float],
+    *,
+    n: int,
+    seed: int,
+) -> npt.NDArray[np.float32]:
+    """Taste vectors of `n` made-up new visitors, as the gateway folds them in: 1-3 clicks each on
+    items that have interactions. The index serves these as well as known users' vectors, and they
+    are harder for it (they lean towards a few items)."""
+    rng = np.random.default_rng(seed)
+    rows = np.flatnonzero(warm)
+    gram = regularized_gram(items, params.regularization)
+    click = weights.get("click", 1.0)
+    vectors = np.zeros((n if len(rows) else 0, items.shape[1]), dtype=np.float32)
+    for at in range(len(vectors)):
+        clicked = rng.choice(rows, size=min(int(rng.integers(1, 4)), len(rows)), replace=False)
+        distinct, confidence = profile_confidence(clicked, np.full(len(clicked), click, np.float32), params)
+        vectors[at] = fold_in(items, gram, distinct, confidence)
+    return vectors
+
+
 def sample_sizes(n_items: int) -> tuple[int, int]:
     """How many users the hold-out evaluation and each tuning score rank a catalog of `n_items` for."""
     test_users = int(np.clip(TEST_SCORES // max(n_items, 1), MIN_TEST_USERS, MAX_TEST_USERS))
@@ -356,7 +380,10 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     say("tuning the nearest-neighbour index" + left("index"))
     rng = np.random.default_rng(config.seed)
     sample = rng.choice(data.n_users, size=min(ANN_QUERIES, data.n_users), replace=False)
-    choice, graph = ann.tune_index(item_vectors, users[np.sort(sample)], config.target_recall, say)
+    visitors = new_visitor_vectors(item_vectors, warm, tuning.best, config.weights, n=ANN_QUERIES, seed=config.seed)
+    queries = np.concatenate([users[np.sort(sample)], visitors])
+    groups = np.repeat([0, 1], [len(sample), len(visitors)])
+    choice, graph = ann.tune_index(item_vectors, queries, config.target_recall, say, groups)
     say(f"index: {choice.method}, recall@10 {choice.recall_at_10:.3f}, median {choice.median_query_us:.0f}µs")
     index = ann.ItemIndex(item_vectors, method=choice.method, graph=graph, ef_search=choice.ef_search)
 

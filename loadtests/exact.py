@@ -75,12 +75,15 @@ class Snapshot:
         return self.seen_indices[self.seen_indptr[user_row] : self.seen_indptr[user_row + 1]].astype(np.intp)
 
     def exact_top(self, vector: Floats, exclude: Rows, *, in_stock_only: bool = False) -> set[str]:
+        """The ids of the best RECALL_K items, and of every item tied with the last of them: items
+        with equal vectors (cold items of the same content) tie, and any of them is a right answer."""
         scores = self.item_vectors @ vector
         scores[exclude] = -np.inf
         if in_stock_only:
             scores[~self.in_stock] = -np.inf
-        top = np.argpartition(-scores, RECALL_K)[:RECALL_K]
-        return {self.item_ids[int(row)] for row in top}
+        kth = float(np.partition(-scores, RECALL_K - 1)[RECALL_K - 1])
+        tied = np.flatnonzero(scores >= -kth - 1e-5 * max(abs(kth), 1.0))
+        return {self.item_ids[int(row)] for row in tied}
 
     def visitor_vector(self, rows: Sequence[int], event: str) -> tuple[Floats, Rows]:
         """The fold-in the gateway should compute for a visitor whose events are `rows`, oldest first."""

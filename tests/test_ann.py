@@ -8,9 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 from annoy import AnnoyIndex
 
-from index_builder.ann import HNSW_FILE, ItemIndex, build_hnsw, exact_top_k, precompute_pools, save_hnsw, tune_index
+from index_builder.ann import (
+    HNSW_FILE,
+    ItemIndex,
+    _recall,
+    build_hnsw,
+    exact_top_k,
+    precompute_pools,
+    save_hnsw,
+    tune_index,
+)
 
 
 def clustered_vectors(n: int, dim: int, seed: int, spread: float = 0.0) -> npt.NDArray[np.float32]:
@@ -141,3 +151,10 @@ def test_items_tied_with_the_tenth_best_count_as_found() -> None:
     items = np.vstack([np.tile([[10.0, 0.0]], (20, 1)), rng.normal(size=(500, 2))]).astype(np.float32)
     choice, _ = tune_index(items, np.tile([[1.0, 0.0]], (20, 1)).astype(np.float32))
     assert choice.trials[0].recall_at_10 == 1.0
+
+
+def test_the_target_must_hold_in_every_group_of_queries() -> None:
+    per_query = np.array([1.0, 1.0, 1.0, 1.0, 0.9, 0.8, 1.0, 0.9])
+    recall, low = _recall(per_query, np.array([0, 0, 0, 0, 1, 1, 1, 1]))
+    assert recall == pytest.approx(0.9)  # the new visitors' mean, not the 0.95 of all eight
+    assert low == pytest.approx(0.9 - 3.1824 * np.std([0.9, 0.8, 1.0, 0.9], ddof=1) / 2, rel=1e-4)
