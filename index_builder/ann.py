@@ -12,7 +12,6 @@ the page cache, which hnswlib's loader (a private copy per process) cannot.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -204,9 +203,6 @@ class ItemIndex:
         self.ef_search = ef_search
         self.annoy = annoy
         self.search_k = search_k
-        self._added: Any = None  # faiss graph of added items, made on the first addition
-        self._added_rows = np.empty(0, dtype=np.int64)
-        self._lock = threading.Lock()  # additions arrive on the event loop, searches in worker threads
 
     @classmethod
     def load(cls, directory: Path, index: dict[str, Any], vectors: Vectors) -> ItemIndex:
@@ -224,26 +220,6 @@ class ItemIndex:
         if method == "exact":
             return cls(vectors)
         raise ValueError(f"unknown index method {method!r} (this gateway serves hnsw, exact and annoy)")
-
-    @property
-    def added(self) -> int:
-        return len(self._added_rows)
-
-    def add_items(self, rows: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
-        """Make items searchable after the build: `rows` are the rows they have in the gateway's item
-        table (not in the snapshot's), `vectors` their vectors, one per row."""
-        ids = np.asarray(rows, dtype=np.int64).reshape(-1)
-        added = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), -1)
-        if added.shape[1] != self.vectors.shape[1]:
-            raise ValueError(f"vectors have {added.shape[1]} dimensions, the index {self.vectors.shape[1]}")
-        if not len(ids):
-            return
-        with self._lock:
-            if self._added is None:
-                self._added = faiss.IndexHNSWFlat(added.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
-                self._added.hnsw.efConstruction = EF_CONSTRUCTION
-            self._added.add(added)
-            self._added_rows = np.concatenate([self._added_rows, ids])
 
     def search(
         self, query: Vectors, k: int, exclude: npt.NDArray[np.integer] | None = None
@@ -270,8 +246,6 @@ class ItemIndex:
                 self.annoy.get_nns_by_vector(query.tolist(), fetch, search_k=max(self.search_k, fetch)), dtype=np.int64
             )
             found_scores = self.vectors[found] @ query  # re-rank the over-fetched rows exactly
-        if self._added is not None:
-            found, found_scores = self._with_added(query, found, found_scores, k + len(excluded))
         if len(excluded) and self.method != "exact":
             keep = ~np.isin(found, excluded)
             found, found_scores = found[keep], found_scores[keep]
@@ -294,15 +268,6 @@ class ItemIndex:
         picked = np.take_along_axis(scores, top, axis=1)
         order = np.argsort(-picked, axis=1, kind="stable")
         return np.take_along_axis(top, order, axis=1).astype(np.int64), np.take_along_axis(picked, order, axis=1)
-
-    def _with_added(
-        self, query: Vectors, found: Rows, scores: npt.NDArray[np.float32], fetch: int
-    ) -> tuple[Rows, npt.NDArray[np.float32]]:
-        with self._lock:
-            hits, ids = _graph_search(self._added, query[None, :], min(fetch, self._added.ntotal), self.ef_search or 64)
-            rows = self._added_rows[ids[0][ids[0] >= 0]]
-            hits = hits[0][ids[0] >= 0]
-        return np.concatenate([found, rows]), np.concatenate([scores.astype(np.float32), hits])
 
 
 def _top(scores: npt.NDArray[np.floating], k: int) -> npt.NDArray[np.intp]:

@@ -339,7 +339,8 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         progress=say,
         max_eval_users=tuning_users,
         pins=config.pins,
-        ease_allowed=data.n_users <= config.precompute_users,  # EASE serves known users from pools only
+        # EASE serves known users from pools only, and is fitted on the whole data, not the sample
+        ease_allowed=data.n_users <= config.precompute_users and ease.fits(data),
     )
     del tuning_data
     if config.pins.item_model == "ease" and tuning.best.ease_regularization == 0:

@@ -93,20 +93,6 @@ def test_every_method_leaves_out_excluded_rows_and_agrees_with_exact_search(tmp_
         np.testing.assert_allclose(scores, items[truth[5:]] @ query, rtol=1e-5)
 
 
-def test_added_items_are_found_next_to_the_built_ones(tmp_path: Path) -> None:
-    items = clustered_vectors(2000, 8, seed=9)
-    save_hnsw(build_hnsw(items), tmp_path / HNSW_FILE)
-    index = ItemIndex.load(tmp_path, {"method": "hnsw", "ef_search": 200}, items)
-    query = clustered_vectors(1, 8, seed=10)[0]
-    best = items[exact_top_k(items, query, 1)[0]]
-    index.add_items([2000, 2001], np.stack([best * 2, -best]))  # one better than any, one worst
-    rows, _ = index.search(query, 5)
-    assert rows[0] == 2000
-    assert 2001 not in rows.tolist()
-    assert index.search(query, 5, np.array([2000]))[0][0] != 2000
-    assert index.added == 2
-
-
 def test_the_loaded_graph_is_memory_mapped_not_copied(tmp_path: Path) -> None:
     items = clustered_vectors(3000, 16, seed=11)
     save_hnsw(build_hnsw(items), tmp_path / HNSW_FILE)

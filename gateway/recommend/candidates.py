@@ -155,8 +155,8 @@ class Candidates:
         """`pool`, found by the build's index or neighbour lists (which know only the rows the build
         made), merged with the best of the rows added since (gateway.catalog.view), scored exactly
         against `query` over `vectors`, `exclude` left out. This is the one place where added items
-        join a search of the build's index: an index that takes additions (`add_items`) makes it a
-        no-op."""
+        join a search of the build's index. Exact, so its cost grows with the items added since the
+        build (a 64-wide dot product each); the next build takes them into the index."""
         snap = self.snap
         if snap.built_rows >= len(snap.item_ids):
             return pool
