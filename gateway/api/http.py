@@ -94,6 +94,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
+def decoded_json(body: bytes) -> Any:
+    """`body` as JSON, or 400 `invalid-body` saying why it is not JSON."""
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "invalid-body", f"not JSON: {exc}") from None
+
+
 _STRING = re.compile(rb'"[^"]*"')
 _NOT_BRACKETS = bytes(set(range(256)) - set(b'"[]{}'))
 

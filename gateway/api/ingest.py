@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from gateway.api import wire
-from gateway.api.http import ApiError, field_of
+from gateway.api.http import ApiError, decoded_json, field_of
 from gateway.snapshot import Snapshot
 from gateway.store import Recorded
 from index_builder.schema import BUILT_IN_EVENTS, ITEMLESS_EVENTS
@@ -27,10 +27,7 @@ MILLISECONDS_ABOVE = 1e11  # a larger number is Unix milliseconds: seconds would
 def decode_events(body: bytes) -> tuple[list[object], str | None]:
     """The events of a body that is `{"events": [...], "token": ...}` (token optional), a JSON array
     of events, or one event; and the token."""
-    try:
-        raw = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, "invalid-body", f"not JSON: {exc}") from None
+    raw = decoded_json(body)
     token = None
     if isinstance(raw, dict) and "event" not in raw:
         unknown = sorted(set(raw) - {"events", "token"})

@@ -18,7 +18,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.api.http import ApiError, json_response, read_body
+from gateway.api.http import ApiError, decoded_json, json_response, read_body
 from gateway.catalog import records
 from gateway.catalog.records import MAX_ID_LENGTH, InvalidItemError, ItemFields
 from gateway.runtime import Gateway
@@ -233,10 +233,7 @@ def _path_id(request: Request) -> str:
 
 
 def _object(body: bytes) -> dict[str, Any]:
-    try:
-        raw = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, "invalid-body", f"not JSON: {exc}") from None
+    raw = decoded_json(body)
     if not isinstance(raw, dict):
         raise ApiError(400, "invalid-body", "expected a JSON object (an item)")
     return raw
@@ -261,10 +258,7 @@ def _rows(body: bytes) -> list[Any]:
     if not stripped:
         raise ApiError(400, "invalid-body", "no items", field="items")
     if stripped.startswith(b"["):
-        try:
-            rows = msgspec.json.decode(stripped)
-        except msgspec.DecodeError as exc:
-            raise ApiError(400, "invalid-body", f"not JSON: {exc}") from None
+        rows = decoded_json(stripped)
         if not isinstance(rows, list):
             raise ApiError(400, "invalid-body", "expected a JSON array of items or JSON lines")
         return rows
