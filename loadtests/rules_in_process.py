@@ -16,12 +16,14 @@ served (bench_rules.py), where back to back it is about half of that.
     .venv/bin/python loadtests/rules_in_process.py
     .venv/bin/python loadtests/rules_in_process.py --calls 6000 --rounds 3
     .venv/bin/python loadtests/rules_in_process.py --evict 4
+    .venv/bin/python loadtests/rules_in_process.py --profile var/rules.prof   # cProfile of the rules' calls
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import random
 import shutil
 import sys
@@ -60,6 +62,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="MB",
         help="write a buffer of this many MB before every timed call, so that each starts with cold CPU caches "
         "as a served request does (default 0: back to back)",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="write a cProfile of the calls made with the rules active to FILE (read it with pstats)",
     )
     return p
 
@@ -108,19 +116,26 @@ async def run(args: argparse.Namespace) -> None:
                     made.append((kind, raw, Context(rng.choice(devices), None, None, f"/c/{rng.choice(tops)}")))
                 return made
 
+            profiler = cProfile.Profile() if args.profile else None
             evicting = np.zeros(int(args.evict * 2**20) // 8, dtype=np.int64)
 
-            async def timed(label: str, planned: list[tuple[str, str, Context]], *, show: bool = True) -> None:
+            async def timed(
+                label: str, planned: list[tuple[str, str, Context]], *, show: bool = True, profile: bool = False
+            ) -> None:
                 times: dict[str, list[float]] = {kind: [] for kind in KINDS}
                 for kind, raw, context in planned:
                     if len(evicting):
                         np.add(evicting, 1, out=evicting)  # written through: the per-core caches now hold it
                     rec = serving_for(gateway, [])
+                    if profile and profiler is not None:
+                        profiler.enable()
                     started = time.perf_counter()
                     await gateway.recommendation(
                         rec, gateway.pseudonym(raw), raw, n=10, categories=[], exclude=[], context=context
                     )
                     times[kind].append(time.perf_counter() - started)
+                    if profile and profiler is not None:
+                        profiler.disable()
                 if not show:
                     return
                 every = sorted(t for kind in KINDS for t in times[kind])
@@ -138,7 +153,9 @@ async def run(args: argparse.Namespace) -> None:
                     path = f"/admin/rules/{version}/activate" if rules else "/admin/rules/deactivate"
                     (await client.post(path)).raise_for_status()
                     await timed("warm", calls(300), show=False)  # new plans, first pages
-                    await timed("rules" if rules else "none", calls(args.calls))
+                    await timed("rules" if rules else "none", calls(args.calls), profile=rules)
+            if profiler is not None:
+                profiler.dump_stats(args.profile)
     finally:
         await gateway.stop()
         shutil.rmtree(scratch, ignore_errors=True)

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from gateway.rules.conditions import Predicate
 from gateway.rules.document import Content, Rule
 from gateway.rules.picks import Pick, reasons_of
 
+FILL_BATCH = 16  # reserve picks whose bits one numpy call gathers while topping up
 Bits = npt.NDArray[np.uint8]  # action bits, little-endian: bit b of byte b // 8 is action b
 
 
@@ -71,26 +73,28 @@ class CompiledRule:
 class Actions:
     """A book's filter and boost actions over its catalog, numbered in priority order: bits[row]
     says which hold for the row (a filter drops it, a boost weighs it), one bit each. A request
-    works on a few dozen rows, so it reads them as Python ints (`held`), not numpy arrays: a numpy
-    call costs more than a loop over that many rows does."""
+    works on a few dozen rows: it gathers their bits in one numpy call (`held`) and tests them as
+    Python ints, since a numpy call per test costs more than a loop over that many rows does."""
 
     bits: Bits  # rows x bytes
     rules: list[CompiledRule]  # action -> its rule
     factors: list[float]  # action -> a boost's weight (a float32), NaN for a filter
     cap_keys: dict[int, list[int]]  # depth -> each row's category for caps, as a number
-    held: list[int] = field(init=False)  # row -> its action bits as one int: bit b is action b
+    words: npt.NDArray[np.uint64] = field(init=False)  # bits as rows x 64-action words, little-endian
     filters: int = field(init=False)  # the bits of the filter actions
 
     def __post_init__(self) -> None:
         words = np.zeros((len(self.bits), max(-(-self.bits.shape[1] // 8), 1) * 8), dtype=np.uint8)
         words[:, : self.bits.shape[1]] = self.bits
-        columns = words.view("<u8").T.tolist()  # 64 actions a column
-        self.held = (
-            columns[0]
-            if len(columns) == 1
-            else [sum(w << 64 * k for k, w in enumerate(ws)) for ws in zip(*columns, strict=True)]
-        )
+        self.words = words.view("<u8")
         self.filters = sum(1 << b for b, factor in enumerate(self.factors) if factor != factor)  # noqa: PLR0124
+
+    def held(self, rows: Sequence[int] | npt.NDArray[np.integer]) -> list[int]:
+        """Each row's action bits as one int: bit b is action b."""
+        columns: list[list[int]] = self.words[rows].T.tolist()
+        if len(columns) == 1:
+            return columns[0]
+        return [sum(w << 64 * k for k, w in enumerate(ws)) for ws in zip(*columns, strict=True)]
 
     def decoded(self, mask: int) -> list[CompiledRule]:
         """The rules of the actions set in `mask`, each once, by priority."""
@@ -131,7 +135,7 @@ class Plan:
 
     def passes(self, row: int) -> bool:
         """Whether no filter of the plan drops `row`."""
-        return not self.actions.held[row] & self.drop
+        return not self.actions.held([row])[0] & self.drop
 
     def boosts(self, held: int) -> tuple[float, list[CompiledRule]]:
         """For a row's action bits, the product of the plan's boosts that hold (a float32, taken in
@@ -189,9 +193,8 @@ class Ruling:
         plan = self.plan
         assert plan is not None
         self.ranked = True
+        held = plan.actions.held(rows)
         rows = rows.tolist() if isinstance(rows, np.ndarray) else list(rows)
-        held_of = plan.actions.held
-        held = [held_of[row] for row in rows]
         positions = list(range(len(rows)))
         if plan.drop:
             drop = plan.drop
@@ -280,26 +283,31 @@ class Ruling:
         self, plan: Plan, chosen: list[Pick], reserve: Iterable[Pick], n: int, *, taken: Container[int]
     ) -> list[Pick]:
         """`chosen` and, up to n, the picks of `reserve` not `taken` that pass the filters and the
-        plan's cap still admits, read one at a time (a cap or a strict filter may make it skip many)."""
+        plan's cap still admits, read a few at a time (a cap or a strict filter may make it skip many)."""
         more: list[Pick] = []
         rule, limit, keys = plan.capping or (None, 0, [])
         counts = Counter(keys[p.row] for p in chosen) if rule is not None else Counter[int]()
-        held, room = plan.actions.held, n - len(chosen)
-        for pick in reserve:
-            if len(more) >= room:
+        room, picks = n - len(chosen), iter(reserve)
+        while len(more) < room:
+            read = list(islice(picks, FILL_BATCH))
+            if not read:
                 break
-            if pick.row in taken or held[pick.row] & plan.drop:
-                continue
-            if rule is not None:
-                if counts[keys[pick.row]] >= limit:
-                    self.applied[rule.ref] = rule
+            batch = [pick for pick in read if pick.row not in taken]
+            for pick, held in zip(batch, plan.actions.held([pick.row for pick in batch]), strict=True):
+                if len(more) >= room:
+                    break
+                if held & plan.drop:
                     continue
-                counts[keys[pick.row]] += 1
-            more.append(pick)
-            if self.reordered:
-                weight, rules = plan.boosts(held[pick.row])
-                if weight != 1.0:
-                    self.named[pick.row] = rules
+                if rule is not None:
+                    if counts[keys[pick.row]] >= limit:
+                        self.applied[rule.ref] = rule
+                        continue
+                    counts[keys[pick.row]] += 1
+                more.append(pick)
+                if self.reordered:
+                    weight, rules = plan.boosts(held)
+                    if weight != 1.0:
+                        self.named[pick.row] = rules
         return chosen + more
 
     def _inject(self, plan: Plan, picks: list[Pick], n: int, allowed: Callable[[int], bool]) -> list[Pick]:
