@@ -92,9 +92,11 @@ class Actions:
     def held(self, rows: Sequence[int] | npt.NDArray[np.integer]) -> list[int]:
         """Each row's action bits as one int: bit b is action b."""
         columns: list[list[int]] = self.words[rows].T.tolist()
-        if len(columns) == 1:
-            return columns[0]
-        return [sum(w << 64 * k for k, w in enumerate(ws)) for ws in zip(*columns, strict=True)]
+        held = columns[0]
+        for k, column in enumerate(columns[1:], 1):
+            if any(column):
+                held = [h | w << 64 * k for h, w in zip(held, column, strict=True)]
+        return held
 
     def decoded(self, mask: int) -> list[CompiledRule]:
         """The rules of the actions set in `mask`, each once, by priority."""
