@@ -101,11 +101,11 @@ def store_url(stack: contextlib.ExitStack, store: str, work: Path, redis_server:
     return f"redis://127.0.0.1:{port}/0"
 
 
-def serve_command(args: argparse.Namespace, url: str, port: int) -> list[str]:
-    """`tailor serve` (args.serve_command) for one worker on the pinned snapshots, the store `url`
-    and loopback `port`; with args.serve_config (where the benchmark has that option) as --config."""
+def serve_command(args: argparse.Namespace, url: str, port: int, workers: int = 1) -> list[str]:
+    """`tailor serve` (args.serve_command) with `workers` processes on the pinned snapshots, the store
+    `url` and loopback `port`; with args.serve_config (where the benchmark has that option) as --config."""
     serve = [*shlex.split(args.serve_command), "--snapshots", str(args.pinned_root), "--store", url]
-    serve += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    serve += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     config = getattr(args, "serve_config", None)
     return [*serve, "--config", str(config)] if config else serve
 
@@ -119,15 +119,22 @@ class Gateway(NamedTuple):
 
 
 def start_gateway(
-    stack: contextlib.ExitStack, store: str, work: Path, args: argparse.Namespace, *, trust_env: bool = True
+    stack: contextlib.ExitStack,
+    store: str,
+    work: Path,
+    args: argparse.Namespace,
+    *,
+    trust_env: bool = True,
+    workers: int = 1,
 ) -> Gateway:
-    """`tailor serve` on `store` ("memory" or "redis": its own redis-server) and a free loopback
-    port, logging into `work`, with a client; both stop when `stack` closes. Returns once /readyz
-    says ready."""
-    url = store_url(stack, store, work, args.redis_server)
+    """`tailor serve` with `workers` processes on `store` ("memory", "redis": its own redis-server,
+    or a store URL to share one between gateways) and a free loopback port, logging into `work`,
+    with a client; both stop when `stack` closes. Returns once /readyz says ready."""
+    url = store if "://" in store else store_url(stack, store, work, args.redis_server)
     port = free_port()
     log = work / "serve.log"
-    server = stack.enter_context(running(serve_command(args, url, port), log, f"tailor serve ({store})"))
+    command = serve_command(args, url, port, workers)
+    server = stack.enter_context(running(command, log, f"tailor serve ({store}, {workers} workers)"))
     base = f"http://127.0.0.1:{port}"
     client = stack.enter_context(httpx.Client(base_url=base, timeout=30, trust_env=trust_env))
     ready = wait_ready(client, server, log, args.ready_timeout)
@@ -176,14 +183,24 @@ def wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], log: Path, t
     raise RuntimeError(f"/readyz not 200 after {timeout:.0f}s; last: {last}")
 
 
+def session_cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU time of each process in the session `pid` leads (a server and its workers:
+    `running` starts each command in its own session), reaped children included, from /proc."""
+    found: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[3]) == pid:  # fields[3] is the session id
+            found[int(stat.parent.name)] = sum(int(x) for x in fields[11:15]) / tick  # utime, stime, cutime, cstime
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its reaped children, from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    ticks = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of the server `pid` and its workers (session_cpu_seconds), summed."""
+    return sum(session_cpu_seconds(pid).values())
 
 
 # ---------------------------------------------------------------------------------------------- wrk

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
-from loadtests import bench_rules, rules_in_process
+from loadtests import bench_rules, bench_workers, rules_in_process
 
 
 def assert_timed_runs(capsys: pytest.CaptureFixture[str], labels: list[str]) -> None:
@@ -72,3 +73,20 @@ def test_rules_benchmark_repeats_abba_for_more_pairs_and_averages_all_of_them() 
     assert ratios["throughput_none_over_rules"] == 2.0
     assert ratios["p50_rules_over_none_paced"] == 1.2  # 6.0 / 4 against 5.0 / 4
     assert ratios["p50_rules_over_none_paced_pairs"] == [1.2, 1.0, 1.0, 1.8]
+
+
+def test_workers_benchmark_compares_the_mean_rate_of_each_worker_count_with_one_worker() -> None:
+    runs = [{"workers": w, "rate": r} for w, r in ((1, 1000.0), (2, 1800.0), (2, 1600.0), (1, 1000.0))]
+    result = bench_workers.summary(runs)
+    assert result["mean_rate"] == {"1": 1000.0, "2": 1700.0}
+    assert result["ratio"] == {"2_vs_1": 1.7}
+    assert result["bar"] == {"2 workers >= 1.7x 1": True}
+    short = bench_workers.summary([{"workers": w, "rate": r} for w, r in ((1, 1000.0), (2, 1600.0))])
+    assert short["bar"] == {"2 workers >= 1.7x 1": False}
+
+
+def test_workers_benchmark_order_needs_one_worker_and_another_count() -> None:
+    assert bench_workers.parse_order("1,2,2,1") == [1, 2, 2, 1]
+    for bad in ("2,2", "1,1", "0,1", "1,x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench_workers.parse_order(bad)
