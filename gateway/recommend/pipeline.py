@@ -455,7 +455,6 @@ class Recommender:
         """Filter the pool; if a category filter leaves too few, search within the categories;
         if still short, pad with popular items. With `ruling`, its filters and boosts go first, and
         padding is left to the rules (Ruling.apply), which filter what they pad with."""
-        pool = self._servable(pool)
         ruled = ruling if ruling is not None and ruling.plan is not None else None
         if ruled is not None:
             picks = self._select(pool, ruled, key, reason=reason, n=n, categories=categories, excluded=excluded)
@@ -464,7 +463,6 @@ class Recommender:
         if len(picks) < n and categories:
             within = self.category_rows(categories)
             narrow = await self.candidates.cached((*key, tuple(sorted(categories))), lambda: compute(within))
-            narrow = self._servable(narrow)
             if ruled is not None:
                 narrowed = (*key, tuple(sorted(categories)))
                 picks = self._select(narrow, ruled, narrowed, reason=reason, n=n, categories=(), excluded=excluded)
@@ -479,12 +477,16 @@ class Recommender:
 
     def _servable(self, pool: Pool) -> Pool:
         """`pool` without the rows no route may serve (Snapshot.withheld: retired, unavailable, out
-        of stock): every candidate list passes here, whatever found it or cached it."""
+        of stock), for the rules' selection, which reads a prefix of the pool as it is. (`_filter`
+        reads rows one by one and skips those rows as it goes: masking a whole pool of a few
+        hundred rows on every request cost more than the rest of a known user's answer.)"""
         serves = self._serves
         if serves is None:
             return pool
-        keep = serves[pool.rows]
-        return pool if keep.all() else Pool(pool.rows[keep], pool.scores[keep])
+        keep = serves.take(pool.rows)
+        if np.count_nonzero(keep) == len(keep):  # count_nonzero: no Python-level wrapper, unlike .all()
+            return pool
+        return Pool(pool.rows[keep], pool.scores[keep])
 
     def _select(
         self,
@@ -510,6 +512,7 @@ class Recommender:
         garbage-collector work."""
         plan = ruling.plan
         assert plan is not None
+        pool = self._servable(pool)
         memo_key = None
         if isinstance(source, tuple) and source and source[0] in SHARED_SOURCES:
             memo_key = (plan, source, reason, n, tuple(categories), frozenset(excluded))
@@ -549,7 +552,10 @@ class Recommender:
     def _filter(
         self, pool: Pool, *, reason: str, n: int, categories: Collection[str], excluded: set[int]
     ) -> list[Pick]:
+        """The first n rows of `pool` that may be served (not Snapshot.withheld), are not
+        `excluded` and are in one of `categories` (if any), as picks."""
         category_sets = self.snap.category_sets
+        withheld = self.snap.withheld
         wanted = frozenset(categories)
         picks: list[Pick] = []
         # Without a category filter the answer lies within the first n + len(excluded) rows, so
@@ -559,7 +565,7 @@ class Recommender:
             rows = pool.rows[start:stop].tolist()
             scores = pool.scores[start:stop].tolist()
             for row, score in zip(rows, scores, strict=True):
-                if row in excluded or (wanted and wanted.isdisjoint(category_sets[row])):
+                if row in excluded or row in withheld or (wanted and wanted.isdisjoint(category_sets[row])):
                     continue
                 picks.append(Pick(row, rounded(score), reason))
                 if len(picks) == n:
