@@ -8,13 +8,13 @@ import gc
 import os
 import shutil
 import tempfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from threadpoolctl import threadpool_limits
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway import logs
+from gateway import logs, workers
 from gateway import settings as config
 from gateway.metrics import MULTIPROC_ENV
 from gateway.privacy import keys as privacy
@@ -36,26 +36,27 @@ def serve(settings: Settings) -> None:
     if settings.workers > 1 and MULTIPROC_ENV not in os.environ:
         metrics_dir = tempfile.mkdtemp(prefix="tailor-metrics-")
         os.environ[MULTIPROC_ENV] = metrics_dir
+    options: dict[str, Any] = {
+        "app": "gateway.serve:app_from_environment",
+        "factory": True,
+        "loop": "uvloop",
+        "http": HeaderDeadlineProtocol,
+        "log_level": settings.log_level,
+        "log_config": logs.config(settings),
+        "access_log": settings.access_log,
+        "lifespan": "on",
+        # The sans-I/O websockets protocol: the least memory per socket here (PERF_NOTES), and
+        # no per-message compression (several times the memory, half the throughput).
+        "ws": "websockets-sansio",
+        "ws_per_message_deflate": False,
+        "ws_ping_interval": settings.heartbeat_s,
+        "ws_ping_timeout": settings.heartbeat_s,
+    }
     try:
-        uvicorn.run(
-            "gateway.serve:app_from_environment",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            loop="uvloop",
-            http=HeaderDeadlineProtocol,
-            log_level=settings.log_level,
-            log_config=logs.config(settings),
-            access_log=settings.access_log,
-            lifespan="on",
-            # The sans-I/O websockets protocol: the least memory per socket here (PERF_NOTES), and
-            # no per-message compression (several times the memory, half the throughput).
-            ws="websockets-sansio",
-            ws_per_message_deflate=False,
-            ws_ping_interval=settings.heartbeat_s,
-            ws_ping_timeout=settings.heartbeat_s,
-        )
+        if settings.workers > 1:
+            workers.supervise(options, host=settings.host, port=settings.port, workers=settings.workers)
+        else:
+            uvicorn.run(host=settings.host, port=settings.port, **options)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -197,6 +197,58 @@ def test_two_workers_share_one_redis_store(root: Path, tmp_path: Path, redis_ser
     assert 'tailor_request_seconds_count{route="recommend"} 20.0' in metrics
 
 
+def _listening(port: int) -> int:
+    """How many TCP sockets listen on `port` (the kernel's tables, IPv4 and IPv6)."""
+    count = 0
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        for line in table.read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                count += 1
+    return count
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The worker processes a `tailor serve --workers N` supervisor started (not multiprocessing's
+    resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if parent == pid and b"resource_tracker" not in command:
+            found.append(int(entry.name))
+    return found
+
+
+def test_each_worker_listens_on_its_own_socket_and_a_lost_worker_is_replaced(
+    root: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A socket per worker (SO_REUSEPORT): the kernel spreads connections across workers, where
+    one shared socket let the first worker to wake take them all. A worker that dies is started
+    again, and the port keeps answering meanwhile."""
+    running = Server(root, tmp_path / "workers.log", "--workers", "2", "--store", redis_server.url)
+    try:
+        wait_until(lambda: _listening(running.port) == 2, timeout=60, what="two listening sockets")
+        first = _workers_of(running.process.pid)
+        assert len(first) == 2
+        os.kill(first[0], 9)
+        wait_until(
+            lambda: len(set(_workers_of(running.process.pid)) - set(first)) == 1 and _listening(running.port) == 2,
+            timeout=60,
+            what="a new worker listening",
+        )
+        assert httpx.get(f"{running.url}/healthz").status_code == 200
+    finally:
+        running.stop()
+    assert running.process.returncode == 0
+    assert "exited with -9; starting another" in running.log.read_text()
+
+
 def test_an_event_taken_by_one_gateway_is_pushed_by_another(
     root: Path, tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
