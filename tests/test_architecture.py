@@ -6,7 +6,7 @@ import ast
 
 from tests.architecture import cycles, graph, modules
 
-EDGE = ("gateway.api", "gateway.app", "gateway.serve")  # the HTTP edge and what runs it
+EDGE = ("gateway.api", "gateway.app", "gateway.serve", "gateway.workers")  # the HTTP edge and what runs it
 HTTP_LIBRARIES = ("starlette", "uvicorn", "httptools", "websockets")
 
 
