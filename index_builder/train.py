@@ -302,37 +302,47 @@ def _score_ease(  # noqa: PLR0917 - the tuner's state, passed on once
     seed: int,
     progress: Progress | None,
 ) -> dict[tuple[float, UserModel], dict[str, tuple[float, Metrics]]]:
-    """EASE with each λ and user model on each split: its ratio to the split's tuned ALS, and its
-    metrics. One fit per λ and split; the user models only change the profile rows it scores."""
+    """EASE on each split: its ratio to the split's tuned ALS, and its metrics, per (λ, user model).
+
+    Two steps, as a user model only reweights the profile rows EASE scores and barely moves the
+    best λ: every λ with the first of `models` (the neutral one, no decay, when it is there), then
+    the best λ with each of the others. One fit per λ and split."""
     found: dict[tuple[float, UserModel], dict[str, tuple[float, Metrics]]] = {}
-    for name, (fit, validation) in splits.items():
-        profiles = {
-            (half_life, share): profile_matrix(
-                fit, msgspec.structs.replace(best, half_life_events=half_life, long_term_share=share)
-            ).tocsr()
-            for half_life, share in models
-        }
-        for value in EASE_REGULARIZATION:
-            started = time.perf_counter()
-            apply = ease.fit(fit, value)
-            for model, rows in profiles.items():
 
-                def scorer(
-                    batch: npt.NDArray[np.int32], rows: sp.csr_matrix = rows, apply: ease.Apply = apply
-                ) -> Vectors:
-                    return apply(rows[batch])
-
-                metrics = evaluate(scorer, fit, validation, max_users=max_eval_users, seed=seed)
-                params = msgspec.structs.replace(
-                    best, half_life_events=model[0], long_term_share=model[1], ease_regularization=value
-                )
-                trials.append(Trial(params, name, metrics.ndcg_at_10, time.perf_counter() - started))
+    def sweep(values: Sequence[float], scored_models: list[UserModel]) -> None:
+        for name, (fit, validation) in splits.items():
+            profiles = {
+                model: profile_matrix(
+                    fit, msgspec.structs.replace(best, half_life_events=model[0], long_term_share=model[1])
+                ).tocsr()
+                for model in scored_models
+            }
+            for value in values:
                 started = time.perf_counter()
-                ratio = metrics.ndcg_at_10 / baselines[name] if baselines[name] > 0 else 1.0
-                found.setdefault((value, model), {})[name] = (ratio, metrics)
-            if progress is not None:
-                top = max(ratio for (v, _), by in found.items() if v == value for ratio, _ in [by[name]])
-                progress(f"tuning: EASE λ={value:g} on the {name} split: best {top:.3f}x tuned ALS")
+                apply = ease.fit(fit, value)
+                for model, rows in profiles.items():
+
+                    def scorer(
+                        batch: npt.NDArray[np.int32], rows: sp.csr_matrix = rows, apply: ease.Apply = apply
+                    ) -> Vectors:
+                        return apply(rows[batch])
+
+                    metrics = evaluate(scorer, fit, validation, max_users=max_eval_users, seed=seed)
+                    params = msgspec.structs.replace(
+                        best, half_life_events=model[0], long_term_share=model[1], ease_regularization=value
+                    )
+                    trials.append(Trial(params, name, metrics.ndcg_at_10, time.perf_counter() - started))
+                    started = time.perf_counter()
+                    ratio = metrics.ndcg_at_10 / baselines[name] if baselines[name] > 0 else 1.0
+                    found.setdefault((value, model), {})[name] = (ratio, metrics)
+                if progress is not None:
+                    top = max(by[name][0] for (v, _), by in found.items() if v == value and name in by)
+                    progress(f"tuning: EASE λ={value:g} on the {name} split: best {top:.3f}x tuned ALS")
+
+    sweep(EASE_REGULARIZATION, models[:1])
+    value = max(EASE_REGULARIZATION, key=lambda v: min(r for r, _ in found[(v, models[0])].values()))
+    if len(models) > 1:
+        sweep((value,), models[1:])
     return found
 
 
