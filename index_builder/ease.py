@@ -25,7 +25,7 @@ from index_builder.evaluate import Scorer, top_k_unseen
 
 # The largest min(users, items) EASE is fitted for. Measured (docs/builder.md, "EASE"): n = 2,000
 # takes 1.6 s of CPU and 126 MB at peak, n = 4,000 6.0 s and 278 MB; time grows with n³ and memory
-# with n², so n = 5,000 is about 12 s and 400 MB per fit, and the tuner fits it ten times.
+# with n², so n = 5,000 is about 12 s and 400 MB per fit, and the tuner fits it twelve times.
 MAX_DENSE = 5_000
 
 
