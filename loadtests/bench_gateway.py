@@ -30,13 +30,11 @@ import random
 import resource
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx2 as httpx
@@ -53,6 +51,7 @@ from loadtests.harness import (
     run_wrk,
     say,
     start_gateway,
+    stop_on_sigterm,
 )
 from loadtests.traffic import (
     counter_delta,
@@ -418,10 +417,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.shop_dir = args.shop_dir or args.bench_dir / "shop"
@@ -434,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         binary = args.redis_server if tool == "redis-server" else tool
         if shutil.which(binary) is None:
             raise SystemExit(f"{binary} not found on PATH")
-    signal.signal(signal.SIGTERM, _terminate)
+    stop_on_sigterm()
     os.chdir(ROOT)
 
     report: dict[str, Any] = {

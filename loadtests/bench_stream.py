@@ -43,12 +43,10 @@ import random
 import resource
 import secrets
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import orjson
@@ -64,6 +62,7 @@ from loadtests.harness import (
     run_wrk,
     say,
     start_gateway,
+    stop_on_sigterm,
 )
 from loadtests.stream_push import Json, bench_push
 from loadtests.traffic import counter_delta, gateway_counters
@@ -319,10 +318,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def raise_open_files(needed: int) -> int:
     """Raise this process's soft RLIMIT_NOFILE to the hard limit; the gateway started from here inherits it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -347,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.event_rate <= 0 or args.push_timeout <= 0 or args.handshakes < 1:
         raise SystemExit("--event-rate, --push-timeout and --handshakes must be positive")
     nofile = raise_open_files(max(clients, default=0) + 1024)
-    signal.signal(signal.SIGTERM, _terminate)
+    stop_on_sigterm()
     os.chdir(ROOT)
     # the gateway signs and checks stream tokens with this; it is made up for this run only
     secret = secrets.token_urlsafe(32)

@@ -25,12 +25,10 @@ import contextlib
 import json
 import os
 import random
-import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from loadtests.bench_gateway import code_version, new_run_dir, parse_mix, pin_snapshot
@@ -46,6 +44,7 @@ from loadtests.harness import (
     say,
     session_cpu_seconds,
     start_gateway,
+    stop_on_sigterm,
     store_url,
 )
 from loadtests.traffic import Traffic, counter_delta, gateway_counters, make_traffic, preflight, seed_visitors
@@ -162,17 +161,13 @@ def table(runs: list[Json], result: Json) -> str:
     return "\n".join(lines)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.snapshots_dir = args.snapshots_dir or args.bench_dir / "snapshots"
     args.out = args.out or args.bench_dir / "workers.json"
     if not (args.snapshots_dir / "CURRENT").is_file():
         raise SystemExit(f"{args.snapshots_dir} has no CURRENT pointer (bench_gateway.py --build-only makes one)")
-    signal.signal(signal.SIGTERM, _terminate)
+    stop_on_sigterm()
     os.chdir(ROOT)
     report: Json = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -281,3 +281,13 @@ def check_shape(response: httpx.Response) -> str | None:
         if not isinstance(item, dict) or not {"id", "score", "reasons", "title", "categories"} <= set(item):
             return f"malformed item {item!r}"
     return None
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so the gateways and redis-servers a benchmark started are
+    stopped by their context managers when someone ends the run."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
