@@ -64,9 +64,8 @@ class BuildConfig(msgspec.Struct, frozen=True):
     precompute_users: int = 200_000
     pool_size: int = 200
     # Each item's most similar items (cosine), for similar-item answers and for candidates of
-    # visitors the build did not know. The work grows with items squared, hence the cap.
+    # visitors the build did not know (ann.neighbour_index: exact, or a graph for large catalogs).
     neighbours: int = 100
-    neighbours_max_items: int = 300_000
     # K-Means clusters of users by behaviour, shipped as segments.json for the gateway; 0 = none.
     segments: int = 5
     # The gateway's live catalog (its catalog_file, or its Redis), laid over `items`.
@@ -406,12 +405,12 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         )
 
     neighbours: tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]] | None = None
-    if config.neighbours > 0 and data.n_items <= config.neighbours_max_items:
+    if config.neighbours > 0:
         say(f"precomputing the {config.neighbours} most similar items of each of {data.n_items:,} items")
         unit = item_vectors / np.maximum(np.linalg.norm(item_vectors, axis=1, keepdims=True), 1e-12)
         itself = np.arange(data.n_items, dtype=np.int32)
         neighbours = ann.precompute_pools(
-            ann.ItemIndex(unit),
+            ann.neighbour_index(unit, say),
             unit,
             np.arange(data.n_items + 1, dtype=np.int64),
             itself,
