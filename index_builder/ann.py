@@ -38,10 +38,6 @@ HNSW_M = 16
 EF_CONSTRUCTION = 40
 EF_SEARCH = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 GRAPH_SPEED_UP = 0.5
-# Similar-item lists: exact search up to this many items, a graph over the unit vectors above it
-# (measured on the 1M-item shop: docs/performance.md, "Large catalogs").
-NEIGHBOURS_EXACT_MAX_ITEMS = 300_000
-NEIGHBOURS_EF_SEARCH = 128
 EXACT_TIMING_QUERIES = 50  # exact search costs ~10 ms a query at 1M items; its median settles early
 
 
@@ -176,20 +172,6 @@ def tune_index(
         trials=trials,
     )
     return choice, graph if use_graph else None
-
-
-def neighbour_index(unit: Vectors, progress: Callable[[str], None] | None = None) -> ItemIndex:
-    """The index the builder's similar-item lists are searched in (`unit`: the item vectors scaled
-    to length 1, so inner product is cosine): exact search up to NEIGHBOURS_EXACT_MAX_ITEMS items,
-    beyond that an HNSW graph over `unit` searched at NEIGHBOURS_EF_SEARCH, since exact search grows
-    with items squared (1M x 1M dot products)."""
-    if len(unit) <= NEIGHBOURS_EXACT_MAX_ITEMS:
-        return ItemIndex(unit)
-    started = time.perf_counter()
-    graph = build_hnsw(unit)
-    if progress is not None:
-        progress(f"similar items: HNSW graph over {len(unit):,} items built in {time.perf_counter() - started:.0f}s")
-    return ItemIndex(unit, method="hnsw", graph=graph, ef_search=NEIGHBOURS_EF_SEARCH)
 
 
 def save_hnsw(graph: Any, path: Path) -> None:

@@ -17,7 +17,6 @@ from index_builder.ann import (
     _recall,
     build_hnsw,
     exact_top_k,
-    neighbour_index,
     precompute_pools,
     save_hnsw,
     tune_index,
@@ -121,24 +120,6 @@ def test_precomputed_pools_are_each_users_best_unseen_items() -> None:
             assert rows[i].tolist() == expected.tolist(), index.method
             np.testing.assert_allclose(scores[i], all_scores[expected], rtol=1e-5)
             assert not set(rows[i].tolist()) & set(seen[user].tolist())
-
-
-def test_similar_items_come_from_exact_search_for_small_catalogs_and_a_graph_above() -> None:
-    items = clustered_vectors(2000, 16, seed=6, spread=0.5)
-    unit = items / np.linalg.norm(items, axis=1, keepdims=True)
-    assert neighbour_index(unit).method == "exact"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("index_builder.ann.NEIGHBOURS_EXACT_MAX_ITEMS", 1000)
-        index = neighbour_index(unit)
-    assert index.method == "hnsw"
-    itself = np.arange(len(unit), dtype=np.int32)
-    rows, _ = precompute_pools(index, unit, np.arange(len(unit) + 1, dtype=np.int64), itself, size=20)
-    assert not (rows == itself[:, None]).any()  # an item is never its own neighbour
-    found = []
-    for i in range(200):
-        truth = exact_top_k(unit, unit[i], 21)
-        found.append(recall(rows[i], truth[truth != i][:20]))
-    assert np.mean(found) >= 0.95
 
 
 def test_a_pool_longer_than_the_unseen_catalog_is_padded_with_minus_infinity() -> None:
