@@ -38,10 +38,6 @@ HNSW_M = 16
 EF_CONSTRUCTION = 40
 EF_SEARCH = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 GRAPH_SPEED_UP = 0.5
-# Similar-item lists: exact search up to this many items, a graph over the unit vectors above it
-# (measured on the 1M-item shop: docs/performance.md, "Large catalogs").
-NEIGHBOURS_EXACT_MAX_ITEMS = 300_000
-NEIGHBOURS_EF_SEARCH = 128
 EXACT_TIMING_QUERIES = 50  # exact search costs ~10 ms a query at 1M items; its median settles early
 
 
@@ -176,54 +172,6 @@ def tune_index(
         trials=trials,
     )
     return choice, graph if use_graph else None
-
-
-def similar_items(
-    unit: Vectors, size: int, progress: Callable[[str], None] | None = None
-) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
-    """Each item's `size` most similar other items by cosine (`unit`: the item vectors scaled to
-    length 1), best first, as precompute_pools gives them.
-
-    Up to NEIGHBOURS_EXACT_MAX_ITEMS items by exact search. Above, exact search (items squared)
-    costs too much, so an HNSW graph searched at NEIGHBOURS_EF_SEARCH; the graph holds each distinct
-    vector once, because cold items with the same categories and tags share one content vector and
-    such groups of identical points wreck its links (at 1M items: recall@10 0.60 over all vectors,
-    docs/performance.md). Items that share a vector share its list, which names one item per
-    neighbouring vector (identical items are left out of each other's lists there).
-    """
-    n = len(unit)
-    if n <= NEIGHBOURS_EXACT_MAX_ITEMS:
-        return precompute_pools(
-            ItemIndex(unit),
-            unit,
-            np.arange(n + 1, dtype=np.int64),
-            np.arange(n, dtype=np.int32),  # each item has "seen" itself
-            size=size,
-            progress=progress,
-            label="similar items",
-            unit="items",
-        )
-    distinct, first, inverse = np.unique(unit, axis=0, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    started = time.perf_counter()
-    graph = build_hnsw(distinct)
-    if progress is not None:
-        progress(
-            f"similar items: HNSW graph over {len(distinct):,} distinct vectors of {n:,} items "
-            f"built in {time.perf_counter() - started:.0f}s"
-        )
-    rows, scores = precompute_pools(
-        ItemIndex(distinct, method="hnsw", graph=graph, ef_search=NEIGHBOURS_EF_SEARCH),
-        distinct,
-        np.arange(len(distinct) + 1, dtype=np.int64),
-        np.arange(len(distinct), dtype=np.int32),
-        size=min(size, len(distinct)),
-        progress=progress,
-        label="similar items",
-        unit="distinct vectors",
-    )
-    del graph, distinct
-    return first[rows].astype(np.int32)[inverse], scores[inverse]
 
 
 def save_hnsw(graph: Any, path: Path) -> None:

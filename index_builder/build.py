@@ -64,8 +64,9 @@ class BuildConfig(msgspec.Struct, frozen=True):
     precompute_users: int = 200_000
     pool_size: int = 200
     # Each item's most similar items (cosine), for similar-item answers and for candidates of
-    # visitors the build did not know (ann.similar_items: exact, or a graph for large catalogs).
+    # visitors the build did not know. The work grows with items squared, hence the cap.
     neighbours: int = 100
+    neighbours_max_items: int = 300_000
     # K-Means clusters of users by behaviour, shipped as segments.json for the gateway; 0 = none.
     segments: int = 5
     # The gateway's live catalog (its catalog_file, or its Redis), laid over `items`.
@@ -100,13 +101,12 @@ class Stopwatch:
 # (docs/performance.md). At each step the time left is estimated as the time spent so far times
 # what the remaining steps weigh over what the finished ones weighed.
 STEP_SHARES = {
-    "read": 0.10,
-    "tune": 0.16,
-    "evaluate": 0.16,
-    "train": 0.07,
-    "index": 0.17,
+    "read": 0.12,
+    "tune": 0.11,
+    "evaluate": 0.20,
+    "train": 0.10,
+    "index": 0.45,
     "write": 0.02,
-    "similar": 0.32,
 }
 
 
@@ -405,6 +405,22 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
             user_rows=pool_users,
         )
 
+    neighbours: tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]] | None = None
+    if config.neighbours > 0 and data.n_items <= config.neighbours_max_items:
+        say(f"precomputing the {config.neighbours} most similar items of each of {data.n_items:,} items")
+        unit = item_vectors / np.maximum(np.linalg.norm(item_vectors, axis=1, keepdims=True), 1e-12)
+        itself = np.arange(data.n_items, dtype=np.int32)
+        neighbours = ann.precompute_pools(
+            ann.ItemIndex(unit),
+            unit,
+            np.arange(data.n_items + 1, dtype=np.int64),
+            itself,
+            size=config.neighbours,
+            progress=say,
+            label="similar items",
+            unit="items",
+        )
+
     version = snapshot.new_version()
     staging = snapshot.staging_dir(config.out, version)
     say(f"writing snapshot {version}" + left("write"))
@@ -415,6 +431,9 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     np.save(staging / "popularity.npy", popularity)
     np.save(staging / "seen_indptr.npy", seen_indptr)
     np.save(staging / "seen_indices.npy", seen_indices)
+    if neighbours is not None:
+        np.save(staging / "neighbour_rows.npy", neighbours[0])
+        np.save(staging / "neighbour_scores.npy", neighbours[1])
     np.save(staging / "pool_users.npy", pool_users)
     np.save(staging / "pool_rows.npy", pool_rows)
     np.save(staging / "pool_scores.npy", pool_scores)
@@ -424,20 +443,6 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     content_model.save(staging)
     if segment_model is not None:
         (staging / "segments.json").write_bytes(msgspec.json.encode(segment_model))
-    neighbours = 0
-    if config.neighbours > 0:
-        # Last, once the item graph and vectors are on disk and freed: at 1M items the similar-item
-        # graph and lists take about 1 GB, which would otherwise come on top of them.
-        say(
-            f"precomputing the {config.neighbours} most similar items of each of {data.n_items:,} items"
-            + left("similar")
-        )
-        unit = item_vectors / np.maximum(np.linalg.norm(item_vectors, axis=1, keepdims=True), 1e-12)
-        del graph, index, item_vectors
-        neighbour_rows, neighbour_scores = ann.similar_items(unit, config.neighbours, say)
-        np.save(staging / "neighbour_rows.npy", neighbour_rows)
-        np.save(staging / "neighbour_scores.npy", neighbour_scores)
-        neighbours = int(neighbour_rows.shape[1])
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     fields: dict[str, Any] = {
         "version": version,
@@ -451,7 +456,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
             "tuning_trials": len(tuning.trials),
             "pinned": {name: value for name, value in msgspec.to_builtins(config.pins).items() if value is not None},
             "pools": {"users": len(pool_users), "size": int(pool_rows.shape[1])},
-            "neighbours": neighbours,
+            "neighbours": int(neighbours[0].shape[1]) if neighbours is not None else 0,
             "segments": config.segments,
         },
         "metrics": {
