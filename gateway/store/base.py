@@ -134,6 +134,18 @@ def window_label(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+def counter_field(name: str, window: float) -> str:
+    """A counter's name in a visitor's state, "name|window" (the window as Python writes a float):
+    the Redis store's hash field (its record script joins the same in Lua) and the memory store's key."""
+    return f"{name}|{float(window)!r}"
+
+
+def counter_of_field(field: str) -> tuple[str, float]:
+    """The counted name and the window of a `counter_field`."""
+    name, _, window = field.rpartition("|")
+    return name, float(window)
+
+
 def sliding_count(bucket: int, current: int, previous: int, window: float, now: float) -> int:
     """Events in the `window` seconds before `now`, estimated from the counts of the fixed window
     (bucket = floor(ts / window)) written last and the one before it, the older one weighted by how

@@ -31,6 +31,8 @@ from gateway.store.base import (
     Timer,
     TriggerState,
     bump,
+    counter_field,
+    counter_of_field,
     encode_consent,
     sliding_count,
     window_label,
@@ -52,11 +54,6 @@ WITHHELD = Profile(recent=[], counters={}, withheld=True)  # no choice made, and
 
 
 _COUNT_MAX = 2**32 - 1
-
-
-def _counter_field(name: str, window: float) -> str:
-    """A counter's key in a visitor's counters: the Redis store's hash field as well."""
-    return f"{name}|{float(window)!r}"
 
 
 def _packed(state: tuple[int, int, int]) -> int:
@@ -156,7 +153,7 @@ class MemoryStore:
             index = {}
             for wanted in query:
                 window = float(wanted.window)
-                index.setdefault(_counter_field(wanted.name, window), (window, []))[1].append(wanted.key)
+                index.setdefault(counter_field(wanted.name, window), (window, []))[1].append(wanted.key)
             self._last_query = (query, index)
         return index
 
@@ -210,8 +207,7 @@ class MemoryStore:
             )
         stale: list[str] = []
         for key, value in state.counters.items():
-            name, _, window_text = key.rpartition("|")
-            window = float(window_text)
+            name, window = counter_of_field(key)
             bucket, current, previous = _unpacked(value)
             count = sliding_count(bucket, current, previous, window, now)
             if count:
@@ -270,7 +266,7 @@ class MemoryStore:
                 added.append(interaction)
             for number, name in enumerate(event.counter_names()):
                 for window in retention.windows:
-                    key = _counter_field(name, window)
+                    key = counter_field(name, window)
                     held = state.counters.get(key)
                     if held is None and number and len(state.counters) >= retention.max_counters:
                         continue  # full: no new per-item or per-category counters, totals still count

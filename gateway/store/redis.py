@@ -59,6 +59,8 @@ from gateway.store.base import (
     StoreTimeoutError,
     Timer,
     TriggerState,
+    counter_field,
+    counter_of_field,
     decode_consent,
     decode_log,
     encode_consent,
@@ -255,7 +257,7 @@ class RedisStore:
             repr(now),
             0 if inbox is None else HEAD_FIELDS.index(CONSENT_PREFIX + inbox.purpose) + 1,
             1 if inbox is not None and inbox.default else 0,
-            *(f"{c.name}|{float(c.window)!r}" for c in chosen),
+            *(counter_field(c.name, c.window) for c in chosen),
         )
         try:
             reply = await self._eval_profile(keys, args)
@@ -279,9 +281,8 @@ class RedisStore:
                     field = raw_field.decode()
                     if field[0] == "@":  # last seen and consent: read above
                         continue
-                    name, window_text = field.rsplit("|", 1)
+                    name, window = counter_of_field(field)
                     bucket, current, previous = (int(part) for part in raw_value.split(b":"))
-                    window = float(window_text)
                     count = sliding_count(bucket, current, previous, window, now)
                     if count:
                         counts[f"{name}/{window_label(window)}"] = count
