@@ -45,6 +45,7 @@ from loadtests.exact import Snapshot, measure_recall
 from loadtests.harness import (
     ROOT,
     add_gateway_options,
+    add_wrk_options,
     describe,
     footer,
     load_average,
@@ -54,6 +55,7 @@ from loadtests.harness import (
     stop_on_sigterm,
 )
 from loadtests.traffic import (
+    add_mix_option,
     counter_delta,
     gateway_counters,
     make_traffic,
@@ -346,17 +348,6 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def parse_mix(text: str) -> tuple[float, float, float]:
-    try:
-        known, new, unknown = (float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected KNOWN,NEW,UNKNOWN fractions, got {text!r}") from None
-    total = known + new + unknown
-    if total <= 0 or min(known, new, unknown) < 0:
-        raise argparse.ArgumentTypeError(f"fractions must be >= 0 and not all 0: {text!r}")
-    return known / total, new / total, unknown / total
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, prog="bench_gateway.py"
@@ -373,12 +364,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=1_000_000, help="events when making the shop (default 1000000)")
     p.add_argument("--max-trials", type=int, default=2, help="tuner budget when building (default 2)")
     p.add_argument("--stores", default="memory,redis", help="comma-separated store backends (default memory,redis)")
-    p.add_argument("--duration", type=float, default=15.0, help="seconds per wrk run (default 15)")
-    p.add_argument(
-        "--warmup", type=float, default=3.0, help="seconds of unrecorded recommend traffic first (default 3)"
-    )
-    p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
-    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: wrk shares the 2 cores)")
+    add_wrk_options(p, duration=15.0, warmup=3.0)
     p.add_argument(
         "--visitors",
         type=int,
@@ -392,12 +378,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip the extra full-speed /v1/recommend runs for each kind of visitor alone",
     )
-    p.add_argument(
-        "--mix",
-        type=parse_mix,
-        default=(0.5, 0.3, 0.2),
-        help="recommend list: known users, seeded visitors, unknown visitors (default 0.5,0.3,0.2)",
-    )
+    add_mix_option(p)
     p.add_argument(
         "--half-rate",
         type=float,

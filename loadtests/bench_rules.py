@@ -52,6 +52,7 @@ from loadtests.bench_gateway import code_version, ensure_snapshot, new_run_dir, 
 from loadtests.exact import Snapshot
 from loadtests.harness import (
     add_gateway_options,
+    add_wrk_options,
     describe,
     load_average,
     run_wrk,
@@ -318,8 +319,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bench-dir", type=Path, default=Path("var/bench"), help="working directory (default var/bench)")
     p.add_argument("--stores", default="memory", help="comma-separated: memory, redis (default memory)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
-    p.add_argument("--warmup", type=float, default=3.0, help="seconds of unrecorded traffic first (default 3)")
+    add_wrk_options(p, duration=10.0, warmup=3.0)
     p.add_argument(
         "--settle",
         type=float,
@@ -334,8 +334,6 @@ def parser() -> argparse.ArgumentParser:
         help="pairs of runs (none, rules) per speed, in alternating order: 2 is none, rules, rules, none (ABBA); "
         "4 repeats that, for a steadier average on a noisy machine (default 2)",
     )
-    p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
-    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
     p.add_argument(
         "--visitors",
         type=int,

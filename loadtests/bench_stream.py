@@ -57,6 +57,7 @@ from loadtests.exact import Snapshot
 from loadtests.harness import (
     ROOT,
     add_gateway_options,
+    add_wrk_options,
     footer,
     load_average,
     run_wrk,
@@ -299,10 +300,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-ingest", action="store_true", help="leave out the ingestion part")
     p.add_argument("--skip-stream", action="store_true", help="leave out the WebSocket push part")
     p.add_argument("--stores", default="memory,redis", help="ingestion: comma-separated stores (default memory,redis)")
-    p.add_argument("--duration", type=float, default=15.0, help="ingestion: seconds of wrk per store (default 15)")
-    p.add_argument("--warmup", type=float, default=2.0, help="ingestion: unrecorded seconds first (default 2)")
-    p.add_argument("--connections", type=int, default=64, help="ingestion: wrk connections (default 64)")
-    p.add_argument("--threads", type=int, default=1, help="ingestion: wrk threads (default 1: wrk shares 2 cores)")
+    add_wrk_options(p, duration=15.0, warmup=2.0, scope="ingestion: ")
     p.add_argument("--batch", type=int, default=20, help="ingestion: events per POST (default 20)")
     p.add_argument("--visitors", type=int, default=50_000, help="ingestion: visitors, one batch each (50000)")
     p.add_argument("--clients", type=parse_counts, default=[1000, 5000], help="push: client counts (1000,5000)")

@@ -31,12 +31,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtests.bench_gateway import code_version, new_run_dir, parse_mix, pin_snapshot
+from loadtests.bench_gateway import code_version, new_run_dir, pin_snapshot
 from loadtests.exact import Snapshot
 from loadtests.harness import (
     ROOT,
     Gateway,
     add_gateway_options,
+    add_wrk_options,
     describe,
     footer,
     load_average,
@@ -47,7 +48,15 @@ from loadtests.harness import (
     stop_on_sigterm,
     store_url,
 )
-from loadtests.traffic import Traffic, counter_delta, gateway_counters, make_traffic, preflight, seed_visitors
+from loadtests.traffic import (
+    Traffic,
+    add_mix_option,
+    counter_delta,
+    gateway_counters,
+    make_traffic,
+    preflight,
+    seed_visitors,
+)
 
 BAR_TWO_WORKERS = 1.7  # recommend throughput of 2 workers over 1 (issue 28)
 Json = dict[str, Any]
@@ -71,17 +80,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshots-dir", type=Path, help="snapshot root (default BENCH_DIR/snapshots)")
     p.add_argument("--out", type=Path, help="results JSON (default BENCH_DIR/workers.json)")
     p.add_argument("--order", type=parse_order, default=[1, 2, 2, 1], help="worker counts, one run each (1,2,2,1)")
-    p.add_argument("--duration", type=float, default=15.0, help="seconds per measured run (default 15)")
-    p.add_argument("--warmup", type=float, default=3.0, help="unrecorded seconds before each run (default 3)")
-    p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
-    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: wrk shares the cores)")
+    add_wrk_options(p, duration=15.0, warmup=3.0)
     p.add_argument("--visitors", type=int, default=100_000, help="new visitors seeded with 1-3 clicks (100000)")
-    p.add_argument(
-        "--mix",
-        type=parse_mix,
-        default=(0.5, 0.3, 0.2),
-        help="recommend list: known users, seeded visitors, unknown visitors (default 0.5,0.3,0.2)",
-    )
+    add_mix_option(p)
     p.add_argument("--list-size", type=int, default=50_000, help="least paths per wrk run (50000)")
     p.add_argument("--seed", type=int, default=11, help="random seed (default 11)")
     add_gateway_options(p)

@@ -147,6 +147,19 @@ def start_gateway(
     return Gateway(server, base, client, log, round(ready, 2))
 
 
+def add_wrk_options(p: argparse.ArgumentParser, *, duration: float, warmup: float, scope: str = "") -> None:
+    """How long and how hard wrk drives the gateway; `scope` prefixes the help where the benchmark has
+    other parts (e.g. "ingestion: ")."""
+    p.add_argument(
+        "--duration", type=float, default=duration, help=f"{scope}seconds per wrk run (default {duration:g})"
+    )
+    p.add_argument(
+        "--warmup", type=float, default=warmup, help=f"{scope}unrecorded seconds before measuring (default {warmup:g})"
+    )
+    p.add_argument("--connections", type=int, default=64, help=f"{scope}wrk connections (default 64)")
+    p.add_argument("--threads", type=int, default=1, help=f"{scope}wrk threads (default 1: wrk shares the cores)")
+
+
 def add_gateway_options(p: argparse.ArgumentParser) -> None:
     """The options every benchmark that starts gateways has."""
     p.add_argument(

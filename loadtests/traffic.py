@@ -90,6 +90,26 @@ class Traffic:
         return [kind.name for kind in self.kinds if kind.population.wrapped]
 
 
+def parse_mix(text: str) -> tuple[float, float, float]:
+    try:
+        known, new, unknown = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KNOWN,NEW,UNKNOWN fractions, got {text!r}") from None
+    total = known + new + unknown
+    if total <= 0 or min(known, new, unknown) < 0:
+        raise argparse.ArgumentTypeError(f"fractions must be >= 0 and not all 0: {text!r}")
+    return known / total, new / total, unknown / total
+
+
+def add_mix_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mix",
+        type=parse_mix,
+        default=(0.5, 0.3, 0.2),
+        help="recommend list: known users, seeded visitors, unknown visitors (default 0.5,0.3,0.2)",
+    )
+
+
 def make_traffic(snap: Snapshot, visitors: dict[str, list[int]], args: argparse.Namespace) -> dict[str, Traffic]:
     rng = random.Random(args.seed)
     known = Population(snap.user_ids, rng)
