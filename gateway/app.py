@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from gateway import settings as config
-from gateway.api import stream, wire
+from gateway.api import encoding, stream
 from gateway.api.callers import observed
 from gateway.api.events import EventsApi
 from gateway.api.experiments import ExperimentsApi
@@ -82,7 +82,7 @@ def routes(gateway: Gateway, hub: Hub) -> list[BaseRoute]:
 
 
 def create_app(settings: config.Settings, *, store: Store | None = None) -> Starlette:
-    gateway = Gateway(settings, store, prepare=wire.prepare)
+    gateway = Gateway(settings, store, prepare=encoding.prepare)
     hub = make_hub(gateway)
 
     @contextlib.asynccontextmanager

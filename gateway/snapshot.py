@@ -100,7 +100,7 @@ class Snapshot:
     unavailable: frozenset[int] = frozenset()
     built_rows: int = -1  # -1: every row (set in __post_init__)
     live_seq: int = 0
-    # Filled by the HTTP layer as rows are served (gateway.api.wire.encode_recommendations): a row's
+    # Filled by the HTTP layer as rows are served (gateway.api.encoding.encode_recommendations): a row's
     # encoded id, title and categories (by row: a list index is a third of a dict lookup's cache
     # misses on a 100k-item catalog), and each reason list, encoded once per snapshot.
     encoded_items: list[bytes | None] = field(default_factory=list)

@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from gateway.api import wire
+from gateway.api import encoding, wire
 from gateway.recommend.pipeline import Fallback
 from gateway.rules.picks import Pick
 from gateway.snapshot import Snapshot, load
@@ -54,18 +54,18 @@ def expected(snap: Snapshot, rid: str, picks: list[tuple[int, float, str]], fall
 def test_encoded_answer_equals_the_declared_types_encoding(snap: Snapshot, picks: list[tuple[int, float, str]]) -> None:
     fallbacks: list[Fallback | None] = [None, "cold-start"]
     for fallback in fallbacks:
-        got = wire.encode_recommendations(snap, "rid-1", [Pick(*pick) for pick in picks], fallback, "live")
+        got = encoding.encode_recommendations(snap, "rid-1", [Pick(*pick) for pick in picks], fallback, "live")
         assert got == expected(snap, "rid-1", picks, fallback)
         # and again from the per-snapshot caches it filled
-        assert wire.encode_recommendations(snap, "rid-1", [Pick(*pick) for pick in picks], fallback, "live") == got
+        assert encoding.encode_recommendations(snap, "rid-1", [Pick(*pick) for pick in picks], fallback, "live") == got
     decoded = msgspec.json.decode(got, type=wire.Recommendations)
     assert [item.id for item in decoded.items] == [snap.item_ids[row] for row, _, _ in picks]
 
 
 def test_a_prepared_snapshot_encodes_the_same(snap: Snapshot) -> None:
-    prepared = wire.prepare(dataclasses.replace(snap, encoded_items=[], encoded_reasons={}))
+    prepared = encoding.prepare(dataclasses.replace(snap, encoded_items=[], encoded_reasons={}))
     assert len(prepared.encoded_items) == len(snap.item_ids)
     assert None not in prepared.encoded_items  # every item encoded, before any answer
     picks = [(0, 0.5, "user-vector"), (1, 0.25, "popular"), (len(snap.item_ids) - 1, 1e-3, "popular")]
-    answer = wire.encode_recommendations(prepared, "r", [Pick(*pick) for pick in picks], None, "live")
+    answer = encoding.encode_recommendations(prepared, "r", [Pick(*pick) for pick in picks], None, "live")
     assert answer == expected(snap, "r", picks, None)

@@ -17,7 +17,7 @@ from redis import Redis
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from gateway.api import wire
+from gateway.api import encoding, wire
 from gateway.app import create_app
 from gateway.rules.picks import Pick
 from gateway.rules.triggers import Delivered, Trigger, TriggerEngine, TriggerMessage, parse_duration
@@ -107,7 +107,7 @@ def test_definitions_are_checked_when_they_are_put_to_use() -> None:
 def test_an_answers_messages_are_encoded_as_declared(small_snapshots: Path) -> None:
     snap = load(current_dir(small_snapshots))
     delivered = Delivered("welcome", 2, CART.message, "abc", T0)
-    got = wire.encode_recommendations(
+    got = encoding.encode_recommendations(
         snap, "r", [Pick(0, 0.5, "user-vector")], None, "live", messages=[msgspec.json.encode(delivered)]
     )
     item = wire.ScoredItem(snap.item_ids[0], snap.titles[0], snap.categories[0], 0.5, ["user-vector"])

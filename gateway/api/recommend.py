@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.api import wire
+from gateway.api import encoding, wire
 from gateway.api.callers import acting_for, request_id
 from gateway.api.http import ApiError, JSONBytes, country_of, parse_query
 from gateway.experiments.keeper import Enrolment
@@ -84,7 +84,7 @@ class RecommendApi:
         if answer.fallback is not None:
             self.gateway.metrics.fallbacks.labels(answer.fallback).inc()
         rid = request_id(self.gateway, request)
-        body = wire.encode_recommendations(
+        body = encoding.encode_recommendations(
             rec.snap,
             rid,
             with_reasons(answer.picks, enrolment.reasons) if enrolment is not None else answer.picks,

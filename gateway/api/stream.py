@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket
 
-from gateway.api import wire
+from gateway.api import encoding, wire
 from gateway.api.callers import admit, binds
 from gateway.api.http import SMALL_BODY_BYTES, ApiError, field_of, json_response, parse_query, read_body
 from gateway.api.push import Hub
@@ -35,7 +35,7 @@ async def live_answer(
     picks = with_reasons(answer.picks, enrolment.reasons) if enrolment is not None else answer.picks
     same = (rec.snap.version, tuple((pick.row, pick.reason) for pick in picks))
     gateway.metrics.rules_changed(answer.rules)
-    body = wire.encode_recommendations(
+    body = encoding.encode_recommendations(
         rec.snap,
         gateway.new_request_id(),
         picks,

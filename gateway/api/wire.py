@@ -6,7 +6,6 @@ body) and are the single source of the OpenAPI document (`gateway.api.openapi`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from typing import Annotated, Literal
 
 import msgspec
@@ -14,9 +13,7 @@ import msgspec
 from gateway import crossfield
 from gateway.recommend.pipeline import Fallback, ProfileKind
 from gateway.rules.document import Content, RuleSet
-from gateway.rules.picks import Pick
 from gateway.rules.triggers import Delivered
-from gateway.snapshot import Snapshot
 from gateway.store.base import Consent, ConsentState, LogLine
 from gateway.store.documents import Activation
 
@@ -190,69 +187,6 @@ class Recommendations(msgspec.Struct, frozen=True, gc=False):
     ] = []
 
 
-class _EncodedRecommendations(msgspec.Struct, frozen=True, gc=False):
-    """`Recommendations` with its items already encoded."""
-
-    request_id: str
-    snapshot: str
-    items: msgspec.Raw
-    fallback: Fallback | None = None
-    profile: ProfileKind = "none"
-    segments: list[str] = []
-    rules: list[str] = []
-    content: list[Content] = []
-    messages: list[msgspec.Raw] = []  # Delivered, as encoded when they fired
-    experiments: Sequence[str] = ()
-
-
-_encoder = msgspec.json.Encoder()
-_NONE: list[str] = []
-_NO_CONTENT: list[Content] = []
-# Reason lists encoded once per snapshot; rules can combine reasons in many ways, so at most this many.
-ENCODED_REASONS_MAX = 100_000
-
-
-def encode_recommendations(
-    snap: Snapshot,
-    request_id: str,
-    picks: Iterable[Pick],
-    fallback: Fallback | None,
-    profile: ProfileKind,
-    *,
-    segments: list[str] = _NONE,
-    rules: list[str] = _NONE,
-    content: list[Content] = _NO_CONTENT,
-    messages: Iterable[bytes] = (),
-    experiments: Sequence[str] = (),
-) -> bytes:
-    """The JSON of `Recommendations(request_id, snap.version, [ScoredItem(...) per pick], ...)`,
-    byte for byte, without building a ScoredItem per pick: what does not change between answers
-    (an item's id, title and categories; a reason list) is encoded once per snapshot and reused.
-    Ten items cost about a third of building and encoding the structs (tests compare the bytes)."""
-    fragments, reasons = snap.encoded_items, snap.encoded_reasons
-    encode = _encoder.encode
-    parts: list[bytes] = []
-    for pick in picks:
-        row, reason = pick.row, pick.reason
-        head = fragments[row]
-        if head is None:
-            head = fragments[row] = _fragment(snap, row)
-        tail = reasons.get(reason)
-        if tail is None:
-            listed = [reason] if isinstance(reason, str) else list(reason)
-            tail = b',"reasons":' + encode(listed) + b"}"
-            if len(reasons) < ENCODED_REASONS_MAX:
-                reasons[reason] = tail
-        parts.append(head + encode(pick.score) + tail)
-    items = msgspec.Raw(b"[" + b",".join(parts) + b"]")
-    shown = [msgspec.Raw(message) for message in messages]
-    return encode(
-        _EncodedRecommendations(
-            request_id, snap.version, items, fallback, profile, segments, rules, content, shown, experiments
-        )
-    )
-
-
 class StreamQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Query of `WS /v1/stream`."""
 
@@ -285,23 +219,6 @@ class StreamToken(msgspec.Struct, frozen=True):
     visitor: Annotated[str, msgspec.Meta(description="Use this id in the visitor's events and recommendation calls.")]
     token: str
     expires_at: Annotated[int, msgspec.Meta(description="Unix seconds; ask for a new token before then.")]
-
-
-def _fragment(snap: Snapshot, row: int) -> bytes:
-    """`{"id":...,"title":...,"categories":[...],"score":` of one item."""
-    item = _encoder.encode(ScoredItem(snap.item_ids[row], snap.titles[row], snap.categories[row], 0.0, []))
-    return item[: item.rindex(b'"score":') + 8]
-
-
-PREPARE_ITEMS_MAX = 300_000
-
-
-def prepare(snap: Snapshot) -> Snapshot:
-    """Encode every item's fragment up front (call it in the thread that loads the snapshot), so no
-    answer pays for a first encoding; catalogs over PREPARE_ITEMS_MAX items are encoded as served."""
-    if len(snap.item_ids) <= PREPARE_ITEMS_MAX:
-        snap.encoded_items[:] = [_fragment(snap, row) for row in range(len(snap.item_ids))]
-    return snap
 
 
 EventType = Annotated[
