@@ -18,8 +18,8 @@ install: $(BIN)/tailor
 $(SHOP)/events.csv: | $(BIN)/tailor
 	$(BIN)/tailor synth --out $(SHOP) --users 2000 --items 5000 --events 200000 --seed 7
 
-# The demo pins ALS: the tuner's EASE sweep takes about ten minutes on this 5,000-item shop (each
-# λ is scored with every user model), and the demo should be up in a minute or two.
+# The demo pins ALS: the tuner's EASE sweep takes minutes more on this 5,000-item shop, and the demo
+# should be up in a minute or two.
 DEMO_BUILD := --item-model als
 
 $(SNAPSHOTS)/CURRENT: $(SHOP)/events.csv
