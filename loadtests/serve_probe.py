@@ -15,7 +15,7 @@ then seeds new visitors, measures the recommend mix at full speed, and runs each
 a share of half that rate (the same traffic as bench_gateway.py), summarising the probes' samples
 of each run's window.
 
-    /work/notes/quiet .venv/bin/python -m loadtests.serve_probe --snapshots-dir var/1m/snapshots \\
+    .venv/bin/python -m loadtests.serve_probe --snapshots-dir var/1m/snapshots \\
         --runs recommend,recommend_new:0.3,recommend_known:0.7
 
 `--inline` runs what would be offloaded on the event loop instead; `--graph-ef N` makes every

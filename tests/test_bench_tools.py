@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests import bench_rules, bench_workers, rules_in_process
+from loadtests import bench_rules, bench_workers, rules_in_process, serve_probe
 
 
 def assert_timed_runs(capsys: pytest.CaptureFixture[str], labels: list[str]) -> None:
@@ -90,3 +90,23 @@ def test_workers_benchmark_order_needs_one_worker_and_another_count() -> None:
     for bad in ("2,2", "1,1", "0,1", "1,x"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench_workers.parse_order(bad)
+
+
+def test_serve_probe_summarises_only_the_samples_of_the_run_by_kind_and_phase() -> None:
+    samples: serve_probe.Samples = {
+        "lag": [[0.5, 0.050], [1.0, 0.001], [1.5, 0.003]],
+        "req": [[0.5, "/v1/recommend", "live", 9.0]]
+        + [[1.0 + i / 1000, "/v1/recommend", "snapshot", 0.001] for i in range(98)]
+        + [[1.2, "/v1/recommend", "live", 0.020], [1.3, "/v1/recommend", "live", 0.030]],
+        "offload": [[1.2, 0.010, 0.002, 0.001, 0.004], [3.0, 1.0, 1.0, 1.0, 1.0]],
+        "gc": [[1.1, 0, 0.008], [1.4, 1, 0.001], [2.5, 2, 0.5]],
+    }
+    summary = serve_probe.summarise(samples, 1.0, 2.0)
+    assert summary["loop_lag_ms"] == {"n": 2, "p50": 2.0, "p99": 2.98, "max": 3.0}
+    assert summary["request_ms_by_kind"]["live"]["n"] == 2
+    assert summary["request_ms_by_kind"]["snapshot"]["n"] == 98
+    assert summary["slowest_1pct_by_kind"] == {"live": 1}
+    assert summary["offloaded_ms"]["n"] == 1
+    assert summary["offloaded_ms"]["wait_for_thread"] == {"p50": 10.0, "p99": 10.0}
+    assert summary["offloaded_ms"]["wait_for_loop"] == {"p50": 4.0, "p99": 4.0}
+    assert summary["gc"] == {"collections": 2, "over_5ms": 1, "max_ms": 8.0}
