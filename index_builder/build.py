@@ -14,7 +14,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from index_builder import ann, ease, segments, snapshot
+from index_builder import ann, ease, item_models, segments, snapshot
 from index_builder.clean import Catalog, CleanReport, assemble, clean_interactions, clean_items
 from index_builder.content import content_vectors
 from index_builder.dataset import Interactions, temporal_split, user_sample
@@ -256,8 +256,8 @@ def evaluate_shipped(
     max_users: int | None = None,
 ) -> Metrics:
     """The model exactly as it will ship (content vectors for cold items included), on the hold-out."""
-    if params.ease_regularization > 0:  # known users are served EASE's lists (see `build`)
-        scorer = ease.ease_scorer(train, params.ease_regularization, profile_matrix(train, params))
+    if item_models.chosen(params) != "als":  # known users are served EASE's or RP3beta's lists (see `build`)
+        scorer = item_models.scorer(train, params, profile_matrix(train, params))
         return evaluate(scorer, train, test, max_users=max_users, seed=seed)
     item_vectors = fit_item_vectors(train, params, seed)
     warm = np.bincount(train.item, minlength=train.n_items) > 0
@@ -339,14 +339,15 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         progress=say,
         max_eval_users=tuning_users,
         pins=config.pins,
-        # EASE serves known users from pools only, and is fitted on the whole data, not the sample
-        ease_allowed=data.n_users <= config.precompute_users and ease.fits(data),
+        # EASE and RP3beta serve known users from pools only, and are fitted on the whole data
+        pooled=data.n_users <= config.precompute_users,
+        ease_allowed=ease.fits(data),
     )
     del tuning_data
-    if config.pins.item_model == "ease" and tuning.best.ease_regularization == 0:
+    if config.pins.item_model not in (None, item_models.chosen(tuning.best)):
         say(
-            f"EASE was pinned but does not fit here (min(users, items) > {ease.MAX_DENSE:,}, or more users "
-            "than --precompute-users): ALS it is"
+            f"{config.pins.item_model} was pinned but does not fit here (more users than --precompute-users, "
+            f"or for EASE min(users, items) > {ease.MAX_DENSE:,}): ALS it is"
         )
     say(
         f"chosen: {msgspec.json.encode(tuning.best).decode()}, popularity half-life "
@@ -391,9 +392,9 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     seen_indptr, seen_indices = _seen_csr(data)
     pool_users = _most_active(data, config.precompute_users)
     say(f"precomputing the best {config.pool_size} unseen items for {len(pool_users):,} known users")
-    if tuning.best.ease_regularization > 0:  # the tuner chose EASE, which allowed it only if all are pooled
-        scorer = ease.ease_scorer(data, tuning.best.ease_regularization, profile_matrix(data, tuning.best))
-        pool_rows, pool_scores = ease.pools(scorer, data.seen_matrix().tocsr(), pool_users, config.pool_size)
+    if item_models.chosen(tuning.best) != "als":  # the tuner allowed EASE and RP3beta only if all are pooled
+        scorer = item_models.scorer(data, tuning.best, profile_matrix(data, tuning.best))
+        pool_rows, pool_scores = item_models.pools(scorer, data.seen_matrix().tocsr(), pool_users, config.pool_size)
     else:
         pool_rows, pool_scores = ann.precompute_pools(
             index,

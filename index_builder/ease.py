@@ -21,7 +21,6 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from index_builder.dataset import Interactions
-from index_builder.evaluate import Scorer, top_k_unseen
 
 # The largest min(users, items) EASE is fitted for. Measured (docs/builder.md, "EASE"): n = 2,000
 # takes 1.6 s of CPU and 126 MB at peak, n = 4,000 6.0 s and 278 MB; time grows with n³ and memory
@@ -31,13 +30,6 @@ MAX_DENSE = 5_000
 
 def fits(data: Interactions) -> bool:
     return min(data.n_users, data.n_items) <= MAX_DENSE
-
-
-def _binary(data: Interactions) -> sp.csr_matrix:
-    matrix = data.seen_matrix().tocsr()
-    matrix.sum_duplicates()
-    matrix.data[:] = 1.0
-    return matrix.astype(np.float64)
 
 
 def _inverse(gram: npt.NDArray[np.float64], regularization: float) -> npt.NDArray[np.float64]:
@@ -64,8 +56,8 @@ Apply = Callable[[sp.csr_matrix], npt.NDArray[np.float32]]
 
 def fit(train: Interactions, regularization: float) -> Apply:
     """EASE fitted to `train`: a function from profile rows (users x items, sparse) to their
-    scores, the rows times B."""
-    x = _binary(train)
+    scores, the rows times B (`item_models.scorer` applies it to a profile)."""
+    x = train.seen_matrix().astype(np.float64)  # binary
     with threadpool_limits(2, "blas"):
         if train.n_items <= train.n_users:
             p = _inverse((x.T @ x).toarray(), regularization)
@@ -85,31 +77,3 @@ def fit(train: Interactions, regularization: float) -> Apply:
         return np.asarray(dense - rp / diag_p, dtype=np.float32)  # R (I - P diag(1/diag P))
 
     return apply
-
-
-def ease_scorer(train: Interactions, regularization: float, profile: sp.csr_matrix | None = None) -> Scorer:
-    """Scores of the EASE model fitted to `train` for batches of its users: each user's row of
-    `profile` (e.g. recency-weighted; default the binary matrix) times B."""
-    apply = fit(train, regularization)
-    rows = (_binary(train) if profile is None else profile).tocsr()
-    return lambda batch: apply(rows[batch])
-
-
-def pools(
-    score: Scorer, seen: sp.csr_matrix, users: npt.NDArray[np.int32], size: int, batch: int = 512
-) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
-    """Each of `users`' `size` best unseen items by `score`, best first, and their scores: the
-    snapshot's precomputed pools, from which the gateway serves known users."""
-    size = min(size, seen.shape[1])
-    rows = np.empty((len(users), size), dtype=np.int32)
-    scores = np.empty((len(users), size), dtype=np.float32)
-    for start in range(0, len(users), batch):
-        chunk = users[start : start + batch]
-        block = score(chunk)
-        top = top_k_unseen(block, seen[chunk], size)
-        picked = np.take_along_axis(block, top, axis=1)
-        # A catalog with fewer unseen items than `size` fills the rest with seen ones, scored -inf.
-        picked[np.asarray(seen[chunk][np.arange(len(chunk))[:, None], top].todense()) > 0] = -np.inf
-        rows[start : start + len(chunk)] = top
-        scores[start : start + len(chunk)] = picked
-    return rows, scores

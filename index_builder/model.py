@@ -31,6 +31,11 @@ class ModelParams(msgspec.Struct, frozen=True):
     # > 0: the builder ranked known users with EASE of this λ (index_builder.ease) into the
     # snapshot's precomputed pools; the ALS vectors above still serve everyone else. 0: ALS only.
     ease_regularization: float = 0.0
+    # > 0: the builder ranked known users with RP3beta (index_builder.rp3) keeping this many
+    # neighbours per item, with these α and β, into the pools instead; 0: not RP3beta.
+    rp3_neighbours: int = 0
+    rp3_alpha: float = 1.0
+    rp3_beta: float = 0.0
 
 
 def recency_decay(events_ago: npt.NDArray[np.int64], half_life: float) -> npt.NDArray[np.float32]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import msgspec
 import numpy as np
@@ -16,7 +15,7 @@ from implicit.cpu import _als
 from implicit.cpu.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
-from index_builder import ease
+from index_builder import ease, item_models, rp3
 from index_builder.dataset import Interactions, history_positions, random_split, temporal_split
 from index_builder.evaluate import Metrics, Scorer, evaluate
 from index_builder.model import ModelParams, recency_weights
@@ -33,6 +32,10 @@ ALPHA = (1.0, 5.0, 20.0)
 HALF_LIVES = (2.0, 5.0, 15.0)
 LONG_TERM_SHARES = (0.0, 0.1, 0.2, 0.5)
 EASE_REGULARIZATION = (10.0, 50.0, 200.0, 1000.0, 5000.0)
+# RP3beta's grid (α, β, neighbours per item) when `--item-model rp3` is pinned; neighbours are
+# capped by rp3.MAX_WEIGHTS. Not tried otherwise: on no hold-out of docs/quality.md did RP3beta,
+# tuned on validation, beat tuned ALS or EASE, and on the random one its validation score misled.
+RP3_GRID: tuple[tuple[float, float, int], ...] = ((0.5, 0.0, 200), (0.5, 0.2, 200), (0.5, 0.4, 200), (0.75, 0.4, 200))
 Setting = tuple[int, float, float]  # factors, regularization, alpha
 
 
@@ -124,7 +127,7 @@ class Pins(msgspec.Struct, frozen=True):
     alpha: float | None = None
     half_life_events: float | None = None
     long_term_share: float | None = None
-    item_model: Literal["als", "ease"] | None = None
+    item_model: item_models.ItemModel | None = None
 
 
 class TuneResult(msgspec.Struct, frozen=True):
@@ -159,6 +162,7 @@ def tune(
     progress: Progress | None = None,
     max_eval_users: int = 3000,
     pins: Pins | None = None,
+    pooled: bool = True,
     ease_allowed: bool = True,
 ) -> TuneResult:
     """Pick ALS settings and the user model's recency blend on two validation splits of `train`.
@@ -173,9 +177,12 @@ def tune(
     (two per setting, one per split) are spent. The first setting is scored with every user model,
     later ones with plain ALS and the first's two best, and the winner again with all of them.
 
-    Where EASE fits (`ease.fits`, and `ease_allowed`), it is scored on both splits with each λ of
-    EASE_REGULARIZATION and the chosen user model, and chosen instead if its smaller ratio is
-    higher; the ALS part of the result then still serves visitors the build did not know.
+    Then the item-item models that serve known users from pools (when `pooled`: every known user
+    gets one): EASE where it fits (`ease.fits`, and `ease_allowed`), with each λ of
+    EASE_REGULARIZATION, and, only when pinned, RP3beta with each setting of RP3_GRID, each on both
+    splits and with the user models (`_score_item_model`). EASE is chosen instead of ALS if its
+    smaller ratio is higher, a pinned model always; the ALS part of the result then still serves
+    visitors the build did not know.
     """
     pins = pins or Pins()
     splits = {"temporal": temporal_split(train), "random": random_split(train, seed=seed)}
@@ -271,15 +278,20 @@ def tune(
     best = ModelParams(factors, regularization, alpha, iterations, half_life, share)
     ratios = {name: ndcg[name][chosen] / baseline(name) if baseline(name) > 0 else 1.0 for name in splits}
     best_metrics = metrics_of[chosen]
-    if pins.item_model != "als" and ease_allowed and ease.fits(train):
-        baselines = {name: baseline(name) for name in splits}
-        found = _score_ease(splits, best, all_models, baselines, trials, max_eval_users, seed, progress)
-        value, (half_life, share) = max(found, key=lambda key: min(r for r, _ in found[key].values()))
-        scored = found[(value, (half_life, share))]
-        if pins.item_model == "ease" or min(r for r, _ in scored.values()) > min(ratios.values()):
-            best = msgspec.structs.replace(
-                best, half_life_events=half_life, long_term_share=share, ease_regularization=value
-            )
+    families: dict[item_models.ItemModel, list[ModelParams]] = {}
+    if pooled and ease_allowed and ease.fits(train):
+        families["ease"] = [msgspec.structs.replace(best, ease_regularization=value) for value in EASE_REGULARIZATION]
+    if pooled and pins.item_model == "rp3":  # only when pinned: it won no hold-out (docs/quality.md)
+        grid = dict.fromkeys((a, b, rp3.capped(k, train.n_items)) for a, b, k in RP3_GRID)
+        families["rp3"] = [msgspec.structs.replace(best, rp3_alpha=a, rp3_beta=b, rp3_neighbours=k) for a, b, k in grid]
+    baselines = {name: baseline(name) for name in splits}
+    for family, candidates in families.items():
+        if pins.item_model not in (None, family):
+            continue
+        found = _score_item_model(splits, candidates, all_models, baselines, trials, max_eval_users, seed, progress)
+        params, scored = max(found.items(), key=lambda entry: min(r for r, _ in entry[1].values()))
+        if pins.item_model == family or min(r for r, _ in scored.values()) > min(ratios.values()):
+            best = params
             ratios = {name: ratio for name, (ratio, _) in scored.items()}
             best_metrics = scored["temporal"][1]
     fit, validation = splits["temporal"]
@@ -292,34 +304,33 @@ def tune(
     return TuneResult(best, best_metrics, trials, popularity_half_life, ratios)
 
 
-def _score_ease(  # noqa: PLR0917 - the tuner's state, passed on once
+def _score_item_model(  # noqa: PLR0917 - the tuner's state, passed on once
     splits: dict[str, tuple[Interactions, Interactions]],
-    best: ModelParams,
+    candidates: list[ModelParams],
     models: list[UserModel],
     baselines: dict[str, float],
     trials: list[Trial],
     max_eval_users: int,
     seed: int,
     progress: Progress | None,
-) -> dict[tuple[float, UserModel], dict[str, tuple[float, Metrics]]]:
-    """EASE on each split: its ratio to the split's tuned ALS, and its metrics, per (λ, user model).
+) -> dict[ModelParams, dict[str, tuple[float, Metrics]]]:
+    """One item-item model (EASE or RP3beta, `item_models`) on each split: its ratio to the split's
+    tuned ALS, and its metrics, per candidate setting and user model.
 
-    Two steps, as a user model only reweights the profile rows EASE scores and barely moves the
-    best λ: every λ with the first of `models` (the neutral one, no decay, when it is there), then
-    the best λ with each of the others. One fit per λ and split."""
-    found: dict[tuple[float, UserModel], dict[str, tuple[float, Metrics]]] = {}
+    Two steps, as a user model only reweights the profile rows the model scores and barely moves
+    its best setting: every candidate with the first of `models` (the neutral one, no decay, when
+    it is there), then the best candidate with each of the others. One fit per candidate and split."""
+    found: dict[ModelParams, dict[str, tuple[float, Metrics]]] = {}
 
-    def sweep(values: Sequence[float], scored_models: list[UserModel]) -> None:
+    def with_model(params: ModelParams, model: UserModel) -> ModelParams:
+        return msgspec.structs.replace(params, half_life_events=model[0], long_term_share=model[1])
+
+    def sweep(settings: list[ModelParams], scored_models: list[UserModel]) -> None:
         for name, (fit, validation) in splits.items():
-            profiles = {
-                model: profile_matrix(
-                    fit, msgspec.structs.replace(best, half_life_events=model[0], long_term_share=model[1])
-                ).tocsr()
-                for model in scored_models
-            }
-            for value in values:
+            profiles = {model: profile_matrix(fit, with_model(settings[0], model)).tocsr() for model in scored_models}
+            for setting in settings:
                 started = time.perf_counter()
-                apply = ease.fit(fit, value)
+                apply = item_models.fit(fit, setting)
                 for model, rows in profiles.items():
 
                     def scorer(
@@ -328,22 +339,26 @@ def _score_ease(  # noqa: PLR0917 - the tuner's state, passed on once
                         return apply(rows[batch])
 
                     metrics = evaluate(scorer, fit, validation, max_users=max_eval_users, seed=seed)
-                    params = msgspec.structs.replace(
-                        best, half_life_events=model[0], long_term_share=model[1], ease_regularization=value
-                    )
+                    params = with_model(setting, model)
                     trials.append(Trial(params, name, metrics.ndcg_at_10, time.perf_counter() - started))
                     started = time.perf_counter()
                     ratio = metrics.ndcg_at_10 / baselines[name] if baselines[name] > 0 else 1.0
-                    found.setdefault((value, model), {})[name] = (ratio, metrics)
+                    found.setdefault(params, {})[name] = (ratio, metrics)
                 if progress is not None:
-                    top = max(by[name][0] for (v, _), by in found.items() if v == value and name in by)
-                    progress(f"tuning: EASE λ={value:g} on the {name} split: best {top:.3f}x tuned ALS")
+                    top = max(found[with_model(setting, model)][name][0] for model in scored_models)
+                    progress(f"tuning: {_describe(setting)} on the {name} split: best {top:.3f}x tuned ALS")
 
-    sweep(EASE_REGULARIZATION, models[:1])
-    value = max(EASE_REGULARIZATION, key=lambda v: min(r for r, _ in found[(v, models[0])].values()))
+    sweep(candidates, models[:1])
+    leader = max(candidates, key=lambda c: min(r for r, _ in found[with_model(c, models[0])].values()))
     if len(models) > 1:
-        sweep((value,), models[1:])
+        sweep([leader], models[1:])
     return found
+
+
+def _describe(params: ModelParams) -> str:
+    if item_models.chosen(params) == "ease":
+        return f"EASE λ={params.ease_regularization:g}"
+    return f"RP3beta α={params.rp3_alpha:g} β={params.rp3_beta:g} neighbours={params.rp3_neighbours}"
 
 
 def _along(current: Setting, axis: int, axes: tuple[Sequence[float], ...]) -> list[Setting]:

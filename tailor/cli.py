@@ -153,8 +153,8 @@ def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     pin.add_argument(
         "--item-model",
-        choices=("als", "ease"),
-        help="rank known users with ALS or with EASE (EASE only where it fits: see docs/builder.md)",
+        choices=("als", "ease", "rp3"),
+        help="rank known users with ALS, EASE or RP3beta (EASE only where it fits: see docs/builder.md)",
     )
     p.add_argument("--iterations", type=_positive, default=15, help="ALS iterations")
     p.add_argument("--target-recall", type=float, default=0.95, help="Annoy recall@10 the index tuner must reach")

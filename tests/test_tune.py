@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from index_builder import item_models
 from index_builder.dataset import Interactions
 from index_builder.model import ModelParams
-from index_builder.train import EASE_REGULARIZATION, Pins, tune, user_models
+from index_builder.train import EASE_REGULARIZATION, RP3_GRID, Pins, tune, user_models
 
 
 def taste_and_intent(n_users: int = 80, n_items: int = 60, seed: int = 2) -> Interactions:
@@ -41,7 +42,7 @@ def test_every_configuration_is_scored_on_both_splits_and_the_choice_is_the_best
         plain = [
             score
             for params, score in by_split[split].items()
-            if params.half_life_events == 0 and params.ease_regularization == 0
+            if params.half_life_events == 0 and item_models.chosen(params) == "als"
         ]
         return max(plain)
 
@@ -52,6 +53,7 @@ def test_every_configuration_is_scored_on_both_splits_and_the_choice_is_the_best
     assert result.ratios == {split: by_split[split][result.best] / plain_best(split) for split in by_split}
     assert {trial.params.half_life_events for trial in result.trials} == {0.0, 2.0, 5.0, 15.0}
     assert {trial.params.ease_regularization for trial in result.trials} == {0.0, *EASE_REGULARIZATION}
+    assert "rp3" not in {item_models.chosen(trial.params) for trial in result.trials}  # only when pinned
     assert {trial.params.long_term_share for trial in result.trials} == {0.0, 0.1, 0.2, 0.5}
 
 
@@ -62,7 +64,18 @@ def test_pinned_choices_are_kept_and_the_rest_is_tuned() -> None:
     assert {trial.params.factors for trial in result.trials} == {8}
     assert {trial.params.half_life_events for trial in result.trials} == {5.0}
     assert len({trial.params.long_term_share for trial in result.trials}) > 1
-    assert {trial.params.ease_regularization for trial in result.trials} == {0.0}
+    assert {item_models.chosen(trial.params) for trial in result.trials} == {"als"}
+
+
+def test_a_pinned_item_model_is_chosen_and_no_other_is_tried() -> None:
+    result = tune(taste_and_intent(), max_trials=2, iterations=5, pins=Pins(item_model="rp3"))
+    assert item_models.chosen(result.best) == "rp3"
+    assert {item_models.chosen(trial.params) for trial in result.trials} == {"als", "rp3"}
+    rp3_trials = [trial for trial in result.trials if item_models.chosen(trial.params) == "rp3"]
+    settings = {(t.params.rp3_alpha, t.params.rp3_beta, t.params.rp3_neighbours) for t in rp3_trials}
+    assert settings == set(RP3_GRID)
+    assert {trial.split for trial in rp3_trials} == {"temporal", "random"}
+    assert result.best in {trial.params for trial in rp3_trials}
 
 
 def test_the_trial_budget_counts_one_als_fit_per_split() -> None:
