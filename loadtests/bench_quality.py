@@ -5,9 +5,9 @@ out ("temporal") and with a seeded random 25% of each user's ratings held out ("
 purchase-only synthetic shop (`tailor synth --shape purchases`) with the temporal hold-out
 ("purchases"). Rows per protocol: popularity; implicit's ALS with default parameters; implicit's
 ALS grid-tuned on a validation split of that protocol's training part carved the protocol's own
-way; EASE with its λ tuned the same way; and `tailor build`'s model as shipped, chosen by its own
-tuner with no per-protocol setting. Within a protocol every row trains on the same part and is
-scored on the same hold-out.
+way; EASE with its λ tuned the same way; RP3beta with its α, β and neighbours tuned the same way;
+and `tailor build`'s model as shipped, chosen by its own tuner with no per-protocol setting.
+Within a protocol every row trains on the same part and is scored on the same hold-out.
 
     .venv/bin/python loadtests/bench_quality.py                     # all three protocols
     .venv/bin/python loadtests/bench_quality.py --protocols temporal random
@@ -27,10 +27,11 @@ import msgspec
 from implicit.cpu.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
+from index_builder import item_models
 from index_builder.build import BuildConfig, Stopwatch, evaluate_shipped, read_inputs
 from index_builder.dataset import Interactions, random_split, temporal_split
-from index_builder.ease import ease_scorer
 from index_builder.evaluate import Metrics, Scorer, evaluate
+from index_builder.model import ModelParams
 from index_builder.schema import Item
 from index_builder.synth import generate
 from index_builder.train import ALPHA, FACTORS, REGULARIZATION, confidence_matrix, popularity_scorer, tune
@@ -38,6 +39,9 @@ from index_builder.train import ALPHA, FACTORS, REGULARIZATION, confidence_matri
 MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
 PROTOCOLS = ("temporal", "random", "purchases")
 EASE_LAMBDAS = (20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
+RP3_ALPHAS = (0.25, 0.5, 0.75, 1.0)
+RP3_BETAS = (0.0, 0.2, 0.4)
+RP3_NEIGHBOURS = (50, 200)
 # The purchase-shaped shop: many one-order customers, so more customers than items.
 SHOP = {"users": 20_000, "items": 5_000, "events": 60_000, "days": 365, "seed": 1, "shape": "purchases"}
 
@@ -65,6 +69,10 @@ def als_scorer(train: Interactions, **params: float) -> Scorer:
         model.fit(confidence_matrix(train), show_progress=False)
     users, items = model.user_factors, model.item_factors
     return lambda batch: users[batch] @ items.T
+
+
+def item_model_scorer(train: Interactions, **params: float) -> Scorer:
+    return item_models.scorer(train, ModelParams(**params))  # type: ignore[arg-type]
 
 
 def timed(make: Callable[[], Scorer]) -> tuple[Scorer, float]:
@@ -107,10 +115,20 @@ def run(data: Interactions, catalog: list[Item], split: Split, say: Callable[[st
     say(f"  ALS grid search done: {best}")
 
     started = time.perf_counter()
-    best = tuned([{"regularization": value} for value in EASE_LAMBDAS], ease_scorer, fit, validation)
-    scorer = ease_scorer(train, **best)
+    best = tuned([{"ease_regularization": value} for value in EASE_LAMBDAS], item_model_scorer, fit, validation)
+    scorer = item_model_scorer(train, **best)
     rows.append(Row("EASE, λ tuned", evaluate(scorer, train, test), time.perf_counter() - started, {**best}))
     say(f"  EASE done: {best}")
+
+    started = time.perf_counter()
+    grid = [
+        {"rp3_alpha": a, "rp3_beta": b, "rp3_neighbours": k}
+        for a, b, k in itertools.product(RP3_ALPHAS, RP3_BETAS, RP3_NEIGHBOURS)
+    ]
+    best = tuned(grid, item_model_scorer, fit, validation)
+    scorer = item_model_scorer(train, **best)
+    rows.append(Row("RP3beta, tuned", evaluate(scorer, train, test), time.perf_counter() - started, {**best}))
+    say(f"  RP3beta done: {best}")
 
     started = time.perf_counter()
     tuning = tune(train, progress=say)
@@ -139,7 +157,8 @@ def ratios(rows: list[Row]) -> str:
     tailor = ndcg["tailor build"]
     return (
         f"tailor nDCG@10: {tailor / ndcg['implicit ALS, grid-tuned']:.3f}x grid-tuned ALS, "
-        f"{tailor / ndcg['EASE, λ tuned']:.3f}x EASE, {tailor / ndcg['popularity']:.2f}x popularity"
+        f"{tailor / ndcg['EASE, λ tuned']:.3f}x EASE, {tailor / ndcg['RP3beta, tuned']:.3f}x RP3beta, "
+        f"{tailor / ndcg['popularity']:.2f}x popularity"
     )
 
 
