@@ -250,8 +250,8 @@ def bench_store(store: str, snap: Snapshot, args: argparse.Namespace) -> dict[st
             runs[name] = wrk(name, label=name)
             say(f"{store}: {name:9} {describe(runs[name])}")
         target = args.half_rate or runs["recommend"]["rate"] / 2
-        # wrk's delay() leaves each connection idle for connections/rate seconds *plus* the response
-        # time, so the achieved rate falls short; a short calibration run measures by how much.
+        # wrk's delay() leaves each connection idle for connections/rate seconds on average *plus* the
+        # response time, so the achieved rate falls short; a short calibration run measures by how much.
         calibration = wrk("recommend", label="calibration", rate=target, duration=min(5.0, args.duration))
         factor = min(2.0, target / max(calibration["rate"], 1.0))
         say(f"{store}: recommend paced ({target:,.0f} req/s; asking {target * factor:,.0f})")

@@ -14,11 +14,14 @@
 --                counts only > 399) and "status_codes" counts each status seen. (Only in this mode is a
 --                response() hook defined: it costs wrk time on every response.)
 -- rate=R         target request rate of the whole run (all threads and connections); connections=C must
---                repeat wrk's -c, which Lua cannot read. wrk has no rate limiter, so delay() spaces each
---                connection's requests by C*1000/R ms, rounded up or down at random so that the mean is
---                exact. The delay is not part of the latency wrk records (its clock starts when the request
---                is written), and a connection waits for its response before the next delay, so the
---                achieved rate is somewhat below R: read it from "rate" in the output.
+--                repeat wrk's -c, which Lua cannot read. wrk has no rate limiter, so delay() waits before
+--                each request of a connection, its first included, a random time with an exponential
+--                distribution of mean C*1000/R ms: the C connections together send as independent
+--                visitors do (Poisson arrivals at rate R). A fixed wait would keep the connections in
+--                step: they would start together and send in bursts of C, which tests a burst, not a
+--                rate. The delay is not part of the latency wrk records (its clock starts when the
+--                request is written), and a connection waits for its response before the next delay,
+--                so the achieved rate is somewhat below R: read it from "rate" in the output.
 --
 -- done() prints one line, "WRK_JSON {...}": requests, duration_s, rate, bytes, errors (connect, read,
 -- write, timeout, status = responses with HTTP status > 399) and latency in milliseconds (mean, stdev,
@@ -76,12 +79,15 @@ function init(args)
       if connections <= 0 then
          error("rate=R needs connections=C (wrk's -c)")
       end
-      local interval = connections * 1000.0 / rate
-      math.randomseed(os.time() + id)
-      -- defined only when pacing: wrk looks for delay() after init(), and without it keeps its fast path
+      local mean = connections * 1000.0 / rate
+      math.randomseed(os.time() * 1000 + id)
+      -- defined only when pacing: wrk looks for delay() after init(), and without it keeps its fast path.
+      -- wrk waits whole milliseconds: the exponential wait is rounded up or down at random, so that
+      -- its mean stays exact.
       delay = function()
-         local whole = math.floor(interval)
-         if math.random() < interval - whole then
+         local wait = -mean * math.log(1.0 - math.random())
+         local whole = math.floor(wait)
+         if math.random() < wait - whole then
             return whole + 1
          end
          return whole
