@@ -475,18 +475,20 @@ class Recommender:
             picks += self.popular.top(n=n - len(picks), categories=categories, excluded=taken)
         return picks
 
-    def _servable(self, pool: Pool) -> Pool:
-        """`pool` without the rows no route may serve (Snapshot.withheld: retired, unavailable, out
-        of stock), for the rules' selection, which reads a prefix of the pool as it is. (`_filter`
-        reads rows one by one and skips those rows as it goes: masking a whole pool of a few
-        hundred rows on every request cost more than the rest of a known user's answer.)"""
+    def _servable(self, pool: Pool, depth: int) -> Pool:
+        """The first `depth` rows of `pool` that a route may serve (not Snapshot.withheld: retired,
+        unavailable, out of stock), for the rules' selection. (`_filter` reads rows one by one and
+        skips those rows as it goes.) Only that prefix is checked unless it holds a withheld row:
+        the pools run to hundreds of rows, and a gather over all of them on every request cost
+        more than the rest of the check."""
         serves = self._serves
+        head = Pool(pool.rows[:depth], pool.scores[:depth])
         if serves is None:
-            return pool
+            return head
+        if np.count_nonzero(serves.take(head.rows)) == len(head.rows):  # count_nonzero: no Python-level wrapper
+            return head
         keep = serves.take(pool.rows)
-        if np.count_nonzero(keep) == len(keep):  # count_nonzero: no Python-level wrapper, unlike .all()
-            return pool
-        return Pool(pool.rows[keep], pool.scores[keep])
+        return Pool(pool.rows[keep][:depth], pool.scores[keep][:depth])
 
     def _select(
         self,
@@ -512,7 +514,6 @@ class Recommender:
         garbage-collector work."""
         plan = ruling.plan
         assert plan is not None
-        pool = self._servable(pool)
         memo_key = None
         if isinstance(source, tuple) and source and source[0] in SHARED_SOURCES:
             memo_key = (plan, source, reason, n, tuple(categories), frozenset(excluded))
@@ -527,7 +528,8 @@ class Recommender:
         depth = (3 if plan.capping is not None else 1) * n + len(excluded) + HEADROOM_MIN
         if wanted:
             depth = 8 * n + len(excluded)
-        every = pool.rows[:depth]
+        head = self._servable(pool, depth)
+        every = head.rows
         if excluded or wanted:
             listed = every.tolist()
             admitted = [
@@ -542,7 +544,7 @@ class Recommender:
         if ruling.reordered:  # Ruling.apply gives a re-ranked list rank scores: these are never shown
             picks = [Pick(row, 0.0, reason) for row in rows]
         else:
-            rounded = pool.scores[kept].astype(np.float64).round(6).tolist()
+            rounded = head.scores[kept].astype(np.float64).round(6).tolist()
             picks = [Pick(row, score, reason) for row, score in zip(rows, rounded, strict=True)]
         if memo_key is not None:
             ruling.memo = [picks, None]
