@@ -16,8 +16,8 @@ import numpy.typing as npt
 
 from index_builder import ann, ease, item_models, segments, snapshot
 from index_builder.clean import Catalog, CleanReport, assemble, clean_interactions, clean_items
-from index_builder.content import content_vectors
-from index_builder.dataset import Interactions, temporal_split, user_sample
+from index_builder.content import category_rows, content_vectors
+from index_builder.dataset import Interactions, sampled_items, temporal_split, user_sample
 from index_builder.evaluate import Metrics, evaluate
 from index_builder.live_catalog import overlay, read_live
 from index_builder.model import ModelParams, fold_in, profile_confidence, regularized_gram
@@ -259,7 +259,7 @@ def evaluate_shipped(
     if item_models.chosen(params) != "als":  # known users are served EASE's or RP3beta's lists (see `build`)
         scorer = item_models.scorer(train, params, profile_matrix(train, params))
         return evaluate(scorer, train, test, max_users=max_users, seed=seed)
-    item_vectors = fit_item_vectors(train, params, seed)
+    item_vectors = fit_item_vectors(train, params, seed, category_rows([item.categories for item in items]))
     warm = np.bincount(train.item, minlength=train.n_items) > 0
     item_vectors, _ = content_vectors(_contents(items), item_vectors, warm)
     scorer = dot_scorer(user_vectors(train, item_vectors, params), item_vectors)
@@ -325,6 +325,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     say("splitting: each user's last 20% of interactions by time are held out for evaluation" + left("tune"))
     train, test = temporal_split(data)
     tuning_data = user_sample(train, TUNING_INTERACTIONS, config.seed)
+    categories = category_rows([item.categories for item in items])
     test_users, tuning_users = sample_sizes(data.n_items)[0], sample_sizes(tuning_data.n_items)[1]
     say(
         "tuning on a temporal and a random validation split of the training part "
@@ -342,6 +343,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         # EASE and RP3beta serve known users from pools only, and are fitted on the whole data
         pooled=data.n_users <= config.precompute_users,
         ease_allowed=ease.fits(data),
+        content=categories[:, sampled_items(train, TUNING_INTERACTIONS, config.seed)],
     )
     del tuning_data
     if config.pins.item_model not in (None, item_models.chosen(tuning.best)):
@@ -372,7 +374,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     passed = quality_gate(model_metrics, popularity_metrics, config.force)
 
     say("training the final model on all interactions" + left("train"))
-    item_vectors = fit_item_vectors(data, tuning.best, config.seed)
+    item_vectors = fit_item_vectors(data, tuning.best, config.seed, categories)
     warm = np.bincount(data.item, minlength=data.n_items) > 0
     item_vectors, content_model = content_vectors(_contents(items), item_vectors, warm)
     users = user_vectors(data, item_vectors, tuning.best)

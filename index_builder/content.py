@@ -22,6 +22,25 @@ TOKENS_FILE = "content_tokens.json"
 WEIGHTS_FILE = "content_weights.npy"
 
 
+def category_rows(categories: Sequence[Sequence[str]]) -> sp.csr_matrix:
+    """Categories x items, for ALS's input (`train.fit_item_vectors` with a content weight): each
+    category (top-level parents included, as in `tokens`) a row over its items, each entry
+    1/sqrt(the category's item count), so a large category adds no more to an item than a niche one
+    does. Tags are left out: they are free text, and MovieLens's are user-applied (interactions
+    with times, which a hold-out would leak through)."""
+    names: dict[str, int] = {}
+    rows: list[int] = []
+    cols: list[int] = []
+    for item, found in enumerate(categories):
+        for token in sorted(token for token in tokens(found, ()) if token.startswith("c:")):
+            rows.append(names.setdefault(token, len(names)))
+            cols.append(item)
+    matrix = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(names), len(categories)))
+    sizes = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
+    scaled: sp.csr_matrix = sp.diags((1.0 / np.sqrt(np.maximum(sizes, 1.0))).astype(np.float32)) @ matrix
+    return scaled.tocsr()
+
+
 def tokens(categories: Sequence[str], tags: Sequence[str]) -> set[str]:
     """What the regression reads of one item: its categories, their top-level parents, its tags."""
     found = {f"c:{c}" for c in categories} | {f"t:{t}" for t in tags}

@@ -93,17 +93,29 @@ def user_sample(data: Interactions, max_interactions: int, seed: int = 0) -> Int
 
     Tuning compares settings with each other, so a sample of users ranks them as the full data
     would at a fraction of the cost; histories stay whole, so each sampled user's split is the one
-    the full data gives them.
+    the full data gives them. `sampled_items` gives the sample's items' rows in `data`.
     """
     if len(data) <= max_interactions:
         return data
+    kept = data.take(_sampled_users(data, max_interactions, seed)[data.user])
+    users, user = np.unique(kept.user, return_inverse=True)
+    items, item = np.unique(kept.item, return_inverse=True)
+    return Interactions(user.astype(np.int32), item.astype(np.int32), kept.weight, kept.ts, len(users), len(items))
+
+
+def sampled_items(data: Interactions, max_interactions: int, seed: int = 0) -> npt.NDArray[np.int64]:
+    """The rows in `data` of `user_sample`'s items, in the sample's order."""
+    if len(data) <= max_interactions:
+        return np.arange(data.n_items, dtype=np.int64)
+    chosen = _sampled_users(data, max_interactions, seed)
+    return np.unique(data.item[chosen[data.user]]).astype(np.int64)
+
+
+def _sampled_users(data: Interactions, max_interactions: int, seed: int) -> npt.NDArray[np.bool_]:
     rng = np.random.default_rng(seed)
     order = rng.permutation(data.n_users)
     per_user = np.bincount(data.user, minlength=data.n_users)
     cumulative = np.cumsum(per_user[order])
     chosen = np.zeros(data.n_users, dtype=bool)
     chosen[order[: int(np.searchsorted(cumulative, max_interactions)) + 1]] = True
-    kept = data.take(chosen[data.user])
-    users, user = np.unique(kept.user, return_inverse=True)
-    items, item = np.unique(kept.item, return_inverse=True)
-    return Interactions(user.astype(np.int32), item.astype(np.int32), kept.weight, kept.ts, len(users), len(items))
+    return chosen

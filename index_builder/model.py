@@ -36,6 +36,10 @@ class ModelParams(msgspec.Struct, frozen=True):
     rp3_neighbours: int = 0
     rp3_alpha: float = 1.0
     rp3_beta: float = 0.0
+    # > 0: ALS's item vectors were fitted with each category as one more row of its input, a
+    # pseudo-user who has every item in it at this weight (content.category_rows), so items that
+    # share categories share taste; the gateway serves the vectors as any others. 0: interactions only.
+    content_weight: float = 0.0
 
 
 def recency_decay(events_ago: npt.NDArray[np.int64], half_life: float) -> npt.NDArray[np.float32]:

@@ -36,6 +36,9 @@ EASE_REGULARIZATION = (10.0, 50.0, 200.0, 1000.0, 5000.0)
 # capped by rp3.MAX_WEIGHTS. Not tried otherwise: on no hold-out of docs/quality.md did RP3beta,
 # tuned on validation, beat tuned ALS or EASE (nor on the validation splits, the 1M-event shop's too).
 RP3_GRID: tuple[tuple[float, float, int], ...] = ((0.5, 0.0, 200), (0.5, 0.2, 200), (0.5, 0.4, 200), (0.75, 0.4, 200))
+# The weights of the category rows in ALS's input (`fit_item_vectors`) the tuner tries on the chosen
+# setting and user model, when the catalog has categories.
+CONTENT_WEIGHTS = (8.0, 32.0, 128.0)
 Setting = tuple[int, float, float]  # factors, regularization, alpha
 
 
@@ -56,7 +59,16 @@ def profile_matrix(data: Interactions, params: ModelParams) -> sp.csr_matrix:
     return matrix
 
 
-def fit_item_vectors(data: Interactions, params: ModelParams, seed: int = 0) -> Vectors:
+def fit_item_vectors(
+    data: Interactions, params: ModelParams, seed: int = 0, content: sp.csr_matrix | None = None
+) -> Vectors:
+    """ALS's item vectors; with `params.content_weight`, fitted with `content`'s rows (categories x
+    items, `content.category_rows`) times that weight below the users' rows."""
+    matrix = confidence_matrix(data)
+    if params.content_weight > 0:
+        if content is None or content.shape[1] != data.n_items:
+            raise ValueError("a content weight needs the category rows of the same items")
+        matrix = sp.vstack([matrix, params.content_weight * content], format="csr", dtype=np.float32)
     # OpenBLAS's own threads fight implicit's and make ALS many times slower.
     with threadpool_limits(1, "blas"):
         model = AlternatingLeastSquares(
@@ -66,7 +78,7 @@ def fit_item_vectors(data: Interactions, params: ModelParams, seed: int = 0) -> 
             iterations=params.iterations,
             random_state=seed,
         )
-        model.fit(confidence_matrix(data), show_progress=False)
+        model.fit(matrix, show_progress=False)
     return np.ascontiguousarray(model.item_factors, dtype=np.float32)
 
 
@@ -128,6 +140,7 @@ class Pins(msgspec.Struct, frozen=True):
     half_life_events: float | None = None
     long_term_share: float | None = None
     item_model: item_models.ItemModel | None = None
+    content_weight: float | None = None
 
 
 class TuneResult(msgspec.Struct, frozen=True):
@@ -164,6 +177,7 @@ def tune(
     pins: Pins | None = None,
     pooled: bool = True,
     ease_allowed: bool = True,
+    content: sp.csr_matrix | None = None,
 ) -> TuneResult:
     """Pick ALS settings and the user model's recency blend on two validation splits of `train`.
 
@@ -176,6 +190,10 @@ def tune(
     time over its values and keep the best, until a round changes nothing or `max_trials` ALS fits
     (two per setting, one per split) are spent. The first setting is scored with every user model,
     later ones with plain ALS and the first's two best, and the winner again with all of them.
+
+    Then, given the items' category rows (`content`, `content.category_rows`), the chosen setting
+    and user model are fitted again with each of CONTENT_WEIGHTS (two fits each, beyond
+    `max_trials`), and the best weight is kept if its smaller ratio is higher.
 
     Then the item-item models that serve known users from pools (when `pooled`: every known user
     gets one): EASE where it fits (`ease.fits`, and `ease_allowed`), with each λ of
@@ -278,13 +296,25 @@ def tune(
     best = ModelParams(factors, regularization, alpha, iterations, half_life, share)
     ratios = {name: ndcg[name][chosen] / baseline(name) if baseline(name) > 0 else 1.0 for name in splits}
     best_metrics = metrics_of[chosen]
+    baselines = {name: baseline(name) for name in splits}
+    weights = CONTENT_WEIGHTS if pins.content_weight is None else (pins.content_weight,)
+    if content is not None and content.shape[0] > 0 and any(weight > 0 for weight in weights):
+        for weight in weights:
+            params = msgspec.structs.replace(best, content_weight=weight)
+            scored = _score_content(splits, params, content, baselines, trials, max_eval_users, seed)
+            worse = min(r for r, _ in scored.values())
+            if progress is not None:
+                progress(f"tuning: category rows at weight {weight:g}: {worse:.3f}x tuned ALS on the worse split")
+            if pins.content_weight is not None or worse > min(ratios.values()):
+                best = params
+                ratios = {name: ratio for name, (ratio, _) in scored.items()}
+                best_metrics = scored["temporal"][1]
     families: dict[item_models.ItemModel, list[ModelParams]] = {}
     if pooled and ease_allowed and ease.fits(train):
         families["ease"] = [msgspec.structs.replace(best, ease_regularization=value) for value in EASE_REGULARIZATION]
     if pooled and pins.item_model == "rp3":  # only when pinned: it won no hold-out (docs/quality.md)
         grid = dict.fromkeys((a, b, rp3.capped(k, train.n_items)) for a, b, k in RP3_GRID)
         families["rp3"] = [msgspec.structs.replace(best, rp3_alpha=a, rp3_beta=b, rp3_neighbours=k) for a, b, k in grid]
-    baselines = {name: baseline(name) for name in splits}
     for family, candidates in families.items():
         if pins.item_model not in (None, family):
             continue
@@ -302,6 +332,28 @@ def tune(
         ),
     )
     return TuneResult(best, best_metrics, trials, popularity_half_life, ratios)
+
+
+def _score_content(  # noqa: PLR0917 - the tuner's state, passed on once
+    splits: dict[str, tuple[Interactions, Interactions]],
+    params: ModelParams,
+    content: sp.csr_matrix,
+    baselines: dict[str, float],
+    trials: list[Trial],
+    max_eval_users: int,
+    seed: int,
+) -> dict[str, tuple[float, Metrics]]:
+    """ALS fitted with the category rows at `params.content_weight`, on each split: its ratio to the
+    split's tuned ALS, and its metrics."""
+    scored: dict[str, tuple[float, Metrics]] = {}
+    for name, (fit, validation) in splits.items():
+        started = time.perf_counter()
+        items = fit_item_vectors(fit, params, seed, content)
+        scorer = dot_scorer(user_vectors(fit, items, params), items)
+        metrics = evaluate(scorer, fit, validation, max_users=max_eval_users, seed=seed)
+        trials.append(Trial(params, name, metrics.ndcg_at_10, time.perf_counter() - started))
+        scored[name] = (metrics.ndcg_at_10 / baselines[name] if baselines[name] > 0 else 1.0, metrics)
+    return scored
 
 
 def _score_item_model(  # noqa: PLR0917 - the tuner's state, passed on once

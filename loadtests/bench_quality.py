@@ -29,6 +29,7 @@ from threadpoolctl import threadpool_limits
 
 from index_builder import item_models
 from index_builder.build import BuildConfig, Stopwatch, evaluate_shipped, read_inputs
+from index_builder.content import category_rows
 from index_builder.dataset import Interactions, random_split, temporal_split
 from index_builder.evaluate import Metrics, Scorer, evaluate
 from index_builder.model import ModelParams
@@ -131,7 +132,7 @@ def run(data: Interactions, catalog: list[Item], split: Split, say: Callable[[st
     say(f"  RP3beta done: {best}")
 
     started = time.perf_counter()
-    tuning = tune(train, progress=say)
+    tuning = tune(train, progress=say, content=category_rows([item.categories for item in catalog]))
     metrics = evaluate_shipped(train, test, catalog, tuning.best, seed=0)
     seconds = time.perf_counter() - started  # includes its tuning, like the grid-tuned row
     rows.append(Row("tailor build", metrics, seconds, {**msgspec.to_builtins(tuning.best), "ratios": tuning.ratios}))

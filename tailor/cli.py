@@ -156,6 +156,11 @@ def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=("als", "ease", "rp3"),
         help="rank known users with ALS, EASE or RP3beta (EASE only where it fits: see docs/builder.md)",
     )
+    pin.add_argument(
+        "--content-weight",
+        type=_non_negative,
+        help="weight of the category rows in ALS's input (0: interactions only; see docs/builder.md)",
+    )
     p.add_argument("--iterations", type=_positive, default=15, help="ALS iterations")
     p.add_argument("--target-recall", type=float, default=0.95, help="Annoy recall@10 the index tuner must reach")
     p.add_argument(
@@ -404,7 +409,15 @@ def _build(args: argparse.Namespace, events: list[Path], say: Stopwatch) -> int:
         out=args.out,
         weights={**DEFAULT_EVENT_WEIGHTS, **dict(args.weight)},
         max_trials=args.max_trials,
-        pins=Pins(args.factors, args.regularization, args.alpha, args.half_life, args.long_term_share, args.item_model),
+        pins=Pins(
+            args.factors,
+            args.regularization,
+            args.alpha,
+            args.half_life,
+            args.long_term_share,
+            args.item_model,
+            args.content_weight,
+        ),
         iterations=args.iterations,
         target_recall=args.target_recall,
         seed=args.seed,

@@ -7,7 +7,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from index_builder.dataset import Interactions, random_split, temporal_split, user_sample
+from index_builder.dataset import Interactions, random_split, sampled_items, temporal_split, user_sample
 from index_builder.evaluate import evaluate, top_k_unseen
 
 
@@ -136,3 +136,7 @@ def test_a_tuning_sample_keeps_whole_histories_of_some_users() -> None:
     assert sample.n_items == len(np.unique(sample.item)) == sample.item.max() + 1
     assert np.bincount(sample.user).tolist() == [10] * sample.n_users
     assert user_sample(data, 5000) is data
+    rows = sampled_items(data, 300, seed=1)  # the sample's items' rows in the full data, in its order
+    assert len(rows) == sample.n_items
+    np.testing.assert_array_equal(rows[sample.item], data.item[sample.ts])  # ts here is the row in `data`
+    assert sampled_items(data, 5000).tolist() == list(range(500))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from gateway.recommend import kernels
-from index_builder.content import content_vectors
+from index_builder.content import category_rows, content_vectors
 from index_builder.dataset import Interactions
 from index_builder.model import (
     ModelParams,
@@ -98,6 +99,31 @@ def test_cold_items_get_vectors_near_items_with_the_same_content() -> None:
     np.testing.assert_array_equal(mixed[:40], warm_vectors)
     cosine = mixed[:40] @ mixed[40] / (np.linalg.norm(mixed[:40], axis=1) * np.linalg.norm(mixed[40]))
     assert int(np.argmax(cosine)) // 10 == 2
+
+
+def test_category_rows_hold_each_category_and_its_parent_weighted_by_its_size() -> None:
+    rows = category_rows([["a/x"], ["a/y"], ["b"], []]).toarray()
+    assert rows.shape == (4, 4)  # c:a, c:a/x, c:a/y, c:b (the order of first appearance, sorted per item)
+    np.testing.assert_allclose(rows[0], [2**-0.5, 2**-0.5, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(rows[1:].sum(axis=0), [1, 1, 1, 0])
+
+
+def test_category_rows_pull_the_items_of_a_category_together() -> None:
+    data = clustered()
+    # Categories that cut across the clusters users browse (even and odd items): the rows pull
+    # items of a category together, where interactions alone do not tell the two apart.
+    categories = category_rows([[f"k{i % 2}"] for i in range(40)])
+
+    def gap(weight: float) -> float:
+        params = ModelParams(factors=8, regularization=1.0, iterations=10, content_weight=weight)
+        vectors = fit_item_vectors(data, params, content=categories)
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        return float((unit[0::2] @ unit[0::2].T).mean() - (unit[0::2] @ unit[1::2].T).mean())
+
+    assert abs(gap(0.0)) < 0.05
+    assert gap(5.0) > 0.1
+    with pytest.raises(ValueError, match="category rows"):
+        fit_item_vectors(data, ModelParams(content_weight=5.0))
 
 
 def test_popularity_decays_with_age() -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from index_builder import item_models
+from index_builder.content import category_rows
 from index_builder.dataset import Interactions
 from index_builder.model import ModelParams
-from index_builder.train import EASE_REGULARIZATION, RP3_GRID, Pins, tune, user_models
+from index_builder.train import CONTENT_WEIGHTS, EASE_REGULARIZATION, RP3_GRID, Pins, tune, user_models
 
 
 def taste_and_intent(n_users: int = 80, n_items: int = 60, seed: int = 2) -> Interactions:
@@ -81,3 +82,18 @@ def test_a_pinned_item_model_is_chosen_and_no_other_is_tried() -> None:
 def test_the_trial_budget_counts_one_als_fit_per_split() -> None:
     result = tune(taste_and_intent(), max_trials=2, iterations=5)
     assert len({(t.params.factors, t.params.regularization, t.params.alpha) for t in result.trials}) == 1
+
+
+def test_category_rows_are_tried_at_each_weight_on_both_splits_when_the_catalog_has_categories() -> None:
+    data = taste_and_intent()
+    plain = tune(data, max_trials=2, iterations=5)
+    assert {trial.params.content_weight for trial in plain.trials} == {0.0}
+    content = category_rows([[f"cluster{item // 10}"] for item in range(data.n_items)])
+    result = tune(data, max_trials=2, iterations=5, content=content)
+    weighted = [trial for trial in result.trials if trial.params.content_weight > 0]
+    assert {(t.params.content_weight, t.split) for t in weighted} == {
+        (weight, split) for weight in CONTENT_WEIGHTS for split in ("temporal", "random")
+    }
+    assert result.best.content_weight in {0.0, *CONTENT_WEIGHTS}
+    pinned = tune(data, max_trials=2, iterations=5, content=content, pins=Pins(content_weight=8.0, item_model="als"))
+    assert pinned.best.content_weight == 8.0
