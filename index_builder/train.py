@@ -37,8 +37,15 @@ EASE_REGULARIZATION = (10.0, 50.0, 200.0, 1000.0, 5000.0)
 # tuned on validation, beat tuned ALS or EASE (nor on the validation splits, the 1M-event shop's too).
 RP3_GRID: tuple[tuple[float, float, int], ...] = ((0.5, 0.0, 200), (0.5, 0.2, 200), (0.5, 0.4, 200), (0.75, 0.4, 200))
 # The weights of the category rows in ALS's input (`fit_item_vectors`) the tuner tries on the chosen
-# setting and user model, when the catalog has categories.
+# setting and user model, when the catalog has categories and at most CONTENT_MAX_ITEMS items.
 CONTENT_WEIGHTS = (8.0, 32.0, 128.0)
+# Above this many items new visitors' candidates come from a search of the item graph (the builder's
+# neighbour lists stop at the same size), and the category rows make that search harder. On the
+# 1M-item shop of docs/performance.md, weight 32 won validation by 3.8%, but the hold-out did not
+# move (nDCG@10 0.0931 against 0.0952, ± 0.011). The graph then needed efSearch 1024 instead of 384
+# for its recall target (1.26 ms against 0.86 ms a query). New visitors' served recall@10 fell from
+# 0.967 to 0.940. A pinned --content-weight still applies at any size.
+CONTENT_MAX_ITEMS = 300_000
 Setting = tuple[int, float, float]  # factors, regularization, alpha
 
 
@@ -298,7 +305,8 @@ def tune(
     best_metrics = metrics_of[chosen]
     baselines = {name: baseline(name) for name in splits}
     weights = CONTENT_WEIGHTS if pins.content_weight is None else (pins.content_weight,)
-    if content is not None and content.shape[0] > 0 and any(weight > 0 for weight in weights):
+    sized = pins.content_weight is not None or (content is not None and content.shape[1] <= CONTENT_MAX_ITEMS)
+    if content is not None and content.shape[0] > 0 and sized and any(weight > 0 for weight in weights):
         for weight in weights:
             params = msgspec.structs.replace(best, content_weight=weight)
             scored = _score_content(splits, params, content, baselines, trials, max_eval_users, seed)

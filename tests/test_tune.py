@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from index_builder import item_models
+from index_builder import item_models, train
 from index_builder.content import category_rows
 from index_builder.dataset import Interactions
 from index_builder.model import ModelParams
@@ -95,5 +96,16 @@ def test_category_rows_are_tried_at_each_weight_on_both_splits_when_the_catalog_
         (weight, split) for weight in CONTENT_WEIGHTS for split in ("temporal", "random")
     }
     assert result.best.content_weight in {0.0, *CONTENT_WEIGHTS}
+    pinned = tune(data, max_trials=2, iterations=5, content=content, pins=Pins(content_weight=8.0, item_model="als"))
+    assert pinned.best.content_weight == 8.0
+
+
+def test_category_rows_are_not_tried_above_the_item_limit_unless_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = taste_and_intent()
+    content = category_rows([[f"cluster{item // 10}"] for item in range(data.n_items)])
+    monkeypatch.setattr(train, "CONTENT_MAX_ITEMS", data.n_items - 1)
+    result = tune(data, max_trials=2, iterations=5, content=content)
+    assert {trial.params.content_weight for trial in result.trials} == {0.0}
+    assert result.best.content_weight == 0.0
     pinned = tune(data, max_trials=2, iterations=5, content=content, pins=Pins(content_weight=8.0, item_model="als"))
     assert pinned.best.content_weight == 8.0
