@@ -24,6 +24,7 @@ from index_builder.model import ModelParams, fold_in, profile_confidence, regula
 from index_builder.readers import Format, InputError, interaction_rows, item_rows
 from index_builder.schema import DEFAULT_EVENT_WEIGHTS, Interaction, Item
 from index_builder.train import (
+    CONTENT_MAX_ITEMS,
     Pins,
     TuneResult,
     dot_scorer,
@@ -344,6 +345,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         pooled=data.n_users <= config.precompute_users,
         ease_allowed=ease.fits(data),
         content=categories[:, sampled_items(train, TUNING_INTERACTIONS, config.seed)],
+        content_allowed=data.n_items <= CONTENT_MAX_ITEMS,
     )
     del tuning_data
     if config.pins.item_model not in (None, item_models.chosen(tuning.best)):

@@ -37,7 +37,8 @@ EASE_REGULARIZATION = (10.0, 50.0, 200.0, 1000.0, 5000.0)
 # tuned on validation, beat tuned ALS or EASE (nor on the validation splits, the 1M-event shop's too).
 RP3_GRID: tuple[tuple[float, float, int], ...] = ((0.5, 0.0, 200), (0.5, 0.2, 200), (0.5, 0.4, 200), (0.75, 0.4, 200))
 # The weights of the category rows in ALS's input (`fit_item_vectors`) the tuner tries on the chosen
-# setting and user model, when the catalog has categories and at most CONTENT_MAX_ITEMS items.
+# setting and user model, when the catalog has categories (and the builder allows it: at most
+# CONTENT_MAX_ITEMS items).
 CONTENT_WEIGHTS = (8.0, 32.0, 128.0)
 # Above this many items new visitors' candidates come from a search of the item graph (the builder's
 # neighbour lists stop at the same size), and the category rows make that search harder. On the
@@ -184,6 +185,7 @@ def tune(
     pins: Pins | None = None,
     pooled: bool = True,
     ease_allowed: bool = True,
+    content_allowed: bool = True,
     content: sp.csr_matrix | None = None,
 ) -> TuneResult:
     """Pick ALS settings and the user model's recency blend on two validation splits of `train`.
@@ -200,7 +202,8 @@ def tune(
 
     Then, given the items' category rows (`content`, `content.category_rows`), the chosen setting
     and user model are fitted again with each of CONTENT_WEIGHTS (two fits each, beyond
-    `max_trials`), and the best weight is kept if its smaller ratio is higher.
+    `max_trials`; only with `content_allowed` or a pinned weight), and the best weight is kept if
+    its smaller ratio is higher.
 
     Then the item-item models that serve known users from pools (when `pooled`: every known user
     gets one): EASE where it fits (`ease.fits`, and `ease_allowed`), with each λ of
@@ -305,7 +308,7 @@ def tune(
     best_metrics = metrics_of[chosen]
     baselines = {name: baseline(name) for name in splits}
     weights = CONTENT_WEIGHTS if pins.content_weight is None else (pins.content_weight,)
-    sized = pins.content_weight is not None or (content is not None and content.shape[1] <= CONTENT_MAX_ITEMS)
+    sized = pins.content_weight is not None or content_allowed
     if content is not None and content.shape[0] > 0 and sized and any(weight > 0 for weight in weights):
         for weight in weights:
             params = msgspec.structs.replace(best, content_weight=weight)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from index_builder import item_models, train
+from index_builder import item_models
 from index_builder.content import category_rows
 from index_builder.dataset import Interactions
 from index_builder.model import ModelParams
@@ -100,12 +99,12 @@ def test_category_rows_are_tried_at_each_weight_on_both_splits_when_the_catalog_
     assert pinned.best.content_weight == 8.0
 
 
-def test_category_rows_are_not_tried_above_the_item_limit_unless_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_category_rows_are_not_tried_where_not_allowed_unless_pinned() -> None:
     data = taste_and_intent()
     content = category_rows([[f"cluster{item // 10}"] for item in range(data.n_items)])
-    monkeypatch.setattr(train, "CONTENT_MAX_ITEMS", data.n_items - 1)
-    result = tune(data, max_trials=2, iterations=5, content=content)
+    result = tune(data, max_trials=2, iterations=5, content=content, content_allowed=False)
     assert {trial.params.content_weight for trial in result.trials} == {0.0}
     assert result.best.content_weight == 0.0
-    pinned = tune(data, max_trials=2, iterations=5, content=content, pins=Pins(content_weight=8.0, item_model="als"))
+    pins = Pins(content_weight=8.0, item_model="als")
+    pinned = tune(data, max_trials=2, iterations=5, content=content, content_allowed=False, pins=pins)
     assert pinned.best.content_weight == 8.0
