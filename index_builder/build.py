@@ -258,7 +258,8 @@ def evaluate_shipped(
 ) -> Metrics:
     """The model exactly as it will ship (content vectors for cold items included), on the hold-out."""
     if item_models.chosen(params) != "als":  # known users are served EASE's or RP3beta's lists (see `build`)
-        scorer = item_models.scorer(train, params, profile_matrix(train, params))
+        content = category_rows([item.categories for item in items])
+        scorer = item_models.scorer(train, params, profile_matrix(train, params), content)
         return evaluate(scorer, train, test, max_users=max_users, seed=seed)
     item_vectors = fit_item_vectors(train, params, seed, category_rows([item.categories for item in items]))
     warm = np.bincount(train.item, minlength=train.n_items) > 0
@@ -397,7 +398,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     pool_users = _most_active(data, config.precompute_users)
     say(f"precomputing the best {config.pool_size} unseen items for {len(pool_users):,} known users")
     if item_models.chosen(tuning.best) != "als":  # the tuner allowed EASE and RP3beta only if all are pooled
-        scorer = item_models.scorer(data, tuning.best, profile_matrix(data, tuning.best))
+        scorer = item_models.scorer(data, tuning.best, profile_matrix(data, tuning.best), categories)
         pool_rows, pool_scores = item_models.pools(scorer, data.seen_matrix().tocsr(), pool_users, config.pool_size)
     else:
         pool_rows, pool_scores = ann.precompute_pools(

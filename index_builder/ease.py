@@ -54,12 +54,19 @@ def _inverse(gram: npt.NDArray[np.float64], regularization: float) -> npt.NDArra
 Apply = Callable[[sp.csr_matrix], npt.NDArray[np.float32]]
 
 
-def fit(train: Interactions, regularization: float) -> Apply:
+def fit(
+    train: Interactions, regularization: float, content: sp.csr_matrix | None = None, content_weight: float = 0.0
+) -> Apply:
     """EASE fitted to `train`: a function from profile rows (users x items, sparse) to their
-    scores, the rows times B (`item_models.scorer` applies it to a profile)."""
+    scores, the rows times B (`item_models.scorer` applies it to a profile). With `content_weight`,
+    `content`'s rows (categories x items, `content.category_rows`) times it join X below the users."""
     x = train.seen_matrix().astype(np.float64)  # binary
+    if content_weight > 0:
+        if content is None or content.shape[1] != train.n_items:
+            raise ValueError("a content weight needs the category rows of the same items")
+        x = sp.vstack([x, content_weight * content], format="csr", dtype=np.float64)
     with threadpool_limits(2, "blas"):
-        if train.n_items <= train.n_users:
+        if train.n_items <= x.shape[0]:
             p = _inverse((x.T @ x).toarray(), regularization)
             p /= -np.diag(p)  # B = I - P diag(1/diag P), as float32 to halve what is kept
             p[np.diag_indices_from(p)] = 0.0

@@ -28,21 +28,24 @@ def chosen(params: ModelParams) -> ItemModel:
     return "als"
 
 
-def fit(train: Interactions, params: ModelParams) -> ease.Apply:
-    """The pooled item model `params` names, fitted to `train`."""
+def fit(train: Interactions, params: ModelParams, content: sp.csr_matrix | None = None) -> ease.Apply:
+    """The pooled item model `params` names, fitted to `train` (EASE with `content`, the category
+    rows, when `params.ease_content_weight` asks for them)."""
     if chosen(params) == "ease":
-        return ease.fit(train, params.ease_regularization)
+        return ease.fit(train, params.ease_regularization, content, params.ease_content_weight)
     if chosen(params) == "rp3":
         weights = rp3.fit(train, params.rp3_alpha, params.rp3_beta, params.rp3_neighbours)
         return lambda rows: rp3.scores(rows, weights)
     raise ValueError("ALS ranks with its vectors, not with an item-item model")
 
 
-def scorer(train: Interactions, params: ModelParams, profile: sp.csr_matrix | None = None) -> Scorer:
+def scorer(
+    train: Interactions, params: ModelParams, profile: sp.csr_matrix | None = None, content: sp.csr_matrix | None = None
+) -> Scorer:
     """Scores of the item model `params` names, fitted to `train`, for batches of its users: each
     user's row of `profile` (e.g. recency-weighted, `train.profile_matrix`; default binary) times
     the model's item-item weights."""
-    apply = fit(train, params)
+    apply = fit(train, params, content)
     rows = (train.seen_matrix() if profile is None else profile).tocsr()
     return lambda batch: apply(rows[batch])
 

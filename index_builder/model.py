@@ -40,6 +40,9 @@ class ModelParams(msgspec.Struct, frozen=True):
     # pseudo-user who has every item in it at this weight (content.category_rows), so items that
     # share categories share taste; the gateway serves the vectors as any others. 0: interactions only.
     content_weight: float = 0.0
+    # > 0: EASE (ease_regularization) was fitted with the same category rows below its users' rows,
+    # at this weight (EASE's rows are binary, so its scale is its own).
+    ease_content_weight: float = 0.0
 
 
 def recency_decay(events_ago: npt.NDArray[np.int64], half_life: float) -> npt.NDArray[np.float32]:

@@ -47,6 +47,8 @@ CONTENT_WEIGHTS = (8.0, 32.0, 128.0)
 # for its recall target (1.26 ms against 0.86 ms a query). New visitors' served recall@10 fell from
 # 0.967 to 0.940. A pinned --content-weight still applies at any size.
 CONTENT_MAX_ITEMS = 300_000
+# The same rows' weights in EASE's (binary) input, tried on the best EASE configuration.
+EASE_CONTENT_WEIGHTS = (32.0, 128.0, 512.0)
 Setting = tuple[int, float, float]  # factors, regularization, alpha
 
 
@@ -203,7 +205,8 @@ def tune(
     Then, given the items' category rows (`content`, `content.category_rows`), the chosen setting
     and user model are fitted again with each of CONTENT_WEIGHTS (two fits each, beyond
     `max_trials`; only with `content_allowed` or a pinned weight), and the best weight is kept if
-    its smaller ratio is higher.
+    its smaller ratio is higher; the best EASE configuration likewise with each of
+    EASE_CONTENT_WEIGHTS.
 
     Then the item-item models that serve known users from pools (when `pooled`: every known user
     gets one): EASE where it fits (`ease.fits`, and `ease_allowed`), with each λ of
@@ -331,6 +334,11 @@ def tune(
             continue
         found = _score_item_model(splits, candidates, all_models, baselines, trials, max_eval_users, seed, progress)
         params, scored = max(found.items(), key=lambda entry: min(r for r, _ in entry[1].values()))
+        if family == "ease" and content is not None and content.shape[0] > 0:
+            rows = [msgspec.structs.replace(params, ease_content_weight=weight) for weight in EASE_CONTENT_WEIGHTS]
+            model = [(params.half_life_events, params.long_term_share)]
+            found |= _score_item_model(splits, rows, model, baselines, trials, max_eval_users, seed, progress, content)
+            params, scored = max(found.items(), key=lambda entry: min(r for r, _ in entry[1].values()))
         if pins.item_model == family or min(r for r, _ in scored.values()) > min(ratios.values()):
             best = params
             ratios = {name: ratio for name, (ratio, _) in scored.items()}
@@ -376,6 +384,7 @@ def _score_item_model(  # noqa: PLR0917 - the tuner's state, passed on once
     max_eval_users: int,
     seed: int,
     progress: Progress | None,
+    content: sp.csr_matrix | None = None,
 ) -> dict[ModelParams, dict[str, tuple[float, Metrics]]]:
     """One item-item model (EASE or RP3beta, `item_models`) on each split: its ratio to the split's
     tuned ALS, and its metrics, per candidate setting and user model.
@@ -393,7 +402,7 @@ def _score_item_model(  # noqa: PLR0917 - the tuner's state, passed on once
             profiles = {model: profile_matrix(fit, with_model(settings[0], model)).tocsr() for model in scored_models}
             for setting in settings:
                 started = time.perf_counter()
-                apply = item_models.fit(fit, setting)
+                apply = item_models.fit(fit, setting, content)
                 for model, rows in profiles.items():
 
                     def scorer(
@@ -420,7 +429,8 @@ def _score_item_model(  # noqa: PLR0917 - the tuner's state, passed on once
 
 def _describe(params: ModelParams) -> str:
     if item_models.chosen(params) == "ease":
-        return f"EASE λ={params.ease_regularization:g}"
+        rows = f" category rows {params.ease_content_weight:g}" if params.ease_content_weight > 0 else ""
+        return f"EASE λ={params.ease_regularization:g}{rows}"
     return f"RP3beta α={params.rp3_alpha:g} β={params.rp3_beta:g} neighbours={params.rp3_neighbours}"
 
 

@@ -11,6 +11,7 @@ import pytest
 from gateway.snapshot import load
 from index_builder import item_models, snapshot
 from index_builder.build import BuildConfig, read_inputs
+from index_builder.content import category_rows
 from index_builder.dataset import Interactions
 from index_builder.evaluate import top_k_unseen
 from index_builder.model import ModelParams
@@ -60,8 +61,9 @@ def test_a_build_that_chose_a_pooled_model_serves_known_users_its_own_lists(tmp_
     assert {trial["split"] for trial in chosen_trials} == {"temporal", "random"}
     assert all(item_models.chosen(ModelParams(**t["params"])) in {"als", model} for t in trials)  # pinned: no other
 
-    data, _, user_ids, _, _ = read_inputs(BuildConfig(events=[events], items=items), lambda _: None)
-    scorer = item_models.scorer(data, params, profile_matrix(data, params))
+    data, catalog, user_ids, _, _ = read_inputs(BuildConfig(events=[events], items=items), lambda _: None)
+    content = category_rows([item.categories for item in catalog])  # EASE's rows, if the tuner chose them
+    scorer = item_models.scorer(data, params, profile_matrix(data, params), content)
     users = np.array([0, 7, 123], dtype=np.int32)
     offline = top_k_unseen(scorer(users), data.seen_matrix().tocsr()[users], 10)
     for at, user in enumerate(users.tolist()):

@@ -8,7 +8,15 @@ from index_builder import item_models
 from index_builder.content import category_rows
 from index_builder.dataset import Interactions
 from index_builder.model import ModelParams
-from index_builder.train import CONTENT_WEIGHTS, EASE_REGULARIZATION, RP3_GRID, Pins, tune, user_models
+from index_builder.train import (
+    CONTENT_WEIGHTS,
+    EASE_CONTENT_WEIGHTS,
+    EASE_REGULARIZATION,
+    RP3_GRID,
+    Pins,
+    tune,
+    user_models,
+)
 
 
 def taste_and_intent(n_users: int = 80, n_items: int = 60, seed: int = 2) -> Interactions:
@@ -95,6 +103,11 @@ def test_category_rows_are_tried_at_each_weight_on_both_splits_when_the_catalog_
         (weight, split) for weight in CONTENT_WEIGHTS for split in ("temporal", "random")
     }
     assert result.best.content_weight in {0.0, *CONTENT_WEIGHTS}
+    eased = [trial for trial in result.trials if trial.params.ease_content_weight > 0]
+    assert {(t.params.ease_content_weight, t.split) for t in eased} == {
+        (weight, split) for weight in EASE_CONTENT_WEIGHTS for split in ("temporal", "random")
+    }
+    assert {trial.params.ease_content_weight for trial in plain.trials} == {0.0}
     pinned = tune(data, max_trials=2, iterations=5, content=content, pins=Pins(content_weight=8.0, item_model="als"))
     assert pinned.best.content_weight == 8.0
 
