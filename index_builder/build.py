@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import numpy.typing as npt
+import scipy.sparse as sp
 
 from index_builder import ann, ease, item_models, segments, snapshot
 from index_builder.clean import Catalog, CleanReport, assemble, clean_interactions, clean_items
@@ -253,15 +254,16 @@ def evaluate_shipped(
     items: list[Item],
     params: ModelParams,
     *,
+    categories: sp.csr_matrix,
     seed: int,
     max_users: int | None = None,
 ) -> Metrics:
-    """The model exactly as it will ship (content vectors for cold items included), on the hold-out."""
+    """The model exactly as it will ship (content vectors for cold items included), on the hold-out;
+    `categories` are the items' category rows (`content.category_rows`), which it may be fitted with."""
     if item_models.chosen(params) != "als":  # known users are served EASE's or RP3beta's lists (see `build`)
-        content = category_rows([item.categories for item in items])
-        scorer = item_models.scorer(train, params, profile_matrix(train, params), content)
+        scorer = item_models.scorer(train, params, profile_matrix(train, params), categories)
         return evaluate(scorer, train, test, max_users=max_users, seed=seed)
-    item_vectors = fit_item_vectors(train, params, seed, category_rows([item.categories for item in items]))
+    item_vectors = fit_item_vectors(train, params, seed, categories)
     warm = np.bincount(train.item, minlength=train.n_items) > 0
     item_vectors, _ = content_vectors(_contents(items), item_vectors, warm)
     scorer = dot_scorer(user_vectors(train, item_vectors, params), item_vectors)
@@ -361,7 +363,9 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     )
 
     say(f"evaluating on the hold-out: model vs popularity, {test_users:,} users at most" + left("evaluate"))
-    model_metrics = evaluate_shipped(train, test, items, tuning.best, seed=config.seed, max_users=test_users)
+    model_metrics = evaluate_shipped(
+        train, test, items, tuning.best, categories=categories, seed=config.seed, max_users=test_users
+    )
     popularity_metrics = evaluate(
         popularity_scorer(train, tuning.popularity_half_life_days),
         train,

@@ -41,6 +41,15 @@ def category_rows(categories: Sequence[Sequence[str]]) -> sp.csr_matrix:
     return scaled.tocsr()
 
 
+def with_category_rows(matrix: sp.spmatrix, content: sp.csr_matrix | None, weight: float) -> sp.csr_matrix:
+    """`matrix` (users x items) with `content`'s rows (categories x the same items, `category_rows`)
+    times `weight` below it, in `matrix`'s dtype: the input of ALS or EASE with category rows."""
+    if content is None or content.shape[1] != matrix.shape[1]:
+        raise ValueError("a content weight needs the category rows of the same items")
+    stacked: sp.csr_matrix = sp.vstack([matrix, weight * content], format="csr", dtype=matrix.dtype)
+    return stacked
+
+
 def tokens(categories: Sequence[str], tags: Sequence[str]) -> set[str]:
     """What the regression reads of one item: its categories, their top-level parents, its tags."""
     found = {f"c:{c}" for c in categories} | {f"t:{t}" for t in tags}

@@ -20,6 +20,7 @@ import scipy.linalg.lapack
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from index_builder.content import with_category_rows
 from index_builder.dataset import Interactions
 
 # The largest min(users, items) EASE is fitted for. Measured (docs/builder.md, "EASE"): n = 2,000
@@ -62,9 +63,7 @@ def fit(
     `content`'s rows (categories x items, `content.category_rows`) times it join X below the users."""
     x = train.seen_matrix().astype(np.float64)  # binary
     if content_weight > 0:
-        if content is None or content.shape[1] != train.n_items:
-            raise ValueError("a content weight needs the category rows of the same items")
-        x = sp.vstack([x, content_weight * content], format="csr", dtype=np.float64)
+        x = with_category_rows(x, content, content_weight)
     with threadpool_limits(2, "blas"):
         if train.n_items <= x.shape[0]:
             p = _inverse((x.T @ x).toarray(), regularization)

@@ -16,6 +16,7 @@ from implicit.cpu.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
 from index_builder import ease, item_models, rp3
+from index_builder.content import with_category_rows
 from index_builder.dataset import Interactions, history_positions, random_split, temporal_split
 from index_builder.evaluate import Metrics, Scorer, evaluate
 from index_builder.model import ModelParams, recency_weights
@@ -76,9 +77,7 @@ def fit_item_vectors(
     items, `content.category_rows`) times that weight below the users' rows."""
     matrix = confidence_matrix(data)
     if params.content_weight > 0:
-        if content is None or content.shape[1] != data.n_items:
-            raise ValueError("a content weight needs the category rows of the same items")
-        matrix = sp.vstack([matrix, params.content_weight * content], format="csr", dtype=np.float32)
+        matrix = with_category_rows(matrix, content, params.content_weight)
     # OpenBLAS's own threads fight implicit's and make ALS many times slower.
     with threadpool_limits(1, "blas"):
         model = AlternatingLeastSquares(

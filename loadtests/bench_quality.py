@@ -132,8 +132,9 @@ def run(data: Interactions, catalog: list[Item], split: Split, say: Callable[[st
     say(f"  RP3beta done: {best}")
 
     started = time.perf_counter()
-    tuning = tune(train, progress=say, content=category_rows([item.categories for item in catalog]))
-    metrics = evaluate_shipped(train, test, catalog, tuning.best, seed=0)
+    categories = category_rows([item.categories for item in catalog])
+    tuning = tune(train, progress=say, content=categories)
+    metrics = evaluate_shipped(train, test, catalog, tuning.best, categories=categories, seed=0)
     seconds = time.perf_counter() - started  # includes its tuning, like the grid-tuned row
     rows.append(Row("tailor build", metrics, seconds, {**msgspec.to_builtins(tuning.best), "ratios": tuning.ratios}))
     return rows
