@@ -1,5 +1,5 @@
 """Nearest items by inner product, shared by the builder and the gateway: the snapshot's index (an
-HNSW graph over the item vectors, or exact search where measurement says exact is as fast), its
+HNSW graph over the distinct item vectors, or exact search where measurement says exact is as fast), its
 tuning to a recall target, and items added after the build.
 
 The graph is faiss's `IndexHNSWFlat` with the inner-product metric: it ranks by the very dot product
@@ -29,6 +29,7 @@ Rows = npt.NDArray[np.int64]
 Method = Literal["hnsw", "exact"]
 K = 10
 HNSW_FILE = "items.hnsw"
+NODES_FILE = "items.hnsw-nodes.npy"  # each item's node in the graph, when items share vectors
 ANNOY_FILE = "items.ann"  # snapshots of builds before the HNSW index
 # Graph degree and construction breadth: on the 1M-item shop's ALS vectors M 16 with
 # efConstruction 40 took 90 s of CPU to build and reached recall@10 0.95 at efSearch 64 in 0.1 ms
@@ -65,6 +66,7 @@ class IndexChoice(msgspec.Struct, frozen=True):
     queries: int
     build_seconds: float
     trials: list[IndexTrial]
+    nodes: int = 0  # the graph's distinct vectors (items sharing a vector share a node)
 
 
 def exact_top_k(items: Vectors, query: Vectors, k: int = K) -> npt.NDArray[np.intp]:
@@ -82,6 +84,92 @@ def build_hnsw(items: Vectors, *, m: int = HNSW_M, ef_construction: int = EF_CON
     for start in range(0, len(items), 100_000):  # faiss copies what it is given: bound the copy
         graph.add(np.ascontiguousarray(items[start : start + 100_000], dtype=np.float32))
     return graph
+
+
+def distinct_rows(items: Vectors) -> tuple[Vectors, npt.NDArray[np.int32] | None]:
+    """The distinct rows of `items`, in the order each first occurs, and each item's row among
+    them (None when every row differs)."""
+    items = np.ascontiguousarray(items, dtype=np.float32)
+    keys = items.view(np.dtype((np.void, items.dtype.itemsize * items.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    if len(first) == len(items):
+        return items, None
+    by_first = np.argsort(first)
+    rank = np.empty(len(first), dtype=np.int32)
+    rank[by_first] = np.arange(len(first), dtype=np.int32)
+    return items[first[by_first]], rank[inverse.ravel()]
+
+
+class Graph:
+    """An HNSW graph over the distinct item vectors and, when some items share a vector, which
+    items each node stands for.
+
+    Items that share a vector (cold items with the same categories and tags get the same content
+    vector) would be groups of identical points in the graph, which HNSW links poorly: on the
+    1M-item shop 679k cold items made about 80k distinct vectors, and new visitors' recall at a given
+    efSearch fell well below that of a graph over the distinct vectors (docs/performance.md). So
+    the graph holds each vector once and a search expands a node into its items, tied in score.
+    """
+
+    def __init__(self, index: Any, node_of: npt.NDArray[np.int32] | None = None) -> None:
+        self.index = index
+        self.node_of = node_of
+        if node_of is None:
+            self.members: npt.NDArray[np.int32] | None = None
+            self.starts = np.empty(0, dtype=np.int64)
+        else:
+            self.members = np.argsort(node_of, kind="stable").astype(np.int32)  # items, node by node
+            self.starts = np.concatenate([[0], np.cumsum(np.bincount(node_of, minlength=index.ntotal))])
+
+    @classmethod
+    def build(cls, items: Vectors) -> Graph:
+        distinct, node_of = distinct_rows(items)
+        return cls(build_hnsw(distinct), node_of)
+
+    @property
+    def items(self) -> int:
+        return self.index.ntotal if self.node_of is None else len(self.node_of)
+
+    def save(self, directory: Path) -> None:
+        faiss.write_index(self.index, str(directory / HNSW_FILE))
+        if self.node_of is not None:
+            np.save(directory / NODES_FILE, self.node_of)
+
+    @classmethod
+    def load(cls, directory: Path) -> Graph:
+        """The saved graph, memory-mapped (shared by every process that loads it)."""
+        index = faiss.read_index(str(directory / HNSW_FILE), faiss.IO_FLAG_MMAP_IFC)
+        nodes = directory / NODES_FILE
+        node_of = np.load(nodes) if nodes.exists() else None
+        if node_of is not None and (len(node_of) == 0 or int(node_of.max()) >= index.ntotal or node_of.min() < 0):
+            raise ValueError(f"{NODES_FILE} names nodes {HNSW_FILE} does not hold")
+        return cls(index, node_of)
+
+    def search(self, queries: Vectors, k: int, ef: int) -> tuple[npt.NDArray[np.float32], Rows]:
+        """The `k` best items of each query and their scores, best first; -1 pads a row with fewer.
+        At most `k` nodes are searched for: each stands for at least one item."""
+        scores, nodes = _graph_search(self.index, queries, min(k, self.index.ntotal), ef)
+        if self.members is None:
+            return scores, nodes
+        k = min(k, self.items)
+        rows = np.full((len(nodes), k), -1, dtype=np.int64)
+        found = np.full((len(nodes), k), -np.inf, dtype=np.float32)
+        for at in range(len(nodes)):
+            items, item_scores = self._expand(nodes[at], scores[at], k)
+            rows[at, : len(items)], found[at, : len(items)] = items, item_scores
+        return found, rows
+
+    def _expand(self, nodes: Rows, scores: npt.NDArray[np.float32], limit: int) -> tuple[Rows, npt.NDArray[np.float32]]:
+        """The first `limit` items of `nodes`, each node's items in row order, with its score."""
+        assert self.members is not None
+        keep = nodes >= 0
+        nodes, scores = nodes[keep], scores[keep]
+        begins = self.starts[nodes]
+        counts = np.minimum(self.starts[nodes + 1] - begins, limit)
+        used = int(np.searchsorted(np.cumsum(counts), limit)) + 1  # the nodes that fill `limit`
+        begins, counts, scores = begins[:used], counts[:used], scores[:used]
+        offsets = np.repeat(begins - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+        return self.members[offsets[:limit]].astype(np.int64), np.repeat(scores, counts)[:limit]
 
 
 def _median_us(run: Callable[[Vectors], object], queries: Vectors) -> float:
@@ -118,7 +206,7 @@ def tune_index(
     target_recall: float = 0.95,
     progress: Callable[[str], None] | None = None,
     groups: npt.NDArray[np.intp] | None = None,
-) -> tuple[IndexChoice, Any]:
+) -> tuple[IndexChoice, Graph | None]:
     """The smallest efSearch whose recall@10 against exact inner-product search reaches
     `target_recall` on real queries, in every group of them (`groups`: one label per query, such
     as known users' vectors and new visitors' fold-ins; one group without), at the lower end of its
@@ -132,18 +220,21 @@ def tune_index(
     kth = np.array([float(items[exact_top_k(items, q, k)[-1]] @ q) for q in queries], dtype=np.float32)
     exact_us = _median_us(lambda q: exact_top_k(items, q, k), queries[:EXACT_TIMING_QUERIES])
     started = time.perf_counter()
-    graph = build_hnsw(items)
+    graph = Graph.build(items)
     build_seconds = time.perf_counter() - started
     if progress is not None:
-        progress(f"index: HNSW graph over {len(items):,} items built in {build_seconds:.0f}s (M {HNSW_M})")
+        progress(
+            f"index: HNSW graph over {len(items):,} items ({graph.index.ntotal:,} distinct vectors) built in "
+            f"{build_seconds:.0f}s (M {HNSW_M})"
+        )
     trials: list[IndexTrial] = []
     chosen: IndexTrial | None = None
     for ef in EF_SEARCH:
-        scores, _ = _graph_search(graph, queries, k, ef)
+        scores, _ = graph.search(queries, k, ef)
         tolerance = 1e-5 * np.maximum(np.abs(kth), 1.0)
         per_query = (scores >= (kth - tolerance)[:, None]).sum(axis=1) / k
         recall, low = _recall(per_query, groups)
-        latency = _median_us(lambda q, ef=ef: _graph_search(graph, q[None, :], k, ef), queries)  # type: ignore[misc]
+        latency = _median_us(lambda q, ef=ef: graph.search(q[None, :], k, ef), queries)  # type: ignore[misc]
         trial = IndexTrial(ef, recall, latency, round(low, 4))
         trials.append(trial)
         if progress is not None:
@@ -168,14 +259,11 @@ def tune_index(
         exact_median_query_us=exact_us,
         target_recall=target_recall,
         queries=len(queries),
+        nodes=graph.index.ntotal,
         build_seconds=round(build_seconds, 2),
         trials=trials,
     )
     return choice, graph if use_graph else None
-
-
-def save_hnsw(graph: Any, path: Path) -> None:
-    faiss.write_index(graph, str(path))
 
 
 class ItemIndex:
@@ -192,7 +280,7 @@ class ItemIndex:
         vectors: Vectors,
         *,
         method: str = "exact",
-        graph: Any = None,
+        graph: Graph | None = None,
         ef_search: int = 0,
         annoy: Any = None,
         search_k: int = 0,
@@ -209,9 +297,9 @@ class ItemIndex:
         """The index a manifest's `index` entry describes, over the snapshot's (mapped) vectors."""
         method = str(index["method"])
         if method == "hnsw":
-            graph = faiss.read_index(str(directory / HNSW_FILE), faiss.IO_FLAG_MMAP_IFC)
-            if graph.ntotal != len(vectors) or graph.d != vectors.shape[1]:
-                raise ValueError(f"{HNSW_FILE} holds {graph.ntotal} vectors of {graph.d}, not the item table's")
+            graph = Graph.load(directory)
+            if graph.items != len(vectors) or graph.index.d != vectors.shape[1]:
+                raise ValueError(f"{HNSW_FILE} holds {graph.items} items of {graph.index.d}, not the item table's")
             return cls(vectors, method=method, graph=graph, ef_search=int(index["ef_search"]))
         if method == "annoy":
             annoy = AnnoyIndex(vectors.shape[1], "dot")
@@ -236,8 +324,9 @@ class ItemIndex:
             rows = rows[np.isfinite(scores[rows])]
             found, found_scores = rows.astype(np.int64), scores[rows]
         elif self.method == "hnsw":
-            fetch = min(k + len(excluded), self.graph.ntotal)
-            hits, ids = _graph_search(self.graph, query[None, :], fetch, self.ef_search)
+            assert self.graph is not None
+            fetch = min(k + len(excluded), self.graph.items)
+            hits, ids = self.graph.search(query[None, :], fetch, self.ef_search)
             keep = ids[0] >= 0  # faiss pads with -1 when it finds fewer
             found, found_scores = ids[0][keep], hits[0][keep]
         else:
@@ -259,9 +348,10 @@ class ItemIndex:
         with fewer). Graph searches run on `threads` cores (0: all)."""
         k = min(k, len(self.vectors))
         if self.method == "hnsw":
+            assert self.graph is not None
             if threads:
                 faiss.omp_set_num_threads(threads)
-            hits, ids = _graph_search(self.graph, queries, k, self.ef_search)
+            hits, ids = self.graph.search(queries, k, self.ef_search)
             return ids.astype(np.int64), hits
         scores = queries @ self.vectors.T
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.argsort(-scores, axis=1)

@@ -449,7 +449,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     np.save(staging / "pool_scores.npy", pool_scores)
     (staging / "popular.json").write_bytes(msgspec.json.encode(_popular_lists(popularity, items)))
     if graph is not None:
-        ann.save_hnsw(graph, staging / ann.HNSW_FILE)
+        graph.save(staging)
     content_model.save(staging)
     if segment_model is not None:
         (staging / "segments.json").write_bytes(msgspec.json.encode(segment_model))

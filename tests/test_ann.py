@@ -13,12 +13,13 @@ from annoy import AnnoyIndex
 
 from index_builder.ann import (
     HNSW_FILE,
+    NODES_FILE,
+    Graph,
     ItemIndex,
     _recall,
-    build_hnsw,
+    distinct_rows,
     exact_top_k,
     precompute_pools,
-    save_hnsw,
     tune_index,
 )
 
@@ -44,7 +45,7 @@ def test_the_tuned_graph_reaches_the_target_recall_on_fresh_queries() -> None:
     items = clustered_vectors(5000, 16, seed=1, spread=0.5)
     choice, graph = tune_index(items, clustered_vectors(100, 16, seed=2), target_recall=0.95)
     assert any(t.recall_at_10 >= 0.95 for t in choice.trials)
-    graph = build_hnsw(items) if graph is None else graph
+    graph = Graph.build(items) if graph is None else graph
     index = ItemIndex(items, method="hnsw", graph=graph, ef_search=choice.ef_search)
     fresh = clustered_vectors(100, 16, seed=3)
     achieved = np.mean([recall(index.search(q, 10)[0], exact_top_k(items, q)) for q in fresh])
@@ -68,7 +69,7 @@ def test_the_choice_is_consistent_with_its_measurements() -> None:
 def test_the_graph_ranks_by_inner_product_not_by_angle() -> None:
     # The longest vector wins an inner product though another points closer to the query.
     items = np.array([[1.0, 0.0], [3.0, 3.0], [0.0, 1.0]], np.float32)
-    index = ItemIndex(items, method="hnsw", graph=build_hnsw(items), ef_search=16)
+    index = ItemIndex(items, method="hnsw", graph=Graph.build(items), ef_search=16)
     rows, scores = index.search(np.array([1.0, 0.1], np.float32), 2)
     assert rows.tolist() == [1, 0]
     np.testing.assert_allclose(scores, [3.3, 1.0], rtol=1e-6)
@@ -85,7 +86,7 @@ def test_every_method_leaves_out_excluded_rows_and_agrees_with_exact_search(tmp_
     exclude = truth[:5]
     for index in (
         ItemIndex(items),
-        ItemIndex(items, method="hnsw", graph=build_hnsw(items), ef_search=400),
+        ItemIndex(items, method="hnsw", graph=Graph.build(items), ef_search=400),
         ItemIndex(items, method="annoy", annoy=annoy, search_k=40_000),
     ):
         rows, scores = index.search(query, 10, exclude)
@@ -95,7 +96,7 @@ def test_every_method_leaves_out_excluded_rows_and_agrees_with_exact_search(tmp_
 
 def test_the_loaded_graph_is_memory_mapped_not_copied(tmp_path: Path) -> None:
     items = clustered_vectors(3000, 16, seed=11)
-    save_hnsw(build_hnsw(items), tmp_path / HNSW_FILE)
+    Graph.build(items).save(tmp_path)
     index = ItemIndex.load(tmp_path, {"method": "hnsw", "ef_search": 64}, items)
     maps = Path("/proc/self/maps").read_text()
     assert str(tmp_path / HNSW_FILE) in maps
@@ -110,7 +111,7 @@ def test_precomputed_pools_are_each_users_best_unseen_items() -> None:
     indptr = np.concatenate([[0], np.cumsum([len(s) for s in seen])]).astype(np.int64)
     indices = np.concatenate(seen).astype(np.int32)
     user_rows = np.arange(10, 50, dtype=np.int32)  # pools for seen-matrix rows 10..49 only
-    graph = ItemIndex(items, method="hnsw", graph=build_hnsw(items), ef_search=300)
+    graph = ItemIndex(items, method="hnsw", graph=Graph.build(items), ef_search=300)
     for index in (ItemIndex(items), graph):
         rows, scores = precompute_pools(index, users, indptr, indices, size=25, batch=7, user_rows=user_rows)
         for i, user in enumerate(user_rows):
@@ -144,3 +145,69 @@ def test_the_target_must_hold_in_every_group_of_queries() -> None:
     recall, low = _recall(per_query, np.array([0, 0, 0, 0, 1, 1, 1, 1]))
     assert recall == pytest.approx(0.9)  # the new visitors' mean, not the 0.95 of all eight
     assert low == pytest.approx(0.9 - 3.1824 * np.std([0.9, 0.8, 1.0, 0.9], ddof=1) / 2, rel=1e-4)
+
+
+def shared_vectors(seed: int) -> npt.NDArray[np.float32]:
+    """600 items of which 400 share 8 vectors in groups of 1-120 (as cold items with the same
+    categories share a content vector), mixed in among 200 distinct ones."""
+    rng = np.random.default_rng(seed)
+    distinct = clustered_vectors(200, 8, seed=seed, spread=0.5)
+    shared = clustered_vectors(8, 8, seed=seed + 1, spread=0.5)
+    sizes = np.array([120, 100, 80, 50, 30, 15, 4, 1])
+    items = np.vstack([distinct, np.repeat(shared, sizes, axis=0)])
+    return items[rng.permutation(len(items))]
+
+
+def test_items_sharing_a_vector_share_one_node_of_the_graph() -> None:
+    items = shared_vectors(21)
+    distinct, node_of = distinct_rows(items)
+    assert node_of is not None and len(distinct) == 208
+    np.testing.assert_array_equal(distinct[node_of], items)
+    assert node_of[0] == 0 and np.all(np.diff(np.unique(node_of, return_index=True)[1]) > 0)  # first-seen order
+    assert distinct_rows(distinct)[1] is None
+    assert Graph.build(items).index.ntotal == 208
+
+
+def test_a_graph_of_shared_vectors_answers_like_exact_search(tmp_path: Path) -> None:
+    items = shared_vectors(22)
+    Graph.build(items).save(tmp_path)
+    assert (tmp_path / NODES_FILE).exists()
+    index = ItemIndex.load(tmp_path, {"method": "hnsw", "ef_search": 400}, items)
+    for query in (items[0], items[np.argmax(np.linalg.norm(items, axis=1))], -items[5]):
+        truth = exact_top_k(items, query, 40)
+        kth = float(items[truth[-1]] @ query)
+        exclude = truth[:7]
+        rows, scores = index.search(query, 33, exclude)
+        assert len(rows) == len(set(rows.tolist())) == 33  # distinct items, as many as asked for
+        assert not set(rows.tolist()) & set(exclude.tolist())
+        np.testing.assert_allclose(scores, items[rows] @ query, rtol=1e-5)
+        assert np.all(scores >= kth - 1e-5)  # ties in any order: only the scores are the answer's
+        assert np.all(np.diff(scores) <= 1e-6)
+    batch_rows, batch_scores = index.search_many(items[:5], 12)
+    for at in range(5):
+        np.testing.assert_allclose(batch_scores[at], items[batch_rows[at]] @ items[at], rtol=1e-5)
+        assert len(set(batch_rows[at].tolist())) == 12
+
+
+def test_a_node_map_naming_nodes_the_graph_lacks_is_refused(tmp_path: Path) -> None:
+    items = shared_vectors(23)
+    Graph.build(items).save(tmp_path)
+    np.save(tmp_path / NODES_FILE, np.full(len(items), 10_000, dtype=np.int32))
+    with pytest.raises(ValueError, match="nodes"):
+        ItemIndex.load(tmp_path, {"method": "hnsw", "ef_search": 64}, items)
+
+
+def test_the_tuner_counts_recall_over_items_not_nodes() -> None:
+    items = shared_vectors(24)
+    choice, _ = tune_index(items, clustered_vectors(60, 8, seed=25), target_recall=0.95)
+    assert choice.nodes == 208
+    assert all(0.0 <= t.recall_at_10 <= 1.0 for t in choice.trials)
+    assert any(t.recall_at_10 >= 0.95 for t in choice.trials)
+
+
+def test_a_search_for_more_items_than_distinct_vectors_expands_the_groups() -> None:
+    items = np.repeat(np.eye(3, dtype=np.float32) * [[3.0], [2.0], [1.0]], [5, 5, 5], axis=0)
+    index = ItemIndex(items, method="hnsw", graph=Graph.build(items), ef_search=16)
+    rows, scores = index.search(np.ones(3, np.float32), 12, np.array([0, 1]))
+    assert sorted(rows.tolist()) == list(range(2, 14))
+    np.testing.assert_allclose(scores, [3.0] * 3 + [2.0] * 5 + [1.0] * 4)

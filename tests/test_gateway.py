@@ -19,7 +19,7 @@ from gateway.app import create_app
 from gateway.recommend.candidates import LIVE_CATEGORY_POPULAR, LIVE_NEIGHBOURS, LIVE_POPULAR
 from gateway.snapshot import Snapshot, load
 from gateway.store import Interaction, MemoryStore
-from index_builder.ann import HNSW_FILE, build_hnsw, save_hnsw
+from index_builder.ann import Graph
 from index_builder.model import fold_in, profile_confidence
 from tests.gateways import ids, post_events, pseudonym, settings
 from tests.snapshots import current_dir, republish
@@ -434,7 +434,7 @@ def test_events_are_stored_oldest_first_with_their_own_timestamps(root: Path) ->
 
 
 def hnsw_index(staging: Path, vectors: npt.NDArray[np.float32]) -> dict[str, Any]:
-    save_hnsw(build_hnsw(vectors), staging / HNSW_FILE)
+    Graph.build(vectors).save(staging)
     return {"method": "hnsw", "ef_search": 400}
 
 
