@@ -150,6 +150,8 @@ class Pins(msgspec.Struct, frozen=True):
     long_term_share: float | None = None
     item_model: item_models.ItemModel | None = None
     content_weight: float | None = None
+    ease_regularization: float | None = None
+    ease_content_weight: float | None = None
 
 
 class TuneResult(msgspec.Struct, frozen=True):
@@ -324,7 +326,8 @@ def tune(
                 best_metrics = scored["temporal"][1]
     families: dict[item_models.ItemModel, list[ModelParams]] = {}
     if pooled and ease_allowed and ease.fits(train):
-        families["ease"] = [msgspec.structs.replace(best, ease_regularization=value) for value in EASE_REGULARIZATION]
+        lambdas = EASE_REGULARIZATION if pins.ease_regularization is None else (pins.ease_regularization,)
+        families["ease"] = [msgspec.structs.replace(best, ease_regularization=value) for value in lambdas]
     if pooled and pins.item_model == "rp3":  # only when pinned: it won no hold-out (docs/quality.md)
         grid = dict.fromkeys((a, b, rp3.capped(k, train.n_items)) for a, b, k in RP3_GRID)
         families["rp3"] = [msgspec.structs.replace(best, rp3_alpha=a, rp3_beta=b, rp3_neighbours=k) for a, b, k in grid]
@@ -333,10 +336,14 @@ def tune(
             continue
         found = _score_item_model(splits, candidates, all_models, baselines, trials, max_eval_users, seed, progress)
         params, scored = max(found.items(), key=lambda entry: min(r for r, _ in entry[1].values()))
-        if family == "ease" and content is not None and content.shape[0] > 0:
-            rows = [msgspec.structs.replace(params, ease_content_weight=weight) for weight in EASE_CONTENT_WEIGHTS]
+        ease_weights = EASE_CONTENT_WEIGHTS if pins.ease_content_weight is None else (pins.ease_content_weight,)
+        if family == "ease" and content is not None and content.shape[0] > 0 and any(w > 0 for w in ease_weights):
+            rows = [msgspec.structs.replace(params, ease_content_weight=weight) for weight in ease_weights]
             model = [(params.half_life_events, params.long_term_share)]
-            found |= _score_item_model(splits, rows, model, baselines, trials, max_eval_users, seed, progress, content)
+            with_rows = _score_item_model(
+                splits, rows, model, baselines, trials, max_eval_users, seed, progress, content
+            )
+            found = with_rows if pins.ease_content_weight is not None else found | with_rows
             params, scored = max(found.items(), key=lambda entry: min(r for r, _ in entry[1].values()))
         if pins.item_model == family or min(r for r, _ in scored.values()) > min(ratios.values()):
             best = params

@@ -52,6 +52,13 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _share(text: str) -> float:
     value = _non_negative(text)
     if value > 1:
@@ -161,8 +168,24 @@ def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=_non_negative,
         help="weight of the category rows in ALS's input (0: interactions only; see docs/builder.md)",
     )
+    pin.add_argument(
+        "--ease-regularization",
+        type=_positive_float,
+        metavar="LAMBDA",
+        help="EASE's λ wherever the tuner tries EASE (with --item-model ease: always)",
+    )
+    pin.add_argument(
+        "--ease-content-weight",
+        type=_non_negative,
+        help="weight of the category rows in EASE's input (0: interactions only), wherever EASE is tried",
+    )
     p.add_argument("--iterations", type=_positive, default=15, help="ALS iterations")
-    p.add_argument("--target-recall", type=float, default=0.95, help="Annoy recall@10 the index tuner must reach")
+    p.add_argument(
+        "--target-recall",
+        type=float,
+        default=0.95,
+        help="recall@10 against exact search the index tuner must reach (0.95)",
+    )
     p.add_argument(
         "--precompute-users",
         type=int,
@@ -417,6 +440,8 @@ def _build(args: argparse.Namespace, events: list[Path], say: Stopwatch) -> int:
             args.long_term_share,
             args.item_model,
             args.content_weight,
+            args.ease_regularization,
+            args.ease_content_weight,
         ),
         iterations=args.iterations,
         target_recall=args.target_recall,

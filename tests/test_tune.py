@@ -121,3 +121,20 @@ def test_category_rows_are_not_tried_where_not_allowed_unless_pinned() -> None:
     pins = Pins(content_weight=8.0, item_model="als")
     pinned = tune(data, max_trials=2, iterations=5, content=content, content_allowed=False, pins=pins)
     assert pinned.best.content_weight == 8.0
+
+
+def test_an_expert_can_pin_eases_regularization_and_category_rows() -> None:
+    data = taste_and_intent()
+    content = category_rows([[f"cluster{item // 10}"] for item in range(data.n_items)])
+    pins = Pins(item_model="ease", ease_regularization=77.0, ease_content_weight=50.0)
+    result = tune(data, max_trials=2, iterations=5, content=content, pins=pins)
+    assert result.best.ease_regularization == 77.0
+    assert result.best.ease_content_weight == 50.0
+    eased = [trial for trial in result.trials if item_models.chosen(trial.params) == "ease"]
+    assert {trial.params.ease_regularization for trial in eased} == {77.0}
+    assert {trial.params.ease_content_weight for trial in eased} == {0.0, 50.0}
+    unweighted = tune(
+        data, max_trials=2, iterations=5, content=content, pins=Pins(item_model="ease", ease_content_weight=0)
+    )
+    assert {trial.params.ease_content_weight for trial in unweighted.trials} == {0.0}
+    assert unweighted.best.ease_regularization in EASE_REGULARIZATION
