@@ -206,7 +206,7 @@ def test_the_tuner_counts_recall_over_items_not_nodes() -> None:
 
 
 def test_a_search_for_more_items_than_distinct_vectors_expands_the_groups() -> None:
-    items = np.repeat(np.eye(3, dtype=np.float32) * [[3.0], [2.0], [1.0]], [5, 5, 5], axis=0)
+    items = np.repeat(np.diag([3.0, 2.0, 1.0]).astype(np.float32), [5, 5, 5], axis=0)
     index = ItemIndex(items, method="hnsw", graph=Graph.build(items), ef_search=16)
     rows, scores = index.search(np.ones(3, np.float32), 12, np.array([0, 1]))
     assert sorted(rows.tolist()) == list(range(2, 14))
