@@ -31,12 +31,12 @@ K = 10
 HNSW_FILE = "items.hnsw"
 NODES_FILE = "items.hnsw-nodes.npy"  # each item's node in the graph, when items share vectors
 ANNOY_FILE = "items.ann"  # snapshots of builds before the HNSW index
-# Graph degree and construction breadth: on the 1M-item shop's ALS vectors M 16 with
-# efConstruction 40 took 90 s of CPU to build and reached recall@10 0.95 at efSearch 64 in 0.1 ms
-# (loadtests/bench_index.py); M 32 with efConstruction 64 needed efSearch 32 but several times the
-# build time and 40% more memory. A build's minutes matter more than a query's tens of microseconds.
+# Graph degree and construction breadth, measured on the 1M-item shop's 401,081 distinct vectors
+# with the tuner's queries (docs/performance.md): new visitors' recall@10 at efSearch 128 / 192 was
+# 0.917 / 0.946 with M 16 and efConstruction 40 (8 s to build), 0.964 / 0.975 with efConstruction
+# 100 (19 s), 0.955 / 0.971 with M 32 and efConstruction 64 (18 s, more memory, slower searches).
 HNSW_M = 16
-EF_CONSTRUCTION = 40
+EF_CONSTRUCTION = 100
 EF_SEARCH = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 GRAPH_SPEED_UP = 0.5
 EXACT_TIMING_QUERIES = 50  # exact search costs ~10 ms a query at 1M items; its median settles early
