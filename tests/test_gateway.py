@@ -16,7 +16,13 @@ from annoy import AnnoyIndex
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.recommend.candidates import LIVE_CATEGORY_POPULAR, LIVE_NEIGHBOURS, LIVE_POPULAR
+from gateway.recommend.candidates import (
+    LIVE_CATEGORY_POPULAR,
+    LIVE_NEIGHBOURS,
+    LIVE_POPULAR,
+    MIN_GRAPH_DEPTH,
+    graph_depth,
+)
 from gateway.snapshot import Snapshot, load
 from gateway.store import Interaction, MemoryStore
 from index_builder.ann import Graph
@@ -461,3 +467,25 @@ def test_new_visitors_are_answered_from_the_snapshots_index(
         post_events(client, "fresh", [(snap.item_ids[8], "purchase")])
         body = client.get("/v1/recommend", params={"visitor": "fresh", "n": 8}).json()
     assert ids(body) == exact_top(snap, live_vector(snap, [8], ["purchase"]), {8}, 8)
+
+
+def test_a_pool_from_the_graph_holds_as_many_rows_as_its_search_is_tuned_for(root: Path) -> None:
+    def shallow_graph(staging: Path, vectors: npt.NDArray[np.float32]) -> dict[str, Any]:
+        return {**hnsw_index(staging, vectors), "ef_search": 16}
+
+    republish(root, index=shallow_graph)
+    with TestClient(create_app(settings(root))) as client:
+        recommender = client.app.state.gateway.recommender  # type: ignore[attr-defined]
+        snap, candidates = recommender.snap, recommender.candidates
+        assert len(snap.item_ids) > MIN_GRAPH_DEPTH < candidates.pool_size
+        vector = live_vector(snap, [8], ["purchase"])
+        pool = candidates.top(vector, exclude=np.array([8]))
+        assert len(pool.rows) == graph_depth(candidates.pool_size, 16) == MIN_GRAPH_DEPTH
+        exact = exact_top(snap, vector, {8}, MIN_GRAPH_DEPTH)
+        assert len({snap.item_ids[row] for row in pool.rows} & set(exact)) >= 0.9 * MIN_GRAPH_DEPTH
+        snap.neighbour_rows = snap.neighbour_scores = None  # as in a huge catalog: the graph answers
+        post_events(client, "fresh", [(snap.item_ids[8], "purchase")])
+        body = client.get("/v1/recommend", params={"visitor": "fresh", "n": 8}).json()
+    assert ids(body) == exact_top(snap, vector, {8}, 8)
+    assert graph_depth(200, 384) == 200
+    assert graph_depth(200, 128) == 128
