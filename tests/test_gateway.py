@@ -29,6 +29,7 @@ from index_builder.ann import Graph
 from index_builder.model import fold_in, profile_confidence
 from tests.gateways import ids, post_events, pseudonym, settings
 from tests.snapshots import current_dir, republish
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -489,3 +490,23 @@ def test_a_pool_from_the_graph_holds_as_many_rows_as_its_search_is_tuned_for(roo
     assert ids(body) == exact_top(snap, vector, {8}, 8)
     assert graph_depth(200, 384) == 200
     assert graph_depth(200, 128) == 128
+
+
+def test_items_added_since_the_build_join_a_graph_pool_without_deepening_it(root: Path) -> None:
+    def shallow_graph(staging: Path, vectors: npt.NDArray[np.float32]) -> dict[str, Any]:
+        return {**hnsw_index(staging, vectors), "ef_search": 16}
+
+    republish(root, index=shallow_graph)
+    with TestClient(create_app(settings(root))) as client:
+        gateway = client.app.state.gateway  # type: ignore[attr-defined]
+        built = gateway.recommender.snap
+        body = {"title": "Brand new", "categories": built.categories[11], "tags": sorted(built.item_tags[11])}
+        assert client.put("/v1/items/new-1", json=body).status_code == 200
+        wait_until(lambda: "new-1" in gateway.recommender.snap.row_of)
+        snap, candidates = gateway.recommender.snap, gateway.recommender.candidates
+        row = snap.row_of["new-1"]
+        assert row >= snap.built_rows
+        pool = candidates.top(snap.item_vectors[row] * 10, exclude=np.array([8]))
+    assert len(pool.rows) == MIN_GRAPH_DEPTH < candidates.pool_size
+    assert row in pool.rows.tolist()
+    assert np.all(np.diff(pool.scores) <= 0)

@@ -106,7 +106,7 @@ class Candidates:
         if within is None:
             depth = graph_depth(k, snap.index.ef_search) if snap.index.method == "hnsw" else k
             found = Pool(*snap.index.search(vector, depth, excluded))
-            return self.with_added(found, snap.item_vectors, vector, excluded)
+            return self.with_added(found, snap.item_vectors, vector, excluded, depth=depth)
         rows = within.astype(np.int64)
         scores = snap.item_vectors[rows] @ vector
         if len(excluded):
@@ -163,12 +163,22 @@ class Candidates:
             found = self._popular_in[categories] = _distinct(np.concatenate(sources).astype(np.int64))
         return found
 
-    def with_added(self, pool: Pool, vectors: Vectors, query: Vectors, exclude: npt.NDArray[np.integer]) -> Pool:
+    def with_added(
+        self,
+        pool: Pool,
+        vectors: Vectors,
+        query: Vectors,
+        exclude: npt.NDArray[np.integer],
+        *,
+        depth: int | None = None,
+    ) -> Pool:
         """`pool`, found by the build's index or neighbour lists (which know only the rows the build
         made), merged with the best of the rows added since (gateway.catalog.view), scored exactly
-        against `query` over `vectors`, `exclude` left out. This is the one place where added items
-        join a search of the build's index. Exact, so its cost grows with the items added since the
-        build (a 64-wide dot product each); the next build takes them into the index."""
+        against `query` over `vectors`, `exclude` left out; the best `depth` rows (default
+        `pool_size`: deeper than the search went, the rows would be added ones only). This is the
+        one place where added items join a search of the build's index. Exact, so its cost grows
+        with the items added since the build (a 64-wide dot product each); the next build takes
+        them into the index."""
         snap = self.snap
         if snap.built_rows >= len(snap.item_ids):
             return pool
@@ -177,7 +187,7 @@ class Candidates:
             added = added[~np.isin(added, exclude)]
         rows = np.concatenate([pool.rows.astype(np.int64), added])
         scores = np.concatenate([pool.scores, (vectors[added] @ query).astype(np.float32)])
-        return _best(rows, scores, self.pool_size)
+        return _best(rows, scores, self.pool_size if depth is None else depth)
 
     def similar_top(self, row: int, *, within: Rows | None = None) -> Pool:
         snap = self.snap
