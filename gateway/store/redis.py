@@ -18,9 +18,7 @@ Triggers (see `Store.schedule` and the rest):
 - `{prefix}v:{visitor}:inbox`, a list of messages, trimmed to `keep`, expiring `ttl` after the last.
   Fired messages are announced on the channel `{prefix}messages` (msgpack `[visitor, message]`).
 
-Erasures are announced on the channel `{prefix}erased` (msgpack `[visitor, reply key]`): every process
-closes what it holds of the visitor and pushes how many sockets that was onto the reply key, a list
-the announcing process pops until each receiver answered or its wait ran out.
+What the processes announce to each other on their channels, and hear: `gateway.store.announcements`.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,6 +36,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError, RedisError
 
+from gateway.store.announcements import Announcements
 from gateway.store.base import (
     PURPOSES,
     Consent,
@@ -70,7 +68,6 @@ from gateway.store.base import (
 from gateway.store.catalog import RedisCatalog
 from gateway.store.documents import RedisDocuments
 from gateway.store.ledger import RedisLedger
-from gateway.store.pubsub import Subscription
 from gateway.store.resp import Multiplexed, RespError, RespTimeoutError
 from gateway.store.scripts import (
     CANCEL_SCRIPT,
@@ -91,8 +88,6 @@ log = logging.getLogger("tailor.store")
 
 RECORD_CHUNK = 100  # visitors per pipelined round trip of `record_many`
 AUDIT_MAX = 10_000_000  # consent changes kept in the audit stream (approximately)
-ERASURE_REPLY_TTL_S = 60  # an erasure's reply list outlives any announcer's wait
-BLOCKING_POP_MAX_S = 0.5  # each blocking pop of the replies, well inside the client's socket timeout
 LOG_PAGE = 1000
 
 # Everything a broken, restarting or misbehaving server can make redis-py or the decoding raise.
@@ -168,14 +163,9 @@ class RedisStore:
             )
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Interaction).decode
-        self.channel = f"{prefix}changed"
         self.log_key = f"{prefix}events"  # the event log stream: `tailor build --event-log redis://...`
         self.audit_key = f"{prefix}consent-audit"  # every consent change, appended
         self.timers_key = f"{prefix}timers"  # every pending trigger timer, by due time
-        self.message_channel = f"{prefix}messages"
-        self._message_channel_bytes = self.message_channel.encode()
-        self.erasure_channel = f"{prefix}erased"
-        self._erasure_channel_bytes = self.erasure_channel.encode()
         self._profile_script = self._redis.register_script(PROFILE_SCRIPT)
         self._schedule = self._redis.register_script(SCHEDULE_SCRIPT)
         self._cancel = self._redis.register_script(CANCEL_SCRIPT)
@@ -183,18 +173,12 @@ class RedisStore:
         self._fire = self._redis.register_script(FIRE_SCRIPT)
         self._trigger_state = self._redis.register_script(TRIGGER_STATE_SCRIPT)
         self._forget = self._redis.register_script(FORGET_SCRIPT)
-        self._listeners: list[Listener] = []
-        self._message_listeners: list[MessageListener] = []
-        self._erasure_listeners: list[ErasureListener] = []
-        self._answering: set[asyncio.Task[None]] = set()  # erasures heard, being closed and answered
-        # Announced visitors, fired messages and erasures, handed to the listeners (see _heard).
-        self._subscription = Subscription(
-            self._redis,
-            (self.channel, self.message_channel, self.erasure_channel),
-            self._heard,
-            name="redis-changes",
-        )
-        self.subscribed = self._subscription.subscribed  # set while the subscription is live (tests wait on it)
+        # Changed visitors, fired messages and erasures, announced to every process and heard from them.
+        self._announcements = Announcements(self._redis, prefix)
+        self.channel = self._announcements.channel
+        self.message_channel = self._announcements.message_channel
+        self.erasure_channel = self._announcements.erasure_channel
+        self.subscribed = self._announcements.subscribed  # set while the subscription is live (tests wait on it)
 
     def documents(self, kind: str) -> RedisDocuments:
         """Versioned documents (rule sets, ...) in this Redis, under this store's prefix."""
@@ -567,71 +551,22 @@ class RedisStore:
         return TriggerState(timers=sorted(timers, key=lambda timer: timer.due), fired=fired, messages=list(inbox))
 
     def subscribe_messages(self, listener: MessageListener) -> None:
-        self._message_listeners.append(listener)
-        self._subscription.start()
+        self._announcements.subscribe_messages(listener)
 
     def subscribe(self, listener: Listener) -> None:
-        self._listeners.append(listener)
-        self._subscription.start()
+        self._announcements.subscribe(listener)
 
     def subscribe_erasures(self, listener: ErasureListener) -> None:
-        self._erasure_listeners.append(listener)
-        self._subscription.start()
+        self._announcements.subscribe_erasures(listener)
 
     async def announce_erasure(self, visitor: str, *, wait: float) -> int:
-        reply_key = f"{self.prefix}erased:{uuid.uuid4().hex}"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        closed = 0
         try:
-            receivers = await self._redis.publish(self.erasure_channel, msgspec.msgpack.encode((visitor, reply_key)))
-            while receivers > 0 and (remaining := deadline - loop.time()) > 0:
-                reply: Any = await self._redis.blpop([reply_key], timeout=min(remaining, BLOCKING_POP_MAX_S))
-                if reply is not None:
-                    closed += int(reply[1])
-                    receivers -= 1
-            if receivers > 0:
-                log.warning("erasure announced: %d process(es) did not answer within %.1f s", receivers, wait)
-            await self._redis.delete(reply_key)
+            return await self._announcements.announce_erasure(visitor, wait=wait)
         except _FAILURES as exc:
             raise _failure("announce_erasure", exc) from exc
-        return closed
-
-    async def _answer_erasure(self, visitor: str, reply_key: str) -> None:
-        closed = 0
-        for listener in self._erasure_listeners:
-            try:
-                closed += await listener(visitor)
-            except Exception:
-                log.exception("closing an erased visitor's sockets")
-        try:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.rpush(reply_key, closed)
-            pipe.expire(reply_key, ERASURE_REPLY_TTL_S)
-            await pipe.execute()
-        except _FAILURES as exc:
-            log.warning("could not answer an erasure announcement: %s", type(exc).__name__)
-
-    def _heard(self, channel: bytes, data: bytes) -> None:
-        if channel == self._erasure_channel_bytes:
-            visitor, reply_key = msgspec.msgpack.decode(data, type=tuple[str, str])
-            task = asyncio.get_running_loop().create_task(self._answer_erasure(visitor, reply_key))
-            self._answering.add(task)
-            task.add_done_callback(self._answering.discard)
-            return
-        if channel == self._message_channel_bytes:
-            visitor, message = msgspec.msgpack.decode(data, type=tuple[str, bytes])
-            for message_listener in self._message_listeners:
-                message_listener(visitor, message)
-            return
-        visitor = data.decode()
-        for listener in self._listeners:
-            listener(visitor)
 
     async def close(self) -> None:
-        await self._subscription.close()
-        for task in list(self._answering):
-            task.cancel()
+        await self._announcements.close()
         if self._fast is not None:
             self._fast.close()
         await self._redis.aclose()
