@@ -166,9 +166,10 @@ class Graph:
         nodes, scores = nodes[keep], scores[keep]
         begins = self.starts[nodes]
         counts = np.minimum(self.starts[nodes + 1] - begins, limit)
-        used = int(np.searchsorted(np.cumsum(counts), limit)) + 1  # the nodes that fill `limit`
-        begins, counts, scores = begins[:used], counts[:used], scores[:used]
-        offsets = np.repeat(begins - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+        ends = np.cumsum(counts)
+        used = int(np.searchsorted(ends, limit)) + 1  # the nodes that fill `limit`
+        begins, counts, ends, scores = begins[:used], counts[:used], ends[:used], scores[:used]
+        offsets = np.repeat(begins - (ends - counts), counts) + np.arange(int(ends[-1]) if len(ends) else 0)
         return self.members[offsets[:limit]].astype(np.int64), np.repeat(scores, counts)[:limit]
 
 

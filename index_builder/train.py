@@ -317,7 +317,7 @@ def tune(
         for weight in weights:
             params = msgspec.structs.replace(best, content_weight=weight)
             scored = _score_content(splits, params, content, baselines, trials, max_eval_users, seed)
-            worse = min(r for r, _ in scored.values())
+            worse = _worse_ratio(scored)
             if progress is not None:
                 progress(f"tuning: category rows at weight {weight:g}: {worse:.3f}x tuned ALS on the worse split")
             if pins.content_weight is not None or worse > min(ratios.values()):
@@ -335,7 +335,7 @@ def tune(
         if pins.item_model not in (None, family):
             continue
         found = _score_item_model(splits, candidates, all_models, baselines, trials, max_eval_users, seed, progress)
-        params, scored = max(found.items(), key=lambda entry: min(r for r, _ in entry[1].values()))
+        params, scored = max(found.items(), key=lambda entry: _worse_ratio(entry[1]))
         ease_weights = EASE_CONTENT_WEIGHTS if pins.ease_content_weight is None else (pins.ease_content_weight,)
         if family == "ease" and content is not None and content.shape[0] > 0 and any(w > 0 for w in ease_weights):
             rows = [msgspec.structs.replace(params, ease_content_weight=weight) for weight in ease_weights]
@@ -344,8 +344,8 @@ def tune(
                 splits, rows, model, baselines, trials, max_eval_users, seed, progress, content
             )
             found = with_rows if pins.ease_content_weight is not None else found | with_rows
-            params, scored = max(found.items(), key=lambda entry: min(r for r, _ in entry[1].values()))
-        if pins.item_model == family or min(r for r, _ in scored.values()) > min(ratios.values()):
+            params, scored = max(found.items(), key=lambda entry: _worse_ratio(entry[1]))
+        if pins.item_model == family or _worse_ratio(scored) > min(ratios.values()):
             best = params
             ratios = {name: ratio for name, (ratio, _) in scored.items()}
             best_metrics = scored["temporal"][1]
@@ -357,6 +357,11 @@ def tune(
         ),
     )
     return TuneResult(best, best_metrics, trials, popularity_half_life, ratios)
+
+
+def _worse_ratio(scored: dict[str, tuple[float, Metrics]]) -> float:
+    """The smaller of a configuration's ratios to each split's tuned ALS: what the tuner ranks by."""
+    return min(ratio for ratio, _ in scored.values())
 
 
 def _score_content(  # noqa: PLR0917 - the tuner's state, passed on once
@@ -427,7 +432,7 @@ def _score_item_model(  # noqa: PLR0917 - the tuner's state, passed on once
                     progress(f"tuning: {_describe(setting)} on the {name} split: best {top:.3f}x tuned ALS")
 
     sweep(candidates, models[:1])
-    leader = max(candidates, key=lambda c: min(r for r, _ in found[with_model(c, models[0])].values()))
+    leader = max(candidates, key=lambda c: _worse_ratio(found[with_model(c, models[0])]))
     if len(models) > 1:
         sweep([leader], models[1:])
     return found
