@@ -93,8 +93,37 @@ return stored
 )
 RECORD_SHA = hashlib.sha1(RECORD_SCRIPT.encode()).hexdigest()
 
-# The fields of a visitor's counters hash that the profile read always takes (gateway.store.redis).
+# A visitor's profile, consent first. KEYS: recent list, counters hash, inbox list. ARGV: limit,
+# counters ("1" for all of them), the position in HEAD_FIELDS of the consent the read needs (0:
+# none), whether no choice permits ("1"/"0"), now, the position of the consent the inbox needs (0:
+# leave the inbox alone), whether no choice permits it. The inbox is emptied when asked for, and
+# returned only if its consent permits. Returns {0, head, inbox} when consent does not permit
+# (nothing else is read), else {1, head, inbox, recent, all counter fields or nothing}; head is HMGET
+# of HEAD_FIELDS.
 HEAD_FIELDS = (LAST_SEEN, *CONSENT_FIELDS)
+PROFILE_SCRIPT = (
+    PERMITS
+    + f"""
+local head = redis.call('HMGET', KEYS[2], {", ".join(repr(f) for f in HEAD_FIELDS)})
+local now, inbox, messages = tonumber(ARGV[5]), tonumber(ARGV[6]), {{}}
+if inbox > 0 then
+  if permits(head[inbox], ARGV[7], now) then
+    messages = redis.call('LRANGE', KEYS[3], 0, -1)
+    if #messages > 0 then redis.call('DEL', KEYS[3]) end
+  else
+    redis.call('DEL', KEYS[3])
+  end
+end
+local need = tonumber(ARGV[3])
+if need > 0 and not permits(head[need], ARGV[4], now) then return {{0, head, messages}} end
+local limit, recent = tonumber(ARGV[1]), {{}}
+if limit > 0 then recent = redis.call('LRANGE', KEYS[1], -limit, -1) end
+if ARGV[2] == '1' then return {{1, head, messages, recent, redis.call('HGETALL', KEYS[2])}} end
+if ARGV[2] == '2' then return {{1, head, messages, recent, redis.call('HMGET', KEYS[2], unpack(ARGV, 8))}} end
+return {{1, head, messages, recent}}
+"""
+)
+PROFILE_SHA = hashlib.sha1(PROFILE_SCRIPT.encode()).hexdigest()  # Redis names scripts by SHA-1
 
 # Set a visitor's timers. KEYS: counters hash (consent), timers hash, the timers sorted set. ARGV:
 # now, the consent field needed ("" for none), whether no choice permits, then per timer its member,
