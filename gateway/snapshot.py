@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from index_builder import snapshot as published
-from index_builder.ann import ItemIndex
+from index_builder.ann import SIMILAR_NAME, ItemIndex
 from index_builder.content import TOKENS_FILE, WEIGHTS_FILE, ContentModel
 from index_builder.model import ModelParams, regularized_gram
 from index_builder.schema import Attribute, Item
@@ -75,6 +75,9 @@ class Snapshot:
     # Each item's most similar items by cosine, best first (absent for huge catalogs).
     neighbour_rows: npt.NDArray[np.int32] | None = None
     neighbour_scores: npt.NDArray[np.float32] | None = None
+    # Where the catalog is too large for those lists: nearest items by cosine, a graph over the unit
+    # vectors (the manifest's `similar_index`); None means an exact scan.
+    similar_index: ItemIndex | None = None
     pool_of_user: list[int] = field(default_factory=list)  # user row -> row in pool_rows, or -1
     # The build's behavioural clusters, to put visitors into `model:<k>` segments (absent in older
     # snapshots and in builds with --segments 0).
@@ -255,6 +258,9 @@ def _read(directory: Path) -> Snapshot:
 
     gram = regularized_gram(np.asarray(item_vectors), params.regularization)
     index = ItemIndex.load(directory, manifest.index, item_vectors)
+    similar_index = None
+    if manifest.similar_index.get("method") == "hnsw":
+        similar_index = ItemIndex.load(directory, manifest.similar_index, unit_vectors, SIMILAR_NAME)
     tags = [frozenset(item.tags) for item in items]
     attributes = [item.attributes or NO_ATTRIBUTES for item in items]
     return Snapshot(
@@ -285,6 +291,7 @@ def _read(directory: Path) -> Snapshot:
         pool_scores=pools.get("pool_scores"),
         neighbour_rows=pools.get("neighbour_rows"),
         neighbour_scores=pools.get("neighbour_scores"),
+        similar_index=similar_index,
         segment_model=segment_model,
         item_tags=tags,
         tag_rows=rows_by_name(tags),

@@ -28,8 +28,11 @@ Vectors = npt.NDArray[np.float32]
 Rows = npt.NDArray[np.int64]
 Method = Literal["hnsw", "exact"]
 K = 10
-HNSW_FILE = "items.hnsw"
+HNSW_FILE = "items.hnsw"  # the item index: inner product with users' and visitors' vectors
 NODES_FILE = "items.hnsw-nodes.npy"  # each item's node in the graph, when items share vectors
+# Above `neighbours_max_items` (index_builder.build), where no similar-item lists are made: a graph
+# over the unit vectors, so that an item's similar items (cosine) are a search, not a scan.
+SIMILAR_NAME = "similar"
 ANNOY_FILE = "items.ann"  # snapshots of builds before the HNSW index
 # Graph degree and construction breadth, measured on the 1M-item shop's 401,081 distinct vectors
 # with the tuner's queries (docs/performance.md): new visitors' recall@10 at efSearch 128 / 192 was
@@ -100,6 +103,11 @@ def distinct_rows(items: Vectors) -> tuple[Vectors, npt.NDArray[np.int32] | None
     return items[first[by_first]], rank[inverse.ravel()]
 
 
+def graph_files(name: str) -> tuple[str, str]:
+    """The files of the graph saved as `name`: the graph, and its items' nodes."""
+    return f"{name}.hnsw", f"{name}.hnsw-nodes.npy"
+
+
 class Graph:
     """An HNSW graph over the distinct item vectors and, when some items share a vector, which
     items each node stands for.
@@ -130,19 +138,22 @@ class Graph:
     def items(self) -> int:
         return self.index.ntotal if self.node_of is None else len(self.node_of)
 
-    def save(self, directory: Path) -> None:
-        faiss.write_index(self.index, str(directory / HNSW_FILE))
+    def save(self, directory: Path, name: str = "items") -> None:
+        """As `name`.hnsw (and `name`.hnsw-nodes.npy) in `directory`."""
+        graph_file, nodes_file = graph_files(name)
+        faiss.write_index(self.index, str(directory / graph_file))
         if self.node_of is not None:
-            np.save(directory / NODES_FILE, self.node_of)
+            np.save(directory / nodes_file, self.node_of)
 
     @classmethod
-    def load(cls, directory: Path) -> Graph:
+    def load(cls, directory: Path, name: str = "items") -> Graph:
         """The saved graph, memory-mapped (shared by every process that loads it)."""
-        index = faiss.read_index(str(directory / HNSW_FILE), faiss.IO_FLAG_MMAP_IFC)
-        nodes = directory / NODES_FILE
+        graph_file, nodes_file = graph_files(name)
+        index = faiss.read_index(str(directory / graph_file), faiss.IO_FLAG_MMAP_IFC)
+        nodes = directory / nodes_file
         node_of = np.load(nodes) if nodes.exists() else None
         if node_of is not None and (len(node_of) == 0 or int(node_of.max()) >= index.ntotal or node_of.min() < 0):
-            raise ValueError(f"{NODES_FILE} names nodes {HNSW_FILE} does not hold")
+            raise ValueError(f"{nodes_file} names nodes {graph_file} does not hold")
         return cls(index, node_of)
 
     def search(self, queries: Vectors, k: int, ef: int) -> tuple[npt.NDArray[np.float32], Rows]:
@@ -294,13 +305,16 @@ class ItemIndex:
         self.search_k = search_k
 
     @classmethod
-    def load(cls, directory: Path, index: dict[str, Any], vectors: Vectors) -> ItemIndex:
-        """The index a manifest's `index` entry describes, over the snapshot's (mapped) vectors."""
+    def load(cls, directory: Path, index: dict[str, Any], vectors: Vectors, name: str = "items") -> ItemIndex:
+        """The index a manifest's `index` entry describes, over the snapshot's (mapped) vectors;
+        its graph is the one saved as `name` (Graph.save)."""
         method = str(index["method"])
         if method == "hnsw":
-            graph = Graph.load(directory)
+            graph = Graph.load(directory, name)
             if graph.items != len(vectors) or graph.index.d != vectors.shape[1]:
-                raise ValueError(f"{HNSW_FILE} holds {graph.items} items of {graph.index.d}, not the item table's")
+                raise ValueError(
+                    f"{graph_files(name)[0]} holds {graph.items} items of {graph.index.d}, not the item table's"
+                )
             return cls(vectors, method=method, graph=graph, ef_search=int(index["ef_search"]))
         if method == "annoy":
             annoy = AnnoyIndex(vectors.shape[1], "dot")

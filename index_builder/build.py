@@ -66,7 +66,8 @@ class BuildConfig(msgspec.Struct, frozen=True):
     precompute_users: int = 200_000
     pool_size: int = 200
     # Each item's most similar items (cosine), for similar-item answers and for candidates of
-    # visitors the build did not know. The work grows with items squared, hence the cap.
+    # visitors the build did not know. The work grows with items squared, hence the cap; above it
+    # the snapshot holds a graph over the unit vectors for similar items instead (similar_index).
     neighbours: int = 100
     neighbours_max_items: int = 300_000
     # K-Means clusters of users by behaviour, shipped as segments.json for the gateway; 0 = none.
@@ -430,6 +431,21 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
             label="similar items",
             unit="items",
         )
+    similar: tuple[ann.IndexChoice, ann.Graph | None] | None = None
+    if config.neighbours > 0 and data.n_items > config.neighbours_max_items:
+        # Too many items for a list each: similar items (cosine) come from a graph over the unit
+        # vectors instead, tuned like the item index on items' own vectors as queries: as many items
+        # with interactions (the ones shoppers look at most) as of any items.
+        say(f"tuning the similar-items index over {data.n_items:,} unit vectors")
+        unit = item_vectors / np.maximum(np.linalg.norm(item_vectors, axis=1, keepdims=True), 1e-12)
+        warm_rows = np.flatnonzero(warm)
+        looked_at = rng.choice(warm_rows, size=min(ANN_QUERIES, len(warm_rows)), replace=False)
+        anything = rng.choice(data.n_items, size=min(ANN_QUERIES, data.n_items), replace=False)
+        asked = np.concatenate([looked_at, anything])
+        groups = np.repeat([0, 1], [len(looked_at), len(anything)])
+        similar = ann.tune_index(unit, unit[asked], config.target_recall, say, groups)
+        say(f"similar-items index: {similar[0].method}, recall@10 {similar[0].recall_at_10:.3f}")
+        del unit
 
     version = snapshot.new_version()
     staging = snapshot.staging_dir(config.out, version)
@@ -450,6 +466,8 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     (staging / "popular.json").write_bytes(msgspec.json.encode(_popular_lists(popularity, items)))
     if graph is not None:
         graph.save(staging)
+    if similar is not None and similar[1] is not None:
+        similar[1].save(staging, ann.SIMILAR_NAME)
     content_model.save(staging)
     if segment_model is not None:
         (staging / "segments.json").write_bytes(msgspec.json.encode(segment_model))
@@ -492,6 +510,9 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
             "duplicates": sum(r.duplicates for r in reports),
         },
         "index": msgspec.to_builtins(choice),
+        # Above neighbours_max_items: how similar items are found (a graph over the unit vectors,
+        # or exact search when that is faster at the target recall).
+        "similar_index": msgspec.to_builtins(similar[0]) if similar is not None else {},
         "quality_gate": {"passed": passed, "forced": config.force and not passed},
     }
     fields["parameters"]["build"] = {

@@ -50,6 +50,9 @@ class Manifest(msgspec.Struct, frozen=True):
     counts: dict[str, int]
     index: dict[str, Any]
     quality_gate: dict[str, Any]
+    # How similar items are found when the catalog has too many items for a list each (the
+    # similar-items graph's IndexChoice); empty when the snapshot holds the lists.
+    similar_index: dict[str, Any] = {}
 
 
 class SnapshotError(Exception):

@@ -37,10 +37,12 @@ def republish(
     age: timedelta = timedelta(0),
     make_current: bool = True,
     index: Callable[[Path, npt.NDArray[np.float32]], dict[str, Any]] | None = None,
+    similar: Callable[[Path, npt.NDArray[np.float32]], dict[str, Any]] | None = None,
 ) -> str:
     """Publish a copy of the current snapshot as a new version (optionally back-dated; with `index`,
     which writes an index file into the staging directory for the item vectors and returns the
-    manifest's `index` entry, with that index instead of the build's)."""
+    manifest's `index` entry, with that index instead of the build's; with `similar`, the same for
+    the manifest's `similar_index`, without the build's similar-item lists)."""
     source = current_dir(root)
     manifest = snapshot.load_manifest(source)
     created = datetime.now(UTC) - age
@@ -55,6 +57,10 @@ def republish(
     fields.update(version=version, created=created)
     if index is not None:
         fields["index"] = index(staging, np.load(staging / "item_vectors.npy"))
+    if similar is not None:
+        fields["similar_index"] = similar(staging, np.load(staging / "item_vectors.npy"))
+        for name in ("neighbour_rows.npy", "neighbour_scores.npy"):
+            (staging / name).unlink(missing_ok=True)
     snapshot.publish(root, staging, fields, make_current=make_current)
     return version
 

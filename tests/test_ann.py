@@ -14,11 +14,13 @@ from annoy import AnnoyIndex
 from index_builder.ann import (
     HNSW_FILE,
     NODES_FILE,
+    SIMILAR_NAME,
     Graph,
     ItemIndex,
     _recall,
     distinct_rows,
     exact_top_k,
+    graph_files,
     precompute_pools,
     tune_index,
 )
@@ -166,6 +168,17 @@ def test_items_sharing_a_vector_share_one_node_of_the_graph() -> None:
     assert node_of[0] == 0 and np.all(np.diff(np.unique(node_of, return_index=True)[1]) > 0)  # first-seen order
     assert distinct_rows(distinct)[1] is None
     assert Graph.build(items).index.ntotal == 208
+
+
+def test_a_graph_saved_under_another_name_loads_by_that_name(tmp_path: Path) -> None:
+    items = shared_vectors(22)
+    Graph.build(items).save(tmp_path, SIMILAR_NAME)
+    assert {path.name for path in tmp_path.iterdir()} == set(graph_files(SIMILAR_NAME))
+    index = ItemIndex.load(tmp_path, {"method": "hnsw", "ef_search": 400}, items, SIMILAR_NAME)
+    rows, _ = index.search(items[3], 10)
+    assert float(items[rows[-1]] @ items[3]) >= float(items[exact_top_k(items, items[3], 10)[-1]] @ items[3]) - 1e-5
+    with pytest.raises(RuntimeError):
+        Graph.load(tmp_path)  # no graph saved as "items"
 
 
 def test_a_graph_of_shared_vectors_answers_like_exact_search(tmp_path: Path) -> None:

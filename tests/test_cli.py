@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from index_builder import snapshot
-from index_builder.build import QualityGateError, quality_gate
+from index_builder.build import BuildConfig, QualityGateError, build, quality_gate
 from index_builder.evaluate import Metrics
 from tailor.cli import main
 
@@ -152,3 +152,16 @@ def test_quality_gate_refusal_exits_2_and_publishes_nothing(
     )
     assert "not published" in capsys.readouterr().err
     assert snapshot.current_version(root) is None and snapshot.list_versions(root) == []
+
+
+def test_above_the_list_limit_a_build_ships_a_similar_items_index_instead(shop: Path, tmp_path: Path) -> None:
+    config = BuildConfig(
+        events=[shop / "events.csv"], items=shop / "items.jsonl", out=tmp_path, max_trials=2, neighbours_max_items=100
+    )
+    build(config, lambda _: None)
+    manifest = snapshot.load_manifest(tmp_path / str(snapshot.current_version(tmp_path)))
+    assert "neighbour_rows.npy" not in manifest.files
+    similar = manifest.similar_index
+    assert similar["method"] in ("hnsw", "exact") and similar["recall_at_10"] >= 0.95
+    assert ("similar.hnsw" in manifest.files) == (similar["method"] == "hnsw")
+    assert len(similar["trials"]) > 0

@@ -25,7 +25,7 @@ from gateway.recommend.candidates import (
 )
 from gateway.snapshot import Snapshot, load
 from gateway.store import Interaction, MemoryStore
-from index_builder.ann import Graph
+from index_builder.ann import SIMILAR_NAME, Graph
 from index_builder.model import fold_in, profile_confidence
 from tests.gateways import ids, post_events, pseudonym, settings
 from tests.snapshots import current_dir, republish
@@ -490,6 +490,34 @@ def test_a_pool_from_the_graph_holds_as_many_rows_as_its_search_is_tuned_for(roo
     assert ids(body) == exact_top(snap, vector, {8}, 8)
     assert graph_depth(200, 384) == 200
     assert graph_depth(200, 128) == 128
+
+
+def test_similar_items_come_from_the_similar_items_graph_where_the_snapshot_has_no_lists(root: Path) -> None:
+    def unit_graph(staging: Path, vectors: npt.NDArray[np.float32]) -> dict[str, Any]:
+        Graph.build(vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).save(staging, SIMILAR_NAME)
+        return {"method": "hnsw", "ef_search": 400}
+
+    republish(root, similar=unit_graph)
+    with TestClient(create_app(settings(root))) as client:
+        gateway = client.app.state.gateway  # type: ignore[attr-defined]
+        snap = gateway.recommender.snap
+        assert snap.neighbour_rows is None and snap.similar_index is not None
+        searched = 0
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal searched
+            searched += 1
+            return search(*args, **kwargs)
+
+        search = snap.similar_index.search
+        snap.similar_index.search = counting  # type: ignore[method-assign]
+        body = client.get(f"/v1/items/{snap.item_ids[3]}/similar", params={"n": 6}).json()
+    unit = snap.item_vectors / np.linalg.norm(snap.item_vectors, axis=1, keepdims=True)
+    scores = unit @ unit[3]
+    scores[3] = -np.inf
+    scores[snap.stock == 0] = -np.inf
+    assert ids(body) == [snap.item_ids[r] for r in np.argsort(-scores, kind="stable")[:6]]
+    assert searched == 1
 
 
 def test_items_added_since_the_build_join_a_graph_pool_without_deepening_it(root: Path) -> None:

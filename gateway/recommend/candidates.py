@@ -190,11 +190,19 @@ class Candidates:
         return _best(rows, scores, self.pool_size if depth is None else depth)
 
     def similar_top(self, row: int, *, within: Rows | None = None) -> Pool:
+        """The `pool_size` rows most similar to `row` (cosine), without it: from the snapshot's
+        similar-items graph where it has one (at most its efSearch rows, see `graph_depth`), else a
+        scan of every row."""
         snap = self.snap
         if within is not None:
             rows = within.astype(np.int64)
             rows = rows[rows != row]
             return _best(rows, snap.unit_vectors[rows] @ snap.unit_vectors[row], self.pool_size)
+        itself = np.array([row], dtype=np.int64)
+        if snap.similar_index is not None:
+            depth = graph_depth(self.pool_size, snap.similar_index.ef_search)
+            found = Pool(*snap.similar_index.search(snap.unit_vectors[row], depth, itself))
+            return self.with_added(found, snap.unit_vectors, snap.unit_vectors[row], itself, depth=depth)
         scores = snap.unit_vectors @ snap.unit_vectors[row]
         scores[row] = -np.inf
         return _best_of_all(scores, self.pool_size)
