@@ -443,7 +443,11 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         anything = rng.choice(data.n_items, size=min(ANN_QUERIES, data.n_items), replace=False)
         asked = np.concatenate([looked_at, anything])
         groups = np.repeat([0, 1], [len(looked_at), len(anything)])
-        similar = ann.tune_index(unit, unit[asked], config.target_recall, lambda line: say(f"similar-items {line}"), groups)
+
+        def labelled(line: str) -> None:  # the tuner's lines start "index: ..."
+            say(f"similar-items {line}")
+
+        similar = ann.tune_index(unit, unit[asked], config.target_recall, labelled, groups)
         say(f"similar-items index: {similar[0].method}, recall@10 {similar[0].recall_at_10:.3f}")
         del unit
 
