@@ -510,7 +510,7 @@ def test_similar_items_come_from_the_similar_items_graph_where_the_snapshot_has_
             return search(*args, **kwargs)
 
         search = snap.similar_index.search
-        snap.similar_index.search = counting  # type: ignore[method-assign]
+        snap.similar_index.search = counting
         body = client.get(f"/v1/items/{snap.item_ids[3]}/similar", params={"n": 6}).json()
     unit = snap.item_vectors / np.linalg.norm(snap.item_vectors, axis=1, keepdims=True)
     scores = unit @ unit[3]
