@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from index_builder import snapshot as published
-from index_builder.ann import SIMILAR_NAME, ItemIndex
+from index_builder.ann import SIMILAR_NAME, ItemIndex, unit_rows
 from index_builder.content import TOKENS_FILE, WEIGHTS_FILE, ContentModel
 from index_builder.model import ModelParams, regularized_gram
 from index_builder.schema import Attribute, Item
@@ -233,8 +233,7 @@ def _read(directory: Path) -> Snapshot:
     for row, found in enumerate(category_sets):
         for category in found:
             members.setdefault(category, []).append(row)
-    norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
-    unit_vectors = (item_vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+    unit_vectors = unit_rows(item_vectors)
 
     pools: dict[str, npt.NDArray[Any]] = {}
     if {"pool_users.npy", "pool_rows.npy", "pool_scores.npy"} <= manifest.files.keys():

@@ -89,6 +89,14 @@ def build_hnsw(items: Vectors, *, m: int = HNSW_M, ef_construction: int = EF_CON
     return graph
 
 
+def unit_rows(vectors: npt.NDArray[np.floating[Any]]) -> Vectors:
+    """Each row scaled to length 1 (a zero row stays zero), in float32: dot products of these are
+    the cosine similarities of similar items."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit: Vectors = (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    return unit
+
+
 def distinct_rows(items: Vectors) -> tuple[Vectors, npt.NDArray[np.int32] | None]:
     """The distinct rows of `items`, in the order each first occurs, and each item's row among
     them (None when every row differs)."""

@@ -419,7 +419,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     neighbours: tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]] | None = None
     if config.neighbours > 0 and data.n_items <= config.neighbours_max_items:
         say(f"precomputing the {config.neighbours} most similar items of each of {data.n_items:,} items")
-        unit = item_vectors / np.maximum(np.linalg.norm(item_vectors, axis=1, keepdims=True), 1e-12)
+        unit = ann.unit_rows(item_vectors)
         itself = np.arange(data.n_items, dtype=np.int32)
         neighbours = ann.precompute_pools(
             ann.ItemIndex(unit),
@@ -437,7 +437,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         # vectors instead, tuned like the item index on items' own vectors as queries: as many items
         # with interactions (the ones shoppers look at most) as of any items.
         say(f"tuning the similar-items index over {data.n_items:,} unit vectors")
-        unit = item_vectors / np.maximum(np.linalg.norm(item_vectors, axis=1, keepdims=True), 1e-12)
+        unit = ann.unit_rows(item_vectors)
         warm_rows = np.flatnonzero(warm)
         looked_at = rng.choice(warm_rows, size=min(ANN_QUERIES, len(warm_rows)), replace=False)
         anything = rng.choice(data.n_items, size=min(ANN_QUERIES, data.n_items), replace=False)

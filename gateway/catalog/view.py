@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.snapshot import NO_ATTRIBUTES, Rows, Snapshot, attribute_keys, categories_with_parents
+from index_builder.ann import unit_rows
 from index_builder.schema import LiveItem
 
 
@@ -181,14 +182,14 @@ def _vectors(prev: Snapshot, added: list[LiveItem], recontent: dict[int, LiveIte
     """The arrays with a row per catalog row, grown by the added items, and the vectors of the
     items added before whose content changed made again."""
     vectors = _content_vectors(prev, added)
-    units = (vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    units = unit_rows(vectors)
     item_vectors = np.concatenate([prev.item_vectors, vectors])
     unit_vectors = np.concatenate([prev.unit_vectors, units])
     if recontent:
         rows = np.fromiter(recontent, dtype=np.intp, count=len(recontent))
         again = _content_vectors(prev, list(recontent.values()))
         item_vectors[rows] = again
-        unit_vectors[rows] = again / np.maximum(np.linalg.norm(again, axis=1, keepdims=True), 1e-12)
+        unit_vectors[rows] = unit_rows(again)
     grown: dict[str, Any] = {"item_vectors": _frozen(item_vectors), "unit_vectors": unit_vectors}
     if not added:
         return grown
