@@ -28,11 +28,10 @@ Vectors = npt.NDArray[np.float32]
 Rows = npt.NDArray[np.int64]
 Method = Literal["hnsw", "exact"]
 K = 10
-HNSW_FILE = "items.hnsw"  # the item index: inner product with users' and visitors' vectors
-NODES_FILE = "items.hnsw-nodes.npy"  # each item's node in the graph, when items share vectors
 # Above `neighbours_max_items` (index_builder.build), where no similar-item lists are made: a graph
 # over the unit vectors, so that an item's similar items (cosine) are a search, not a scan.
 SIMILAR_NAME = "similar"
+ITEMS_NAME = "items"  # the item index: inner product with users' and visitors' vectors
 ANNOY_FILE = "items.ann"  # snapshots of builds before the HNSW index
 # Graph degree and construction breadth, measured on the 1M-item shop's 401,081 distinct vectors
 # with the tuner's queries (docs/performance.md): new visitors' recall@10 at efSearch 128 / 192 was
@@ -112,8 +111,12 @@ def distinct_rows(items: Vectors) -> tuple[Vectors, npt.NDArray[np.int32] | None
 
 
 def graph_files(name: str) -> tuple[str, str]:
-    """The files of the graph saved as `name`: the graph, and its items' nodes."""
+    """The files of the graph saved as `name`: the graph, and each item's node in it (when items
+    share vectors)."""
     return f"{name}.hnsw", f"{name}.hnsw-nodes.npy"
+
+
+HNSW_FILE, NODES_FILE = graph_files(ITEMS_NAME)
 
 
 class Graph:
@@ -146,7 +149,7 @@ class Graph:
     def items(self) -> int:
         return self.index.ntotal if self.node_of is None else len(self.node_of)
 
-    def save(self, directory: Path, name: str = "items") -> None:
+    def save(self, directory: Path, name: str = ITEMS_NAME) -> None:
         """As `name`.hnsw (and `name`.hnsw-nodes.npy) in `directory`."""
         graph_file, nodes_file = graph_files(name)
         faiss.write_index(self.index, str(directory / graph_file))
@@ -154,7 +157,7 @@ class Graph:
             np.save(directory / nodes_file, self.node_of)
 
     @classmethod
-    def load(cls, directory: Path, name: str = "items") -> Graph:
+    def load(cls, directory: Path, name: str = ITEMS_NAME) -> Graph:
         """The saved graph, memory-mapped (shared by every process that loads it)."""
         graph_file, nodes_file = graph_files(name)
         index = faiss.read_index(str(directory / graph_file), faiss.IO_FLAG_MMAP_IFC)
@@ -313,7 +316,7 @@ class ItemIndex:
         self.search_k = search_k
 
     @classmethod
-    def load(cls, directory: Path, index: dict[str, Any], vectors: Vectors, name: str = "items") -> ItemIndex:
+    def load(cls, directory: Path, index: dict[str, Any], vectors: Vectors, name: str = ITEMS_NAME) -> ItemIndex:
         """The index a manifest's `index` entry describes, over the snapshot's (mapped) vectors;
         its graph is the one saved as `name` (Graph.save)."""
         method = str(index["method"])
