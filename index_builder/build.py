@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -313,6 +314,54 @@ def quality_gate(model: Metrics, popularity: Metrics, force: bool) -> bool:
     return passed
 
 
+def similar_items(
+    item_vectors: npt.NDArray[np.float32],
+    warm: npt.NDArray[np.bool_],
+    config: BuildConfig,
+    rng: np.random.Generator,
+    say: Callable[[str], None],
+) -> tuple[
+    tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]] | None, tuple[ann.IndexChoice, ann.Graph | None] | None
+]:
+    """How similar items (cosine) are found: up to neighbours_max_items items, each item's list
+    (neighbours); above it, a graph over the unit vectors tuned like the item index (similar)."""
+    n_items = len(item_vectors)
+    neighbours: tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]] | None = None
+    if config.neighbours > 0 and n_items <= config.neighbours_max_items:
+        say(f"precomputing the {config.neighbours} most similar items of each of {n_items:,} items")
+        unit = ann.unit_rows(item_vectors)
+        itself = np.arange(n_items, dtype=np.int32)
+        neighbours = ann.precompute_pools(
+            ann.ItemIndex(unit),
+            unit,
+            np.arange(n_items + 1, dtype=np.int64),
+            itself,
+            size=config.neighbours,
+            progress=say,
+            label="similar items",
+            unit="items",
+        )
+    similar: tuple[ann.IndexChoice, ann.Graph | None] | None = None
+    if config.neighbours > 0 and n_items > config.neighbours_max_items:
+        # Too many items for a list each: similar items (cosine) come from a graph over the unit
+        # vectors instead, tuned like the item index on items' own vectors as queries: as many items
+        # with interactions (the ones shoppers look at most) as of any items.
+        say(f"tuning the similar-items index over {n_items:,} unit vectors")
+        unit = ann.unit_rows(item_vectors)
+        warm_rows = np.flatnonzero(warm)
+        looked_at = rng.choice(warm_rows, size=min(ANN_QUERIES, len(warm_rows)), replace=False)
+        anything = rng.choice(n_items, size=min(ANN_QUERIES, n_items), replace=False)
+        asked = np.concatenate([looked_at, anything])
+        groups = np.repeat([0, 1], [len(looked_at), len(anything)])
+
+        def labelled(line: str) -> None:  # the tuner's lines start "index: ..."
+            say(f"similar-items {line}")
+
+        similar = ann.tune_index(unit, unit[asked], config.target_recall, labelled, groups)
+        say(f"similar-items index: {similar[0].method}, recall@10 {similar[0].recall_at_10:.3f}")
+    return neighbours, similar
+
+
 def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     started = time.perf_counter()
     left = TimeLeft()
@@ -416,113 +465,88 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
             user_rows=pool_users,
         )
 
-    neighbours: tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]] | None = None
-    if config.neighbours > 0 and data.n_items <= config.neighbours_max_items:
-        say(f"precomputing the {config.neighbours} most similar items of each of {data.n_items:,} items")
-        unit = ann.unit_rows(item_vectors)
-        itself = np.arange(data.n_items, dtype=np.int32)
-        neighbours = ann.precompute_pools(
-            ann.ItemIndex(unit),
-            unit,
-            np.arange(data.n_items + 1, dtype=np.int64),
-            itself,
-            size=config.neighbours,
-            progress=say,
-            label="similar items",
-            unit="items",
-        )
-    similar: tuple[ann.IndexChoice, ann.Graph | None] | None = None
-    if config.neighbours > 0 and data.n_items > config.neighbours_max_items:
-        # Too many items for a list each: similar items (cosine) come from a graph over the unit
-        # vectors instead, tuned like the item index on items' own vectors as queries: as many items
-        # with interactions (the ones shoppers look at most) as of any items.
-        say(f"tuning the similar-items index over {data.n_items:,} unit vectors")
-        unit = ann.unit_rows(item_vectors)
-        warm_rows = np.flatnonzero(warm)
-        looked_at = rng.choice(warm_rows, size=min(ANN_QUERIES, len(warm_rows)), replace=False)
-        anything = rng.choice(data.n_items, size=min(ANN_QUERIES, data.n_items), replace=False)
-        asked = np.concatenate([looked_at, anything])
-        groups = np.repeat([0, 1], [len(looked_at), len(anything)])
-
-        def labelled(line: str) -> None:  # the tuner's lines start "index: ..."
-            say(f"similar-items {line}")
-
-        similar = ann.tune_index(unit, unit[asked], config.target_recall, labelled, groups)
-        say(f"similar-items index: {similar[0].method}, recall@10 {similar[0].recall_at_10:.3f}")
-        del unit
-
     version = snapshot.new_version()
     staging = snapshot.staging_dir(config.out, version)
-    say(f"writing snapshot {version}" + left("write"))
-    (staging / "items.json").write_bytes(msgspec.json.encode(items))
-    (staging / "users.json").write_bytes(msgspec.json.encode(user_ids))
-    np.save(staging / "item_vectors.npy", item_vectors)
-    np.save(staging / "user_vectors.npy", users)
-    np.save(staging / "popularity.npy", popularity)
-    np.save(staging / "seen_indptr.npy", seen_indptr)
-    np.save(staging / "seen_indices.npy", seen_indices)
-    if neighbours is not None:
-        np.save(staging / "neighbour_rows.npy", neighbours[0])
-        np.save(staging / "neighbour_scores.npy", neighbours[1])
-    np.save(staging / "pool_users.npy", pool_users)
-    np.save(staging / "pool_rows.npy", pool_rows)
-    np.save(staging / "pool_scores.npy", pool_scores)
-    (staging / "popular.json").write_bytes(msgspec.json.encode(_popular_lists(popularity, items)))
-    if graph is not None:
-        graph.save(staging)
-    if similar is not None and similar[1] is not None:
-        similar[1].save(staging, ann.SIMILAR_NAME)
-    content_model.save(staging)
-    if segment_model is not None:
-        (staging / "segments.json").write_bytes(msgspec.json.encode(segment_model))
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    fields: dict[str, Any] = {
-        "version": version,
-        "created": datetime.now(UTC),
-        "inputs": inputs,
-        "parameters": {
-            "model": msgspec.to_builtins(tuning.best),
-            "event_weights": dict(config.weights),
-            "popularity_half_life_days": tuning.popularity_half_life_days,
-            "seed": config.seed,
-            "tuning_trials": len(tuning.trials),
-            "pinned": {name: value for name, value in msgspec.to_builtins(config.pins).items() if value is not None},
-            "pools": {"users": len(pool_users), "size": int(pool_rows.shape[1])},
-            "neighbours": int(neighbours[0].shape[1]) if neighbours is not None else 0,
-            "segments": config.segments,
-        },
-        "metrics": {
-            "protocol": "temporal hold-out: each user's last 20% by time; seen items removed; k=10",
-            "model": msgspec.to_builtins(model_metrics),
-            "popularity": msgspec.to_builtins(popularity_metrics),
-            "validation": msgspec.to_builtins(tuning.best_metrics),
-            # Every configuration the tuner scored, on which split; and the chosen one's nDCG@10
-            # over each split's tuned plain ALS (the smaller of the two is what it maximised).
-            "tuning": {"ratios": tuning.ratios, "trials": msgspec.to_builtins(tuning.trials)},
-            "segments": [
-                {"id": segment.id, "users": segment.users, "description": segment.description}
-                for segment in (segment_model.segments if segment_model is not None else [])
-            ],
-        },
-        "counts": {
-            "interactions": len(data),
-            "users": data.n_users,
-            "items": data.n_items,
-            "cold_items": int((~warm).sum()),
-            "items_missing_from_catalog": missing,
-            "rejected": sum(r.rejected for r in reports),
-            "duplicates": sum(r.duplicates for r in reports),
-        },
-        "index": msgspec.to_builtins(choice),
-        # Above neighbours_max_items: how similar items are found (a graph over the unit vectors,
-        # or exact search when that is faster at the target recall).
-        "similar_index": msgspec.to_builtins(similar[0]) if similar is not None else {},
-        "quality_gate": {"passed": passed, "forced": config.force and not passed},
-    }
-    fields["parameters"]["build"] = {
-        "seconds": round(time.perf_counter() - started, 2),
-        "peak_rss_mb": round(peak_mb, 1),
-    }
-    manifest = snapshot.publish(config.out, staging, fields)
-    say(f"published {config.out / version} and pointed {config.out / snapshot.POINTER} at it")
+    try:
+        # The item graph goes to disk before the similar-items step builds a second graph: the
+        # two held at once were a 1M-item build's peak of memory.
+        if graph is not None:
+            graph.save(staging)
+        del index, graph
+        neighbours, similar = similar_items(item_vectors, warm, config, rng, say)
+        say(f"writing snapshot {version}" + left("write"))
+        (staging / "items.json").write_bytes(msgspec.json.encode(items))
+        (staging / "users.json").write_bytes(msgspec.json.encode(user_ids))
+        np.save(staging / "item_vectors.npy", item_vectors)
+        np.save(staging / "user_vectors.npy", users)
+        np.save(staging / "popularity.npy", popularity)
+        np.save(staging / "seen_indptr.npy", seen_indptr)
+        np.save(staging / "seen_indices.npy", seen_indices)
+        if neighbours is not None:
+            np.save(staging / "neighbour_rows.npy", neighbours[0])
+            np.save(staging / "neighbour_scores.npy", neighbours[1])
+        np.save(staging / "pool_users.npy", pool_users)
+        np.save(staging / "pool_rows.npy", pool_rows)
+        np.save(staging / "pool_scores.npy", pool_scores)
+        (staging / "popular.json").write_bytes(msgspec.json.encode(_popular_lists(popularity, items)))
+        if similar is not None and similar[1] is not None:
+            similar[1].save(staging, ann.SIMILAR_NAME)
+        content_model.save(staging)
+        if segment_model is not None:
+            (staging / "segments.json").write_bytes(msgspec.json.encode(segment_model))
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        fields: dict[str, Any] = {
+            "version": version,
+            "created": datetime.now(UTC),
+            "inputs": inputs,
+            "parameters": {
+                "model": msgspec.to_builtins(tuning.best),
+                "event_weights": dict(config.weights),
+                "popularity_half_life_days": tuning.popularity_half_life_days,
+                "seed": config.seed,
+                "tuning_trials": len(tuning.trials),
+                "pinned": {
+                    name: value for name, value in msgspec.to_builtins(config.pins).items() if value is not None
+                },
+                "pools": {"users": len(pool_users), "size": int(pool_rows.shape[1])},
+                "neighbours": int(neighbours[0].shape[1]) if neighbours is not None else 0,
+                "segments": config.segments,
+            },
+            "metrics": {
+                "protocol": "temporal hold-out: each user's last 20% by time; seen items removed; k=10",
+                "model": msgspec.to_builtins(model_metrics),
+                "popularity": msgspec.to_builtins(popularity_metrics),
+                "validation": msgspec.to_builtins(tuning.best_metrics),
+                # Every configuration the tuner scored, on which split; and the chosen one's nDCG@10
+                # over each split's tuned plain ALS (the smaller of the two is what it maximised).
+                "tuning": {"ratios": tuning.ratios, "trials": msgspec.to_builtins(tuning.trials)},
+                "segments": [
+                    {"id": segment.id, "users": segment.users, "description": segment.description}
+                    for segment in (segment_model.segments if segment_model is not None else [])
+                ],
+            },
+            "counts": {
+                "interactions": len(data),
+                "users": data.n_users,
+                "items": data.n_items,
+                "cold_items": int((~warm).sum()),
+                "items_missing_from_catalog": missing,
+                "rejected": sum(r.rejected for r in reports),
+                "duplicates": sum(r.duplicates for r in reports),
+            },
+            "index": msgspec.to_builtins(choice),
+            # Above neighbours_max_items: how similar items are found (a graph over the unit vectors,
+            # or exact search when that is faster at the target recall).
+            "similar_index": msgspec.to_builtins(similar[0]) if similar is not None else {},
+            "quality_gate": {"passed": passed, "forced": config.force and not passed},
+        }
+        fields["parameters"]["build"] = {
+            "seconds": round(time.perf_counter() - started, 2),
+            "peak_rss_mb": round(peak_mb, 1),
+        }
+        manifest = snapshot.publish(config.out, staging, fields)
+        say(f"published {config.out / version} and pointed {config.out / snapshot.POINTER} at it")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed build leaves no half-written snapshot
+        raise
     return BuildResult(manifest, reports, model_metrics, popularity_metrics, tuning)

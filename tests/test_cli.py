@@ -165,3 +165,17 @@ def test_above_the_list_limit_a_build_ships_a_similar_items_index_instead(shop: 
     assert similar["method"] in ("hnsw", "exact") and similar["recall_at_10"] >= 0.95
     assert ("similar.hnsw" in manifest.files) == (similar["method"] == "hnsw")
     assert len(similar["trials"]) > 0
+
+
+def test_a_build_that_fails_while_writing_leaves_no_staging_directory(
+    shop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    # The item graph is already written to the staging directory when similar items are computed.
+    monkeypatch.setattr("index_builder.build.similar_items", broken)
+    config = BuildConfig(events=[shop / "events.csv"], items=shop / "items.jsonl", out=tmp_path, max_trials=1)
+    with pytest.raises(OSError, match="disk full"):
+        build(config, lambda _: None)
+    assert list(tmp_path.iterdir()) == []
