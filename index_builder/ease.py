@@ -27,18 +27,10 @@ from index_builder.dataset import Interactions
 # takes 1.6 s of CPU and 126 MB at peak, n = 4,000 6.0 s and 278 MB; time grows with n³ and memory
 # with n², so n = 5,000 is about 12 s and 400 MB per fit, and the tuner fits it twelve times.
 MAX_DENSE = 5_000
-# With visit rows (`fit`'s visit_weight) X has a row per user and per visit, so the dense work is
-# min(users + visits, items). The tuner fits them six times, not a dozen, so this limit is higher:
-# ml-latest-small's tuning splits are about 6,600 (610 users, 6,000 visits; 9,000 items).
-VISITS_MAX_DENSE = 10_000
 
 
-def fits(data: Interactions, *, visits: bool = False) -> bool:
-    """Whether EASE (with visit rows: `visits`) is fitted for `data` (MAX_DENSE, VISITS_MAX_DENSE)."""
-    if not visits:
-        return min(data.n_users, data.n_items) <= MAX_DENSE
-    visits_count = int(data.visit_matrix().shape[0])
-    return min(data.n_users + visits_count, data.n_items) <= VISITS_MAX_DENSE
+def fits(data: Interactions) -> bool:
+    return min(data.n_users, data.n_items) <= MAX_DENSE
 
 
 def _inverse(gram: npt.NDArray[np.float64], regularization: float) -> npt.NDArray[np.float64]:
@@ -64,21 +56,12 @@ Apply = Callable[[sp.csr_matrix], npt.NDArray[np.float32]]
 
 
 def fit(
-    train: Interactions,
-    regularization: float,
-    content: sp.csr_matrix | None = None,
-    content_weight: float = 0.0,
-    visit_weight: float = 0.0,
+    train: Interactions, regularization: float, content: sp.csr_matrix | None = None, content_weight: float = 0.0
 ) -> Apply:
     """EASE fitted to `train`: a function from profile rows (users x items, sparse) to their
     scores, the rows times B (`item_models.scorer` applies it to a profile). With `content_weight`,
-    `content`'s rows (categories x items, `content.category_rows`) times it join X below the users.
-    With `visit_weight`, so do the visits' rows (`Interactions.visit_matrix`) times its square root,
-    and λ is scaled by 1 + visit_weight (each item's count on XᵀX's diagonal is)."""
+    `content`'s rows (categories x items, `content.category_rows`) times it join X below the users."""
     x = train.seen_matrix().astype(np.float64)  # binary
-    if visit_weight > 0:
-        x = sp.vstack([x, np.sqrt(visit_weight) * train.visit_matrix()], format="csr", dtype=np.float64)
-        regularization *= 1.0 + visit_weight
     if content_weight > 0:
         x = with_category_rows(x, content, content_weight)
     with threadpool_limits(2, "blas"):

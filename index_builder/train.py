@@ -50,9 +50,6 @@ CONTENT_WEIGHTS = (8.0, 32.0, 128.0)
 CONTENT_MAX_ITEMS = 300_000
 # The same rows' weights in EASE's (binary) input, tried on the best EASE configuration.
 EASE_CONTENT_WEIGHTS = (32.0, 128.0, 512.0)
-# The weights of the visit rows in EASE's input (`ease.fit`), tried on the best EASE configuration
-# where they fit (`ease.fits(..., visits=True)`).
-EASE_VISIT_WEIGHTS = (1.0, 2.0, 4.0)
 Setting = tuple[int, float, float]  # factors, regularization, alpha
 
 
@@ -155,7 +152,6 @@ class Pins(msgspec.Struct, frozen=True):
     content_weight: float | None = None
     ease_regularization: float | None = None
     ease_content_weight: float | None = None
-    ease_visit_weight: float | None = None
 
 
 class TuneResult(msgspec.Struct, frozen=True):
@@ -211,8 +207,7 @@ def tune(
     and user model are fitted again with each of CONTENT_WEIGHTS (two fits each, beyond
     `max_trials`; only with `content_allowed` or a pinned weight), and the best weight is kept if
     its smaller ratio is higher; the best EASE configuration likewise with each of
-    EASE_CONTENT_WEIGHTS, and then with each of EASE_VISIT_WEIGHTS (where `ease.fits` them) and
-    every user model.
+    EASE_CONTENT_WEIGHTS.
 
     Then the item-item models that serve known users from pools (when `pooled`: every known user
     gets one): EASE where it fits (`ease.fits`, and `ease_allowed`), with each λ of
@@ -350,16 +345,6 @@ def tune(
             )
             found = with_rows if pins.ease_content_weight is not None else found | with_rows
             params, scored = max(found.items(), key=lambda entry: _worse_ratio(entry[1]))
-        visit_weights = EASE_VISIT_WEIGHTS if pins.ease_visit_weight is None else (pins.ease_visit_weight,)
-        if family == "ease" and any(w > 0 for w in visit_weights) and _visits_fit(splits):
-            rows = [msgspec.structs.replace(params, ease_visit_weight=weight) for weight in visit_weights]
-            leading = (params.half_life_events, params.long_term_share)
-            models = [leading, *(model for model in all_models if model != leading)]
-            with_visits = _score_item_model(
-                splits, rows, models, baselines, trials, max_eval_users, seed, progress, content
-            )
-            found = with_visits if pins.ease_visit_weight is not None else found | with_visits
-            params, scored = max(found.items(), key=lambda entry: _worse_ratio(entry[1]))
         if pins.item_model == family or _worse_ratio(scored) > min(ratios.values()):
             best = params
             ratios = {name: ratio for name, (ratio, _) in scored.items()}
@@ -372,10 +357,6 @@ def tune(
         ),
     )
     return TuneResult(best, best_metrics, trials, popularity_half_life, ratios)
-
-
-def _visits_fit(splits: dict[str, tuple[Interactions, Interactions]]) -> bool:
-    return all(ease.fits(fit, visits=True) for fit, _ in splits.values())
 
 
 def _worse_ratio(scored: dict[str, tuple[float, Metrics]]) -> float:
@@ -460,8 +441,7 @@ def _score_item_model(  # noqa: PLR0917 - the tuner's state, passed on once
 def _describe(params: ModelParams) -> str:
     if item_models.chosen(params) == "ease":
         rows = f" category rows {params.ease_content_weight:g}" if params.ease_content_weight > 0 else ""
-        visits = f" visit rows {params.ease_visit_weight:g}" if params.ease_visit_weight > 0 else ""
-        return f"EASE λ={params.ease_regularization:g}{rows}{visits}"
+        return f"EASE λ={params.ease_regularization:g}{rows}"
     return f"RP3beta α={params.rp3_alpha:g} β={params.rp3_beta:g} neighbours={params.rp3_neighbours}"
 
 
