@@ -75,6 +75,9 @@ def clean_interactions(
     report = CleanReport(file=file)
     kept: list[Interaction] = []
     seen: set[tuple[Any, ...]] = set()
+    # Users, items and event types repeat across millions of rows: one string object each instead
+    # of one per row saves about 160 bytes an event (docs/performance.md, "Building").
+    shared: dict[str, str] = {}
     for line, row in rows:
         report.read += 1
         if progress is not None and report.read % PROGRESS_EVERY == 0:
@@ -106,6 +109,9 @@ def clean_interactions(
         if record.item_id is None:
             report.without_item += 1
             continue
+        record.user_id = shared.setdefault(record.user_id, record.user_id)
+        record.item_id = shared.setdefault(record.item_id, record.item_id)
+        record.event = shared.setdefault(record.event, record.event)
         kept.append(record)
     report.accepted = len(kept)
     return kept, report
@@ -119,6 +125,7 @@ def clean_items(rows: Iterable[tuple[int, Row | ParseError]], file: str) -> tupl
     report = CleanReport(file=file)
     items: list[Item] = []
     seen: set[str] = set()
+    shared: dict[str, str] = {}  # categories and tags repeat across the catalog: one string each
     for line, row in rows:
         report.read += 1
         if isinstance(row, ParseError):
@@ -138,6 +145,8 @@ def clean_items(rows: Iterable[tuple[int, Row | ParseError]], file: str) -> tupl
             report.duplicates += 1
             continue
         seen.add(item.item_id)
+        item.categories = [shared.setdefault(category, category) for category in item.categories]
+        item.tags = [shared.setdefault(tag, tag) for tag in item.tags]
         items.append(item)
     report.accepted = len(items)
     return items, report

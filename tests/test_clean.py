@@ -134,3 +134,17 @@ def test_assemble_indexes_densely_and_adds_unknown_items_to_the_catalog(tmp_path
     # remove_from_cart weighs nothing, so it stays out of training
     assert data.weight.tolist() == [1.0, 8.0]
     assert data.item.tolist() == [0, 2]
+
+
+def test_repeated_users_items_event_types_categories_and_tags_share_one_string(tmp_path: Path) -> None:
+    # Millions of rows name a few thousand users and items: one object per distinct value, not per row.
+    events = write(
+        tmp_path / "e.csv",
+        "user_id,item_id,event,timestamp\nu1,i1,view,1767261600\nu1,i2,view,1767261601\nu2,i1,view,1767261602\n",
+    )
+    kept, _ = clean_interactions(interaction_rows(events), "e.csv", DEFAULT_EVENT_WEIGHTS)
+    assert kept[0].user_id is kept[1].user_id and kept[0].item_id is kept[2].item_id
+    assert kept[0].event is kept[1].event is kept[2].event
+    items = write(tmp_path / "items.csv", "item_id,categories,tags\ni1,shoes|shoes/running,red\ni2,shoes,red|sale\n")
+    catalog, _ = clean_items(item_rows(items), "items.csv")
+    assert catalog[0].categories[0] is catalog[1].categories[0] and catalog[0].tags[0] is catalog[1].tags[0]
