@@ -326,40 +326,38 @@ def similar_items(
     """How similar items (cosine) are found: up to neighbours_max_items items, each item's list
     (neighbours); above it, a graph over the unit vectors tuned like the item index (similar)."""
     n_items = len(item_vectors)
-    neighbours: tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]] | None = None
-    if config.neighbours > 0 and n_items <= config.neighbours_max_items:
+    if config.neighbours <= 0:
+        return None, None
+    unit = ann.unit_rows(item_vectors)
+    if n_items <= config.neighbours_max_items:
         say(f"precomputing the {config.neighbours} most similar items of each of {n_items:,} items")
-        unit = ann.unit_rows(item_vectors)
-        itself = np.arange(n_items, dtype=np.int32)
         neighbours = ann.precompute_pools(
             ann.ItemIndex(unit),
             unit,
             np.arange(n_items + 1, dtype=np.int64),
-            itself,
+            np.arange(n_items, dtype=np.int32),  # each item has only itself to leave out
             size=config.neighbours,
             progress=say,
             label="similar items",
             unit="items",
         )
-    similar: tuple[ann.IndexChoice, ann.Graph | None] | None = None
-    if config.neighbours > 0 and n_items > config.neighbours_max_items:
-        # Too many items for a list each: similar items (cosine) come from a graph over the unit
-        # vectors instead, tuned like the item index on items' own vectors as queries: as many items
-        # with interactions (the ones shoppers look at most) as of any items.
-        say(f"tuning the similar-items index over {n_items:,} unit vectors")
-        unit = ann.unit_rows(item_vectors)
-        warm_rows = np.flatnonzero(warm)
-        looked_at = rng.choice(warm_rows, size=min(ANN_QUERIES, len(warm_rows)), replace=False)
-        anything = rng.choice(n_items, size=min(ANN_QUERIES, n_items), replace=False)
-        asked = np.concatenate([looked_at, anything])
-        groups = np.repeat([0, 1], [len(looked_at), len(anything)])
+        return neighbours, None
+    # Too many items for a list each: similar items (cosine) come from a graph over the unit vectors
+    # instead, tuned like the item index on items' own vectors as queries: as many items with
+    # interactions (the ones shoppers look at most) as of any items.
+    say(f"tuning the similar-items index over {n_items:,} unit vectors")
+    warm_rows = np.flatnonzero(warm)
+    looked_at = rng.choice(warm_rows, size=min(ANN_QUERIES, len(warm_rows)), replace=False)
+    anything = rng.choice(n_items, size=min(ANN_QUERIES, n_items), replace=False)
+    asked = np.concatenate([looked_at, anything])
+    groups = np.repeat([0, 1], [len(looked_at), len(anything)])
 
-        def labelled(line: str) -> None:  # the tuner's lines start "index: ..."
-            say(f"similar-items {line}")
+    def labelled(line: str) -> None:  # the tuner's lines start "index: ..."
+        say(f"similar-items {line}")
 
-        similar = ann.tune_index(unit, unit[asked], config.target_recall, labelled, groups)
-        say(f"similar-items index: {similar[0].method}, recall@10 {similar[0].recall_at_10:.3f}")
-    return neighbours, similar
+    similar = ann.tune_index(unit, unit[asked], config.target_recall, labelled, groups)
+    say(f"similar-items index: {similar[0].method}, recall@10 {similar[0].recall_at_10:.3f}")
+    return None, similar
 
 
 def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
