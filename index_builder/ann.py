@@ -116,9 +116,6 @@ def graph_files(name: str) -> tuple[str, str]:
     return f"{name}.hnsw", f"{name}.hnsw-nodes.npy"
 
 
-HNSW_FILE, NODES_FILE = graph_files(ITEMS_NAME)
-
-
 class Graph:
     """An HNSW graph over the distinct item vectors and, when some items share a vector, which
     items each node stands for.

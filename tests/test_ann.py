@@ -12,8 +12,7 @@ import pytest
 from annoy import AnnoyIndex
 
 from index_builder.ann import (
-    HNSW_FILE,
-    NODES_FILE,
+    ITEMS_NAME,
     SIMILAR_NAME,
     Graph,
     ItemIndex,
@@ -24,6 +23,8 @@ from index_builder.ann import (
     precompute_pools,
     tune_index,
 )
+
+HNSW_FILE, NODES_FILE = graph_files(ITEMS_NAME)  # the item index's files
 
 
 def clustered_vectors(n: int, dim: int, seed: int, spread: float = 0.0) -> npt.NDArray[np.float32]:
