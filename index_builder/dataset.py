@@ -12,6 +12,11 @@ IntArray = npt.NDArray[np.int32]
 FloatArray = npt.NDArray[np.float32]
 TimeArray = npt.NDArray[np.int64]
 
+# A visit: one user's events at most VISIT_GAP_S apart, cut after VISIT_EVENTS of them (a long
+# sitting, such as a MovieLens user rating a hundred films, is several visits).
+VISIT_GAP_S = 1800
+VISIT_EVENTS = 20
+
 
 @dataclass(frozen=True)
 class Interactions:
@@ -40,6 +45,22 @@ class Interactions:
         """Binary users x items matrix of what each user interacted with."""
         ones = np.ones(len(self), dtype=np.float32)
         matrix = sp.csr_matrix((ones, (self.user, self.item)), shape=(self.n_users, self.n_items))
+        matrix.data[:] = 1.0
+        return matrix
+
+    def visit_matrix(self) -> sp.csr_matrix:
+        """Binary visits x items matrix: one row per visit (VISIT_GAP_S, VISIT_EVENTS), the items
+        met in it. Items of one visit are related as items of one history are, and more closely."""
+        order = self.chronological_order()
+        user, ts = self.user[order], self.ts[order]
+        starts = np.ones(len(order), dtype=bool)
+        starts[1:] = (user[1:] != user[:-1]) | (np.diff(ts) > VISIT_GAP_S)
+        first = np.flatnonzero(starts)
+        position = np.arange(len(order)) - first[np.cumsum(starts) - 1]  # within the unbroken run
+        row = np.cumsum(position % VISIT_EVENTS == 0) - 1
+        ones = np.ones(len(order), dtype=np.float32)
+        shape = (int(row[-1]) + 1 if len(row) else 0, self.n_items)
+        matrix = sp.csr_matrix((ones, (row, self.item[order])), shape=shape)
         matrix.data[:] = 1.0
         return matrix
 

@@ -6,7 +6,9 @@ than items the same B follows from a users x users inverse (Woodbury):
 
     P = (I - Xᵀ K X) / λ,   K = (XXᵀ + λI)⁻¹,
 
-so the dense work is min(users, items) squared in memory and cubed in time (MAX_DENSE).
+so the dense work is min(users, items) squared in memory and cubed in time (MAX_DENSE). B itself
+(items x items) is then made from it where the catalog is narrow enough (MAX_WEIGHTS_ITEMS), as
+scoring through K X costs every user scored rows x items; wider catalogs are scored that way.
 """
 
 from __future__ import annotations
@@ -27,10 +29,22 @@ from index_builder.dataset import Interactions
 # takes 1.6 s of CPU and 126 MB at peak, n = 4,000 6.0 s and 278 MB; time grows with n³ and memory
 # with n², so n = 5,000 is about 12 s and 400 MB per fit, and the tuner fits it twelve times.
 MAX_DENSE = 5_000
+# With visit rows (`fit`'s visit_weight) X has a row per user and per visit, so the dense work is
+# min(users + visits, items), and this limit is higher: ml-latest-small's tuning splits are about
+# 6,750 (610 users, 6,150 visits; 9,742 items), a fit of 15-25 s.
+VISITS_MAX_DENSE = 10_000
+# With more rows than items, B (items x items) is computed whole when it is at most this many
+# items wide (400 MB of float32 at 10,000; 800 MB of float64 while it is made); wider catalogs are
+# scored through the rows' inverse, batch by batch, which costs rows x items per user scored.
+MAX_WEIGHTS_ITEMS = 10_000
 
 
-def fits(data: Interactions) -> bool:
-    return min(data.n_users, data.n_items) <= MAX_DENSE
+def fits(data: Interactions, *, visits: bool = False) -> bool:
+    """Whether EASE (with visit rows: `visits`) is fitted for `data` (MAX_DENSE, VISITS_MAX_DENSE)."""
+    if not visits:
+        return min(data.n_users, data.n_items) <= MAX_DENSE
+    visits_count = int(data.visit_matrix().shape[0])
+    return min(data.n_users + visits_count, data.n_items) <= VISITS_MAX_DENSE
 
 
 def _inverse(gram: npt.NDArray[np.float64], regularization: float) -> npt.NDArray[np.float64]:
@@ -56,25 +70,32 @@ Apply = Callable[[sp.csr_matrix], npt.NDArray[np.float32]]
 
 
 def fit(
-    train: Interactions, regularization: float, content: sp.csr_matrix | None = None, content_weight: float = 0.0
+    train: Interactions,
+    regularization: float,
+    content: sp.csr_matrix | None = None,
+    content_weight: float = 0.0,
+    visit_weight: float = 0.0,
 ) -> Apply:
     """EASE fitted to `train`: a function from profile rows (users x items, sparse) to their
     scores, the rows times B (`item_models.scorer` applies it to a profile). With `content_weight`,
-    `content`'s rows (categories x items, `content.category_rows`) times it join X below the users."""
+    `content`'s rows (categories x items, `content.category_rows`) times it join X below the users.
+    With `visit_weight`, so do the visits' rows (`Interactions.visit_matrix`) times its square root,
+    and λ is scaled by 1 + visit_weight (each item's count on XᵀX's diagonal is)."""
     x = train.seen_matrix().astype(np.float64)  # binary
+    if visit_weight > 0:
+        x = sp.vstack([x, np.sqrt(visit_weight) * train.visit_matrix()], format="csr", dtype=np.float64)
+        regularization *= 1.0 + visit_weight
     if content_weight > 0:
         x = with_category_rows(x, content, content_weight)
     with threadpool_limits(2, "blas"):
         if train.n_items <= x.shape[0]:
             p = _inverse((x.T @ x).toarray(), regularization)
-            p /= -np.diag(p)  # B = I - P diag(1/diag P), as float32 to halve what is kept
-            p[np.diag_indices_from(p)] = 0.0
-            b = p.astype(np.float32)
-            del p
-            return lambda rows: np.asarray(rows.astype(np.float32) @ b, dtype=np.float32)
+            return _rows_times(_weights(p))
         k = _inverse((x @ x.T).toarray(), regularization)
-        kx = np.asarray(x.T @ k).T  # K X, users x items (K is symmetric)
+        kx = np.asarray(x.T @ k).T  # K X, rows x items (K is symmetric)
         del k
+        if train.n_items <= MAX_WEIGHTS_ITEMS:
+            return _rows_times(_weights_through_rows(x, kx))
     diag_p = (1.0 - np.asarray(x.multiply(kx).sum(axis=0)).ravel()) / regularization
 
     def apply(rows: sp.csr_matrix) -> npt.NDArray[np.float32]:
@@ -83,3 +104,33 @@ def fit(
         return np.asarray(dense - rp / diag_p, dtype=np.float32)  # R (I - P diag(1/diag P))
 
     return apply
+
+
+def _weights(p: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
+    """B = I - P diag(1/diag P) from P, in place, as float32 to halve what is kept (any positive
+    multiple of P gives the same B)."""
+    p /= -np.diag(p)
+    p[np.diag_indices_from(p)] = 0.0
+    return p.astype(np.float32)
+
+
+def _weights_through_rows(x: sp.csr_matrix, kx: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
+    """B from λP = I - XᵀKX, a block of columns at a time (the float64 P is never whole): far less
+    work than the rows' share of it in every batch of every scoring."""
+    n = x.shape[1]
+    b = np.empty((n, n), dtype=np.float32)
+    xt = x.T.tocsr()
+    for start in range(0, n, 1024):
+        stop = min(start + 1024, n)
+        block = np.asarray(xt @ kx[:, start:stop])  # (XᵀKX)[:, start:stop]
+        block *= -1.0
+        columns = np.arange(stop - start)
+        block[start + columns, columns] += 1.0
+        block /= -block[start + columns, columns]
+        block[start + columns, columns] = 0.0
+        b[:, start:stop] = block
+    return b
+
+
+def _rows_times(b: npt.NDArray[np.float32]) -> Apply:
+    return lambda rows: np.asarray(rows.astype(np.float32) @ b, dtype=np.float32)

@@ -30,9 +30,12 @@ def chosen(params: ModelParams) -> ItemModel:
 
 def fit(train: Interactions, params: ModelParams, content: sp.csr_matrix | None = None) -> ease.Apply:
     """The pooled item model `params` names, fitted to `train` (EASE with `content`, the category
-    rows, when `params.ease_content_weight` asks for them)."""
+    rows, when `params.ease_content_weight` asks for them, and with visit rows when
+    `params.ease_visit_weight` does)."""
     if chosen(params) == "ease":
-        return ease.fit(train, params.ease_regularization, content, params.ease_content_weight)
+        return ease.fit(
+            train, params.ease_regularization, content, params.ease_content_weight, params.ease_visit_weight
+        )
     if chosen(params) == "rp3":
         weights = rp3.fit(train, params.rp3_alpha, params.rp3_beta, params.rp3_neighbours)
         return lambda rows: rp3.scores(rows, weights)

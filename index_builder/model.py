@@ -43,6 +43,10 @@ class ModelParams(msgspec.Struct, frozen=True):
     # > 0: EASE (ease_regularization) was fitted with the same category rows below its users' rows,
     # at this weight (EASE's rows are binary, so its scale is its own).
     ease_content_weight: float = 0.0
+    # > 0: EASE was fitted with each visit (Interactions.visit_matrix) as one more row below its
+    # users' rows, the rows times √weight, so XᵀX gains weight times the visits' own co-occurrence;
+    # λ is scaled by 1 + weight, as every item's count on XᵀX's diagonal is.
+    ease_visit_weight: float = 0.0
 
 
 def recency_decay(events_ago: npt.NDArray[np.int64], half_life: float) -> npt.NDArray[np.float32]:

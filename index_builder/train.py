@@ -50,6 +50,10 @@ CONTENT_WEIGHTS = (8.0, 32.0, 128.0)
 CONTENT_MAX_ITEMS = 300_000
 # The same rows' weights in EASE's (binary) input, tried on the best EASE configuration.
 EASE_CONTENT_WEIGHTS = (32.0, 128.0, 512.0)
+# The weights of the visit rows in EASE's input (`ease.fit`), tried with every λ beside none, where
+# they fit (`ease.fits(..., visits=True)`). One weight: on ml-latest-small's random protocol 1, 2 and
+# 4 scored within 0.7% of each other on the hold-out (docs/quality.md), and each costs a fit per λ.
+EASE_VISIT_WEIGHTS = (2.0,)
 Setting = tuple[int, float, float]  # factors, regularization, alpha
 
 
@@ -152,6 +156,7 @@ class Pins(msgspec.Struct, frozen=True):
     content_weight: float | None = None
     ease_regularization: float | None = None
     ease_content_weight: float | None = None
+    ease_visit_weight: float | None = None
 
 
 class TuneResult(msgspec.Struct, frozen=True):
@@ -211,8 +216,9 @@ def tune(
 
     Then the item-item models that serve known users from pools (when `pooled`: every known user
     gets one): EASE where it fits (`ease.fits`, and `ease_allowed`), with each λ of
-    EASE_REGULARIZATION, and, only when pinned, RP3beta with each setting of RP3_GRID, each on both
-    splits and with the user models (`_score_item_model`). EASE is chosen instead of ALS if its
+    EASE_REGULARIZATION, each without and (where `ease.fits` them) with the visit rows of
+    EASE_VISIT_WEIGHTS, and, only when pinned, RP3beta with each setting of RP3_GRID, each on both
+    splits and with the user models (`_score_item_model`, once per visit weight). EASE is chosen instead of ALS if its
     smaller ratio is higher, a pinned model always; the ALS part of the result then still serves
     visitors the build did not know.
     """
@@ -324,17 +330,32 @@ def tune(
                 best = params
                 ratios = {name: ratio for name, (ratio, _) in scored.items()}
                 best_metrics = scored["temporal"][1]
-    families: dict[item_models.ItemModel, list[ModelParams]] = {}
+    # Per item model, groups of candidates: each group's best on the neutral profile is scored with
+    # every user model. EASE's visit rows change which items go together, so each visit weight is
+    # a group of its own; a user model barely moves the best λ within one.
+    families: dict[item_models.ItemModel, list[list[ModelParams]]] = {}
     if pooled and ease_allowed and ease.fits(train):
         lambdas = EASE_REGULARIZATION if pins.ease_regularization is None else (pins.ease_regularization,)
-        families["ease"] = [msgspec.structs.replace(best, ease_regularization=value) for value in lambdas]
+        visits = (0.0, *EASE_VISIT_WEIGHTS) if pins.ease_visit_weight is None else (pins.ease_visit_weight,)
+        if not ease.fits(train, visits=True):  # all of it, as the shipped model is fitted to it
+            visits = (0.0,)
+        families["ease"] = [
+            [msgspec.structs.replace(best, ease_regularization=value, ease_visit_weight=weight) for value in lambdas]
+            for weight in visits
+        ]
     if pooled and pins.item_model == "rp3":  # only when pinned: it won no hold-out (docs/quality.md)
         grid = dict.fromkeys((a, b, rp3.capped(k, train.n_items)) for a, b, k in RP3_GRID)
-        families["rp3"] = [msgspec.structs.replace(best, rp3_alpha=a, rp3_beta=b, rp3_neighbours=k) for a, b, k in grid]
-    for family, candidates in families.items():
+        families["rp3"] = [
+            [msgspec.structs.replace(best, rp3_alpha=a, rp3_beta=b, rp3_neighbours=k) for a, b, k in grid]
+        ]
+    for family, groups in families.items():
         if pins.item_model not in (None, family):
             continue
-        found = _score_item_model(splits, candidates, all_models, baselines, trials, max_eval_users, seed, progress)
+        found: dict[ModelParams, dict[str, tuple[float, Metrics]]] = {}
+        for candidates in groups:
+            found |= _score_item_model(
+                splits, candidates, all_models, baselines, trials, max_eval_users, seed, progress
+            )
         params, scored = max(found.items(), key=lambda entry: _worse_ratio(entry[1]))
         ease_weights = EASE_CONTENT_WEIGHTS if pins.ease_content_weight is None else (pins.ease_content_weight,)
         if family == "ease" and content is not None and content.shape[0] > 0 and any(w > 0 for w in ease_weights):
@@ -441,7 +462,8 @@ def _score_item_model(  # noqa: PLR0917 - the tuner's state, passed on once
 def _describe(params: ModelParams) -> str:
     if item_models.chosen(params) == "ease":
         rows = f" category rows {params.ease_content_weight:g}" if params.ease_content_weight > 0 else ""
-        return f"EASE λ={params.ease_regularization:g}{rows}"
+        visits = f" visit rows {params.ease_visit_weight:g}" if params.ease_visit_weight > 0 else ""
+        return f"EASE λ={params.ease_regularization:g}{rows}{visits}"
     return f"RP3beta α={params.rp3_alpha:g} β={params.rp3_beta:g} neighbours={params.rp3_neighbours}"
 
 

@@ -179,6 +179,11 @@ def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=_non_negative,
         help="weight of the category rows in EASE's input (0: interactions only), wherever EASE is tried",
     )
+    pin.add_argument(
+        "--ease-visit-weight",
+        type=_non_negative,
+        help="weight of the visit rows in EASE's input (each visit's items as one more row; 0: none)",
+    )
     p.add_argument("--iterations", type=_positive, default=15, help="ALS iterations")
     p.add_argument(
         "--target-recall",
@@ -442,6 +447,7 @@ def _build(args: argparse.Namespace, events: list[Path], say: Stopwatch) -> int:
             content_weight=args.content_weight,
             ease_regularization=args.ease_regularization,
             ease_content_weight=args.ease_content_weight,
+            ease_visit_weight=args.ease_visit_weight,
         ),
         iterations=args.iterations,
         target_recall=args.target_recall,

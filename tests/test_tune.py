@@ -12,6 +12,7 @@ from index_builder.train import (
     CONTENT_WEIGHTS,
     EASE_CONTENT_WEIGHTS,
     EASE_REGULARIZATION,
+    EASE_VISIT_WEIGHTS,
     RP3_GRID,
     Pins,
     tune,
@@ -138,3 +139,26 @@ def test_an_expert_can_pin_eases_regularization_and_category_rows() -> None:
     )
     assert {trial.params.ease_content_weight for trial in unweighted.trials} == {0.0}
     assert unweighted.best.ease_regularization in EASE_REGULARIZATION
+
+
+def test_visit_rows_are_tried_with_each_lambda_on_both_splits_and_can_be_pinned() -> None:
+    data = taste_and_intent()
+    result = tune(data, max_trials=2, iterations=5)
+    visited = [trial for trial in result.trials if trial.params.ease_visit_weight > 0]
+    assert {(t.params.ease_regularization, t.params.ease_visit_weight, t.split) for t in visited} == {
+        (value, weight, split)
+        for value in EASE_REGULARIZATION
+        for weight in EASE_VISIT_WEIGHTS
+        for split in ("temporal", "random")
+    }
+    assert result.best.ease_visit_weight in {0.0, *EASE_VISIT_WEIGHTS}
+    # each visit weight's best λ is scored with the user models, not only the best overall
+    for weight in (0.0, *EASE_VISIT_WEIGHTS):
+        ease_trials = [t for t in result.trials if t.params.ease_regularization > 0]
+        swept = {t.params.half_life_events for t in ease_trials if t.params.ease_visit_weight == weight}
+        assert len(swept) > 1, weight
+    pinned = tune(data, max_trials=2, iterations=5, pins=Pins(item_model="ease", ease_visit_weight=3.0))
+    assert pinned.best.ease_visit_weight == 3.0
+    assert {t.params.ease_visit_weight for t in pinned.trials if item_models.chosen(t.params) == "ease"} == {3.0}
+    none = tune(data, max_trials=2, iterations=5, pins=Pins(item_model="ease", ease_visit_weight=0))
+    assert {trial.params.ease_visit_weight for trial in none.trials} == {0.0}
