@@ -338,6 +338,8 @@ def tune(
         lambdas = EASE_REGULARIZATION if pins.ease_regularization is None else (pins.ease_regularization,)
         visits = (0.0, *EASE_VISIT_WEIGHTS) if pins.ease_visit_weight is None else (pins.ease_visit_weight,)
         if not ease.fits(train, visits=True):  # all of it, as the shipped model is fitted to it
+            if any(weight > 0 for weight in visits) and pins.ease_visit_weight is not None and progress is not None:
+                progress(f"tuning: EASE's visit rows do not fit ({ease.VISITS_MAX_DENSE:,} rows or items); none used")
             visits = (0.0,)
         families["ease"] = [
             [msgspec.structs.replace(best, ease_regularization=value, ease_visit_weight=weight) for value in lambdas]

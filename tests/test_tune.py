@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from index_builder import item_models
+from index_builder import ease, item_models
 from index_builder.content import category_rows
 from index_builder.dataset import Interactions
 from index_builder.model import ModelParams
@@ -162,3 +163,12 @@ def test_visit_rows_are_tried_with_each_lambda_on_both_splits_and_can_be_pinned(
     assert {t.params.ease_visit_weight for t in pinned.trials if item_models.chosen(t.params) == "ease"} == {3.0}
     none = tune(data, max_trials=2, iterations=5, pins=Pins(item_model="ease", ease_visit_weight=0))
     assert {trial.params.ease_visit_weight for trial in none.trials} == {0.0}
+
+
+def test_a_pinned_visit_weight_that_does_not_fit_is_dropped_and_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ease, "VISITS_MAX_DENSE", 0)
+    said: list[str] = []
+    pins = Pins(item_model="ease", ease_visit_weight=2.0)
+    result = tune(taste_and_intent(), max_trials=2, iterations=5, pins=pins, progress=said.append)
+    assert {trial.params.ease_visit_weight for trial in result.trials} == {0.0}
+    assert any("visit rows do not fit" in line for line in said)
