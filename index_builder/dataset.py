@@ -43,10 +43,7 @@ class Interactions:
 
     def seen_matrix(self) -> sp.csr_matrix:
         """Binary users x items matrix of what each user interacted with."""
-        ones = np.ones(len(self), dtype=np.float32)
-        matrix = sp.csr_matrix((ones, (self.user, self.item)), shape=(self.n_users, self.n_items))
-        matrix.data[:] = 1.0
-        return matrix
+        return _binary_matrix(self.user, self.item, (self.n_users, self.n_items))
 
     def visit_matrix(self) -> sp.csr_matrix:
         """Binary visits x items matrix: one row per visit (VISIT_GAP_S, VISIT_EVENTS), the items
@@ -58,11 +55,16 @@ class Interactions:
         first = np.flatnonzero(starts)
         position = np.arange(len(order)) - first[np.cumsum(starts) - 1]  # within the unbroken run
         row = np.cumsum(position % VISIT_EVENTS == 0) - 1
-        ones = np.ones(len(order), dtype=np.float32)
-        shape = (int(row[-1]) + 1 if len(row) else 0, self.n_items)
-        matrix = sp.csr_matrix((ones, (row, self.item[order])), shape=shape)
-        matrix.data[:] = 1.0
-        return matrix
+        return _binary_matrix(row, self.item[order], (int(row[-1]) + 1 if len(row) else 0, self.n_items))
+
+
+def _binary_matrix(
+    rows: npt.NDArray[np.integer], columns: npt.NDArray[np.integer], shape: tuple[int, int]
+) -> sp.csr_matrix:
+    """1 where a (row, column) pair occurs, however often."""
+    matrix = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, columns)), shape=shape)
+    matrix.data[:] = 1.0
+    return matrix
 
 
 def history_positions(data: Interactions) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int64], npt.NDArray[np.int64]]:

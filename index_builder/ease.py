@@ -27,7 +27,7 @@ from index_builder.dataset import Interactions
 
 # The largest min(users, items) EASE is fitted for. Measured (docs/builder.md, "EASE"): n = 2,000
 # takes 1.6 s of CPU and 126 MB at peak, n = 4,000 6.0 s and 278 MB; time grows with n³ and memory
-# with n², so n = 5,000 is about 12 s and 400 MB per fit, and the tuner fits it twelve times.
+# with n², so n = 5,000 is about 12 s and 400 MB per fit, and the tuner fits it up to 28 times.
 MAX_DENSE = 5_000
 # With visit rows (`fit`'s visit_weight) X has a row per user and per visit, so the dense work is
 # min(users + visits, items), and this limit is higher: ml-latest-small's tuning splits are about
@@ -125,9 +125,10 @@ def _weights_through_rows(x: sp.csr_matrix, kx: npt.NDArray[np.float64]) -> npt.
         block = np.asarray(xt @ kx[:, start:stop])  # (XᵀKX)[:, start:stop]
         block *= -1.0
         columns = np.arange(stop - start)
-        block[start + columns, columns] += 1.0
-        block /= -block[start + columns, columns]
-        block[start + columns, columns] = 0.0
+        diagonal = (start + columns, columns)  # P's diagonal within the block
+        block[diagonal] += 1.0
+        block /= -block[diagonal]
+        block[diagonal] = 0.0
         b[:, start:stop] = block
     return b
 

@@ -218,8 +218,8 @@ def tune(
     gets one): EASE where it fits (`ease.fits`, and `ease_allowed`), with each λ of
     EASE_REGULARIZATION, each without and (where `ease.fits` them) with the visit rows of
     EASE_VISIT_WEIGHTS, and, only when pinned, RP3beta with each setting of RP3_GRID, each on both
-    splits and with the user models (`_score_item_model`, once per visit weight). EASE is chosen instead of ALS if its
-    smaller ratio is higher, a pinned model always; the ALS part of the result then still serves
+    splits and with the user models (`_score_item_model`, once per visit weight). EASE is chosen
+    instead of ALS if its smaller ratio is higher, a pinned model always; the ALS part of the result then still serves
     visitors the build did not know.
     """
     pins = pins or Pins()
@@ -337,8 +337,9 @@ def tune(
     if pooled and ease_allowed and ease.fits(train):
         lambdas = EASE_REGULARIZATION if pins.ease_regularization is None else (pins.ease_regularization,)
         visits = (0.0, *EASE_VISIT_WEIGHTS) if pins.ease_visit_weight is None else (pins.ease_visit_weight,)
-        if not ease.fits(train, visits=True):  # all of it, as the shipped model is fitted to it
-            if any(weight > 0 for weight in visits) and pins.ease_visit_weight is not None and progress is not None:
+        # all of `train`, as the shipped model is fitted to all of it
+        if any(weight > 0 for weight in visits) and not ease.fits(train, visits=True):
+            if pins.ease_visit_weight is not None and progress is not None:
                 progress(f"tuning: EASE's visit rows do not fit ({ease.VISITS_MAX_DENSE:,} rows or items); none used")
             visits = (0.0,)
         families["ease"] = [
