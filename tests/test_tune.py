@@ -154,8 +154,8 @@ def test_visit_rows_are_tried_with_each_lambda_on_both_splits_and_can_be_pinned(
     }
     assert result.best.ease_visit_weight in {0.0, *EASE_VISIT_WEIGHTS}
     # each visit weight's best λ is scored with the user models, not only the best overall
+    ease_trials = [t for t in result.trials if t.params.ease_regularization > 0]
     for weight in (0.0, *EASE_VISIT_WEIGHTS):
-        ease_trials = [t for t in result.trials if t.params.ease_regularization > 0]
         swept = {t.params.half_life_events for t in ease_trials if t.params.ease_visit_weight == weight}
         assert len(swept) > 1, weight
     pinned = tune(data, max_trials=2, iterations=5, pins=Pins(item_model="ease", ease_visit_weight=3.0))
