@@ -149,10 +149,7 @@ def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="ALS fits the hyperparameter search may spend (two per setting: one per validation split)",
     )
     pin = p.add_argument_group(
-        "expert pins",
-        "fix a choice the tuner otherwise makes on its validation splits (it still chooses the rest); "
-        "regularization and category-row weights are as validated, on 80% of the tuning input's interactions, "
-        "and scaled to the data the model is fitted to (docs/builder.md)",
+        "expert pins", "fix a choice the tuner otherwise makes on its validation splits (it still chooses the rest)"
     )
     pin.add_argument("--factors", type=_positive, help="ALS latent factors")
     pin.add_argument("--regularization", type=_non_negative, help="ALS regularization")
