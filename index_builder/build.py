@@ -235,18 +235,6 @@ def _contents(items: list[Item]) -> list[tuple[list[str], list[str]]]:
     return [(item.categories, item.tags) for item in items]
 
 
-def _weights(params: ModelParams) -> str:
-    """The weights `train.scaled` sets, for progress output."""
-    parts = [f"ALS λ {params.regularization:.3g}"]
-    if params.content_weight > 0:
-        parts.append(f"ALS category rows {params.content_weight:.3g}")
-    if params.ease_regularization > 0:
-        parts.append(f"EASE λ {params.ease_regularization:.3g}")
-    if params.ease_content_weight > 0:
-        parts.append(f"EASE category rows {params.ease_content_weight:.3g}")
-    return ", ".join(parts)
-
-
 def _most_active(data: Interactions, limit: int) -> npt.NDArray[np.int32]:
     """Rows of the `limit` users with the most interactions, in row order."""
     counts = np.bincount(data.user, minlength=data.n_users)
@@ -424,7 +412,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
 
     say(f"evaluating on the hold-out: model vs popularity, {test_users:,} users at most" + left("evaluate"))
     model_metrics = evaluate_shipped(
-        train, test, items, tuning.for_data(train), categories=categories, seed=config.seed, max_users=test_users
+        train, test, items, tuning.best, categories=categories, seed=config.seed, max_users=test_users
     )
     popularity_metrics = evaluate(
         popularity_scorer(train, tuning.popularity_half_life_days),
@@ -440,23 +428,18 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     )
     passed = quality_gate(model_metrics, popularity_metrics, config.force)
 
-    shipped = tuning.for_data(data)
-    say(
-        "training the final model on all interactions, its regularization and category rows scaled to them: "
-        + _weights(shipped)
-        + left("train")
-    )
-    item_vectors = fit_item_vectors(data, shipped, config.seed, categories)
+    say("training the final model on all interactions" + left("train"))
+    item_vectors = fit_item_vectors(data, tuning.best, config.seed, categories)
     warm = np.bincount(data.item, minlength=data.n_items) > 0
     item_vectors, content_model = content_vectors(_contents(items), item_vectors, warm)
-    users = user_vectors(data, item_vectors, shipped)
+    users = user_vectors(data, item_vectors, tuning.best)
     popularity = popularity_scores(data, tuning.popularity_half_life_days)
     say(f"{int((~warm).sum()):,} cold items got vectors from their categories and tags")
 
     say("tuning the nearest-neighbour index" + left("index"))
     rng = np.random.default_rng(config.seed)
     sample = rng.choice(data.n_users, size=min(ANN_QUERIES, data.n_users), replace=False)
-    visitors = new_visitor_vectors(item_vectors, warm, shipped, config.weights, n=ANN_QUERIES, seed=config.seed)
+    visitors = new_visitor_vectors(item_vectors, warm, tuning.best, config.weights, n=ANN_QUERIES, seed=config.seed)
     queries = np.concatenate([users[np.sort(sample)], visitors])
     groups = np.repeat([0, 1], [len(sample), len(visitors)])
     choice, graph = ann.tune_index(item_vectors, queries, config.target_recall, say, groups)
@@ -466,8 +449,8 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     seen_indptr, seen_indices = _seen_csr(data)
     pool_users = _most_active(data, config.precompute_users)
     say(f"precomputing the best {config.pool_size} unseen items for {len(pool_users):,} known users")
-    if item_models.chosen(shipped) != "als":  # the tuner allowed EASE and RP3beta only if all are pooled
-        scorer = item_models.scorer(data, shipped, profile_matrix(data, shipped), categories)
+    if item_models.chosen(tuning.best) != "als":  # the tuner allowed EASE and RP3beta only if all are pooled
+        scorer = item_models.scorer(data, tuning.best, profile_matrix(data, tuning.best), categories)
         pool_rows, pool_scores = item_models.pools(scorer, data.seen_matrix().tocsr(), pool_users, config.pool_size)
     else:
         pool_rows, pool_scores = ann.precompute_pools(
@@ -515,8 +498,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
             "created": datetime.now(UTC),
             "inputs": inputs,
             "parameters": {
-                "model": msgspec.to_builtins(shipped),  # as fitted to all interactions
-                "validated_model": msgspec.to_builtins(tuning.best),  # as chosen on the validation fits
+                "model": msgspec.to_builtins(tuning.best),
                 "event_weights": dict(config.weights),
                 "popularity_half_life_days": tuning.popularity_half_life_days,
                 "seed": config.seed,

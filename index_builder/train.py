@@ -159,55 +159,13 @@ class Pins(msgspec.Struct, frozen=True):
     ease_visit_weight: float | None = None
 
 
-class FitSize(msgspec.Struct, frozen=True):
-    """How much data a model is fitted to: what its regularization and row weights act against."""
-
-    interactions: float
-    users: float  # users with at least one interaction
-
-    @classmethod
-    def of(cls, data: Interactions) -> FitSize:
-        return cls(float(len(data)), float(np.count_nonzero(np.bincount(data.user, minlength=data.n_users))))
-
-
 class TuneResult(msgspec.Struct, frozen=True):
-    best: ModelParams  # as validated: for a model fitted to as much data as `fitted` (see `for_data`)
+    best: ModelParams
     best_metrics: Metrics  # the chosen configuration on the temporal validation split
     trials: list[Trial]
     popularity_half_life_days: float
     # Per split: the chosen configuration's nDCG@10 over the best plain-ALS one's (tuned ALS).
     ratios: dict[str, float] = msgspec.field(default_factory=dict)
-    fitted: FitSize | None = None  # the validation fits' size (the mean of the two splits')
-
-    def for_data(self, data: Interactions) -> ModelParams:
-        """`best` for a model fitted to `data` (see `scaled`)."""
-        return self.best if self.fitted is None else scaled(self.best, self.fitted, FitSize.of(data))
-
-
-def scaled(params: ModelParams, chosen_on: FitSize, fitted_to: FitSize) -> ModelParams:
-    """`params`, chosen on validation fits of size `chosen_on`, for a model fitted to `fitted_to`.
-
-    The tuner compares settings on fits of 80% of its input's interactions, and the model is then
-    fitted to more: the whole training part for the hold-out, everything to ship. Regularization
-    and category rows are weights against the data, so the same λ on 1.25x the interactions
-    would regularize less than the one validation chose. They grow with the data:
-    - EASE's λ with the interactions, as XᵀX and every item's count do (every user twice over
-      gives EASE the same weights at twice the λ), and its category rows by the square root of
-      that (they are rows of X, so XᵀX gains their weight squared);
-    - ALS's category rows with the interactions: their weight is a confidence, linear in its loss;
-    - ALS's λ with the interactions per user: it is weighed against each user's own interactions
-      in each user's solve, and in the fold-in of visitors, so a sample of users leaves it as is.
-    Visit rows are data: their number grows with the data by itself.
-    """
-    total = fitted_to.interactions / chosen_on.interactions if chosen_on.interactions > 0 else 1.0
-    per_user = total * chosen_on.users / fitted_to.users if fitted_to.users > 0 else 1.0
-    return msgspec.structs.replace(
-        params,
-        regularization=params.regularization * per_user,
-        content_weight=params.content_weight * total,
-        ease_regularization=params.ease_regularization * total,
-        ease_content_weight=params.ease_content_weight * float(np.sqrt(total)),
-    )
 
 
 UserModel = tuple[float, float]  # half_life_events, long_term_share
@@ -422,9 +380,7 @@ def tune(
             evaluate(popularity_scorer(fit, days), fit, validation, max_users=max_eval_users, seed=seed).ndcg_at_10
         ),
     )
-    sizes = [FitSize.of(fit) for fit, _ in splits.values()]
-    size = FitSize(float(np.mean([s.interactions for s in sizes])), float(np.mean([s.users for s in sizes])))
-    return TuneResult(best, best_metrics, trials, popularity_half_life, ratios, size)
+    return TuneResult(best, best_metrics, trials, popularity_half_life, ratios)
 
 
 def _worse_ratio(scored: dict[str, tuple[float, Metrics]]) -> float:

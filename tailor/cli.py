@@ -398,7 +398,7 @@ def print_report(result: BuildResult) -> None:
         f"    nDCG@10 lift over popularity: {lift:.2f}x; "
         f"quality gate {'passed' if m.quality_gate['passed'] else 'FAILED'}"
     )
-    print(f"  model (as fitted to all interactions): {msgspec.json.encode(m.parameters['model']).decode()}")
+    print(f"  model: {msgspec.json.encode(result.tuning.best).decode()}")
     ratios = ", ".join(f"{split} {ratio:.3f}x" for split, ratio in result.tuning.ratios.items())
     print(f"  validation nDCG@10 over each split's tuned ALS: {ratios}")
     index = m.index

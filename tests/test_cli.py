@@ -50,11 +50,6 @@ def test_build_publishes_a_verified_snapshot_with_metrics(built: Path) -> None:
     assert {"items.json", "item_vectors.npy", "user_vectors.npy", "popular.json"} <= set(manifest.files)
     assert ("items.hnsw" in manifest.files) == (manifest.index["method"] == "hnsw")
     assert len(manifest.inputs) == 2 and all(len(i.sha256) == 64 for i in manifest.inputs)
-    # chosen on validation fits of 80% of the training part, itself 80% of all interactions: the
-    # model is fitted to all of them, with its regularization scaled up to match (train.scaled)
-    model, validated = manifest.parameters["model"], manifest.parameters["validated_model"]
-    assert 1.4 < model["regularization"] / validated["regularization"] < 1.8
-    assert model["factors"] == validated["factors"] and model["half_life_events"] == validated["half_life_events"]
 
 
 def test_build_prints_the_quality_report_and_progress(

@@ -15,9 +15,7 @@ from index_builder.train import (
     EASE_REGULARIZATION,
     EASE_VISIT_WEIGHTS,
     RP3_GRID,
-    FitSize,
     Pins,
-    scaled,
     tune,
     user_models,
 )
@@ -174,54 +172,3 @@ def test_a_pinned_visit_weight_that_does_not_fit_is_dropped_and_said(monkeypatch
     result = tune(taste_and_intent(), max_trials=2, iterations=5, pins=pins, progress=said.append)
     assert {trial.params.ease_visit_weight for trial in result.trials} == {0.0}
     assert any("visit rows do not fit" in line for line in said)
-
-
-def test_the_chosen_weights_grow_with_the_data_the_model_is_fitted_to() -> None:
-    data = taste_and_intent()
-    result = tune(data, max_trials=2, iterations=5, pins=Pins(item_model="ease"))
-    assert result.fitted is not None
-    # both splits hold out about 20% of each user's interactions, and keep every user
-    assert 0.75 * len(data) < result.fitted.interactions < 0.85 * len(data)
-    assert result.fitted.users == data.n_users
-    shipped = result.for_data(data)
-    grown = len(data) / result.fitted.interactions
-    assert shipped.regularization == pytest.approx(result.best.regularization * grown)
-    assert shipped.ease_regularization == pytest.approx(result.best.ease_regularization * grown)
-    unscaled = ("regularization", "ease_regularization", "content_weight", "ease_content_weight")
-    for name in ModelParams.__struct_fields__:
-        if name not in unscaled:
-            assert getattr(shipped, name) == getattr(result.best, name), name
-
-
-def test_every_user_twice_over_is_the_same_ease_at_scaled_weights_and_leaves_alss_lambda() -> None:
-    # Why `scaled` scales as it does: doubling the users doubles XᵀX, so EASE's weights are the same
-    # at twice λ and √2 times the category rows' weight; each user's own interactions are unchanged.
-    data = taste_and_intent(n_users=30)
-    twice = Interactions(
-        np.concatenate([data.user, data.user + data.n_users]),
-        np.concatenate([data.item, data.item]),
-        np.concatenate([data.weight, data.weight]),
-        np.concatenate([data.ts, data.ts]),
-        2 * data.n_users,
-        data.n_items,
-    )
-    chosen = ModelParams(regularization=10.0, content_weight=8.0, ease_regularization=50.0, ease_content_weight=32.0)
-    doubled = scaled(chosen, FitSize.of(data), FitSize.of(twice))
-    assert doubled == ModelParams(
-        regularization=10.0, content_weight=16.0, ease_regularization=100.0, ease_content_weight=32.0 * np.sqrt(2)
-    )
-    content = category_rows([[f"cluster{item // 10}"] for item in range(data.n_items)])
-    users = np.arange(data.n_users, dtype=np.int32)
-    once = item_models.scorer(data, chosen, None, content)(users)
-    again = item_models.scorer(twice, doubled, None, content)(users)
-    np.testing.assert_allclose(again, once, rtol=1e-4, atol=1e-6)
-    # a user's history twice as long (every interaction again, a day later) doubles ALS's λ
-    longer = Interactions(
-        np.concatenate([data.user, data.user]),
-        np.concatenate([data.item, data.item]),
-        np.concatenate([data.weight, data.weight]),
-        np.concatenate([data.ts, data.ts + 86_400]),
-        data.n_users,
-        data.n_items,
-    )
-    assert scaled(chosen, FitSize.of(data), FitSize.of(longer)).regularization == 20.0
