@@ -396,6 +396,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         f"(at most {config.max_trials} ALS fits) of {tuning_data.n_users:,} users' histories "
         f"({len(tuning_data):,} interactions, {tuning_data.n_items:,} items; {tuning_users:,} users scored per setting)"
     )
+    ease_fits = ease.fits(data)  # as the shipped model is fitted to all of it
     tuning = tune(
         tuning_data,
         max_trials=config.max_trials,
@@ -406,7 +407,8 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
         pins=config.pins,
         # EASE and RP3beta serve known users from pools only, and are fitted on the whole data
         pooled=data.n_users <= config.precompute_users,
-        ease_allowed=ease.fits(data),
+        ease_allowed=ease_fits,
+        visits_allowed=ease_fits and ease.fits(data, visits=True),  # the visit matrix only where EASE fits
         content=categories[:, sampled_items(train, TUNING_INTERACTIONS, config.seed)],
         content_allowed=data.n_items <= CONTENT_MAX_ITEMS,
     )

@@ -193,6 +193,7 @@ def tune(
     pins: Pins | None = None,
     pooled: bool = True,
     ease_allowed: bool = True,
+    visits_allowed: bool = True,
     content_allowed: bool = True,
     content: sp.csr_matrix | None = None,
 ) -> TuneResult:
@@ -216,11 +217,13 @@ def tune(
 
     Then the item-item models that serve known users from pools (when `pooled`: every known user
     gets one): EASE where it fits (`ease.fits`, and `ease_allowed`), with each λ of
-    EASE_REGULARIZATION, each without and (where `ease.fits` them) with the visit rows of
-    EASE_VISIT_WEIGHTS, and, only when pinned, RP3beta with each setting of RP3_GRID, each on both
-    splits and with the user models (`_score_item_model`, once per visit weight). EASE is chosen
-    instead of ALS if its smaller ratio is higher, a pinned model always; the ALS part of the result then still serves
-    visitors the build did not know.
+    EASE_REGULARIZATION, each without and (where `ease.fits` them, and `visits_allowed`) with the
+    visit rows of EASE_VISIT_WEIGHTS, and, only when pinned, RP3beta with each setting of RP3_GRID,
+    each on both splits and with the user models (`_score_item_model`, once per visit weight).
+    EASE is chosen instead of ALS if its smaller ratio is higher, a pinned model always; the ALS
+    part of the result then still serves visitors the build did not know. `ease_allowed` and
+    `visits_allowed` say whether the data the chosen model will be fitted to fits them, when that
+    is more than `train`.
     """
     pins = pins or Pins()
     splits = {"temporal": temporal_split(train), "random": random_split(train, seed=seed)}
@@ -337,8 +340,8 @@ def tune(
     if pooled and ease_allowed and ease.fits(train):
         lambdas = EASE_REGULARIZATION if pins.ease_regularization is None else (pins.ease_regularization,)
         visits = (0.0, *EASE_VISIT_WEIGHTS) if pins.ease_visit_weight is None else (pins.ease_visit_weight,)
-        # all of `train`, as the shipped model is fitted to all of it
-        if any(weight > 0 for weight in visits) and not ease.fits(train, visits=True):
+        # all of `train`, not the splits, as the model is fitted to at least all of it
+        if any(weight > 0 for weight in visits) and not (visits_allowed and ease.fits(train, visits=True)):
             if pins.ease_visit_weight is not None and progress is not None:
                 progress(f"tuning: EASE's visit rows do not fit ({ease.VISITS_MAX_DENSE:,} rows or items); none used")
             visits = (0.0,)

@@ -172,3 +172,10 @@ def test_a_pinned_visit_weight_that_does_not_fit_is_dropped_and_said(monkeypatch
     result = tune(taste_and_intent(), max_trials=2, iterations=5, pins=pins, progress=said.append)
     assert {trial.params.ease_visit_weight for trial in result.trials} == {0.0}
     assert any("visit rows do not fit" in line for line in said)
+
+
+def test_visit_rows_are_not_tried_where_the_data_to_be_fitted_has_too_many() -> None:
+    # the build's whole data can hold more visits than the tuning input: it says so
+    result = tune(taste_and_intent(), max_trials=2, iterations=5, pins=Pins(item_model="ease"), visits_allowed=False)
+    eased = [trial for trial in result.trials if item_models.chosen(trial.params) == "ease"]
+    assert eased and {trial.params.ease_visit_weight for trial in eased} == {0.0}
