@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
@@ -15,7 +16,8 @@ from index_builder.readers import ParseError, Row
 from index_builder.schema import ITEMLESS_EVENTS, Interaction, Item
 
 MAX_EXAMPLES = 20
-PROGRESS_EVERY = 200_000
+PROGRESS_EVERY = 200_000  # rows between looks at the clock
+PROGRESS_EVERY_S = 5.0  # a line at most this often: 20M rows read in a few minutes, not 100 lines
 
 
 class Rejection(msgspec.Struct, frozen=True):
@@ -78,9 +80,11 @@ def clean_interactions(
     # Users, items and event types repeat across millions of rows: one string object each instead
     # of one per row saves about 160 bytes an event (docs/performance.md, "Building").
     shared: dict[str, str] = {}
+    said = time.monotonic()
     for line, row in rows:
         report.read += 1
-        if progress is not None and report.read % PROGRESS_EVERY == 0:
+        if progress is not None and report.read % PROGRESS_EVERY == 0 and time.monotonic() - said >= PROGRESS_EVERY_S:
+            said = time.monotonic()
             progress(f"{file}: read {report.read:,} rows, rejected {report.rejected:,}")
         if isinstance(row, ParseError):
             report.reject(line, row.reason)

@@ -439,6 +439,7 @@ def _write_events(path: Path, cat: _Catalog, people: _People, rows: _Rows, say: 
     name_col = np.array(EVENT_NAMES, dtype=object)
     n, none = len(rows.event), len(cat.ids)  # `none` indexes the trailing ""
     width = max(7, len(str(n)))
+    report_every = max(PROGRESS_EVERY, -(-n // 10))  # about ten lines however large the file
     with path.open("w", encoding="utf-8", newline="") as out:
         out.write("event_id,user_id,item_id,event,timestamp,value,query\n")
         for lo in range(0, n, PROGRESS_EVERY):
@@ -455,7 +456,8 @@ def _write_events(path: Path, cat: _Catalog, people: _People, rows: _Rows, say: 
             users, prices = user_col[rows.user[lo:hi]], price_col[value]
             columns = zip(event_ids, users, item_col[shown], name_col[ev], when, prices, query, strict=True)
             out.write("".join([f"{i},{u},{t},{e},{w}Z,{v},{q}\n" for i, u, t, e, w, v, q in columns]))
-            say(f"events.csv: {hi:,}/{n:,} rows written")
+            if hi == n or hi // report_every > lo // report_every:
+                say(f"events.csv: {hi:,}/{n:,} rows written")
 
 
 def generate(

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from index_builder import clean
 from index_builder.clean import assemble, clean_interactions, clean_items
 from index_builder.readers import InputError, interaction_rows, item_rows
 from index_builder.schema import DEFAULT_EVENT_WEIGHTS
@@ -148,3 +149,17 @@ def test_repeated_users_items_event_types_categories_and_tags_share_one_string(t
     items = write(tmp_path / "items.csv", "item_id,categories,tags\ni1,shoes|shoes/running,red\ni2,shoes,red|sale\n")
     catalog, _ = clean_items(item_rows(items), "items.csv")
     assert catalog[0].categories[0] is catalog[1].categories[0] and catalog[0].tags[0] is catalog[1].tags[0]
+
+
+@pytest.mark.parametrize(("every_s", "lines"), [(0.0, 5), (3600.0, 0)])
+def test_reading_progress_is_paced_by_the_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every_s: float, lines: int
+) -> None:
+    monkeypatch.setattr(clean, "PROGRESS_EVERY", 2)
+    monkeypatch.setattr(clean, "PROGRESS_EVERY_S", every_s)
+    rows = "".join(f"u{n},i{n},view,2026-01-01T00:00:{n:02d}Z\n" for n in range(10))
+    events = write(tmp_path / "e.csv", "user_id,item_id,event,timestamp\n" + rows)
+    said: list[str] = []
+    clean_interactions(interaction_rows(events), "e.csv", DEFAULT_EVENT_WEIGHTS, said.append)
+    assert len(said) == lines
+    assert said[-1:] == ([] if lines == 0 else ["e.csv: read 10 rows, rejected 0"])

@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from index_builder import synth
 from index_builder.schema import Interaction, Item
 from index_builder.synth import EVENT_NAMES, SynthSummary, generate
 
@@ -151,6 +152,15 @@ def test_progress_names_each_phase(tmp_path: Path) -> None:
     generate(tmp_path, users=USERS, items=ITEMS, events=EVENTS, progress=messages.append)
     for phase in ("catalog", "users", "timestamps", "events.csv"):
         assert any(message.startswith(phase) for message in messages)
+
+
+def test_writing_progress_stays_short_for_large_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(synth, "PROGRESS_EVERY", 100)  # 5,000 rows: 50 chunks
+    messages: list[str] = []
+    generate(tmp_path, users=USERS, items=ITEMS, events=EVENTS, progress=messages.append)
+    written = [message for message in messages if message.startswith("events.csv")]
+    assert 5 <= len(written) <= 11
+    assert written[-1] == f"events.csv: {EVENTS:,}/{EVENTS:,} rows written"
 
 
 def test_the_purchases_shape_is_an_order_export_with_one_time_buyers_repeats_and_seasons(tmp_path: Path) -> None:
