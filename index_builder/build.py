@@ -271,13 +271,14 @@ def evaluate_shipped(
     categories: sp.csr_matrix,
     seed: int,
     max_users: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Metrics:
     """The model exactly as it will ship (content vectors for cold items included), on the hold-out;
     `categories` are the items' category rows (`content.category_rows`), which it may be fitted with."""
     if item_models.chosen(params) != "als":  # known users are served EASE's or RP3beta's lists (see `build`)
         scorer = item_models.scorer(train, params, profile_matrix(train, params), categories)
         return evaluate(scorer, train, test, max_users=max_users, seed=seed)
-    item_vectors = fit_item_vectors(train, params, seed, categories)
+    item_vectors = fit_item_vectors(train, params, seed, categories, progress)
     warm = np.bincount(train.item, minlength=train.n_items) > 0
     item_vectors, _ = content_vectors(_contents(items), item_vectors, warm)
     scorer = dot_scorer(user_vectors(train, item_vectors, params), item_vectors)
@@ -426,7 +427,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
 
     say(f"evaluating on the hold-out: model vs popularity, {test_users:,} users at most" + left("evaluate"))
     model_metrics = evaluate_shipped(
-        train, test, items, tuning.best, categories=categories, seed=config.seed, max_users=test_users
+        train, test, items, tuning.best, categories=categories, seed=config.seed, max_users=test_users, progress=say
     )
     popularity_metrics = evaluate(
         popularity_scorer(train, tuning.popularity_half_life_days),
@@ -443,7 +444,7 @@ def build(config: BuildConfig, say: Callable[[str], None]) -> BuildResult:
     passed = quality_gate(model_metrics, popularity_metrics, config.force)
 
     say("training the final model on all interactions" + left("train"))
-    item_vectors = fit_item_vectors(data, tuning.best, config.seed, categories)
+    item_vectors = fit_item_vectors(data, tuning.best, config.seed, categories, say)
     warm = np.bincount(data.item, minlength=data.n_items) > 0
     item_vectors, content_model = content_vectors(_contents(items), item_vectors, warm)
     users = user_vectors(data, item_vectors, tuning.best)

@@ -55,6 +55,8 @@ EASE_CONTENT_WEIGHTS = (32.0, 128.0, 512.0)
 # 4 scored within 0.7% of each other on the hold-out (docs/quality.md), and each costs a fit per λ.
 EASE_VISIT_WEIGHTS = (2.0,)
 Setting = tuple[int, float, float]  # factors, regularization, alpha
+# A fit given a `progress` says how far it got at most this often: at 20M events one is two minutes.
+ITERATION_PROGRESS_S = 10.0
 
 
 def confidence_matrix(data: Interactions) -> sp.csr_matrix:
@@ -75,10 +77,15 @@ def profile_matrix(data: Interactions, params: ModelParams) -> sp.csr_matrix:
 
 
 def fit_item_vectors(
-    data: Interactions, params: ModelParams, seed: int = 0, content: sp.csr_matrix | None = None
+    data: Interactions,
+    params: ModelParams,
+    seed: int = 0,
+    content: sp.csr_matrix | None = None,
+    progress: Progress | None = None,
 ) -> Vectors:
     """ALS's item vectors; with `params.content_weight`, fitted with `content`'s rows (categories x
-    items, `content.category_rows`) times that weight below the users' rows."""
+    items, `content.category_rows`) times that weight below the users' rows. With `progress`, a
+    line on the iterations done and the time to go every ITERATION_PROGRESS_S."""
     matrix = confidence_matrix(data)
     if params.content_weight > 0:
         matrix = with_category_rows(matrix, content, params.content_weight)
@@ -91,8 +98,27 @@ def fit_item_vectors(
             iterations=params.iterations,
             random_state=seed,
         )
-        model.fit(matrix, show_progress=False)
+        callback = None if progress is None else iteration_progress(params, progress)
+        model.fit(matrix, show_progress=False, callback=callback)
     return np.ascontiguousarray(model.item_factors, dtype=np.float32)
+
+
+def iteration_progress(
+    params: ModelParams, progress: Progress, clock: Callable[[], float] = time.perf_counter
+) -> Callable[[int, float, float], None]:
+    """implicit's per-iteration callback (iteration from 0, its seconds, its loss): `progress` told
+    the iterations done and the time to go, at most every ITERATION_PROGRESS_S, never after the last."""
+    started = said = clock()
+
+    def report(iteration: int, _seconds: float, _loss: float) -> None:
+        nonlocal said
+        now, done = clock(), iteration + 1
+        if done < params.iterations and now - said >= ITERATION_PROGRESS_S:
+            said = now
+            left = (now - started) / done * (params.iterations - done)
+            progress(f"ALS: iteration {done}/{params.iterations} ({now - started:.0f}s, about {left:.0f}s to go)")
+
+    return report
 
 
 def user_vectors(data: Interactions, item_vectors: Vectors, params: ModelParams) -> Vectors:

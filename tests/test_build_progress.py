@@ -1,11 +1,15 @@
-"""The build's estimate of the time left: the time its steps took so far, scaled by what the
-remaining steps weigh against the finished ones; tuning's time is left out."""
+"""The build's progress: the estimate of the time left (the time its steps took so far, scaled by
+what the remaining steps weigh against the finished ones; tuning's time left out), and long fits
+telling how far they got."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from index_builder import build
+from index_builder import build, train
+from index_builder.dataset import Interactions
+from index_builder.model import ModelParams
 
 
 def test_time_left_scales_the_time_spent_by_the_remaining_steps(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,3 +43,32 @@ def test_no_estimate_rests_on_a_few_seconds(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_every_step_the_build_announces_has_a_share() -> None:
     assert sum(build.STEP_SHARES.values()) == pytest.approx(1.0)
+
+
+def test_a_long_fit_tells_its_iterations_and_the_time_to_go() -> None:
+    said: list[str] = []
+    clock = iter([0.0, 4.0, 12.0, 16.0, 30.0, 40.0])  # made, then one reading per iteration
+    report = train.iteration_progress(ModelParams(iterations=5), said.append, clock=lambda: next(clock))
+    for iteration in range(5):
+        report(iteration, 0.0, 0.0)
+    # 10 s apart at least, and nothing after the last iteration (the step's next line follows)
+    assert said == [
+        "ALS: iteration 2/5 (12s, about 18s to go)",
+        "ALS: iteration 4/5 (30s, about 8s to go)",
+    ]
+
+
+def test_the_fits_of_the_build_report_through_implicit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train, "ITERATION_PROGRESS_S", 0.0)
+    rng = np.random.default_rng(0)
+    data = Interactions(
+        rng.integers(0, 30, 400, dtype=np.int32),
+        rng.integers(0, 40, 400, dtype=np.int32),
+        np.ones(400, np.float32),
+        np.arange(400, dtype=np.int64),
+        30,
+        40,
+    )
+    said: list[str] = []
+    train.fit_item_vectors(data, ModelParams(factors=8, iterations=3), progress=said.append)
+    assert [line.split(" (")[0] for line in said] == ["ALS: iteration 1/3", "ALS: iteration 2/3"]
