@@ -11,6 +11,11 @@ Within a protocol every row trains on the same part and is scored on the same ho
 
     .venv/bin/python loadtests/bench_quality.py                     # all three protocols
     .venv/bin/python loadtests/bench_quality.py --protocols temporal random
+    .venv/bin/python loadtests/bench_quality.py --protocols random --random-seeds 0 1 2 3
+
+--random-seeds runs the random protocol once per seed of its split (and of the anchors'
+validation split; `tailor build` keeps its own default seed, as a user's build would): how much a
+ratio owes to the one split drawn.
 """
 
 from __future__ import annotations
@@ -164,6 +169,10 @@ def ratios(rows: list[Row]) -> str:
     )
 
 
+def random_split_with(seed: int) -> Split:
+    return lambda data: random_split(data, 0.25, seed=seed)
+
+
 def commit() -> str:
     found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
     return found.stdout.strip() or "unknown"
@@ -174,6 +183,14 @@ def main() -> int:
     p.add_argument("--movielens", type=Path, default=MOVIELENS, help="ml-latest-small directory")
     p.add_argument("--shop", type=Path, default=Path("var/bench/purchases"), help="where the synthetic shop goes")
     p.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    p.add_argument(
+        "--random-seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="SEED",
+        help="seeds of the random protocol's split, one run each (default: 0)",
+    )
     p.add_argument("--json", type=Path, default=Path("var/bench/quality.json"), help="where to write the results")
     args = p.parse_args()
     say = Stopwatch()
@@ -198,12 +215,15 @@ def main() -> int:
                 else "ml-latest-small; a seeded random 25% of each user's ratings held out"
             )
         data, catalog, _, _, _ = read_inputs(config, lambda _: None)
-        split: Split = temporal_split if protocol != "random" else lambda d: random_split(d, 0.25, seed=0)
-        say(f"{protocol}: {description}")
-        rows = run(data, catalog, split, say)
         counts = {"interactions": len(data), "users": data.n_users, "items": data.n_items}
-        results.append(Result(protocol, description, counts, rows))
-        print(f"\n{protocol}: {description}\n{table(rows)}\n{ratios(rows)}\n", flush=True)
+        for seed in args.random_seeds if protocol == "random" else [None]:
+            split: Split = temporal_split if seed is None else random_split_with(seed)
+            name = protocol if seed in (None, 0) else f"{protocol}, seed {seed}"
+            said = description if seed in (None, 0) else f"{description} (seed {seed})"
+            say(f"{name}: {said}")
+            rows = run(data, catalog, split, say)
+            results.append(Result(name, said, counts, rows))
+            print(f"\n{name}: {said}\n{table(rows)}\n{ratios(rows)}\n", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_bytes(msgspec.json.format(msgspec.json.encode({"commit": commit(), "results": results}), indent=2))
     return 0
