@@ -359,10 +359,8 @@ def tune(
                 best = params
                 ratios = {name: ratio for name, (ratio, _) in scored.items()}
                 best_metrics = scored["temporal"][1]
-    # Per item model, groups of candidates: each group's best on the neutral profile is scored with
-    # every user model. EASE's visit rows change which items go together, so each visit weight is
-    # a group of its own; a user model barely moves the best λ within one.
-    families: dict[item_models.ItemModel, list[list[ModelParams]]] = {}
+    # Per item model, its candidate settings, each scored with every user model.
+    families: dict[item_models.ItemModel, list[ModelParams]] = {}
     if pooled and ease_allowed and ease.fits(train):
         lambdas = EASE_REGULARIZATION if pins.ease_regularization is None else (pins.ease_regularization,)
         visits = (0.0, *EASE_VISIT_WEIGHTS) if pins.ease_visit_weight is None else (pins.ease_visit_weight,)
@@ -372,22 +370,17 @@ def tune(
                 progress(f"tuning: EASE's visit rows do not fit ({ease.VISITS_MAX_DENSE:,} rows or items); none used")
             visits = (0.0,)
         families["ease"] = [
-            [msgspec.structs.replace(best, ease_regularization=value, ease_visit_weight=weight) for value in lambdas]
+            msgspec.structs.replace(best, ease_regularization=value, ease_visit_weight=weight)
             for weight in visits
+            for value in lambdas
         ]
     if pooled and pins.item_model == "rp3":  # only when pinned: it won no hold-out (docs/quality.md)
         grid = dict.fromkeys((a, b, rp3.capped(k, train.n_items)) for a, b, k in RP3_GRID)
-        families["rp3"] = [
-            [msgspec.structs.replace(best, rp3_alpha=a, rp3_beta=b, rp3_neighbours=k) for a, b, k in grid]
-        ]
-    for family, groups in families.items():
+        families["rp3"] = [msgspec.structs.replace(best, rp3_alpha=a, rp3_beta=b, rp3_neighbours=k) for a, b, k in grid]
+    for family, candidates in families.items():
         if pins.item_model not in (None, family):
             continue
-        found: dict[ModelParams, dict[str, tuple[float, Metrics]]] = {}
-        for candidates in groups:
-            found |= _score_item_model(
-                splits, candidates, all_models, baselines, trials, max_eval_users, seed, progress
-            )
+        found = _score_item_model(splits, candidates, all_models, baselines, trials, max_eval_users, seed, progress)
         params, scored = max(found.items(), key=lambda entry: _worse_ratio(entry[1]))
         ease_weights = EASE_CONTENT_WEIGHTS if pins.ease_content_weight is None else (pins.ease_content_weight,)
         if family == "ease" and content is not None and content.shape[0] > 0 and any(w > 0 for w in ease_weights):
@@ -453,9 +446,10 @@ def _score_item_model(  # noqa: PLR0917 - the tuner's state, passed on once
     """One item-item model (EASE or RP3beta, `item_models`) on each split: its ratio to the split's
     tuned ALS, and its metrics, per candidate setting and user model.
 
-    Two steps, as a user model only reweights the profile rows the model scores and barely moves
-    its best setting: every candidate with the first of `models` (the neutral one, no decay, when
-    it is there), then the best candidate with each of the others. One fit per candidate and split."""
+    Every candidate with every user model: one fit per candidate and split, then one scoring per
+    user model, which only reweights the profile rows the fit scores. (Scoring the user models on
+    the neutral profile's best candidate only would let the neutral profile pick λ, and its ranking
+    of candidates is decided by the temporal split, where a profile without recency loses.)"""
     found: dict[ModelParams, dict[str, tuple[float, Metrics]]] = {}
 
     def with_model(params: ModelParams, model: UserModel) -> ModelParams:
@@ -484,10 +478,7 @@ def _score_item_model(  # noqa: PLR0917 - the tuner's state, passed on once
                     top = max(found[with_model(setting, model)][name][0] for model in scored_models)
                     progress(f"tuning: {_describe(setting)} on the {name} split: best {top:.3f}x tuned ALS")
 
-    sweep(candidates, models[:1])
-    leader = max(candidates, key=lambda c: _worse_ratio(found[with_model(c, models[0])]))
-    if len(models) > 1:
-        sweep([leader], models[1:])
+    sweep(candidates, models)
     return found
 
 

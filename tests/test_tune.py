@@ -16,6 +16,7 @@ from index_builder.train import (
     EASE_VISIT_WEIGHTS,
     RP3_GRID,
     Pins,
+    Trial,
     tune,
     user_models,
 )
@@ -142,7 +143,7 @@ def test_an_expert_can_pin_eases_regularization_and_category_rows() -> None:
     assert unweighted.best.ease_regularization in EASE_REGULARIZATION
 
 
-def test_visit_rows_are_tried_with_each_lambda_on_both_splits_and_can_be_pinned() -> None:
+def test_every_lambda_with_and_without_visit_rows_meets_every_user_model_and_pins_hold() -> None:
     data = taste_and_intent()
     result = tune(data, max_trials=2, iterations=5)
     visited = [trial for trial in result.trials if trial.params.ease_visit_weight > 0]
@@ -153,11 +154,22 @@ def test_visit_rows_are_tried_with_each_lambda_on_both_splits_and_can_be_pinned(
         for split in ("temporal", "random")
     }
     assert result.best.ease_visit_weight in {0.0, *EASE_VISIT_WEIGHTS}
-    # each visit weight's best λ is scored with the user models, not only the best overall
-    ease_trials = [t for t in result.trials if t.params.ease_regularization > 0]
-    for weight in (0.0, *EASE_VISIT_WEIGHTS):
-        swept = {t.params.half_life_events for t in ease_trials if t.params.ease_visit_weight == weight}
-        assert len(swept) > 1, weight
+
+    # every λ, with and without the rows, is scored with every user model on both splits: the
+    # neutral profile does not pick λ for the others
+    def setting(trial: Trial) -> tuple[float, float, float, float, str]:
+        p = trial.params
+        return p.ease_regularization, p.ease_visit_weight, p.half_life_events, p.long_term_share, trial.split
+
+    eased = [t for t in result.trials if t.params.ease_regularization > 0 and t.params.ease_content_weight == 0]
+    scored = {setting(trial) for trial in eased}
+    assert scored == {
+        (value, weight, half_life, share, split)
+        for value in EASE_REGULARIZATION
+        for weight in (0.0, *EASE_VISIT_WEIGHTS)
+        for half_life, share in user_models(Pins())
+        for split in ("temporal", "random")
+    }
     pinned = tune(data, max_trials=2, iterations=5, pins=Pins(item_model="ease", ease_visit_weight=3.0))
     assert pinned.best.ease_visit_weight == 3.0
     assert {t.params.ease_visit_weight for t in pinned.trials if item_models.chosen(t.params) == "ease"} == {3.0}
