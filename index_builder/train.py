@@ -245,7 +245,7 @@ def tune(
     gets one): EASE where it fits (`ease.fits`, and `ease_allowed`), with each λ of
     EASE_REGULARIZATION, each without and (where `ease.fits` them, and `visits_allowed`) with the
     visit rows of EASE_VISIT_WEIGHTS, and, only when pinned, RP3beta with each setting of RP3_GRID,
-    each on both splits and with the user models (`_score_item_model`, once per visit weight).
+    each on both splits and with every user model (`_score_item_model`).
     EASE is chosen instead of ALS if its smaller ratio is higher, a pinned model always; the ALS
     part of the result then still serves visitors the build did not know. `ease_allowed` and
     `visits_allowed` say whether the data the chosen model will be fitted to fits them, when that
