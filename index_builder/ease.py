@@ -27,7 +27,8 @@ from index_builder.dataset import Interactions
 
 # The largest min(users, items) EASE is fitted for. Measured (docs/builder.md, "EASE"): n = 2,000
 # takes 1.6 s of CPU and 126 MB at peak, n = 4,000 6.0 s and 278 MB; time grows with n³ and memory
-# with n², so n = 5,000 is about 12 s and 400 MB per fit, and the tuner fits it up to 28 times.
+# with n², so n = 5,000 is about 12 s and 400 MB per fit, and the tuner fits it up to 26 times
+# (5 λ with and without visit rows, 3 category-row weights, each on 2 splits).
 MAX_DENSE = 5_000
 # With visit rows (`fit`'s visit_weight) X has a row per user and per visit, so the dense work is
 # min(users + visits, items), and this limit is higher: ml-latest-small's tuning splits are about

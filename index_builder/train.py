@@ -455,30 +455,27 @@ def _score_item_model(  # noqa: PLR0917 - the tuner's state, passed on once
     def with_model(params: ModelParams, model: UserModel) -> ModelParams:
         return msgspec.structs.replace(params, half_life_events=model[0], long_term_share=model[1])
 
-    def sweep(settings: list[ModelParams], scored_models: list[UserModel]) -> None:
-        for name, (fit, validation) in splits.items():
-            profiles = {model: profile_matrix(fit, with_model(settings[0], model)).tocsr() for model in scored_models}
-            for setting in settings:
+    for name, (fit, validation) in splits.items():
+        profiles = {model: profile_matrix(fit, with_model(candidates[0], model)).tocsr() for model in models}
+        for setting in candidates:
+            started = time.perf_counter()
+            apply = item_models.fit(fit, setting, content)
+            for model, rows in profiles.items():
+
+                def scorer(
+                    batch: npt.NDArray[np.int32], rows: sp.csr_matrix = rows, apply: ease.Apply = apply
+                ) -> Vectors:
+                    return apply(rows[batch])
+
+                metrics = evaluate(scorer, fit, validation, max_users=max_eval_users, seed=seed)
+                params = with_model(setting, model)
+                trials.append(Trial(params, name, metrics.ndcg_at_10, time.perf_counter() - started))
                 started = time.perf_counter()
-                apply = item_models.fit(fit, setting, content)
-                for model, rows in profiles.items():
-
-                    def scorer(
-                        batch: npt.NDArray[np.int32], rows: sp.csr_matrix = rows, apply: ease.Apply = apply
-                    ) -> Vectors:
-                        return apply(rows[batch])
-
-                    metrics = evaluate(scorer, fit, validation, max_users=max_eval_users, seed=seed)
-                    params = with_model(setting, model)
-                    trials.append(Trial(params, name, metrics.ndcg_at_10, time.perf_counter() - started))
-                    started = time.perf_counter()
-                    ratio = metrics.ndcg_at_10 / baselines[name] if baselines[name] > 0 else 1.0
-                    found.setdefault(params, {})[name] = (ratio, metrics)
-                if progress is not None:
-                    top = max(found[with_model(setting, model)][name][0] for model in scored_models)
-                    progress(f"tuning: {_describe(setting)} on the {name} split: best {top:.3f}x tuned ALS")
-
-    sweep(candidates, models)
+                ratio = metrics.ndcg_at_10 / baselines[name] if baselines[name] > 0 else 1.0
+                found.setdefault(params, {})[name] = (ratio, metrics)
+            if progress is not None:
+                top = max(found[with_model(setting, model)][name][0] for model in models)
+                progress(f"tuning: {_describe(setting)} on the {name} split: best {top:.3f}x tuned ALS")
     return found
 
 
